@@ -1,0 +1,1 @@
+"""Uplink probe, forwarder to the cloud, and the reference reconciliation service."""
