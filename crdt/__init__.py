@@ -1,0 +1,60 @@
+"""Charging-session documents: signed events, Automerge documents, their fold, storage and sync.
+
+This package opens no sockets and reads no clocks; time comes in as arguments.
+"""
+
+from ._documents import (
+    SITE_CONFIG_ID,
+    SITE_MAPS,
+    SessionData,
+    add_event,
+    add_note,
+    fold_session,
+    new_session_doc,
+    new_site_config,
+    read_session,
+    read_site_config,
+    set_receipt,
+    site_config_put,
+)
+from ._errors import (
+    BadSignature,
+    BrokenChain,
+    CrdtError,
+    DocumentError,
+    EventError,
+    InvalidSyncMessage,
+    LocalError,
+    MalformedEvent,
+    MissingField,
+    RemoteError,
+    StoreError,
+    UnknownKey,
+)
+from ._events import (
+    GENESIS_PREV,
+    MAX_EVENT_BYTES,
+    EventRecord,
+    EventSigner,
+    Keyring,
+    SignedEvent,
+    check_link,
+    decode_event,
+    verify_event,
+)
+from ._fold import EVENT_TYPES, STATES, TRANSITIONS, Conflict, SessionView, fold, summarize_event
+from ._store import AsyncDocStore, DocStore, open_doc_store
+from ._sync import (
+    DEFAULT_BUCKETS,
+    Replica,
+    SyncBook,
+    bucket_entries,
+    bucket_of,
+    decode_sync_message,
+    differing_buckets,
+    differing_docs,
+    heads_hash,
+    make_digest,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]
