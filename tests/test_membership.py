@@ -1,0 +1,808 @@
+"""Tests of the sans-IO membership, failure detector, gossip-target choice and election.
+
+Time is virtual and passed in, so every transition is asserted at its exact
+moment. Property tests (hypothesis) cover the merge's join laws and the
+election's determinism; the rules they check are R1-R8 and invariants 1-7 in
+the header of ``meshnode/_membership.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshnode._membership import (
+    MAX_COUNTER,
+    MAX_NODE_ID_LEN,
+    MAX_VERSION_LEN,
+    MAX_WIRE_KEYS,
+    MemberRecord,
+    Membership,
+    MembershipError,
+    PeerState,
+    choose_gossip_targets,
+    elect_leader,
+)
+
+SELF = "self"
+EPS = 1e-6
+
+
+def rec(
+    node_id: str,
+    incarnation: int = 0,
+    heartbeat: int = 0,
+    score: int = 0,
+    *,
+    address: str = "10.0.0.1:5683",
+    version: str = "0.1.0",
+    leader: str | None = None,
+) -> MemberRecord:
+    return MemberRecord(node_id, incarnation, heartbeat, score, address, version, leader)
+
+
+def membership(incarnation: int = 0, heartbeat: int = 0, score: int = 0, **kwargs: float) -> Membership:
+    return Membership(rec(SELF, incarnation, heartbeat, score), **kwargs)
+
+
+def wire(**changes: object) -> dict[str, object]:
+    obj = rec("node-a", 3, 7, 80, address="192.168.1.5:5683", leader="node-b").to_wire()
+    obj.update(changes)
+    return obj
+
+
+# --- records on the wire --------------------------------------------------------
+
+
+def test_record_round_trips_through_cbor() -> None:
+    record = rec("node-a", 3, 7, 80, address="[fe80::1]:5683", leader="node-b")
+    assert MemberRecord.from_wire(cbor2.loads(cbor2.dumps(record.to_wire()))) == record
+    plain = rec("node-a")
+    assert plain.to_wire()["ldr"] is None
+    assert MemberRecord.from_wire(plain.to_wire()) == plain
+
+
+def test_from_wire_accepts_missing_leader_and_ignores_unknown_keys() -> None:
+    obj = wire(future_field=[1, 2, 3])
+    del obj["ldr"]
+    record = MemberRecord.from_wire(obj)
+    assert record.leader is None
+    assert record.heartbeat == 7
+
+
+@pytest.mark.parametrize("key", ["id", "inc", "hb", "up", "addr", "ver"])
+def test_from_wire_rejects_a_missing_key(key: str) -> None:
+    obj = wire()
+    del obj[key]
+    with pytest.raises(MembershipError, match=repr(key)):
+        MemberRecord.from_wire(obj)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "complaint"),
+    [
+        ("id", 5, "node_id must be a string"),
+        ("id", b"node-a", "node_id must be a string"),
+        ("inc", "1", "incarnation must be an integer"),
+        ("inc", 1.0, "incarnation must be an integer"),
+        ("hb", True, "heartbeat must be an integer"),
+        ("up", None, "uplink_score must be an integer"),
+        ("addr", b"10.0.0.1:5683", "address must be a string"),
+        ("ver", ["0.1.0"], "version must be a string"),
+        ("ldr", 3, "leader must be a string"),
+        ("ldr", {"id": "x"}, "leader must be a string"),
+    ],
+)
+def test_from_wire_rejects_wrong_types(key: str, value: object, complaint: str) -> None:
+    with pytest.raises(MembershipError, match=complaint):
+        MemberRecord.from_wire(wire(**{key: value}))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "complaint"),
+    [
+        ("inc", -1, "incarnation must be between 0"),
+        ("hb", -5, "heartbeat must be between 0"),
+        ("inc", MAX_COUNTER + 1, "incarnation must be between 0"),
+        ("hb", 2**64, "heartbeat must be between 0"),
+        ("up", -1, "uplink_score must be between 0 and 100"),
+        ("up", 101, "uplink_score must be between 0 and 100"),
+    ],
+)
+def test_from_wire_rejects_numbers_out_of_range(key: str, value: int, complaint: str) -> None:
+    with pytest.raises(MembershipError, match=complaint):
+        MemberRecord.from_wire(wire(**{key: value}))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "complaint"),
+    [
+        ("id", "n" * (MAX_NODE_ID_LEN + 1), "node_id is 129 characters long"),
+        ("id", "x" * 1_000_000, "node_id is 1000000 characters long"),
+        ("ver", "1" * (MAX_VERSION_LEN + 1), "version is 65 characters long"),
+        ("addr", "h" * 10_000 + ":5683", "address is 10005 characters long"),
+        ("ldr", "l" * (MAX_NODE_ID_LEN + 1), "leader is 129 characters long"),
+        ("id", "", "node_id must not be empty"),
+        ("ver", "", "version must not be empty"),
+        ("id", "node a", "node_id must be printable and contain no whitespace"),
+        ("id", "node\x00a", "node_id must be printable"),
+        ("ver", "0.1\n", "version must be printable"),
+    ],
+)
+def test_from_wire_rejects_bad_strings(key: str, value: str, complaint: str) -> None:
+    with pytest.raises(MembershipError, match=complaint):
+        MemberRecord.from_wire(wire(**{key: value}))
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "nohost", ":5683", "host:", "host:0", "host:65536", "host:080", "host:http",
+        "::1:5683", "[::1:5683", "[]:5683",
+    ],
+)
+def test_from_wire_rejects_malformed_addresses(address: str) -> None:
+    with pytest.raises(MembershipError, match="address"):
+        MemberRecord.from_wire(wire(addr=address))
+
+
+@pytest.mark.parametrize("address", ["a:1", "10.0.0.1:5683", "charger-7.local:65535", "[::1]:5683"])
+def test_from_wire_accepts_well_formed_addresses(address: str) -> None:
+    assert MemberRecord.from_wire(wire(addr=address)).address == address
+
+
+@pytest.mark.parametrize("obj", [None, [], ["node-a", 1, 2], "node-a", 5, b"\xa0", 1.5, {1, 2}])
+def test_from_wire_rejects_non_maps(obj: object) -> None:
+    with pytest.raises(MembershipError, match="must be a map"):
+        MemberRecord.from_wire(obj)
+
+
+def test_from_wire_rejects_maps_with_too_many_keys() -> None:
+    obj = wire(**{f"k{i}": i for i in range(MAX_WIRE_KEYS)})
+    with pytest.raises(MembershipError, match="keys, at most"):
+        MemberRecord.from_wire(obj)
+
+
+def test_membership_error_is_a_value_error_and_the_constructor_validates_too() -> None:
+    assert issubclass(MembershipError, ValueError)
+    with pytest.raises(MembershipError, match="uplink_score"):
+        rec("node-a", score=150)
+    with pytest.raises(MembershipError, match="address"):
+        rec("node-a", address="no-port")
+
+
+_garbage = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=10,
+)
+_wire_values = st.one_of(
+    _garbage,
+    st.integers(min_value=-2, max_value=102),
+    st.sampled_from(["node-a", "10.0.0.1:5683", "0.1.0", "", " ", "a:0"]),
+)
+
+
+@given(
+    st.one_of(
+        _garbage,
+        st.dictionaries(st.sampled_from(["id", "inc", "hb", "up", "addr", "ver", "ldr", "x"]), _wire_values),
+    )
+)
+def test_from_wire_either_returns_a_valid_record_or_raises_membership_error(obj: object) -> None:
+    try:
+        record = MemberRecord.from_wire(obj)
+    except MembershipError:
+        return
+    assert MemberRecord.from_wire(record.to_wire()) == record
+    assert 0 <= record.uplink_score <= 100
+
+
+# --- failure detection, with exact virtual times ----------------------------------
+
+
+def test_peer_goes_alive_suspect_dead_forgotten_at_exact_times() -> None:
+    m = membership()
+    assert m.merge([rec("a", 0, 1)], now=100.0) == ["a"]
+    assert m.state("a", 100.0) is PeerState.ALIVE
+    assert m.state("a", 105.0 - EPS) is PeerState.ALIVE
+    assert m.state("a", 105.0) is PeerState.SUSPECT
+    assert m.state("a", 115.0 - EPS) is PeerState.SUSPECT
+    assert m.state("a", 115.0) is PeerState.DEAD
+    assert m.state("a", 415.0 - EPS) is PeerState.DEAD
+    assert [(v.record.node_id, v.state, v.age) for v in m.view(415.0 - 1.0)] == [
+        ("a", PeerState.DEAD, 314.0),
+        (SELF, PeerState.ALIVE, 0.0),
+    ]
+    # Forgotten: out of the view, out of gossip; an unknown node counts as DEAD.
+    assert m.state("a", 415.0) is PeerState.DEAD
+    assert [v.record.node_id for v in m.view(415.0)] == [SELF]
+    assert m.live_peers(415.0) == []
+    assert m.state("never-heard-of", 0.0) is PeerState.DEAD
+
+
+def test_live_peers_hold_alive_and_suspect_but_not_dead() -> None:
+    m = membership()
+    m.merge([rec("a", 0, 1), rec("b", 0, 1)], now=0.0)
+    m.merge([rec("c", 0, 1)], now=10.0)
+    m.merge([rec("b", 0, 2)], now=12.0)
+    assert [r.node_id for r in m.live_peers(12.0)] == ["a", "b", "c"]
+    assert m.state("a", 12.0) is PeerState.SUSPECT
+    assert [r.node_id for r in m.live_peers(15.0)] == ["b", "c"]
+    assert [(v.record.node_id, v.state) for v in m.view(15.0)] == [
+        ("a", PeerState.DEAD),
+        ("b", PeerState.ALIVE),
+        ("c", PeerState.SUSPECT),
+        (SELF, PeerState.ALIVE),
+    ]
+
+
+def test_a_heartbeat_advance_restarts_the_clock() -> None:
+    m = membership()
+    m.merge([rec("a", 0, 1)], now=100.0)
+    assert m.merge([rec("a", 0, 2)], now=103.0) == ["a"]
+    assert m.state("a", 108.0 - EPS) is PeerState.ALIVE
+    assert m.state("a", 108.0) is PeerState.SUSPECT
+    assert m.state("a", 118.0) is PeerState.DEAD
+
+
+def test_stale_records_change_nothing() -> None:
+    m = membership()
+    m.merge([rec("a", 2, 5, 70)], now=100.0)
+    stale = [rec("a", 2, 5, 70), rec("a", 2, 4, 90), rec("a", 1, 500, 90), rec("a", 0, 0)]
+    assert m.merge(stale, now=104.0) == []
+    assert m.live_peers(104.0) == [rec("a", 2, 5, 70)]
+    # Relaying an old heartbeat is not evidence of life: the clock still runs from 100.
+    assert m.state("a", 105.0) is PeerState.SUSPECT
+    assert m.state("a", 115.0) is PeerState.DEAD
+
+
+def test_a_restarted_peer_supersedes_its_older_record_with_a_higher_heartbeat() -> None:
+    m = membership()
+    m.merge([rec("a", 0, 500, 90, address="10.0.0.2:5683")], now=100.0)
+    assert m.state("a", 112.0) is PeerState.SUSPECT
+    restarted = rec("a", 1, 0, 60, address="10.0.0.9:5683")
+    assert m.merge([restarted], now=112.0) == ["a"]
+    assert m.live_peers(112.0) == [restarted]
+    assert m.state("a", 117.0 - EPS) is PeerState.ALIVE
+    assert m.state("a", 117.0) is PeerState.SUSPECT
+    # ...and its old life cannot come back.
+    assert m.merge([rec("a", 0, 501, 90)], now=113.0) == []
+    assert m.live_peers(113.0) == [restarted]
+
+
+def test_a_forgotten_peer_is_not_resurrected_by_stale_gossip_only_by_a_newer_record() -> None:
+    m = membership()
+    m.merge([rec("a", 0, 9)], now=0.0)
+    assert m.records_for_gossip(415.0) == [m.self_record]
+    assert m.merge([rec("a", 0, 9), rec("a", 0, 3)], now=416.0) == []
+    assert m.state("a", 416.0) is PeerState.DEAD
+    assert [v.record.node_id for v in m.view(416.0)] == [SELF]
+    # A live node's heartbeat moves on: it comes back at once.
+    assert m.merge([rec("a", 0, 10)], now=420.0) == ["a"]
+    assert m.state("a", 420.0) is PeerState.ALIVE
+
+
+def test_dead_records_are_shown_but_not_gossiped() -> None:
+    m = membership()
+    m.merge([rec("a", 0, 1), rec("b", 0, 1)], now=0.0)
+    m.merge([rec("b", 0, 2)], now=14.0)
+    m.tick(15.0)
+    assert m.state("a", 15.0) is PeerState.DEAD
+    assert [r.node_id for r in m.records_for_gossip(15.0)] == ["b", SELF]
+    # Without an explicit time, the latest one the view was given (the tick) is used.
+    assert [r.node_id for r in m.records_for_gossip()] == ["b", SELF]
+    # A node that just joined hears nothing of the dead one.
+    newcomer = Membership(rec("c"))
+    newcomer.merge(m.records_for_gossip(), now=15.0)
+    assert newcomer.state("a", 15.0) is PeerState.DEAD
+    assert [r.node_id for r in newcomer.live_peers(15.0)] == ["b", SELF]
+
+
+def test_records_for_gossip_before_any_time_is_just_ourselves() -> None:
+    m = membership(heartbeat=4)
+    assert m.records_for_gossip() == [rec(SELF, 0, 4)]
+
+
+def test_next_deadline_walks_through_every_transition_then_the_tombstone() -> None:
+    m = membership()
+    assert m.next_deadline() is None
+    m.merge([rec("a", 0, 1)], now=100.0)
+    assert m.next_deadline() == 105.0
+    m.tick(105.0)
+    assert m.next_deadline() == 115.0
+    m.tick(115.0)
+    assert m.next_deadline() == 415.0
+    m.tick(415.0)
+    assert m.next_deadline() == 715.0
+    # Still a tombstone just before its end: a stale copy is refused.
+    assert m.merge([rec("a", 0, 1)], now=715.0 - EPS) == []
+    m.tick(715.0)
+    assert m.next_deadline() is None
+    # The tombstone is gone; this is the documented bound on remembering a dead node.
+    assert m.merge([rec("a", 0, 1)], now=716.0) == ["a"]
+
+
+def test_custom_timeouts_are_honoured() -> None:
+    m = membership(suspect_after=2.0, dead_after=3.0, forget_after=1.0)
+    m.merge([rec("a", 0, 1)], now=10.0)
+    assert m.state("a", 12.0 - EPS) is PeerState.ALIVE
+    assert m.state("a", 12.0) is PeerState.SUSPECT
+    assert m.state("a", 13.0) is PeerState.DEAD
+    assert m.state("a", 14.0 - EPS) is PeerState.DEAD
+    assert [v.record.node_id for v in m.view(14.0)] == [SELF]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"suspect_after": 0.0},
+        {"suspect_after": 15.0},
+        {"suspect_after": 20.0, "dead_after": 10.0},
+        {"forget_after": 0.0},
+        {"dead_after": float("inf")},
+    ],
+)
+def test_bad_timeouts_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="need 0 <"):
+        membership(**kwargs)
+
+
+def test_direct_exchange_counts_as_evidence_by_id_or_address() -> None:
+    m = membership()
+    m.merge([rec("a", 0, 1, address="10.0.0.2:5683"), rec("b", 0, 1, address="10.0.0.3:5683")], now=0.0)
+    assert m.observe_direct("a", now=4.0) is True
+    assert m.observe_direct("10.0.0.3:5683", now=6.0) is True
+    assert m.state("a", 9.0 - EPS) is PeerState.ALIVE
+    assert m.state("a", 9.0) is PeerState.SUSPECT
+    assert m.state("b", 11.0 - EPS) is PeerState.ALIVE
+    assert m.state("b", 21.0) is PeerState.DEAD
+    assert m.observe_direct("b", now=22.0) is True
+    assert m.state("b", 22.0) is PeerState.ALIVE
+    assert [v.age for v in m.view(23.0) if v.record.node_id == "b"] == [1.0]
+    assert m.observe_direct("unknown", now=23.0) is False
+    assert m.observe_direct("10.9.9.9:1", now=23.0) is False
+    # A forgotten peer is not brought back by talking to it; its next heartbeat does that.
+    assert m.observe_direct("a", now=1000.0) is False
+    assert m.state("a", 1000.0) is PeerState.DEAD
+
+
+# --- our own record -----------------------------------------------------------
+
+
+def test_tick_bumps_the_heartbeat_and_returns_the_new_record() -> None:
+    m = membership(incarnation=2, heartbeat=0)
+    assert m.tick(1.0) == rec(SELF, 2, 1)
+    assert m.tick(2.0) == rec(SELF, 2, 2)
+    assert m.self_record == rec(SELF, 2, 2)
+    assert m.node_id == SELF
+
+
+def test_tick_at_the_heartbeat_ceiling_rolls_into_a_new_incarnation() -> None:
+    m = membership(incarnation=2, heartbeat=MAX_COUNTER)
+    assert m.tick(1.0).key == (3, 0)
+
+
+def test_every_change_of_our_record_raises_its_key() -> None:
+    m = membership(heartbeat=10)
+    assert m.set_uplink_score(80) == rec(SELF, 0, 11, 80)
+    assert m.set_uplink_score(80) == rec(SELF, 0, 11, 80)  # no change, no bump
+    assert m.set_address("10.0.0.7:5684").key == (0, 12)
+    assert m.set_address("10.0.0.7:5684").key == (0, 12)
+    assert m.set_leader("a").key == (0, 13)
+    assert m.set_leader("a").key == (0, 13)
+    assert m.set_leader(None) == rec(SELF, 0, 14, 80, address="10.0.0.7:5684")
+    with pytest.raises(MembershipError):
+        m.set_uplink_score(101)
+    with pytest.raises(MembershipError):
+        m.set_address("no port")
+    assert m.self_record.key == (0, 14)
+
+
+def test_restart_starts_a_higher_incarnation_at_heartbeat_zero() -> None:
+    m = membership(incarnation=4, heartbeat=77)
+    assert m.restart(9) == rec(SELF, 9, 0)
+    assert m.restart() == rec(SELF, 10, 0)
+    with pytest.raises(ValueError, match="above the current 10"):
+        m.restart(10)
+    with pytest.raises(ValueError, match="above the current 10"):
+        m.restart(3)
+    assert m.self_record.key == (10, 0)
+
+
+def test_a_record_about_us_with_a_higher_incarnation_is_refuted() -> None:
+    m = membership(incarnation=1, heartbeat=3)
+    assert m.merge([rec(SELF, 4, 7, 90, address="10.0.0.99:1")], now=0.0) == [SELF]
+    assert m.self_record == rec(SELF, 5, 0)  # our own fields, a winning key
+    # Our own record echoed back, or an older one of ours, is nothing to refute.
+    assert m.merge([m.self_record, rec(SELF, 1, 3), rec(SELF, 4, 7)], now=1.0) == []
+    assert m.self_record.key == (5, 0)
+
+
+def test_a_node_that_forgot_its_incarnation_refutes_its_old_life() -> None:
+    # Restarted at (0, 0) without the persisted incarnation; peers still gossip (0, 500).
+    m = membership(incarnation=0, heartbeat=0)
+    assert m.merge([rec(SELF, 0, 500)], now=0.0) == [SELF]
+    assert m.self_record.key == (1, 0)
+    # Every peer takes the new life over the old one.
+    observer = Membership(rec("observer"))
+    observer.merge([rec(SELF, 0, 500)], now=0.0)
+    assert observer.merge([m.self_record], now=1.0) == [SELF]
+
+
+def test_a_conflicting_record_about_us_at_our_own_key_is_refuted() -> None:
+    m = membership(incarnation=2, heartbeat=5, score=40)
+    assert m.merge([rec(SELF, 2, 5, 41)], now=0.0) == [SELF]
+    assert m.self_record.key == (3, 0)
+    assert m.self_record.uplink_score == 40
+
+
+# --- merge laws (hypothesis) -----------------------------------------------------
+
+_ids = st.sampled_from(["a", "b", "c", "d"])
+_records = st.builds(
+    MemberRecord,
+    node_id=_ids,
+    incarnation=st.integers(0, 3),
+    heartbeat=st.integers(0, 4),
+    uplink_score=st.integers(0, 100),
+    address=st.sampled_from(["10.0.0.1:5683", "10.0.0.2:5683"]),
+    version=st.sampled_from(["0.1.0", "0.2.0"]),
+    leader=st.sampled_from([None, "a", "b"]),
+)
+_with_self = st.one_of(_records, _records.map(lambda r: replace(r, node_id=SELF)))
+
+
+def _merged(batches: list[list[MemberRecord]], now: float = 50.0) -> Membership:
+    m = membership(incarnation=1, heartbeat=2)
+    for batch in batches:
+        m.merge(batch, now)
+    return m
+
+
+def _peer_view(m: Membership, now: float = 50.0) -> list[tuple[object, ...]]:
+    return [(v.record, v.state, v.age) for v in m.view(now) if v.record.node_id != SELF]
+
+
+@settings(max_examples=300)
+@given(st.lists(_records, max_size=20), st.randoms(use_true_random=False))
+def test_merge_is_commutative(records: list[MemberRecord], rnd: random.Random) -> None:
+    shuffled = records[:]
+    rnd.shuffle(shuffled)
+    assert _peer_view(_merged([records])) == _peer_view(_merged([shuffled]))
+    one_by_one = _merged([[r] for r in records])
+    assert _peer_view(one_by_one) == _peer_view(_merged([[r] for r in reversed(records)]))
+
+
+@settings(max_examples=300)
+@given(st.lists(_records, max_size=8), st.lists(_records, max_size=8), st.lists(_records, max_size=8))
+def test_merge_is_associative(a: list[MemberRecord], b: list[MemberRecord], c: list[MemberRecord]) -> None:
+    left = _merged([a + b, c])
+    right = _merged([a, b + c])
+    flat = _merged([a + b + c])
+    assert _peer_view(left) == _peer_view(right) == _peer_view(flat)
+
+
+@settings(max_examples=300)
+@given(st.lists(_records, max_size=20))
+def test_merge_is_idempotent(records: list[MemberRecord]) -> None:
+    m = _merged([records])
+    before = m.view(50.0)
+    assert m.merge(records, 50.0) == []
+    assert m.merge(records + records, 50.0) == []
+    assert m.view(50.0) == before
+    assert _peer_view(_merged([records + records])) == _peer_view(m)
+
+
+@settings(max_examples=300)
+@given(st.lists(_with_self, max_size=20), st.randoms(use_true_random=False))
+def test_records_about_us_never_leave_us_behind_whatever_the_order(
+    records: list[MemberRecord], rnd: random.Random
+) -> None:
+    shuffled = records[:]
+    rnd.shuffle(shuffled)
+    for order in (records, shuffled):
+        m = _merged([order])
+        own = m.self_record
+        assert own.key >= (1, 2)
+        for r in order:
+            if r.node_id == SELF:
+                assert r == own or r.key < own.key
+    assert _peer_view(_merged([records])) == _peer_view(_merged([shuffled]))
+
+
+@settings(max_examples=200)
+@given(st.lists(_records, max_size=12), st.lists(_records, max_size=12))
+def test_two_nodes_that_exchange_gossip_agree_on_their_peers(
+    a: list[MemberRecord], b: list[MemberRecord]
+) -> None:
+    x = Membership(rec("x"))
+    y = Membership(rec("y"))
+    x.merge(a, 0.0)
+    y.merge(b, 0.0)
+    x.merge(y.records_for_gossip(0.0), 0.0)
+    y.merge(x.records_for_gossip(0.0), 0.0)
+    others = {"x", "y"}
+    assert [r for r in x.records_for_gossip(0.0) if r.node_id not in others] == [
+        r for r in y.records_for_gossip(0.0) if r.node_id not in others
+    ]
+
+
+# --- election -------------------------------------------------------------------
+
+
+def test_no_candidate_means_no_leader() -> None:
+    assert elect_leader([], None) is None
+    assert elect_leader([("a", 49), ("b", 0)], None) is None
+    assert elect_leader([("a", 49)], "a") is None
+
+
+def test_threshold_is_inclusive_and_configurable() -> None:
+    assert elect_leader([("a", 50), ("b", 49)], None) == "a"
+    assert elect_leader([("a", 50), ("b", 49)], None, threshold=51) is None
+    assert elect_leader([("a", 30), ("b", 5)], None, threshold=0) == "a"
+    assert elect_leader([("a", 10), ("b", 5)], None, threshold=0) == "b"  # same bucket: the id decides
+
+
+def test_highest_bucket_wins_and_node_id_breaks_ties_within_a_bucket() -> None:
+    assert elect_leader([("a", 95), ("b", 81)], None) == "b"  # both in bucket 4
+    assert elect_leader([("a", 100), ("z", 99)], None) == "a"  # bucket 5 beats 4
+    assert elect_leader([("z", 79), ("a", 80)], None) == "a"
+    assert elect_leader([("a", 79), ("b", 79)], None, bucket_size=1) == "b"
+    assert elect_leader([("a", 60), ("a", 99)], None) == "a"  # listed twice: the higher score counts
+
+
+def test_stickiness_keeps_a_healthy_leader_until_beaten_by_a_whole_bucket() -> None:
+    assert elect_leader([("a", 60), ("b", 79)], None) == "b"
+    assert elect_leader([("a", 60), ("b", 79)], "a") == "a"  # a better bucket, but not by 20 points
+    assert elect_leader([("a", 60), ("b", 80)], "a") == "b"
+    assert elect_leader([("a", 50), ("z", 69)], "a") == "a"
+    # Of the challengers that beat the incumbent by a bucket, the best by (bucket, id) takes over.
+    assert elect_leader([("i", 61), ("z", 80), ("a", 99)], "i") == "a"
+    assert elect_leader([("i", 60), ("z", 80), ("a", 99)], "i") == "z"
+
+
+def test_leadership_moves_when_the_leader_drops_below_threshold_or_disappears() -> None:
+    assert elect_leader([("a", 49), ("b", 55)], "a") == "b"
+    assert elect_leader([("b", 55), ("c", 51)], "a") == "c"
+    assert elect_leader([("b", 55), ("c", 51)], "gone") == "c"
+
+
+def test_bad_election_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="0-100"):
+        elect_leader([("a", 101)], None)
+    with pytest.raises(ValueError, match="0-100"):
+        elect_leader([("a", True)], None)
+    with pytest.raises(ValueError, match="bucket_size"):
+        elect_leader([("a", 60)], None, bucket_size=0)
+    with pytest.raises(ValueError, match="strings"):
+        elect_leader([(1, 60)], None)  # type: ignore[list-item]
+
+
+_candidates = st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 100)), max_size=10)
+
+
+@settings(max_examples=300)
+@given(_candidates, st.sampled_from([None, "a", "b", "zz"]), st.randoms(use_true_random=False))
+def test_election_is_deterministic_and_independent_of_candidate_order(
+    candidates: list[tuple[str, int]], current: str | None, rnd: random.Random
+) -> None:
+    shuffled = candidates[:]
+    rnd.shuffle(shuffled)
+    result = elect_leader(candidates, current)
+    assert result == elect_leader(shuffled, current) == elect_leader(candidates, current)
+    best = {}
+    for nid, score in candidates:
+        best[nid] = max(score, best.get(nid, 0))
+    if result is None:
+        assert all(score < 50 for score in best.values())
+    else:
+        assert best[result] >= 50
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(50, 100),
+    st.lists(st.tuples(st.sampled_from("bcdefg"), st.integers(0, 100)), max_size=8),
+)
+def test_an_incumbent_above_threshold_stays_against_anyone_less_than_a_bucket_better(
+    incumbent_score: int, others: list[tuple[str, int]]
+) -> None:
+    challengers = [(nid, min(score, incumbent_score + 19)) for nid, score in others]
+    assert elect_leader([("a", incumbent_score), *challengers], "a") == "a"
+
+
+@settings(max_examples=100)
+@given(st.integers(0, 2**32), st.integers(58, 92), st.integers(-3, 3))
+def test_jittering_scores_never_move_the_role_after_the_first_choice(
+    seed: int, base_a: int, offset: int
+) -> None:
+    # Two healthy uplinks of about equal quality (typical scores at most 3 apart),
+    # each jittering by up to 8 points and never below the threshold: they cross
+    # bucket boundaries all the time but are never a whole bucket (20) apart.
+    rnd = random.Random(seed)
+    base_b = min(max(base_a + offset, 58), 92)
+    leader = None
+    changes = 0
+    for _ in range(200):
+        scores = [("a", base_a + rnd.randint(-8, 8)), ("b", base_b + rnd.randint(-8, 8))]
+        new = elect_leader(scores, leader)
+        changes += new != leader
+        leader = new
+    assert changes == 1
+
+
+# --- election through the membership view ------------------------------------------
+
+
+def _node(node_id: str, score: int, leader: str | None = None) -> MemberRecord:
+    return rec(node_id, 1, 1, score, leader=leader)
+
+
+def _mesh(records: list[MemberRecord], now: float = 0.0) -> list[Membership]:
+    nodes = []
+    for record in records:
+        m = Membership(record)
+        m.merge(records, now)
+        nodes.append(m)
+    return nodes
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(
+        st.sampled_from("abcdefg"),
+        st.tuples(st.integers(0, 100), st.sampled_from([None, "a", "b", "c", "d"])),
+        min_size=1,
+    )
+)
+def test_all_nodes_with_the_same_view_elect_the_same_leader(nodes: dict[str, tuple[int, str | None]]) -> None:
+    records = [_node(nid, score, leader) for nid, (score, leader) in sorted(nodes.items())]
+    mesh = _mesh(records)
+    assert len({m.leader(0.0) for m in mesh}) == 1
+    # When some eligible node claims the role, the nodes' differing memories do not matter.
+    if any(r.leader == r.node_id and r.uplink_score >= 50 for r in records):
+        assert len({m.leader(0.0, current=m.node_id) for m in mesh}) == 1
+
+
+def test_a_published_claim_makes_the_incumbent_sticky_for_everyone() -> None:
+    # b claims the role; a (70) and c (81) are better, but neither by a whole bucket (20 points).
+    records = [_node("a", 70), _node("b", 62, leader="b"), _node("c", 81, leader="b")]
+    mesh = _mesh(records)
+    assert [m.leader(0.0) for m in mesh] == ["b", "b", "b"]
+    # Without the claim, the plain order picks c (bucket 4).
+    assert [m.leader(0.0) for m in _mesh([_node("a", 70), _node("b", 62), _node("c", 81)])] == ["c"] * 3
+
+
+def test_two_leaders_after_a_healed_partition_settle_on_one() -> None:
+    records = [_node("a", 70, leader="a"), _node("b", 75, leader="b"), _node("c", 0, leader="a")]
+    mesh = _mesh(records)
+    assert [m.leader(0.0, current=m.self_record.leader) for m in mesh] == ["b", "b", "b"]
+
+
+def test_leadership_survives_suspicion_and_moves_when_the_leader_dies() -> None:
+    a = Membership(_node("a", 60, leader="b"))
+    a.merge([_node("b", 90, leader="b"), _node("c", 55, leader="b")], now=0.0)
+    assert a.leader(0.0) == "b"
+    a.merge([rec("c", 1, 2, 55, leader="b")], now=10.0)
+    assert a.state("b", 10.0) is PeerState.SUSPECT
+    assert a.leader(10.0, current="b") == "b"
+    assert a.state("b", 15.0) is PeerState.DEAD
+    assert a.leader(15.0, current="b") == "a"  # 60 in bucket 3 beats c's 55 in bucket 2
+
+
+def test_leadership_moves_when_the_leader_uplink_drops_below_threshold() -> None:
+    a = Membership(_node("a", 60))
+    a.merge([_node("b", 90, leader="b")], now=0.0)
+    assert a.leader(0.0, current="b") == "b"
+    a.merge([rec("b", 1, 2, 40, leader="b")], now=1.0)
+    assert a.leader(1.0, current="b") == "a"
+    a.set_uplink_score(10)
+    assert a.leader(1.0, current="a") is None
+
+
+# --- gossip targets ---------------------------------------------------------------
+
+
+def test_gossip_targets_are_deterministic_for_a_seed() -> None:
+    peers = [f"n{i}" for i in range(20)]
+    first = choose_gossip_targets(random.Random(7), peers, 3)
+    assert first == choose_gossip_targets(random.Random(7), peers, 3)
+    assert len(first) == 3
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.text(alphabet="abcdef", min_size=1, max_size=3), max_size=15),
+    st.integers(0, 20),
+    st.lists(st.text(alphabet="abcdef", min_size=1, max_size=3), max_size=5),
+    st.integers(0, 2**32),
+    st.randoms(use_true_random=False),
+)
+def test_gossip_targets_respect_fanout_and_exclude_and_ignore_input_order(
+    peers: list[str], fanout: int, exclude: list[str], seed: int, rnd: random.Random
+) -> None:
+    chosen = choose_gossip_targets(random.Random(seed), peers, fanout, exclude=exclude)
+    eligible = set(peers) - set(exclude)
+    assert len(chosen) == min(fanout, len(eligible))
+    assert len(set(chosen)) == len(chosen)
+    assert set(chosen) <= eligible
+    shuffled = peers + peers
+    rnd.shuffle(shuffled)
+    assert choose_gossip_targets(random.Random(seed), shuffled, fanout, exclude=set(exclude)) == chosen
+
+
+def test_gossip_targets_edge_cases_and_spread() -> None:
+    assert choose_gossip_targets(random.Random(1), ["a", "b"], 0) == []
+    assert sorted(choose_gossip_targets(random.Random(1), ["b", "a"], 5)) == ["a", "b"]
+    assert choose_gossip_targets(random.Random(1), ["a", "b"], 3, exclude=["a", "b"]) == []
+    with pytest.raises(ValueError, match="fanout"):
+        choose_gossip_targets(random.Random(1), ["a"], -1)
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(200):
+        seen.update(choose_gossip_targets(rng, ["a", "b", "c", "d", "e", "f"], 2, exclude=["c"]))
+    assert seen == {"a", "b", "d", "e", "f"}
+
+
+# --- invariants under arbitrary input sequences --------------------------------------
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("tick")),
+        st.tuples(st.just("score"), st.integers(0, 100)),
+        st.tuples(st.just("leader"), st.sampled_from([None, "a", SELF])),
+        st.tuples(st.just("merge"), st.lists(_with_self, max_size=4)),
+        st.tuples(st.just("direct"), st.sampled_from(["a", "b", "10.0.0.2:5683"])),
+        st.tuples(st.just("wait"), st.floats(0.0, 5.0)),  # 40 x 5 s stays short of any forgetting
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300)
+@given(_ops)
+def test_own_and_peer_keys_never_go_back_and_gossip_holds_only_the_living(ops: list[tuple]) -> None:
+    m = membership(incarnation=1)
+    now = 0.0
+    own = m.self_record.key
+    peers: dict[str, tuple[int, int]] = {}
+    for op in ops:
+        if op[0] == "tick":
+            assert m.tick(now).key > own
+        elif op[0] == "score":
+            m.set_uplink_score(op[1])
+        elif op[0] == "leader":
+            m.set_leader(op[1])
+        elif op[0] == "merge":
+            m.merge(op[1], now)
+        elif op[0] == "direct":
+            m.observe_direct(op[1], now)
+        else:
+            now += op[1]
+        assert m.self_record.key >= own  # invariant 1
+        own = m.self_record.key
+        for row in m.view(now):  # invariant 2
+            if row.record.node_id != SELF:
+                assert row.record.key >= peers.get(row.record.node_id, (0, 0))
+                peers[row.record.node_id] = row.record.key
+        gossip = m.records_for_gossip(now)  # invariant 5
+        assert all(m.state(r.node_id, now) is not PeerState.DEAD for r in gossip)
+        assert m.self_record in gossip
+
+
+@settings(max_examples=200)
+@given(st.lists(_records, min_size=1, max_size=10), st.lists(st.floats(0.0, 800.0), min_size=2, max_size=12))
+def test_without_new_evidence_a_peer_only_moves_towards_dead(
+    records: list[MemberRecord], times: list[float]
+) -> None:
+    order = {PeerState.ALIVE: 0, PeerState.SUSPECT: 1, PeerState.DEAD: 2}
+    m = _merged([records], now=0.0)
+    for node_id in {r.node_id for r in records}:
+        states = [m.state(node_id, t) for t in sorted(times)]
+        assert [order[s] for s in states] == sorted(order[s] for s in states)  # invariant 4
