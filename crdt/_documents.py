@@ -8,6 +8,8 @@ Session document (one per charging session, id = session id), root map::
     events: map event_id -> bytes (a signed event, see _events.py)
     receipt: bytes | null (CBOR receipt signed by the cloud; null until reconciled)
     notes: map note_id -> str (operator annotations)
+    devices: map device_id -> bytes (Ed25519 public key the device declares; trusted only
+             by nodes that run without enrolment, see `fold_session`)
 
 Exactly one node creates a session document: two independent creations of the same
 top-level keys would conflict in Automerge and one side would be hidden. Every other
@@ -120,12 +122,17 @@ def new_session_doc(
         _put(tx, ROOT, "tariff", dict(tariff))
         tx.put_object(ROOT, "events", ObjType.Map)
         tx.put_object(ROOT, "notes", ObjType.Map)
+        tx.put_object(ROOT, "devices", ObjType.Map)
         tx.put(ROOT, "receipt", ScalarType.Null, None)
     return doc
 
 
-def add_event(doc: Document, event: SignedEvent) -> bool:
+def add_event(doc: Document, event: SignedEvent, *, public_key: bytes | None = None) -> bool:
     """Put a signed event into the session's `events` map.
+
+    Args:
+        public_key: the signing device's key, declared in the document's `devices`
+            map (once per device) for nodes that run without enrolment.
 
     Returns:
         False when the event is already there (nothing changes), True otherwise.
@@ -133,8 +140,11 @@ def add_event(doc: Document, event: SignedEvent) -> bool:
     events = _map_id(doc, "events")
     if doc.get(events, event.event_id) is not None:
         return False
+    devices = _map_id(doc, "devices") if public_key is not None else None
     with doc.transaction() as tx:
         tx.put(events, event.event_id, ScalarType.Bytes, event.encoded)
+        if devices is not None and doc.get(devices, event.record.device_id) is None:
+            tx.put(devices, event.record.device_id, ScalarType.Bytes, public_key)
     return True
 
 
@@ -164,6 +174,7 @@ class SessionData:
     events: Mapping[str, bytes]
     receipt: bytes | None
     notes: Mapping[str, str]
+    devices: Mapping[str, bytes]
 
 
 def read_session(doc: Document) -> SessionData:
@@ -192,7 +203,15 @@ def read_session(doc: Document) -> SessionData:
     notes_got = doc.get(ROOT, "notes")
     notes = extract(doc, notes_got[1]) if notes_got and notes_got[0] == ObjType.Map else {}
     receipt = _scalar_at(doc, ROOT, "receipt")
+    devices: dict[str, bytes] = {}
+    devices_got = doc.get(ROOT, "devices")
+    if devices_got is not None and devices_got[0] == ObjType.Map:
+        for key in doc.keys(devices_got[1]):
+            value = _scalar_at(doc, devices_got[1], key)
+            if isinstance(value, bytes) and len(value) == 32:
+                devices[key] = value
     return SessionData(
+        devices=devices,
         tariff=tariff,  # type: ignore[arg-type]
         events=events,
         receipt=receipt if isinstance(receipt, bytes) else None,
@@ -201,9 +220,24 @@ def read_session(doc: Document) -> SessionData:
     )
 
 
-def fold_session(doc: Document, keyring: Keyring) -> tuple[SessionData, SessionView]:
-    """Read a session document and fold its events."""
+def fold_session(
+    doc: Document, keyring: Keyring, *, trust_document_keys: bool = False
+) -> tuple[SessionData, SessionView]:
+    """Read a session document and fold its events.
+
+    Args:
+        keyring: trusted device keys.
+        trust_document_keys: also accept the keys devices declared in the document
+            itself (for nodes without enrolment: it proves the events were not
+            altered after signing, not who the device is). A key in `keyring`
+            always wins over a declared one.
+    """
     data = read_session(doc)
+    if trust_document_keys and data.devices:
+        merged = Keyring(data.devices)
+        for device_id, key in keyring.public_keys().items():
+            merged.add(device_id, key)
+        keyring = merged
     return data, fold(data.session_id, data.events, keyring, receipt_present=data.receipt is not None)
 
 

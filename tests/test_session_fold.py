@@ -147,3 +147,15 @@ def test_site_config_genesis_is_shared_and_merges():
     assert content["tariffs"] == {"default": {"per_kwh_cents": 39}}
     assert content["id_tokens_allowed"] == {"tok-9": True}
     assert new_site_config("other-site").get_heads() != one.get_heads()[:1]
+
+
+def test_declared_device_keys_are_trusted_only_when_asked():
+    stranger = make_signer("stranger")
+    doc = new_doc()
+    add_event(doc, stranger.sign("authorize", "s-1", 1), public_key=stranger.public_key)
+    assert fold_session(doc, Keyring())[1].conflicts[0].kind == INVALID_EVENT
+    assert fold_session(doc, Keyring(), trust_document_keys=True)[1].state == "authorized"
+    # A key in the keyring wins over a declared one.
+    liar = make_signer("other")
+    ring = Keyring({"stranger": liar.public_key})
+    assert fold_session(doc, ring, trust_document_keys=True)[1].conflicts[0].kind == INVALID_EVENT
