@@ -1,0 +1,677 @@
+"""The mesh node: one trio nursery that owns the store, membership, gossip and sync.
+
+The node talks to the world only through its seams (DESIGN.md): a `Transport`
+(CoAP or in-memory), a `Discovery` (mDNS, static, in-memory), the trio clock
+(`trio.current_time()`, so `MockClock` drives the simulator) and an injected
+wall clock for the timestamps written into events. Decisions are made by the
+sans-IO parts (`Membership`, `choose_gossip_targets`, the digest functions of
+`crdt`); the tasks here only move bytes and sleep.
+
+Replication is anti-entropy plus push:
+
+- every gossip round (1 s with jitter) the node exchanges membership records and
+  a digest of its documents with up to `fanout` live peers, and syncs exactly
+  the documents the digest shows to differ (starting those sync states afresh,
+  so that a lost message or a restarted peer can never stall them);
+- every change, local or received, is pushed at once to the direct neighbours
+  (except the one it came from), so a line of nodes relays it end to end
+  without waiting for rounds.
+
+Sync states are per (peer node id, document). When an exchange fails, the
+states involved are dropped: Automerge assumes what it sent was delivered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import nacl.signing
+import trio
+
+from crdt import (
+    EVENT_TYPES,
+    TRANSITIONS,
+    AsyncDocStore,
+    EventSigner,
+    Replica,
+    InvalidSyncMessage,
+    Keyring,
+    SessionData,
+    SessionView,
+    StoreError,
+    add_event,
+    bucket_entries,
+    differing_buckets,
+    differing_docs,
+    fold_session,
+    heads_hash,
+    make_digest,
+    new_session_doc,
+    open_doc_store,
+    decode_sync_message,
+    read_session,
+    summarize_event,
+    verify_event,
+)
+
+from ._discovery import Discovery, PeerGone, PeerSeen
+from ._membership import MemberRecord, Membership, PeerState, choose_gossip_targets
+from ._protocol import (
+    MAX_DOCS_PER_SYNC,
+    PROTOCOL_VERSION,
+    DigestRequest,
+    DigestResponse,
+    Hello,
+    MembersRequest,
+    MembersResponse,
+    ProtocolError,
+    SyncRequest,
+    SyncResponse,
+)
+from ._transport import BadRequest, RemoteRefused, Transport, TransportError
+
+log = logging.getLogger("meshnode.node")
+
+API_EVENT_TYPES = ("meter", "pause", "resume", "stop")
+DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}
+
+
+class NodeError(Exception):
+    """Base of the node's own errors."""
+
+
+class LocalRequestError(NodeError):
+    """A local user's request (API, CLI) cannot be carried out; `status` is the HTTP code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node is told at start-up (CLI flags or TOML, same names)."""
+
+    node_id: str
+    data_dir: Path
+    site: str = "default"
+    gossip_interval: float = 1.0
+    fanout: int = 3
+    suspect_after: float = 5.0
+    dead_after: float = 15.0
+    request_timeout: float = 3.0
+    max_sync_rounds: int = 12
+    seed: int | None = None
+    tariff: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TARIFF))
+
+
+@dataclass
+class _Neighbour:
+    """What the node knows about a peer it talks to directly."""
+
+    node_id: str
+    address: str
+    last_ok: float | None = None
+    failures: int = 0
+    unsynced: set[str] = field(default_factory=set)
+
+
+def load_or_create_key(data_dir: Path) -> nacl.signing.SigningKey:
+    """The node's Ed25519 device key, created on first start (file mode 0600)."""
+    path = data_dir / "node.key"
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise NodeError(f"{path} is damaged: expected a 32-byte key, found {len(seed)} bytes")
+        return nacl.signing.SigningKey(seed)
+    key = nacl.signing.SigningKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(bytes(key))
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+class Node:
+    """One mesh node. Create it, then run `serve` in a nursery.
+
+    Args:
+        config: identity, data directory and protocol settings.
+        transport: an open Transport; the node registers its resources on it.
+        discovery: where peers come from (mDNS, static list, simulator).
+        wall_clock: seconds since the epoch, for event timestamps (injected so
+            the simulator controls it).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        transport: Transport,
+        discovery: Discovery | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.transport = transport
+        self.discovery = discovery
+        self.wall_clock = wall_clock
+        seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
+        self.rng = random.Random(f"{seed}:{config.node_id}")
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.signing_key = load_or_create_key(config.data_dir)
+        self.signer = EventSigner(self.node_id, self.signing_key)
+        self.keyring = Keyring({self.node_id: self.signer.public_key})
+        self.store: AsyncDocStore | None = None
+        self.replica = Replica()
+        self.membership: Membership | None = None
+        self.neighbours: dict[str, _Neighbour] = {}
+        self._static: set[str] = set()
+        self._push_wakeup = trio.Event()
+        self._fold_cache: dict[str, tuple[bytes, SessionData, SessionView]] = {}
+        self._started = trio.Event()
+        self.counters = {"sync_requests_refused": 0, "peer_errors": 0, "changes_received": 0}
+        self._receive_lock = trio.Lock()
+        self.change_listeners: list[Callable[[str], None]] = []
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node until cancelled. The store is closed last."""
+        async with open_doc_store(self.config.data_dir / "store.db") as store:
+            self.store = store
+            docs = await trio.to_thread.run_sync(store.sync.load_all)
+            self.replica.docs.update(docs)
+            self._resume_chain()
+            incarnation = int.from_bytes(store.sync.get_meta("incarnation") or b"\0", "big") + 1
+            store.sync.set_meta("incarnation", incarnation.to_bytes(8, "big"))
+            self.membership = Membership(
+                MemberRecord(self.node_id, incarnation, 0, 0, self.transport.address, str(PROTOCOL_VERSION)),
+                suspect_after=self.config.suspect_after,
+                dead_after=self.config.dead_after,
+            )
+            self._route()
+            log.info("node %s serving at %s with %d documents", self.node_id, self.transport.address, len(docs))
+            try:
+                async with trio.open_nursery() as nursery:
+                    if self.discovery is not None:
+                        send, recv = trio.open_memory_channel[PeerSeen | PeerGone](64)
+                        await nursery.start(self.discovery.serve, send)
+                        nursery.start_soon(self._consume_discovery, recv)
+                    nursery.start_soon(self._gossip_loop)
+                    nursery.start_soon(self._push_loop)
+                    self._started.set()
+                    task_status.started()
+                    await trio.sleep_forever()
+            finally:
+                self._persist_incarnation()
+
+    def _persist_incarnation(self) -> None:
+        if self.store is not None and self.membership is not None:
+            inc = self.membership.self_record.incarnation
+            self.store.sync.set_meta("incarnation", inc.to_bytes(8, "big"))
+
+    def _resume_chain(self) -> None:
+        """Continue this device's event chain after its last stored event."""
+        own = []
+        for doc in self.replica.docs.values():
+            try:
+                data = read_session(doc)
+            except Exception:
+                continue
+            for blob in data.events.values():
+                try:
+                    event = verify_event(blob, self.keyring)
+                except Exception:
+                    continue
+                if event.record.device_id == self.node_id:
+                    own.append(event)
+        self.signer = EventSigner.resume(self.node_id, self.signing_key, own)
+
+    def _route(self) -> None:
+        t = self.transport
+        t.route("/m/hello", self._on_hello, method="GET")
+        t.route("/m/members", self._on_members)
+        t.route("/m/digest", self._on_digest)
+        t.route("/m/sync", self._on_sync)
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def _wall_ms(self) -> int:
+        return int(self.wall_clock() * 1000)
+
+    # --- local operations (API, simulator) -----------------------------------------
+
+    async def create_session(
+        self, charger: str, connector: int, id_token: str, *, meter_wh: int | None = None
+    ) -> dict[str, Any]:
+        """Start a session on this node: authorise it and start charging.
+
+        Returns once the session is durable on this node.
+        """
+        session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
+        doc = new_session_doc(
+            session_id, site=self.config.site, charger=charger, connector=connector, id_token=id_token,
+            tariff=self.config.tariff, created_by=self.node_id,
+        )
+        ts = self._wall_ms()
+        add_event(doc, self.signer.sign("authorize", session_id, ts, data={"id_token": id_token}),
+                  public_key=self.signer.public_key)
+        add_event(doc, self.signer.sign("start", session_id, ts, meter_wh=meter_wh), public_key=self.signer.public_key)
+        changes = self.replica.add(session_id, doc)
+        await self._persist(session_id, changes)
+        self._changed(session_id, source=None)
+        return self.session_json(session_id)
+
+    async def record_event(self, session_id: str, type: str, meter_wh: int | None) -> dict[str, Any]:
+        """Sign and append a meter/pause/resume/stop event. Durable on return."""
+        doc = self.replica.docs.get(session_id)
+        if doc is None:
+            raise LocalRequestError(404, f"no session {session_id!r} on this node")
+        if type not in API_EVENT_TYPES:
+            raise LocalRequestError(400, f"type must be one of {', '.join(API_EVENT_TYPES)}")
+        if type in ("meter", "stop") and meter_wh is None:
+            raise LocalRequestError(400, f"a {type} event needs meter_wh (the cumulative register, Wh)")
+        _, view = self.fold(session_id)
+        if (view.state, type) not in TRANSITIONS:
+            raise LocalRequestError(409, f"cannot {type} a session that is {view.state}")
+        if meter_wh is not None and view.last_meter_wh is not None and meter_wh < view.last_meter_wh:
+            raise LocalRequestError(
+                409, f"meter_wh {meter_wh} is below the last reading {view.last_meter_wh}: the register is cumulative"
+            )
+        heads = doc.get_heads()
+        event = self.signer.sign(type, session_id, self._wall_ms(), meter_wh=meter_wh)
+        add_event(doc, event, public_key=self.signer.public_key)
+        await self._persist(session_id, self.replica.changes_since(session_id, heads))
+        self._changed(session_id, source=None)
+        return summarize_event(event)
+
+    async def _persist(self, doc_id: str, changes: list[tuple[bytes, bytes]]) -> None:
+        assert self.store is not None, "the node is not serving"
+        try:
+            await self.store.write(doc_id, changes)
+        except StoreError:
+            log.error("could not store changes of %s", doc_id, exc_info=True)
+            raise
+
+    def _changed(self, doc_id: str, *, source: str | None) -> None:
+        """A document changed: everyone but `source` may now lack something."""
+        self._fold_cache.pop(doc_id, None)
+        for n in self.neighbours.values():
+            if n.node_id != source:
+                n.unsynced.add(doc_id)
+        self._push_wakeup.set()
+        for listener in self.change_listeners:
+            listener(doc_id)
+
+    # --- reading ---------------------------------------------------------------------
+
+    def fold(self, session_id: str) -> tuple[SessionData, SessionView]:
+        doc = self.replica.docs[session_id]
+        hh = heads_hash(doc.get_heads())
+        cached = self._fold_cache.get(session_id)
+        if cached is not None and cached[0] == hh:
+            return cached[1], cached[2]
+        data, view = fold_session(doc, self.keyring, trust_document_keys=True)
+        self._fold_cache[session_id] = (hh, data, view)
+        return data, view
+
+    def session_json(self, session_id: str) -> dict[str, Any]:
+        if session_id not in self.replica.docs:
+            raise LocalRequestError(404, f"no session {session_id!r} on this node")
+        data, view = self.fold(session_id)
+        receipt = None
+        if data.receipt is not None:
+            try:
+                receipt = _jsonable(cbor2.loads(data.receipt))
+            except Exception:
+                receipt = {"undecodable": data.receipt.hex()}
+        return {
+            "session_id": data.session_id,
+            "site": data.site,
+            "charger": data.charger,
+            "connector": data.connector,
+            "id_token": data.id_token,
+            "created_by": data.created_by,
+            "state": view.state,
+            "energy_wh": view.energy_wh,
+            "started_ts": view.started_ts,
+            "stopped_ts": view.stopped_ts,
+            "tariff": _jsonable(data.tariff),
+            "events": [summarize_event(e) for e in view.applied],
+            "conflicts": [c.to_json() for c in view.conflicts],
+            "receipt": receipt,
+            "heads": sorted(h.hex() for h in self.replica.docs[session_id].get_heads()),
+        }
+
+    def sessions_json(self) -> list[dict[str, Any]]:
+        out = []
+        for doc_id in sorted(self.replica.docs):
+            try:
+                out.append(self.session_json(doc_id))
+            except Exception:
+                log.warning("document %s does not read as a session", doc_id, exc_info=True)
+        return out
+
+    def automerge_bytes(self, session_id: str) -> bytes:
+        doc = self.replica.docs.get(session_id)
+        if doc is None:
+            raise LocalRequestError(404, f"no session {session_id!r} on this node")
+        return doc.save()
+
+    def live_neighbours(self) -> list[_Neighbour]:
+        now = self.now()
+        return [
+            n for n in self.neighbours.values()
+            if n.last_ok is not None and now - n.last_ok <= self.config.dead_after
+        ]
+
+    def documents_not_everywhere(self) -> set[str]:
+        """Documents that some live neighbour may lack or hold in another version."""
+        return {d for n in self.live_neighbours() for d in n.unsynced}
+
+    def status_json(self) -> dict[str, Any]:
+        assert self.membership is not None
+        now = self.now()
+        peers = []
+        for view in self.membership.view(now):
+            if view.record.node_id == self.node_id:
+                continue
+            peers.append({
+                "node_id": view.record.node_id,
+                "address": view.record.address,
+                "state": view.state.name.lower(),
+                "last_seen_s": round(view.age, 1),
+                "incarnation": view.record.incarnation,
+                "direct": view.record.node_id in {n.node_id for n in self.live_neighbours()},
+            })
+        live = [p for p in peers if p["state"] != "dead"]
+        not_everywhere = self.documents_not_everywhere()
+        if not self.live_neighbours() or not live:
+            sync_state = "OFFLINE"
+        elif not_everywhere:
+            sync_state = "SYNCING"
+        else:
+            sync_state = "SYNCED"
+        return {
+            "node_id": self.node_id,
+            "address": self.transport.address,
+            "site": self.config.site,
+            "incarnation": self.membership.self_record.incarnation,
+            "peers": peers,
+            "documents": len(self.replica.docs),
+            "documents_not_everywhere": len(not_everywhere),
+            "sync_state": sync_state,
+            "transport": dataclasses.asdict(self.transport.stats),
+            "counters": dict(self.counters),
+        }
+
+    # --- discovery ---------------------------------------------------------------------
+
+    async def _consume_discovery(self, recv: trio.MemoryReceiveChannel[PeerSeen | PeerGone]) -> None:
+        async for event in recv:
+            if isinstance(event, PeerSeen):
+                if event.node_id == self.node_id or event.address == self.transport.address:
+                    continue
+                if event.node_id is None:
+                    self._static.add(event.address)
+                else:
+                    self._neighbour(event.node_id, event.address)
+                self._push_wakeup.set()
+            elif isinstance(event, PeerGone) and event.node_id is not None:
+                n = self.neighbours.get(event.node_id)
+                if n is not None:
+                    log.info("peer %s left (discovery)", event.node_id)
+                    n.last_ok = None
+
+    def _neighbour(self, node_id: str, address: str) -> _Neighbour:
+        n = self.neighbours.get(node_id)
+        if n is None:
+            n = self.neighbours[node_id] = _Neighbour(node_id, address, unsynced=set(self.replica.docs))
+            log.info("new neighbour %s at %s", node_id, address)
+        elif n.address != address:
+            n.address = address
+        return n
+
+    def _direct_ok(self, node_id: str, address: str) -> _Neighbour:
+        n = self._neighbour(node_id, address)
+        n.last_ok = self.now()
+        n.failures = 0
+        assert self.membership is not None
+        self.membership.observe_direct(node_id, self.now())
+        return n
+
+    def _direct_failed(self, n: _Neighbour, exc: Exception) -> None:
+        n.failures += 1
+        level = logging.WARNING if isinstance(exc, RemoteRefused) else logging.INFO
+        log.log(level, "exchange with %s at %s failed: %s", n.node_id, n.address, exc)
+
+    # --- gossip --------------------------------------------------------------------
+
+    async def _gossip_loop(self) -> None:
+        assert self.membership is not None
+        while True:
+            self.membership.tick(self.now())
+            async with trio.open_nursery() as nursery:
+                for address in sorted(self._static - {n.address for n in self.neighbours.values()}):
+                    nursery.start_soon(self._hello, address)
+                for n in self._gossip_targets():
+                    nursery.start_soon(self._gossip_with, n)
+            jitter = self.rng.uniform(-0.2, 0.2) * self.config.gossip_interval
+            await trio.sleep(self.config.gossip_interval + jitter)
+
+    def _gossip_targets(self) -> list[_Neighbour]:
+        """Up to `fanout` peers: live members with a known address, plus known neighbours."""
+        assert self.membership is not None
+        now = self.now()
+        candidates: dict[str, str] = {n.node_id: n.address for n in self.neighbours.values()}
+        for record in self.membership.live_peers(now):
+            candidates.setdefault(record.node_id, record.address)
+        # Peers that keep failing are tried only now and then (they may be out of reach).
+        usable = [
+            node_id for node_id in candidates
+            if self.neighbours.get(node_id) is None or self.neighbours[node_id].failures < 3
+            or self.rng.random() < 0.1
+        ]
+        chosen = choose_gossip_targets(self.rng, usable, self.config.fanout)
+        return [self._neighbour(node_id, candidates[node_id]) for node_id in chosen]
+
+    async def _hello(self, address: str) -> None:
+        try:
+            reply = await self.transport.request(address, "/m/hello", method="GET", timeout=self.config.request_timeout)
+            hello = Hello.decode(reply)
+        except (TransportError, ProtocolError) as exc:
+            log.debug("hello to %s failed: %s", address, exc)
+            return
+        if hello.node_id != self.node_id:
+            self._direct_ok(hello.node_id, address)
+
+    async def _gossip_with(self, n: _Neighbour) -> None:
+        assert self.membership is not None
+        try:
+            request = MembersRequest(self.node_id, tuple(self.membership.records_for_gossip(self.now())))
+            reply = MembersResponse.decode(
+                await self.transport.request(n.address, "/m/members", request.encode(), timeout=self.config.request_timeout)
+            )
+            self._direct_ok(n.node_id, n.address)
+            self.membership.merge(reply.records, self.now())
+            await self._anti_entropy(n)
+        except (TransportError, ProtocolError) as exc:
+            self._direct_failed(n, exc)
+
+    async def _anti_entropy(self, n: _Neighbour) -> None:
+        mine = self.replica.heads_hashes()
+        request = DigestRequest(self.node_id, tuple(make_digest(mine)))
+        reply = DigestResponse.decode(
+            await self.transport.request(n.address, "/m/digest", request.encode(), timeout=self.config.request_timeout)
+        )
+        ours = bucket_entries(mine, reply.buckets)
+        differ = differing_docs(ours, dict(reply.entries))
+        n.unsynced = set(differ)
+        if differ:
+            await self._sync_docs(n, sorted(differ), reset=True)
+
+    # --- push ----------------------------------------------------------------------
+
+    async def _push_loop(self) -> None:
+        while True:
+            await self._push_wakeup.wait()
+            self._push_wakeup = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for n in self.live_neighbours():
+                    if n.unsynced:
+                        nursery.start_soon(self._push_to, n, sorted(n.unsynced))
+
+    async def _push_to(self, n: _Neighbour, doc_ids: list[str]) -> None:
+        try:
+            await self._sync_docs(n, doc_ids, reset=False)
+        except (TransportError, ProtocolError) as exc:
+            self._direct_failed(n, exc)
+
+    # --- sync (client side) -----------------------------------------------------------
+
+    async def _sync_docs(self, n: _Neighbour, doc_ids: list[str], *, reset: bool) -> None:
+        """Run Automerge sync with one peer for these documents until both are quiet."""
+        for start in range(0, len(doc_ids), MAX_DOCS_PER_SYNC):
+            await self._sync_batch(n, doc_ids[start : start + MAX_DOCS_PER_SYNC], reset=reset)
+
+    async def _sync_batch(self, n: _Neighbour, docs: list[str], *, reset: bool) -> None:
+        book = self.replica.book
+        if reset:
+            for d in docs:
+                book.reset(n.node_id, d)
+        pending = list(docs)
+        first = True
+        try:
+            for _ in range(self.config.max_sync_rounds):
+                msgs = {d: self.replica.generate(n.node_id, d) for d in pending}
+                if not first and all(m is None for m in msgs.values()):
+                    break
+                request = SyncRequest(self.node_id, msgs, tuple(docs) if reset and first else ())
+                payload = await self.transport.request(
+                    n.address, "/m/sync", request.encode(), timeout=self.config.request_timeout
+                )
+                reply = SyncResponse.decode(payload)
+                self._direct_ok(n.node_id, n.address)
+                first = False
+                for d, error in reply.errors.items():
+                    log.warning("peer %s refused our sync message for %s: %s", n.node_id, d, error)
+                    book.reset(n.node_id, d)
+                await self._apply_messages(n.node_id, reply.msgs)
+                pending = [d for d in pending if msgs.get(d) is not None or d in reply.msgs]
+                if not pending:
+                    break
+            else:
+                log.info("sync with %s not finished after %d rounds", n.node_id, self.config.max_sync_rounds)
+                return
+        except BaseException:
+            for d in docs:
+                book.reset(n.node_id, d)
+            raise
+        n.unsynced.difference_update(docs)
+
+    async def _apply_messages(self, peer: str, msgs: dict[str, bytes] | Any) -> dict[str, str]:
+        """Apply sync messages from `peer`; persist new changes; return per-doc errors."""
+        errors: dict[str, str] = {}
+        changed: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+        for d, m in msgs.items():
+            if m is None:
+                continue
+            try:
+                changes = self.replica.receive(peer, d, m, validate=read_session)
+            except InvalidSyncMessage as exc:
+                errors[d] = str(exc)
+                self.counters["sync_requests_refused"] += 1
+                log.warning("refused sync message from %s for %s: %s", peer, d, exc)
+                continue
+            if changes:
+                changed.append((d, changes))
+        if changed:
+            assert self.store is not None
+            await self.store.write_many(changed)
+            self.counters["changes_received"] += sum(len(c) for _, c in changed)
+            for d, _ in changed:
+                self._changed(d, source=peer)
+        return errors
+
+    # --- handlers (server side) --------------------------------------------------------
+
+    def _hello_message(self) -> Hello:
+        assert self.membership is not None
+        return Hello(self.node_id, self.transport.address, self.membership.self_record.incarnation,
+                     self.signer.public_key, self.config.site)
+
+    async def _on_hello(self, payload: bytes, remote: str) -> bytes:
+        return self._hello_message().encode()
+
+    def _requester(self, node_id: str, remote: str) -> None:
+        """A peer reached us directly: it is a neighbour (at `remote` unless we know better)."""
+        if node_id == self.node_id:
+            raise BadRequest("request claims to come from this node's own id")
+        known = self.neighbours.get(node_id)
+        self._direct_ok(node_id, known.address if known else remote)
+
+    async def _on_members(self, payload: bytes, remote: str) -> bytes:
+        assert self.membership is not None
+        request = MembersRequest.decode(payload)
+        sender = next((r for r in request.records if r.node_id == request.sender), None)
+        self._requester(request.sender, sender.address if sender else remote)
+        self.membership.merge(request.records, self.now())
+        return MembersResponse(tuple(self.membership.records_for_gossip(self.now()))).encode()
+
+    async def _on_digest(self, payload: bytes, remote: str) -> bytes:
+        request = DigestRequest.decode(payload)
+        self._requester(request.sender, remote)
+        mine = self.replica.heads_hashes()
+        buckets = differing_buckets(make_digest(mine), list(request.buckets))
+        return DigestResponse(tuple(buckets), bucket_entries(mine, buckets)).encode()
+
+    async def _on_sync(self, payload: bytes, remote: str) -> bytes:
+        request = SyncRequest.decode(payload)
+        self._requester(request.sender, remote)
+        for d in request.reset:
+            self.replica.book.reset(request.sender, d)
+        # Refuse the whole request, before changing anything, if a message does not parse.
+        for d, m in request.msgs.items():
+            if m is not None:
+                try:
+                    decode_sync_message(m)
+                except InvalidSyncMessage as exc:
+                    self.counters["sync_requests_refused"] += 1
+                    raise ProtocolError(f"sync message for {d!r}: {exc}") from exc
+        async with self._receive_lock:
+            errors = await self._apply_messages(request.sender, request.msgs)
+        replies = {}
+        for d in request.msgs:
+            if d in errors:
+                continue
+            m = self.replica.generate(request.sender, d)
+            if m is not None:
+                replies[d] = m
+        return SyncResponse(replies, errors).encode()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+__all__ = ["API_EVENT_TYPES", "EVENT_TYPES", "LocalRequestError", "Node", "NodeConfig", "NodeError", "PeerState"]
