@@ -1,0 +1,746 @@
+"""The Transport seam: request/response of opaque bytes between nodes.
+
+A node talks to its neighbours only through a :class:`Transport`: it sends a
+request (``peer``, ``resource``, ``payload``) and gets the response payload back,
+and it registers handlers that answer requests from others. The transport knows
+no meaning: payloads are bytes (CBOR encoded by the caller), resources are paths.
+Two implementations share this module's vocabulary:
+
+- :mod:`meshnode._coap`: CoAP over UDP (RFC 7252) with block-wise transfer
+  (RFC 7959), hosted in the trio run with trio-asyncio.
+- :class:`MemoryTransport` on a :class:`MemoryNetwork`: an in-memory fake for
+  tests and the simulator. It carries bytes only and loses requests the way UDP
+  does (silence, then a timeout), so code written against it behaves the same
+  on the wire.
+
+Both run incoming requests through one :class:`Dispatcher`, so the mapping from
+what a handler did to the response code cannot drift between the two:
+
+====================================  =====================================
+handler outcome                       response (RFC 7252 section 5.9)
+====================================  =====================================
+returns bytes                         2.05 Content (GET) / 2.04 Changed (POST)
+raises :class:`BadRequest`            4.00, payload = UTF-8 message
+raises :class:`Unauthorized`          4.01
+raises :class:`Forbidden`             4.03
+no route for the path                 4.04 (:class:`NotFound`)
+path known, method not routed         4.05 (:class:`MethodNotAllowed`)
+request payload > ``max_payload``     4.13, handler not called (RFC 7959 s2.9.3)
+raises any other exception            5.00, logged at ERROR with traceback
+transport closing under the handler   5.03
+====================================  =====================================
+
+Error responses carry a diagnostic payload (RFC 7252 section 5.5.2): UTF-8 text
+meant for logs, never parsed. On the requesting side any non-2.xx answer raises
+:class:`RemoteRefused` with that code and text.
+
+Errors are split by whose fault they are (see docs/transport.md):
+:class:`RequestTimeout` (no answer: loss, partition, dead or slow peer),
+:class:`PeerUnreachable` (the network said so, e.g. ICMP port unreachable),
+:class:`RemoteRefused` (the peer answered no), :class:`TransportClosed` (we
+closed our own transport). Local misuse (a malformed address or path, an
+unsupported method) raises :class:`ValueError` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import ClassVar, Protocol
+
+import trio
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "DEFAULT_TIMEOUT",
+    "METHODS",
+    "BadRequest",
+    "Dispatcher",
+    "Forbidden",
+    "Handler",
+    "MemoryNetwork",
+    "MemoryTransport",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "PeerUnreachable",
+    "RemoteRefused",
+    "RequestRefused",
+    "RequestTimeout",
+    "Response",
+    "Router",
+    "ScopeSet",
+    "Transport",
+    "TransportClosed",
+    "TransportError",
+    "TransportStats",
+    "Unauthorized",
+    "format_address",
+    "split_address",
+]
+
+log = logging.getLogger("meshnode.transport")
+
+DEFAULT_MAX_PAYLOAD = 4 * 1024 * 1024
+"""Largest request payload a server accepts (4 MiB). A session document with
+its full history stays far below this; the cap bounds what a misbehaving peer
+can make us buffer."""
+
+DEFAULT_TIMEOUT = 5.0
+"""Default bound on one request, seconds: several gossip rounds (1 s each), and
+the span over which the CoAP transport's own retransmissions give up."""
+
+METHODS = frozenset({"GET", "POST"})
+"""Methods a route can be registered for. GET reads, POST exchanges (sync)."""
+
+Handler = Callable[[bytes, str], Awaitable[bytes]]
+"""``await handler(payload, remote) -> response payload``; ``remote`` is the
+requester's "host:port". Raise a :class:`RequestRefused` subclass to refuse."""
+
+
+# --------------------------------------------------------------------------
+# Errors seen by the requester
+
+
+class TransportError(Exception):
+    """Base of every failure :meth:`Transport.request` reports."""
+
+
+class RequestTimeout(TransportError):
+    """No answer within the timeout: loss, a partition, a dead or slow peer.
+    UDP cannot tell these apart, so neither does the fake."""
+
+
+class PeerUnreachable(TransportError):
+    """The network reported that the peer cannot be reached (ICMP port or host
+    unreachable, connection refused). Faster and surer than a timeout, but only
+    ever a hint: a firewall drops instead of refusing."""
+
+
+class TransportClosed(TransportError):
+    """Our own transport was closed before or while the request ran: we closed
+    it, the network did not break it."""
+
+
+class RemoteRefused(TransportError):
+    """The peer answered with an error code (4.xx or 5.xx).
+
+    Attributes:
+        code: the CoAP response code in "c.dd" form, e.g. "4.04".
+        message: the diagnostic payload the peer sent, decoded as UTF-8.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.message}" if self.message else self.code
+
+
+# --------------------------------------------------------------------------
+# Errors a handler raises to refuse a request
+
+
+class RequestRefused(Exception):
+    """Raised by a handler to answer with an error code instead of a payload.
+
+    The peer sent something we will not act on; this is the peer's fault, so
+    the server logs it at WARNING and keeps serving. Subclasses fix the code;
+    the message becomes the diagnostic payload and should say what was wrong
+    without leaking internals.
+    """
+
+    code: ClassVar[str] = "4.00"
+    message: str = "request refused"
+
+    def __init__(self, message: str | None = None) -> None:
+        if message is not None:
+            self.message = message
+        super().__init__(self.message)
+
+
+class BadRequest(RequestRefused):
+    """4.00: the payload is malformed (bad CBOR, invalid sync message)."""
+
+    code = "4.00"
+    message = "bad request"
+
+
+class Unauthorized(RequestRefused):
+    """4.01: the sender is not enrolled or its signature does not verify."""
+
+    code = "4.01"
+    message = "unauthorized"
+
+
+class Forbidden(RequestRefused):
+    """4.03: the sender is known but may not do this."""
+
+    code = "4.03"
+    message = "forbidden"
+
+
+class NotFound(RequestRefused):
+    """4.04: no such resource (or document)."""
+
+    code = "4.04"
+    message = "not found"
+
+
+class MethodNotAllowed(RequestRefused):
+    """4.05: the resource exists but not for this method."""
+
+    code = "4.05"
+    message = "method not allowed"
+
+
+class PayloadTooLarge(RequestRefused):
+    """4.13: the request payload exceeds what the server accepts."""
+
+    code = "4.13"
+    message = "payload too large"
+
+
+# --------------------------------------------------------------------------
+# Addresses and resources
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Parse "host:port" or "[v6]:port" into ``(host, port)``.
+
+    Raises:
+        ValueError: if the string is not of that form (a local mistake, not a
+            network condition, hence not a TransportError).
+    """
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"bad address {address!r}: expected [v6]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = address.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"bad address {address!r}: expected host:port")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad address {address!r}: expected host:port")
+    return host, int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    """Inverse of :func:`split_address`: brackets IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_resource(resource: str) -> tuple[str, ...]:
+    """Validate a resource path like "/m/sync" and return its segments.
+
+    Paths are absolute, without query or fragment, without empty segments, so
+    that they map one-to-one onto CoAP Uri-Path options (RFC 7252 s6.4).
+    """
+    if not resource.startswith("/") or any(c in resource for c in "?#"):
+        raise ValueError(f"bad resource {resource!r}: expected an absolute path like /m/sync")
+    segments = tuple(resource[1:].split("/"))
+    if any(not s or s in (".", "..") for s in segments):
+        raise ValueError(f"bad resource {resource!r}: empty or dot segment")
+    return segments
+
+
+def check_method(method: str) -> str:
+    """Validate a method name for a request or route."""
+    if method not in METHODS:
+        raise ValueError(f"unsupported method {method!r}: expected one of {sorted(METHODS)}")
+    return method
+
+
+# --------------------------------------------------------------------------
+# Counters
+
+
+@dataclasses.dataclass
+class TransportStats:
+    """Counters for benchmarks and the status page.
+
+    Application level: one request is one request however many CoAP blocks it
+    took, and bytes are payload bytes (headers and block overhead excluded), so
+    that the fake and CoAP count the same things.
+
+    Attributes:
+        requests_sent: requests this transport issued.
+        requests_received: requests that reached the dispatcher (including
+            refused ones).
+        bytes_sent: request payloads sent plus response payloads answered.
+        bytes_received: response payloads received plus request payloads
+            accepted.
+        errors: own requests that raised a TransportError plus incoming
+            requests answered with an error code.
+    """
+
+    requests_sent: int = 0
+    requests_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    errors: int = 0
+
+
+# --------------------------------------------------------------------------
+# The interface
+
+
+class Transport(Protocol):
+    """What the node needs from a network: request/response of bytes.
+
+    Implementations: ``meshnode._coap.CoapTransport`` (opened with
+    ``open_coap_transport``) and :class:`MemoryTransport` (opened with
+    :meth:`MemoryNetwork.transport`). Both are async context managers at the
+    point of creation; closing one cancels its in-flight handlers and requests.
+    """
+
+    address: str
+    """This node's "host:port" as peers should reach it."""
+
+    stats: TransportStats
+    max_payload: int
+
+    def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
+        """Register ``handler`` for ``method`` requests to ``resource``.
+
+        May be called before or after requests start arriving.
+
+        Raises:
+            ValueError: bad path or method, or the pair is already routed.
+        """
+        ...
+
+    async def request(
+        self,
+        peer: str,
+        resource: str,
+        payload: bytes = b"",
+        *,
+        method: str = "POST",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> bytes:
+        """Send a request to ``peer`` ("host:port") and return the response payload.
+
+        Safe to call concurrently from many tasks. ``timeout`` bounds the whole
+        exchange including block-wise transfer and retransmissions.
+
+        Raises:
+            RequestTimeout: no complete answer within ``timeout`` seconds.
+            PeerUnreachable: the network reported the peer unreachable.
+            RemoteRefused: the peer answered with an error code.
+            TransportClosed: this transport is closed.
+            TransportError: any other failure of the exchange.
+            ValueError: malformed peer address, resource or method.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------
+# Server side shared by all implementations
+
+
+class Router:
+    """The routing table: (path, method) to handler. No I/O.
+
+    Kept separate from any transport so that the fake and CoAP refuse unknown
+    paths (4.04) and unrouted methods (4.05) by the same rule.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, dict[str, Handler]] = {}
+
+    def add(self, resource: str, handler: Handler, method: str) -> bool:
+        """Register a route. Returns True if the path is new (so a transport
+        knows to expose it, e.g. add it to its CoAP site).
+
+        Raises:
+            ValueError: bad path or method, or (path, method) already routed:
+                silently replacing a handler would hide a wiring mistake.
+        """
+        check_resource(resource)
+        check_method(method)
+        methods = self._routes.get(resource)
+        if methods is not None and method in methods:
+            raise ValueError(f"{method} {resource} is already routed")
+        self._routes.setdefault(resource, {})[method] = handler
+        return methods is None
+
+    def lookup(self, resource: str, method: str) -> Handler:
+        """Find the handler for a request.
+
+        Raises:
+            NotFound: no route for the path.
+            MethodNotAllowed: the path is routed, but not for this method.
+        """
+        methods = self._routes.get(resource)
+        if methods is None:
+            raise NotFound(f"no resource {resource}")
+        handler = methods.get(method)
+        if handler is None:
+            raise MethodNotAllowed(f"{method} not allowed on {resource}")
+        return handler
+
+    def paths(self) -> list[str]:
+        """All routed paths, sorted (for /.well-known/core)."""
+        return sorted(self._routes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """What the server answers: a CoAP-style code ("2.04", "4.00", ...) and a
+    payload (CBOR from the handler on success, diagnostic text otherwise)."""
+
+    code: str
+    payload: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.code.startswith("2.")
+
+
+def success_code(method: str) -> str:
+    """2.05 Content for GET, 2.04 Changed for POST (RFC 7252 s5.8.1, s5.8.2)."""
+    return "2.05" if method == "GET" else "2.04"
+
+
+def refusal(exc: RequestRefused) -> Response:
+    """The response for a handler's refusal: its code, its message as text."""
+    return Response(exc.code, exc.message.encode("utf-8", "replace"))
+
+
+def refusal_in(exc: BaseException) -> RequestRefused | None:
+    """The refusal a handler raised, also when its own nursery wrapped it in
+    an exception group (trio's strict groups): handler authors should not get
+    5.00 for a 4.00 raised in a child task. All leaves must be refusals; the
+    first one answers."""
+    if isinstance(exc, RequestRefused):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        refusals, rest = exc.split(RequestRefused)
+        if refusals is not None and rest is None:
+            leaf: BaseException = refusals
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, RequestRefused)
+            return leaf
+    return None
+
+
+INTERNAL_ERROR = Response("5.00", b"internal server error")
+SHUTTING_DOWN = Response("5.03", b"shutting down")
+
+
+def response_error(response: Response) -> RemoteRefused:
+    """The requester-side exception for a non-2.xx response."""
+    return RemoteRefused(response.code, response.payload.decode("utf-8", "replace"))
+
+
+class Dispatcher:
+    """Runs one incoming request through routing, size limit and handler, and
+    maps the outcome to a :class:`Response`; counts and logs it.
+
+    Shared by every transport so that error mapping, logging levels and
+    counters are identical on the wire and in the fake. The handler is the only
+    thing awaited here.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        stats: TransportStats,
+        max_payload: int,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.router = router
+        self.stats = stats
+        self.max_payload = max_payload
+        self.log = logger
+
+    def check(self, resource: str, method: str, size: int) -> RequestRefused | None:
+        """Decide, without side effects, whether a request must be refused
+        before it reaches a handler: too large (4.13), no such path (4.04),
+        method not routed (4.05). ``size`` is the payload size, or a lower
+        bound on it for a request still arriving in blocks."""
+        if size > self.max_payload:
+            return PayloadTooLarge(f"payload of {size} bytes exceeds the limit of {self.max_payload} bytes")
+        try:
+            self.router.lookup(resource, method)
+        except RequestRefused as exc:
+            return exc
+        return None
+
+    def refuse(self, resource: str, remote: str, exc: RequestRefused) -> Response:
+        """Count, log and answer a request refused by :meth:`check`."""
+        self.stats.requests_received += 1
+        return self._refused(resource, remote, exc)
+
+    async def dispatch(self, resource: str, method: str, payload: bytes, remote: str) -> Response:
+        """Answer one request. Never raises except for trio cancellation."""
+        refused = self.check(resource, method, len(payload))
+        if refused is not None:
+            return self.refuse(resource, remote, refused)
+        self.stats.requests_received += 1
+        self.stats.bytes_received += len(payload)
+        handler = self.router.lookup(resource, method)
+        try:
+            result = await handler(payload, remote)
+        except Exception as exc:
+            refused = refusal_in(exc)
+            if refused is not None:
+                return self._refused(resource, remote, refused)
+            self.log.exception("handler for %s %s from %s crashed", method, resource, remote)
+            return self._failed(INTERNAL_ERROR)
+        if not isinstance(result, (bytes, bytearray, memoryview)):
+            self.log.error(
+                "handler for %s %s returned %s, not bytes", method, resource, type(result).__name__
+            )
+            return self._failed(INTERNAL_ERROR)
+        body = bytes(result)
+        self.stats.bytes_sent += len(body)
+        self.log.debug("%s %s from %s: %d bytes in, %d out", method, resource, remote, len(payload), len(body))
+        return Response(success_code(method), body)
+
+    def _refused(self, resource: str, remote: str, exc: RequestRefused) -> Response:
+        self.log.warning("refused request for %s from %s: %s %s", resource, remote, exc.code, exc.message)
+        return self._failed(refusal(exc))
+
+    def _failed(self, response: Response) -> Response:
+        self.stats.errors += 1
+        self.stats.bytes_sent += len(response.payload)
+        return response
+
+
+class ScopeSet:
+    """Cancel scopes of in-flight work that a transport must end on close.
+
+    Handlers of the CoAP transport run in tasks owned by the trio-asyncio loop,
+    not in a nursery of ours; tracking their scopes lets ``close`` cancel them
+    and wait until they have finished, so no task outlives the transport.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @contextmanager
+    def track(self) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+                if not self._scopes:
+                    self._lot.unpark_all()
+
+    def cancel_all(self) -> None:
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    async def wait_idle(self) -> None:
+        while self._scopes:
+            await self._lot.park()
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+
+# --------------------------------------------------------------------------
+# In-memory fake
+
+
+class MemoryNetwork:
+    """A switch for :class:`MemoryTransport` instances, with cuttable links.
+
+    Delivery is instant and lossless unless the destination is absent or
+    closed or the link is down; then the request is silently dropped and the
+    requester times out, as over UDP. The routing decision lives in one hook,
+    :meth:`deliverable`, which a richer simulated network may override (drop,
+    delay, duplicate with its own seeded random).
+    """
+
+    def __init__(self) -> None:
+        self._transports: dict[str, MemoryTransport] = {}
+        self._down: set[frozenset[str]] = set()
+
+    def set_link(self, a: str, b: str, up: bool) -> None:
+        """Cut (``up=False``) or restore the link between two addresses, both
+        directions. Requests already in flight lose their response if the link
+        is down when it would be delivered."""
+        key = frozenset((a, b))
+        if up:
+            self._down.discard(key)
+        else:
+            self._down.add(key)
+
+    def link_up(self, a: str, b: str) -> bool:
+        return frozenset((a, b)) not in self._down
+
+    def deliverable(self, src: str, dst: str) -> MemoryTransport | None:
+        """The transport at ``dst`` if a message from ``src`` reaches it now."""
+        target = self._transports.get(dst)
+        if target is None or target.closed or not self.link_up(src, dst):
+            return None
+        return target
+
+    @asynccontextmanager
+    async def transport(
+        self, address: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD
+    ) -> AsyncIterator[MemoryTransport]:
+        """Open a transport at ``address`` ("host:port"); closed on exit.
+
+        Like ``open_coap_transport``, an async context manager: leaving the
+        block cancels the transport's handlers and its requests still in
+        flight, waits for them, and frees the address. Exceptions from the
+        block pass through unwrapped (no nursery, so no ExceptionGroup).
+
+        Raises:
+            ValueError: malformed address.
+            TransportError: the address is already in use (as the CoAP
+                transport reports a port that cannot be bound).
+        """
+        split_address(address)
+        if address in self._transports:
+            raise TransportError(f"address {address} is already in use")
+        transport = MemoryTransport(self, address, max_payload=max_payload)
+        self._transports[address] = transport
+        try:
+            yield transport
+        finally:
+            del self._transports[address]
+            with trio.CancelScope(shield=True):
+                await transport._close()
+
+    async def _exchange(
+        self, src: str, dst: str, resource: str, method: str, payload: bytes
+    ) -> Response:
+        """Carry one request and its response; waits forever where UDP would
+        lose a datagram (the requester's timeout ends the wait)."""
+        target = self.deliverable(src, dst)
+        if target is None:
+            log.debug("request %s %s -> %s dropped", resource, src, dst)
+            await trio.sleep_forever()
+        assert target is not None
+        response = await target._serve(src, resource, method, payload)
+        if not self.link_up(dst, src):
+            log.debug("response %s %s -> %s dropped", resource, dst, src)
+            await trio.sleep_forever()
+        return response
+
+
+class MemoryTransport:
+    """In-memory :class:`Transport`; create with :meth:`MemoryNetwork.transport`.
+
+    Handlers run in tasks of their own, not in the requester's task, so a
+    requester that times out does not cancel the handler, as on a real
+    network. Like the CoAP transport's handlers (which run in tasks of the
+    trio-asyncio loop), they are tracked and cancelled and awaited on close;
+    they are trio system tasks carrying the contextvars of whoever opened the
+    transport, which keeps exceptions from the ``async with`` body unwrapped.
+    """
+
+    def __init__(
+        self,
+        network: MemoryNetwork,
+        address: str,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.address = address
+        self.max_payload = max_payload
+        self.stats = TransportStats()
+        self._network = network
+        self._context = contextvars.copy_context()
+        self._router = Router()
+        self._dispatcher = Dispatcher(self._router, self.stats, max_payload)
+        self._handlers = ScopeSet()
+        self._requests = ScopeSet()
+        self.closed = False
+
+    def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
+        self._router.add(resource, handler, method)
+
+    async def request(
+        self,
+        peer: str,
+        resource: str,
+        payload: bytes = b"",
+        *,
+        method: str = "POST",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> bytes:
+        split_address(peer)
+        check_resource(resource)
+        check_method(method)
+        if self.closed:
+            raise TransportClosed(f"transport {self.address} is closed")
+        body = bytes(payload)
+        self.stats.requests_sent += 1
+        self.stats.bytes_sent += len(body)
+        response: Response | None = None
+        try:
+            with self._requests.track(), trio.fail_after(timeout):
+                response = await self._network._exchange(self.address, peer, resource, method, body)
+        except trio.TooSlowError as exc:
+            self.stats.errors += 1
+            raise RequestTimeout(f"{method} {peer}{resource}: no answer within {timeout} s") from exc
+        if response is None:
+            self.stats.errors += 1
+            raise TransportClosed(f"transport {self.address} closed during {method} {peer}{resource}")
+        self.stats.bytes_received += len(response.payload)
+        if not response.ok:
+            self.stats.errors += 1
+            raise response_error(response)
+        return response.payload
+
+    async def _serve(self, src: str, resource: str, method: str, payload: bytes) -> Response:
+        """Run the request in a task of its own and wait for its response."""
+        send, receive = trio.open_memory_channel[Response](1)
+        trio.lowlevel.spawn_system_task(
+            self._handle, send, src, resource, method, payload, context=self._context
+        )
+        with receive:
+            try:
+                return await receive.receive()
+            except trio.EndOfChannel:
+                # The run is ending under the handler: nothing will answer.
+                await trio.sleep_forever()
+                raise AssertionError("unreachable") from None
+
+    async def _handle(
+        self,
+        send: trio.MemorySendChannel[Response],
+        src: str,
+        resource: str,
+        method: str,
+        payload: bytes,
+    ) -> None:
+        """A handler task. Must not raise: it is a system task."""
+        with send:
+            if not self.closed:
+                with self._handlers.track():
+                    response = await self._dispatcher.dispatch(resource, method, payload, src)
+                    self._reply(send, src, resource, response)
+                    return
+            # Closing under a handler answers 5.03, as the CoAP transport does.
+            self._reply(send, src, resource, SHUTTING_DOWN)
+
+    @staticmethod
+    def _reply(send: trio.MemorySendChannel[Response], src: str, resource: str, response: Response) -> None:
+        try:
+            send.send_nowait(response)
+        except (trio.BrokenResourceError, trio.WouldBlock):
+            log.debug("response to %s for %s dropped: requester gone", src, resource)
+
+    async def _close(self) -> None:
+        self.closed = True
+        self._handlers.cancel_all()
+        self._requests.cancel_all()
+        await self._handlers.wait_idle()
+        await self._requests.wait_idle()
