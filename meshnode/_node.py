@@ -29,7 +29,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,7 @@ class Node:
     Args:
         config: identity, data directory and protocol settings.
         transport: an open Transport; the node registers its resources on it.
-        discovery: where peers come from (mDNS, static list, simulator).
+        discovery: where peers come from (mDNS, static list, simulator); one or several.
         wall_clock: seconds since the epoch, for event timestamps (injected so
             the simulator controls it).
     """
@@ -160,13 +160,15 @@ class Node:
         config: NodeConfig,
         *,
         transport: Transport,
-        discovery: Discovery | None = None,
+        discovery: Discovery | Sequence[Discovery] = (),
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.node_id = config.node_id
         self.transport = transport
-        self.discovery = discovery
+        self.discoveries: list[Discovery] = (
+            list(discovery) if isinstance(discovery, list | tuple) else [discovery]  # type: ignore[list-item]
+        )
         self.wall_clock = wall_clock
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
         self.rng = random.Random(f"{seed}:{config.node_id}")
@@ -206,9 +208,11 @@ class Node:
             log.info("node %s serving at %s with %d documents", self.node_id, self.transport.address, len(docs))
             try:
                 async with trio.open_nursery() as nursery:
-                    if self.discovery is not None:
+                    if self.discoveries:
                         send, recv = trio.open_memory_channel[PeerSeen | PeerGone](64)
-                        await nursery.start(self.discovery.serve, send)
+                        async with send:
+                            for discovery in self.discoveries:
+                                await nursery.start(discovery.serve, send.clone())
                         nursery.start_soon(self._consume_discovery, recv)
                     nursery.start_soon(self._gossip_loop)
                     nursery.start_soon(self._push_loop)

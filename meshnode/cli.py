@@ -1,21 +1,69 @@
-"""`meshnode`: the command line of the mesh node."""
+"""`meshnode`: the command line of the mesh node.
+
+    meshnode run [--config FILE] [--node-id ID] [--data-dir DIR] [--bind ADDRESS]
+                 [--coap-port N] [--http-port N] [--peer HOST:PORT ...] [--no-mdns]
+    meshnode status [--http URL] [--json]
+    meshnode demo
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import secrets
+import signal
 import sys
+import tomllib
+from pathlib import Path
+from typing import Any
 
 from . import __version__
+
+RUN_DEFAULTS: dict[str, Any] = {
+    "node_id": None,
+    "data_dir": "meshnode-data",
+    "bind": "127.0.0.1",
+    "coap_port": 5683,
+    "http_port": 8080,
+    "peer": [],
+    "no_mdns": False,
+    "site": "default",
+    "log_level": "info",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshnode",
         description="Offline-first mesh node for EV chargers: records charging sessions as signed "
-        "Automerge documents and replicates them to its neighbours.",
+        "Automerge documents and replicates them to its neighbours over CoAP.",
     )
     parser.add_argument("--version", action="version", version=f"meshnode {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a mesh node",
+        description="Run a mesh node until SIGINT or SIGTERM. Flags override the --config file "
+        "(TOML, same names without the dashes, e.g. coap_port = 5683, peer = [\"10.0.0.2:5683\"]).",
+    )
+    run.add_argument("--config", metavar="FILE", help="TOML file with the settings below")
+    run.add_argument("--node-id", help="this node's id (default: kept in the data dir, made up on first start)")
+    run.add_argument("--data-dir", help="where the store and the node key live (default ./meshnode-data)")
+    run.add_argument("--bind", metavar="ADDRESS", help="address for CoAP, mDNS and HTTP (default 127.0.0.1)")
+    run.add_argument("--coap-port", type=int, help="CoAP UDP port (default 5683)")
+    run.add_argument("--http-port", type=int, help="local HTTP API port (default 8080)")
+    run.add_argument("--peer", action="append", metavar="HOST:PORT",
+                     help="a static peer, in addition to mDNS (repeatable)")
+    run.add_argument("--no-mdns", action="store_true", default=None, help="do not use mDNS; static peers only")
+    run.add_argument("--site", help="site name written into new sessions (default 'default')")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+
+    status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
+    status.add_argument("--http", default="http://127.0.0.1:8080", metavar="URL",
+                        help="the node's HTTP API (default http://127.0.0.1:8080)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     demo = sub.add_parser("demo", help="run the demonstration end to end and print the converged sessions")
     demo.add_argument("--replicas", type=int, default=3, help="number of replicas (default 3)")
@@ -24,12 +72,153 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConfigError(Exception):
+    """The user's settings cannot be used; the message says what to change."""
+
+
+def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the TOML file, then flags. Raises ConfigError."""
+    settings = dict(RUN_DEFAULTS)
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                loaded = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read --config {args.config}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {args.config} is not valid TOML: {exc}") from exc
+        if "peers" in loaded and "peer" not in loaded:
+            loaded["peer"] = loaded.pop("peers")
+        if "mdns" in loaded:
+            loaded["no_mdns"] = not loaded.pop("mdns")
+        unknown = sorted(set(loaded) - set(RUN_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"--config {args.config}: unknown settings {unknown}; known: {sorted(RUN_DEFAULTS)}")
+        settings.update(loaded)
+    for key in RUN_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    for key in ("coap_port", "http_port"):
+        if not isinstance(settings[key], int) or not 0 < settings[key] < 65536:
+            raise ConfigError(f"{key.replace('_', '-')} must be a port number from 1 to 65535")
+    if isinstance(settings["peer"], str):
+        settings["peer"] = [settings["peer"]]
+    from ._discovery import parse_peer_address
+
+    try:
+        settings["peer"] = [parse_peer_address(p) for p in settings["peer"]]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return settings
+
+
+def node_id_for(data_dir: Path, requested: str | None) -> str:
+    """The node id: as requested, else the one kept in the data dir, else a new one."""
+    path = data_dir / "node_id"
+    if requested:
+        return requested
+    if path.exists():
+        return path.read_text().strip()
+    node_id = f"node-{secrets.token_hex(3)}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(node_id + "\n")
+    return node_id
+
+
+async def run_node(settings: dict[str, Any]) -> None:
+    """Run one node with CoAP, mDNS/static discovery and the HTTP API until a signal."""
+    import trio
+    import trio_asyncio
+
+    from ._api import serve_api
+    from ._coap import open_coap_transport
+    from ._discovery import StaticDiscovery
+    from ._node import Node, NodeConfig
+
+    data_dir = Path(settings["data_dir"])
+    node_id = node_id_for(data_dir, settings["node_id"])
+    async with trio_asyncio.open_loop():
+        async with open_coap_transport(settings["bind"], settings["coap_port"]) as transport:
+            discoveries: list[Any] = []
+            if settings["peer"]:
+                discoveries.append(StaticDiscovery(settings["peer"]))
+            if not settings["no_mdns"]:
+                from ._mdns import MdnsDiscovery
+
+                discoveries.append(MdnsDiscovery(node_id, settings["bind"], settings["coap_port"], {}))
+            node = Node(
+                NodeConfig(node_id=node_id, data_dir=data_dir, site=settings["site"]),
+                transport=transport,
+                discovery=discoveries,
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(node.serve)
+                    await nursery.start(serve_api, node, settings["bind"], settings["http_port"])
+                    print(json.dumps({
+                        "ready": True, "node_id": node_id, "coap": transport.address,
+                        "http": f"http://{settings['bind']}:{settings['http_port']}",
+                        "mdns": not settings["no_mdns"], "peers": settings["peer"],
+                    }), flush=True)
+                    async for signum in signals:
+                        logging.getLogger("meshnode").info("signal %d: stopping", signum)
+                        nursery.cancel_scope.cancel()
+                        break
+
+
+def show_status(url: str, as_json: bool) -> int:
+    import httpx
+
+    try:
+        response = httpx.get(url.rstrip("/") + "/v1/status", timeout=5.0)
+        response.raise_for_status()
+        status = response.json()
+    except httpx.HTTPError as exc:
+        print(f"meshnode status: cannot read {url}/v1/status: {exc}. Is the node running "
+              "(meshnode run), and is --http its API address?", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"node {status['node_id']}  documents {status['documents']}  "
+          f"not everywhere {status['documents_not_everywhere']}  sync {status['sync_state']}")
+    peers = status.get("peers", [])
+    if not peers:
+        print("no peers known yet")
+        return 0
+    print(f"{'peer':<20} {'address':<22} {'state':<8} {'last seen':>9}")
+    for p in peers:
+        print(f"{p['node_id']:<20} {p['address']:<22} {p['state']:<8} {p['last_seen_s']:>8.1f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "run":
+        try:
+            settings = resolve_run_settings(args)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        logging.basicConfig(
+            level=settings["log_level"].upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        import trio
+
+        try:
+            trio.run(run_node, settings)
+        except OSError as exc:
+            print(f"meshnode run: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "status":
+        return show_status(args.http, args.json)
     if args.command == "demo":
         from ._replica_demo import run_replica_demo
 

@@ -1,0 +1,138 @@
+"""The node's local HTTP API (JSON), served by Hypercorn's trio worker.
+
+Routes and field names are fixed (other tools rely on them):
+
+    POST /v1/sessions                       {"charger", "connector", "id_token"} -> 201 session
+    POST /v1/sessions/{session_id}/events   {"type", "meter_wh"} -> 201 event
+    GET  /v1/sessions                       {"sessions": [session, ...]}
+    GET  /v1/sessions/{session_id}          session
+    GET  /v1/sessions/{session_id}/automerge   the saved Automerge document
+    GET  /v1/status                         node, peers, documents, sync state
+
+A 201 means the event is durable on this node. Every refusal is a 4xx with
+`{"error": "..."}` saying what is wrong; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ._node import API_EVENT_TYPES, LocalRequestError, Node
+
+log = logging.getLogger("meshnode.api")
+
+MAX_BODY = 64 * 1024
+MAX_TEXT = 128
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise LocalRequestError(413, f"request body is larger than {MAX_BODY} bytes")
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LocalRequestError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise LocalRequestError(400, "request body must be a JSON object")
+    return obj
+
+
+def _text(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT or not value.isprintable():
+        raise LocalRequestError(400, f"{key!r} must be a non-empty printable string of at most {MAX_TEXT} characters")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, *, required: bool, low: int, high: int) -> int | None:
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise LocalRequestError(400, f"{key!r} must be an integer from {low} to {high}")
+    return value
+
+
+def build_app(node: Node) -> Starlette:
+    """The Starlette application for one node."""
+
+    async def create_session(request: Request) -> Response:
+        obj = await _json_body(request)
+        session = await node.create_session(
+            _text(obj, "charger"),
+            _int(obj, "connector", required=True, low=0, high=1000),  # type: ignore[arg-type]
+            _text(obj, "id_token"),
+            meter_wh=_int(obj, "meter_wh", required=False, low=0, high=2**53),
+        )
+        return JSONResponse(session, status_code=201)
+
+    async def add_event(request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        obj = await _json_body(request)
+        kind = obj.get("type")
+        if kind not in API_EVENT_TYPES:
+            raise LocalRequestError(400, f"'type' must be one of {', '.join(API_EVENT_TYPES)}")
+        meter = _int(obj, "meter_wh", required=kind in ("meter", "stop"), low=0, high=2**53)
+        event = await node.record_event(session_id, kind, meter)
+        return JSONResponse({"event": event, "session": node.session_json(session_id)}, status_code=201)
+
+    async def list_sessions(request: Request) -> Response:
+        return JSONResponse({"sessions": node.sessions_json()})
+
+    async def get_session(request: Request) -> Response:
+        return JSONResponse(node.session_json(request.path_params["session_id"]))
+
+    async def get_automerge(request: Request) -> Response:
+        data = node.automerge_bytes(request.path_params["session_id"])
+        return Response(data, media_type="application/octet-stream")
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(node.status_json())
+
+    async def on_local_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LocalRequestError)
+        return _error(exc.status, exc.message)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, str(exc.detail))
+
+    return Starlette(
+        routes=[
+            Route("/v1/sessions", create_session, methods=["POST"]),
+            Route("/v1/sessions", list_sessions, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", get_session, methods=["GET"]),
+            Route("/v1/sessions/{session_id}/events", add_event, methods=["POST"]),
+            Route("/v1/sessions/{session_id}/automerge", get_automerge, methods=["GET"]),
+            Route("/v1/status", status, methods=["GET"]),
+        ],
+        exception_handlers={LocalRequestError: on_local_error, HTTPException: on_http_error},
+    )
+
+
+async def serve_api(
+    node: Node, bind: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the node's HTTP API until cancelled."""
+    config = HypercornConfig()
+    config.bind = [f"{bind}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("meshnode.api.server")
+    config.graceful_timeout = 0.5
+    await hypercorn_serve(build_app(node), config, task_status=task_status)  # type: ignore[arg-type]
