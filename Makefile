@@ -1,11 +1,14 @@
 # Two commands are the whole set-up on a fresh machine: `make demo` and `make test`.
-# Each creates .venv when it is missing and installs what it needs.
+# Each creates .venv when it is missing and installs what it needs: Python packages
+# into .venv, and the Debian packages the tests use (a PostgreSQL server) with apt-get.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SYSTEM_STAMP := $(VENV)/.system-installed
+DEBIAN_PACKAGES := postgresql
 
-.PHONY: demo test bench clean install
+.PHONY: demo test bench clean install system-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +18,28 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# PostgreSQL is tested against a real server (tests/pg.py starts a throwaway cluster).
+$(SYSTEM_STAMP): | $(PY)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    echo "PostgreSQL server binaries present"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEBIAN_PACKAGES) \
+	    || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEBIAN_PACKAGES); }; \
+	else \
+	    echo "Install a PostgreSQL server (Debian: apt-get install postgresql); the tests need one." >&2; exit 1; \
+	fi
+	touch $(SYSTEM_STAMP)
+
+install: $(STAMP) $(SYSTEM_STAMP)
+
+system-deps: $(SYSTEM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/meshnode demo
 
-test: $(STAMP)
+test: $(STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
