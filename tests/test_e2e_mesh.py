@@ -111,3 +111,24 @@ def test_sigkilled_node_restarts_and_catches_up(cluster):
             wait_until(lambda: holds(node, sid, ids), what=f"{node.name} holding every acknowledged event")
     status = victim.get("/v1/status")
     assert status["incarnation"] == 2 and status["documents"] == 2
+
+
+def test_three_nodes_find_each_other_by_mdns_alone(cluster):
+    nodes = cluster(3, lambda i, n: [], mdns=True, first_host=20)
+    wait_until(
+        lambda: all({p["node_id"] for p in n.get("/v1/status")["peers"]} == {m.name for m in nodes} - {n.name}
+                    for n in nodes),
+        timeout=60, what="every node to see the other two through mDNS",
+    )
+    r = nodes[0].post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "TOKEN-M"})
+    sid = r.json()["session_id"]
+    for wh in (100, 900, 1600):
+        nodes[0].post(f"/v1/sessions/{sid}/events", {"type": "meter", "meter_wh": wh})
+
+    def same() -> bool:
+        views = [n.get(f"/v1/sessions/{sid}") for n in nodes]
+        return all((v["state"], v["energy_wh"], v["heads"]) == (views[0]["state"], 1500, views[0]["heads"])
+                   for v in views)
+
+    wait_until(same, what="the session with the same state and energy on all three nodes")
+    assert nodes[2].get(f"/v1/sessions/{sid}")["state"] == "charging"
