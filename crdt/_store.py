@@ -195,8 +195,9 @@ class AsyncDocStore:
     and never wait for an fsync).
     """
 
-    def __init__(self, store: DocStore, max_batch: int = 4096) -> None:
+    def __init__(self, store: DocStore, max_batch: int = 4096, *, inline: bool = False) -> None:
         self.sync = store
+        self.inline = inline
         self._send, self._recv = trio.open_memory_channel[_Pending](math.inf)
         self._max_batch = max_batch
         self._closed = False
@@ -209,6 +210,12 @@ class AsyncDocStore:
         if self._closed:
             raise LocalError("the store is closed")
         if not any(changes for _, changes in items):
+            return
+        if self.inline:
+            # Simulator mode: commit in this thread, so virtual time never runs
+            # ahead while a worker thread writes (results stay reproducible).
+            self.sync.write_batch(items)
+            await trio.lowlevel.checkpoint()
             return
         pending = _Pending(list(items))
         self._send.send_nowait(pending)
@@ -242,12 +249,18 @@ class AsyncDocStore:
 
 
 @asynccontextmanager
-async def open_doc_store(path: str | os.PathLike[str]) -> AsyncIterator[AsyncDocStore]:
-    """Open a store and its group-commit writer; everything queued is committed before close."""
+async def open_doc_store(path: str | os.PathLike[str], *, inline: bool = False) -> AsyncIterator[AsyncDocStore]:
+    """Open a store and its group-commit writer; everything queued is committed before close.
+
+    Args:
+        inline: commit in the calling thread instead of a worker thread (no group
+            commit). For the simulator under trio's MockClock, where a worker
+            thread would let virtual time jump while it writes.
+    """
     store = DocStore(path)
     try:
         async with trio.open_nursery() as nursery:
-            astore = AsyncDocStore(store)
+            astore = AsyncDocStore(store, inline=inline)
             await nursery.start(astore._serve_writes)
             try:
                 yield astore

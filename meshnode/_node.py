@@ -113,6 +113,8 @@ class NodeConfig:
     request_timeout: float = 3.0
     max_sync_rounds: int = 12
     seed: int | None = None
+    inline_io: bool = False
+    """Do store I/O in the trio thread (simulator: keeps virtual time reproducible)."""
     tariff: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TARIFF))
 
 
@@ -192,9 +194,12 @@ class Node:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node until cancelled. The store is closed last."""
-        async with open_doc_store(self.config.data_dir / "store.db") as store:
+        async with open_doc_store(self.config.data_dir / "store.db", inline=self.config.inline_io) as store:
             self.store = store
-            docs = await trio.to_thread.run_sync(store.sync.load_all)
+            if self.config.inline_io:
+                docs = store.sync.load_all()
+            else:
+                docs = await trio.to_thread.run_sync(store.sync.load_all)
             self.replica.docs.update(docs)
             self._resume_chain()
             incarnation = int.from_bytes(store.sync.get_meta("incarnation") or b"\0", "big") + 1

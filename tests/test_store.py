@@ -131,3 +131,15 @@ def test_acknowledged_writes_survive_sigkill(tmp_path):
             missing = event_ids - set(read_session(docs[session_id]).events)
             assert not missing, f"run {run}: acknowledged events lost: {sorted(missing)[:3]}"
     assert sum(len(v) for v in acked.values()) > 20  # the children really wrote
+
+
+async def test_inline_mode_writes_durably_without_threads(tmp_path, autojump_clock):
+    path = tmp_path / "store.db"
+    async with open_doc_store(path, inline=True) as store:
+        replica = Replica()
+        before = trio.current_time()
+        await store.write("s", replica.add("s", session("s")))
+        assert trio.current_time() == before  # no worker thread, so virtual time did not move
+    check = DocStore(path)
+    assert check.doc_ids() == ["s"]
+    check.close()
