@@ -1,0 +1,528 @@
+"""Benchmark: end-to-end replication latency and CoAP traffic of a real mesh on loopback.
+
+For each mesh size (default 3, 5 and 10 nodes) this starts that many real
+`meshnode run` processes, each bound to its own loopback address (127.0.0.10,
+127.0.0.11, ...) with the same CoAP and HTTP ports, `--no-mdns`, and every other
+node given as `--peer`; data dirs live in a temporary directory. Then:
+
+1. waits until every node sees every other one as a live direct peer;
+2. creates one session on node 0 and waits until every node holds it;
+3. idle phase: nothing is written and nothing is polled for `--idle-seconds`;
+   the `transport` counters of every node's GET /v1/status give the background
+   (gossip and anti-entropy) traffic;
+4. measured phase: `--events` meter events, one at a time. Each is POSTed to a
+   node (`--writer random`: a node picked at random, every node holds the
+   session by then; `--writer node0`: always node 0); the time the 201 arrives
+   is recorded, then every other node's GET /v1/sessions/{id} is polled
+   concurrently (every `--poll-interval`, default 5 ms) until the event's id is
+   in "events". Latency = time the last node showed it - time of the 201. The
+   next event is only written once the previous one is everywhere.
+
+CoAP requests and bytes per event are the delta of the counters summed over all
+nodes across the measured phase (plus a short settle pause after the last event),
+divided by the number of events. Requests are counted once, by the sender
+(`requests_sent`); bytes are payload bytes counted once, by whoever sends them
+(`bytes_sent` = request payloads sent + response payloads answered; CoAP headers
+and block-wise overhead excluded). The background traffic of the phase is
+included; a figure net of the idle rate is reported beside it.
+
+All node processes are stopped at the end, also on error or Ctrl-C. Prints one
+JSON object on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COUNTERS = ("requests_sent", "requests_received", "bytes_sent", "bytes_received", "errors")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- processes --------------------------------------------------------------------
+
+
+def _meshnode_command() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "meshnode")
+    if os.path.exists(exe):
+        return [exe]
+    venv = os.path.join(ROOT, ".venv", "bin", "meshnode")
+    if os.path.exists(venv):
+        return [venv]
+    return [sys.executable, "-m", "meshnode.cli"]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if the benchmark itself dies without cleaning up (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+@dataclass
+class NodeProc:
+    index: int
+    node_id: str
+    host: str
+    http: str
+    log_path: str
+    proc: subprocess.Popen[bytes]
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_nodes(n: int, args: argparse.Namespace, directory: str) -> list[NodeProc]:
+    """Start n nodes; return once every one has printed its ready line."""
+    base = [int(x) for x in args.base_address.split(".")]
+    hosts = [".".join(map(str, base[:3] + [base[3] + i])) for i in range(n)]
+    if base[3] + n - 1 > 254:
+        raise SystemExit(f"--base-address {args.base_address} leaves no room for {n} nodes")
+    nodes: list[NodeProc] = []
+    try:
+        for i, host in enumerate(hosts):
+            node_id = f"bench-{i}"
+            cmd = _meshnode_command() + [
+                "run", "--node-id", node_id, "--data-dir", os.path.join(directory, node_id),
+                "--bind", host, "--coap-port", str(args.coap_port), "--http-port", str(args.http_port),
+                "--no-mdns", "--log-level", args.node_log_level,
+            ]
+            for j, other in enumerate(hosts):
+                if j != i:
+                    cmd += ["--peer", f"{other}:{args.coap_port}"]
+            log_path = os.path.join(directory, f"{node_id}.log")
+            with open(log_path, "wb") as err:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, cwd=directory,
+                    start_new_session=True,  # Ctrl-C reaches only us; we stop the nodes ourselves
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                )
+            nodes.append(NodeProc(i, node_id, host, f"http://{host}:{args.http_port}", log_path, proc))
+        deadline = time.monotonic() + args.startup_timeout
+        for node in nodes:
+            node.ready = _read_ready(node, deadline)
+        return nodes
+    except BaseException:
+        stop_nodes(nodes)
+        raise
+
+
+def _read_ready(node: NodeProc, deadline: float) -> dict[str, Any]:
+    assert node.proc.stdout is not None
+    fd = node.proc.stdout.fileno()
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"node {node.node_id} printed no ready line in time; its log:\n{node.log_tail()}")
+        readable, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(
+                    f"node {node.node_id} exited (code {node.proc.wait()}) before it was ready; "
+                    f"its log:\n{node.log_tail()}"
+                )
+            buf += chunk
+    line = buf.split(b"\n", 1)[0]
+    ready = json.loads(line)
+    if not ready.get("ready"):
+        raise RuntimeError(f"node {node.node_id} printed {line!r} instead of a ready line")
+    return ready
+
+
+def stop_nodes(nodes: list[NodeProc]) -> None:
+    """SIGTERM every node we started, wait a little, SIGKILL what is left."""
+    for node in nodes:
+        if node.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log(f"  node {node.node_id} did not stop on SIGTERM: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.kill()
+            node.proc.wait()
+        if node.proc.stdout is not None:
+            node.proc.stdout.close()
+
+
+def check_alive(nodes: list[NodeProc]) -> None:
+    for node in nodes:
+        code = node.proc.poll()
+        if code is not None:
+            raise RuntimeError(f"node {node.node_id} exited with code {code}; its log:\n{node.log_tail()}")
+
+
+# --- measurement --------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summary_ms(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "max": None, "min": None, "mean": None}
+    ms = [v * 1000 for v in values]
+    return {
+        "p50": round(percentile(ms, 0.5), 2),
+        "p95": round(percentile(ms, 0.95), 2),
+        "max": round(max(ms), 2),
+        "min": round(min(ms), 2),
+        "mean": round(statistics.fmean(ms), 2),
+    }
+
+
+async def get_json(client: httpx.AsyncClient, url: str) -> Any:
+    response = await client.get(url)
+    response.raise_for_status()
+    return response.json()
+
+
+async def statuses(client: httpx.AsyncClient, nodes: list[NodeProc]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{} for _ in nodes]
+
+    async def one(node: NodeProc) -> None:
+        out[node.index] = await get_json(client, f"{node.http}/v1/status")
+
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            nursery.start_soon(one, node)
+    return out
+
+
+def transport_sum(snapshot: list[dict[str, Any]]) -> dict[str, int]:
+    return {c: sum(s["transport"][c] for s in snapshot) for c in COUNTERS}
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {c: after[c] - before[c] for c in COUNTERS}
+
+
+async def wait_for_mesh(client: httpx.AsyncClient, nodes: list[NodeProc], timeout: float) -> float:
+    """Until every node lists every other as an alive, direct peer. Returns seconds waited."""
+    start = time.perf_counter()
+    want = {n.node_id for n in nodes}
+    last: list[dict[str, Any]] = []
+    with trio.move_on_after(timeout):
+        while True:
+            check_alive(nodes)
+            last = await statuses(client, nodes)
+            if all(
+                {p["node_id"] for p in s["peers"] if p["state"] == "alive" and p.get("direct")} >= want - {s["node_id"]}
+                for s in last
+            ):
+                return time.perf_counter() - start
+            await trio.sleep(0.1)
+    seen = {s.get("node_id"): sorted((p["node_id"], p["state"], p.get("direct")) for p in s.get("peers", []))
+            for s in last}
+    raise RuntimeError(f"mesh did not form within {timeout} s; peers each node saw: {seen}")
+
+
+async def wait_for_session(client: httpx.AsyncClient, nodes: list[NodeProc], session_id: str, timeout: float) -> float:
+    start = time.perf_counter()
+    missing = set(range(len(nodes)))
+    with trio.move_on_after(timeout):
+        while missing:
+            check_alive(nodes)
+            for i in sorted(missing):
+                r = await client.get(f"{nodes[i].http}/v1/sessions/{session_id}")
+                if r.status_code == 200:
+                    missing.discard(i)
+            if missing:
+                await trio.sleep(0.02)
+        return time.perf_counter() - start
+    raise RuntimeError(f"session {session_id} did not reach nodes {sorted(missing)} within {timeout} s")
+
+
+@dataclass
+class EventResult:
+    writer: int
+    post_s: float
+    latency_s: float | None  # None: not everywhere within the timeout
+    per_node_s: dict[int, float]
+    conflicts_on: list[int]
+    poll_rtts: list[float]
+
+
+async def one_event(
+    client: httpx.AsyncClient, nodes: list[NodeProc], session_id: str, writer: int, meter_wh: int,
+    poll_interval: float, timeout: float,
+) -> EventResult:
+    t_post = time.perf_counter()
+    r = await client.post(f"{nodes[writer].http}/v1/sessions/{session_id}/events",
+                          json={"type": "meter", "meter_wh": meter_wh})
+    t_201 = time.perf_counter()
+    if r.status_code != 201:
+        raise RuntimeError(f"POST event to node {writer} answered {r.status_code}: {r.text}")
+    event_id = r.json()["event"]["event_id"]
+    arrived: dict[int, float] = {}
+    conflicts_on: list[int] = []
+    rtts: list[float] = []
+
+    async def poll(i: int) -> None:
+        while True:
+            sent = time.perf_counter()
+            resp = await client.get(f"{nodes[i].http}/v1/sessions/{session_id}")
+            now = time.perf_counter()
+            rtts.append(now - sent)
+            if resp.status_code == 200:
+                body = resp.json()
+                if any(e.get("event_id") == event_id for e in body.get("events", [])):
+                    arrived[i] = now - t_201
+                    return
+                if any(c.get("event_id") == event_id for c in body.get("conflicts", [])):
+                    conflicts_on.append(i)  # held, but folded as a conflict: report, keep waiting
+            await trio.sleep(poll_interval)
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                if node.index != writer:
+                    nursery.start_soon(poll, node.index)
+    everywhere = len(arrived) == len(nodes) - 1
+    return EventResult(writer, t_201 - t_post, max(arrived.values(), default=0.0) if everywhere else None,
+                       arrived, sorted(set(conflicts_on)), rtts)
+
+
+async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    n = len(nodes)
+    limits = httpx.Limits(max_connections=4 * n + 10, max_keepalive_connections=4 * n + 10)
+    async with httpx.AsyncClient(timeout=10.0, limits=limits, trust_env=False) as client:
+        formed_s = await wait_for_mesh(client, nodes, args.startup_timeout)
+        log(f"  mesh formed {formed_s:.2f} s after all nodes were ready")
+
+        r = await client.post(f"{nodes[0].http}/v1/sessions",
+                              json={"charger": "bench-charger", "connector": 1, "id_token": "bench-token"})
+        if r.status_code != 201:
+            raise RuntimeError(f"POST /v1/sessions on node 0 answered {r.status_code}: {r.text}")
+        session_id = r.json()["session_id"]
+        session_s = await wait_for_session(client, nodes, session_id, args.event_timeout)
+        log(f"  session {session_id} on every node after {session_s * 1000:.0f} ms")
+        await trio.sleep(args.settle)
+
+        # Idle: nothing written, nothing polled.
+        idle_before, t0 = transport_sum(await statuses(client, nodes)), time.perf_counter()
+        await trio.sleep(args.idle_seconds)
+        idle_after, t1 = transport_sum(await statuses(client, nodes)), time.perf_counter()
+        idle = delta(idle_before, idle_after)
+        idle_s = t1 - t0
+        idle_req_rate = idle["requests_sent"] / idle_s  # whole mesh, per second
+        idle_byte_rate = idle["bytes_sent"] / idle_s
+        log(f"  idle: {idle_req_rate / n:.2f} CoAP requests/s per node, {idle_byte_rate / n:.0f} B/s per node")
+
+        # Measured phase.
+        results: list[EventResult] = []
+        before, p0 = transport_sum(await statuses(client, nodes)), time.perf_counter()
+        consecutive_missing = 0
+        for k in range(args.events):
+            check_alive(nodes)
+            writer = rng.randrange(n) if args.writer == "random" else 0
+            res = await one_event(client, nodes, session_id, writer, 1000 + 10 * (k + 1),
+                                  args.poll_interval, args.event_timeout)
+            results.append(res)
+            if res.latency_s is None:
+                consecutive_missing += 1
+                log(f"  event {k}: written on node {writer}, NOT everywhere after {args.event_timeout} s "
+                    f"(arrived on {sorted(res.per_node_s)})")
+                if consecutive_missing >= 3:
+                    log("  three events in a row did not arrive everywhere: stopping this size")
+                    break
+            else:
+                consecutive_missing = 0
+            if (k + 1) % 25 == 0:
+                done = [x.latency_s for x in results if x.latency_s is not None]
+                log(f"  {k + 1}/{args.events} events, p50 so far {percentile(done, 0.5) * 1000:.1f} ms")
+        await trio.sleep(args.settle)  # let the trailing sync rounds of the last event finish
+        after, p1 = transport_sum(await statuses(client, nodes)), time.perf_counter()
+        final = await statuses(client, nodes)
+
+    phase = delta(before, after)
+    phase_s = p1 - p0
+    written = len(results)
+    latencies = [x.latency_s for x in results if x.latency_s is not None]
+    per_node_latency = [v for x in results for v in x.per_node_s.values()]
+    net_requests = phase["requests_sent"] - idle_req_rate * phase_s
+    net_bytes = phase["bytes_sent"] - idle_byte_rate * phase_s
+    return {
+        "nodes": n,
+        "events": written,
+        "events_everywhere": len(latencies),
+        "writer": args.writer,
+        "latency_ms": summary_ms(latencies),
+        "per_node_arrival_ms": summary_ms(per_node_latency),
+        "latency_p50_ms_by_quarter": [
+            summary_ms([x.latency_s for x in results[q * written // 4:(q + 1) * written // 4]
+                        if x.latency_s is not None])["p50"]
+            for q in range(4)
+        ],
+        "post_201_ms": summary_ms([x.post_s for x in results]),
+        "coap_requests_per_event": round(phase["requests_sent"] / max(written, 1), 2),
+        "coap_bytes_per_event": round(phase["bytes_sent"] / max(written, 1), 1),
+        "coap_requests_per_event_net_of_idle": round(net_requests / max(written, 1), 2),
+        "coap_bytes_per_event_net_of_idle": round(net_bytes / max(written, 1), 1),
+        "coap_errors_in_phase": phase["errors"],
+        "idle_requests_per_node_per_s": round(idle_req_rate / n, 2),
+        "idle_bytes_per_node_per_s": round(idle_byte_rate / n, 1),
+        "idle_seconds": round(idle_s, 2),
+        "idle_transport_delta": idle,
+        "phase_seconds": round(phase_s, 2),
+        "phase_transport_delta": phase,
+        "http_polls": sum(len(x.poll_rtts) for x in results),
+        "http_poll_round_trip_ms": summary_ms([t for x in results for t in x.poll_rtts]),
+        "events_seen_as_conflict": sum(1 for x in results if x.conflicts_on),
+        "mesh_formed_s": round(formed_s, 2),
+        "session_everywhere_ms": round(session_s * 1000, 1),
+        "final_sync_state": {s["node_id"]: s["sync_state"] for s in final},
+        "final_counters": {s["node_id"]: s["counters"] for s in final},
+    }
+
+
+def run_size(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    directory = tempfile.mkdtemp(prefix=f"meshbench-{n}-", dir=os.environ.get("BENCH_DIR"))
+    nodes: list[NodeProc] = []
+    ok = False
+    try:
+        log(f"{n} nodes: starting (data and logs in {directory})")
+        nodes = start_nodes(n, args, directory)
+        result = trio.run(measure, nodes, args, rng)
+        check_alive(nodes)
+        ok = True
+        return result
+    finally:
+        stop_nodes(nodes)
+        for node in nodes:
+            if node.proc.returncode not in (0, None):
+                log(f"  node {node.node_id} exit code {node.proc.returncode}")
+        if ok and not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:
+            log(f"  node logs kept in {directory}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        description="Replication latency and CoAP traffic per event of a real meshnode mesh on loopback. "
+        "Prints one JSON object on stdout, progress on stderr.",
+    )
+    p.add_argument("--sizes", default=env("BENCH_MESH_SIZES", "3,5,10"),
+                   help="comma-separated mesh sizes (env BENCH_MESH_SIZES; default 3,5,10)")
+    p.add_argument("--events", type=int, default=int(env("BENCH_MESH_EVENTS", "100")),
+                   help="events per size, written one at a time (env BENCH_MESH_EVENTS; default 100)")
+    p.add_argument("--writer", choices=["random", "node0"], default=env("BENCH_MESH_WRITER", "random"),
+                   help="which node each event is POSTed to (default random: any node, all hold the session)")
+    p.add_argument("--base-address", default="127.0.0.10",
+                   help="address of node 0; node i binds the address + i (default 127.0.0.10)")
+    p.add_argument("--coap-port", type=int, default=25683, help="CoAP UDP port of every node (default 25683)")
+    p.add_argument("--http-port", type=int, default=28080, help="HTTP port of every node (default 28080)")
+    p.add_argument("--poll-interval", type=float, default=0.005, help="seconds between polls of a node (default 0.005)")
+    p.add_argument("--event-timeout", type=float, default=15.0,
+                   help="give up on an event not everywhere after this many seconds (default 15)")
+    p.add_argument("--idle-seconds", type=float, default=3.0, help="length of the idle measurement (default 3)")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="pause before the idle phase and after the last event (default 0.5 s)")
+    p.add_argument("--startup-timeout", type=float, default=30.0,
+                   help="seconds for the nodes to start and the mesh to form (default 30)")
+    p.add_argument("--seed", type=int, default=1, help="seed for the choice of writer (default 1)")
+    p.add_argument("--node-log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="--log-level of the nodes (their stderr goes to a log file in the temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (data dirs, node logs) after a success")
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    if not args.sizes or min(args.sizes) < 2:
+        p.error("every mesh size must be at least 2")
+    if args.events < 1:
+        p.error("--events must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rng = random.Random(args.seed)
+    results = []
+    for n in args.sizes:
+        results.append(run_size(n, args, rng))
+        r = results[-1]
+        log(f"{n} nodes: latency p50 {r['latency_ms']['p50']} ms, p95 {r['latency_ms']['p95']} ms; "
+            f"{r['coap_requests_per_event']} CoAP requests and {r['coap_bytes_per_event']} B per event")
+    writer = ("each event is POSTed to a node chosen at random (seeded) among all nodes; every node holds "
+              "the session by then" if args.writer == "random" else "every event is POSTed to node 0")
+    notes = [
+        f"Real `meshnode run` processes on loopback, one per address from {args.base_address} up, CoAP port "
+        f"{args.coap_port}, HTTP port {args.http_port}, --no-mdns, every node a static --peer of every other; "
+        "fresh data dirs per size; one session created on node 0 before measuring.",
+        f"Writer: {writer}. Events are written one at a time: the next is written only after the previous "
+        "one is visible on every node, so latencies do not overlap.",
+        "latency_ms: from the 201 of the POST (as received by the benchmark) until the last other node's "
+        "GET /v1/sessions/{id} lists the event_id in 'events'. per_node_arrival_ms: the same for each "
+        "(event, other node) pair. latency_p50_ms_by_quarter: p50 of the first, second, third and last quarter "
+        "of the events, to show drift as the session document grows. Percentiles by linear interpolation "
+        "between closest ranks.",
+        f"Polling: every other node is polled concurrently every {args.poll_interval * 1000:g} ms (httpx.AsyncClient "
+        "under trio, one client process). The polling adds its own load (each poll folds and serialises the "
+        "whole session, which grows with every event) and resolution (poll interval plus one HTTP round "
+        "trip, see http_poll_round_trip_ms: a poll is sent poll-interval after the previous reply), so the latencies "
+        "are upper bounds by up to about one poll round trip plus the interval; a push may even land before the "
+        "201 reaches the benchmark. All nodes and the benchmark share this machine's CPUs "
+        f"({os.cpu_count()} reported), so larger meshes also compete for CPU.",
+        "coap_requests_per_event: delta of requests_sent summed over all nodes (each request counted once, by "
+        "its sender) over the measured phase, divided by the events written. coap_bytes_per_event: the same "
+        "with bytes_sent (request payloads sent + response payloads answered, i.e. each payload byte once; "
+        "application payload only, CoAP headers and block-wise overhead excluded). Both include the background "
+        f"gossip of the phase and a {args.settle:g} s settle pause after the last event; the *_net_of_idle "
+        "figures subtract the idle rate times the phase duration (an estimate: gossip during writes also "
+        "finds differing digests and syncs, so background and event traffic are not independent).",
+        f"idle_requests_per_node_per_s: requests_sent summed over all nodes during {args.idle_seconds:g} s with "
+        "nothing written and nothing polled, divided by nodes and seconds (membership gossip + digest "
+        "anti-entropy, 1 s rounds, fanout 3).",
+        "The *_transport_delta fields hold the raw summed deltas of all five transport counters.",
+    ]
+    print(json.dumps({"benchmark": "mesh", "results": results, "notes": notes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
