@@ -127,6 +127,13 @@ class _Neighbour:
     last_ok: float | None = None
     failures: int = 0
     unsynced: set[str] = field(default_factory=set)
+    """Documents this peer may lack or hold in another version (for status)."""
+    push: set[str] = field(default_factory=set)
+    """Documents to push to this peer at the next wake-up."""
+    pushing: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    """Held while syncing with this peer: one exchange per peer at a time, so
+    two loops never interleave messages of the same Automerge sync state."""
 
 
 def load_or_create_key(data_dir: Path) -> nacl.signing.SigningKey:
@@ -317,11 +324,21 @@ class Node:
             raise
 
     def _changed(self, doc_id: str, *, source: str | None) -> None:
-        """A document changed: everyone but `source` may now lack something."""
+        """A document changed: everyone but `source` may now lack something.
+
+        A local change is pushed to every live neighbour at once. A change that
+        came from a peer is relayed to only `fanout` of them: in a dense mesh the
+        others have it already (pushing to all made traffic grow with the square
+        of the node count), and anti-entropy rounds cover anyone missed.
+        """
         self._fold_cache.pop(doc_id, None)
         for n in self.neighbours.values():
             if n.node_id != source:
                 n.unsynced.add(doc_id)
+        live = sorted(n.node_id for n in self.live_neighbours() if n.node_id != source)
+        targets = live if source is None else choose_gossip_targets(self.rng, live, self.config.fanout)
+        for node_id in targets:
+            self.neighbours[node_id].push.add(doc_id)
         self._push_wakeup.set()
         for listener in self.change_listeners:
             listener(doc_id)
@@ -536,26 +553,34 @@ class Node:
     # --- push ----------------------------------------------------------------------
 
     async def _push_loop(self) -> None:
-        while True:
-            await self._push_wakeup.wait()
-            self._push_wakeup = trio.Event()
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._push_wakeup.wait()
+                self._push_wakeup = trio.Event()
                 for n in self.live_neighbours():
-                    if n.unsynced:
-                        nursery.start_soon(self._push_to, n, sorted(n.unsynced))
+                    if n.push and not n.pushing:
+                        docs = sorted(n.push)
+                        n.push.clear()
+                        n.pushing = True
+                        nursery.start_soon(self._push_to, n, docs)
 
     async def _push_to(self, n: _Neighbour, doc_ids: list[str]) -> None:
         try:
             await self._sync_docs(n, doc_ids, reset=False)
         except (TransportError, ProtocolError) as exc:
             self._direct_failed(n, exc)
+        finally:
+            n.pushing = False
+            if n.push:
+                self._push_wakeup.set()
 
     # --- sync (client side) -----------------------------------------------------------
 
     async def _sync_docs(self, n: _Neighbour, doc_ids: list[str], *, reset: bool) -> None:
         """Run Automerge sync with one peer for these documents until both are quiet."""
-        for start in range(0, len(doc_ids), MAX_DOCS_PER_SYNC):
-            await self._sync_batch(n, doc_ids[start : start + MAX_DOCS_PER_SYNC], reset=reset)
+        async with n.lock:
+            for start in range(0, len(doc_ids), MAX_DOCS_PER_SYNC):
+                await self._sync_batch(n, doc_ids[start : start + MAX_DOCS_PER_SYNC], reset=reset)
 
     async def _sync_batch(self, n: _Neighbour, docs: list[str], *, reset: bool) -> None:
         book = self.replica.book
