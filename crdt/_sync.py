@@ -22,11 +22,46 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from automerge.core import Document, Message, SyncState
+from automerge.core import ROOT, Document, Message, ScalarType, SyncState
 
 from ._errors import InvalidSyncMessage, LocalError
 
 DEFAULT_BUCKETS = 64
+
+
+
+def _panic_type() -> type[BaseException]:
+    """pyo3's PanicException (a BaseException) is not importable by name: take it from a panic.
+
+    The panic is the one `check_sync_message` guards against (a Bloom filter with
+    zero bits per entry), provoked once here, quietly, on a private document.
+    """
+    import os
+    import sys
+
+    doc = Document()
+    with doc.transaction() as tx:
+        tx.put(ROOT, "x", ScalarType.Int, 1)
+    state = SyncState()
+    saved = os.dup(2)  # Rust prints the panic to stderr: keep it out of the log
+    try:
+        with open(os.devnull, "w") as devnull:
+            sys.stderr.flush()
+            os.dup2(devnull.fileno(), 2)
+            try:
+                doc.receive_sync_message(state, Message.decode(bytes.fromhex("42000001000301000100")))
+                doc.generate_sync_message(state)
+            except BaseException as exc:  # noqa: BLE001 - that is what we are after
+                if not isinstance(exc, Exception):
+                    return type(exc)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return Exception
+
+
+# The binding reports Rust panics as pyo3's PanicException, a BaseException.
+_ENGINE_ERRORS: tuple[type[BaseException], ...] = (Exception, _panic_type())
 _EMPTY = bytes(8)
 
 
@@ -112,14 +147,93 @@ class SyncBook:
         return {p for p, _ in self._states}
 
 
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def uleb(self) -> int:
+        value = shift = 0
+        while True:
+            if self.pos >= len(self.data) or shift > 63:
+                raise InvalidSyncMessage("sync message: truncated or overlong LEB128 number")
+            byte = self.data[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise InvalidSyncMessage("sync message: a field runs past the end")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def hashes(self) -> None:
+        self.take(32 * self.uleb())
+
+
+MAX_BLOOM_PROBES = 64
+
+
+def _check_bloom(bloom: bytes) -> None:
+    """Refuse Bloom filters that would crash or exhaust Automerge.
+
+    Automerge accepts a filter with entries but zero bits per entry (its next
+    `generate_sync_message` then panics) and any probe count (it allocates one
+    vector per probe per change: 2**32 probes abort the process). Its own filters
+    use 10 bits per entry and 7 probes.
+    """
+    if not bloom:
+        return
+    r = _Reader(bloom)
+    entries, bits_per_entry, probes = r.uleb(), r.uleb(), r.uleb()
+    if entries and (bits_per_entry == 0 or not 1 <= probes <= MAX_BLOOM_PROBES):
+        raise InvalidSyncMessage(
+            f"sync message: Bloom filter with {bits_per_entry} bits per entry and {probes} probes"
+        )
+    if len(bloom) - r.pos != (entries * bits_per_entry + 7) // 8:
+        raise InvalidSyncMessage("sync message: Bloom filter size does not match its entries")
+
+
+def check_sync_message(data: bytes) -> int:
+    """Check the parts of a sync message Automerge trusts too much; return its change count.
+
+    Layout (automerge `sync.rs`): type byte 0x42 or 0x43, heads, need (each a
+    LEB128 count of 32-byte hashes), a LEB128 count of `have` entries (last-sync
+    hashes and a length-prefixed Bloom filter each), then a LEB128 count of
+    length-prefixed changes. What follows is left to Automerge.
+    """
+    r = _Reader(data)
+    kind = r.take(1)[0]
+    if kind not in (0x42, 0x43):
+        raise InvalidSyncMessage(f"sync message: unknown type byte 0x{kind:02x}")
+    r.hashes()
+    r.hashes()
+    for _ in range(r.uleb()):
+        r.hashes()
+        _check_bloom(r.take(r.uleb()))
+    changes = r.uleb()
+    for _ in range(changes):
+        r.take(r.uleb())
+    return changes
+
+
 def decode_sync_message(data: bytes) -> Message:
     """Parse a peer's sync message. Raises InvalidSyncMessage on bad bytes."""
     if not isinstance(data, bytes) or not data:
         raise InvalidSyncMessage("a sync message is non-empty bytes")
+    check_sync_message(data)
     try:
         return Message.decode(data)
     except Exception as exc:  # the binding raises plain Exception for parse errors
         raise InvalidSyncMessage(f"not an Automerge sync message: {exc}") from exc
+
+
+def root_changes(doc: Document) -> int:
+    """How many changes of `doc` have no dependencies (a sound document has one)."""
+    return sum(1 for c in doc.get_changes([]) if not c.deps)
 
 
 Validator = Callable[[Document], None]
@@ -159,7 +273,12 @@ class Replica:
         doc = self.docs.get(doc_id)
         if doc is None:
             doc = Document()
-        msg = doc.generate_sync_message(self.book.state(peer, doc_id))
+        try:
+            msg = doc.generate_sync_message(self.book.state(peer, doc_id))
+        except _ENGINE_ERRORS:
+            # A state poisoned by a peer's message must not take the node down.
+            self.book.reset(peer, doc_id)
+            msg = doc.generate_sync_message(self.book.state(peer, doc_id))
         return msg.encode() if msg is not None else None
 
     def receive(
@@ -180,11 +299,23 @@ class Replica:
         """
         msg = decode_sync_message(data)
         current = self.docs.get(doc_id)
+        if current is not None and check_sync_message(data):
+            # A second root change would graft another history beside the
+            # session's own, and Automerge would hide one side of every root key.
+            trial = current.fork()
+            try:
+                trial.receive_sync_message(SyncState(), decode_sync_message(data))
+            except _ENGINE_ERRORS as exc:
+                self.book.reset(peer, doc_id)
+                raise InvalidSyncMessage(f"sync message for {doc_id!r} does not apply: {exc}") from exc
+            if root_changes(trial) > 1:
+                self.book.reset(peer, doc_id)
+                raise InvalidSyncMessage(f"sync message for {doc_id!r} brings a second, unrelated history")
         target = current if current is not None else self._incoming.pop(doc_id, None) or Document()
         before = target.get_heads()
         try:
             target.receive_sync_message(self.book.state(peer, doc_id), msg)
-        except Exception as exc:
+        except _ENGINE_ERRORS as exc:
             self.book.reset(peer, doc_id)
             raise InvalidSyncMessage(f"sync message for {doc_id!r} does not apply: {exc}") from exc
         if target.get_heads() == before:
@@ -192,12 +323,14 @@ class Replica:
                 self._incoming[doc_id] = target
             return []
         if current is None:
-            if validate is not None:
-                try:
+            try:
+                if root_changes(target) != 1:
+                    raise InvalidSyncMessage("a document has exactly one root change")
+                if validate is not None:
                     validate(target)
-                except Exception as exc:
-                    self.book.reset(peer, doc_id)
-                    raise InvalidSyncMessage(f"new document {doc_id!r} is not acceptable: {exc}") from exc
+            except Exception as exc:
+                self.book.reset(peer, doc_id)
+                raise InvalidSyncMessage(f"new document {doc_id!r} is not acceptable: {exc}") from exc
             self.docs[doc_id] = target
             return [(c.hash, c.bytes) for c in target.get_changes([])]
         return [(c.hash, c.bytes) for c in target.get_changes(before)]

@@ -196,7 +196,10 @@ def _check_counter(field: str, value: object, maximum: int) -> int:
     if type(value) is not int:
         raise MembershipError(f"{field} must be an integer, got {type(value).__name__}")
     if not 0 <= value <= maximum:
-        raise MembershipError(f"{field} must be between 0 and {maximum}, got {value}")
+        # A peer can send a number too long for str() (Python caps int-to-text
+        # conversion): show its size instead of its digits.
+        shown = str(value) if value.bit_length() <= 64 else f"a {value.bit_length()}-bit number"
+        raise MembershipError(f"{field} must be between 0 and {maximum}, got {shown}")
     return value
 
 

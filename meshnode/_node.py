@@ -24,6 +24,7 @@ states involved are dropped: Automerge assumes what it sent was delivered.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -64,6 +65,16 @@ from crdt import (
     verify_event,
 )
 
+from uplink import (
+    CloudClient,
+    Forwarder,
+    ForwardPlanner,
+    UplinkScorer,
+    change_priority,
+    serve_forwarder,
+    serve_probe,
+)
+
 from ._discovery import Discovery, PeerGone, PeerSeen
 from ._membership import MemberRecord, Membership, PeerState, choose_gossip_targets
 from ._protocol import (
@@ -83,6 +94,8 @@ from ._transport import BadRequest, RemoteRefused, Transport, TransportError
 log = logging.getLogger("meshnode.node")
 
 API_EVENT_TYPES = ("meter", "pause", "resume", "stop")
+ARCHIVED = "archived"
+"""Per-document sync error: this node retired the (reconciled) session from gossip."""
 DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}
 
 
@@ -115,6 +128,12 @@ class NodeConfig:
     seed: int | None = None
     inline_io: bool = False
     """Do store I/O in the trio thread (simulator: keeps virtual time reproducible)."""
+    cloud_url: str | None = None
+    """The cloud reconciliation service; a node without one never leads."""
+    probe_interval: float = 5.0
+    leader_threshold: int = 50
+    retention: float = 3600.0
+    """Seconds a reconciled session stays in active gossip after its receipt."""
     tariff: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TARIFF))
 
 
@@ -171,6 +190,7 @@ class Node:
         transport: Transport,
         discovery: Discovery | Sequence[Discovery] = (),
         wall_clock: Callable[[], float] = time.time,
+        cloud: CloudClient | None = None,
     ) -> None:
         self.config = config
         self.node_id = config.node_id
@@ -196,6 +216,19 @@ class Node:
         self.counters = {"sync_requests_refused": 0, "peer_errors": 0, "changes_received": 0}
         self._receive_lock = trio.Lock()
         self.change_listeners: list[Callable[[str], None]] = []
+        # Uplink: probe score, election, forwarder (only with a cloud).
+        if cloud is None and config.cloud_url:
+            cloud = CloudClient(config.cloud_url)
+        self.cloud = cloud
+        self.scorer = UplinkScorer()
+        self.leader: str | None = None
+        self.leader_changes = 0
+        self.forwarder: Forwarder | None = None
+        if cloud is not None:
+            planner = ForwardPlanner(random.Random(f"{seed}:{config.node_id}:forwarder"))
+            self.forwarder = Forwarder(self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud)
+        self.archived: set[str] = set()
+        self._receipt_ts: dict[str, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -217,6 +250,9 @@ class Node:
                 dead_after=self.config.dead_after,
             )
             self._route()
+            self.archived = set(store.sync.archived_ids())
+            for doc_id in sorted(docs):
+                self._note_stored(doc_id)
             log.info("node %s serving at %s with %d documents", self.node_id, self.transport.address, len(docs))
             try:
                 async with trio.open_nursery() as nursery:
@@ -228,11 +264,23 @@ class Node:
                         nursery.start_soon(self._consume_discovery, recv)
                     nursery.start_soon(self._gossip_loop)
                     nursery.start_soon(self._push_loop)
+                    if self.cloud is not None and self.forwarder is not None:
+                        await nursery.start(
+                            functools.partial(serve_probe, interval=self.config.probe_interval),
+                            self.cloud, self.scorer, self._on_score,
+                        )
+                        await nursery.start(
+                            functools.partial(serve_forwarder, is_leader=lambda: self.leader == self.node_id),
+                            self.forwarder,
+                        )
                     self._started.set()
                     task_status.started()
                     await trio.sleep_forever()
             finally:
                 self._persist_incarnation()
+                if self.cloud is not None:
+                    with trio.CancelScope(shield=True):
+                        await self.cloud.aclose()
 
     def _persist_incarnation(self) -> None:
         if self.store is not None and self.membership is not None:
@@ -323,7 +371,7 @@ class Node:
             log.error("could not store changes of %s", doc_id, exc_info=True)
             raise
 
-    def _changed(self, doc_id: str, *, source: str | None) -> None:
+    def _changed(self, doc_id: str, *, source: str | None, size: int = 0) -> None:
         """A document changed: everyone but `source` may now lack something.
 
         A local change is pushed to every live neighbour at once. A change that
@@ -331,7 +379,8 @@ class Node:
         others have it already (pushing to all made traffic grow with the square
         of the node count), and anti-entropy rounds cover anyone missed.
         """
-        self._fold_cache.pop(doc_id, None)
+        before = self._fold_cache.pop(doc_id, None)
+        self._track(doc_id, before[2] if before else None, size)
         for n in self.neighbours.values():
             if n.node_id != source:
                 n.unsynced.add(doc_id)
@@ -342,6 +391,86 @@ class Node:
         self._push_wakeup.set()
         for listener in self.change_listeners:
             listener(doc_id)
+
+    def _track(self, doc_id: str, before: SessionView | None, size: int) -> None:
+        """Tell the forwarder about a change, and note receipts for retention."""
+        try:
+            _, after = self.fold(doc_id)
+        except Exception:
+            return  # not a session document: nothing to forward or retire
+        if after.state == "reconciled":
+            self._receipt_ts.setdefault(doc_id, self._receipt_issued(doc_id))
+        if self.forwarder is not None:
+            self.forwarder.note_change(doc_id, change_priority(before, after), size)
+
+    def _note_stored(self, doc_id: str) -> None:
+        """At start-up every stored session waits until the cloud (re)confirms it."""
+        size = len(self.store.sync.load_bytes(doc_id) or b"") if self.store is not None else 0
+        self._track(doc_id, None, size)
+
+    def _receipt_issued(self, doc_id: str) -> int:
+        data, _ = self.fold(doc_id)
+        try:
+            issued = cbor2.loads(data.receipt or b"").get("issued_ts")
+        except Exception:
+            issued = None
+        return issued if isinstance(issued, int) else self._wall_ms()
+
+    async def _persist_from_cloud(self, changed: list[tuple[str, list[tuple[bytes, bytes]]]]) -> None:
+        """The cloud's changes (receipts): durable first, then on to the mesh."""
+        assert self.store is not None
+        await self.store.write_many(changed)
+        for doc_id, changes in changed:
+            self._changed(doc_id, source="cloud", size=sum(len(c) for _, c in changes))
+
+    def _on_score(self, score: int) -> None:
+        assert self.membership is not None
+        if score != self.membership.self_record.uplink_score:
+            log.info("uplink score %d", score)
+            self.membership.set_uplink_score(score)
+            for discovery in self.discoveries:
+                discovery.update_fields({"up": str(score)})
+
+    def _elect(self) -> None:
+        assert self.membership is not None
+        leader = self.membership.leader(self.now(), self.leader, threshold=self.config.leader_threshold)
+        if leader != self.leader:
+            log.info("leader is now %s (was %s)", leader, self.leader)
+            if self.leader is not None or leader is not None:
+                self.leader_changes += 1
+            self.leader = leader
+            self.membership.set_leader(leader)
+            if self.forwarder is not None:
+                self.forwarder.poke()
+
+    async def _retire(self) -> None:
+        """Move reconciled sessions past their retention out of active gossip."""
+        assert self.store is not None
+        cutoff = self._wall_ms() - int(self.config.retention * 1000)
+        for doc_id, issued in sorted(self._receipt_ts.items()):
+            if issued <= cutoff and doc_id in self.replica.docs:
+                if self.forwarder is not None and self.forwarder.planner.is_waiting(doc_id):
+                    continue  # the cloud has not confirmed our last version yet
+                await self._archive(doc_id)
+
+    async def _archive(self, doc_id: str) -> None:
+        assert self.store is not None
+        doc = self.replica.docs[doc_id]
+        if self.config.inline_io:
+            self.store.sync.compact(doc_id, doc, archive=True)
+        else:
+            await trio.to_thread.run_sync(functools.partial(self.store.sync.compact, doc_id, doc, archive=True))
+        del self.replica.docs[doc_id]
+        self.replica.book.forget_doc(doc_id)
+        self.archived.add(doc_id)
+        self._receipt_ts.pop(doc_id, None)
+        self._fold_cache.pop(doc_id, None)
+        if self.forwarder is not None:
+            self.forwarder.planner.forget(doc_id)
+        for n in self.neighbours.values():
+            n.unsynced.discard(doc_id)
+            n.push.discard(doc_id)
+        log.info("archived reconciled session %s", doc_id)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -422,6 +551,7 @@ class Node:
                 "state": view.state.name.lower(),
                 "last_seen_s": round(view.age, 1),
                 "incarnation": view.record.incarnation,
+                "uplink_score": view.record.uplink_score,
                 "direct": view.record.node_id in {n.node_id for n in self.live_neighbours()},
             })
         live = [p for p in peers if p["state"] != "dead"]
@@ -439,6 +569,12 @@ class Node:
             "incarnation": self.membership.self_record.incarnation,
             "peers": peers,
             "documents": len(self.replica.docs),
+            "archived": len(self.archived),
+            "leader": self.leader,
+            "leader_changes": self.leader_changes,
+            "uplink_score": self.membership.self_record.uplink_score,
+            "cloud_url": self.config.cloud_url,
+            "forwarder": dataclasses.asdict(self.forwarder.counters) if self.forwarder is not None else None,
             "documents_not_everywhere": len(not_everywhere),
             "sync_state": sync_state,
             "transport": dataclasses.asdict(self.transport.stats),
@@ -491,6 +627,8 @@ class Node:
         assert self.membership is not None
         while True:
             self.membership.tick(self.now())
+            self._elect()
+            await self._retire()
             async with trio.open_nursery() as nursery:
                 for address in sorted(self._static - {n.address for n in self.neighbours.values()}):
                     nursery.start_soon(self._hello, address)
@@ -602,8 +740,11 @@ class Node:
                 self._direct_ok(n.node_id, n.address)
                 first = False
                 for d, error in reply.errors.items():
-                    log.warning("peer %s refused our sync message for %s: %s", n.node_id, d, error)
                     book.reset(n.node_id, d)
+                    if error == ARCHIVED:
+                        await self._peer_archived(d)
+                    else:
+                        log.warning("peer %s refused our sync message for %s: %s", n.node_id, d, error)
                 await self._apply_messages(n.node_id, reply.msgs)
                 pending = [d for d in pending if msgs.get(d) is not None or d in reply.msgs]
                 if not pending:
@@ -617,6 +758,11 @@ class Node:
             raise
         n.unsynced.difference_update(docs)
 
+    async def _peer_archived(self, doc_id: str) -> None:
+        """A neighbour retired a session: the cloud has it, so retire ours too once reconciled."""
+        if doc_id in self.replica.docs and doc_id in self._receipt_ts:
+            await self._archive(doc_id)
+
     async def _apply_messages(self, peer: str, msgs: dict[str, bytes] | Any) -> dict[str, str]:
         """Apply sync messages from `peer`; persist new changes; return per-doc errors."""
         errors: dict[str, str] = {}
@@ -624,8 +770,11 @@ class Node:
         for d, m in msgs.items():
             if m is None:
                 continue
+            if d in self.archived:
+                errors[d] = ARCHIVED
+                continue
             try:
-                changes = self.replica.receive(peer, d, m, validate=read_session)
+                changes = self.replica.receive(peer, d, m, validate=functools.partial(_check_session, d))
             except InvalidSyncMessage as exc:
                 errors[d] = str(exc)
                 self.counters["sync_requests_refused"] += 1
@@ -637,8 +786,8 @@ class Node:
             assert self.store is not None
             await self.store.write_many(changed)
             self.counters["changes_received"] += sum(len(c) for _, c in changed)
-            for d, _ in changed:
-                self._changed(d, source=peer)
+            for d, c in changed:
+                self._changed(d, source=peer, size=sum(len(b) for _, b in c))
         return errors
 
     # --- handlers (server side) --------------------------------------------------------
@@ -668,6 +817,8 @@ class Node:
 
     async def _on_digest(self, payload: bytes, remote: str) -> bytes:
         request = DigestRequest.decode(payload)
+        if request.sender == self.node_id:
+            raise BadRequest("request claims to come from this node's own id")
         self._requester(request.sender, remote)
         mine = self.replica.heads_hashes()
         buckets = differing_buckets(make_digest(mine), list(request.buckets))
@@ -675,9 +826,8 @@ class Node:
 
     async def _on_sync(self, payload: bytes, remote: str) -> bytes:
         request = SyncRequest.decode(payload)
-        self._requester(request.sender, remote)
-        for d in request.reset:
-            self.replica.book.reset(request.sender, d)
+        if request.sender == self.node_id:
+            raise BadRequest("request claims to come from this node's own id")
         # Refuse the whole request, before changing anything, if a message does not parse.
         for d, m in request.msgs.items():
             if m is not None:
@@ -686,16 +836,26 @@ class Node:
                 except InvalidSyncMessage as exc:
                     self.counters["sync_requests_refused"] += 1
                     raise ProtocolError(f"sync message for {d!r}: {exc}") from exc
+        self._requester(request.sender, remote)
+        for d in request.reset:
+            self.replica.book.reset(request.sender, d)
         async with self._receive_lock:
             errors = await self._apply_messages(request.sender, request.msgs)
         replies = {}
         for d in request.msgs:
-            if d in errors:
+            if d in errors or d in self.archived:
                 continue
             m = self.replica.generate(request.sender, d)
             if m is not None:
                 replies[d] = m
         return SyncResponse(replies, errors).encode()
+
+
+def _check_session(doc_id: str, doc: Any) -> None:
+    """A document received for the first time must be a session stored under its own id."""
+    session_id = read_session(doc).session_id
+    if session_id != doc_id:
+        raise ProtocolError(f"document {doc_id!r} holds session {session_id!r}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -113,3 +113,34 @@ def test_new_document_refused_by_validator_is_not_adopted(signer):
     assert "s" not in b.docs
     with pytest.raises(DocumentError):
         read_session(rogue)
+
+
+@pytest.mark.parametrize(
+    "hex_message,why",
+    [
+        ("42000001000301000100", "0 bits per entry"),  # Automerge would panic on the next generate
+        ("42000001000701" "0a808040" "0000" "00", "probes"),  # 2**20 probes: Automerge would allocate per probe
+        ("44000000", "unknown type"),
+        ("4201", "past the end|LEB128"),
+    ],
+)
+def test_sync_messages_automerge_trusts_too_much_are_refused(hex_message, why):
+    a = Replica()
+    a.add("s", session("s"))
+    heads = a.docs["s"].get_heads()
+    with pytest.raises(InvalidSyncMessage, match=why):
+        a.receive("peer", "s", bytes.fromhex(hex_message))
+    assert a.docs["s"].get_heads() == heads
+    assert a.generate("peer", "s") is not None  # and the node can still talk to that peer
+
+
+def test_another_documents_history_is_not_grafted_on(signer):
+    a, b = Replica(), Replica()
+    a.add("s", session("s"))
+    b.add("s", session("s"))  # an independent creation under the same id: another root change
+    a_first = a.generate("b", "s")
+    b.receive("a", "s", a_first)
+    heads = a.docs["s"].get_heads()
+    with pytest.raises(InvalidSyncMessage, match="unrelated history"):
+        a.receive("b", "s", b.generate("a", "s"))
+    assert a.docs["s"].get_heads() == heads
