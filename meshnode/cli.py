@@ -30,6 +30,9 @@ RUN_DEFAULTS: dict[str, Any] = {
     "no_mdns": False,
     "site": "default",
     "log_level": "info",
+    "cloud_url": None,
+    "retention": 3600.0,
+    "probe_interval": 5.0,
 }
 
 
@@ -58,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a static peer, in addition to mDNS (repeatable)")
     run.add_argument("--no-mdns", action="store_true", default=None, help="do not use mDNS; static peers only")
     run.add_argument("--site", help="site name written into new sessions (default 'default')")
+    run.add_argument("--cloud-url", metavar="URL",
+                     help="the cloud reconciliation service (e.g. https://cloud.example:8700); "
+                     "a node without one never leads")
+    run.add_argument("--retention", type=float, metavar="SECONDS",
+                     help="how long a reconciled session stays in active gossip (default 3600)")
+    run.add_argument("--probe-interval", type=float, metavar="SECONDS",
+                     help="how often the uplink to the cloud is probed (default 5)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
 
     status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
@@ -102,6 +112,12 @@ def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("coap_port", "http_port"):
         if not isinstance(settings[key], int) or not 0 < settings[key] < 65536:
             raise ConfigError(f"{key.replace('_', '-')} must be a port number from 1 to 65535")
+    for key in ("retention", "probe_interval"):
+        if not isinstance(settings[key], int | float) or settings[key] <= 0:
+            raise ConfigError(f"{key.replace('_', '-')} must be a positive number of seconds")
+    url = settings["cloud_url"]
+    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+        raise ConfigError(f"cloud-url must be an http:// or https:// URL, got {url!r}")
     if isinstance(settings["peer"], str):
         settings["peer"] = [settings["peer"]]
     from ._discovery import parse_peer_address
@@ -148,7 +164,9 @@ async def run_node(settings: dict[str, Any]) -> None:
 
                 discoveries.append(MdnsDiscovery(node_id, settings["bind"], settings["coap_port"], {}))
             node = Node(
-                NodeConfig(node_id=node_id, data_dir=data_dir, site=settings["site"]),
+                NodeConfig(node_id=node_id, data_dir=data_dir, site=settings["site"],
+                           cloud_url=settings["cloud_url"], retention=float(settings["retention"]),
+                           probe_interval=float(settings["probe_interval"])),
                 transport=transport,
                 discovery=discoveries,
             )
@@ -183,13 +201,21 @@ def show_status(url: str, as_json: bool) -> int:
         return 0
     print(f"node {status['node_id']}  documents {status['documents']}  "
           f"not everywhere {status['documents_not_everywhere']}  sync {status['sync_state']}")
+    print(f"leader {status.get('leader') or '-'}  uplink score {status.get('uplink_score', 0)}  "
+          f"cloud {status.get('cloud_url') or '-'}")
+    fwd = status.get("forwarder")
+    if fwd:
+        print(f"forwarder: {fwd['batches']} batches, {fwd['bytes_sent']} bytes sent, "
+              f"{fwd['failures']} failures, {fwd['documents_waiting']} documents waiting")
     peers = status.get("peers", [])
     if not peers:
         print("no peers known yet")
         return 0
-    print(f"{'peer':<20} {'address':<22} {'state':<8} {'last seen':>9}")
+    print(f"{'peer':<20} {'address':<22} {'state':<8} {'uplink':>6} {'last seen':>9}")
     for p in peers:
-        print(f"{p['node_id']:<20} {p['address']:<22} {p['state']:<8} {p['last_seen_s']:>8.1f}s")
+        mark = " (leader)" if p["node_id"] == status.get("leader") else ""
+        print(f"{p['node_id']:<20} {p['address']:<22} {p['state']:<8} {p.get('uplink_score', 0):>6} "
+              f"{p['last_seen_s']:>8.1f}s{mark}")
     return 0
 
 
