@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -228,6 +229,7 @@ class Node:
             planner = ForwardPlanner(random.Random(f"{seed}:{config.node_id}:forwarder"))
             self.forwarder = Forwarder(self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud)
         self.archived: set[str] = set()
+        self._actor_salt = ""
         self._receipt_ts: dict[str, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------
@@ -244,6 +246,10 @@ class Node:
             self._resume_chain()
             incarnation = int.from_bytes(store.sync.get_meta("incarnation") or b"\0", "big") + 1
             store.sync.set_meta("incarnation", incarnation.to_bytes(8, "big"))
+            # Automerge actor ids come from this salt, not from the OS: a simulated
+            # run then produces the same change hashes every time (its rng and
+            # virtual clock are seeded), and a new incarnation never reuses an actor.
+            self._actor_salt = f"{self.rng.getrandbits(64)}:{incarnation}:{trio.current_time()!r}"
             self.membership = Membership(
                 MemberRecord(self.node_id, incarnation, 0, 0, self.transport.address, str(PROTOCOL_VERSION)),
                 suspect_after=self.config.suspect_after,
@@ -311,6 +317,9 @@ class Node:
         t.route("/m/digest", self._on_digest)
         t.route("/m/sync", self._on_sync)
 
+    def _actor(self, doc_id: str) -> bytes:
+        return hashlib.sha256(f"{self.node_id}:{self._actor_salt}:{doc_id}".encode()).digest()[:16]
+
     def now(self) -> float:
         return trio.current_time()
 
@@ -329,7 +338,7 @@ class Node:
         session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
         doc = new_session_doc(
             session_id, site=self.config.site, charger=charger, connector=connector, id_token=id_token,
-            tariff=self.config.tariff, created_by=self.node_id,
+            tariff=self.config.tariff, created_by=self.node_id, actor=self._actor(session_id),
         )
         ts = self._wall_ms()
         add_event(doc, self.signer.sign("authorize", session_id, ts, data={"id_token": id_token}),
@@ -357,6 +366,7 @@ class Node:
                 409, f"meter_wh {meter_wh} is below the last reading {view.last_meter_wh}: the register is cumulative"
             )
         heads = doc.get_heads()
+        doc.set_actor(self._actor(session_id))
         event = self.signer.sign(type, session_id, self._wall_ms(), meter_wh=meter_wh)
         add_event(doc, event, public_key=self.signer.public_key)
         await self._persist(session_id, self.replica.changes_since(session_id, heads))
