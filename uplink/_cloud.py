@@ -1,0 +1,1023 @@
+"""The reference cloud reconciliation service: sync in, billing ledger and receipts out.
+
+The leader of a site posts batched Automerge sync messages (`_wire.py`); the
+cloud is one more sync peer that holds a replica of every session document,
+plus a SQL ledger (`_ledger.py`) with exactly one row per session. For every
+document a request changed, in one database transaction *before* replying:
+
+1. Keys: the service's `trusted_keys`, and (with `trust_document_keys`) the
+   keys devices declare in the documents, pinned on first use: a later
+   document that declares another key for a known device does not get it
+   (conflict `key_mismatch`), so a node cannot re-key someone else's charger.
+2. Events are verified; the valid ones that are new to the cloud go through the
+   cross-session chain check (`check_chains`): a device's `seq` runs across
+   all its sessions, so only the cloud, which sees them all, can find a fork
+   (same device and seq, another event) or a broken link (`prev` is not the
+   chain hash of the device's seq - 1) between sessions. The chain is
+   first-come: the first event stored in a slot that links with its stored
+   neighbours is accepted; a later event that contradicts it is refused, and
+   so is an event that extends a refused one. Refused events stay in the
+   `events` table (so a re-send decides nothing again) and in `conflicts`.
+3. Billing folds only the accepted events (stored bytes, so an event deleted
+   from the document later still counts and is reported `event_removed`):
+   forged or chain-broken events never contribute energy or cost. Cost comes
+   from the session's tariff snapshot (`session_cost`).
+4. A completed session with a valid tariff gets one receipt, signed with the
+   cloud's Ed25519 key, written into the document with `crdt.set_receipt`.
+   The ledger holds the only receipt a session ever gets: a document that
+   lost it, or carries another one, gets the ledger's back (`foreign_receipt`).
+   After the receipt the billed amount is final; events that arrive later are
+   stored as `late` and reported, never billed.
+
+Idempotence: Automerge sync applies a change once, events and conflicts are
+keyed by content, receipts by session; ingestion of a document is serialised by
+a per-document `trio.Lock` and every database transaction by the ledger's lock.
+So a re-sent batch, a second leader, or two leaders racing change nothing the
+second time. One service process per database (the documents live in memory).
+
+Stats: `duplicates_rejected` counts sync messages that carried changes (a
+non-empty change list) and applied cleanly yet added no change to the document:
+all of it was already held (a re-sent batch, a stale sync state). Requests
+refused as a whole (4xx) are not counted anywhere. See docs/cloud.md.
+
+Pure decisions (`session_cost`, `make_receipt`, `verify_receipt`,
+`check_chains`, `session_keys`, `sync_message_carries_changes`) take values and
+return values; the trio and HTTP glue around them is thin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import nacl.exceptions
+import nacl.signing
+import trio
+from automerge.core import Document
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from crdt import (
+    GENESIS_PREV,
+    DocumentError,
+    EventError,
+    InvalidSyncMessage,
+    Keyring,
+    Replica,
+    SignedEvent,
+    decode_event,
+    fold,
+    heads_hash,
+    read_session,
+    set_receipt,
+    verify_event,
+)
+
+from ._ledger import Ledger, LedgerError, Tx, parse_db_url
+from ._wire import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    MAX_INFLATED,
+    RECEIPT_FIELDS,
+    SYNC_PATH,
+    CloudSyncRequest,
+    CloudSyncResponse,
+    WireError,
+    compress,
+    decompress,
+    receipt_body,
+)
+
+log = logging.getLogger("uplink.cloud")
+
+DEFAULT_PORT = 8700
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+"""Largest compressed request body accepted (413 above it); inflation is bounded by MAX_INFLATED."""
+
+# Event status in the `events` table.
+OK = "ok"
+LATE = "late"
+FORK = "fork"
+BROKEN_CHAIN = "broken_chain"
+_ACCEPTED = (OK, LATE)
+
+# Conflict kinds the cloud adds to the fold's own (see docs/data-model.md).
+KEY_MISMATCH = "key_mismatch"
+INVALID_TARIFF = "invalid_tariff"
+FOREIGN_RECEIPT = "foreign_receipt"
+EVENT_REMOVED = "event_removed"
+_FOLD_INPUT_KINDS = ("invalid_event", "wrong_session")
+
+# Counters kept in the `stats` table.
+STAT_REQUESTS = "requests"
+STAT_MESSAGES = "messages"
+STAT_REFUSED = "messages_refused"
+STAT_DUPLICATES = "duplicates_rejected"
+STAT_BYTES = "bytes_received"
+STAT_BYTES_INFLATED = "bytes_received_inflated"
+_STAT_NAMES = (
+    "sessions", "events", "conflicts", "receipts", STAT_DUPLICATES, STAT_BYTES, STAT_BYTES_INFLATED,
+    STAT_REQUESTS, STAT_MESSAGES, STAT_REFUSED,
+)  # fmt: skip
+
+
+class CloudError(Exception):
+    """Base of the errors this module raises on purpose."""
+
+
+class RemoteRequestError(CloudError):
+    """A client sent something unacceptable; answered with `status` and nothing changed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class CloudKeyError(CloudError):
+    """The cloud's key file cannot be read or written (a local configuration problem)."""
+
+
+class TariffError(ValueError):
+    """A session's tariff snapshot cannot price it."""
+
+
+class ReceiptError(ValueError):
+    """A receipt does not parse or does not verify."""
+
+
+# --- pure decisions ----------------------------------------------------------------
+
+
+def session_cost(tariff: Mapping[str, Any], energy_wh: int) -> tuple[int, str]:
+    """Price a session from its tariff snapshot.
+
+    cost = per_kwh_cents * energy_wh / 1000, rounded half-up to whole cents,
+    + per_session_cents (0 when absent). Decimal arithmetic on the decimal
+    spelling of each number, so 0.5 cent rounds up whatever binary floats do.
+
+    Returns:
+        (cost_cents, currency)
+
+    Raises:
+        TariffError: no currency, or a price that is not a non-negative number.
+    """
+    currency = tariff.get("currency")
+    if not isinstance(currency, str) or not currency:
+        raise TariffError("tariff has no currency")
+    per_kwh = _price(tariff, "per_kwh_cents", required=True)
+    per_session = _price(tariff, "per_session_cents", required=False)
+    energy = (per_kwh * Decimal(energy_wh) / Decimal(1000)).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    fixed = per_session.quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return int(energy + fixed), currency
+
+
+def _price(tariff: Mapping[str, Any], key: str, *, required: bool) -> Decimal:
+    value = tariff.get(key)
+    if value is None and not required:
+        return Decimal(0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TariffError(f"tariff {key} must be a number, got {value!r}")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise TariffError(f"tariff {key} is not a number: {value!r}") from exc
+    if not number.is_finite() or number < 0:
+        raise TariffError(f"tariff {key} must be a non-negative number, got {value!r}")
+    return number
+
+
+def make_receipt(
+    *,
+    session_id: str,
+    energy_wh: int,
+    cost_cents: int,
+    currency: str,
+    heads: Iterable[bytes],
+    issued_ts: int,
+    signing_key: nacl.signing.SigningKey,
+) -> bytes:
+    """Build and sign a receipt; returns its canonical CBOR, as stored in the document.
+
+    `heads` are the document's heads the cloud folded (sorted here), so anyone
+    can check which changes the billed amount covers. The signature is Ed25519
+    over `receipt_body` (every field but `sig`).
+    """
+    receipt: dict[str, Any] = {
+        "session_id": session_id,
+        "energy_wh": int(energy_wh),
+        "cost_cents": int(cost_cents),
+        "currency": currency,
+        "heads": sorted(bytes(h) for h in heads),
+        "issued_ts": int(issued_ts),
+        "issuer": bytes(signing_key.verify_key).hex(),
+    }
+    receipt["sig"] = signing_key.sign(receipt_body(receipt)).signature
+    return cbor2.dumps(receipt, canonical=True)
+
+
+_RECEIPT_TYPES: Mapping[str, type | tuple[type, ...]] = {
+    "session_id": str, "energy_wh": int, "cost_cents": int, "currency": str, "heads": list,
+    "issued_ts": int, "issuer": str, "sig": bytes,
+}  # fmt: skip
+
+
+def verify_receipt(blob: bytes, issuer: bytes | str | None = None) -> dict[str, Any]:
+    """Parse a receipt and check its signature.
+
+    Args:
+        blob: the receipt's CBOR bytes (a session document's `receipt`).
+        issuer: the cloud's public key (32 bytes or hex). When omitted, the
+            key named in the receipt is used: that proves integrity, not origin.
+
+    Returns:
+        The receipt as a dict (heads as a list of bytes).
+
+    Raises:
+        ReceiptError: not CBOR, wrong shape, another issuer, or a bad signature.
+    """
+    if not isinstance(blob, bytes | bytearray):
+        raise ReceiptError(f"a receipt is bytes, got {type(blob).__name__}")
+    try:
+        receipt = cbor2.loads(blob)
+    except Exception as exc:  # cbor2 raises several types on bad input
+        raise ReceiptError(f"receipt is not CBOR: {exc}") from exc
+    if not isinstance(receipt, dict) or set(receipt) != {*RECEIPT_FIELDS, "sig"}:
+        raise ReceiptError(f"a receipt is a map of exactly {sorted({*RECEIPT_FIELDS, 'sig'})}")
+    for name, kind in _RECEIPT_TYPES.items():
+        if not isinstance(receipt[name], kind) or isinstance(receipt[name], bool):
+            raise ReceiptError(f"receipt field {name!r} has type {type(receipt[name]).__name__}")
+    if not all(isinstance(h, bytes) and len(h) == 32 for h in receipt["heads"]):
+        raise ReceiptError("receipt heads must be 32-byte hashes")
+    expected = issuer.hex() if isinstance(issuer, bytes | bytearray) else issuer
+    if expected is not None and receipt["issuer"] != expected:
+        raise ReceiptError(f"receipt was issued by {receipt['issuer']}, not {expected}")
+    try:
+        key = nacl.signing.VerifyKey(bytes.fromhex(receipt["issuer"]))
+        key.verify(receipt_body(receipt), receipt["sig"])
+    except (ValueError, nacl.exceptions.CryptoError) as exc:
+        raise ReceiptError(f"receipt signature does not verify: {exc}") from exc
+    return receipt
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """An event as the cross-session chain check sees it."""
+
+    event_id: str
+    device_id: str
+    seq: int
+    prev: bytes
+    chain_hash: bytes
+    session_id: str
+    status: str = OK
+
+    @classmethod
+    def of(cls, event: SignedEvent) -> ChainLink:
+        r = event.record
+        return cls(r.event_id, r.device_id, r.seq, r.prev, event.chain_hash, r.session_id)
+
+
+@dataclass(frozen=True)
+class ChainVerdict:
+    event_id: str
+    status: str  # OK, FORK or BROKEN_CHAIN
+    detail: str = ""
+
+
+def check_chains(new: Iterable[ChainLink], stored: Iterable[ChainLink]) -> list[ChainVerdict]:
+    """Decide where new events stand in their devices' chains, across sessions.
+
+    Args:
+        new: events the cloud has not stored yet.
+        stored: stored events (with their status) in every slot (device, seq)
+            next to or at a new event's: seq - 1, seq, seq + 1.
+
+    Rules, applied to new events in (device, seq, event_id) order so that a
+    batch decides the same way whatever order it arrived in, and each decided
+    event counts for the next:
+
+    1. A slot that already holds an accepted event (`ok` or `late`) with another
+       id: `fork`. Inside one batch the smaller event_id wins, as in the fold.
+    2. seq 1 whose `prev` is not zeros, or a `prev` that is not the chain hash
+       of the accepted event at seq - 1: `broken_chain`.
+    3. No accepted event at seq - 1 but a refused one whose chain hash is `prev`:
+       it extends a refused event, `broken_chain`.
+    4. The accepted event at seq + 1 does not point at this one: `broken_chain`
+       (the newcomer loses; what was accepted, and perhaps billed, stays).
+    5. Otherwise `ok`. A link whose neighbour is unknown cannot be checked yet;
+       it is checked when the neighbour arrives (rule 4 or 2).
+    """
+    slots: dict[tuple[str, int], list[ChainLink]] = {}
+    for link in stored:
+        slots.setdefault((link.device_id, link.seq), []).append(link)
+    verdicts: list[ChainVerdict] = []
+    for link in sorted(new, key=lambda e: (e.device_id, e.seq, e.event_id)):
+        device, seq = link.device_id, link.seq
+
+        def accepted(s: int) -> ChainLink | None:
+            return next((e for e in slots.get((device, s), []) if e.status in _ACCEPTED), None)
+
+        here, before, after = accepted(seq), accepted(seq - 1), accepted(seq + 1)
+        refused_before = [e for e in slots.get((device, seq - 1), []) if e.status not in _ACCEPTED]
+        if here is not None and here.event_id != link.event_id:
+            verdict = ChainVerdict(
+                link.event_id, FORK,
+                f"device {device!r} seq {seq} is already event {here.event_id} (session {here.session_id!r})",
+            )  # fmt: skip
+        elif seq == 1 and link.prev != GENESIS_PREV:
+            verdict = ChainVerdict(link.event_id, BROKEN_CHAIN, f"device {device!r} seq 1 must have a zero prev")
+        elif before is not None and link.prev != before.chain_hash:
+            verdict = ChainVerdict(
+                link.event_id, BROKEN_CHAIN,
+                f"prev is not the hash of device {device!r} seq {seq - 1}, event {before.event_id} "
+                f"(session {before.session_id!r})",
+            )  # fmt: skip
+        elif before is None and (parent := next((e for e in refused_before if e.chain_hash == link.prev), None)):
+            verdict = ChainVerdict(
+                link.event_id, BROKEN_CHAIN, f"extends event {parent.event_id}, which was refused ({parent.status})"
+            )
+        elif after is not None and after.prev != link.chain_hash:
+            verdict = ChainVerdict(
+                link.event_id, BROKEN_CHAIN,
+                f"device {device!r} seq {seq + 1}, event {after.event_id} (session {after.session_id!r}), "
+                "stored earlier, does not point at this event",
+            )  # fmt: skip
+        else:
+            verdict = ChainVerdict(link.event_id, OK)
+        verdicts.append(verdict)
+        decided = dataclasses.replace(link, status=verdict.status)
+        slots.setdefault((device, seq), []).append(decided)
+    return verdicts
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    keyring: Keyring
+    new_pins: Mapping[str, bytes] = field(default_factory=dict)
+    mismatches: tuple[tuple[str, str], ...] = ()
+
+
+def session_keys(
+    trusted: Mapping[str, bytes],
+    pinned: Mapping[str, bytes],
+    declared: Mapping[str, bytes],
+    *,
+    trust_document_keys: bool,
+) -> SessionKeys:
+    """The keyring a session's events are verified with.
+
+    `trusted` (configured) keys always win. With `trust_document_keys`, a key
+    a document declares is used for a device that has no trusted or pinned key
+    yet, and pinned (trust on first use); a declaration that disagrees with the
+    trusted or pinned key is ignored and reported. Without it, declared and
+    pinned keys are ignored: only configured keys count.
+    """
+    keys: dict[str, bytes] = {}
+    pins: dict[str, bytes] = {}
+    mismatches: list[tuple[str, str]] = []
+    if trust_document_keys:
+        for device_id, key in sorted(declared.items()):
+            known = trusted.get(device_id, pinned.get(device_id))
+            if known is None:
+                keys[device_id] = pins[device_id] = key
+            elif known != key:
+                source = "configured" if device_id in trusted else "first declared"
+                mismatches.append((device_id, f"document declares a key for {device_id!r} other than the {source} one"))
+        keys.update(pinned)
+    keys.update(trusted)
+    return SessionKeys(Keyring(keys), pins, tuple(mismatches))
+
+
+def sync_message_carries_changes(data: bytes) -> bool:
+    """Whether an Automerge sync message carries at least one change.
+
+    Layout (automerge binary format, sync message v1 0x42 and v2 0x43): the
+    type byte; `heads` and `need` (LEB128 count, then 32-byte hashes); `have`
+    (LEB128 count, each a hash list and a LEB128-length bloom filter); then the
+    LEB128 count of the change chunks. Used only for the `duplicates_rejected`
+    counter; a message it cannot read counts as carrying none.
+    """
+    try:
+        if data[0] not in (0x42, 0x43):
+            return False
+        pos = 1
+        for _ in range(2):
+            count, pos = _leb128(data, pos)
+            pos += 32 * count
+        haves, pos = _leb128(data, pos)
+        for _ in range(haves):
+            count, pos = _leb128(data, pos)
+            pos += 32 * count
+            length, pos = _leb128(data, pos)
+            pos += length
+        changes, pos = _leb128(data, pos)
+        return changes > 0 and pos <= len(data)
+    except IndexError:
+        return False
+
+
+def _leb128(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80 or shift > 63:
+            return value, pos
+
+
+def _check_session(doc_id: str, doc: Document) -> None:
+    """Refuse a document that is not a session, or that names another session."""
+    data = read_session(doc)
+    if data.session_id != doc_id:
+        raise DocumentError(f"document {doc_id!r} says it is session {data.session_id!r}")
+
+
+def _peek_device(blob: bytes) -> str | None:
+    try:
+        return str(decode_event(blob)[0]["device_id"])
+    except EventError:
+        return None
+
+
+def _valid_events(session_id: str, events: Mapping[str, bytes], keyring: Keyring) -> list[SignedEvent]:
+    """Events that verify, are stored under their own id and belong to this session."""
+    out = []
+    for key, blob in sorted(events.items()):
+        try:
+            event = verify_event(blob, keyring)
+        except EventError:
+            continue  # reported by the fold as invalid_event
+        if event.event_id == key and event.record.session_id == session_id:
+            out.append(event)
+    return out
+
+
+# --- keys --------------------------------------------------------------------------
+
+
+def default_key_path(db_url: str) -> Path:
+    """Where the cloud keeps its signing key unless told: next to an SQLite file, else ./cloud.key."""
+    backend, target = parse_db_url(db_url)
+    if backend == "sqlite" and target != ":memory:":
+        return Path(target + ".key")
+    return Path("cloud.key")
+
+
+def load_or_create_cloud_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
+    """Load the cloud's Ed25519 signing key, creating it (mode 0600) on first start.
+
+    The file holds the 32-byte seed in hex. Losing it means later receipts are
+    signed by another key; nodes keep the old receipts, which still verify.
+
+    Raises:
+        CloudKeyError: the file cannot be read, created or parsed.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            text = path.read_text().strip()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise CloudKeyError(f"cannot read cloud key {path}: {exc}") from exc
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("cloud key %s is readable by group or others (mode %o)", path, mode & 0o777)
+        try:
+            seed = bytes.fromhex(text)
+        except ValueError as exc:
+            raise CloudKeyError(f"cloud key {path} is not a hex seed") from exc
+        if len(seed) != 32:
+            raise CloudKeyError(f"cloud key {path} must hold 32 bytes, got {len(seed)}")
+        return nacl.signing.SigningKey(seed)
+    except OSError as exc:
+        raise CloudKeyError(f"cannot create cloud key {path}: {exc}") from exc
+    key = nacl.signing.SigningKey.generate()
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(bytes(key).hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise CloudKeyError(f"cannot write cloud key {path}: {exc}") from exc
+    log.info("created cloud signing key %s (public %s)", path, bytes(key.verify_key).hex())
+    return key
+
+
+# --- the service -------------------------------------------------------------------
+
+
+class CloudService:
+    """The reconciliation service over an open ledger. Get one from `open_cloud`.
+
+    Attributes:
+        app: the Starlette application (routes below), ready to serve.
+        replica: the cloud's replica of every session document.
+        issuer: hex of the public key receipts are signed with.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        docs: Mapping[str, Document],
+        *,
+        signing_key: nacl.signing.SigningKey,
+        trusted_keys: Mapping[str, bytes] | None,
+        trust_document_keys: bool,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.ledger = ledger
+        self.replica = Replica(docs)
+        self._key = signing_key
+        self._trusted = {d: bytes(k) for d, k in (trusted_keys or {}).items()}
+        Keyring(self._trusted)  # raises LocalError now for a key that is not 32 bytes
+        self._trust_document_keys = trust_document_keys
+        self._wall_clock = wall_clock
+        self._locks: dict[str, trio.Lock] = {}
+        self.issuer = bytes(signing_key.verify_key).hex()
+        self.app = _build_app(lambda _request: self)
+
+    # --- POST /v1/sync -------------------------------------------------------------
+
+    async def handle_sync(self, body: bytes, content_encoding: str | None) -> bytes:
+        """Apply one batch and return the deflated CBOR reply.
+
+        Raises:
+            RemoteRequestError: the body is unacceptable (nothing changed).
+            LedgerError: the database failed; in-memory documents were restored
+                to what the database holds, so nothing changed either.
+        """
+        if (content_encoding or "").strip().lower() != CONTENT_ENCODING:
+            raise RemoteRequestError(415, f"Content-Encoding must be {CONTENT_ENCODING}")
+        try:
+            inflated = decompress(body, MAX_INFLATED)
+            request = CloudSyncRequest.decode(inflated)
+        except WireError as exc:
+            raise RemoteRequestError(400, str(exc)) from exc
+        node = request.node_id
+        delta: Counter[str] = Counter(
+            {STAT_REQUESTS: 1, STAT_BYTES: len(body), STAT_BYTES_INFLATED: len(inflated)}
+        )
+        errors: dict[str, str] = {}
+        async with self._locked(set(request.msgs) | set(request.reset)):
+            # Shielded: in-memory documents and the database must not part ways
+            # half-way; every blocking call inside is bounded by the DB timeouts.
+            with trio.CancelScope(shield=True):
+                for doc_id in request.reset:
+                    self.replica.book.reset(node, doc_id)
+                changed: dict[str, Document] = {}
+                created: set[str] = set()
+                for doc_id, msg in sorted(request.msgs.items()):
+                    if msg is None:
+                        continue
+                    delta[STAT_MESSAGES] += 1
+                    existed = doc_id in self.replica.docs
+                    try:
+                        new = await self._apply(node, doc_id, msg)
+                    except (InvalidSyncMessage, DocumentError) as exc:
+                        log.warning("node %r: refused sync message for %r: %s", node, doc_id, exc)
+                        errors[doc_id] = str(exc)
+                        delta[STAT_REFUSED] += 1
+                        continue
+                    if new:
+                        changed[doc_id] = self.replica.docs[doc_id]
+                        if not existed:
+                            created.add(doc_id)
+                    elif sync_message_carries_changes(msg):
+                        delta[STAT_DUPLICATES] += 1
+                now = int(self._wall_clock() * 1000)
+                try:
+                    issued = await trio.to_thread.run_sync(self._commit, changed, delta, now)
+                except Exception:
+                    await self._restore(node, changed, created)
+                    raise
+                for doc_id in issued:
+                    log.info("issued receipt for session %r", doc_id)
+                replies: dict[str, bytes] = {}
+                for doc_id in sorted(request.msgs):
+                    if doc_id not in errors:
+                        reply = self.replica.generate(node, doc_id)
+                        if reply is not None:
+                            replies[doc_id] = reply
+        return compress(CloudSyncResponse(replies, errors).encode())
+
+    @asynccontextmanager
+    async def _locked(self, doc_ids: Iterable[str]) -> AsyncIterator[None]:
+        """Hold the locks of several documents, taken in sorted order (no deadlock)."""
+        async with AsyncExitStack() as stack:
+            for doc_id in sorted(doc_ids):
+                await stack.enter_async_context(self._locks.setdefault(doc_id, trio.Lock()))
+            yield
+
+    async def _apply(self, node: str, doc_id: str, msg: bytes) -> list[tuple[bytes, bytes]]:
+        """Apply a message; a document that stops being this session is rolled back."""
+        existed = doc_id in self.replica.docs
+        new = self.replica.receive(node, doc_id, msg, validate=lambda doc: _check_session(doc_id, doc))
+        if new and existed:
+            try:
+                _check_session(doc_id, self.replica.docs[doc_id])
+            except DocumentError:
+                await self._restore(node, {doc_id: self.replica.docs[doc_id]}, set())
+                raise
+        return new
+
+    async def _restore(self, node: str, docs: Mapping[str, Document], created: set[str]) -> None:
+        """Put documents back to what the database holds (after a refusal or a failed commit)."""
+        for doc_id in docs:
+            self.replica.book.forget_doc(doc_id)
+            if doc_id in created:
+                self.replica.docs.pop(doc_id, None)
+                continue
+            try:
+                saved = await trio.to_thread.run_sync(self._load_saved, doc_id)
+            except LedgerError as exc:
+                log.error("cannot reload %r after a failure (%s); dropping it from memory", doc_id, exc)
+                saved = None
+            if saved is None:
+                self.replica.docs.pop(doc_id, None)
+            else:
+                self.replica.docs[doc_id] = Document.load(saved)
+
+    def _load_saved(self, doc_id: str) -> bytes | None:
+        with self.ledger.read() as tx:
+            return tx.document(doc_id)
+
+    # --- reconciliation (worker thread, inside one transaction) ---------------------
+
+    def _commit(self, changed: Mapping[str, Document], delta: Mapping[str, int], now: int) -> list[str]:
+        issued = []
+        with self.ledger.transaction() as tx:
+            for doc_id, doc in sorted(changed.items()):
+                if self._reconcile(tx, doc_id, doc, now):
+                    issued.append(doc_id)
+            tx.add_stats(delta)
+        return issued
+
+    def _reconcile(self, tx: Tx, doc_id: str, doc: Document, now: int) -> bool:
+        """Store a session document and everything derived from it; True if a receipt was issued."""
+        data = read_session(doc)
+        conflicts: list[tuple[str, str, str]] = []
+
+        devices = set(data.devices) | {d for b in data.events.values() if (d := _peek_device(b))}
+        keys = session_keys(
+            self._trusted, tx.device_keys(devices), data.devices, trust_document_keys=self._trust_document_keys
+        )
+        tx.pin_devices(keys.new_pins, doc_id, now)
+        conflicts += [(f"device:{d}", KEY_MISMATCH, detail) for d, detail in keys.mismatches]
+
+        # Events that do not verify or belong elsewhere: reported by the fold of everything.
+        everything = fold(doc_id, data.events, keys.keyring)
+        conflicts += [(c.event_id, c.kind, c.detail) for c in everything.conflicts if c.kind in _FOLD_INPUT_KINDS]
+
+        row = tx.ledger_row(doc_id)
+        receipt: bytes | None = row["receipt"] if row else None
+        valid = _valid_events(doc_id, data.events, keys.keyring)
+        known = tx.event_status(e.event_id for e in valid)
+        new = [e for e in valid if e.event_id not in known]
+        if new:
+            slots = {(e.record.device_id, e.record.seq + d) for e in new for d in (-1, 0, 1)}
+            columns = ("event_id", "device_id", "seq", "prev", "chain_hash", "session_id", "status")
+            stored = [ChainLink(*(r[c] for c in columns)) for r in tx.events_at(slots)]
+            verdicts = {v.event_id: v for v in check_chains([ChainLink.of(e) for e in new], stored)}
+            rows = []
+            for event in new:
+                verdict = verdicts[event.event_id]
+                status = verdict.status
+                if status != OK:
+                    conflicts.append((event.event_id, status, verdict.detail))
+                elif receipt is not None:
+                    status = LATE
+                    conflicts.append((event.event_id, LATE, "arrived after the session's receipt; not billed"))
+                r = event.record
+                rows.append({
+                    "event_id": r.event_id, "device_id": r.device_id, "seq": r.seq, "session_id": r.session_id,
+                    "type": r.type, "ts": r.ts, "meter_wh": r.meter_wh, "chain_hash": event.chain_hash,
+                    "prev": r.prev, "data": event.encoded, "status": status, "first_seen": now,
+                })  # fmt: skip
+            tx.insert_events(rows)
+
+        billed = {r["event_id"]: r["data"] for r in tx.session_events(doc_id) if r["status"] == OK}
+        removed = [e for e in billed if e not in data.events]
+        conflicts += [(e, EVENT_REMOVED, "event is no longer in the document; still billed") for e in removed]
+        view = fold(doc_id, billed, keys.keyring)
+        conflicts += [(c.event_id, c.kind, c.detail) for c in view.conflicts]
+        tx.mark_applied(doc_id, view.event_ids)
+
+        energy_wh = view.energy_wh
+        cost: int | None
+        try:
+            cost, currency = session_cost(data.tariff, energy_wh)
+        except TariffError as exc:
+            cost, currency = None, data.tariff.get("currency") if isinstance(data.tariff.get("currency"), str) else None
+            conflicts.append(("tariff", INVALID_TARIFF, str(exc)))
+
+        issued = False
+        if data.receipt is not None and data.receipt != receipt:
+            digest = hashlib.sha256(data.receipt).hexdigest()[:16]
+            what = "replaced by the cloud's receipt" if receipt is not None else "the cloud issued none"
+            detail = f"document carries a receipt the cloud did not issue; {what}"
+            conflicts.append((f"receipt:{digest}", FOREIGN_RECEIPT, detail))
+        if receipt is not None:
+            # The receipt is final: the ledger keeps what it says.
+            energy_wh, cost = row["energy_wh"], row["cost_cents"]  # type: ignore[index]
+            currency = row["currency"]  # type: ignore[index]
+            receipt_heads, receipt_ts = row["receipt_heads"], row["receipt_ts"]  # type: ignore[index]
+            if data.receipt != receipt:
+                set_receipt(doc, receipt)
+        elif view.state == "completed" and cost is not None and currency is not None:
+            heads = sorted(doc.get_heads())
+            receipt = make_receipt(
+                session_id=doc_id, energy_wh=energy_wh, cost_cents=cost, currency=currency,
+                heads=heads, issued_ts=now, signing_key=self._key,
+            )  # fmt: skip
+            set_receipt(doc, receipt)
+            receipt_heads, receipt_ts = ",".join(h.hex() for h in heads), now
+            issued = True
+        else:
+            receipt_heads, receipt_ts = None, None
+
+        tx.add_conflicts([(doc_id, *c) for c in conflicts], now)
+        state = "reconciled" if receipt is not None and view.state == "completed" else view.state
+        tx.upsert_ledger({
+            "session_id": doc_id, "site": data.site, "charger": data.charger, "connector": data.connector,
+            "id_token": data.id_token, "start_ts": view.started_ts, "stop_ts": view.stopped_ts,
+            "energy_wh": energy_wh, "cost_cents": cost, "currency": currency, "state": state,
+            "conflicts": tx.conflict_count(doc_id), "receipt_heads": receipt_heads, "receipt": receipt,
+            "receipt_ts": receipt_ts, "first_seen": row["first_seen"] if row else now, "updated": now,
+        })  # fmt: skip
+        tx.save_document(doc_id, doc.save(), heads_hash(doc.get_heads()), now)
+        return issued
+
+    # --- reads -----------------------------------------------------------------------
+
+    def sessions(self, site: str | None = None) -> list[dict[str, Any]]:
+        with self.ledger.read() as tx:
+            return [_row_json(r) for r in tx.ledger_rows(site)]
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        with self.ledger.read() as tx:
+            row = tx.ledger_row(session_id)
+            if row is None:
+                return None
+            events = [
+                {k: v for k, v in e.items() if k != "data"} | {"applied": bool(e["applied"])}
+                for e in tx.session_events(session_id)
+            ]
+            return {"session": _row_json(row), "events": events, "conflicts": tx.conflicts(session_id)}
+
+    def conflicts(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        with self.ledger.read() as tx:
+            return tx.conflicts(session_id)
+
+    def stats(self) -> dict[str, int]:
+        with self.ledger.read() as tx:
+            got = tx.stats()
+        return {name: got.get(name, 0) for name in _STAT_NAMES}
+
+
+def _row_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["receipt"] = row["receipt"].hex() if row["receipt"] is not None else None
+    out["receipt_heads"] = row["receipt_heads"].split(",") if row["receipt_heads"] else []
+    return out
+
+
+# --- HTTP --------------------------------------------------------------------------
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise RemoteRequestError(413, f"request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RemoteRequestError(413, f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None) -> Starlette:
+    """The routes; `resolve` finds the service (fixed, or set up by a lifespan)."""
+
+    async def sync(request: Request) -> Response:
+        cloud = resolve(request)
+        client = request.client.host if request.client else "?"
+        try:
+            body = await _read_body(request, MAX_REQUEST_BYTES)
+            reply = await cloud.handle_sync(body, request.headers.get("content-encoding"))
+        except RemoteRequestError as exc:
+            log.warning("refused sync request from %s: %s", client, exc.message)
+            return _error(exc.status, exc.message)
+        except LedgerError as exc:
+            log.error("sync request from %s failed in the database: %s", client, exc)
+            return _error(503, f"database failure: {exc}")
+        except Exception as exc:
+            log.exception("sync request from %s failed", client)
+            return _error(500, f"internal error: {type(exc).__name__}")
+        return Response(reply, media_type=CONTENT_TYPE, headers={"Content-Encoding": CONTENT_ENCODING})
+
+    async def read(fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def list_sessions(request: Request) -> Response:
+        site = request.query_params.get("site")
+        return JSONResponse({"sessions": await read(resolve(request).sessions, site)})
+
+    async def get_session(request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        found = await read(resolve(request).session, session_id)
+        if found is None:
+            return _error(404, f"no session {session_id!r}")
+        return JSONResponse(found)
+
+    async def list_conflicts(request: Request) -> Response:
+        session_id = request.query_params.get("session_id")
+        return JSONResponse({"conflicts": await read(resolve(request).conflicts, session_id)})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(await read(resolve(request).stats))
+
+    async def issuer(request: Request) -> Response:
+        return JSONResponse({"issuer": resolve(request).issuer})
+
+    async def healthz(request: Request) -> Response:
+        try:
+            await read(resolve(request).ledger.ping)
+        except LedgerError as exc:
+            log.error("health check: database does not answer: %s", exc)
+            return JSONResponse({"ok": False, "error": str(exc)}, status_code=503)
+        return JSONResponse({"ok": True})
+
+    async def on_ledger_error(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed in the database: %s", request.method, request.url.path, exc)
+        return _error(503, f"database failure: {exc}")
+
+    return Starlette(
+        routes=[
+            Route(SYNC_PATH, sync, methods=["POST"]),
+            Route("/v1/sessions", list_sessions, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", get_session, methods=["GET"]),
+            Route("/v1/conflicts", list_conflicts, methods=["GET"]),
+            Route("/v1/stats", stats, methods=["GET"]),
+            Route("/v1/issuer", issuer, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        exception_handlers={LedgerError: on_ledger_error},
+        lifespan=lifespan,
+    )
+
+
+# --- lifecycle ---------------------------------------------------------------------
+
+
+def _open_ledger(db_url: str) -> tuple[Ledger, dict[str, Document]]:
+    ledger = Ledger(db_url)
+    try:
+        with ledger.read() as tx:
+            saved = tx.documents()
+        docs = {}
+        for doc_id, data in saved:
+            try:
+                docs[doc_id] = Document.load(data)
+            except Exception as exc:  # the binding raises plain Exception
+                raise LedgerError(f"stored document {doc_id!r} does not load: {exc}") from exc
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger, docs
+
+
+@asynccontextmanager
+async def open_cloud(
+    db_url: str,
+    *,
+    signing_key: nacl.signing.SigningKey,
+    trusted_keys: Mapping[str, bytes] | None = None,
+    trust_document_keys: bool = True,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[CloudService]:
+    """Open the database, load every session document, and hand out the service.
+
+    Args:
+        db_url: `sqlite:///path.db` or `postgresql://...`.
+        signing_key: the cloud's Ed25519 key (see `load_or_create_cloud_key`).
+        trusted_keys: device_id -> Ed25519 public key of enrolled devices.
+        trust_document_keys: also accept keys that devices declare in session
+            documents (pinned on first use), for sites without enrolment.
+        wall_clock: seconds since the epoch, for `first_seen` and receipts.
+
+    Raises:
+        LedgerError: the database cannot be opened or holds a broken document.
+        LedgerUrlError: the URL is not sqlite:/// or postgresql://.
+    """
+    ledger, docs = await trio.to_thread.run_sync(_open_ledger, db_url)
+    try:
+        yield CloudService(
+            ledger,
+            docs,
+            signing_key=signing_key,
+            trusted_keys=trusted_keys,
+            trust_document_keys=trust_document_keys,
+            wall_clock=wall_clock,
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(ledger.close)
+
+
+def create_cloud_app(
+    db_url: str,
+    *,
+    signing_key: nacl.signing.SigningKey,
+    trusted_keys: Mapping[str, bytes] | None = None,
+    trust_document_keys: bool = True,
+    wall_clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The service as a standalone ASGI app: its lifespan opens and closes the database.
+
+    For running under an ASGI server that drives lifespan events; in-process
+    users (tests, the demo, the simulator) use `open_cloud` or `serve_cloud`.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_cloud(
+            db_url,
+            signing_key=signing_key,
+            trusted_keys=trusted_keys,
+            trust_document_keys=trust_document_keys,
+            wall_clock=wall_clock,
+        ) as cloud:
+            app.state.cloud = cloud
+            yield
+
+    return _build_app(lambda request: request.app.state.cloud, lifespan=lifespan)
+
+
+async def serve_cloud(
+    db_url: str,
+    bind: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    signing_key: nacl.signing.SigningKey | None = None,
+    key_path: str | os.PathLike[str] | None = None,
+    trusted_keys: Mapping[str, bytes] | None = None,
+    trust_document_keys: bool = True,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[Sequence[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the cloud with Hypercorn's trio worker until cancelled.
+
+    Args:
+        port: 0 picks a free port; `task_status.started` reports the bound base
+            URLs (e.g. ["http://127.0.0.1:43210"]).
+        signing_key: the receipt key; when None it is loaded from `key_path`
+            (default: `default_key_path(db_url)`), created on first start.
+        certfile, keyfile: PEM files to serve HTTPS instead of HTTP.
+    """
+    if signing_key is None:
+        signing_key = load_or_create_cloud_key(key_path or default_key_path(db_url))
+    async with open_cloud(
+        db_url,
+        signing_key=signing_key,
+        trusted_keys=trusted_keys,
+        trust_document_keys=trust_document_keys,
+        wall_clock=wall_clock,
+    ) as cloud:
+        config = HypercornConfig()
+        config.bind = [f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("uplink.cloud.server")
+        config.graceful_timeout = 0.5
+        if certfile is not None:
+            config.certfile = certfile
+            config.keyfile = keyfile
+        log.info("cloud service on %s:%s, issuer %s", bind, port, cloud.issuer)
+        await hypercorn_serve(cloud.app, config, task_status=task_status)  # type: ignore[arg-type]

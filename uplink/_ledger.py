@@ -1,0 +1,413 @@
+"""The cloud's database layer: one small class over SQLite or PostgreSQL.
+
+The reconciliation service (`_cloud.py`) decides; this module only stores and
+fetches rows. Both back ends run the same SQL text: statements are written with
+`?` placeholders and SQL that SQLite (>= 3.24) and PostgreSQL both accept
+(`ON CONFLICT ... DO NOTHING / DO UPDATE`, `excluded.`); the only differences —
+the placeholder style and the byte-string column type — are handled in
+`_Dialect`, in one place.
+
+Tables (the schema is created on first open):
+
+- `documents`: the saved Automerge document of every session (`session_id` PK).
+- `ledger`: exactly one row per session (`session_id` PK): what is billed.
+- `events`: every distinct verified event the cloud has seen (`event_id` PK),
+  with its place in its device's chain and its `status`: `ok` (billed),
+  `late` (arrived after the session's receipt: valid, not billed), `fork`,
+  `broken_chain` (refused by the cross-session chain check). There is
+  deliberately no UNIQUE(device_id, seq): a fork is two rows in one slot, and
+  the service detects it in code and keeps both.
+- `conflicts`: UNIQUE(session_id, event_id, kind), so data sent again adds nothing.
+- `devices`: the first public key each device declared (trust on first use).
+- `stats`: named counters.
+
+Concurrency: one connection guarded by one lock. Every call is blocking and
+meant to run in a worker thread (`trio.to_thread.run_sync`); a transaction holds
+the lock from BEGIN to COMMIT, so transactions of this process never interleave
+and the service's cross-session chain checks see a consistent table. One
+service process per database: the service keeps the documents in memory too.
+
+Durability: SQLite runs in WAL mode with `synchronous=FULL`, so COMMIT returns
+after the data reached the disk; PostgreSQL commits durably by default.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class LedgerError(Exception):
+    """The database failed or is unreachable: our failure, never the client's."""
+
+
+class LedgerUrlError(LedgerError):
+    """The database URL is not one this service understands (a configuration error)."""
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    name: str
+    blob: str
+
+    def sql(self, text: str) -> str:
+        """Adapt a statement written with `?` placeholders (no statement has a literal '?')."""
+        return text if self.name == "sqlite" else text.replace("?", "%s")
+
+
+_SQLITE = _Dialect("sqlite", "BLOB")
+_POSTGRES = _Dialect("postgresql", "BYTEA")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS documents (
+        session_id  TEXT PRIMARY KEY,
+        data        {blob} NOT NULL,
+        heads_hash  {blob} NOT NULL,
+        updated     BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ledger (
+        session_id    TEXT PRIMARY KEY,
+        site          TEXT NOT NULL,
+        charger       TEXT NOT NULL,
+        connector     BIGINT NOT NULL,
+        id_token      TEXT NOT NULL,
+        start_ts      BIGINT,
+        stop_ts       BIGINT,
+        energy_wh     BIGINT NOT NULL,
+        cost_cents    BIGINT,
+        currency      TEXT,
+        state         TEXT NOT NULL,
+        conflicts     BIGINT NOT NULL,
+        receipt_heads TEXT,
+        receipt       {blob},
+        receipt_ts    BIGINT,
+        first_seen    BIGINT NOT NULL,
+        updated       BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS events (
+        event_id    TEXT PRIMARY KEY,
+        device_id   TEXT NOT NULL,
+        seq         BIGINT NOT NULL,
+        session_id  TEXT NOT NULL,
+        type        TEXT NOT NULL,
+        ts          BIGINT NOT NULL,
+        meter_wh    BIGINT,
+        chain_hash  {blob} NOT NULL,
+        prev        {blob} NOT NULL,
+        data        {blob} NOT NULL,
+        status      TEXT NOT NULL,
+        applied     INTEGER NOT NULL DEFAULT 0,
+        first_seen  BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS events_slot ON events (device_id, seq)",
+    "CREATE INDEX IF NOT EXISTS events_session ON events (session_id)",
+    """CREATE TABLE IF NOT EXISTS conflicts (
+        session_id  TEXT NOT NULL,
+        event_id    TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        first_seen  BIGINT NOT NULL,
+        UNIQUE (session_id, event_id, kind))""",
+    """CREATE TABLE IF NOT EXISTS devices (
+        device_id     TEXT PRIMARY KEY,
+        public_key    {blob} NOT NULL,
+        first_session TEXT NOT NULL,
+        first_seen    BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS stats (
+        name   TEXT PRIMARY KEY,
+        value  BIGINT NOT NULL)""",
+)
+
+LEDGER_COLUMNS = (
+    "session_id", "site", "charger", "connector", "id_token", "start_ts", "stop_ts", "energy_wh",
+    "cost_cents", "currency", "state", "conflicts", "receipt_heads", "receipt", "receipt_ts",
+    "first_seen", "updated",
+)  # fmt: skip
+EVENT_COLUMNS = (
+    "event_id", "device_id", "seq", "session_id", "type", "ts", "meter_wh", "chain_hash", "prev",
+    "data", "status", "first_seen",
+)  # fmt: skip
+
+
+def parse_db_url(db_url: str) -> tuple[str, str]:
+    """Split a database URL into (back end, target).
+
+    `sqlite:///relative/path.db`, `sqlite:////absolute/path.db` and
+    `sqlite:///:memory:` give ("sqlite", path); `postgresql://...` and
+    `postgres://...` give ("postgresql", the URL as libpq takes it).
+
+    Raises:
+        LedgerUrlError: any other scheme, or an SQLite URL without a path.
+    """
+    scheme = urlsplit(db_url).scheme.lower()
+    if scheme == "sqlite":
+        prefix = "sqlite:///"
+        if not db_url.lower().startswith(prefix) or len(db_url) == len(prefix):
+            raise LedgerUrlError(f"an SQLite URL is sqlite:///path.db (or sqlite:////abs/path.db), got {db_url!r}")
+        return "sqlite", db_url[len(prefix):]
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql", db_url
+    raise LedgerUrlError(f"database URL must start with sqlite:/// or postgresql://, got {db_url!r}")
+
+
+class Ledger:
+    """The cloud's database: documents, ledger rows, events, conflicts, devices, stats.
+
+    Blocking; call it from a worker thread. Use `read()` for a consistent set of
+    queries and `transaction()` for writes; both hold the connection's lock.
+    """
+
+    def __init__(self, db_url: str) -> None:
+        backend, target = parse_db_url(db_url)
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._dialect = _SQLITE if backend == "sqlite" else _POSTGRES
+        self._errors: tuple[type[BaseException], ...]
+        if backend == "sqlite":
+            self._errors = (sqlite3.Error,)
+            try:
+                if target != ":memory:":
+                    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+                self._conn: Any = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+                self._conn.execute("PRAGMA busy_timeout=5000")
+            except (sqlite3.Error, OSError) as exc:
+                raise LedgerError(f"cannot open SQLite database {target!r}: {exc}") from exc
+        else:
+            import psycopg  # optional back end: imported only when a PostgreSQL URL is used
+
+            self._errors = (psycopg.Error,)
+            try:
+                self._conn = psycopg.connect(target, autocommit=True, connect_timeout=10)
+                # Bounded statements: the service shields its transactions from
+                # cancellation, so none may hang for ever on a stuck server.
+                self._conn.execute("SET statement_timeout = 30000")
+            except psycopg.Error as exc:
+                raise LedgerError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            with self.transaction() as tx:
+                for statement in _SCHEMA:
+                    tx.execute(statement.format(blob=self._dialect.blob))
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.close()
+            except self._errors as exc:
+                raise LedgerError(f"closing the database failed: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One write transaction: COMMIT when the block ends, ROLLBACK if it raises.
+
+        Database errors become LedgerError; other exceptions (bugs, or the
+        caller's own refusals) roll back and propagate unchanged.
+        """
+        with self._lock:
+            tx = Tx(self._conn, self._dialect, self._errors)
+            tx.execute("BEGIN IMMEDIATE" if self.backend == "sqlite" else "BEGIN")
+            try:
+                yield tx
+                tx.execute("COMMIT")
+            except BaseException:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except self._errors:
+                    pass  # the transaction is already gone (connection lost): nothing to undo
+                raise
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """Queries under the lock, outside any explicit transaction."""
+        with self._lock:
+            yield Tx(self._conn, self._dialect, self._errors)
+
+    def ping(self) -> None:
+        """Raise LedgerError unless the database answers a query."""
+        with self.read() as tx:
+            tx.query("SELECT 1 AS one")
+
+
+class Tx:
+    """The queries and writes the service needs, on a connection whose lock is held."""
+
+    def __init__(self, conn: Any, dialect: _Dialect, errors: tuple[type[BaseException], ...]) -> None:
+        self._conn = conn
+        self._dialect = dialect
+        self._errors = errors
+
+    # --- plumbing ----------------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        try:
+            self._conn.execute(self._dialect.sql(sql), tuple(params))
+        except self._errors as exc:
+            raise LedgerError(f"database statement failed: {exc}") from exc
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = [tuple(r) for r in rows]
+        if not rows:
+            return
+        try:
+            self._conn.cursor().executemany(self._dialect.sql(sql), rows)
+        except self._errors as exc:
+            raise LedgerError(f"database statement failed: {exc}") from exc
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            cursor = self._conn.execute(self._dialect.sql(sql), tuple(params))
+            names = [d[0] for d in cursor.description]
+            return [{n: _plain(v) for n, v in zip(names, row, strict=True)} for row in cursor.fetchall()]
+        except self._errors as exc:
+            raise LedgerError(f"database query failed: {exc}") from exc
+
+    def _in(self, values: Sequence[Any]) -> str:
+        return ", ".join("?" for _ in values)
+
+    # --- documents ---------------------------------------------------------------
+
+    def documents(self) -> list[tuple[str, bytes]]:
+        rows = self.query("SELECT session_id, data FROM documents ORDER BY session_id")
+        return [(r["session_id"], r["data"]) for r in rows]
+
+    def document(self, session_id: str) -> bytes | None:
+        rows = self.query("SELECT data FROM documents WHERE session_id = ?", (session_id,))
+        return rows[0]["data"] if rows else None
+
+    def save_document(self, session_id: str, data: bytes, heads_hash: bytes, now: int) -> None:
+        self.execute(
+            "INSERT INTO documents (session_id, data, heads_hash, updated) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (session_id) DO UPDATE SET data = excluded.data, "
+            "heads_hash = excluded.heads_hash, updated = excluded.updated",
+            (session_id, data, heads_hash, now),
+        )
+
+    # --- devices -----------------------------------------------------------------
+
+    def device_keys(self, device_ids: Iterable[str]) -> dict[str, bytes]:
+        ids = sorted(set(device_ids))
+        if not ids:
+            return {}
+        rows = self.query(f"SELECT device_id, public_key FROM devices WHERE device_id IN ({self._in(ids)})", ids)
+        return {r["device_id"]: r["public_key"] for r in rows}
+
+    def pin_devices(self, keys: Mapping[str, bytes], session_id: str, now: int) -> None:
+        self.executemany(
+            "INSERT INTO devices (device_id, public_key, first_session, first_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device_id) DO NOTHING",
+            [(d, k, session_id, now) for d, k in sorted(keys.items())],
+        )
+
+    # --- events ------------------------------------------------------------------
+
+    def event_status(self, event_ids: Iterable[str]) -> dict[str, str]:
+        ids = sorted(set(event_ids))
+        out: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            rows = self.query(f"SELECT event_id, status FROM events WHERE event_id IN ({self._in(part)})", part)
+            out.update((r["event_id"], r["status"]) for r in rows)
+        return out
+
+    def events_at(self, slots: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:
+        """Every stored event in the given (device_id, seq) slots, whatever its status."""
+        out: list[dict[str, Any]] = []
+        for device_id, seq in sorted(set(slots)):
+            out.extend(
+                self.query(
+                    "SELECT event_id, device_id, seq, session_id, chain_hash, prev, status FROM events "
+                    "WHERE device_id = ? AND seq = ?",
+                    (device_id, seq),
+                )
+            )
+        return out
+
+    def insert_events(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        cols = ", ".join(EVENT_COLUMNS)
+        self.executemany(
+            f"INSERT INTO events ({cols}) VALUES ({self._in(EVENT_COLUMNS)}) ON CONFLICT (event_id) DO NOTHING",
+            [[row[c] for c in EVENT_COLUMNS] for row in rows],
+        )
+
+    def session_events(self, session_id: str) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT event_id, device_id, seq, type, ts, meter_wh, data, status, applied, first_seen "
+            "FROM events WHERE session_id = ? ORDER BY ts, device_id, seq, event_id",
+            (session_id,),
+        )
+
+    def mark_applied(self, session_id: str, applied: Iterable[str]) -> None:
+        self.execute("UPDATE events SET applied = 0 WHERE session_id = ?", (session_id,))
+        self.executemany("UPDATE events SET applied = 1 WHERE event_id = ?", [(e,) for e in sorted(applied)])
+
+    # --- conflicts ---------------------------------------------------------------
+
+    def add_conflicts(self, rows: Iterable[tuple[str, str, str, str]], now: int) -> None:
+        """Record (session_id, event_id, kind, detail) conflicts; known ones are left as they are."""
+        self.executemany(
+            "INSERT INTO conflicts (session_id, event_id, kind, detail, first_seen) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (session_id, event_id, kind) DO NOTHING",
+            [(*row, now) for row in rows],
+        )
+
+    def conflicts(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE session_id = ?", (session_id,)) if session_id is not None else ("", ())
+        return self.query(
+            f"SELECT session_id, event_id, kind, detail, first_seen FROM conflicts {where} "
+            "ORDER BY session_id, first_seen, kind, event_id",
+            params,
+        )
+
+    def conflict_count(self, session_id: str) -> int:
+        return int(self.query("SELECT count(*) AS n FROM conflicts WHERE session_id = ?", (session_id,))[0]["n"])
+
+    # --- ledger ------------------------------------------------------------------
+
+    def ledger_row(self, session_id: str) -> dict[str, Any] | None:
+        rows = self.query(f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE session_id = ?", (session_id,))
+        return rows[0] if rows else None
+
+    def ledger_rows(self, site: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE site = ?", (site,)) if site is not None else ("", ())
+        return self.query(f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger {where} ORDER BY session_id", params)
+
+    def upsert_ledger(self, row: Mapping[str, Any]) -> None:
+        """Insert or update a session's row; `first_seen` keeps its first value."""
+        cols = ", ".join(LEDGER_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in LEDGER_COLUMNS if c not in ("session_id", "first_seen"))
+        self.execute(
+            f"INSERT INTO ledger ({cols}) VALUES ({self._in(LEDGER_COLUMNS)}) "
+            f"ON CONFLICT (session_id) DO UPDATE SET {updates}",
+            [row[c] for c in LEDGER_COLUMNS],
+        )
+
+    # --- stats -------------------------------------------------------------------
+
+    def add_stats(self, deltas: Mapping[str, int]) -> None:
+        self.executemany(
+            "INSERT INTO stats (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = stats.value + excluded.value",
+            [(name, int(v)) for name, v in sorted(deltas.items()) if v],
+        )
+
+    def stats(self) -> dict[str, int]:
+        counters = {r["name"]: int(r["value"]) for r in self.query("SELECT name, value FROM stats")}
+        counts = self.query(
+            "SELECT (SELECT count(*) FROM ledger) AS sessions, "
+            "(SELECT count(*) FROM events) AS events, "
+            "(SELECT count(*) FROM conflicts) AS conflicts, "
+            "(SELECT count(*) FROM ledger WHERE receipt IS NOT NULL) AS receipts"
+        )[0]
+        return {**counters, **{k: int(v) for k, v in counts.items()}}
+
+
+def _plain(value: Any) -> Any:
+    """Byte strings come back as bytes from both drivers (PostgreSQL may hand out memoryview)."""
+    return bytes(value) if isinstance(value, memoryview | bytearray) else value
