@@ -272,7 +272,8 @@ class Node:
                     nursery.start_soon(self._push_loop)
                     if self.cloud is not None and self.forwarder is not None:
                         await nursery.start(
-                            functools.partial(serve_probe, interval=self.config.probe_interval),
+                            functools.partial(serve_probe, interval=self.config.probe_interval,
+                                              timeout=min(2.0, self.config.probe_interval / 2)),
                             self.cloud, self.scorer, self._on_score,
                         )
                         await nursery.start(

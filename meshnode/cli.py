@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import secrets
@@ -74,6 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--http", default="http://127.0.0.1:8080", metavar="URL",
                         help="the node's HTTP API (default http://127.0.0.1:8080)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    cloud = sub.add_parser(
+        "cloud",
+        help="run the reference cloud reconciliation service",
+        description="Run the cloud reconciliation service: it receives the mesh's session documents from "
+        "the elected leader, verifies and folds them, keeps a ledger with one row per session, and writes "
+        "a signed receipt back into each completed session.",
+    )
+    cloud.add_argument("--db", default="sqlite:///cloud.db", metavar="URL",
+                       help="sqlite:///PATH (default sqlite:///cloud.db) or postgresql://USER@HOST/DB")
+    cloud.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS", help="default 127.0.0.1")
+    cloud.add_argument("--port", type=int, default=8700, help="default 8700")
+    cloud.add_argument("--key", metavar="FILE", help="the cloud's signing key (created on first start; "
+                       "default: next to the SQLite file, or ./cloud.key)")
+    cloud.add_argument("--certfile", metavar="FILE", help="TLS certificate (serve HTTPS)")
+    cloud.add_argument("--keyfile", metavar="FILE", help="TLS private key")
+    cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
     demo = sub.add_parser("demo", help="run the demonstration end to end and print the converged sessions")
     demo.add_argument("--replicas", type=int, default=3, help="number of replicas (default 3)")
@@ -185,6 +203,34 @@ async def run_node(settings: dict[str, Any]) -> None:
                         break
 
 
+def run_cloud(args: argparse.Namespace) -> int:
+    """`meshnode cloud`: serve until SIGINT/SIGTERM."""
+    import trio
+
+    from uplink import LedgerError, serve_cloud
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                urls = await nursery.start(functools.partial(
+                    serve_cloud, args.db, args.bind, args.port, key_path=args.key,
+                    certfile=args.certfile, keyfile=args.keyfile))
+                print(json.dumps({"ready": True, "urls": urls, "db": args.db}), flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except (OSError, LedgerError) as exc:
+        print(f"meshnode cloud: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def show_status(url: str, as_json: bool) -> int:
     import httpx
 
@@ -243,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"meshnode run: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "cloud":
+        return run_cloud(args)
     if args.command == "status":
         return show_status(args.http, args.json)
     if args.command == "demo":

@@ -3,6 +3,26 @@
 This package imports `crdt` only, never `meshnode` or `sim`.
 """
 
+from ._cloud import (
+    DEFAULT_PORT,
+    ChainLink,
+    ChainVerdict,
+    CloudError,
+    CloudKeyError,
+    CloudService,
+    ReceiptError,
+    RemoteRequestError,
+    TariffError,
+    check_chains,
+    create_cloud_app,
+    default_key_path,
+    load_or_create_cloud_key,
+    make_receipt,
+    open_cloud,
+    serve_cloud,
+    session_cost,
+    verify_receipt,
+)
 from ._forwarder import (
     CLOUD_PEER,
     PRIORITY_METER,
@@ -13,6 +33,7 @@ from ._forwarder import (
     change_priority,
     serve_forwarder,
 )
+from ._ledger import Ledger, LedgerError, LedgerUrlError
 from ._probe import (
     CloudBadResponse,
     CloudClient,
