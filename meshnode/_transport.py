@@ -562,7 +562,9 @@ class MemoryNetwork:
     closed or the link is down; then the request is silently dropped and the
     requester times out, as over UDP. The routing decision lives in one hook,
     :meth:`deliverable`, which a richer simulated network may override (drop,
-    delay, duplicate with its own seeded random).
+    delay, duplicate with its own seeded random). Time on the wire lives in a
+    second one, :meth:`carry` (latency, bandwidth, loss in flight), which the
+    simulator's ``sim.SimNetwork`` overrides; here it costs nothing.
     """
 
     def __init__(self) -> None:
@@ -617,17 +619,40 @@ class MemoryNetwork:
             with trio.CancelScope(shield=True):
                 await transport._close()
 
+    async def carry(self, src: str, dst: str, resource: str, payload: bytes, *, response: bool) -> bool:
+        """Extension point for simulated networks: move one message across the wire.
+
+        Called once for every request (``response=False``, from ``src`` to
+        ``dst``) before :meth:`deliverable` decides where it lands, and once
+        for every response (``response=True``, from the server ``src`` back to
+        the requester ``dst``) before :meth:`link_up` is checked for it. An
+        override sleeps for as long as the message takes to cross (latency,
+        size over bandwidth) and returns False to lose it in flight; it sees
+        the payload's bytes, never the objects behind them. A lost message
+        behaves as a lost datagram: the requester waits until its timeout.
+
+        The base network is instant and lossless: it returns True at once,
+        without a checkpoint.
+        """
+        return True
+
     async def _exchange(
         self, src: str, dst: str, resource: str, method: str, payload: bytes
     ) -> Response:
         """Carry one request and its response; waits forever where UDP would
         lose a datagram (the requester's timeout ends the wait)."""
+        if not await self.carry(src, dst, resource, payload, response=False):
+            log.debug("request %s %s -> %s lost in flight", resource, src, dst)
+            await trio.sleep_forever()
         target = self.deliverable(src, dst)
         if target is None:
             log.debug("request %s %s -> %s dropped", resource, src, dst)
             await trio.sleep_forever()
         assert target is not None
         response = await target._serve(src, resource, method, payload)
+        if not await self.carry(dst, src, resource, response.payload, response=True):
+            log.debug("response %s %s -> %s lost in flight", resource, dst, src)
+            await trio.sleep_forever()
         if not self.link_up(dst, src):
             log.debug("response %s %s -> %s dropped", resource, dst, src)
             await trio.sleep_forever()
