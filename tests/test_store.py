@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from crdt import DocStore, Replica, add_event, fold_session, new_session_doc, open_doc_store, read_session
@@ -143,3 +144,54 @@ async def test_inline_mode_writes_durably_without_threads(tmp_path, autojump_clo
     check = DocStore(path)
     assert check.doc_ids() == ["s"]
     check.close()
+
+
+async def test_encrypted_store_file_reveals_no_session_content(tmp_path, signer, keyring):
+    import os
+
+    import cbor2
+
+    key = os.urandom(32)
+    path = tmp_path / "store.db"
+    session_id, token = "session-7f3a9c", "TOKEN-SECRET-4242"
+    async with open_doc_store(path, key=key) as store:
+        replica = Replica()
+        doc = new_session_doc(session_id, site="x", charger="bay-9", connector=1, id_token=token, tariff={},
+                              created_by="n")
+        await store.write(session_id, replica.add(session_id, doc))
+        for wh in (123456, 234567):
+            heads = doc.get_heads()
+            add_event(doc, signer.sign("meter", session_id, 1, meter_wh=wh), public_key=signer.public_key)
+            await store.write(session_id, replica.changes_since(session_id, heads))
+        store.sync.set_meta("incarnation", b"\x00\x07")
+        store.sync.compact(session_id, doc)
+        heads = doc.get_heads()
+        add_event(doc, signer.sign("stop", session_id, 2, meter_wh=345678), public_key=signer.public_key)
+        await store.write(session_id, replica.changes_since(session_id, heads))
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("store.db"))
+    for secret in (session_id.encode(), token.encode(), b"bay-9", b"meter_wh", b"charger-1",
+                   cbor2.dumps(345678), signer.public_key):
+        assert secret not in raw, secret
+    # ... while the store itself reads everything back with its key.
+    store = DocStore(path, key=key)
+    assert store.doc_ids() == [session_id]
+    assert read_session(store.load(session_id)).id_token == token
+    assert store.get_meta("incarnation") == b"\x00\x07"
+    store.close()
+
+
+def test_store_refuses_a_wrong_or_missing_key(tmp_path):
+    import os
+
+    from crdt import StoreError
+
+    path = tmp_path / "store.db"
+    DocStore(path, key=os.urandom(32)).close()
+    with pytest.raises(StoreError, match="wrong store key"):
+        DocStore(path, key=os.urandom(32))
+    with pytest.raises(StoreError, match="is encrypted"):
+        DocStore(path)
+    plain = tmp_path / "plain.db"
+    DocStore(plain).close()
+    with pytest.raises(StoreError, match="without encryption"):
+        DocStore(plain, key=os.urandom(32))
