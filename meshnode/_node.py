@@ -156,21 +156,25 @@ class _Neighbour:
     two loops never interleave messages of the same Automerge sync state."""
 
 
-def load_or_create_key(data_dir: Path) -> nacl.signing.SigningKey:
-    """The node's Ed25519 device key, created on first start (file mode 0600)."""
-    path = data_dir / "node.key"
+def load_or_create_secret(path: Path) -> bytes:
+    """A 32-byte secret kept in a file of its own (mode 0600), created on first use."""
     if path.exists():
-        seed = path.read_bytes()
-        if len(seed) != 32:
-            raise NodeError(f"{path} is damaged: expected a 32-byte key, found {len(seed)} bytes")
-        return nacl.signing.SigningKey(seed)
-    key = nacl.signing.SigningKey.generate()
+        secret = path.read_bytes()
+        if len(secret) != 32:
+            raise NodeError(f"{path} is damaged: expected a 32-byte key, found {len(secret)} bytes")
+        return secret
+    secret = os.urandom(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(bytes(key))
+        f.write(secret)
         f.flush()
         os.fsync(f.fileno())
-    return key
+    return secret
+
+
+def load_or_create_key(data_dir: Path) -> nacl.signing.SigningKey:
+    """The node's Ed25519 device key (`node.key`, a raw seed), created on first start."""
+    return nacl.signing.SigningKey(load_or_create_secret(data_dir / "node.key"))
 
 
 class Node:
@@ -236,7 +240,10 @@ class Node:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node until cancelled. The store is closed last."""
-        async with open_doc_store(self.config.data_dir / "store.db", inline=self.config.inline_io) as store:
+        store_key = load_or_create_secret(self.config.data_dir / "store.key")
+        async with open_doc_store(
+            self.config.data_dir / "store.db", inline=self.config.inline_io, key=store_key
+        ) as store:
             self.store = store
             if self.config.inline_io:
                 docs = store.sync.load_all()
