@@ -45,6 +45,8 @@ test: $(STAMP) $(SYSTEM_STAMP)
 bench: $(STAMP)
 	$(PY) bench/store.py
 	$(PY) bench/sync.py
+	$(PY) bench/mesh.py
+	$(PY) bench/uplink.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
