@@ -135,6 +135,8 @@ class NodeConfig:
     leader_threshold: int = 50
     retention: float = 3600.0
     """Seconds a reconciled session stays in active gossip after its receipt."""
+    meter_hold: float = 5.0
+    """Seconds a meter-only change waits before the leader forwards it, so readings batch."""
     tariff: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TARIFF))
 
 
@@ -230,7 +232,9 @@ class Node:
         self.leader_changes = 0
         self.forwarder: Forwarder | None = None
         if cloud is not None:
-            planner = ForwardPlanner(random.Random(f"{seed}:{config.node_id}:forwarder"))
+            planner = ForwardPlanner(
+                random.Random(f"{seed}:{config.node_id}:forwarder"), meter_hold=config.meter_hold
+            )
             self.forwarder = Forwarder(self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud)
         self.archived: set[str] = set()
         self._actor_salt = ""

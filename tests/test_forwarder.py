@@ -750,3 +750,21 @@ async def test_serve_forwarder_backs_off_on_a_dead_cloud(autojump_clock: trio.te
     assert all(g <= min(60.0, 2.0**n) + 1e-6 for n, g in enumerate(gaps[:12]))
     assert leader.forwarder.counters.failures == 12
     assert leader.forwarder.counters.documents_waiting == 0
+
+
+def test_meter_only_changes_are_held_so_readings_batch():
+    import random as _random
+
+    from uplink import PRIORITY_METER, PRIORITY_STATE, ForwardPlanner
+
+    planner = ForwardPlanner(_random.Random(1), meter_hold=5.0)
+    planner.note_change("a", PRIORITY_METER, 100, now=10.0)
+    planner.note_change("a", PRIORITY_METER, 100, now=12.0)  # rides along, does not extend the hold
+    assert planner.next_batch(11.0) == []
+    assert planner.next_deadline() == 15.0
+    assert planner.next_batch(15.0) == ["a"]
+    planner.on_success(15.0)
+    planner.note_synced("a")
+    planner.note_change("b", PRIORITY_METER, 100, now=20.0)
+    planner.note_change("b", PRIORITY_STATE, 100, now=21.0)  # a stop: due at once, readings with it
+    assert planner.next_batch(21.0) == ["b"]

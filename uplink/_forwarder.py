@@ -148,7 +148,11 @@ class ForwardPlanner:
         max_delay: float = 60.0,
         max_bytes: int = MAX_BATCH_BYTES,
         max_docs: int = MAX_DOCS,
+        meter_hold: float = 0.0,
     ) -> None:
+        if meter_hold < 0:
+            raise ValueError("meter_hold must not be negative")
+        self.meter_hold = meter_hold
         if base_delay <= 0 or max_delay < base_delay:
             raise ValueError("need 0 < base_delay <= max_delay")
         if max_bytes <= 0 or not 0 < max_docs <= MAX_DOCS:
@@ -171,11 +175,15 @@ class ForwardPlanner:
 
     # --- inputs -------------------------------------------------------------------------
 
-    def note_change(self, doc_id: str, priority: int, size_hint: int) -> None:
+    def note_change(self, doc_id: str, priority: int, size_hint: int, now: float | None = None) -> None:
         """A document changed on this node (locally or from a peer); the cloud may lack it.
 
         Args:
             priority: `PRIORITY_STATE` (0) or `PRIORITY_METER` (1), see `change_priority`.
+            now: when given, a meter-only change waits `meter_hold` seconds before it
+                is due, so that readings taken meanwhile travel in the same exchange
+                (egress on a 4G uplink costs money); a state change is due at once
+                and takes the document's held readings with it.
             size_hint: about how many bytes of changes the cloud may lack because of this
                 change (the sizes of the new changes; the saved size for a document seen
                 for the first time). Hints of a waiting document add up.
@@ -186,9 +194,12 @@ class ForwardPlanner:
             raise ValueError("size_hint must not be negative")
         self._known.add(doc_id)
         entry = self._waiting.get(doc_id)
+        hold = now + self.meter_hold if now is not None and priority == PRIORITY_METER else -math.inf
         if entry is None:
-            self._waiting[doc_id] = _Waiting(priority, self._next_seq(), size_hint)
+            self._waiting[doc_id] = _Waiting(priority, self._next_seq(), size_hint, not_before=hold)
             return
+        if priority == PRIORITY_STATE and entry.deferrals == 0:
+            entry.not_before = -math.inf
         entry.priority = min(entry.priority, priority)
         entry.size += size_hint
         if doc_id in self._handed:
@@ -397,7 +408,7 @@ class Forwarder:
 
     def note_change(self, doc_id: str, priority: int, size_hint: int) -> None:
         """Tell the planner about a change and wake the forwarding task."""
-        self.planner.note_change(doc_id, priority, size_hint)
+        self.planner.note_change(doc_id, priority, size_hint, now=self._clock())
         self.poke()
 
     def poke(self) -> None:
