@@ -1,1 +1,33 @@
-"""Deterministic simulator that runs the node's real code on a simulated network."""
+"""Deterministic simulator that runs the node's real code on a simulated network.
+
+`Simulation(scenario, seed).run()` runs many real `meshnode.Node`s in one trio
+run under `MockClock`, on a `SimNetwork` shaped by a networkx topology, with an
+in-process reference cloud behind simulated uplinks, and returns a `RunResult`
+whose `summary` is byte-for-byte the same for the same scenario and seed.
+The command line is `meshsim` (`sim.cli`); the scenario format and the metrics
+are described in docs/sim.md.
+"""
+
+from ._cloud import CLOUD_URL, ClockGate, SimCloud, UplinkSchedule, UplinkTransport, open_sim_cloud
+from ._metrics import Metrics, percentile
+from ._network import Link, SimNetwork, TrafficCounters
+from ._runner import EPOCH, RunResult, Simulation
+from ._scenario import (
+    Dist,
+    LinkSpec,
+    Scenario,
+    ScenarioError,
+    apply_overrides,
+    load_raw,
+    load_scenario,
+    parse_dist,
+    parse_scenario,
+)
+from ._topology import build_topology, node_names
+
+__all__ = [
+    "CLOUD_URL", "EPOCH", "ClockGate", "Dist", "Link", "LinkSpec", "Metrics", "RunResult", "Scenario",
+    "ScenarioError", "SimCloud", "SimNetwork", "Simulation", "TrafficCounters", "UplinkSchedule",
+    "UplinkTransport", "apply_overrides", "build_topology", "load_raw", "load_scenario", "node_names",
+    "open_sim_cloud", "parse_dist", "parse_scenario", "percentile",
+]  # fmt: skip
