@@ -1,0 +1,101 @@
+"""Simulator cost: wall-clock seconds per simulated node-hour, and peak memory.
+
+Runs the random geometric scenario (sim/scenarios/mesh200.toml: 2 % loss,
+three uplinks, chargers) at 50, 200 and 1,000 nodes, each size in a fresh
+process so that its peak RSS is its own, and prints JSON on stdout:
+
+    {"runs": [{"nodes": 50, "simulated_s": ..., "wall_s": ...,
+               "wall_s_per_node_hour": ..., "peak_rss_mib": ..., "messages": ...}, ...]}
+
+The radius shrinks as 1/sqrt(nodes) so that every size has about the same
+number of neighbours per node (about 10), the partition is left out (it is a
+fault, not a size), and the chargers are 20 % of the nodes. Larger meshes are
+simulated for less virtual time by default (their cost per simulated second
+grows with the node count); pass --seconds N to simulate every size as long.
+
+    python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--profile]
+
+With --profile, a cProfile of the 200-node run's top functions goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SECONDS = {50: 600.0, 200: 120.0, 1000: 30.0}
+
+
+def child(nodes: int, seconds: float, profile: bool) -> None:
+    sys.path.insert(0, str(ROOT))
+    from sim import Simulation, load_scenario
+
+    overrides = {
+        "topology.nodes": nodes,
+        "topology.radius": round(0.13 * math.sqrt(200 / nodes), 4),
+        "workload.chargers": max(1, nodes // 5),
+        "duration": seconds,
+        "drain": 0.0,
+        "faults": {},
+    }
+    scenario = load_scenario(ROOT / "sim" / "scenarios" / "mesh200.toml", overrides)
+    started = time.perf_counter()
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+    result = Simulation(scenario, 1).run()
+    wall = time.perf_counter() - started
+    if profile:
+        prof.disable()
+        stats = pstats.Stats(prof, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(20)
+        stats.sort_stats("cumulative").print_stats(25)
+    s = result.summary
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "nodes": nodes,
+        "simulated_s": s["simulated_s"],
+        "wall_s": round(wall, 2),
+        "wall_s_per_node_hour": round(wall / (nodes * s["simulated_s"] / 3600.0), 2),
+        "peak_rss_mib": round(peak, 1),
+        "messages": s["messages"],
+        "events": s["events"],
+        "convergence_p50_s": s["convergence_s"]["p50"],
+    }))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="50,200,1000")
+    parser.add_argument("--seconds", type=float, default=None, help="simulated seconds for every size")
+    parser.add_argument("--profile", action="store_true", help="profile the 200-node run (stderr)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.seconds or DEFAULT_SECONDS.get(args.child, 60.0), args.profile)
+        return 0
+    runs = []
+    for nodes in [int(n) for n in args.sizes.split(",")]:
+        seconds = args.seconds or DEFAULT_SECONDS.get(nodes, 60.0)
+        cmd = [sys.executable, __file__, "--child", str(nodes), "--seconds", str(seconds)]
+        if args.profile and nodes == 200:
+            cmd.append("--profile")
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"{nodes} nodes: {runs[-1]}", file=sys.stderr)
+    print(json.dumps({"scenario": "sim/scenarios/mesh200.toml (radius scaled)", "runs": runs}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
