@@ -702,6 +702,7 @@ class Simulation:
             "sessions_reconciled": sum(1 for s in m.sessions.values() if s.receipt_at is not None),
             "sessions_billed_twice": len(billed_twice),
             "sessions_missed": self.counters["arrivals_missed"] + self.counters["sessions_refused"],
+            "sessions_unstopped": self.counters["stops_failed"] + self._open_sessions,
             "convergence_s": m.convergence(),
             "delay_by_hops_s": m.delay_by_hops(),
             "receipt_latency_s": m.receipt_latency(),
