@@ -111,7 +111,7 @@ def start_nodes(n: int, args: argparse.Namespace, directory: str) -> list[NodePr
         for i, host in enumerate(hosts):
             node_id = f"bench-{i}"
             cmd = _meshnode_command() + [
-                "run", "--node-id", node_id, "--data-dir", os.path.join(directory, node_id),
+                "run", "--insecure", "--node-id", node_id, "--data-dir", os.path.join(directory, node_id),
                 "--bind", host, "--coap-port", str(args.coap_port), "--http-port", str(args.http_port),
                 "--no-mdns", "--log-level", args.node_log_level,
             ]

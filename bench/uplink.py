@@ -139,7 +139,7 @@ async def receipt_phase(args: argparse.Namespace, workdir: Path, children: list[
     names = [f"bench-{i + 1}" for i in range(args.nodes)]
     urls = [f"http://{h}:{http}" for h in hosts]
     for i, (name, host) in enumerate(zip(names, hosts, strict=True)):
-        cmd = ["run", "--node-id", name, "--data-dir", str(workdir / name), "--bind", host, "--coap-port", str(coap),
+        cmd = ["run", "--insecure", "--node-id", name, "--data-dir", str(workdir / name), "--bind", host, "--coap-port", str(coap),
                "--http-port", str(http), "--no-mdns", "--log-level", "warning"]
         cmd += [a for j, other in enumerate(hosts) if j != i for a in ("--peer", f"{other}:{coap}")]
         if i == 0:

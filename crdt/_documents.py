@@ -208,8 +208,8 @@ def read_session(doc: Document) -> SessionData:
     if devices_got is not None and devices_got[0] == ObjType.Map:
         for key in doc.keys(devices_got[1]):
             value = _scalar_at(doc, devices_got[1], key)
-            if isinstance(value, bytes) and len(value) == 32:
-                devices[key] = value
+            if isinstance(value, bytes) and len(value) <= 4096:
+                devices[key] = value  # a raw 32-byte key, or a certificate
     return SessionData(
         devices=devices,
         tariff=tariff,  # type: ignore[arg-type]
@@ -233,8 +233,9 @@ def fold_session(
             always wins over a declared one.
     """
     data = read_session(doc)
-    if trust_document_keys and data.devices:
-        merged = Keyring(data.devices)
+    declared = {d: k for d, k in data.devices.items() if len(k) == 32}
+    if trust_document_keys and declared:
+        merged = Keyring(declared)
         for device_id, key in keyring.public_keys().items():
             merged.add(device_id, key)
         keyring = merged

@@ -8,6 +8,11 @@ Routes and field names are fixed (other tools rely on them):
     GET  /v1/sessions/{session_id}          session
     GET  /v1/sessions/{session_id}/automerge   the saved Automerge document
     GET  /v1/status                         node, peers, documents, sync state
+    POST /v1/site/entries                   {"entry": hex} a signed revocation, network-key grant
+                                            or id-token list entry -> 201 (replicated to the mesh)
+
+`POST /v1/sessions` also takes an optional "driver_token" (a token the cloud signed,
+checked offline); a driver the offline policy refuses gets 403.
 
 A 201 means the event is durable on this node. Every refusal is a 4xx with
 `{"error": "..."}` saying what is wrong; the server keeps serving.
@@ -69,6 +74,15 @@ def _int(obj: dict[str, Any], key: str, *, required: bool, low: int, high: int) 
     return value
 
 
+def _optional_text(obj: dict[str, Any], key: str, limit: int) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
+        raise LocalRequestError(400, f"{key!r} must be a printable string of at most {limit} characters")
+    return value
+
+
 def build_app(node: Node) -> Starlette:
     """The Starlette application for one node."""
 
@@ -79,8 +93,20 @@ def build_app(node: Node) -> Starlette:
             _int(obj, "connector", required=True, low=0, high=1000),  # type: ignore[arg-type]
             _text(obj, "id_token"),
             meter_wh=_int(obj, "meter_wh", required=False, low=0, high=2**53),
+            driver_token=_optional_text(obj, "driver_token", 4096),
         )
         return JSONResponse(session, status_code=201)
+
+    async def add_site_entry(request: Request) -> Response:
+        obj = await _json_body(request)
+        text = _optional_text(obj, "entry", 64 * 1024)
+        try:
+            entry = bytes.fromhex(text or "")
+        except ValueError as exc:
+            raise LocalRequestError(400, "'entry' must be the entry's bytes in hex") from exc
+        if not entry:
+            raise LocalRequestError(400, "'entry' is required: the signed entry's bytes in hex")
+        return JSONResponse(await node.add_site_entry(entry), status_code=201)
 
     async def add_event(request: Request) -> Response:
         session_id = request.path_params["session_id"]
@@ -121,6 +147,7 @@ def build_app(node: Node) -> Starlette:
             Route("/v1/sessions/{session_id}/events", add_event, methods=["POST"]),
             Route("/v1/sessions/{session_id}/automerge", get_automerge, methods=["GET"]),
             Route("/v1/status", status, methods=["GET"]),
+            Route("/v1/site/entries", add_site_entry, methods=["POST"]),
         ],
         exception_handlers={LocalRequestError: on_local_error, HTTPException: on_http_error},
     )

@@ -36,6 +36,7 @@ touching the cloud, which is what happens on a real site.
 
 from __future__ import annotations
 
+
 import argparse
 import contextlib
 import json
@@ -61,6 +62,8 @@ import trio
 from automerge.core import Document
 
 from crdt import read_session
+
+from ._security import create_site, enroll
 
 DEFAULT_NODES = 5
 DEFAULT_DURATION = 40.0
@@ -554,15 +557,21 @@ class Demo:
             proxy = UplinkProxy("127.0.0.1", cloud_port)
             proxy.bind()
             self.proxies[i] = proxy
+        # The real thing: a site with its keys, every node enrolled (sealed mesh
+        # traffic, certified device keys), and a cloud that trusts only that site.
+        site_dir = self.workdir / "site"
+        create_site(site_dir, "demo-field", now=time.time())
+        for name in self.names:
+            enroll(site_dir, name, self.workdir / name, now=time.time())
         self.children.append(spawn_meshnode("cloud", [
             "cloud", "--db", f"sqlite:///{self.workdir / 'cloud.db'}", "--bind", "127.0.0.1",
-            "--port", str(cloud_port), "--log-level", "warning",
+            "--port", str(cloud_port), "--log-level", "warning", "--site", str(site_dir),
         ], self.workdir))  # fmt: skip
         for i, (name, host) in enumerate(zip(self.names, self.hosts, strict=True)):
             args = [
                 "run", "--node-id", name, "--data-dir", str(self.workdir / name), "--bind", host,
                 "--coap-port", str(coap_port), "--http-port", str(http_port), "--no-mdns",
-                "--site", "demo-field", "--log-level", "warning",
+                "--log-level", "warning",
             ]  # fmt: skip
             for j, other in enumerate(self.hosts):
                 if j != i:

@@ -42,6 +42,11 @@ import trio
 
 from crdt import (
     EVENT_TYPES,
+    SITE_CONFIG_ID,
+    fold,
+    new_site_config,
+    read_site_config,
+    site_config_put,
     TRANSITIONS,
     AsyncDocStore,
     EventSigner,
@@ -90,7 +95,21 @@ from ._protocol import (
     SyncRequest,
     SyncResponse,
 )
-from ._transport import BadRequest, RemoteRefused, Transport, TransportError
+from ._security import (
+    Authorization,
+    BadSiteEntry,
+    Certificate,
+    Identity,
+    Limits,
+    Revocations,
+    Sealer,
+    authenticated_peer,
+    authorize,
+    entry_key,
+    open_network_key_grant,
+    verify_token_list_entry,
+)
+from ._transport import BadRequest, Forbidden, RemoteRefused, Transport, TransportError
 
 log = logging.getLogger("meshnode.node")
 
@@ -137,6 +156,12 @@ class NodeConfig:
     """Seconds a reconciled session stays in active gossip after its receipt."""
     meter_hold: float = 5.0
     """Seconds a meter-only change waits before the leader forwards it, so readings batch."""
+    unknown_token_policy: str = "accept_limited"
+    """Offline policy for an id token that is neither allowed nor revoked nor a driver
+    token: "refuse", or "accept_limited" (start with `unknown_token_limits`, flagged for
+    review in the cloud), like OCPP's AllowOfflineTxForUnknownId."""
+    unknown_token_max_wh: int | None = None
+    unknown_token_max_minutes: int | None = None
     tariff: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TARIFF))
 
 
@@ -198,7 +223,13 @@ class Node:
         discovery: Discovery | Sequence[Discovery] = (),
         wall_clock: Callable[[], float] = time.time,
         cloud: CloudClient | None = None,
+        identity: Identity | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
+        if identity is not None and identity.node_id != config.node_id:
+            raise NodeError(f"node id {config.node_id!r} differs from the enrolled id {identity.node_id!r}")
+        self.identity = identity
+        self.sealer = sealer
         self.config = config
         self.node_id = config.node_id
         self.transport = transport
@@ -209,7 +240,7 @@ class Node:
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
         self.rng = random.Random(f"{seed}:{config.node_id}")
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.signing_key = load_or_create_key(config.data_dir)
+        self.signing_key = identity.signing_key if identity is not None else load_or_create_key(config.data_dir)
         self.signer = EventSigner(self.node_id, self.signing_key)
         self.keyring = Keyring({self.node_id: self.signer.public_key})
         self.store: AsyncDocStore | None = None
@@ -268,6 +299,10 @@ class Node:
             )
             self._route()
             self.archived = set(store.sync.archived_ids())
+            if SITE_CONFIG_ID not in self.replica.docs:
+                site_doc = new_site_config(self.config.site, actor=self._actor(SITE_CONFIG_ID))
+                await self._persist(SITE_CONFIG_ID, self.replica.add(SITE_CONFIG_ID, site_doc))
+            self._apply_site_config()
             for doc_id in sorted(docs):
                 self._note_stored(doc_id)
             log.info("node %s serving at %s with %d documents", self.node_id, self.transport.address, len(docs))
@@ -341,21 +376,35 @@ class Node:
     # --- local operations (API, simulator) -----------------------------------------
 
     async def create_session(
-        self, charger: str, connector: int, id_token: str, *, meter_wh: int | None = None
+        self,
+        charger: str,
+        connector: int,
+        id_token: str,
+        *,
+        meter_wh: int | None = None,
+        driver_token: str | None = None,
     ) -> dict[str, Any]:
-        """Start a session on this node: authorise it and start charging.
+        """Start a session on this node: authorise it offline and start charging.
 
         Returns once the session is durable on this node.
+
+        Raises:
+            LocalRequestError: 403 when the offline authorisation refuses the driver.
         """
+        auth = self.authorize(id_token, driver_token)
+        if not auth.accepted:
+            raise LocalRequestError(403, f"not authorised offline: {auth.reason}")
+        auth_data: dict[str, Any] = {"id_token": id_token, "auth": auth.reason, "review": auth.review}
+        if auth.limits is not None:
+            auth_data["limits"] = {"max_wh": auth.limits.max_wh, "max_minutes": auth.limits.max_minutes}
         session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
         doc = new_session_doc(
             session_id, site=self.config.site, charger=charger, connector=connector, id_token=id_token,
             tariff=self.config.tariff, created_by=self.node_id, actor=self._actor(session_id),
         )
         ts = self._wall_ms()
-        add_event(doc, self.signer.sign("authorize", session_id, ts, data={"id_token": id_token}),
-                  public_key=self.signer.public_key)
-        add_event(doc, self.signer.sign("start", session_id, ts, meter_wh=meter_wh), public_key=self.signer.public_key)
+        add_event(doc, self.signer.sign("authorize", session_id, ts, data=auth_data), public_key=self._declared_key)
+        add_event(doc, self.signer.sign("start", session_id, ts, meter_wh=meter_wh), public_key=self._declared_key)
         changes = self.replica.add(session_id, doc)
         await self._persist(session_id, changes)
         self._changed(session_id, source=None)
@@ -379,11 +428,132 @@ class Node:
             )
         heads = doc.get_heads()
         doc.set_actor(self._actor(session_id))
-        event = self.signer.sign(type, session_id, self._wall_ms(), meter_wh=meter_wh)
-        add_event(doc, event, public_key=self.signer.public_key)
+        now_ms = self._wall_ms()
+        event = self.signer.sign(type, session_id, now_ms, meter_wh=meter_wh)
+        add_event(doc, event, public_key=self._declared_key)
+        limit = self._limit_reached(view, type, meter_wh, now_ms)
+        if limit is not None:
+            # An offline session accepted with limits ends when it reaches them.
+            add_event(doc, self.signer.sign("stop", session_id, now_ms, meter_wh=meter_wh, data={"reason": limit}),
+                      public_key=self._declared_key)
         await self._persist(session_id, self.replica.changes_since(session_id, heads))
         self._changed(session_id, source=None)
         return summarize_event(event)
+
+    @property
+    def _declared_key(self) -> bytes:
+        """What this node writes into a session's `devices` map: its certificate when
+        enrolled (peers and the cloud check it against the site key), else its raw key."""
+        return self.identity.certificate_bytes if self.identity is not None else self.signer.public_key
+
+    def _limit_reached(self, view: SessionView, type: str, meter_wh: int | None, now_ms: int) -> str | None:
+        if type != "meter" or not view.applied:
+            return None
+        limits = view.applied[0].record.data.get("limits") if view.applied[0].record.type == "authorize" else None
+        if not isinstance(limits, dict):
+            return None
+        max_wh, max_minutes = limits.get("max_wh"), limits.get("max_minutes")
+        first = view.first_meter_wh if view.first_meter_wh is not None else meter_wh
+        if isinstance(max_wh, int) and meter_wh is not None and first is not None and meter_wh - first >= max_wh:
+            return "energy_limit"
+        started = view.started_ts
+        if isinstance(max_minutes, int) and started is not None and now_ms - started >= max_minutes * 60_000:
+            return "time_limit"
+        return None
+
+    # --- site config: revocations, network keys, id-token lists, authorisation -----------
+
+    def _site_config(self) -> dict[str, Any]:
+        doc = self.replica.docs.get(SITE_CONFIG_ID)
+        try:
+            return read_site_config(doc) if doc is not None else {}
+        except Exception:
+            log.warning("the site-config document does not read as one", exc_info=True)
+            return {}
+
+    def _apply_site_config(self) -> None:
+        """Revocations and network-key grants in the site config take effect at once."""
+        if self.identity is None or self.sealer is None:
+            return
+        entries = {k: bytes(v) for k, v in self._site_config().get("revocations", {}).items()
+                   if isinstance(v, bytes | list)}
+        self.sealer.revocations = Revocations.from_entries(entries, self.identity.site_public_key)
+        for key, entry in sorted(entries.items()):
+            if key.startswith("netkey:"):
+                try:
+                    grant = open_network_key_grant(entry, self.identity)
+                except BadSiteEntry as exc:
+                    log.warning("site-config entry %s refused: %s", key, exc)
+                    continue
+                if grant is not None:
+                    self.sealer.apply_grant(grant)
+
+    def _cloud_keys(self) -> list[bytes]:
+        return [self.identity.cloud_public_key] if self.identity and self.identity.cloud_public_key else []
+
+    def authorize(self, id_token: str, driver_token: str | None) -> Authorization:
+        """The offline authorisation decision for a driver (see `security.authorize`)."""
+        config = self._site_config()
+
+        def entries(name: str) -> dict[str, bytes]:
+            return {k: bytes(v) for k, v in config.get(name, {}).items() if isinstance(v, bytes | list)}
+
+        limits = None
+        if self.config.unknown_token_max_wh is not None or self.config.unknown_token_max_minutes is not None:
+            limits = Limits(self.config.unknown_token_max_wh, self.config.unknown_token_max_minutes)
+        return authorize(
+            id_token,
+            driver_token_text=driver_token,
+            allowed_entries=entries("id_tokens_allowed"),
+            revoked_entries=entries("id_tokens_revoked"),
+            policy=self.config.unknown_token_policy,  # type: ignore[arg-type]
+            limits=limits,
+            cloud_public_key=self._cloud_keys(),
+            now=self.wall_clock(),
+        )
+
+    async def add_site_entry(self, entry: bytes) -> dict[str, Any]:
+        """Put a signed site entry into the replicated site config.
+
+        Accepted: a revocation or network-key grant signed by the site key, or an
+        allowed/revoked id-token entry signed by the cloud. Anything else is refused
+        (400) and changes nothing.
+        """
+        section, key = self._classify_entry(entry)
+        doc = self.replica.docs[SITE_CONFIG_ID]
+        heads = doc.get_heads()
+        doc.set_actor(self._actor(SITE_CONFIG_ID))
+        site_config_put(doc, section, key, entry)
+        await self._persist(SITE_CONFIG_ID, self.replica.changes_since(SITE_CONFIG_ID, heads))
+        self._changed(SITE_CONFIG_ID, source=None)
+        return {"section": section, "key": key}
+
+    def _classify_entry(self, entry: bytes) -> tuple[str, str]:
+        if self.identity is not None:
+            try:
+                key = entry_key(entry)
+            except Exception:
+                key = None
+            if key is not None:
+                if key.startswith("netkey:"):
+                    try:
+                        open_network_key_grant(entry, self.identity)
+                    except BadSiteEntry as exc:
+                        raise LocalRequestError(400, f"network-key grant refused: {exc}") from exc
+                    return "revocations", key
+                checked = Revocations.from_entries({key: entry}, self.identity.site_public_key)
+                if checked.rejected:
+                    raise LocalRequestError(400, f"revocation refused: {checked.rejected}")
+                return "revocations", key
+        if self._cloud_keys():
+            try:
+                listed = verify_token_list_entry(entry, self._cloud_keys())
+            except Exception as exc:
+                raise LocalRequestError(400, f"not a site entry this node can verify: {exc}") from exc
+            return ("id_tokens_allowed" if listed.allowed else "id_tokens_revoked"), listed.token_id
+        raise LocalRequestError(
+            400, "this node cannot verify site entries: it is not enrolled (or its site has no cloud.pub)"
+        )
 
     async def _persist(self, doc_id: str, changes: list[tuple[bytes, bytes]]) -> None:
         assert self.store is not None, "the node is not serving"
@@ -402,7 +572,10 @@ class Node:
         of the node count), and anti-entropy rounds cover anyone missed.
         """
         before = self._fold_cache.pop(doc_id, None)
-        self._track(doc_id, before[2] if before else None, size)
+        if doc_id == SITE_CONFIG_ID:
+            self._apply_site_config()
+        else:
+            self._track(doc_id, before[2] if before else None, size)
         for n in self.neighbours.values():
             if n.node_id != source:
                 n.unsynced.add(doc_id)
@@ -502,12 +675,30 @@ class Node:
         cached = self._fold_cache.get(session_id)
         if cached is not None and cached[0] == hh:
             return cached[1], cached[2]
-        data, view = fold_session(doc, self.keyring, trust_document_keys=True)
+        if self.identity is None:
+            data, view = fold_session(doc, self.keyring, trust_document_keys=True)
+        else:
+            data = read_session(doc)
+            view = fold(data.session_id, data.events, self._certified_keyring(data),
+                        receipt_present=data.receipt is not None)
         self._fold_cache[session_id] = (hh, data, view)
         return data, view
 
+    def _certified_keyring(self, data: SessionData) -> Keyring:
+        """Device keys vouched for by certificates (signed by our site) in the document."""
+        assert self.identity is not None
+        ring = Keyring({self.node_id: self.signer.public_key})
+        for device_id, blob in sorted(data.devices.items()):
+            try:
+                cert = Certificate.decode(blob, self.identity.site_public_key)
+            except Exception:
+                continue  # a raw or foreign key: its events will not verify here
+            if cert.node_id == device_id:
+                ring.add(device_id, cert.public_key)
+        return ring
+
     def session_json(self, session_id: str) -> dict[str, Any]:
-        if session_id not in self.replica.docs:
+        if session_id == SITE_CONFIG_ID or session_id not in self.replica.docs:
             raise LocalRequestError(404, f"no session {session_id!r} on this node")
         data, view = self.fold(session_id)
         receipt = None
@@ -537,6 +728,8 @@ class Node:
     def sessions_json(self) -> list[dict[str, Any]]:
         out = []
         for doc_id in sorted(self.replica.docs):
+            if doc_id == SITE_CONFIG_ID:
+                continue
             try:
                 out.append(self.session_json(doc_id))
             except Exception:
@@ -545,7 +738,7 @@ class Node:
 
     def automerge_bytes(self, session_id: str) -> bytes:
         doc = self.replica.docs.get(session_id)
-        if doc is None:
+        if doc is None or session_id == SITE_CONFIG_ID:
             raise LocalRequestError(404, f"no session {session_id!r} on this node")
         return doc.save()
 
@@ -590,7 +783,7 @@ class Node:
             "site": self.config.site,
             "incarnation": self.membership.self_record.incarnation,
             "peers": peers,
-            "documents": len(self.replica.docs),
+            "documents": len(self.replica.docs) - (SITE_CONFIG_ID in self.replica.docs),
             "archived": len(self.archived),
             "leader": self.leader,
             "leader_changes": self.leader_changes,
@@ -601,7 +794,22 @@ class Node:
             "sync_state": sync_state,
             "transport": dataclasses.asdict(self.transport.stats),
             "counters": dict(self.counters),
+            "security": self._security_status(),
         }
+
+    def _security_status(self) -> dict[str, Any]:
+        if self.identity is None:
+            return {"enrolled": False, "mode": "insecure"}
+        out: dict[str, Any] = {
+            "enrolled": True,
+            "certificate_serial": self.identity.certificate.serial,
+            "certificate_not_after": self.identity.certificate.not_after,
+            "site": self.identity.site_name,
+        }
+        if self.sealer is not None:
+            out["refused"] = dict(sorted(self.sealer.refused.items()))
+            out["revocations"] = len(self._site_config().get("revocations", {}))
+        return out
 
     # --- discovery ---------------------------------------------------------------------
 
@@ -796,7 +1004,7 @@ class Node:
                 errors[d] = ARCHIVED
                 continue
             try:
-                changes = self.replica.receive(peer, d, m, validate=functools.partial(_check_session, d))
+                changes = self.replica.receive(peer, d, m, validate=functools.partial(_check_document, self.config.site, d))
             except InvalidSyncMessage as exc:
                 errors[d] = str(exc)
                 self.counters["sync_requests_refused"] += 1
@@ -826,12 +1034,20 @@ class Node:
         """A peer reached us directly: it is a neighbour (at `remote` unless we know better)."""
         if node_id == self.node_id:
             raise BadRequest("request claims to come from this node's own id")
+        self._check_sender(node_id)
         known = self.neighbours.get(node_id)
         self._direct_ok(node_id, known.address if known else remote)
+
+    def _check_sender(self, node_id: str) -> None:
+        """On sealed traffic, `from` must be the node whose certificate signed the request."""
+        peer = authenticated_peer.get()
+        if peer is not None and peer != node_id:
+            raise Forbidden(f"request says it is from {node_id!r} but was signed by {peer!r}")
 
     async def _on_members(self, payload: bytes, remote: str) -> bytes:
         assert self.membership is not None
         request = MembersRequest.decode(payload)
+        self._check_sender(request.sender)
         sender = next((r for r in request.records if r.node_id == request.sender), None)
         self._requester(request.sender, sender.address if sender else remote)
         self.membership.merge(request.records, self.now())
@@ -841,6 +1057,7 @@ class Node:
         request = DigestRequest.decode(payload)
         if request.sender == self.node_id:
             raise BadRequest("request claims to come from this node's own id")
+        self._check_sender(request.sender)
         self._requester(request.sender, remote)
         mine = self.replica.heads_hashes()
         buckets = differing_buckets(make_digest(mine), list(request.buckets))
@@ -850,6 +1067,7 @@ class Node:
         request = SyncRequest.decode(payload)
         if request.sender == self.node_id:
             raise BadRequest("request claims to come from this node's own id")
+        self._check_sender(request.sender)
         # Refuse the whole request, before changing anything, if a message does not parse.
         for d, m in request.msgs.items():
             if m is not None:
@@ -873,8 +1091,13 @@ class Node:
         return SyncResponse(replies, errors).encode()
 
 
-def _check_session(doc_id: str, doc: Any) -> None:
-    """A document received for the first time must be a session stored under its own id."""
+def _check_document(site: str, doc_id: str, doc: Any) -> None:
+    """A document received for the first time must be our site's config, or a
+    session stored under its own id."""
+    if doc_id == SITE_CONFIG_ID:
+        if read_site_config(doc).get("site") != site:
+            raise ProtocolError("the site-config document belongs to another site")
+        return
     session_id = read_session(doc).session_id
     if session_id != doc_id:
         raise ProtocolError(f"document {doc_id!r} holds session {session_id!r}")

@@ -17,6 +17,7 @@ import logging
 import secrets
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ RUN_DEFAULTS: dict[str, Any] = {
     "cloud_url": None,
     "retention": 3600.0,
     "probe_interval": 5.0,
+    "insecure": False,
+    "unknown_token_policy": "accept_limited",
+    "unknown_token_max_wh": None,
+    "unknown_token_max_minutes": None,
 }
 
 
@@ -72,6 +77,53 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--probe-interval", type=float, metavar="SECONDS",
                      help="how often the uplink to the cloud is probed (default 5)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    run.add_argument("--insecure", action="store_true", default=None,
+                     help="run without enrolment: mesh traffic unauthenticated and unencrypted (labs only)")
+    run.add_argument("--unknown-token-policy", choices=["refuse", "accept_limited"],
+                     help="offline policy for an id token that is not on the site's lists "
+                     "(default accept_limited: start, with the limits below, flagged for review)")
+    run.add_argument("--unknown-token-max-wh", type=int, metavar="WH", help="energy cap for such sessions")
+    run.add_argument("--unknown-token-max-minutes", type=int, metavar="MIN", help="time cap for such sessions")
+
+    site = sub.add_parser("site", help="create and manage a site: keys, revocations, network key")
+    site_sub = site.add_subparsers(dest="site_command", metavar="SITE_COMMAND")
+    site_init = site_sub.add_parser("init", help="create a site: site key, network key (in --site DIR)")
+    site_init.add_argument("--site", default=".", metavar="DIR", help="where the site's files go (default .)")
+    site_init.add_argument("--name", help="the site's name (default: the folder's name)")
+    site_revoke = site_sub.add_parser("revoke", help="revoke a node; the entry travels in the site config")
+    site_revoke.add_argument("--site", default=".", metavar="DIR")
+    who = site_revoke.add_mutually_exclusive_group(required=True)
+    who.add_argument("--node-id", help="revoke every certificate of this node issued so far")
+    who.add_argument("--serial", help="revoke one certificate")
+    site_revoke.add_argument("--reason", default="")
+    site_revoke.add_argument("--http", metavar="URL", help="hand the entry to this node's API (it spreads from there)")
+    site_rotate = site_sub.add_parser("rotate-network-key", help="make a new network key and grant it to every node")
+    site_rotate.add_argument("--site", default=".", metavar="DIR")
+    site_rotate.add_argument("--activate-in", type=float, default=600.0, metavar="SECONDS")
+    site_rotate.add_argument("--retire-after", type=float, default=7 * 86400.0, metavar="SECONDS")
+    site_rotate.add_argument("--http", metavar="URL", help="hand the grant to this node's API")
+
+    enroll = sub.add_parser("enroll", help="enrol a node: its key and a certificate signed by the site key")
+    enroll.add_argument("--node-id", required=True)
+    enroll.add_argument("--data-dir", required=True, metavar="DIR")
+    enroll.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
+    enroll.add_argument("--role", action="append", choices=["charger", "gateway", "operator"],
+                        help="roles in the certificate (default charger)")
+    enroll.add_argument("--valid-days", type=float, default=365.0)
+
+    token = sub.add_parser("token", help="driver tokens and id-token list entries, signed with the cloud key")
+    token_sub = token.add_subparsers(dest="token_command", metavar="TOKEN_COMMAND")
+    issue = token_sub.add_parser("issue", help="print a driver token a node can check offline")
+    issue.add_argument("--cloud-key", required=True, metavar="FILE", help="the cloud's signing key file")
+    issue.add_argument("--token-id", required=True)
+    issue.add_argument("--max-wh", type=int)
+    issue.add_argument("--max-minutes", type=int)
+    issue.add_argument("--valid-days", type=float, default=30.0)
+    listing = token_sub.add_parser("list", help="allow or revoke an id token on the site's offline list")
+    listing.add_argument("--cloud-key", required=True, metavar="FILE")
+    listing.add_argument("--token-id", required=True)
+    listing.add_argument("--revoke", action="store_true", help="revoke instead of allow")
+    listing.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
 
     status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
     status.add_argument("--http", default="http://127.0.0.1:8080", metavar="URL",
@@ -94,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--certfile", metavar="FILE", help="TLS certificate (serve HTTPS)")
     cloud.add_argument("--keyfile", metavar="FILE", help="TLS private key")
     cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    cloud.add_argument("--site", metavar="DIR", help="trust only devices with a certificate from this site "
+                       "(its site.pub); without it, keys that devices declare are trusted on first use")
 
     demo = sub.add_parser(
         "demo",
@@ -184,10 +238,30 @@ async def run_node(settings: dict[str, Any]) -> None:
     from ._discovery import StaticDiscovery
     from ._node import Node, NodeConfig
 
+    from ._security import Identity, SealedTransport, Sealer
+
     data_dir = Path(settings["data_dir"])
-    node_id = node_id_for(data_dir, settings["node_id"])
+    identity = Identity.load(data_dir, node_id=settings["node_id"], now=time.time())
+    if identity is None:
+        if not settings["insecure"]:
+            raise ConfigError(
+                f"{data_dir} is not enrolled. Enrol it: meshnode enroll --node-id ID --data-dir {data_dir} "
+                "--site SITE_DIR (after meshnode site init --site SITE_DIR), or run with --insecure (labs only)"
+            )
+        node_id = node_id_for(data_dir, settings["node_id"])
+        logging.getLogger("meshnode").warning(
+            "INSECURE: node %s runs without enrolment: mesh traffic is neither authenticated nor encrypted, "
+            "and anyone on the network can read and write sessions", node_id)
+    else:
+        node_id = identity.node_id
+        settings["site"] = identity.site_name
     async with trio_asyncio.open_loop():
-        async with open_coap_transport(settings["bind"], settings["coap_port"]) as transport:
+        async with open_coap_transport(settings["bind"], settings["coap_port"]) as coap:
+            sealer = None
+            transport: Any = coap
+            if identity is not None:
+                sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=time.time())
+                transport = SealedTransport(coap, sealer)
             discoveries: list[Any] = []
             if settings["peer"]:
                 discoveries.append(StaticDiscovery(settings["peer"]))
@@ -198,9 +272,14 @@ async def run_node(settings: dict[str, Any]) -> None:
             node = Node(
                 NodeConfig(node_id=node_id, data_dir=data_dir, site=settings["site"],
                            cloud_url=settings["cloud_url"], retention=float(settings["retention"]),
-                           probe_interval=float(settings["probe_interval"])),
+                           probe_interval=float(settings["probe_interval"]),
+                           unknown_token_policy=settings["unknown_token_policy"],
+                           unknown_token_max_wh=settings["unknown_token_max_wh"],
+                           unknown_token_max_minutes=settings["unknown_token_max_minutes"]),
                 transport=transport,
                 discovery=discoveries,
+                identity=identity,
+                sealer=sealer,
             )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
@@ -210,11 +289,81 @@ async def run_node(settings: dict[str, Any]) -> None:
                         "ready": True, "node_id": node_id, "coap": transport.address,
                         "http": f"http://{settings['bind']}:{settings['http_port']}",
                         "mdns": not settings["no_mdns"], "peers": settings["peer"],
+                        "enrolled": identity is not None,
                     }), flush=True)
                     async for signum in signals:
                         logging.getLogger("meshnode").info("signal %d: stopping", signum)
                         nursery.cancel_scope.cancel()
                         break
+
+
+def _hand_to_node(url: str | None, entry: bytes) -> int:
+    """Print an entry (hex), and hand it to a node's API when asked."""
+    print(entry.hex())
+    if url is None:
+        print("hand it to any node: curl -XPOST URL/v1/site/entries -d '{\"entry\": \"HEX\"}' "
+              "(or pass --http URL); it spreads through the mesh", file=sys.stderr)
+        return 0
+    import httpx
+
+    try:
+        response = httpx.post(url.rstrip("/") + "/v1/site/entries", json={"entry": entry.hex()}, timeout=10.0)
+    except httpx.HTTPError as exc:
+        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 201:
+        print(f"{url} refused the entry: {response.text}", file=sys.stderr)
+        return 1
+    print(f"handed to {url}: {response.json()}", file=sys.stderr)
+    return 0
+
+
+def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`meshnode site ...`, `meshnode enroll`, `meshnode token ...`."""
+    import nacl.signing
+
+    from . import _security as sec
+
+    now = time.time()
+    if args.command == "enroll":
+        path = sec.enroll(Path(args.site), args.node_id, Path(args.data_dir), roles=tuple(args.role or ["charger"]),
+                          valid_for=args.valid_days * 86400, now=now)
+        print(f"enrolled {args.node_id} in {args.data_dir} (certificate {path}); "
+              f"start it with: meshnode run --data-dir {args.data_dir}")
+        return 0
+    if args.command == "site":
+        if args.site_command == "init":
+            site_dir = Path(args.site)
+            site = sec.create_site(site_dir, args.name or site_dir.resolve().name, now=now)
+            print(f"site {site.name!r} created in {site_dir}: keep site.key offline; "
+                  f"enrol nodes with: meshnode enroll --node-id ID --data-dir DIR --site {site_dir}")
+            return 0
+        if args.site_command == "revoke":
+            _, entry = sec.site_revoke(Path(args.site), node_id=args.node_id, serial=args.serial, now=now,
+                                       reason=args.reason)
+            return _hand_to_node(args.http, entry)
+        if args.site_command == "rotate-network-key":
+            _, grant = sec.site_rotate_network_key(Path(args.site), now=now, activate_in=args.activate_in,
+                                                   retire_previous_after=args.retire_after)
+            return _hand_to_node(args.http, grant)
+        parser.parse_args(["site", "--help"])
+        return 2
+    if args.command == "token":
+        if args.token_command not in ("issue", "list"):
+            parser.parse_args(["token", "--help"])
+            return 2
+        from uplink import load_or_create_cloud_key
+
+        if not Path(args.cloud_key).exists():
+            raise sec.LocalSecurityError(f"no cloud key at {args.cloud_key}: it is created by meshnode cloud")
+        key: nacl.signing.SigningKey = load_or_create_cloud_key(args.cloud_key)
+        if args.token_command == "issue":
+            print(sec.issue_driver_token(key, args.token_id, max_wh=args.max_wh, max_minutes=args.max_minutes,
+                                         not_after=now + args.valid_days * 86400))
+            return 0
+        entry = sec.signed_token_list_entry(key, args.token_id, not args.revoke, now)
+        return _hand_to_node(args.http, entry)
+    return 2
 
 
 def run_cloud(args: argparse.Namespace) -> int:
@@ -225,13 +374,27 @@ def run_cloud(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    trust: dict[str, Any] = {}
+    if args.site:
+        from ._security import Certificate, load_site
+
+        site_public_key = load_site(Path(args.site)).public_key
+
+        def certify(device_id: str, declared: bytes) -> bytes | None:
+            try:
+                cert = Certificate.decode(declared, site_public_key)
+            except Exception:
+                return None
+            return cert.public_key if cert.node_id == device_id else None
+
+        trust = {"certify": certify, "trust_document_keys": False}
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 urls = await nursery.start(functools.partial(
                     serve_cloud, args.db, args.bind, args.port, key_path=args.key,
-                    certfile=args.certfile, keyfile=args.keyfile))
+                    certfile=args.certfile, keyfile=args.keyfile, **trust))
                 print(json.dumps({"ready": True, "urls": urls, "db": args.db}), flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
@@ -299,10 +462,28 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             trio.run(run_node, settings)
+        except ConfigError as exc:
+            print(f"meshnode run: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"meshnode run: {exc}", file=sys.stderr)
             return 1
+        except Exception as exc:
+            from ._security import LocalSecurityError
+
+            if isinstance(exc, LocalSecurityError):
+                print(f"meshnode run: {exc}", file=sys.stderr)
+                return 1
+            raise
         return 0
+    if args.command in ("site", "enroll", "token"):
+        from ._security import LocalSecurityError
+
+        try:
+            return run_security_command(parser, args)
+        except LocalSecurityError as exc:
+            print(f"meshnode {args.command}: {exc}", file=sys.stderr)
+            return 1
     if args.command == "cloud":
         return run_cloud(args)
     if args.command == "status":

@@ -19,10 +19,12 @@ class NodeProcess:
     """One `meshnode run` child process bound to its own loopback address."""
 
     def __init__(self, name: str, host: str, data_dir: Path, *, coap_port: int, http_port: int,
-                 peers: list[str] = (), mdns: bool = False, extra: list[str] = ()) -> None:
+                 peers: list[str] = (), mdns: bool = False, extra: list[str] = (),
+                 insecure: bool = True) -> None:
         self.name, self.host, self.data_dir = name, host, data_dir
         self.coap_port, self.http_port = coap_port, http_port
         self.peers, self.mdns, self.extra = list(peers), mdns, list(extra)
+        self.insecure = insecure  # False: the data dir must be enrolled
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = data_dir.parent / f"{name}.log"
 
@@ -42,6 +44,8 @@ class NodeProcess:
             args += ["--peer", p]
         if not self.mdns:
             args.append("--no-mdns")
+        if self.insecure:
+            args.append("--insecure")
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True,
                                      cwd=Path(__file__).resolve().parent.parent)

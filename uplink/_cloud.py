@@ -367,6 +367,13 @@ def check_chains(new: Iterable[ChainLink], stored: Iterable[ChainLink]) -> list[
     return verdicts
 
 
+Certify = Callable[[str, bytes], "bytes | None"]
+"""`certify(device_id, declared)` -> the device's public key if `declared` (from a
+session's `devices` map) is a certificate the service trusts for that device, else
+None. The caller supplies it (the cloud cannot import `meshnode`, where
+certificates live); `meshnode cloud --site DIR` builds it from the site's key."""
+
+
 @dataclass(frozen=True)
 class SessionKeys:
     keyring: Keyring
@@ -544,8 +551,10 @@ class CloudService:
         trusted_keys: Mapping[str, bytes] | None,
         trust_document_keys: bool,
         wall_clock: Callable[[], float],
+        certify: Certify | None = None,
     ) -> None:
         self.ledger = ledger
+        self._certify = certify
         self.replica = Replica(docs)
         self._key = signing_key
         self._trusted = {d: bytes(k) for d, k in (trusted_keys or {}).items()}
@@ -678,8 +687,14 @@ class CloudService:
         conflicts: list[tuple[str, str, str]] = []
 
         devices = set(data.devices) | {d for b in data.events.values() if (d := _peek_device(b))}
+        declared = {d: k for d, k in data.devices.items() if len(k) == 32}
+        trusted = self._trusted
+        if self._certify is not None:
+            # Devices that present a certificate from the site we trust.
+            certified = {d: k for d, blob in sorted(data.devices.items()) if (k := self._certify(d, blob)) is not None}
+            trusted = {**certified, **self._trusted}
         keys = session_keys(
-            self._trusted, tx.device_keys(devices), data.devices, trust_document_keys=self._trust_document_keys
+            trusted, tx.device_keys(devices), declared, trust_document_keys=self._trust_document_keys
         )
         tx.pin_devices(keys.new_pins, doc_id, now)
         conflicts += [(f"device:{d}", KEY_MISMATCH, detail) for d, detail in keys.mismatches]
@@ -919,6 +934,7 @@ async def open_cloud(
     signing_key: nacl.signing.SigningKey,
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
+    certify: Certify | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[CloudService]:
     """Open the database, load every session document, and hand out the service.
@@ -943,6 +959,7 @@ async def open_cloud(
             signing_key=signing_key,
             trusted_keys=trusted_keys,
             trust_document_keys=trust_document_keys,
+            certify=certify,
             wall_clock=wall_clock,
         )
     finally:
@@ -956,6 +973,7 @@ def create_cloud_app(
     signing_key: nacl.signing.SigningKey,
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
+    certify: Certify | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The service as a standalone ASGI app: its lifespan opens and closes the database.
@@ -971,6 +989,7 @@ def create_cloud_app(
             signing_key=signing_key,
             trusted_keys=trusted_keys,
             trust_document_keys=trust_document_keys,
+            certify=certify,
             wall_clock=wall_clock,
         ) as cloud:
             app.state.cloud = cloud
@@ -988,6 +1007,7 @@ async def serve_cloud(
     key_path: str | os.PathLike[str] | None = None,
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
+    certify: Certify | None = None,
     certfile: str | None = None,
     keyfile: str | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -1009,6 +1029,7 @@ async def serve_cloud(
         signing_key=signing_key,
         trusted_keys=trusted_keys,
         trust_document_keys=trust_document_keys,
+        certify=certify,
         wall_clock=wall_clock,
     ) as cloud:
         config = HypercornConfig()
