@@ -1,0 +1,209 @@
+"""Security at the node level: enrolled nodes on sealed in-memory transports.
+
+Unenrolled peers are refused and counted, replays and tampering change nothing,
+a revocation cuts a node off once it has spread, drivers are authorised offline
+with signed tokens, and the store holds nothing in clear.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nacl.signing
+import pytest
+import trio
+
+from meshnode._discovery import StaticDiscovery
+from meshnode._node import LocalRequestError, Node, NodeConfig
+from meshnode._protocol import SyncRequest
+from meshnode._security import (
+    Identity,
+    SealedTransport,
+    Sealer,
+    create_site,
+    enroll,
+    issue_driver_token,
+    site_revoke,
+)
+from meshnode._transport import MemoryNetwork, RemoteRefused
+
+
+class SecureMesh:
+    def __init__(self, tmp_path: Path, nursery: trio.Nursery, *, cloud_key: nacl.signing.SigningKey | None = None):
+        self.tmp_path, self.nursery = tmp_path, nursery
+        self.net = MemoryNetwork()
+        self.site_dir = tmp_path / "site"
+        create_site(self.site_dir, "field", now=time.time())
+        if cloud_key is not None:
+            (self.site_dir / "cloud.pub").write_bytes(bytes(cloud_key.verify_key))
+        self.nodes: dict[str, Node] = {}
+        self.transports: dict[str, SealedTransport] = {}
+        self.scopes: dict[str, trio.CancelScope] = {}
+
+    @staticmethod
+    def address(name: str) -> str:
+        return f"10.0.0.{int(name[1:])}:5683"
+
+    async def start(self, name: str, peers: list[str], *, enrolled: bool = True, **config) -> Node:
+        data_dir = self.tmp_path / name
+        if enrolled and not (data_dir / "node.cert").exists():
+            enroll(self.site_dir, name, data_dir, now=time.time())
+        holder: dict[str, Node] = {}
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                self.scopes[name] = scope
+                async with self.net.transport(self.address(name)) as inner:
+                    identity = Identity.load(data_dir) if enrolled else None
+                    transport, sealer = inner, None
+                    if identity is not None:
+                        sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=time.time())
+                        transport = SealedTransport(inner, sealer)
+                        self.transports[name] = transport
+                    node = Node(
+                        NodeConfig(node_id=name, data_dir=data_dir, site="field", seed=3, **config),
+                        transport=transport, discovery=StaticDiscovery([self.address(p) for p in peers]),
+                        identity=identity, sealer=sealer,
+                    )
+                    holder["node"] = node
+                    async with trio.open_nursery() as inner_nursery:
+                        await inner_nursery.start(node.serve)
+                        task_status.started()
+                        await trio.sleep_forever()
+
+        await self.nursery.start(run)
+        self.nodes[name] = holder["node"]
+        return holder["node"]
+
+
+async def wait_for(predicate, timeout=60.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.1)
+
+
+def refused(node: Node) -> int:
+    return sum(node.sealer.refused.values()) if node.sealer is not None else 0
+
+
+async def test_unenrolled_node_can_neither_read_nor_write(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery)
+        a = await mesh.start("n1", ["n2", "n9"])
+        b = await mesh.start("n2", ["n1", "n9"])
+        intruder = await mesh.start("n9", ["n1", "n2"], enrolled=False)
+        sid = (await a.create_session("bay-1", 1, "TOKEN-1"))["session_id"]
+        mine = (await intruder.create_session("fake", 1, "X"))["session_id"]
+        await wait_for(lambda: sid in b.replica.docs)
+        await trio.sleep(10)  # many gossip rounds
+        assert sid not in intruder.replica.docs  # cannot read
+        assert mine not in a.replica.docs and mine not in b.replica.docs  # cannot write
+        assert refused(a) > 0 and refused(b) > 0  # refused and counted
+        assert a.status_json()["security"]["refused"]
+        # It still discovers the mesh through the open resource.
+        assert {"n1", "n2"} <= set(intruder.neighbours)
+        nursery.cancel_scope.cancel()
+
+
+async def test_replayed_and_tampered_requests_change_nothing(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery)
+        a = await mesh.start("n1", [])
+        b = await mesh.start("n2", [])
+        sid = (await b.create_session("bay-2", 1, "T"))["session_id"]
+        # n2 asks n1 for nothing but sends its document: capture the sealed bytes on the way.
+        msg = b.replica.generate("n1", sid)
+        sealed, _ = b.sealer.seal_request("/m/sync", SyncRequest("n2", {sid: msg}).encode(), time.time())
+        inner = mesh.transports["n2"].inner
+        await inner.request(mesh.address("n1"), "/m/sync", sealed)  # the original: accepted
+        heads = {d: doc.get_heads() for d, doc in a.replica.docs.items()}
+        before = refused(a)
+        for bad in (sealed, sealed[:-7], sealed[:40] + bytes([sealed[40] ^ 1]) + sealed[41:], b"\x00" * 64):
+            with pytest.raises(RemoteRefused) as info:
+                await inner.request(mesh.address("n1"), "/m/sync", bad)
+            assert info.value.code in ("4.01", "4.03")
+        assert refused(a) == before + 4
+        assert {d: doc.get_heads() for d, doc in a.replica.docs.items()} == heads
+        # A node of another site (wrong network key and certificate) is refused too.
+        other = SecureMesh(tmp_path / "other", nursery)
+        other.net = mesh.net
+        stranger = await other.start("n7", [])
+        stranger_msg = stranger.replica.generate("n1", sid)
+        sealed2, _ = stranger.sealer.seal_request("/m/sync", SyncRequest("n7", {sid: stranger_msg}).encode(), time.time())
+        with pytest.raises(RemoteRefused) as info:
+            await other.transports["n7"].inner.request(mesh.address("n1"), "/m/sync", sealed2)
+        assert info.value.code == "4.01"
+        nursery.cancel_scope.cancel()
+
+
+async def test_revoked_node_is_cut_off_once_the_revocation_spreads(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery)
+        a = await mesh.start("n1", ["n2", "n3"])
+        b = await mesh.start("n2", ["n1", "n3"])
+        c = await mesh.start("n3", ["n1", "n2"])
+        first = (await c.create_session("bay-3", 1, "T"))["session_id"]
+        await wait_for(lambda: first in a.replica.docs and first in b.replica.docs)
+        _, entry = site_revoke(mesh.site_dir, node_id="n3", now=time.time(), reason="stolen")
+        await a.add_site_entry(entry)  # the operator hands it to one node
+        await wait_for(lambda: b.status_json()["security"]["revocations"] == 1)
+        later = (await c.create_session("bay-3", 2, "T"))["session_id"]
+        await trio.sleep(10)
+        assert later not in a.replica.docs and later not in b.replica.docs
+        assert a.sealer.refused.get("revoked", 0) + b.sealer.refused.get("revoked", 0) > 0
+        # The others still talk to each other.
+        sid = (await a.create_session("bay-1", 1, "T"))["session_id"]
+        await wait_for(lambda: sid in b.replica.docs)
+        nursery.cancel_scope.cancel()
+
+
+async def test_offline_authorisation_with_signed_driver_tokens(tmp_path, autojump_clock):
+    cloud_key = nacl.signing.SigningKey(b"c" * 32)
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery, cloud_key=cloud_key)
+        node = await mesh.start("n1", [], unknown_token_policy="refuse")
+        token = issue_driver_token(cloud_key, "DRIVER-7", max_wh=5000, max_minutes=None, not_after=time.time() + 3600)
+        session = await node.create_session("bay-1", 1, "DRIVER-7", driver_token=token, meter_wh=100)
+        assert session["state"] == "charging"
+        authorize_event = node.fold(session["session_id"])[1].applied[0]
+        assert authorize_event.record.data["auth"] == "driver_token"
+        # Its energy limit is enforced offline: the session stops when it is reached.
+        await node.record_event(session["session_id"], "meter", 5200)
+        assert node.session_json(session["session_id"])["state"] == "completed"
+
+        expired = issue_driver_token(cloud_key, "DRIVER-8", max_wh=None, max_minutes=None, not_after=time.time() - 1)
+        with pytest.raises(LocalRequestError, match="token_expired") as info:
+            await node.create_session("bay-1", 1, "DRIVER-8", driver_token=expired)
+        assert info.value.status == 403
+        forged = issue_driver_token(nacl.signing.SigningKey(b"f" * 32), "DRIVER-9", max_wh=None, max_minutes=None,
+                                    not_after=time.time() + 3600)
+        with pytest.raises(LocalRequestError, match="token_invalid"):
+            await node.create_session("bay-1", 1, "DRIVER-9", driver_token=forged)
+        with pytest.raises(LocalRequestError, match="unknown_refused"):
+            await node.create_session("bay-1", 1, "WALK-IN")
+        nursery.cancel_scope.cancel()
+
+
+async def test_unknown_driver_accepted_with_limits_is_flagged_for_review(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery)
+        node = await mesh.start("n1", [], unknown_token_policy="accept_limited", unknown_token_max_wh=1000)
+        session = await node.create_session("bay-1", 1, "WALK-IN", meter_wh=0)
+        data = node.fold(session["session_id"])[1].applied[0].record.data
+        assert (data["auth"], data["review"], data["limits"]["max_wh"]) == ("unknown_accepted", True, 1000)
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_store_on_disk_holds_no_session_content(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery)
+        node = await mesh.start("n1", [])
+        sid = (await node.create_session("bay-secret", 1, "TOKEN-SECRET-99"))["session_id"]
+        await node.record_event(sid, "meter", 987654)
+        nursery.cancel_scope.cancel()
+    import cbor2
+
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "n1").iterdir() if p.name.startswith("store.db"))
+    for secret in (sid.encode(), b"TOKEN-SECRET-99", b"bay-secret", cbor2.dumps(987654), b"meter_wh"):
+        assert secret not in raw
