@@ -748,3 +748,37 @@ def test_database_urls() -> None:
     for bad in ("mysql://h/db", "sqlite://", "/just/a/path"):
         with pytest.raises(LedgerUrlError):
             parse_db_url(bad)
+
+
+async def test_sessions_authorised_offline_for_unknown_drivers_are_flagged_for_review(sqlite_url: str) -> None:
+    signer = make_signer("charger-1")
+    walk_in = new_doc("s-walk")
+    event = signer.sign("authorize", "s-walk", 1000, data={"auth": "unknown_accepted", "review": True})
+    add_event(walk_in, event, public_key=signer.public_key)
+    put(walk_in, signer, "start", "s-walk", 1001, 0)
+    put(walk_in, signer, "stop", "s-walk", 1002, 900)
+    docs = {"s-walk": walk_in, "s-known": completed("s-known", signer, ts=2000)}
+    async with asgi_cloud(sqlite_url) as (_, client):
+        await Leader("node-a", docs).sync(client)
+        rows = by_id((await client.get("/v1/sessions")).json())
+    assert rows["s-walk"]["review"] == "unknown_accepted" and rows["s-walk"]["state"] == "reconciled"
+    assert rows["s-known"]["review"] is None
+
+
+async def test_only_devices_certified_by_the_site_are_trusted(sqlite_url: str) -> None:
+    """`certify` (what `meshnode cloud --site` passes): certificates in the document decide."""
+    enrolled, stranger = make_signer("charger-1"), make_signer("charger-9")
+    certificate = b"CERT:" + enrolled.public_key
+
+    def certify(device_id: str, declared: bytes) -> bytes | None:
+        return declared[5:] if declared.startswith(b"CERT:") and device_id == "charger-1" else None
+
+    good = new_doc("s-1")
+    for kind, ts, meter in (("authorize", 1, None), ("start", 2, 0), ("stop", 3, 700)):
+        add_event(good, enrolled.sign(kind, "s-1", ts, meter_wh=meter), public_key=certificate)
+    docs = {"s-1": good, "s-9": completed("s-9", stranger)}  # the stranger declares a raw key only
+    async with asgi_cloud(sqlite_url, certify=certify, trust_document_keys=False) as (_, client):
+        await Leader("node-a", docs).sync(client)
+        rows = by_id((await client.get("/v1/sessions")).json())
+    assert (rows["s-1"]["state"], rows["s-1"]["energy_wh"]) == ("reconciled", 700)
+    assert (rows["s-9"]["state"], rows["s-9"]["energy_wh"]) == ("idle", 0) and rows["s-9"]["conflicts"] == 4

@@ -772,12 +772,20 @@ class CloudService:
 
         tx.add_conflicts([(doc_id, *c) for c in conflicts], now)
         state = "reconciled" if receipt is not None and view.state == "completed" else view.state
+        # A node that let a driver charge offline on its site's policy for unknown id
+        # tokens says so in the authorize event; such sessions wait for a person.
+        review = next(
+            (str(e.record.data.get("auth") or "offline") for e in view.applied
+             if e.record.type == "authorize" and e.record.data.get("review") is True),
+            None,
+        )
         tx.upsert_ledger({
             "session_id": doc_id, "site": data.site, "charger": data.charger, "connector": data.connector,
             "id_token": data.id_token, "start_ts": view.started_ts, "stop_ts": view.stopped_ts,
             "energy_wh": energy_wh, "cost_cents": cost, "currency": currency, "state": state,
             "conflicts": tx.conflict_count(doc_id), "receipt_heads": receipt_heads, "receipt": receipt,
-            "receipt_ts": receipt_ts, "first_seen": row["first_seen"] if row else now, "updated": now,
+            "receipt_ts": receipt_ts, "review": review, "first_seen": row["first_seen"] if row else now,
+            "updated": now,
         })  # fmt: skip
         tx.save_document(doc_id, doc.save(), heads_hash(doc.get_heads()), now)
         return issued

@@ -86,6 +86,7 @@ _SCHEMA = (
         receipt_heads TEXT,
         receipt       {blob},
         receipt_ts    BIGINT,
+        review        TEXT,
         first_seen    BIGINT NOT NULL,
         updated       BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS events (
@@ -124,7 +125,7 @@ _SCHEMA = (
 LEDGER_COLUMNS = (
     "session_id", "site", "charger", "connector", "id_token", "start_ts", "stop_ts", "energy_wh",
     "cost_cents", "currency", "state", "conflicts", "receipt_heads", "receipt", "receipt_ts",
-    "first_seen", "updated",
+    "review", "first_seen", "updated",
 )  # fmt: skip
 EVENT_COLUMNS = (
     "event_id", "device_id", "seq", "session_id", "type", "ts", "meter_wh", "chain_hash", "prev",
