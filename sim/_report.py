@@ -171,10 +171,11 @@ def plot_topology(result: RunResult, path: Path) -> Path:
                                node_shape="s", label="node with uplink")  # fmt: skip
     if result.leader is not None and result.leader in g:
         nx.draw_networkx_nodes(g, pos, nodelist=[result.leader], ax=ax, node_size=size * 2.5, node_color="tab:red",
-                               node_shape="*", label=f"leader at the end ({result.leader})")  # fmt: skip
+                               node_shape="*", label=f"leader at the end ({result.leader}"
+                               f"{', has an uplink' if result.leader in result.uplinks else ''})")  # fmt: skip
     if n <= 60:
         nx.draw_networkx_labels(g, pos, ax=ax, font_size=7, font_color="white" if n <= 40 else "black")
-    ax.legend(loc="upper right", fontsize=8, markerscale=0.6)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, markerscale=0.6, frameon=False)
     ax.set_title(_title(result, "topology"), fontsize=10)
     ax.set_axis_off()
     fig.tight_layout()
