@@ -616,7 +616,7 @@ class Membership:
         threshold: int = DEFAULT_THRESHOLD,
         bucket_size: int = DEFAULT_BUCKET_SIZE,
     ) -> str | None:
-        """Whom to follow: ``elect_leader`` over ourselves and the live peers (R7, R8).
+        """Whom to follow: ``elect_leader`` over ourselves and the ALIVE peers (R7, R8).
 
         The incumbent is the best live claimant (a node whose record names itself
         as leader) that passes the threshold; ``current`` serves only when nobody
@@ -624,7 +624,11 @@ class Membership:
         """
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
-        records = [self._self, *self.live_peers(now)]
+        # Only ALIVE peers stand: a leader that stopped heartbeating is replaced
+        # once it turns SUSPECT (5 s), not DEAD (15 s), so a dead uplink node
+        # costs a few heartbeat periods. A false suspicion costs a handover,
+        # which costs egress only (two leaders are safe).
+        records = [self._self, *(r for r in self.live_peers(now) if self.state(r.node_id, now) is PeerState.ALIVE)]
         claimants = [r for r in records if r.leader == r.node_id and r.uplink_score >= threshold]
         incumbent = current
         if claimants:

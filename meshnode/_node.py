@@ -114,8 +114,8 @@ from ._transport import BadRequest, Forbidden, RemoteRefused, Transport, Transpo
 log = logging.getLogger("meshnode.node")
 
 API_EVENT_TYPES = ("meter", "pause", "resume", "stop")
-ARCHIVED = "archived"
-"""Per-document sync error: this node retired the (reconciled) session from gossip."""
+ARCHIVE_CACHE = 256
+"""Archived documents kept loaded to serve peers that still sync them."""
 DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}
 
 
@@ -268,6 +268,10 @@ class Node:
             )
             self.forwarder = Forwarder(self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud)
         self.archived: set[str] = set()
+        # Retired sessions a peer still asks about are served from their archived
+        # copy (read-only: nothing a peer sends is stored), so a node that was away
+        # when the receipt came still gets it, and then retires the session too.
+        self._archive_replica = Replica()
         self._actor_salt = ""
         self._receipt_ts: dict[str, int] = {}
 
@@ -913,7 +917,7 @@ class Node:
             await self.transport.request(n.address, "/m/digest", request.encode(), timeout=self.config.request_timeout)
         )
         ours = bucket_entries(mine, reply.buckets)
-        differ = differing_docs(ours, dict(reply.entries))
+        differ = differing_docs(ours, dict(reply.entries)) - self.archived
         n.unsynced = set(differ)
         if differ:
             await self._sync_docs(n, sorted(differ), reset=True)
@@ -971,12 +975,12 @@ class Node:
                 first = False
                 for d, error in reply.errors.items():
                     book.reset(n.node_id, d)
-                    if error == ARCHIVED:
-                        await self._peer_archived(d)
-                    else:
-                        log.warning("peer %s refused our sync message for %s: %s", n.node_id, d, error)
+                    log.warning("peer %s refused our sync message for %s: %s", n.node_id, d, error)
                 await self._apply_messages(n.node_id, reply.msgs)
-                pending = [d for d in pending if msgs.get(d) is not None or d in reply.msgs]
+                # A document the peer refused leaves this exchange (anti-entropy retries it later).
+                pending = [
+                    d for d in pending if d not in reply.errors and (msgs.get(d) is not None or d in reply.msgs)
+                ]
                 if not pending:
                     break
             else:
@@ -988,10 +992,18 @@ class Node:
             raise
         n.unsynced.difference_update(docs)
 
-    async def _peer_archived(self, doc_id: str) -> None:
-        """A neighbour retired a session: the cloud has it, so retire ours too once reconciled."""
-        if doc_id in self.replica.docs and doc_id in self._receipt_ts:
-            await self._archive(doc_id)
+    def _archived_copy(self, doc_id: str) -> bool:
+        """Load an archived document into the read-only archive replica; False if it is gone."""
+        if doc_id in self._archive_replica.docs:
+            return True
+        assert self.store is not None
+        doc = self.store.sync.load(doc_id)
+        if doc is None:
+            return False
+        if len(self._archive_replica.docs) >= ARCHIVE_CACHE:
+            self._archive_replica = Replica()
+        self._archive_replica.docs[doc_id] = doc
+        return True
 
     async def _apply_messages(self, peer: str, msgs: dict[str, bytes] | Any) -> dict[str, str]:
         """Apply sync messages from `peer`; persist new changes; return per-doc errors."""
@@ -1001,7 +1013,11 @@ class Node:
             if m is None:
                 continue
             if d in self.archived:
-                errors[d] = ARCHIVED
+                if self._archived_copy(d):
+                    try:
+                        self._archive_replica.receive(peer, d, m)
+                    except InvalidSyncMessage as exc:
+                        errors[d] = str(exc)
                 continue
             try:
                 changes = self.replica.receive(peer, d, m, validate=functools.partial(_check_document, self.config.site, d))
@@ -1083,9 +1099,12 @@ class Node:
             errors = await self._apply_messages(request.sender, request.msgs)
         replies = {}
         for d in request.msgs:
-            if d in errors or d in self.archived:
+            if d in errors:
                 continue
-            m = self.replica.generate(request.sender, d)
+            if d in self.archived:
+                m = self._archive_replica.generate(request.sender, d) if self._archived_copy(d) else None
+            else:
+                m = self.replica.generate(request.sender, d)
             if m is not None:
                 replies[d] = m
         return SyncResponse(replies, errors).encode()

@@ -193,9 +193,24 @@ class Ledger:
             with self.transaction() as tx:
                 for statement in _SCHEMA:
                     tx.execute(statement.format(blob=self._dialect.blob))
+                self._migrate(tx)
         except BaseException:
             self._conn.close()
             raise
+
+    # Columns added after the first release: (table, column, type). A database made
+    # by an older version gets them on open, so a restarted service never fails on
+    # "no such column" (CREATE TABLE IF NOT EXISTS leaves an old table as it was).
+    _ADDED_COLUMNS = (("ledger", "review", "TEXT"),)
+
+    def _migrate(self, tx: Any) -> None:
+        for table, column, kind in self._ADDED_COLUMNS:
+            if self._dialect.name == "sqlite":
+                present = {row["name"] for row in tx.query(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            else:
+                tx.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
