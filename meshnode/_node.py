@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -114,6 +115,10 @@ from ._transport import BadRequest, Forbidden, RemoteRefused, Transport, Transpo
 log = logging.getLogger("meshnode.node")
 
 API_EVENT_TYPES = ("meter", "pause", "resume", "stop")
+EXPLORE = 0.1
+"""Chance per gossip round of trying one member that is not a direct neighbour."""
+MAX_GOSSIP_RECORDS = 32
+"""Membership records per exchange before sampling (see `Node._member_sample`)."""
 ARCHIVE_CACHE = 256
 """Archived documents kept loaded to serve peers that still sync them."""
 DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}
@@ -178,6 +183,10 @@ class _Neighbour:
     push: set[str] = field(default_factory=set)
     """Documents to push to this peer at the next wake-up."""
     pushing: bool = False
+    discovered: bool = False
+    """Discovery (mDNS, static list, simulator topology) reported it: on our link."""
+    retry_at: float = -math.inf
+    """After failures, not chosen for gossip before this time (backoff, up to 30 s)."""
     lock: trio.Lock = field(default_factory=trio.Lock)
     """Held while syncing with this peer: one exchange per peer at a time, so
     two loops never interleave messages of the same Automerge sync state."""
@@ -272,6 +281,7 @@ class Node:
         # copy (read-only: nothing a peer sends is stored), so a node that was away
         # when the receipt came still gets it, and then retires the session too.
         self._archive_replica = Replica()
+        self._gossip_records: tuple[float, list[MemberRecord]] | None = None
         self._actor_salt = ""
         self._receipt_ts: dict[str, int] = {}
 
@@ -825,13 +835,14 @@ class Node:
                 if event.node_id is None:
                     self._static.add(event.address)
                 else:
-                    self._neighbour(event.node_id, event.address)
+                    self._neighbour(event.node_id, event.address).discovered = True
                 self._push_wakeup.set()
             elif isinstance(event, PeerGone) and event.node_id is not None:
                 n = self.neighbours.get(event.node_id)
                 if n is not None:
                     log.info("peer %s left (discovery)", event.node_id)
                     n.last_ok = None
+                    n.discovered = False
 
     def _neighbour(self, node_id: str, address: str) -> _Neighbour:
         n = self.neighbours.get(node_id)
@@ -846,12 +857,20 @@ class Node:
         n = self._neighbour(node_id, address)
         n.last_ok = self.now()
         n.failures = 0
+        n.retry_at = -math.inf
         assert self.membership is not None
         self.membership.observe_direct(node_id, self.now())
         return n
 
     def _direct_failed(self, n: _Neighbour, exc: Exception) -> None:
         n.failures += 1
+        # Back off from a peer that does not answer (out of reach, partitioned, gone),
+        # but never for good: a partition heals, a charger comes back.
+        # The jitter comes from the pair and the count, not from the node's shared rng:
+        # exchanges that time out at the same instant would draw in trio's (random)
+        # scheduling order and make simulated runs differ.
+        jitter = 0.5 + 0.5 * _unit(f"{self._actor_salt}:{n.node_id}:{n.failures}")
+        n.retry_at = self.now() + jitter * min(30.0, 2.0 ** min(n.failures, 5))
         level = logging.WARNING if isinstance(exc, RemoteRefused) else logging.INFO
         log.log(level, "exchange with %s at %s failed: %s", n.node_id, n.address, exc)
 
@@ -872,20 +891,61 @@ class Node:
             await trio.sleep(self.config.gossip_interval + jitter)
 
     def _gossip_targets(self) -> list[_Neighbour]:
-        """Up to `fanout` peers: live members with a known address, plus known neighbours."""
+        """Up to `fanout` direct neighbours, and now and then one member to try directly.
+
+        Direct neighbours are the peers discovery reported and those we exchanged
+        with recently. Membership also names nodes we may not reach (the far end of
+        a line, the other side of a radio gap): one of those is tried in a round
+        with probability `EXPLORE`, so reachable ones become neighbours over time
+        while unreachable ones cost one timeout now and then, not every round.
+        """
         assert self.membership is not None
         now = self.now()
-        candidates: dict[str, str] = {n.node_id: n.address for n in self.neighbours.values()}
-        for record in self.membership.live_peers(now):
-            candidates.setdefault(record.node_id, record.address)
-        # Peers that keep failing are tried only now and then (they may be out of reach).
-        usable = [
-            node_id for node_id in candidates
-            if self.neighbours.get(node_id) is None or self.neighbours[node_id].failures < 3
-            or self.rng.random() < 0.1
-        ]
-        chosen = choose_gossip_targets(self.rng, usable, self.config.fanout)
-        return [self._neighbour(node_id, candidates[node_id]) for node_id in chosen]
+        direct = sorted(
+            n.node_id for n in self.neighbours.values()
+            if now >= n.retry_at and (n.discovered or (n.last_ok is not None and now - n.last_ok <= self.config.dead_after))
+        )
+        chosen = choose_gossip_targets(self.rng, direct, self.config.fanout)
+        addresses: dict[str, str] = {}
+        if not direct or self.rng.random() < EXPLORE:
+            addresses = {r.node_id: r.address for r in self.membership.live_peers(now)}
+            others = sorted(
+                node_id for node_id in addresses
+                if node_id not in direct and (node_id not in self.neighbours or now >= self.neighbours[node_id].retry_at)
+            )
+            if others:
+                chosen.append(self.rng.choice(others))
+        return [self._neighbour(node_id, self.neighbours[node_id].address if node_id in self.neighbours
+                                else addresses[node_id]) for node_id in chosen]
+
+    def _member_sample(self, peer: str) -> tuple[MemberRecord, ...]:
+        """The records to gossip: all of them up to `MAX_GOSSIP_RECORDS`, else a sample.
+
+        A mesh of hundreds would otherwise send, parse and check hundreds of records
+        in every exchange (the simulator's profile: most of its time). The sample
+        always holds our own record, every possible leader (nodes with an uplink
+        score: the election must see them fresh), and our direct neighbours; random
+        others fill the rest, so each record still travels every few rounds.
+        """
+        assert self.membership is not None
+        now = self.now()
+        cached = self._gossip_records
+        if cached is None or now - cached[0] > 0.25:
+            # One view serves every exchange of the next quarter second (a record
+            # a quarter second old is as good as new: heartbeats tick each second).
+            cached = self._gossip_records = (now, self.membership.records_for_gossip(now))
+        records = cached[1]
+        if len(records) <= MAX_GOSSIP_RECORDS:
+            return tuple(records)
+        direct = {n.node_id for n in self.live_neighbours()}
+        own = [r for r in records if r.node_id == self.node_id]
+        must = own + [r for r in records if r.node_id != self.node_id and (r.uplink_score > 0 or r.node_id in direct)]
+        taken = {r.node_id for r in must}
+        rest = [r for r in records if r.node_id not in taken]
+        room = max(0, MAX_GOSSIP_RECORDS - len(must))
+        # Seeded by the exchange, not drawn from the node's rng (see `_direct_failed`).
+        pick = random.Random(f"{self._actor_salt}:{peer}:{now!r}")
+        return tuple(must[:MAX_GOSSIP_RECORDS] + pick.sample(rest, min(room, len(rest))))
 
     async def _hello(self, address: str) -> None:
         try:
@@ -895,12 +955,12 @@ class Node:
             log.debug("hello to %s failed: %s", address, exc)
             return
         if hello.node_id != self.node_id:
-            self._direct_ok(hello.node_id, address)
+            self._direct_ok(hello.node_id, address).discovered = True
 
     async def _gossip_with(self, n: _Neighbour) -> None:
         assert self.membership is not None
         try:
-            request = MembersRequest(self.node_id, tuple(self.membership.records_for_gossip(self.now())))
+            request = MembersRequest(self.node_id, self._member_sample(n.node_id))
             reply = MembersResponse.decode(
                 await self.transport.request(n.address, "/m/members", request.encode(), timeout=self.config.request_timeout)
             )
@@ -1067,7 +1127,7 @@ class Node:
         sender = next((r for r in request.records if r.node_id == request.sender), None)
         self._requester(request.sender, sender.address if sender else remote)
         self.membership.merge(request.records, self.now())
-        return MembersResponse(tuple(self.membership.records_for_gossip(self.now()))).encode()
+        return MembersResponse(self._member_sample(request.sender)).encode()
 
     async def _on_digest(self, payload: bytes, remote: str) -> bytes:
         request = DigestRequest.decode(payload)
@@ -1108,6 +1168,11 @@ class Node:
             if m is not None:
                 replies[d] = m
         return SyncResponse(replies, errors).encode()
+
+
+def _unit(key: str) -> float:
+    """A number in [0, 1) fixed by `key` (deterministic jitter)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
 def _check_document(site: str, doc_id: str, doc: Any) -> None:
