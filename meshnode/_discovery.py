@@ -646,14 +646,18 @@ class MemoryDiscovery:
         outbox, inbox = trio.open_memory_channel[DiscoveryEvent](math.inf)
         self._outbox = outbox
         try:
-            self._hub._join(self)
-            log.debug("memory discovery %s serving at %s", self.node_id, self.address)
-            task_status.started()
             async with inbox:
-                async for event in inbox:
-                    await send.send(event)
+                try:
+                    self._hub._join(self)
+                    log.debug("memory discovery %s serving at %s", self.node_id, self.address)
+                    task_status.started()
+                    async for event in inbox:
+                        await send.send(event)
+                finally:
+                    # Leave while the inbox is still open: a node leaving at the same
+                    # moment sends us PeerGone, which must not hit a closed channel.
+                    self._hub._leave(self)
         finally:
-            self._hub._leave(self)
             self._view.clear()
             self._outbox = None
             outbox.close()
