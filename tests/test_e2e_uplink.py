@@ -671,6 +671,11 @@ def _partition_flow(rig: Rig) -> None:
         for sid, state in ((s_a, "reconciled"), (s_b, "reconciled"), (n_a, "reconciled"), (n_b, "charging")):
             if ledger[sid]["state"] != state:
                 why.append(f"{sid[:8]} is {ledger[sid]['state']}")
+        # The open session's meter reading is held a few seconds by the forwarder
+        # (readings batch), so wait for every acknowledged event, not just the state.
+        for sid in (s_a, s_b, n_a, n_b):
+            if len(cloud.get(f"/v1/sessions/{sid}")["events"]) != len(acked[sid]):
+                why.append(f"{sid[:8]} has not all its events in the ledger yet")
         # Each session's receipt is back in the half that stopped it.
         for sid, node in ((s_a, a1), (s_b, b1), (n_a, a_up)):
             if node.get(f"/v1/sessions/{sid}")["state"] != "reconciled":

@@ -87,6 +87,9 @@ async def test_three_nodes_replicate_a_session(tmp_path, autojump_clock):
         await wait_for(lambda: same_everywhere([a, b, c], sid, "completed", 3000))
         assert b.session_json(sid)["events"] == a.session_json(sid)["events"]
         await wait_for(lambda: all(n.status_json()["sync_state"] == "SYNCED" for n in (a, b, c)))
+        # n2 and n3 share no link: n2 learns of n3 through n1's membership gossip,
+        # which may take a round longer than the documents do.
+        await wait_for(lambda: {p["node_id"] for p in b.status_json()["peers"]} == {"n1", "n3"})
         status = b.status_json()
         assert {p["node_id"] for p in status["peers"]} == {"n1", "n3"}
         assert status["documents"] == 1 and status["documents_not_everywhere"] == 0
