@@ -76,11 +76,10 @@ from ._transport import (
     TransportClosed,
     TransportError,
     TransportStats,
-    check_method,
+    check_request,
     check_resource,
     format_address,
     response_error,
-    split_address,
 )
 
 __all__ = [
@@ -262,9 +261,7 @@ class CoapTransport:
         method: str = "POST",
         timeout: float = DEFAULT_TIMEOUT,
     ) -> bytes:
-        split_address(peer)
-        check_resource(resource)
-        check_method(method)
+        check_request(peer, resource, method)
         if self._closed or self._context is None:
             raise TransportClosed(f"transport {self.address} is closed")
         what = f"{method} coap://{peer}{resource}"

@@ -66,6 +66,7 @@ from crdt import (
     make_digest,
     new_session_doc,
     open_doc_store,
+    decode_event,
     decode_sync_message,
     read_session,
     summarize_event,
@@ -356,7 +357,10 @@ class Node:
 
     def _resume_chain(self) -> None:
         """Continue this device's event chain after its last stored event."""
-        own = []
+        # Parse every event but verify only our own, newest first, until one is
+        # genuinely ours: verifying every signature of every stored session made
+        # start-up cost a signature check per event.
+        candidates: list[tuple[int, bytes]] = []
         for doc in self.replica.docs.values():
             try:
                 data = read_session(doc)
@@ -364,12 +368,19 @@ class Node:
                 continue
             for blob in data.events.values():
                 try:
-                    event = verify_event(blob, self.keyring)
+                    body, _ = decode_event(blob)
                 except Exception:
                     continue
-                if event.record.device_id == self.node_id:
-                    own.append(event)
-        self.signer = EventSigner.resume(self.node_id, self.signing_key, own)
+                if body["device_id"] == self.node_id:
+                    candidates.append((body["seq"], blob))
+        for _, blob in sorted(candidates, reverse=True):
+            try:
+                last = verify_event(blob, self.keyring)
+            except Exception:
+                continue  # not signed by our key: a forgery must not move our chain
+            self.signer = EventSigner.resume(self.node_id, self.signing_key, [last])
+            return
+        self.signer = EventSigner(self.node_id, self.signing_key)
 
     def _route(self) -> None:
         t = self.transport
@@ -614,8 +625,8 @@ class Node:
 
     def _note_stored(self, doc_id: str) -> None:
         """At start-up every stored session waits until the cloud (re)confirms it."""
-        size = len(self.store.sync.load_bytes(doc_id) or b"") if self.store is not None else 0
-        self._track(doc_id, None, size)
+        # The document is in memory already: its saved size is the hint, no second read.
+        self._track(doc_id, None, len(self.replica.docs[doc_id].save()))
 
     def _receipt_issued(self, doc_id: str) -> int:
         data, _ = self.fold(doc_id)
@@ -770,6 +781,7 @@ class Node:
     def status_json(self) -> dict[str, Any]:
         assert self.membership is not None
         now = self.now()
+        direct = {n.node_id for n in self.live_neighbours()}
         peers = []
         for view in self.membership.view(now):
             if view.record.node_id == self.node_id:
@@ -781,7 +793,7 @@ class Node:
                 "last_seen_s": round(view.age, 1),
                 "incarnation": view.record.incarnation,
                 "uplink_score": view.record.uplink_score,
-                "direct": view.record.node_id in {n.node_id for n in self.live_neighbours()},
+                "direct": view.record.node_id in direct,
             })
         live = [p for p in peers if p["state"] != "dead"]
         not_everywhere = self.documents_not_everywhere()

@@ -79,6 +79,7 @@ __all__ = [
     "TransportStats",
     "Unauthorized",
     "format_address",
+    "check_request",
     "split_address",
 ]
 
@@ -255,6 +256,13 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unsupported method {method!r}: expected one of {sorted(METHODS)}")
     return method
+
+
+def check_request(peer: str, resource: str, method: str) -> None:
+    """The local-misuse checks every `Transport.request` makes before sending."""
+    split_address(peer)
+    check_resource(resource)
+    check_method(method)
 
 
 # --------------------------------------------------------------------------
@@ -700,9 +708,7 @@ class MemoryTransport:
         method: str = "POST",
         timeout: float = DEFAULT_TIMEOUT,
     ) -> bytes:
-        split_address(peer)
-        check_resource(resource)
-        check_method(method)
+        check_request(peer, resource, method)
         if self.closed:
             raise TransportClosed(f"transport {self.address} is closed")
         body = bytes(payload)
