@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[cloud,sim,test]'
 	touch $(STAMP)
 
 # PostgreSQL is tested against a real server (tests/pg.py starts a throwaway cluster).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import logging
 import secrets
@@ -372,6 +373,9 @@ def run_cloud(args: argparse.Namespace) -> int:
 
     from uplink import LedgerError, serve_cloud
 
+    if args.db.lower().startswith("postgres") and importlib.util.find_spec("psycopg") is None:
+        print("meshnode cloud: a PostgreSQL ledger needs psycopg: pip install 'meshnode[cloud]'", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     trust: dict[str, Any] = {}

@@ -8,6 +8,15 @@ The command line is `meshsim` (`sim.cli`); the scenario format and the metrics
 are described in docs/sim.md.
 """
 
+import importlib.util
+
+_MISSING = [name for name in ("networkx", "matplotlib") if importlib.util.find_spec(name) is None]
+if _MISSING:
+    raise ModuleNotFoundError(
+        f"the simulator needs {' and '.join(_MISSING)}, which the node does not: pip install 'meshnode[sim]'",
+        name=_MISSING[0],
+    )
+
 from ._cloud import CLOUD_URL, ClockGate, SimCloud, UplinkSchedule, UplinkTransport, open_sim_cloud
 from ._metrics import Metrics, percentile
 from ._network import Link, SimNetwork, TrafficCounters

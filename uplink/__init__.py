@@ -3,26 +3,8 @@
 This package imports `crdt` only, never `meshnode` or `sim`.
 """
 
-from ._cloud import (
-    DEFAULT_PORT,
-    ChainLink,
-    ChainVerdict,
-    CloudError,
-    CloudKeyError,
-    CloudService,
-    ReceiptError,
-    RemoteRequestError,
-    TariffError,
-    check_chains,
-    create_cloud_app,
-    default_key_path,
-    load_or_create_cloud_key,
-    make_receipt,
-    open_cloud,
-    serve_cloud,
-    session_cost,
-    verify_receipt,
-)
+from typing import TYPE_CHECKING
+
 from ._forwarder import (
     CLOUD_PEER,
     PRIORITY_METER,
@@ -33,7 +15,6 @@ from ._forwarder import (
     change_priority,
     serve_forwarder,
 )
-from ._ledger import Ledger, LedgerError, LedgerUrlError
 from ._probe import (
     CloudBadResponse,
     CloudClient,
@@ -56,4 +37,101 @@ from ._wire import (
     receipt_body,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+if TYPE_CHECKING:
+    from ._cloud import (
+        DEFAULT_PORT,
+        ChainLink,
+        ChainVerdict,
+        CloudError,
+        CloudKeyError,
+        CloudService,
+        ReceiptError,
+        RemoteRequestError,
+        TariffError,
+        check_chains,
+        create_cloud_app,
+        default_key_path,
+        load_or_create_cloud_key,
+        make_receipt,
+        open_cloud,
+        serve_cloud,
+        session_cost,
+        verify_receipt,
+    )
+    from ._ledger import Ledger, LedgerError, LedgerUrlError
+
+# The reference cloud service and its ledger are imported on first use: a node
+# (which only forwards) never loads the service, its ledger or a database driver.
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "DEFAULT_PORT", "ChainLink", "ChainVerdict", "CloudError", "CloudKeyError", "CloudService",
+            "ReceiptError", "RemoteRequestError", "TariffError", "check_chains", "create_cloud_app",
+            "default_key_path", "load_or_create_cloud_key", "make_receipt", "open_cloud", "serve_cloud",
+            "session_cost", "verify_receipt",
+        ),
+        "._cloud",
+    ),
+    **dict.fromkeys(("Ledger", "LedgerError", "LedgerUrlError"), "._ledger"),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "CLOUD_PEER",
+    "DEFAULT_PORT",
+    "MAX_BATCH_BYTES",
+    "PRIORITY_METER",
+    "PRIORITY_STATE",
+    "SYNC_PATH",
+    "ChainLink",
+    "ChainVerdict",
+    "CloudBadResponse",
+    "CloudClient",
+    "CloudError",
+    "CloudKeyError",
+    "CloudRefused",
+    "CloudService",
+    "CloudSyncRequest",
+    "CloudSyncResponse",
+    "CloudTimeout",
+    "CloudUnreachable",
+    "ForwardCounters",
+    "ForwardPlanner",
+    "Forwarder",
+    "Ledger",
+    "LedgerError",
+    "LedgerUrlError",
+    "ReceiptError",
+    "RemoteRequestError",
+    "TariffError",
+    "UplinkError",
+    "UplinkScorer",
+    "WireError",
+    "change_priority",
+    "check_chains",
+    "compress",
+    "create_cloud_app",
+    "decompress",
+    "default_key_path",
+    "latency_factor",
+    "load_or_create_cloud_key",
+    "make_receipt",
+    "open_cloud",
+    "receipt_body",
+    "serve_cloud",
+    "serve_forwarder",
+    "serve_probe",
+    "session_cost",
+    "verify_receipt",
+]  # fmt: skip

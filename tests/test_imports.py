@@ -1,0 +1,116 @@
+"""What a node loads: `pip install meshnode` is the node alone.
+
+The node's import path (`meshnode run`) must not pull in the reference cloud
+service, its database driver or the simulator's libraries; the simulator and a
+PostgreSQL cloud, when their extra is missing, say which extra to install. Each
+check runs in a fresh interpreter, since this test process has imported
+everything already.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+# What `meshnode run` imports, down to the transport, discovery, security and API.
+NODE_IMPORTS = """
+import meshnode, meshnode.cli
+from meshnode._api import serve_api
+from meshnode._coap import open_coap_transport
+from meshnode._mdns import MdnsDiscovery
+from meshnode._node import Node, NodeConfig
+from meshnode._security import Identity, SealedTransport, Sealer
+"""
+
+NOT_FOR_A_NODE = ("uplink._cloud", "uplink._ledger", "psycopg", "matplotlib", "numpy", "networkx", "sim")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False,
+    )  # fmt: skip
+
+
+def test_the_node_import_path_loads_no_cloud_service_database_driver_or_simulator() -> None:
+    proc = run_python(NODE_IMPORTS + f"""
+import json, sys
+print(json.dumps(sorted(m for m in sys.modules if m in {NOT_FOR_A_NODE!r} or m.split(".")[0] in {NOT_FOR_A_NODE!r})))
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_the_cloud_names_are_still_exported_by_uplink() -> None:
+    proc = run_python("""
+import sys, uplink
+assert "uplink._cloud" not in sys.modules
+from uplink import LedgerError, serve_cloud, CloudService
+assert "uplink._cloud" in sys.modules
+assert set(uplink.__all__) >= {"serve_cloud", "Ledger", "LedgerError", "Forwarder"}
+print(serve_cloud.__module__, LedgerError.__module__)
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["uplink._cloud", "uplink._ledger"]
+
+
+def test_importing_crdt_provokes_no_rust_panic() -> None:
+    # A panic at import time (to learn pyo3's exception type) cost ~50 MB of RSS.
+    proc = run_python("""
+import crdt
+print(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # Rust prints every panic to stderr
+    assert int(proc.stdout) < 45_000, f"import crdt: {proc.stdout.strip()} kB RSS"
+
+
+def test_a_rust_panic_from_automerge_is_recognised_as_an_engine_error() -> None:
+    # The poisoned sync state that check_sync_message now refuses up front: fed
+    # straight to Automerge, its next generate_sync_message panics.
+    proc = run_python("""
+import os
+os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+from automerge.core import ROOT, Document, Message, ScalarType, SyncState
+from crdt._sync import _is_engine_error
+doc = Document()
+with doc.transaction() as tx:
+    tx.put(ROOT, "x", ScalarType.Int, 1)
+state = SyncState()
+doc.receive_sync_message(state, Message.decode(bytes.fromhex("42000001000301000100")))
+try:
+    doc.generate_sync_message(state)
+except BaseException as exc:
+    print(type(exc).__name__, isinstance(exc, Exception), _is_engine_error(exc))
+print(_is_engine_error(KeyboardInterrupt()), _is_engine_error(ValueError()))
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["PanicException", "False", "True", "False", "True"]
+
+
+def test_the_simulator_without_its_extra_says_which_extra_to_install() -> None:
+    proc = run_python("""
+import sys
+sys.modules["networkx"] = None  # as if `pip install meshnode` without [sim]
+sys.argv = ["meshsim", "--help"]
+from sim.cli import main
+""")
+    assert proc.returncode == 1
+    assert "pip install 'meshnode[sim]'" in proc.stderr.splitlines()[-1]
+
+
+def test_a_postgresql_cloud_without_its_extra_says_which_extra_to_install(tmp_path: Path) -> None:
+    key = tmp_path / "cloud.key"
+    proc = run_python(f"""
+import sys
+sys.modules["psycopg"] = None  # as if `pip install meshnode` without [cloud]
+from meshnode.cli import main
+sys.exit(main(["cloud", "--db", "postgresql://localhost/ledger", "--port", "0", "--key", {str(key)!r}]))
+""")
+    assert proc.returncode == 1
+    assert not key.exists()
+    assert proc.stderr.strip() == "meshnode cloud: a PostgreSQL ledger needs psycopg: pip install 'meshnode[cloud]'"
