@@ -43,7 +43,7 @@ from ._events import (
     verify_event,
 )
 from ._fold import EVENT_TYPES, STATES, TRANSITIONS, Conflict, SessionView, fold, summarize_event
-from ._store import AsyncDocStore, DocStore, open_doc_store
+from ._store import AsyncDocStore, DocStore, StoreOpener, open_doc_store
 from ._sync import (
     DEFAULT_BUCKETS,
     Replica,
@@ -56,5 +56,6 @@ from ._sync import (
     heads_hash,
     make_digest,
 )
+from .store import MemoryAdapter, SqliteAdapter, StorageAdapter, StorageKey
 
 __all__ = [name for name in dir() if not name.startswith("_")]

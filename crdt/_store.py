@@ -1,15 +1,24 @@
-"""DocStore: durable storage of Automerge documents in SQLite.
+"""DocStore: durable storage of Automerge documents over a key -> bytes storage adapter.
 
-Layout: each document is at most one saved snapshot plus the change chunks that
-came after it. Appending a change is an INSERT; start-up loads every document as
-`Document.load(snapshot + changes...)` (Automerge accepts a saved document
-followed by change chunks); compaction replaces a document's rows with one fresh
-snapshot in a single transaction.
+The adapter (`crdt.store`: SQLite, or in memory) knows no meaning; the layout,
+compaction, archive and encryption live here. Keys:
 
-Durability: WAL journal with `synchronous=FULL`, so a commit has reached the
-disk when `COMMIT` returns. SQLite's transactions make every commit atomic, so a
-crash at any instant leaves either the whole batch or none of it: there is no torn
-state to repair on start-up.
+    ("name", row)                   the document id (sealed when encrypted)
+    ("doc", row, "snapshot")        at most one saved snapshot
+    ("doc", row, "change", hash)    each change chunk written after it
+    ("archived", row)               present while the document is archived
+    ("meta", name)                  small values (incarnation, the key check)
+
+`row` is the document id, %-escaped (or its keyed hash when encrypted); `hash`
+the change hash in hex (keyed-hashed when encrypted). Appending a change is one
+put; start-up loads every document as `Document.load(snapshot + changes...)`
+(Automerge accepts a saved document followed by change chunks, in any order:
+a change whose dependencies come later waits in its queue); compaction replaces
+a document's change chunks with one fresh snapshot in one atomic batch.
+
+Durability and atomicity are the adapter's (`crdt.store.StorageAdapter`): a batch
+is all or nothing and durable when `save_batch` returns, so a crash at any
+instant leaves no torn state to repair on start-up.
 
 Encryption at rest: opened with a 32-byte key, the store seals every document
 chunk with SecretBox (XSalsa20-Poly1305, pynacl), stores document ids only as
@@ -19,21 +28,24 @@ meter value. A store remembers whether it was created with a key, and refuses to
 open with a wrong or missing one instead of mixing plain and sealed rows.
 
 Throughput: an fsync costs milliseconds, so `open_doc_store` runs one writer task
-that takes *every* write waiting at that moment into one transaction (group
-commit). A caller's `await store.write(...)` returns only after the commit that
-holds its rows.
+that takes *every* write waiting at that moment into one batch (group commit).
+A caller's `await store.write(...)` returns only after the commit that holds its
+rows. An adapter that does not block (in memory) is called inline instead of in
+a worker thread, which keeps virtual time under trio's MockClock reproducible.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
-import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nacl.exceptions
 import nacl.secret
@@ -41,34 +53,13 @@ import trio
 from automerge.core import Document
 
 from ._errors import DocumentError, LocalError, StoreError
+from .store import SqliteAdapter, StorageAdapter, StorageKey
 
 Change = tuple[bytes, bytes]
 """(change hash, change bytes) as produced by Replica / Document.get_changes."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS changes (
-    id      INTEGER PRIMARY KEY,
-    doc_id  TEXT NOT NULL,
-    hash    BLOB NOT NULL,
-    data    BLOB NOT NULL,
-    UNIQUE (doc_id, hash)
-);
-CREATE TABLE IF NOT EXISTS snapshots (
-    doc_id  TEXT PRIMARY KEY,
-    data    BLOB NOT NULL,
-    archived INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key     TEXT PRIMARY KEY,
-    value   BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS names (
-    doc_id  TEXT PRIMARY KEY,
-    name    BLOB NOT NULL
-);
-"""
-
 _CHECK = b"meshnode store"
+_T = TypeVar("_T")
 
 
 class _Codec:
@@ -84,11 +75,13 @@ class _Codec:
 
     def row(self, doc_id: str) -> str:
         if not self.encrypted:
-            return doc_id
+            return urllib.parse.quote(doc_id, safe="") or "%"
         return hashlib.blake2b(doc_id.encode(), key=self._mac, digest_size=16).hexdigest()
 
-    def change_hash(self, h: bytes) -> bytes:
-        return hashlib.blake2b(h, key=self._mac, digest_size=32).digest() if self.encrypted else h
+    def change_hash(self, h: bytes) -> str:
+        if self.encrypted:
+            h = hashlib.blake2b(h, key=self._mac, digest_size=32).digest()
+        return h.hex()
 
     def seal(self, data: bytes) -> bytes:
         return bytes(self._box.encrypt(data)) if self.encrypted else data
@@ -103,35 +96,53 @@ class _Codec:
 
 
 class DocStore:
-    """Synchronous SQLite store. Thread-safe through one lock; see `open_doc_store`."""
+    """Synchronous document store over a storage adapter; see `open_doc_store` for trio.
 
-    def __init__(self, path: str | os.PathLike[str], *, key: bytes | None = None) -> None:
-        self.path = os.fspath(path)
-        self._lock = threading.Lock()
+    Args:
+        path: a SQLite file, when no `adapter` is given.
+        adapter: where the bytes go (`crdt.store.SqliteAdapter`, `MemoryAdapter`, ...).
+            The store closes it on `close`.
+        key: 32-byte SecretBox key: encrypt the store at rest.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        adapter: StorageAdapter | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        if (path is None) == (adapter is None):
+            raise LocalError("a DocStore is opened on a path or on an adapter (one of them)")
         self._codec = _Codec(key)
+        if adapter is None:
+            assert path is not None
+            adapter = SqliteAdapter(path)
+        self.adapter = adapter
+        self.path = os.fspath(path) if path is not None else type(adapter).__name__
+        self._named: set[str] = set()
+        self._named_lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
             self._check_key()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         except StoreError:
-            self._db.close()
+            adapter.close()
             raise
         self.commits = 0
+        """Write batches committed (one per group commit)."""
 
     @property
     def encrypted(self) -> bool:
         return self._codec.encrypted
 
+    @property
+    def blocking(self) -> bool:
+        return self.adapter.blocking
+
     def _check_key(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = '_codec'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta (key, value) VALUES ('_codec', ?)", (self._codec.seal(_CHECK),))
+        stored = self.adapter.load(("meta", "_codec"))
+        if stored is None:
+            self.adapter.save_batch([(("meta", "_codec"), self._codec.seal(_CHECK))])
             return
-        stored = bytes(row[0])
         if stored == _CHECK:
             if self.encrypted:
                 raise StoreError(f"store {self.path} was created without encryption; it cannot be opened with a key")
@@ -146,133 +157,123 @@ class DocStore:
             raise StoreError(f"store {self.path}: wrong store key")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.adapter.close()
 
     def write_batch(self, items: Iterable[tuple[str, Sequence[Change]]]) -> None:
-        """Append changes of several documents in one durable transaction."""
+        """Append changes of several documents in one durable batch."""
         c = self._codec
-        items = list(items)
-        rows = [(c.row(d), c.change_hash(h), c.seal(data)) for d, changes in items for h, data in changes]
-        names = {c.row(d): d for d, changes in items if changes}
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO names (doc_id, name) VALUES (?, ?)",
-                    [(r, c.seal(d.encode())) for r, d in names.items()],
-                )
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO changes (doc_id, hash, data) VALUES (?, ?, ?)", rows
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise StoreError(f"cannot write to store {self.path}: {exc}") from exc
+        puts: list[tuple[StorageKey, bytes]] = []
+        named = []
+        for doc_id, changes in items:
+            if not changes:
+                continue
+            row = c.row(doc_id)
+            if row not in self._named:
+                puts.append((("name", row), c.seal(doc_id.encode())))
+                named.append(row)
+            puts.extend((("doc", row, "change", c.change_hash(h)), c.seal(data)) for h, data in changes)
+        if not puts:
+            return
+        self.adapter.save_batch(puts)
+        with self._named_lock:
+            self._named.update(named)
             self.commits += 1
 
-    def _rollback(self) -> None:
-        try:
-            self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # no transaction was open: nothing to undo
-
     def doc_ids(self) -> list[str]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT n.name FROM names n WHERE n.doc_id IN "
-                "(SELECT doc_id FROM snapshots UNION SELECT doc_id FROM changes)"
-            ).fetchall()
-        return sorted(self._codec.open(r[0]).decode() for r in rows)
+        return sorted(self._codec.open(v).decode() for _, v in self.adapter.load_range(("name",)))
+
+    def _chunks(self, entries: Iterable[tuple[StorageKey, bytes]]) -> bytes | None:
+        """Snapshot first, then change chunks, from the entries of one document."""
+        snapshot = b""
+        changes = []
+        for key, value in entries:
+            if key[2] == "snapshot":
+                snapshot = self._codec.open(value)
+            elif key[2] == "change":
+                changes.append(self._codec.open(value))
+        if not snapshot and not changes:
+            return None
+        return snapshot + b"".join(changes)
 
     def load_bytes(self, doc_id: str) -> bytes | None:
         """The stored bytes of a document (snapshot, then changes), or None."""
-        row = self._codec.row(doc_id)
-        with self._lock:
-            snap = self._db.execute("SELECT data FROM snapshots WHERE doc_id = ?", (row,)).fetchone()
-            rows = self._db.execute(
-                "SELECT data FROM changes WHERE doc_id = ? ORDER BY id", (row,)
-            ).fetchall()
-        if snap is None and not rows:
-            return None
-        chunks = ([snap[0]] if snap else []) + [r[0] for r in rows]
-        return b"".join(self._codec.open(chunk) for chunk in chunks)
+        return self._chunks(self.adapter.load_range(("doc", self._codec.row(doc_id))))
 
-    def load(self, doc_id: str) -> Document | None:
-        data = self.load_bytes(doc_id)
-        if data is None:
-            return None
+    @staticmethod
+    def _document(doc_id: str, data: bytes) -> Document:
         try:
             return Document.load(data)
         except Exception as exc:
             raise DocumentError(f"stored document {doc_id!r} does not load: {exc}") from exc
 
+    def load(self, doc_id: str) -> Document | None:
+        data = self.load_bytes(doc_id)
+        return None if data is None else self._document(doc_id, data)
+
     def load_all(self, *, include_archived: bool = False) -> dict[str, Document]:
-        """Every document in the store (archived ones only when asked)."""
-        archived = set() if include_archived else set(self.archived_ids())
-        return {d: doc for d in self.doc_ids() if d not in archived and (doc := self.load(d)) is not None}
+        """Every document in the store (archived ones only when asked), in one pass over it."""
+        names = {key[1]: self._codec.open(v).decode() for key, v in self.adapter.load_range(("name",))}
+        skip = set() if include_archived else {key[1] for key, _ in self.adapter.load_range(("archived",))}
+        by_row: dict[str, list[tuple[StorageKey, bytes]]] = {}
+        for key, value in self.adapter.load_range(("doc",)):
+            if key[1] not in skip:
+                by_row.setdefault(key[1], []).append((key, value))
+        with self._named_lock:
+            self._named.update(names)
+        out = {}
+        for row, entries in by_row.items():
+            data = self._chunks(entries)
+            if data is not None and row in names:
+                out[names[row]] = self._document(names[row], data)
+        return dict(sorted(out.items()))
 
     def compact(self, doc_id: str, doc: Document, *, archive: bool = False) -> None:
-        """Replace a document's rows with one snapshot of `doc`.
+        """Replace a document's change chunks with one snapshot of `doc`, atomically.
 
         `doc` must hold every stored change of the document (the in-memory replica
-        the store was fed from); rows it does not cover are kept, so a change that
-        was written meanwhile is never lost.
+        the store was fed from); chunks it does not cover are kept, so a change
+        that was written meanwhile is never lost.
         """
         c = self._codec
+        row = c.row(doc_id)
         snapshot = c.seal(doc.save())
         covered = {c.change_hash(ch.hash) for ch in doc.get_changes([])}
-        row = c.row(doc_id)
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                rows = self._db.execute(
-                    "SELECT id, hash FROM changes WHERE doc_id = ?", (row,)
-                ).fetchall()
-                self._db.execute(
-                    "INSERT OR IGNORE INTO names (doc_id, name) VALUES (?, ?)", (row, c.seal(doc_id.encode()))
-                )
-                self._db.execute(
-                    "INSERT INTO snapshots (doc_id, data, archived) VALUES (?, ?, ?) "
-                    "ON CONFLICT (doc_id) DO UPDATE SET data = excluded.data, archived = excluded.archived",
-                    (row, snapshot, int(archive)),
-                )
-                self._db.executemany(
-                    "DELETE FROM changes WHERE id = ?", [(i,) for i, h in rows if bytes(h) in covered]
-                )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise StoreError(f"cannot compact {doc_id!r}: {exc}") from exc
+        stored = self.adapter.load_range(("doc", row, "change"))
+        puts: list[tuple[StorageKey, bytes]] = [
+            (("name", row), c.seal(doc_id.encode())), (("doc", row, "snapshot"), snapshot),
+        ]  # fmt: skip
+        removes = [key for key, _ in stored if key[3] in covered]
+        if archive:
+            puts.append((("archived", row), b""))
+        else:
+            removes.append(("archived", row))
+        try:
+            self.adapter.save_batch(puts, removes)
+        except StoreError as exc:
+            raise StoreError(f"cannot compact {doc_id!r}: {exc}") from exc
+        with self._named_lock:
+            self._named.add(row)
 
     def archived_ids(self) -> list[str]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT n.name FROM names n JOIN snapshots s ON s.doc_id = n.doc_id WHERE s.archived = 1"
-            ).fetchall()
-        return sorted(self._codec.open(r[0]).decode() for r in rows)
+        out = []
+        for key, _ in self.adapter.load_range(("archived",)):
+            name = self.adapter.load(("name", key[1]))
+            if name is not None:
+                out.append(self._codec.open(name).decode())
+        return sorted(out)
 
     def change_count(self, doc_id: str) -> int:
-        with self._lock:
-            return self._db.execute(
-                "SELECT count(*) FROM changes WHERE doc_id = ?", (self._codec.row(doc_id),)
-            ).fetchone()[0]
+        return len(self.adapter.load_range(("doc", self._codec.row(doc_id), "change")))
 
     def get_meta(self, key: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return self._codec.open(row[0]) if row else None
+        value = self.adapter.load(("meta", key))
+        return self._codec.open(value) if value is not None else None
 
     def set_meta(self, key: str, value: bytes) -> None:
-        with self._lock:
-            try:
-                self._db.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (key, self._codec.seal(value)),
-                )
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot write meta {key!r}: {exc}") from exc
+        try:
+            self.adapter.save_batch([(("meta", key), self._codec.seal(value))])
+        except StoreError as exc:
+            raise StoreError(f"cannot write meta {key!r}: {exc}") from exc
 
 
 @dataclass
@@ -285,16 +286,36 @@ class _Pending:
 class AsyncDocStore:
     """The DocStore seen from trio: durable writes with group commit.
 
-    Get one from `open_doc_store`. Reads go straight to SQLite (they are fast
-    and never wait for an fsync).
+    Get one from `open_doc_store`. Reads of single documents go straight to the
+    adapter (they are fast and never wait for an fsync); the long calls
+    (`load_all`, `compact`) run in a worker thread when the adapter blocks.
     """
 
-    def __init__(self, store: DocStore, max_batch: int = 4096, *, inline: bool = False) -> None:
+    def __init__(self, store: DocStore, max_batch: int = 4096, *, inline: bool | None = None) -> None:
         self.sync = store
-        self.inline = inline
+        self.inline = not store.blocking if inline is None else inline
+        """Commit in the calling thread (an adapter that does not block, or asked for)."""
         self._send, self._recv = trio.open_memory_channel[_Pending](math.inf)
         self._max_batch = max_batch
         self._closed = False
+
+    @property
+    def blocking(self) -> bool:
+        """False when every call returns at once (see `StorageAdapter.blocking`)."""
+        return not self.inline
+
+    async def _run(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        if self.inline:
+            result = fn(*args, **kwargs)
+            await trio.lowlevel.checkpoint()
+            return result
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    async def load_all(self, *, include_archived: bool = False) -> dict[str, Document]:
+        return await self._run(self.sync.load_all, include_archived=include_archived)
+
+    async def compact(self, doc_id: str, doc: Document, *, archive: bool = False) -> None:
+        await self._run(self.sync.compact, doc_id, doc, archive=archive)
 
     async def write(self, doc_id: str, changes: Sequence[Change]) -> None:
         """Append changes; returns once they are committed durably."""
@@ -306,8 +327,8 @@ class AsyncDocStore:
         if not any(changes for _, changes in items):
             return
         if self.inline:
-            # Simulator mode: commit in this thread, so virtual time never runs
-            # ahead while a worker thread writes (results stay reproducible).
+            # Commit in this thread, so virtual time never runs ahead while a
+            # worker thread writes (simulated runs stay reproducible).
             self.sync.write_batch(items)
             await trio.lowlevel.checkpoint()
             return
@@ -342,19 +363,28 @@ class AsyncDocStore:
                     p.done.set()
 
 
+StoreOpener = Callable[[], AbstractAsyncContextManager[AsyncDocStore]]
+"""What a node is given to open its store: `functools.partial(open_doc_store, ...)`."""
+
+
 @asynccontextmanager
 async def open_doc_store(
-    path: str | os.PathLike[str], *, inline: bool = False, key: bytes | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    adapter: StorageAdapter | None = None,
+    inline: bool | None = None,
+    key: bytes | None = None,
 ) -> AsyncIterator[AsyncDocStore]:
     """Open a store and its group-commit writer; everything queued is committed before close.
 
     Args:
-        inline: commit in the calling thread instead of a worker thread (no group
-            commit). For the simulator under trio's MockClock, where a worker
-            thread would let virtual time jump while it writes.
+        path: a SQLite file (`crdt.store.SqliteAdapter`), when no `adapter` is given.
+        adapter: the storage adapter; closed with the store.
+        inline: commit in the calling thread instead of a worker thread (no
+            group commit). Defaults to "when the adapter does not block".
         key: 32-byte SecretBox key: encrypt the store at rest.
     """
-    store = DocStore(path, key=key)
+    store = DocStore(path, adapter=adapter, key=key)
     try:
         async with trio.open_nursery() as nursery:
             astore = AsyncDocStore(store, inline=inline)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
-from crdt import DocStore, Replica, add_event, fold_session, new_session_doc, open_doc_store, read_session
+from crdt import DocStore, Replica, SqliteAdapter, add_event, fold_session, new_session_doc, open_doc_store, read_session
 
 from .conftest import make_signer
 
@@ -41,17 +43,38 @@ async def test_write_then_reopen_loads_every_document(tmp_path, signer, keyring)
         assert fold_session(doc, keyring)[1].state == "authorized"
 
 
-async def test_concurrent_writes_share_commits(tmp_path, signer):
-    async with open_doc_store(tmp_path / "store.db") as store:
-        replica = Replica()
-        batches = []
-        for i in range(200):
-            batches.append((f"s{i}", replica.add(f"s{i}", session(f"s{i}"))))
+class GatedAdapter(SqliteAdapter):
+    """The real SQLite adapter whose first commit waits for a gate: writes pile up meanwhile."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.batch_sizes: list[int] = []
+
+    def save_batch(self, puts, removes=()) -> None:
+        if any(key[0] == "doc" for key, _ in puts):
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+            self.batch_sizes.append(len({key[1] for key, _ in puts if key[0] == "doc"}))
+        super().save_batch(puts, removes)
+
+
+async def test_every_write_waiting_during_a_commit_goes_into_the_next_one(tmp_path, signer):
+    adapter = GatedAdapter(tmp_path / "store.db")
+    replica = Replica()
+    writes = [(f"s{i}", replica.add(f"s{i}", session(f"s{i}"))) for i in range(200)]
+    async with open_doc_store(adapter=adapter) as store:
         async with trio.open_nursery() as nursery:
-            for doc_id, changes in batches:
+            nursery.start_soon(store.write, *writes[0])
+            await trio.to_thread.run_sync(adapter.entered.wait)  # the first commit is under way
+            for doc_id, changes in writes[1:]:
                 nursery.start_soon(store.write, doc_id, changes)
-        commits = store.sync.commits
-    assert 1 <= commits < 200  # 200 writes arriving together took far fewer commits
+            await trio.testing.wait_all_tasks_blocked()  # all 199 are queued behind it
+            adapter.gate.set()
+        # Group commit: one commit for the first write, ONE for the 199 that waited.
+        assert store.sync.commits == 2
+        assert adapter.batch_sizes == [1, 199]
     check = DocStore(tmp_path / "store.db")
     assert len(check.doc_ids()) == 200
     check.close()

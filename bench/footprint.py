@@ -1,0 +1,213 @@
+"""Benchmark: what an idle node costs — memory, CPU, start-up.
+
+Real `meshnode run --insecure --no-mdns` processes on loopback (addresses from
+`--base-address`, default 127.0.14.10 upwards), data dirs in a temporary directory:
+
+1. **Idle RSS, no sessions**: one node, no peers; after it is ready and has idled
+   `--settle` seconds, its VmRSS (and /proc/PID/smaps_rollup: anonymous versus
+   file-backed pages).
+2. **Start-up and idle RSS with `--sessions` sessions** (default 1,000): that node is
+   given the sessions over its HTTP API (each created, then one meter reading), then
+   stopped and started again on the same data dir. Start-up = spawn to the ready line
+   (the store loaded, every document read). RSS is measured after the restart, so it
+   is what a node that holds those sessions costs, not the garbage of writing them.
+3. **Idle CPU per node in a `--mesh`-node mesh** (default 10, every node given every
+   other as `--peer`): once every node sees all others as live direct peers, user +
+   system CPU time of each process (/proc/PID/stat) over `--idle-seconds`, as a
+   percentage of one core; the mean, max and each node.
+4. **Import cost** (`imports`): a fresh interpreter imports the node's modules one by
+   one and records the RSS each adds — what the resident memory of an idle node is made of.
+
+Goals (issue 9): idle RSS <= 50 MB, <= 80 MB with 1,000 sessions, idle CPU <= 1 % of a
+core per node. Prints one JSON object on stdout; progress on stderr. Every process
+started is stopped at the end, also on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mesh  # noqa: E402 - the node processes are started as bench/mesh.py does
+
+log = mesh.log
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def smaps_mb(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB" and parts[0].rstrip(":") in ("Rss", "Anonymous", "Shared_Clean",
+                                                                                 "Private_Clean", "Private_Dirty"):
+                out[parts[0].rstrip(":")] = round(int(parts[1]) / 1024, 1)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def node_args(args: argparse.Namespace, base_address: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        base_address=base_address, coap_port=args.coap_port, http_port=args.http_port,
+        node_log_level="warning", startup_timeout=args.startup_timeout,
+    )  # fmt: skip
+
+
+def start(n: int, args: argparse.Namespace, directory: str, base_address: str | None = None) -> list[mesh.NodeProc]:
+    return mesh.start_nodes(n, node_args(args, base_address or args.base_address), directory)
+
+
+async def add_sessions(node: mesh.NodeProc, count: int, concurrency: int) -> float:
+    started = time.perf_counter()
+    jobs = iter(range(count))
+    async with httpx.AsyncClient(timeout=60.0, trust_env=False) as client:
+
+        async def worker() -> None:
+            for i in jobs:
+                r = await client.post(f"{node.http}/v1/sessions",
+                                      json={"charger": f"cp-{i % 50}", "connector": 1 + i % 2, "id_token": f"tag-{i}"})
+                r.raise_for_status()
+                session_id = r.json()["session_id"]
+                r = await client.post(f"{node.http}/v1/sessions/{session_id}/events",
+                                      json={"type": "meter", "meter_wh": 1000 + i})
+                r.raise_for_status()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+    return time.perf_counter() - started
+
+
+def one_node(args: argparse.Namespace, directory: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    log("one node, no sessions")
+    t0 = time.perf_counter()
+    nodes = start(1, args, directory)
+    try:
+        out["startup_s_empty"] = round(time.perf_counter() - t0, 2)
+        time.sleep(args.settle)
+        out["idle_rss_mb"] = rss_mb(nodes[0].proc.pid)
+        out["idle_smaps_mb"] = smaps_mb(nodes[0].proc.pid)
+        log(f"  {out['idle_rss_mb']} MB; adding {args.sessions} sessions")
+        out["sessions"] = args.sessions
+        out["add_sessions_s"] = round(trio.run(add_sessions, nodes[0], args.sessions, args.concurrency), 2)
+    finally:
+        mesh.stop_nodes(nodes)
+    log("  restarting on the same data dir")
+    t0 = time.perf_counter()
+    nodes = start(1, args, directory)
+    try:
+        out["startup_s_with_sessions"] = round(time.perf_counter() - t0, 2)
+        time.sleep(args.settle)
+        out["idle_rss_mb_with_sessions"] = rss_mb(nodes[0].proc.pid)
+        out["idle_smaps_mb_with_sessions"] = smaps_mb(nodes[0].proc.pid)
+        log(f"  {out['idle_rss_mb_with_sessions']} MB, start-up {out['startup_s_with_sessions']} s")
+    finally:
+        mesh.stop_nodes(nodes)
+    return out
+
+
+def idle_mesh(args: argparse.Namespace, directory: str) -> dict[str, Any]:
+    log(f"{args.mesh}-node mesh")
+    base = args.base_address.rsplit(".", 1)
+    nodes = start(args.mesh, args, directory, f"{base[0]}.{int(base[1]) + 20}")
+    try:
+
+        async def formed() -> float:
+            async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+                return await mesh.wait_for_mesh(client, nodes, args.startup_timeout)
+
+        formed_s = trio.run(formed)
+        time.sleep(args.settle)
+        before = {n.index: cpu_seconds(n.proc.pid) for n in nodes}
+        t0 = time.monotonic()
+        time.sleep(args.idle_seconds)
+        elapsed = time.monotonic() - t0
+        mesh.check_alive(nodes)
+        pct = [round(100 * (cpu_seconds(n.proc.pid) - before[n.index]) / elapsed, 2) for n in nodes]
+        rss = [rss_mb(n.proc.pid) for n in nodes]
+    finally:
+        mesh.stop_nodes(nodes)
+    log(f"  idle CPU per node: mean {sum(pct) / len(pct):.2f} % of a core")
+    return {
+        "mesh_nodes": args.mesh, "mesh_formed_s": round(formed_s, 2), "idle_seconds": round(elapsed, 1),
+        "idle_cpu_pct_mean": round(sum(pct) / len(pct), 2), "idle_cpu_pct_max": max(pct), "idle_cpu_pct": pct,
+        "mesh_rss_mb_mean": round(sum(rss) / len(rss), 1),
+    }  # fmt: skip
+
+
+IMPORTS = [
+    "trio", "nacl.signing", "cbor2", "automerge.core", "crdt", "uplink", "trio_asyncio", "aiocoap", "zeroconf",
+    "httpx", "starlette.applications", "hypercorn.trio", "meshnode", "meshnode._coap", "meshnode._mdns",
+    "meshnode._security", "meshnode._api", "meshnode.cli",
+]
+
+
+def import_costs() -> dict[str, float]:
+    code = f"""
+import importlib, json
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+out = {{"python": round(rss(), 1)}}
+for name in {IMPORTS!r}:
+    before = rss()
+    importlib.import_module(name)
+    out[name] = round(rss() - before, 1)
+out["total"] = round(rss(), 1)
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sessions", type=int, default=1000, help="sessions for the second measurement (default 1000)")
+    p.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients adding sessions")
+    p.add_argument("--mesh", type=int, default=10, help="nodes in the idle mesh (default 10; 0 skips it)")
+    p.add_argument("--idle-seconds", type=float, default=20.0, help="CPU measurement window (default 20)")
+    p.add_argument("--settle", type=float, default=3.0, help="idle seconds before each measurement (default 3)")
+    p.add_argument("--base-address", default="127.0.14.10", help="first loopback address (default 127.0.14.10)")
+    p.add_argument("--coap-port", type=int, default=25683)
+    p.add_argument("--http-port", type=int, default=28080)
+    p.add_argument("--startup-timeout", type=float, default=120.0)
+    args = p.parse_args()
+    result: dict[str, Any] = {"bench": "footprint", "goals": {"idle_rss_mb": 50, "idle_rss_mb_with_sessions": 80,
+                                                              "idle_cpu_pct_per_node": 1.0}}
+    result["imports_mb"] = import_costs()
+    with tempfile.TemporaryDirectory(prefix="meshnode-footprint-") as directory:
+        for sub in ("one", "mesh"):
+            os.makedirs(os.path.join(directory, sub))
+        result.update(one_node(args, os.path.join(directory, "one")))
+        if args.mesh:
+            result.update(idle_mesh(args, os.path.join(directory, "mesh")))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
