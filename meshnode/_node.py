@@ -33,6 +33,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from crdt import (
     SessionData,
     SessionView,
     StoreError,
+    StoreOpener,
     add_event,
     bucket_entries,
     differing_buckets,
@@ -223,6 +225,12 @@ class Node:
         discovery: where peers come from (mDNS, static list, simulator); one or several.
         wall_clock: seconds since the epoch, for event timestamps (injected so
             the simulator controls it).
+        store: opens this node's document store (`crdt.StoreOpener`, e.g.
+            `functools.partial(open_doc_store, adapter=MemoryAdapter(disk), key=k)`).
+            Default: the encrypted SQLite store `store.db` in the data dir, its
+            key in `store.key` (created on first start).
+        device_key: the node's Ed25519 device key when it is not enrolled.
+            Default: `node.key` in the data dir (created on first start).
     """
 
     def __init__(
@@ -235,6 +243,8 @@ class Node:
         cloud: CloudClient | None = None,
         identity: Identity | None = None,
         sealer: Sealer | None = None,
+        store: StoreOpener | None = None,
+        device_key: nacl.signing.SigningKey | None = None,
     ) -> None:
         if identity is not None and identity.node_id != config.node_id:
             raise NodeError(f"node id {config.node_id!r} differs from the enrolled id {identity.node_id!r}")
@@ -249,8 +259,22 @@ class Node:
         self.wall_clock = wall_clock
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
         self.rng = random.Random(f"{seed}:{config.node_id}")
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.signing_key = identity.signing_key if identity is not None else load_or_create_key(config.data_dir)
+        if store is None:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+
+            def store() -> AbstractAsyncContextManager[AsyncDocStore]:
+                """The encrypted SQLite store in the data dir, its key beside it (read when serving)."""
+                key = load_or_create_secret(config.data_dir / "store.key")
+                return open_doc_store(config.data_dir / "store.db", inline=config.inline_io or None, key=key)
+
+        self._open_store: StoreOpener = store
+        if identity is not None:
+            self.signing_key = identity.signing_key
+        elif device_key is not None:
+            self.signing_key = device_key
+        else:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            self.signing_key = load_or_create_key(config.data_dir)
         self.signer = EventSigner(self.node_id, self.signing_key)
         self.keyring = Keyring({self.node_id: self.signer.public_key})
         self.store: AsyncDocStore | None = None
@@ -290,15 +314,12 @@ class Node:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node until cancelled. The store is closed last."""
-        store_key = load_or_create_secret(self.config.data_dir / "store.key")
-        async with open_doc_store(
-            self.config.data_dir / "store.db", inline=self.config.inline_io, key=store_key
-        ) as store:
+        async with self._open_store() as store:
             self.store = store
-            if self.config.inline_io:
-                docs = store.sync.load_all()
-            else:
-                docs = await trio.to_thread.run_sync(store.sync.load_all)
+            if self.config.inline_io or not store.blocking:
+                # The store does not block (in memory): every store call is inline.
+                self.config = dataclasses.replace(self.config, inline_io=True)
+            docs = await store.load_all()
             self.replica.docs.update(docs)
             self._resume_chain()
             incarnation = int.from_bytes(store.sync.get_meta("incarnation") or b"\0", "big") + 1

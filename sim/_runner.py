@@ -8,12 +8,15 @@ What the simulator swaps, and nothing else (DESIGN.md, "Seams"):
   in-process reference cloud (`sim._cloud`);
 - clock: `trio.current_time()` is virtual (`MockClock(autojump_threshold=0)`),
   and the wall clock handed to nodes and cloud is ``EPOCH + virtual time``;
-- store location: one data directory per node (on /dev/shm when there is one),
-  written in the trio thread (`NodeConfig.inline_io`).
+- store: each node's `DocStore` on a `MemoryAdapter` over a dict that outlives
+  the node (its "disk"), handed in through `Node(store=...)`; the adapter does
+  not block, so every store call runs in the trio thread and virtual time never
+  moves while it runs. Device and store keys come in through `Node(device_key=)`
+  and the store opener, derived from the seed (nothing is written to files).
 
 Faults act on those seams only: a power loss cancels the node's scope and later
-starts a new `Node` on the same directory; a wipe deletes the directory first
-(the node gets a new device key, as a factory-reset charger would); a partition
+starts a new `Node` on the same disk; a wipe gives it a fresh disk first
+(and a new device key, as a factory-reset charger would); a partition
 cuts links in the network; an uplink outage makes its transport refuse.
 
 Determinism: every random choice of the simulator (topology, workload, churn,
@@ -33,19 +36,21 @@ import hashlib
 import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import networkx as nx
 import trio
 import trio.testing
 
+from crdt import AsyncDocStore, DocStore, MemoryAdapter, StorageKey, open_doc_store
 from meshnode._discovery import MemoryDiscoveryHub
 from meshnode._node import LocalRequestError, Node, NodeConfig
 
@@ -87,6 +92,8 @@ class NodeSlot:
     running: bool = False
     generation: int = 0
     """Device-key generation: bumped by every wipe."""
+    disk: dict[StorageKey, bytes] = field(default_factory=dict)
+    """What the node's store holds: survives a power loss, replaced by a wipe."""
     starts: int = 0
     session_count: int = 0
 
@@ -256,10 +263,10 @@ class Simulation:
         self.hub = MemoryDiscoveryHub(adjacency)
         horizon = sc.duration
         for node_id in self.uplink_ids:
-            spec = sc.uplinks.get(node_id, sc.uplink_default)
+            uplink_spec = sc.uplinks.get(node_id, sc.uplink_default)
             slot = self.slots[node_id]
-            slot.uplink = UplinkSchedule.build(spec, horizon, random.Random(f"{self.seed}:uplink:{node_id}"))
-            slot.uplink_latency = spec.latency or sc.uplink_latency
+            slot.uplink = UplinkSchedule.build(uplink_spec, horizon, random.Random(f"{self.seed}:uplink:{node_id}"))
+            slot.uplink_latency = uplink_spec.latency or sc.uplink_latency
         try:
             if self.uplink_ids:
                 async with open_sim_cloud(self.seed, gate, self._wall) as cloud:
@@ -336,22 +343,28 @@ class Simulation:
     def _config(self, slot: NodeSlot) -> NodeConfig:
         return NodeConfig(
             node_id=slot.node_id, data_dir=slot.data_dir, site=self.scenario.site, seed=self.seed,
-            inline_io=True, cloud_url=CLOUD_URL if slot.uplink is not None else None, **self.scenario.node,
+            cloud_url=CLOUD_URL if slot.uplink is not None else None, **self.scenario.node,
         )  # fmt: skip
 
-    def _provision_key(self, slot: NodeSlot) -> None:
-        """Write the node's secrets before its first start (a factory would): the
-        device key (`node.key`) and the store's key (`store.key`), derived from
-        the seed, so that signatures, hence documents, are the same every run.
-        A wipe deletes them with the rest; the next generation gets new ones."""
-        slot.data_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("node.key", "store.key"):
-            path = slot.data_dir / name
-            if not path.exists():
-                secret = hashlib.sha256(f"{self.seed}:{slot.node_id}:{name}:{slot.generation}".encode()).digest()
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secret)
+    def _secret(self, slot: NodeSlot, name: str) -> bytes:
+        """A node's secrets as a factory would provision them: the device key and
+        the store's key, derived from the seed, so that signatures, hence documents,
+        are the same every run. A wipe bumps the generation: new ones."""
+        return hashlib.sha256(f"{self.seed}:{slot.node_id}:{name}:{slot.generation}".encode()).digest()
+
+    def _open_store(self, slot: NodeSlot) -> AbstractAsyncContextManager[AsyncDocStore]:
+        return open_doc_store(adapter=MemoryAdapter(slot.disk), key=self._secret(slot, "store.key"))
+
+    def stored_docs(self, node_id: str) -> set[str] | None:
+        """The documents on a node's disk (read as its next start would), or None for an empty disk."""
+        slot = self.slots[node_id]
+        if not slot.disk:
+            return None
+        store = DocStore(adapter=MemoryAdapter(slot.disk), key=self._secret(slot, "store.key"))
+        try:
+            return set(store.load_all())
+        finally:
+            store.close()
 
     async def _serve_node(self, slot: NodeSlot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.net is not None and self.hub is not None
@@ -359,7 +372,6 @@ class Simulation:
         try:
             with trio.CancelScope() as scope:
                 slot.scope = scope
-                self._provision_key(slot)
                 async with self.net.transport(slot.address) as transport:
                     cloud = None
                     if slot.uplink is not None and self.cloud is not None:
@@ -368,7 +380,8 @@ class Simulation:
                     node = Node(
                         self._config(slot), transport=transport,
                         discovery=self.hub.discovery(slot.node_id, slot.address),
-                        wall_clock=self._wall, cloud=cloud,
+                        wall_clock=self._wall, cloud=cloud, store=functools.partial(self._open_store, slot),
+                        device_key=nacl.signing.SigningKey(self._secret(slot, "node.key")),
                     )  # fmt: skip
                     node.change_listeners.append(functools.partial(self._on_change, slot))
                     async with trio.open_nursery() as inner:
@@ -419,7 +432,7 @@ class Simulation:
         slot.scope.cancel()
         await slot.stopped.wait()
         if wipe:
-            shutil.rmtree(slot.data_dir, ignore_errors=True)
+            slot.disk = {}
             slot.generation += 1
 
     async def crash(self, node_id: str, *, down_for: float | None, wipe: bool = False) -> bool:

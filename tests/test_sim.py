@@ -17,7 +17,6 @@ from typing import Any
 import trio
 
 from sim import Simulation, parse_scenario
-from crdt import DocStore
 from sim._metrics import holds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,15 +189,7 @@ def test_crashed_node_restarts_with_its_store_and_wiped_node_catches_up_from_pee
     def while_down(name: str):
         def check(sim: Simulation) -> None:
             assert not sim.slots[name].running
-            store = sim.slots[name].data_dir / "store.db"
-            if store.exists():
-                db = DocStore(store, key=(sim.slots[name].data_dir / "store.key").read_bytes())
-                try:
-                    facts[name + "_stored"] = set(db.load_all())
-                finally:
-                    db.close()
-            else:
-                facts[name + "_stored"] = None
+            facts[name + "_stored"] = sim.stored_docs(name)
         return check
 
     def caught_up(name: str):
