@@ -218,3 +218,44 @@ def test_store_refuses_a_wrong_or_missing_key(tmp_path):
     DocStore(plain).close()
     with pytest.raises(StoreError, match="without encryption"):
         DocStore(plain, key=os.urandom(32))
+
+
+async def test_a_node_gets_its_store_and_device_key_through_seams(tmp_path, autojump_clock):
+    """A node given a store opener and a device key touches no file, and restarts from the same disk."""
+    import functools
+
+    import nacl.signing
+
+    from crdt import MemoryAdapter
+    from meshnode._node import Node, NodeConfig
+    from meshnode._transport import MemoryNetwork
+
+    disk: dict = {}
+    key = nacl.signing.SigningKey(bytes(range(32)))
+    net = MemoryNetwork()
+    data_dir = tmp_path / "never-created"
+
+    async def run_node(body):
+        async with net.transport("10.0.0.1:5683") as transport:
+            node = Node(NodeConfig(node_id="n1", data_dir=data_dir, seed=1), transport=transport,
+                        wall_clock=lambda: 1_800_000_000 + trio.current_time(), device_key=key,
+                        store=functools.partial(open_doc_store, adapter=MemoryAdapter(disk), key=bytes(32)))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.serve)
+                result = await body(node)
+                nursery.cancel_scope.cancel()
+        return node, result
+
+    async def create(node):
+        return (await node.create_session("cp-1", 1, "tag-1"))["session_id"]
+
+    async def noop(node):
+        return None
+
+    first, session_id = await run_node(create)
+    assert first.signer.public_key == key.verify_key.encode()
+    second, _ = await run_node(noop)
+    assert session_id in second.replica.docs
+    assert second.session_json(session_id)["state"] == first.session_json(session_id)["state"]
+    assert not data_dir.exists()
+    assert DocStore(adapter=MemoryAdapter(disk), key=bytes(32)).doc_ids() == sorted(second.replica.docs)
