@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
 DEBIAN_PACKAGES := postgresql
 
-.PHONY: demo test bench clean install system-deps
+.PHONY: demo test test-fast bench clean install system-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,11 +42,17 @@ demo: $(STAMP)
 test: $(STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest -q
 
+# The fast tier: in one process, on in-memory seams and MockClock, no PostgreSQL,
+# no subprocesses, no real sockets (what is `slow` is decided in tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 bench: $(STAMP)
 	$(PY) bench/store.py
 	$(PY) bench/sync.py
 	$(PY) bench/mesh.py
 	$(PY) bench/uplink.py
+	$(PY) bench/footprint.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,3 +22,45 @@ def signer() -> EventSigner:
 @pytest.fixture
 def keyring(signer: EventSigner) -> Keyring:
     return Keyring({signer.device_id: signer.public_key})
+
+
+# --- test tiers ----------------------------------------------------------------------
+# `make test-fast` runs `pytest -m "not slow"`: logic in one process, on in-memory
+# seams and trio's MockClock, in well under a minute. `make test` runs everything.
+# A test is `slow` when it is marked so in its file, or when one of these rules
+# (kept here, so that the tiers are decided in one place) says it needs the real
+# thing: other processes, real sockets or multicast, a PostgreSQL server, or
+# hundreds of generated examples.
+
+SLOW_MODULES = {
+    "test_cli", "test_demo", "test_e2e_mesh", "test_e2e_uplink", "test_imports",  # real processes
+    "test_sim",  # whole simulated runs, several minutes
+    "test_bad_input",  # a node behind a real CoAP socket
+}  # fmt: skip
+SLOW_FIXTURES = {"coap_rig", "loopback_multicast", "pg_server", "pg_url"}
+SLOW_PARAMS = ("coap", "mdns", "postgresql")
+SLOW_TESTS = {
+    "test_store.py::test_acknowledged_writes_survive_sigkill",  # SIGKILLs 20 child processes
+    "test_sim_parts.py::test_cli_run_writes_results_and_plots",  # meshsim in a subprocess
+    "test_sim_parts.py::test_cli_reports_a_bad_scenario",
+    "test_uplink_probe.py::test_cloud_client_over_real_http",
+    "test_discovery.py::test_mdns_on_an_address_we_do_not_have_fails_cleanly",
+}
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    module = item.path.stem
+    if module in SLOW_MODULES or f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS:
+        return True
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(p in callspec.id for p in SLOW_PARAMS):
+        return True
+    return bool(getattr(getattr(item, "obj", None), "is_hypothesis_test", False))  # many examples
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
