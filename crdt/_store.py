@@ -123,12 +123,41 @@ class DocStore:
         self._named: set[str] = set()
         self._named_lock = threading.Lock()
         try:
+            if isinstance(adapter, SqliteAdapter) and adapter.legacy:
+                self._import_legacy(adapter)
             self._check_key()
         except StoreError:
             adapter.close()
             raise
         self.commits = 0
         """Write batches committed (one per group commit)."""
+
+    def _import_legacy(self, adapter: SqliteAdapter) -> None:
+        """Convert a file of meshnode 0.1 (tables changes, snapshots, meta, names) in one transaction.
+
+        The chunks were sealed the same way, so they are copied as they are; the
+        rows are re-keyed: ids from the sealed names, change hashes (raw, or
+        keyed-hashed when encrypted) in hex.
+        """
+        rows = adapter.legacy_rows()
+        meta = {str(k): bytes(v) for k, v in rows["meta"]}
+        check = meta.get("_codec")
+        if check is not None:
+            self._verify_check(check)
+        c = self._codec
+        new_row = {}
+        puts: list[tuple[StorageKey, bytes]] = []
+        for old_row, name in rows["names"]:
+            new_row[old_row] = row = c.row(c.open(bytes(name)).decode())
+            puts.append((("name", row), bytes(name)))
+        for old_row, h, data in rows["changes"]:
+            puts.append((("doc", new_row[old_row], "change", bytes(h).hex()), bytes(data)))
+        for old_row, data, archived in rows["snapshots"]:
+            puts.append((("doc", new_row[old_row], "snapshot"), bytes(data)))
+            if archived:
+                puts.append((("archived", new_row[old_row]), b""))
+        puts.extend((("meta", k), v) for k, v in meta.items())
+        adapter.replace_legacy(puts)
 
     @property
     def encrypted(self) -> bool:
@@ -143,6 +172,10 @@ class DocStore:
         if stored is None:
             self.adapter.save_batch([(("meta", "_codec"), self._codec.seal(_CHECK))])
             return
+        self._verify_check(stored)
+
+    def _verify_check(self, stored: bytes) -> None:
+        """Refuse a wrong or missing key, given the stored check value."""
         if stored == _CHECK:
             if self.encrypted:
                 raise StoreError(f"store {self.path} was created without encryption; it cannot be opened with a key")

@@ -259,3 +259,32 @@ async def test_a_node_gets_its_store_and_device_key_through_seams(tmp_path, auto
     assert second.session_json(session_id)["state"] == first.session_json(session_id)["state"]
     assert not data_dir.exists()
     assert DocStore(adapter=MemoryAdapter(disk), key=bytes(32)).doc_ids() == sorted(second.replica.docs)
+
+
+@pytest.mark.parametrize("kind, key", [("plain", None), ("encrypted", bytes(range(32)))])
+def test_a_store_file_of_meshnode_0_1_is_converted_once_and_loses_nothing(tmp_path, kind, key):
+    """tests/data holds files written by 0.1's DocStore (tables changes, snapshots, meta, names):
+    session "s/one" compacted then given one more event, "s-two" archived, meta incarnation 7."""
+    import shutil
+    import sqlite3
+
+    from crdt import StoreError
+
+    path = tmp_path / "store.db"
+    shutil.copy(ROOT / "tests" / "data" / f"store-0.1-{kind}.sqlite", path)
+    if key is not None:
+        with pytest.raises(StoreError, match="wrong store key"):
+            DocStore(path, key=bytes(32))
+    for _ in range(2):  # converted on the first open; the second open reads the new layout
+        store = DocStore(path, key=key)
+        assert store.doc_ids() == ["s-two", "s/one"]
+        assert store.archived_ids() == ["s-two"]
+        assert list(store.load_all()) == ["s/one"]
+        docs = store.load_all(include_archived=True)
+        assert len(read_session(docs["s/one"]).events) == 4
+        assert len(read_session(docs["s-two"]).events) == 3
+        assert store.change_count("s/one") == 1 and store.change_count("s-two") == 0
+        assert store.get_meta("incarnation") == (7).to_bytes(8, "big")
+        store.close()
+    tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"kv"}

@@ -15,10 +15,12 @@ import os
 import sqlite3
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from .._errors import LocalError, StoreError
 from ._adapter import StorageKey, check_key
 
+_LEGACY_TABLES = ("changes", "snapshots", "meta", "names")
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
 
 
@@ -44,14 +46,9 @@ class SqliteAdapter:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            old = self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'"
-            ).fetchone()
-            if old is not None:
-                raise StoreError(
-                    f"store {self.path} has the layout of meshnode 0.1 (tables changes/snapshots), "
-                    "which this version does not read"
-                )
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            self.legacy = set(_LEGACY_TABLES) <= tables
+            """The file still has the tables of meshnode 0.1: `DocStore` imports them once."""
             self._db.execute(_SCHEMA)
         except sqlite3.Error as exc:
             self._db.close()
@@ -117,6 +114,41 @@ class SqliteAdapter:
                     pass  # no transaction was open: nothing to undo
                 raise StoreError(f"cannot write to store {self.path}: {exc}") from exc
             self.batches += 1
+
+    def legacy_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """The rows of the 0.1 layout's tables, as stored (changes in the order written)."""
+        with self._lock:
+            self._check_open()
+            try:
+                return {
+                    "changes": self._db.execute("SELECT doc_id, hash, data FROM changes ORDER BY id").fetchall(),
+                    "snapshots": self._db.execute("SELECT doc_id, data, archived FROM snapshots").fetchall(),
+                    "meta": self._db.execute("SELECT key, value FROM meta").fetchall(),
+                    "names": self._db.execute("SELECT doc_id, name FROM names").fetchall(),
+                }
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the old tables of {self.path}: {exc}") from exc
+
+    def replace_legacy(self, puts: Sequence[tuple[StorageKey, bytes]]) -> None:
+        """Save `puts` and drop the 0.1 tables, in one transaction (a crash leaves one layout or the other)."""
+        for key, _ in puts:
+            check_key(key)
+        rows = [("/".join(key), bytes(value)) for key, value in puts]
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", rows)
+                for table in _LEGACY_TABLES:
+                    self._db.execute(f"DROP TABLE {table}")
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # no transaction was open: nothing to undo
+                raise StoreError(f"cannot convert {self.path} to the key-value layout: {exc}") from exc
+            self.legacy = False
 
     def close(self) -> None:
         with self._lock:
