@@ -1,7 +1,10 @@
 """Benchmark: durable DocStore appends per second, one at a time and in concurrent groups.
 
 Each append is one signed meter event added to a session document; it counts when
-`await store.write(...)` has returned (committed with synchronous=FULL). Prints JSON.
+`await store.write(...)` has returned (committed with synchronous=FULL). Run on both
+storage adapters: SQLite (the node's; a worker thread, group commit) and in memory
+(the simulator's and the tests'; inline, one commit per write), so the cost of the
+seam itself shows. Prints JSON.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from crdt import EventSigner, Replica, add_event, new_session_doc, open_doc_store  # noqa: E402
+from crdt import EventSigner, MemoryAdapter, Replica, add_event, new_session_doc, open_doc_store  # noqa: E402
 
 
-async def run(concurrency: int, total: int, directory: str) -> dict[str, float]:
+async def run(adapter: str, concurrency: int, total: int, directory: str) -> dict[str, object]:
     path = os.path.join(directory, f"bench-{concurrency}.db")
     signer = EventSigner("bench", nacl.signing.SigningKey(b"b" * 32))
-    async with open_doc_store(path) as store:
+    opened = open_doc_store(path) if adapter == "sqlite" else open_doc_store(adapter=MemoryAdapter())
+    async with opened as store:
         replica = Replica()
         for w in range(concurrency):
             sid = f"s{w}"
@@ -48,6 +52,7 @@ async def run(concurrency: int, total: int, directory: str) -> dict[str, float]:
         commits = store.sync.commits - commits_before
     n = per_writer * concurrency
     return {
+        "adapter": adapter,
         "concurrency": concurrency,
         "appends": n,
         "seconds": round(elapsed, 3),
@@ -60,9 +65,11 @@ async def run(concurrency: int, total: int, directory: str) -> dict[str, float]:
 async def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as directory:
-        for concurrency, total in ((1, 300), (8, 1600), (64, 6400)):
-            results.append(await run(concurrency, total, directory))
-            print(f"  concurrency {concurrency}: {results[-1]['appends_per_s']} appends/s", file=sys.stderr)
+        for adapter in ("sqlite", "memory"):
+            for concurrency, total in ((1, 300), (8, 1600), (64, 6400)):
+                results.append(await run(adapter, concurrency, total, directory))
+                print(f"  {adapter}, concurrency {concurrency}: {results[-1]['appends_per_s']} appends/s",
+                      file=sys.stderr)
     print(json.dumps({"benchmark": "store", "results": results}, indent=2))
 
 
