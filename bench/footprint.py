@@ -39,7 +39,7 @@ import httpx
 import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mesh  # noqa: E402 - the node processes are started as bench/mesh.py does
+import mesh  # the node processes are started as bench/mesh.py does
 
 log = mesh.log
 TICKS = os.sysconf("SC_CLK_TCK")
