@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from crdt import (  # noqa: E402
+from crdt import (
     EventCache,
     EventSigner,
     Keyring,
@@ -30,10 +30,10 @@ from crdt import (  # noqa: E402
     fold_session,
     new_session_doc,
 )
-from tests.conftest import make_signer  # noqa: E402
+from tests.conftest import make_signer
 
-SESSIONS = int(os.environ.get("BENCH_SESSIONS", 20))
-EVENTS = int(os.environ.get("BENCH_EVENTS", 60))
+SESSIONS = int(os.environ.get("BENCH_SESSIONS", "20"))
+EVENTS = int(os.environ.get("BENCH_EVENTS", "60"))
 
 
 def run(incremental: bool) -> dict[str, float]:

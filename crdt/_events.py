@@ -38,7 +38,14 @@ import cbor2
 import nacl.exceptions
 import nacl.signing
 
-from ._errors import BadSignature, BrokenChain, LocalError, MalformedEvent, MissingField, UnknownKey
+from ._errors import (
+    BadSignature,
+    BrokenChain,
+    LocalError,
+    MalformedEvent,
+    MissingField,
+    UnknownKey,
+)
 
 GENESIS_PREV = bytes(32)
 """`prev` of a device's first event."""

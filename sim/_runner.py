@@ -47,7 +47,8 @@ import trio
 import trio.testing
 
 from meshnode._discovery import MemoryDiscoveryHub
-from meshnode._node import LocalRequestError, Node, NodeConfig
+from meshnode._node import Node, NodeConfig
+from meshnode.services import ServiceError
 
 from ._cloud import CLOUD_URL, ClockGate, SimCloud, UplinkSchedule, open_sim_cloud
 from ._metrics import Metrics, holds, receipt_of, rounded
@@ -537,7 +538,7 @@ class Simulation:
             return None
         try:
             return await fn(node)
-        except LocalRequestError as exc:
+        except ServiceError as exc:
             log.info("%s: %s", slot.node_id, exc.message)
             return None
         except Exception:

@@ -63,9 +63,9 @@ def histories(draw):
         i += step
         change = draw(st.integers(0, 11))
         if change == 0 and current:
-            current.pop(sorted(current)[0])
+            current.pop(min(current))
         elif change == 1 and current:
-            key = sorted(current)[-1]
+            key = max(current)
             current[key] = current[key][:-1] + b"\0"
         versions.append((dict(current), draw(st.integers(0, 7)) == 0))
     return versions
@@ -154,7 +154,7 @@ def test_a_predecessor_that_arrives_late_has_its_successors_link_checked():
     first = signer.sign("authorize", "s", 0)
     twin = make_signer("charger-1")
     twin.seq, twin.prev = signer.seq, signer.prev
-    second = signer.sign("start", "s", 1, meter_wh=0)
+    signer.sign("start", "s", 1, meter_wh=0)  # `second`: never stored here
     other_second = twin.sign("meter", "s", 9, meter_wh=5)  # same seq as `second`, sorts last
     third = signer.sign("stop", "s", 2, meter_wh=7)  # points at `second`
     events = {first.event_id: first.encoded, third.event_id: third.encoded}
