@@ -47,6 +47,7 @@ from ._events import (
 )
 from ._fold import EVENT_TYPES, STATES, TRANSITIONS, Conflict, SessionFold, SessionView, fold, summarize_event
 from ._store import AsyncDocStore, DocStore, open_doc_store
+from ._sync_session import Applied, SyncRound, SyncSession
 from ._sync import (
     DEFAULT_BUCKETS,
     Replica,
