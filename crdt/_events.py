@@ -292,7 +292,7 @@ class EventCache:
         hits: checks answered from the cache.
     """
 
-    def __init__(self, max_entries: int = 32768) -> None:
+    def __init__(self, max_entries: int = 16384) -> None:
         self.max_entries = max_entries
         self.verifications = 0
         self.hits = 0
