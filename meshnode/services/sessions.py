@@ -56,6 +56,9 @@ API_EVENT_TYPES = ("meter", "pause", "resume", "stop")
 
 Commit = Callable[[str, list[tuple[bytes, bytes]]], Awaitable[None]]
 
+MAX_CERTIFICATES = 1024
+"""Checked certificates remembered (a site has a few per node; junk from peers must not grow it)."""
+
 
 class FoldCache:
     """Per session: the fold of the version last read, and the `SessionFold` to continue from.
@@ -145,6 +148,9 @@ class SessionService:
         self._wall_clock = wall_clock
         self._commit = commit
         self.fold_cache = FoldCache(replica)
+        # Certificates found in documents, checked once (a pure function of the bytes
+        # and our site key): every session of a device declares the same one.
+        self._certificates: dict[bytes, Certificate | None] = {}
 
     def _wall_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -260,13 +266,24 @@ class SessionService:
         assert self.identity is not None
         ring = Keyring({self.node_id: self._signer().public_key})
         for device_id, blob in sorted(data.devices.items()):
-            try:
-                cert = Certificate.decode(blob, self.identity.site_public_key)
-            except Exception:
-                continue  # a raw or foreign key: its events will not verify here
-            if cert.node_id == device_id:
+            cert = self._certificate(blob)
+            if cert is not None and cert.node_id == device_id:
                 ring.add(device_id, cert.public_key)
         return ring
+
+    def _certificate(self, blob: bytes) -> Certificate | None:
+        """The certificate in a `devices` entry if our site signed it, else None (a raw or foreign key)."""
+        assert self.identity is not None
+        if blob in self._certificates:
+            return self._certificates[blob]
+        try:
+            cert: Certificate | None = Certificate.decode(blob, self.identity.site_public_key)
+        except Exception:  # noqa: BLE001 - any refusal means: not vouched for by our site
+            cert = None
+        if len(self._certificates) >= MAX_CERTIFICATES:
+            self._certificates.clear()  # entries come from peers' documents: bounded
+        self._certificates[blob] = cert
+        return cert
 
     def session_json(self, session_id: str) -> dict[str, Any]:
         """The session as the API shows it. Raises NotFound."""
