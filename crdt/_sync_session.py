@@ -43,6 +43,29 @@ Rules, and why:
 The responder side is one step per request: `on_request` applies the messages
 (resetting the states the initiator asked to reset), `replies` produces the answers
 for every document of the request whose message was not refused.
+
+A node-to-node exchange, for instance (the forwarder and the cloud are the same with
+their own wire types)::
+
+    session = SyncSession(replica, peer_id, max_rounds=12, max_bytes=256 * 1024,
+                          validate=functools.partial(check_document, site))
+    session.begin(doc_ids, reset=after_digest)
+    try:
+        while (step := session.next_request()) is not None:
+            reply = await send(SyncRequest(me, step.msgs, step.reset))
+            applied = session.on_reply(reply.msgs, reply.errors)
+            await store(applied.changes)          # durable before the next request
+    except BaseException:
+        session.abort()
+        raise
+    in_step = session.synced                      # refused / unsettled: anti-entropy retries
+
+    # and on the other node, per request:
+    session = SyncSession(replica, request.sender, validate=...)
+    session.check(request.msgs)                   # InvalidSyncMessage: refuse it whole
+    applied = session.on_request(request.msgs, request.reset)
+    await store(applied.changes)
+    return SyncResponse(session.replies(request.msgs, applied.errors), applied.errors)
 """
 
 from __future__ import annotations
