@@ -14,6 +14,7 @@ from ._documents import (
     new_site_config,
     read_session,
     read_site_config,
+    session_keyring,
     set_receipt,
     site_config_put,
 )
@@ -32,8 +33,10 @@ from ._errors import (
     UnknownKey,
 )
 from ._events import (
+    EVENT_CACHE,
     GENESIS_PREV,
     MAX_EVENT_BYTES,
+    EventCache,
     EventRecord,
     EventSigner,
     Keyring,
@@ -42,8 +45,9 @@ from ._events import (
     decode_event,
     verify_event,
 )
-from ._fold import EVENT_TYPES, STATES, TRANSITIONS, Conflict, SessionView, fold, summarize_event
+from ._fold import EVENT_TYPES, STATES, TRANSITIONS, Conflict, SessionFold, SessionView, fold, summarize_event
 from ._store import AsyncDocStore, DocStore, StoreOpener, open_doc_store
+from ._sync_session import Applied, SyncRound, SyncSession
 from ._sync import (
     DEFAULT_BUCKETS,
     Replica,

@@ -31,7 +31,7 @@ from automerge.core import ROOT, Document, ObjType, ScalarType, extract, random_
 
 from ._errors import DocumentError, LocalError
 from ._events import Keyring, SignedEvent
-from ._fold import SessionView, fold
+from ._fold import SessionFold, SessionView
 
 SITE_CONFIG_ID = "site-config"
 _GENESIS_ACTOR = b"meshnode.genesis"  # 16 bytes, shared by every node's genesis change
@@ -221,7 +221,7 @@ def read_session(doc: Document) -> SessionData:
 
 
 def fold_session(
-    doc: Document, keyring: Keyring, *, trust_document_keys: bool = False
+    doc: Document, keyring: Keyring, *, trust_document_keys: bool = False, base: SessionFold | None = None
 ) -> tuple[SessionData, SessionView]:
     """Read a session document and fold its events.
 
@@ -231,15 +231,26 @@ def fold_session(
             itself (for nodes without enrolment: it proves the events were not
             altered after signing, not who the device is). A key in `keyring`
             always wins over a declared one.
+        base: the fold of an earlier version of this document, to continue from
+            (it is updated); without one the document is folded from the start.
     """
     data = read_session(doc)
+    keyring = session_keyring(data, keyring, trust_document_keys=trust_document_keys)
+    fold_ = base if base is not None else SessionFold(data.session_id)
+    if fold_.session_id != data.session_id:
+        raise LocalError(f"a fold of session {fold_.session_id!r} cannot continue with {data.session_id!r}")
+    return data, fold_.update(data.events, keyring, receipt_present=data.receipt is not None)
+
+
+def session_keyring(data: SessionData, keyring: Keyring, *, trust_document_keys: bool = False) -> Keyring:
+    """`keyring`, plus (when asked) the raw keys devices declared in the document; `keyring` wins."""
     declared = {d: k for d, k in data.devices.items() if len(k) == 32}
-    if trust_document_keys and declared:
-        merged = Keyring(declared)
-        for device_id, key in keyring.public_keys().items():
-            merged.add(device_id, key)
-        keyring = merged
-    return data, fold(data.session_id, data.events, keyring, receipt_present=data.receipt is not None)
+    if not (trust_document_keys and declared):
+        return keyring
+    merged = Keyring(declared)
+    for device_id, key in keyring.public_keys().items():
+        merged.add(device_id, key)
+    return merged
 
 
 # --- site config -------------------------------------------------------------------

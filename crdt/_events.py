@@ -20,11 +20,16 @@ CBOR encoding of the other nine fields. The design choices, and why:
   a document for consecutive events of one session, in the cloud for all).
 - `meter_wh` is the cumulative energy register, so a lost reading loses no energy.
 - Time is passed in (`ts`, milliseconds since the epoch): this package reads no clock.
+- Each event's signature is checked once per process (`EventCache`): a session is
+  folded again after every change, and without the cache every fold re-verified
+  every event of the session (issue 9: 127k Ed25519 checks for 19.8k re-reads).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +38,14 @@ import cbor2
 import nacl.exceptions
 import nacl.signing
 
-from ._errors import BadSignature, BrokenChain, LocalError, MalformedEvent, MissingField, UnknownKey
+from ._errors import (
+    BadSignature,
+    BrokenChain,
+    LocalError,
+    MalformedEvent,
+    MissingField,
+    UnknownKey,
+)
 
 GENESIS_PREV = bytes(32)
 """`prev` of a device's first event."""
@@ -114,6 +126,11 @@ class Keyring:
 
     def get(self, device_id: str) -> nacl.signing.VerifyKey | None:
         return self._keys.get(device_id)
+
+    def public_key(self, device_id: str) -> bytes | None:
+        """The device's raw 32-byte key, or None."""
+        key = self._keys.get(device_id)
+        return None if key is None else key.encode()
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._keys
@@ -258,7 +275,102 @@ def decode_event(blob: bytes) -> tuple[dict[str, Any], bytes]:
     return obj, signature
 
 
-def verify_event(blob: bytes, keyring: Keyring, *, previous: SignedEvent | None = None) -> SignedEvent:
+class EventCache:
+    """Events already parsed and signatures already checked, so each is done once per process.
+
+    Keyed by the event's bytes (its id, its content and its signature together) and,
+    for the signature check, the device's public key: a blob whose signature was
+    checked under a key is not checked again under that key, whether it passed or
+    failed. A different signature over the same content is different bytes, so it
+    is checked on its own. Entries are evicted oldest-used first beyond
+    `max_entries`; `max_entries=0` keeps nothing (every call verifies: the cost
+    before the cache, for benchmarks). Thread-safe: the cloud folds in worker
+    threads.
+
+    Attributes:
+        verifications: Ed25519 checks done through this cache.
+        hits: checks answered from the cache.
+    """
+
+    def __init__(self, max_entries: int = 16384) -> None:
+        self.max_entries = max_entries
+        self.verifications = 0
+        self.hits = 0
+        self._lock = threading.Lock()
+        # blob -> (parsed event, keys it verified under, keys it failed under)
+        self._entries: OrderedDict[bytes, tuple[SignedEvent, set[bytes], set[bytes]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def verify(self, blob: bytes, keyring: Keyring) -> SignedEvent:
+        """`verify_event` without the chain check, remembering the outcome."""
+        blob = bytes(blob)
+        with self._lock:
+            entry = self._entries.get(blob)
+            if entry is not None:
+                self._entries.move_to_end(blob)
+        if entry is None:
+            event = _parse(blob)
+            entry = (event, set(), set())
+        event, good, bad = entry
+        public_key = keyring.public_key(event.record.device_id)
+        if public_key is None:
+            self._remember(blob, entry)
+            raise UnknownKey(f"device {event.record.device_id!r} is not in the keyring", event_id=event.event_id)
+        if public_key in good:
+            self.hits += 1
+            return event
+        if public_key not in bad:
+            self.verifications += 1
+            try:
+                nacl.signing.VerifyKey(public_key).verify(_canonical(event.record.to_map()), event.signature)
+            except nacl.exceptions.BadSignatureError:
+                bad.add(public_key)
+            else:
+                good.add(public_key)
+            self._remember(blob, entry)
+        else:
+            self.hits += 1
+        if public_key in bad:
+            raise BadSignature(
+                f"signature of event {event.event_id} does not match device {event.record.device_id!r}",
+                event_id=event.event_id,
+            )
+        return event
+
+    def _remember(self, blob: bytes, entry: tuple[SignedEvent, set[bytes], set[bytes]]) -> None:
+        if self.max_entries <= 0:
+            return
+        with self._lock:
+            self._entries[blob] = entry
+            self._entries.move_to_end(blob)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
+EVENT_CACHE = EventCache()
+"""The process's cache (see `EventCache`); `verify_event` and the fold use it by default."""
+
+
+def _parse(blob: bytes) -> SignedEvent:
+    """Shape and content-id checks, no signature check."""
+    body, signature = decode_event(blob)
+    content = _canonical(body)
+    return SignedEvent(_record_from(body), signature, blob, hashlib.sha256(content).digest())
+
+
+def verify_event(
+    blob: bytes,
+    keyring: Keyring,
+    *,
+    previous: SignedEvent | None = None,
+    cache: EventCache | None = EVENT_CACHE,
+) -> SignedEvent:
     """Verify an event's bytes and return it.
 
     Args:
@@ -266,6 +378,8 @@ def verify_event(blob: bytes, keyring: Keyring, *, previous: SignedEvent | None 
         keyring: trusted device keys.
         previous: when given, the same device's event with `seq - 1`; the chain
             link between them is checked too.
+        cache: where outcomes are remembered (default: the process's); None
+            checks the signature afresh.
 
     Raises:
         MalformedEvent, MissingField: the bytes are not a well-formed event.
@@ -273,20 +387,7 @@ def verify_event(blob: bytes, keyring: Keyring, *, previous: SignedEvent | None 
         BadSignature: the signature does not verify.
         BrokenChain: `previous` was given and `prev`/`seq` do not follow it.
     """
-    body, signature = decode_event(blob)
-    event_id = body["event_id"]
-    key = keyring.get(body["device_id"])
-    if key is None:
-        raise UnknownKey(f"device {body['device_id']!r} is not in the keyring", event_id=event_id)
-    content = _canonical(body)
-    try:
-        key.verify(content, signature)
-    except nacl.exceptions.BadSignatureError as exc:
-        raise BadSignature(
-            f"signature of event {event_id} does not match device {body['device_id']!r}",
-            event_id=event_id,
-        ) from exc
-    event = SignedEvent(_record_from(body), signature, bytes(blob), hashlib.sha256(content).digest())
+    event = (cache if cache is not None else EventCache(max_entries=0)).verify(blob, keyring)
     if previous is not None:
         check_link(previous, event)
     return event

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import EventError
-from ._events import Keyring, SignedEvent, check_link, verify_event
+from ._events import EVENT_CACHE, EventCache, Keyring, SignedEvent, check_link
 
 STATES = ("idle", "reserving", "authorized", "charging", "paused", "completed", "reconciled")
 EVENT_TYPES = ("reserve", "authorize", "start", "meter", "pause", "resume", "stop")
@@ -100,6 +100,7 @@ def fold(
     keyring: Keyring,
     *,
     receipt_present: bool = False,
+    cache: EventCache | None = EVENT_CACHE,
 ) -> SessionView:
     """Fold a session's events (the document's `events` map) into its state.
 
@@ -108,91 +109,194 @@ def fold(
         events: event_id -> encoded signed event, as stored in the document.
         keyring: trusted device keys, for signature checks.
         receipt_present: whether the cloud's receipt is in the document.
+        cache: where signature checks are remembered (None: check every one).
     """
-    conflicts: list[Conflict] = []
-    verified: list[SignedEvent] = []
-    for key in sorted(events):
-        blob = events[key]
-        try:
-            event = verify_event(blob, keyring)
-        except EventError as exc:
-            conflicts.append(Conflict(INVALID_EVENT, key, f"{exc.reason}: {exc}"))
-            continue
-        if event.event_id != key:
-            conflicts.append(Conflict(INVALID_EVENT, key, f"stored under another id ({event.event_id})"))
-        elif event.record.session_id != session_id:
-            conflicts.append(
-                Conflict(WRONG_SESSION, key, f"event belongs to session {event.record.session_id!r}")
-            )
-        else:
-            verified.append(event)
+    return SessionFold(session_id, cache=cache).update(events, keyring, receipt_present=receipt_present)
 
-    # Forks: same device and seq, different content. Smallest event_id wins (invariant 3).
-    by_slot: dict[tuple[str, int], list[SignedEvent]] = defaultdict(list)
-    for event in verified:
-        by_slot[(event.record.device_id, event.record.seq)].append(event)
-    chained: dict[tuple[str, int], SignedEvent] = {}
-    for slot, group in by_slot.items():
-        group.sort(key=lambda e: e.event_id)
-        chained[slot] = group[0]
-        for loser in group[1:]:
-            conflicts.append(
-                Conflict(FORK, loser.event_id, f"device {slot[0]!r} seq {slot[1]} also signed {group[0].event_id}")
-            )
 
-    # Chain links between consecutive events of one device present in this document.
-    candidates: list[SignedEvent] = []
-    for (device_id, seq), event in chained.items():
-        previous = chained.get((device_id, seq - 1))
-        if previous is not None:
+_Slot = tuple[str, int]
+
+
+class SessionFold:
+    """The fold of one session, kept so that the next version of it costs only the new events.
+
+    `update` gives exactly what `fold` gives for the same arguments (the invariants
+    above hold either way). It takes the cheap path when the document only gained
+    events, the keyring is unchanged, and every new event that verifies
+
+    - fills a (device, seq) slot no other event holds (no fork to decide),
+    - is not the missing predecessor of an event already folded (no link to recheck),
+    - and, if it is applied, sorts after every event already through the state machine
+      (so the transitions of the earlier ones do not change).
+
+    That is the usual case: a node appends its next meter reading or stop. Anything
+    else (a fork, a late event from the past, a removed or rewritten event, a new
+    key) folds the whole session again; signature checks are remembered by the
+    `EventCache` either way, so an old event is never verified twice.
+
+    Attributes:
+        full_folds, incremental_folds: how often each path was taken.
+    """
+
+    def __init__(self, session_id: str, *, cache: EventCache | None = EVENT_CACHE) -> None:
+        self.session_id = session_id
+        self.cache = cache if cache is not None else EventCache(max_entries=0)
+        self.full_folds = 0
+        self.incremental_folds = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self._events: dict[str, bytes] = {}
+        self._keys: dict[str, bytes] | None = None
+        self._conflicts: list[Conflict] = []
+        self._chained: dict[_Slot, SignedEvent] = {}
+        self._last_key: tuple[int, str, int, str] | None = None
+        self._state = "idle"
+        self._first_meter: int | None = None
+        self._last_meter: int | None = None
+        self._started: int | None = None
+        self._stopped: int | None = None
+        self._applied: list[SignedEvent] = []
+
+    def update(self, events: Mapping[str, bytes], keyring: Keyring, *, receipt_present: bool = False) -> SessionView:
+        """The session's state for this version of its `events` map (see the class docstring)."""
+        keys = keyring.public_keys()
+        if self._keys == keys and self._only_grew(events):
+            new = {k: events[k] for k in events.keys() - self._events.keys()}
+            if self._extend(new, keyring):
+                self.incremental_folds += 1
+                self._events.update(new)
+                return self._view(receipt_present)
+        self._clear()
+        self._keys = keys
+        self._events = dict(events)
+        self._full(keyring)
+        self.full_folds += 1
+        return self._view(receipt_present)
+
+    def _only_grew(self, events: Mapping[str, bytes]) -> bool:
+        if len(events) < len(self._events):
+            return False
+        for key, blob in self._events.items():
+            if events.get(key) != blob:
+                return False
+        return True
+
+    def _verify(self, events: Mapping[str, bytes], keyring: Keyring) -> tuple[list[Conflict], list[SignedEvent]]:
+        conflicts: list[Conflict] = []
+        verified: list[SignedEvent] = []
+        for key in sorted(events):
+            blob = events[key]
             try:
-                check_link(previous, event)
+                event = self.cache.verify(blob, keyring)
             except EventError as exc:
-                conflicts.append(Conflict(BROKEN_CHAIN, event.event_id, str(exc)))
+                conflicts.append(Conflict(INVALID_EVENT, key, f"{exc.reason}: {exc}"))
                 continue
-        candidates.append(event)
+            if event.event_id != key:
+                conflicts.append(Conflict(INVALID_EVENT, key, f"stored under another id ({event.event_id})"))
+            elif event.record.session_id != self.session_id:
+                conflicts.append(
+                    Conflict(WRONG_SESSION, key, f"event belongs to session {event.record.session_id!r}")
+                )
+            else:
+                verified.append(event)
+        return conflicts, verified
 
-    state = "idle"
-    first_meter: int | None = None
-    last_meter: int | None = None
-    started: int | None = None
-    stopped: int | None = None
-    applied: list[SignedEvent] = []
-    for event in sorted(candidates, key=_order_key):
-        r = event.record
-        target = TRANSITIONS.get((state, r.type))
-        if target is None:
-            conflicts.append(Conflict(ILLEGAL_TRANSITION, r.event_id, f"{r.type!r} in state {state!r}"))
-            continue
-        if r.meter_wh is not None and last_meter is not None and r.meter_wh < last_meter:
-            conflicts.append(
-                Conflict(METER_BACKWARDS, r.event_id, f"meter {r.meter_wh} Wh after {last_meter} Wh")
-            )
-            continue
-        if r.meter_wh is not None:
-            first_meter = r.meter_wh if first_meter is None else first_meter
-            last_meter = r.meter_wh
-        if r.type == "start":
-            started = r.ts
-        if target == "completed":
-            stopped = r.ts
-        state = target
-        applied.append(event)
+    def _full(self, keyring: Keyring) -> None:
+        conflicts, verified = self._verify(self._events, keyring)
+        self._conflicts = conflicts
 
-    if receipt_present and state == "completed":
-        state = "reconciled"
-    energy = (last_meter - first_meter) if first_meter is not None and last_meter is not None else 0
-    return SessionView(
-        state=state,
-        energy_wh=energy,
-        first_meter_wh=first_meter,
-        last_meter_wh=last_meter,
-        started_ts=started,
-        stopped_ts=stopped,
-        applied=tuple(applied),
-        conflicts=tuple(sorted(conflicts)),
-        receipt_present=receipt_present,
-    )
+        # Forks: same device and seq, different content. Smallest event_id wins (invariant 3).
+        by_slot: dict[_Slot, list[SignedEvent]] = defaultdict(list)
+        for event in verified:
+            by_slot[(event.record.device_id, event.record.seq)].append(event)
+        for slot, group in by_slot.items():
+            group.sort(key=lambda e: e.event_id)
+            self._chained[slot] = group[0]
+            for loser in group[1:]:
+                conflicts.append(
+                    Conflict(FORK, loser.event_id, f"device {slot[0]!r} seq {slot[1]} also signed {group[0].event_id}")
+                )
+        self._run(self._linked(list(self._chained.items())))
+
+    def _linked(self, slots: list[tuple[_Slot, SignedEvent]]) -> list[SignedEvent]:
+        """Chain links between consecutive events of one device present in this document."""
+        candidates: list[SignedEvent] = []
+        for (device_id, seq), event in slots:
+            previous = self._chained.get((device_id, seq - 1))
+            if previous is not None:
+                try:
+                    check_link(previous, event)
+                except EventError as exc:
+                    self._conflicts.append(Conflict(BROKEN_CHAIN, event.event_id, str(exc)))
+                    continue
+            candidates.append(event)
+        return candidates
+
+    def _extend(self, new: Mapping[str, bytes], keyring: Keyring) -> bool:
+        """Fold in events added since the last update; False (nothing changed) if it takes a full fold."""
+        conflicts, verified = self._verify(new, keyring)
+        slots: dict[_Slot, SignedEvent] = {}
+        for event in verified:
+            slot = (event.record.device_id, event.record.seq)
+            if slot in self._chained or slot in slots:
+                return False  # a fork: the winner is decided over the whole group
+            if (slot[0], slot[1] + 1) in self._chained:
+                return False  # an event already folded gains its predecessor: its link is checked now
+            slots[slot] = event
+        # Only events that pass their link check go through the state machine; they
+        # must all come after what went through it before.
+        saved = (len(self._conflicts), dict(self._chained))
+        self._chained.update(slots)
+        candidates = sorted(self._linked(sorted(slots.items())), key=_order_key)
+        if candidates and self._last_key is not None and _order_key(candidates[0]) < self._last_key:
+            del self._conflicts[saved[0]:]
+            self._chained = saved[1]
+            return False
+        self._conflicts.extend(conflicts)
+        self._run(candidates)
+        return True
+
+    def _run(self, candidates: list[SignedEvent]) -> None:
+        """Put events (no forks, links checked) through the transition table, in order."""
+        for event in sorted(candidates, key=_order_key):
+            r = event.record
+            self._last_key = _order_key(event)
+            target = TRANSITIONS.get((self._state, r.type))
+            if target is None:
+                self._conflicts.append(Conflict(ILLEGAL_TRANSITION, r.event_id, f"{r.type!r} in state {self._state!r}"))
+                continue
+            if r.meter_wh is not None and self._last_meter is not None and r.meter_wh < self._last_meter:
+                self._conflicts.append(
+                    Conflict(METER_BACKWARDS, r.event_id, f"meter {r.meter_wh} Wh after {self._last_meter} Wh")
+                )
+                continue
+            if r.meter_wh is not None:
+                self._first_meter = r.meter_wh if self._first_meter is None else self._first_meter
+                self._last_meter = r.meter_wh
+            if r.type == "start":
+                self._started = r.ts
+            if target == "completed":
+                self._stopped = r.ts
+            self._state = target
+            self._applied.append(event)
+
+    def _view(self, receipt_present: bool) -> SessionView:
+        state = self._state
+        if receipt_present and state == "completed":
+            state = "reconciled"
+        first, last = self._first_meter, self._last_meter
+        return SessionView(
+            state=state,
+            energy_wh=(last - first) if first is not None and last is not None else 0,
+            first_meter_wh=first,
+            last_meter_wh=last,
+            started_ts=self._started,
+            stopped_ts=self._stopped,
+            applied=tuple(self._applied),
+            conflicts=tuple(sorted(self._conflicts)),
+            receipt_present=receipt_present,
+        )
 
 
 def summarize_event(event: SignedEvent) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ._discovery import (
     parse_peer_address,
 )
 from ._membership import MemberRecord, Membership, PeerState, choose_gossip_targets, elect_leader
-from ._node import LocalRequestError, Node, NodeConfig, NodeError
+from ._node import Node, NodeConfig, NodeError
 from ._transport import (
     BadRequest,
     MemoryNetwork,
@@ -28,11 +28,12 @@ from ._transport import (
     Transport,
     TransportError,
 )
+from .services import Conflict, InvalidCommand, NotAuthorised, NotFound, ServiceError
 
 __all__ = [
-    "BadRequest", "Discovery", "DiscoveryEvent", "LocalRequestError", "MemberRecord", "Membership",
+    "BadRequest", "Conflict", "Discovery", "DiscoveryEvent", "InvalidCommand", "MemberRecord", "Membership",
     "MemoryDiscoveryHub", "MemoryNetwork", "MemoryTransport", "Node", "NodeConfig", "NodeError",
-    "PeerGone", "PeerSeen", "PeerState", "PeerUnreachable", "RemoteRefused", "RequestTimeout",
-    "StaticDiscovery", "Transport", "TransportError", "__version__", "choose_gossip_targets",
+    "NotAuthorised", "NotFound", "PeerGone", "PeerSeen", "PeerState", "PeerUnreachable", "RemoteRefused", "RequestTimeout",
+    "ServiceError", "StaticDiscovery", "Transport", "TransportError", "__version__", "choose_gossip_targets",
     "elect_leader", "parse_peer_address",
 ]

@@ -15,7 +15,10 @@ Routes and field names are fixed (other tools rely on them):
 checked offline); a driver the offline policy refuses gets 403.
 
 A 201 means the event is durable on this node. Every refusal is a 4xx with
-`{"error": "..."}` saying what is wrong; the server keeps serving.
+`{"error": "..."}` saying what is wrong; the server keeps serving. The node's
+services refuse commands with domain errors (`meshnode.services`); `ERROR_STATUS`
+below is the one place that gives them HTTP codes. A body that is not JSON, too
+large, or missing a field is refused here, before any service sees it (400, 413).
 """
 
 from __future__ import annotations
@@ -33,12 +36,41 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._node import API_EVENT_TYPES, LocalRequestError, Node
+from ._node import Node
+from .services import (
+    API_EVENT_TYPES,
+    Conflict,
+    InvalidCommand,
+    NotAuthorised,
+    NotFound,
+    ServiceError,
+)
 
 log = logging.getLogger("meshnode.api")
 
 MAX_BODY = 64 * 1024
 MAX_TEXT = 128
+
+ERROR_STATUS: dict[type[ServiceError], int] = {
+    NotFound: 404,
+    NotAuthorised: 403,
+    InvalidCommand: 400,
+    Conflict: 409,
+}
+"""The HTTP status of each kind of service error (a subclass takes its nearest base's)."""
+
+
+def status_of(exc: ServiceError) -> int:
+    """The HTTP status for a service error: its class's entry in `ERROR_STATUS`, else 400."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]  # type: ignore[index]
+    return 400
+
+
+def _bad(status: int, message: str) -> HTTPException:
+    """The request itself is unacceptable (not JSON, too large, a field missing)."""
+    return HTTPException(status, message)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -48,20 +80,20 @@ def _error(status: int, message: str) -> JSONResponse:
 async def _json_body(request: Request) -> dict[str, Any]:
     body = await request.body()
     if len(body) > MAX_BODY:
-        raise LocalRequestError(413, f"request body is larger than {MAX_BODY} bytes")
+        raise _bad(413, f"request body is larger than {MAX_BODY} bytes")
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise LocalRequestError(400, f"request body is not valid JSON: {exc}") from exc
+        raise _bad(400, f"request body is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
-        raise LocalRequestError(400, "request body must be a JSON object")
+        raise _bad(400, "request body must be a JSON object")
     return obj
 
 
 def _text(obj: dict[str, Any], key: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT or not value.isprintable():
-        raise LocalRequestError(400, f"{key!r} must be a non-empty printable string of at most {MAX_TEXT} characters")
+        raise _bad(400, f"{key!r} must be a non-empty printable string of at most {MAX_TEXT} characters")
     return value
 
 
@@ -70,7 +102,7 @@ def _int(obj: dict[str, Any], key: str, *, required: bool, low: int, high: int) 
     if value is None and not required:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise LocalRequestError(400, f"{key!r} must be an integer from {low} to {high}")
+        raise _bad(400, f"{key!r} must be an integer from {low} to {high}")
     return value
 
 
@@ -79,7 +111,7 @@ def _optional_text(obj: dict[str, Any], key: str, limit: int) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value or len(value) > limit or not value.isprintable():
-        raise LocalRequestError(400, f"{key!r} must be a printable string of at most {limit} characters")
+        raise _bad(400, f"{key!r} must be a printable string of at most {limit} characters")
     return value
 
 
@@ -103,9 +135,9 @@ def build_app(node: Node) -> Starlette:
         try:
             entry = bytes.fromhex(text or "")
         except ValueError as exc:
-            raise LocalRequestError(400, "'entry' must be the entry's bytes in hex") from exc
+            raise _bad(400, "'entry' must be the entry's bytes in hex") from exc
         if not entry:
-            raise LocalRequestError(400, "'entry' is required: the signed entry's bytes in hex")
+            raise _bad(400, "'entry' is required: the signed entry's bytes in hex")
         return JSONResponse(await node.add_site_entry(entry), status_code=201)
 
     async def add_event(request: Request) -> Response:
@@ -113,7 +145,7 @@ def build_app(node: Node) -> Starlette:
         obj = await _json_body(request)
         kind = obj.get("type")
         if kind not in API_EVENT_TYPES:
-            raise LocalRequestError(400, f"'type' must be one of {', '.join(API_EVENT_TYPES)}")
+            raise _bad(400, f"'type' must be one of {', '.join(API_EVENT_TYPES)}")
         meter = _int(obj, "meter_wh", required=kind in ("meter", "stop"), low=0, high=2**53)
         event = await node.record_event(session_id, kind, meter)
         return JSONResponse({"event": event, "session": node.session_json(session_id)}, status_code=201)
@@ -131,9 +163,9 @@ def build_app(node: Node) -> Starlette:
     async def status(request: Request) -> Response:
         return JSONResponse(node.status_json())
 
-    async def on_local_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, LocalRequestError)
-        return _error(exc.status, exc.message)
+    async def on_service_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        return _error(status_of(exc), exc.message)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -149,7 +181,7 @@ def build_app(node: Node) -> Starlette:
             Route("/v1/status", status, methods=["GET"]),
             Route("/v1/site/entries", add_site_entry, methods=["POST"]),
         ],
-        exception_handlers={LocalRequestError: on_local_error, HTTPException: on_http_error},
+        exception_handlers={ServiceError: on_service_error, HTTPException: on_http_error},
     )
 
 

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -45,11 +44,8 @@ import trio
 from crdt import (
     EVENT_TYPES,
     SITE_CONFIG_ID,
-    fold,
     new_site_config,
     read_site_config,
-    site_config_put,
-    TRANSITIONS,
     AsyncDocStore,
     EventSigner,
     Replica,
@@ -59,19 +55,14 @@ from crdt import (
     SessionView,
     StoreError,
     StoreOpener,
-    add_event,
     bucket_entries,
     differing_buckets,
     differing_docs,
-    fold_session,
-    heads_hash,
     make_digest,
-    new_session_doc,
     open_doc_store,
     decode_event,
     decode_sync_message,
     read_session,
-    summarize_event,
     verify_event,
 )
 
@@ -101,23 +92,16 @@ from ._protocol import (
 )
 from ._security import (
     Authorization,
-    BadSiteEntry,
-    Certificate,
     Identity,
     Limits,
-    Revocations,
     Sealer,
     authenticated_peer,
-    authorize,
-    entry_key,
-    open_network_key_grant,
-    verify_token_list_entry,
 )
 from ._transport import BadRequest, Forbidden, RemoteRefused, Transport, TransportError
+from .services import API_EVENT_TYPES, SessionService, SiteConfigService
 
 log = logging.getLogger("meshnode.node")
 
-API_EVENT_TYPES = ("meter", "pause", "resume", "stop")
 EXPLORE = 0.1
 """Chance per gossip round of trying one member that is not a direct neighbour."""
 MAX_GOSSIP_RECORDS = 32
@@ -129,15 +113,6 @@ DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0
 
 class NodeError(Exception):
     """Base of the node's own errors."""
-
-
-class LocalRequestError(NodeError):
-    """A local user's request (API, CLI) cannot be carried out; `status` is the HTTP code."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -283,7 +258,6 @@ class Node:
         self.neighbours: dict[str, _Neighbour] = {}
         self._static: set[str] = set()
         self._push_wakeup = trio.Event()
-        self._fold_cache: dict[str, tuple[bytes, SessionData, SessionView]] = {}
         self._started = trio.Event()
         self.counters = {"sync_requests_refused": 0, "peer_errors": 0, "changes_received": 0}
         self._receive_lock = trio.Lock()
@@ -309,6 +283,21 @@ class Node:
         self._gossip_records: tuple[float, list[MemberRecord]] | None = None
         self._actor_salt = ""
         self._receipt_ts: dict[str, int] = {}
+        # Session and site-config commands (domain errors, no HTTP codes), wired to this node.
+        unknown_limits = None
+        if config.unknown_token_max_wh is not None or config.unknown_token_max_minutes is not None:
+            unknown_limits = Limits(config.unknown_token_max_wh, config.unknown_token_max_minutes)
+        self.site_config = SiteConfigService(
+            replica=self.replica, identity=identity, sealer=sealer, actor=self._actor, commit=self._commit_local,
+            wall_clock=wall_clock, unknown_token_policy=config.unknown_token_policy,
+            unknown_token_limits=unknown_limits,
+        )
+        self.sessions = SessionService(
+            node_id=self.node_id, site=config.site, tariff=config.tariff, replica=self.replica,
+            site_config=self.site_config, signer=lambda: self.signer, keyring=self.keyring, identity=identity,
+            actor=self._actor, rng=self.rng, wall_clock=lambda: self.wall_clock(), commit=self._commit_local,
+        )
+        self._fold_cache = self.sessions.fold_cache
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -419,7 +408,7 @@ class Node:
     def _wall_ms(self) -> int:
         return int(self.wall_clock() * 1000)
 
-    # --- local operations (API, simulator) -----------------------------------------
+    # --- local operations (API, simulator): the session service ----------------------
 
     async def create_session(
         self,
@@ -430,176 +419,35 @@ class Node:
         meter_wh: int | None = None,
         driver_token: str | None = None,
     ) -> dict[str, Any]:
-        """Start a session on this node: authorise it offline and start charging.
-
-        Returns once the session is durable on this node.
-
-        Raises:
-            LocalRequestError: 403 when the offline authorisation refuses the driver.
-        """
-        auth = self.authorize(id_token, driver_token)
-        if not auth.accepted:
-            raise LocalRequestError(403, f"not authorised offline: {auth.reason}")
-        auth_data: dict[str, Any] = {"id_token": id_token, "auth": auth.reason, "review": auth.review}
-        if auth.limits is not None:
-            auth_data["limits"] = {"max_wh": auth.limits.max_wh, "max_minutes": auth.limits.max_minutes}
-        session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
-        doc = new_session_doc(
-            session_id, site=self.config.site, charger=charger, connector=connector, id_token=id_token,
-            tariff=self.config.tariff, created_by=self.node_id, actor=self._actor(session_id),
-        )
-        ts = self._wall_ms()
-        add_event(doc, self.signer.sign("authorize", session_id, ts, data=auth_data), public_key=self._declared_key)
-        add_event(doc, self.signer.sign("start", session_id, ts, meter_wh=meter_wh), public_key=self._declared_key)
-        changes = self.replica.add(session_id, doc)
-        await self._persist(session_id, changes)
-        self._changed(session_id, source=None)
-        return self.session_json(session_id)
+        """Start a session on this node (see `SessionService.create`). Raises NotAuthorised."""
+        return await self.sessions.create(charger, connector, id_token, meter_wh=meter_wh, driver_token=driver_token)
 
     async def record_event(self, session_id: str, type: str, meter_wh: int | None) -> dict[str, Any]:
-        """Sign and append a meter/pause/resume/stop event. Durable on return."""
-        doc = self.replica.docs.get(session_id)
-        if doc is None:
-            raise LocalRequestError(404, f"no session {session_id!r} on this node")
-        if type not in API_EVENT_TYPES:
-            raise LocalRequestError(400, f"type must be one of {', '.join(API_EVENT_TYPES)}")
-        if type in ("meter", "stop") and meter_wh is None:
-            raise LocalRequestError(400, f"a {type} event needs meter_wh (the cumulative register, Wh)")
-        _, view = self.fold(session_id)
-        if (view.state, type) not in TRANSITIONS:
-            raise LocalRequestError(409, f"cannot {type} a session that is {view.state}")
-        if meter_wh is not None and view.last_meter_wh is not None and meter_wh < view.last_meter_wh:
-            raise LocalRequestError(
-                409, f"meter_wh {meter_wh} is below the last reading {view.last_meter_wh}: the register is cumulative"
-            )
-        heads = doc.get_heads()
-        doc.set_actor(self._actor(session_id))
-        now_ms = self._wall_ms()
-        event = self.signer.sign(type, session_id, now_ms, meter_wh=meter_wh)
-        add_event(doc, event, public_key=self._declared_key)
-        limit = self._limit_reached(view, type, meter_wh, now_ms)
-        if limit is not None:
-            # An offline session accepted with limits ends when it reaches them.
-            add_event(doc, self.signer.sign("stop", session_id, now_ms, meter_wh=meter_wh, data={"reason": limit}),
-                      public_key=self._declared_key)
-        await self._persist(session_id, self.replica.changes_since(session_id, heads))
-        self._changed(session_id, source=None)
-        return summarize_event(event)
+        """Sign and append an event (see `SessionService.record`). Raises NotFound,
+        InvalidCommand, Conflict."""
+        return await self.sessions.record(session_id, type, meter_wh)
 
-    @property
-    def _declared_key(self) -> bytes:
-        """What this node writes into a session's `devices` map: its certificate when
-        enrolled (peers and the cloud check it against the site key), else its raw key."""
-        return self.identity.certificate_bytes if self.identity is not None else self.signer.public_key
-
-    def _limit_reached(self, view: SessionView, type: str, meter_wh: int | None, now_ms: int) -> str | None:
-        if type != "meter" or not view.applied:
-            return None
-        limits = view.applied[0].record.data.get("limits") if view.applied[0].record.type == "authorize" else None
-        if not isinstance(limits, dict):
-            return None
-        max_wh, max_minutes = limits.get("max_wh"), limits.get("max_minutes")
-        first = view.first_meter_wh if view.first_meter_wh is not None else meter_wh
-        if isinstance(max_wh, int) and meter_wh is not None and first is not None and meter_wh - first >= max_wh:
-            return "energy_limit"
-        started = view.started_ts
-        if isinstance(max_minutes, int) and started is not None and now_ms - started >= max_minutes * 60_000:
-            return "time_limit"
-        return None
+    async def _commit_local(self, doc_id: str, changes: list[tuple[bytes, bytes]]) -> None:
+        """A service's write: durable first, then on to the mesh."""
+        await self._persist(doc_id, changes)
+        self._changed(doc_id, source=None)
 
     # --- site config: revocations, network keys, id-token lists, authorisation -----------
 
     def _site_config(self) -> dict[str, Any]:
-        doc = self.replica.docs.get(SITE_CONFIG_ID)
-        try:
-            return read_site_config(doc) if doc is not None else {}
-        except Exception:
-            log.warning("the site-config document does not read as one", exc_info=True)
-            return {}
+        return self.site_config.read()
 
     def _apply_site_config(self) -> None:
-        """Revocations and network-key grants in the site config take effect at once."""
-        if self.identity is None or self.sealer is None:
-            return
-        entries = {k: bytes(v) for k, v in self._site_config().get("revocations", {}).items()
-                   if isinstance(v, bytes | list)}
-        self.sealer.revocations = Revocations.from_entries(entries, self.identity.site_public_key)
-        for key, entry in sorted(entries.items()):
-            if key.startswith("netkey:"):
-                try:
-                    grant = open_network_key_grant(entry, self.identity)
-                except BadSiteEntry as exc:
-                    log.warning("site-config entry %s refused: %s", key, exc)
-                    continue
-                if grant is not None:
-                    self.sealer.apply_grant(grant)
-
-    def _cloud_keys(self) -> list[bytes]:
-        return [self.identity.cloud_public_key] if self.identity and self.identity.cloud_public_key else []
+        self.site_config.apply()
 
     def authorize(self, id_token: str, driver_token: str | None) -> Authorization:
-        """The offline authorisation decision for a driver (see `security.authorize`)."""
-        config = self._site_config()
-
-        def entries(name: str) -> dict[str, bytes]:
-            return {k: bytes(v) for k, v in config.get(name, {}).items() if isinstance(v, bytes | list)}
-
-        limits = None
-        if self.config.unknown_token_max_wh is not None or self.config.unknown_token_max_minutes is not None:
-            limits = Limits(self.config.unknown_token_max_wh, self.config.unknown_token_max_minutes)
-        return authorize(
-            id_token,
-            driver_token_text=driver_token,
-            allowed_entries=entries("id_tokens_allowed"),
-            revoked_entries=entries("id_tokens_revoked"),
-            policy=self.config.unknown_token_policy,  # type: ignore[arg-type]
-            limits=limits,
-            cloud_public_key=self._cloud_keys(),
-            now=self.wall_clock(),
-        )
+        """The offline authorisation decision for a driver (see `SiteConfigService.authorize`)."""
+        return self.site_config.authorize(id_token, driver_token)
 
     async def add_site_entry(self, entry: bytes) -> dict[str, Any]:
-        """Put a signed site entry into the replicated site config.
-
-        Accepted: a revocation or network-key grant signed by the site key, or an
-        allowed/revoked id-token entry signed by the cloud. Anything else is refused
-        (400) and changes nothing.
-        """
-        section, key = self._classify_entry(entry)
-        doc = self.replica.docs[SITE_CONFIG_ID]
-        heads = doc.get_heads()
-        doc.set_actor(self._actor(SITE_CONFIG_ID))
-        site_config_put(doc, section, key, entry)
-        await self._persist(SITE_CONFIG_ID, self.replica.changes_since(SITE_CONFIG_ID, heads))
-        self._changed(SITE_CONFIG_ID, source=None)
-        return {"section": section, "key": key}
-
-    def _classify_entry(self, entry: bytes) -> tuple[str, str]:
-        if self.identity is not None:
-            try:
-                key = entry_key(entry)
-            except Exception:
-                key = None
-            if key is not None:
-                if key.startswith("netkey:"):
-                    try:
-                        open_network_key_grant(entry, self.identity)
-                    except BadSiteEntry as exc:
-                        raise LocalRequestError(400, f"network-key grant refused: {exc}") from exc
-                    return "revocations", key
-                checked = Revocations.from_entries({key: entry}, self.identity.site_public_key)
-                if checked.rejected:
-                    raise LocalRequestError(400, f"revocation refused: {checked.rejected}")
-                return "revocations", key
-        if self._cloud_keys():
-            try:
-                listed = verify_token_list_entry(entry, self._cloud_keys())
-            except Exception as exc:
-                raise LocalRequestError(400, f"not a site entry this node can verify: {exc}") from exc
-            return ("id_tokens_allowed" if listed.allowed else "id_tokens_revoked"), listed.token_id
-        raise LocalRequestError(
-            400, "this node cannot verify site entries: it is not enrolled (or its site has no cloud.pub)"
-        )
+        """Put a signed site entry into the replicated site config (see
+        `SiteConfigService.add_entry`). Raises InvalidCommand."""
+        return await self.site_config.add_entry(entry)
 
     async def _persist(self, doc_id: str, changes: list[tuple[bytes, bytes]]) -> None:
         assert self.store is not None, "the node is not serving"
@@ -716,77 +564,16 @@ class Node:
     # --- reading ---------------------------------------------------------------------
 
     def fold(self, session_id: str) -> tuple[SessionData, SessionView]:
-        doc = self.replica.docs[session_id]
-        hh = heads_hash(doc.get_heads())
-        cached = self._fold_cache.get(session_id)
-        if cached is not None and cached[0] == hh:
-            return cached[1], cached[2]
-        if self.identity is None:
-            data, view = fold_session(doc, self.keyring, trust_document_keys=True)
-        else:
-            data = read_session(doc)
-            view = fold(data.session_id, data.events, self._certified_keyring(data),
-                        receipt_present=data.receipt is not None)
-        self._fold_cache[session_id] = (hh, data, view)
-        return data, view
-
-    def _certified_keyring(self, data: SessionData) -> Keyring:
-        """Device keys vouched for by certificates (signed by our site) in the document."""
-        assert self.identity is not None
-        ring = Keyring({self.node_id: self.signer.public_key})
-        for device_id, blob in sorted(data.devices.items()):
-            try:
-                cert = Certificate.decode(blob, self.identity.site_public_key)
-            except Exception:
-                continue  # a raw or foreign key: its events will not verify here
-            if cert.node_id == device_id:
-                ring.add(device_id, cert.public_key)
-        return ring
+        return self.sessions.fold(session_id)
 
     def session_json(self, session_id: str) -> dict[str, Any]:
-        if session_id == SITE_CONFIG_ID or session_id not in self.replica.docs:
-            raise LocalRequestError(404, f"no session {session_id!r} on this node")
-        data, view = self.fold(session_id)
-        receipt = None
-        if data.receipt is not None:
-            try:
-                receipt = _jsonable(cbor2.loads(data.receipt))
-            except Exception:
-                receipt = {"undecodable": data.receipt.hex()}
-        return {
-            "session_id": data.session_id,
-            "site": data.site,
-            "charger": data.charger,
-            "connector": data.connector,
-            "id_token": data.id_token,
-            "created_by": data.created_by,
-            "state": view.state,
-            "energy_wh": view.energy_wh,
-            "started_ts": view.started_ts,
-            "stopped_ts": view.stopped_ts,
-            "tariff": _jsonable(data.tariff),
-            "events": [summarize_event(e) for e in view.applied],
-            "conflicts": [c.to_json() for c in view.conflicts],
-            "receipt": receipt,
-            "heads": sorted(h.hex() for h in self.replica.docs[session_id].get_heads()),
-        }
+        return self.sessions.session_json(session_id)
 
     def sessions_json(self) -> list[dict[str, Any]]:
-        out = []
-        for doc_id in sorted(self.replica.docs):
-            if doc_id == SITE_CONFIG_ID:
-                continue
-            try:
-                out.append(self.session_json(doc_id))
-            except Exception:
-                log.warning("document %s does not read as a session", doc_id, exc_info=True)
-        return out
+        return self.sessions.sessions_json()
 
     def automerge_bytes(self, session_id: str) -> bytes:
-        doc = self.replica.docs.get(session_id)
-        if doc is None or session_id == SITE_CONFIG_ID:
-            raise LocalRequestError(404, f"no session {session_id!r} on this node")
-        return doc.save()
+        return self.sessions.automerge_bytes(session_id)
 
     def live_neighbours(self) -> list[_Neighbour]:
         now = self.now()
@@ -1220,14 +1007,4 @@ def _check_document(site: str, doc_id: str, doc: Any) -> None:
         raise ProtocolError(f"document {doc_id!r} holds session {session_id!r}")
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-__all__ = ["API_EVENT_TYPES", "EVENT_TYPES", "LocalRequestError", "Node", "NodeConfig", "NodeError", "PeerState"]
+__all__ = ["API_EVENT_TYPES", "EVENT_TYPES", "Node", "NodeConfig", "NodeError", "PeerState"]

@@ -52,7 +52,8 @@ import trio.testing
 
 from crdt import AsyncDocStore, DocStore, MemoryAdapter, StorageKey, open_doc_store
 from meshnode._discovery import MemoryDiscoveryHub
-from meshnode._node import LocalRequestError, Node, NodeConfig
+from meshnode._node import Node, NodeConfig
+from meshnode.services import ServiceError
 
 from ._cloud import CLOUD_URL, ClockGate, SimCloud, UplinkSchedule, open_sim_cloud
 from ._metrics import Metrics, holds, receipt_of, rounded
@@ -550,7 +551,7 @@ class Simulation:
             return None
         try:
             return await fn(node)
-        except LocalRequestError as exc:
+        except ServiceError as exc:
             log.info("%s: %s", slot.node_id, exc.message)
             return None
         except Exception:

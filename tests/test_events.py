@@ -159,3 +159,35 @@ def test_unknown_field_is_refused(signer):
     body["extra"] = 1
     with pytest.raises(MalformedEvent, match="unknown fields"):
         decode_event(cbor2.dumps(body, canonical=True))
+
+
+# --- each signature checked once per process ----------------------------------------
+
+
+def test_verify_event_remembers_a_checked_signature(signer, keyring):
+    from crdt import EventCache
+
+    cache = EventCache()
+    event = signer.sign("start", "s", 1)
+    first = verify_event(event.encoded, keyring, cache=cache)
+    assert verify_event(bytes(event.encoded), keyring, cache=cache) is first
+    assert (cache.verifications, cache.hits) == (1, 1)
+    # Without a cache every call checks, and a forged signature over the same content fails.
+    body = cbor2.loads(event.encoded)
+    body["sig"] = bytes(64)
+    with pytest.raises(BadSignature):
+        verify_event(cbor2.dumps(body, canonical=True), keyring, cache=cache)
+    assert verify_event(event.encoded, keyring, cache=None).record == event.record
+
+
+def test_a_cached_event_still_needs_its_device_in_the_keyring(signer, keyring):
+    from crdt import EventCache
+
+    cache = EventCache()
+    event = signer.sign("start", "s", 1)
+    verify_event(event.encoded, keyring, cache=cache)
+    with pytest.raises(UnknownKey):
+        verify_event(event.encoded, Keyring(), cache=cache)
+    other = Keyring({signer.device_id: make_signer("someone-else").public_key})
+    with pytest.raises(BadSignature):
+        verify_event(event.encoded, other, cache=cache)

@@ -77,10 +77,10 @@ from crdt import (
     GENESIS_PREV,
     DocumentError,
     EventError,
-    InvalidSyncMessage,
     Keyring,
     Replica,
     SignedEvent,
+    SyncSession,
     decode_event,
     fold,
     heads_hash,
@@ -586,47 +586,37 @@ class CloudService:
         delta: Counter[str] = Counter(
             {STAT_REQUESTS: 1, STAT_BYTES: len(body), STAT_BYTES_INFLATED: len(inflated)}
         )
-        errors: dict[str, str] = {}
+        # The responder side of `crdt.SyncSession`, the same exchange the forwarder runs.
+        session = SyncSession(
+            self.replica, node,
+            validate=lambda doc_id, doc: _check_session(doc_id, doc),
+            check_changed=lambda doc_id, doc: _check_session(doc_id, doc),
+        )  # fmt: skip
         async with self._locked(set(request.msgs) | set(request.reset)):
             # Shielded: in-memory documents and the database must not part ways
             # half-way; every blocking call inside is bounded by the DB timeouts.
             with trio.CancelScope(shield=True):
-                for doc_id in request.reset:
-                    self.replica.book.reset(node, doc_id)
-                changed: dict[str, Document] = {}
-                created: set[str] = set()
-                for doc_id, msg in sorted(request.msgs.items()):
-                    if msg is None:
-                        continue
-                    delta[STAT_MESSAGES] += 1
-                    existed = doc_id in self.replica.docs
-                    try:
-                        new = await self._apply(node, doc_id, msg)
-                    except (InvalidSyncMessage, DocumentError) as exc:
-                        log.warning("node %r: refused sync message for %r: %s", node, doc_id, exc)
-                        errors[doc_id] = str(exc)
-                        delta[STAT_REFUSED] += 1
-                        continue
-                    if new:
-                        changed[doc_id] = self.replica.docs[doc_id]
-                        if not existed:
-                            created.add(doc_id)
-                    elif sync_message_carries_changes(msg):
-                        delta[STAT_DUPLICATES] += 1
+                applied = session.on_request(request.msgs, request.reset)
+                if applied.damaged:  # a message that made a session stop being one
+                    await self._restore(node, {d: self.replica.docs[d] for d in applied.damaged}, set())
+                errors = applied.errors
+                for doc_id, error in sorted(errors.items()):
+                    log.warning("node %r: refused sync message for %r: %s", node, doc_id, error)
+                delta[STAT_MESSAGES] += sum(1 for m in request.msgs.values() if m is not None)
+                delta[STAT_REFUSED] += len(errors)
+                delta[STAT_DUPLICATES] += sum(
+                    1 for d in applied.unchanged if sync_message_carries_changes(request.msgs[d] or b"")
+                )
+                changed = {d: self.replica.docs[d] for d, _ in applied.changes}
                 now = int(self._wall_clock() * 1000)
                 try:
                     issued = await trio.to_thread.run_sync(self._commit, changed, delta, now)
                 except Exception:
-                    await self._restore(node, changed, created)
+                    await self._restore(node, changed, applied.created)
                     raise
                 for doc_id in issued:
                     log.info("issued receipt for session %r", doc_id)
-                replies: dict[str, bytes] = {}
-                for doc_id in sorted(request.msgs):
-                    if doc_id not in errors:
-                        reply = self.replica.generate(node, doc_id)
-                        if reply is not None:
-                            replies[doc_id] = reply
+                replies = session.replies(request.msgs, errors)
         return compress(CloudSyncResponse(replies, errors).encode())
 
     @asynccontextmanager
@@ -636,18 +626,6 @@ class CloudService:
             for doc_id in sorted(doc_ids):
                 await stack.enter_async_context(self._locks.setdefault(doc_id, trio.Lock()))
             yield
-
-    async def _apply(self, node: str, doc_id: str, msg: bytes) -> list[tuple[bytes, bytes]]:
-        """Apply a message; a document that stops being this session is rolled back."""
-        existed = doc_id in self.replica.docs
-        new = self.replica.receive(node, doc_id, msg, validate=lambda doc: _check_session(doc_id, doc))
-        if new and existed:
-            try:
-                _check_session(doc_id, self.replica.docs[doc_id])
-            except DocumentError:
-                await self._restore(node, {doc_id: self.replica.docs[doc_id]}, set())
-                raise
-        return new
 
     async def _restore(self, node: str, docs: Mapping[str, Document], created: set[str]) -> None:
         """Put documents back to what the database holds (after a refusal or a failed commit)."""

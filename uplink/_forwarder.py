@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import trio
 from automerge.core import Document
 
-from crdt import InvalidSyncMessage, Replica, SessionView, read_session
+from crdt import Replica, SessionView, SyncSession, read_session
 
 from ._probe import CloudClient, CloudRefused, UplinkError
 from ._wire import MAX_BATCH_BYTES, MAX_DOCS, CloudSyncRequest, WireError
@@ -477,59 +477,37 @@ class Forwarder:
         return True
 
     async def _exchange(self, docs: list[str], reset: Sequence[str]) -> _Outcome:
-        """Sync rounds for `docs` until neither side has anything to say, or the round limit."""
-        replica, peer = self.replica, self.peer
-        pending = list(docs)
-        deferred: dict[str, str] = {}
-        refused: set[str] = set()
-        first = True
-        for _ in range(self.max_rounds):
-            msgs = {d: replica.generate(peer, d) for d in pending}
-            if not first and all(m is None for m in msgs.values()):
-                pending = []
-                break
-            request = CloudSyncRequest(self.node_id, self.site, msgs, tuple(reset) if first else ())
+        """Sync rounds for `docs` until neither side has anything to say, or the round limit.
+
+        The exchange itself is `crdt.SyncSession` (the same one the cloud answers with);
+        this only moves its requests over HTTPS and persists what comes back.
+        """
+        session = SyncSession(
+            self.replica, self.peer, max_rounds=self.max_rounds, max_bytes=MAX_BATCH_BYTES,
+            validate=lambda _doc_id, doc: self.validate(doc),
+        )  # fmt: skip
+        session.begin(docs, reset=reset)  # the caller has dropped our states already
+        while (step := session.next_request()) is not None:
+            request = CloudSyncRequest(self.node_id, self.site, step.msgs, step.reset)
             response, sent = await self.client.sync(request, self.timeout)
             self.planner.note_sent(sent)
-            first = False
-            for doc_id, error in response.errors.items():
-                if doc_id not in msgs:
-                    log.warning("cloud reported an error about %s, which we did not send: %s", doc_id, error)
-                    continue
-                log.warning("cloud refused our sync message for %s: %s", doc_id, error)
-                replica.book.reset(peer, doc_id)
-                refused.add(doc_id)
-                deferred[doc_id] = f"refused by the cloud: {error}"
-            changed: list[tuple[str, Changes]] = []
-            for doc_id, message in response.msgs.items():
-                if doc_id not in msgs:
-                    log.warning("cloud sent a sync message about %s, which we did not ask about", doc_id)
-                    continue
-                if doc_id in refused:
-                    continue
+            applied = session.on_reply(response.msgs, response.errors)
+            for doc_id in applied.unexpected:
+                log.warning("cloud wrote about %s, which we did not ask about", doc_id)
+            for doc_id, error in applied.errors.items():
+                log.warning("cloud refused, or sent a bad sync message for, %s: %s", doc_id, error)
+            if applied.changes:
                 try:
-                    changes = replica.receive(peer, doc_id, message, validate=self.validate)
-                except InvalidSyncMessage as exc:  # receive() has reset the state already
-                    log.warning("cloud sent a bad sync message for %s: %s", doc_id, exc)
-                    refused.add(doc_id)
-                    deferred[doc_id] = f"bad sync message from the cloud: {exc}"
-                    continue
-                if changes:
-                    changed.append((doc_id, changes))
-            if changed:
-                try:
-                    await self.persist(changed)
+                    await self.persist(applied.changes)
                 except Exception as exc:
                     raise _PersistFailed(f"could not persist changes from the cloud: {exc}") from exc
-            pending = [d for d in pending if d not in refused and (msgs[d] is not None or d in response.msgs)]
-            if not pending:
-                break
-        for doc_id in pending:
+        deferred = dict(session.refused)
+        for doc_id in session.unsettled:
             deferred[doc_id] = f"sync did not settle within {self.max_rounds} rounds"
         return _Outcome(
             synced=tuple(d for d in docs if d not in deferred),
             deferred=tuple(deferred.items()),
-            refused=frozenset(refused),
+            refused=frozenset(session.refused),
         )
 
     # --- helpers --------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""The site-config service: revocations, network-key grants, id-token lists, offline authorisation.
+
+The site config is one replicated document (`crdt.SITE_CONFIG_ID`) that every node
+of a site can create (it starts from a deterministic genesis change) and that only
+takes *signed* entries:
+
+- revocations and network-key grants, signed by the site key (checked against the
+  node's enrolment);
+- allowed / revoked id-token entries, signed by the cloud (checked against the
+  site's `cloud.pub`).
+
+An entry this node cannot verify is refused with `InvalidCommand` and changes
+nothing. Entries take effect when they land, wherever they came from: the node
+calls `apply` after every change of the document (its own or a peer's).
+
+The service holds no I/O of its own: it reads the replica, and writes through the
+`commit` callback the node gives it (store durably, then announce to the mesh).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from crdt import SITE_CONFIG_ID, Replica, read_site_config, site_config_put
+
+from .._security import (
+    Authorization,
+    BadSiteEntry,
+    Identity,
+    Limits,
+    Revocations,
+    Sealer,
+    authorize,
+    entry_key,
+    open_network_key_grant,
+    verify_token_list_entry,
+)
+from .errors import InvalidCommand
+
+log = logging.getLogger("meshnode.site_config")
+
+Commit = Callable[[str, list[tuple[bytes, bytes]]], Awaitable[None]]
+"""Make a document's new changes durable, then tell the mesh (the node's local-write path)."""
+
+
+class SiteConfigService:
+    """Reads and writes the site config; decides offline authorisation from it.
+
+    Args:
+        replica: the node's documents.
+        identity: the node's enrolment (None: an unenrolled node verifies no site entries
+            but cloud-signed ones, if it knows no cloud key either it refuses every entry).
+        sealer: the sealed transport, whose revocations and network keys follow the config.
+        actor: the Automerge actor this node writes a document with.
+        commit: see `Commit`.
+        wall_clock: seconds since the epoch (token expiry).
+        unknown_token_policy, unknown_token_limits: the offline policy for an id token the
+            config neither allows nor revokes (see `security.authorize`).
+    """
+
+    def __init__(
+        self,
+        *,
+        replica: Replica,
+        identity: Identity | None,
+        sealer: Sealer | None,
+        actor: Callable[[str], bytes],
+        commit: Commit,
+        wall_clock: Callable[[], float],
+        unknown_token_policy: str,
+        unknown_token_limits: Limits | None,
+    ) -> None:
+        self.replica = replica
+        self.identity = identity
+        self.sealer = sealer
+        self._actor = actor
+        self._commit = commit
+        self._wall_clock = wall_clock
+        self.unknown_token_policy = unknown_token_policy
+        self.unknown_token_limits = unknown_token_limits
+
+    def read(self) -> dict[str, Any]:
+        """The config's content; empty when the document is missing or does not read as one."""
+        doc = self.replica.docs.get(SITE_CONFIG_ID)
+        try:
+            return read_site_config(doc) if doc is not None else {}
+        except Exception:
+            log.warning("the site-config document does not read as one", exc_info=True)
+            return {}
+
+    def _entries(self, config: dict[str, Any], name: str) -> dict[str, bytes]:
+        return {k: bytes(v) for k, v in config.get(name, {}).items() if isinstance(v, bytes | list)}
+
+    def apply(self) -> None:
+        """Revocations and network-key grants in the site config take effect at once."""
+        if self.identity is None or self.sealer is None:
+            return
+        entries = self._entries(self.read(), "revocations")
+        self.sealer.revocations = Revocations.from_entries(entries, self.identity.site_public_key)
+        for key, entry in sorted(entries.items()):
+            if key.startswith("netkey:"):
+                try:
+                    grant = open_network_key_grant(entry, self.identity)
+                except BadSiteEntry as exc:
+                    log.warning("site-config entry %s refused: %s", key, exc)
+                    continue
+                if grant is not None:
+                    self.sealer.apply_grant(grant)
+
+    def cloud_keys(self) -> list[bytes]:
+        identity = self.identity
+        return [identity.cloud_public_key] if identity and identity.cloud_public_key else []
+
+    def authorize(self, id_token: str, driver_token: str | None) -> Authorization:
+        """The offline authorisation decision for a driver (see `security.authorize`)."""
+        config = self.read()
+        return authorize(
+            id_token,
+            driver_token_text=driver_token,
+            allowed_entries=self._entries(config, "id_tokens_allowed"),
+            revoked_entries=self._entries(config, "id_tokens_revoked"),
+            policy=self.unknown_token_policy,  # type: ignore[arg-type]
+            limits=self.unknown_token_limits,
+            cloud_public_key=self.cloud_keys(),
+            now=self._wall_clock(),
+        )
+
+    async def add_entry(self, entry: bytes) -> dict[str, Any]:
+        """Put a signed site entry into the replicated site config.
+
+        Returns:
+            {"section", "key"}: where the entry went.
+
+        Raises:
+            InvalidCommand: the entry is not one this node can verify (nothing changed).
+        """
+        section, key = self.classify(entry)
+        doc = self.replica.docs[SITE_CONFIG_ID]
+        heads = doc.get_heads()
+        doc.set_actor(self._actor(SITE_CONFIG_ID))
+        site_config_put(doc, section, key, entry)
+        await self._commit(SITE_CONFIG_ID, self.replica.changes_since(SITE_CONFIG_ID, heads))
+        return {"section": section, "key": key}
+
+    def classify(self, entry: bytes) -> tuple[str, str]:
+        """The (section, key) a verified entry goes to. Raises InvalidCommand otherwise."""
+        if self.identity is not None:
+            try:
+                key = entry_key(entry)
+            except Exception:
+                key = None
+            if key is not None:
+                if key.startswith("netkey:"):
+                    try:
+                        open_network_key_grant(entry, self.identity)
+                    except BadSiteEntry as exc:
+                        raise InvalidCommand(f"network-key grant refused: {exc}") from exc
+                    return "revocations", key
+                checked = Revocations.from_entries({key: entry}, self.identity.site_public_key)
+                if checked.rejected:
+                    raise InvalidCommand(f"revocation refused: {checked.rejected}")
+                return "revocations", key
+        if self.cloud_keys():
+            try:
+                listed = verify_token_list_entry(entry, self.cloud_keys())
+            except Exception as exc:
+                raise InvalidCommand(f"not a site entry this node can verify: {exc}") from exc
+            return ("id_tokens_allowed" if listed.allowed else "id_tokens_revoked"), listed.token_id
+        raise InvalidCommand("this node cannot verify site entries: it is not enrolled (or its site has no cloud.pub)")
