@@ -74,8 +74,9 @@ PROBE = ["--probe-interval", "1"]
 class CloudProcess:
     """One `meshnode cloud` child process; `start` again after a kill reuses its database and port."""
 
-    def __init__(self, host: str, port: int, db: str, key: Path, log_path: Path) -> None:
+    def __init__(self, host: str, port: int, db: str, key: Path, log_path: Path, extra: list[str] | None = None) -> None:
         self.host, self.port, self.db, self.key, self.log_path = host, port, db, key, log_path
+        self.extra = list(extra or [])
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
 
@@ -85,7 +86,7 @@ class CloudProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         args = [sys.executable, "-m", "meshnode.cli", "cloud", "--db", self.db, "--bind", self.host,
-                "--port", str(self.port), "--key", str(self.key)]
+                "--port", str(self.port), "--key", str(self.key), *self.extra]
         log = open(self.log_path, "a")
         deadline = time.monotonic() + timeout
         while True:
@@ -1013,3 +1014,56 @@ def test_cloud_restarted_on_a_database_of_the_previous_schema_serves_or_refuses_
         add_event(doc, signer.sign(kind, sid, 1_700_000_000_000, meter_wh=meter), public_key=signer.public_key)
     assert sync_as_leader(cloud, {sid: doc}) == {}
     assert cloud.ledger()[sid]["state"] == "reconciled"
+
+
+# --- 7. `meshnode cloud --site`: only devices certified by that site are billed ------------------
+
+
+def test_cloud_with_site_bills_only_devices_certified_by_its_site(rig: Rig) -> None:
+    """The real `meshnode cloud --site DIR` (its own certificate check, not a stand-in)."""
+    from meshnode._security import create_site, enroll, load_or_create_node_key
+
+    now = time.time()
+    ours, theirs = rig.tmp / "site", rig.tmp / "other-site"
+    create_site(ours, "field-a", now=now)
+    create_site(theirs, "field-b", now=now)
+    dirs = {"charger-1": rig.tmp / "charger-1", "charger-9": rig.tmp / "charger-9"}
+    enroll(ours, "charger-1", dirs["charger-1"], now=now)
+    enroll(theirs, "charger-9", dirs["charger-9"], now=now)  # a stranger: a genuine certificate, another site
+    keys = {name: load_or_create_node_key(d) for name, d in dirs.items()}
+    certs = {name: (d / "node.cert").read_bytes() for name, d in dirs.items()}
+    raw = nacl.signing.SigningKey(b"charger-7".ljust(32, b"\0"))
+
+    cloud = CloudProcess("127.0.16.10", free_port("127.0.16.10"), f"sqlite:///{rig.tmp}/cloud.db",
+                         rig.tmp / "cloud.key", rig.tmp / "cloud.log", extra=["--site", str(ours)])
+    rig.clouds.append(cloud)
+    cloud.start()
+
+    def session(device: str, key: nacl.signing.SigningKey, declared: bytes) -> tuple[str, Document]:
+        sid = os.urandom(16).hex()
+        signer = EventSigner(device, key)
+        doc = new_session_doc(sid, site="field-a", charger=device, connector=1, id_token="T",
+                              tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by=device)
+        for kind, meter in (("authorize", None), ("start", 0), ("stop", 2_000)):
+            add_event(doc, signer.sign(kind, sid, 1_700_000_000_000, meter_wh=meter), public_key=declared)
+        return sid, doc
+
+    enrolled = session("charger-1", keys["charger-1"], certs["charger-1"])
+    stranger = session("charger-9", keys["charger-9"], certs["charger-9"])
+    raw_key = session("charger-7", raw, bytes(raw.verify_key))  # a key declared without a certificate
+    borrowed = session("charger-5", keys["charger-1"], certs["charger-1"])  # our site's certificate, another id
+    docs = dict([enrolled, stranger, raw_key, borrowed])
+    assert sync_as_leader(cloud, docs) == {}
+
+    ledger = cloud.ledger()
+    assert set(ledger) == set(docs)
+    assert (ledger[enrolled[0]]["state"], ledger[enrolled[0]]["energy_wh"]) == ("reconciled", 2_000)
+    assert ledger[enrolled[0]]["receipt"] is not None and ledger[enrolled[0]]["conflicts"] == 0
+    for sid, _ in (stranger, raw_key, borrowed):
+        row = ledger[sid]
+        assert (row["state"], row["energy_wh"], row["receipt"]) == ("idle", 0, None), (sid, row)
+        detail = cloud.get(f"/v1/sessions/{sid}")
+        assert detail["events"] == []  # nothing verified, nothing stored as billable
+        assert {c["kind"] for c in detail["conflicts"]} == {"invalid_event"} and len(detail["conflicts"]) == 3
+        assert all("unknown_key" in c["detail"] for c in detail["conflicts"])
+    assert cloud.get("/v1/stats")["receipts"] == 1
