@@ -13,13 +13,16 @@ as child processes on loopback (nothing in-process, nothing mocked):
 4. The PostgreSQL path (a real server from `tests/pg.py`): the leader's uplink
    goes silent and the cloud is SIGKILLed and restarted on the same database.
 
-And regression tests for two defects these flows ran into (both fixed; each test
+Regression tests for two defects these flows ran into (both fixed; each test
 failed before its fix):
 
 5. A node that was down while its peers received a session's receipt and then
    archived the session must still learn the receipt.
 6. The cloud restarted on a database made by the previous version of its schema
    must migrate it (it used to answer every request with 503).
+
+And one claim of docs/security.md:
+
 7. `meshnode cloud --site` bills only devices its site certified (the real
    command's certificate check, not a stand-in).
 
@@ -523,10 +526,10 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
     victim = rig.nodes[first_leader]
     taps[victim.name].arm(b"/events ")
     assert taps[victim.name].wait_held(30), "the writer sent no event to the leader"
+    held = poll(taps[victim.name].held_answer, 5, "the whole held answer", interval=0.01)  # headers, then body
     killed_at = time.monotonic()
     victim.kill()
     survivors = [n for n in nodes if n is not victim]
-    held = poll(taps[victim.name].held_answer, 5, "the whole held answer")
     assert held[0] == 201, held
     answer = json.loads(held[1])
     lost_201 = {"event_id": answer["event"]["event_id"], "session_id": answer["session"]["session_id"]}
