@@ -72,7 +72,7 @@ from meshnode._protocol import SyncRequest, SyncResponse
 from uplink._wire import CloudSyncRequest, CloudSyncResponse, compress
 
 from .pg import pg_server, pg_url  # noqa: F401  (fixtures)
-from .procs import NodeProcess, free_port, wait_until
+from .procs import START_TIMEOUT, NodeProcess, free_port, wait_until
 from .uplink_proxy import ApiTap, UplinkProxy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ class CloudProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = START_TIMEOUT) -> None:
         args = [sys.executable, "-m", "meshnode.cli", "cloud", "--db", self.db, "--bind", self.host,
                 "--port", str(self.port), "--key", str(self.key), *self.extra]
         log = open(self.log_path, "a")
@@ -1071,7 +1071,7 @@ def test_cloud_restarted_on_a_database_of_the_previous_schema_migrates_it(rig: R
     cloud = CloudProcess("127.0.0.78", free_port("127.0.0.78"), f"sqlite:///{db}", rig.tmp / "cloud.key",
                          rig.tmp / "cloud.log")
     rig.clouds.append(cloud)
-    cloud.start(timeout=15)  # it must start: no refusal, no 503s
+    cloud.start()  # it must start: no refusal, no 503s
     with sqlite3.connect(db) as conn:
         assert "review" in {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}, "the schema was not migrated"
     old = cloud.ledger()["old-session"]
