@@ -9,6 +9,7 @@ tests make it fail (HTTP 500, a timeout, or a lost response after applying the b
 from __future__ import annotations
 
 import base64
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -612,7 +613,7 @@ async def test_requests_stay_within_256_kib_except_a_larger_document_alone(
     batches = [list(r.reset) for r in cloud.requests if r.reset]
     assert sorted(d for b in batches for d in b) == sorted(leader.replica.docs)
     assert any(len(b) > 1 for b in batches)
-    for batch, after in zip(batches, batches[1:], strict=False):
+    for batch, after in itertools.pairwise(batches):
         if len(batch) > 1:
             assert sum(hints[d] for d in batch) <= MAX_BATCH_BYTES, batch
         assert sum(hints[d] for d in batch) + hints[after[0]] > MAX_BATCH_BYTES, (batch, after)
