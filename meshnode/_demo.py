@@ -43,6 +43,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -490,6 +491,15 @@ def receipt_identity(receipt: Any) -> tuple[Any, ...] | None:
     return (receipt.get("session_id"), receipt.get("energy_wh"), receipt.get("cost_cents"), receipt.get("issued_ts"), sig)
 
 
+def receipts_issued(log_path: Path) -> Counter[str]:
+    """Receipts the cloud issued, per session, as its log (at level info) says."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return Counter()
+    return Counter(re.findall(r"issued receipt for session '([^']+)'", text))
+
+
 def check_ledger(
     sessions: Sequence[SessionRecord],
     rows: Sequence[Mapping[str, Any]],
@@ -497,6 +507,7 @@ def check_ledger(
     stats: Mapping[str, int],
     node_views: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
     conflicts: Sequence[Mapping[str, Any]] = (),
+    issued: Mapping[str, int] | None = None,
 ) -> LedgerCheck:
     """Compare the ledger, and every node's copy of the sessions, with what the chargers were told.
 
@@ -507,7 +518,8 @@ def check_ledger(
       one impossible; the demo counts anyway), and `stats["receipts"]` over the
       rows that carry a receipt;
     - receipts: the distinct receipts of a session seen by the ledger and by
-      every node (a second receipt anywhere is a second bill);
+      every node, and `issued`, the receipts the cloud says it issued per
+      session (its log): a second receipt anywhere is a second bill;
     - sessions no charger started, in the ledger or on any node (a start whose
       201 was lost and that the charger retried leaves one);
     - energy: a reconciled row, and every receipt a node holds, against stop -
@@ -537,7 +549,7 @@ def check_ledger(
             {"receipt": view[sid].get("receipt")} for view in node_views.values() if sid in view
         ]
         identities = {i for r in receipts if (i := receipt_identity(r.get("receipt"))) is not None}
-        if len(identities) > 1:
+        if len(identities) > 1 or (issued or {}).get(sid, 0) > 1:
             receipt_conflicts.append(sid)
         if metered is not None and any(i[1] != metered for i in identities if i[0] != "unreadable"):
             mismatches.append(sid)
@@ -555,7 +567,7 @@ def check_ledger(
         elif metered is not None and row.get("energy_wh") != metered and sid not in mismatches:
             mismatches.append(sid)
     unexpected = sorted(set(per_id) - set(started))
-    on_nodes = sorted({sid for view in node_views.values() for sid in view} - set(started))
+    on_nodes = sorted(({sid for view in node_views.values() for sid in view} | set(issued or {})) - set(started))
     return LedgerCheck(
         in_ledger=len(set(per_id) & set(started)),
         duplicates=duplicate_rows + receipts_beyond_rows + len(receipt_conflicts) + len(set(unexpected) | set(on_nodes)),
@@ -649,7 +661,8 @@ class Demo:
             enroll(site_dir, name, self.workdir / name, now=time.time())
         self.children.append(spawn_meshnode("cloud", [
             "cloud", "--db", f"sqlite:///{self.workdir / 'cloud.db'}", "--bind", "127.0.0.1",
-            "--port", str(cloud_port), "--log-level", "warning", "--site", str(site_dir),
+            # info: the cloud logs each receipt it issues, which the report counts per session.
+            "--port", str(cloud_port), "--log-level", "info", "--site", str(site_dir),
         ], self.workdir))  # fmt: skip
         for i, (name, host) in enumerate(zip(self.names, self.hosts, strict=True)):
             args = [
@@ -970,7 +983,8 @@ class Demo:
         for name, url in zip(self.names, self.node_urls, strict=True):
             listed = (await self._get(url + "/v1/sessions"))["sessions"]
             node_views[name] = {str(s["session_id"]): s for s in listed}
-        check = check_ledger(self.sessions, rows, cloud_events, stats, node_views, conflicts)
+        issued = receipts_issued(self.workdir / "cloud.log")
+        check = check_ledger(self.sessions, rows, cloud_events, stats, node_views, conflicts, issued)
         latencies = [x for s in self.sessions if (x := s.receipt_latency) is not None]
         stopped = [s for s in self.sessions if s.stopped]
         receipts_missing = [s.session_id for s in stopped if s.reconciled_at is None]
@@ -1016,6 +1030,7 @@ class Demo:
             "cloud_bytes_inflated": int(stats.get("bytes_received_inflated", 0)),
             "cloud_requests": int(stats.get("requests", 0)),
             "cloud_receipts": int(stats.get("receipts", 0)),
+            "cloud_receipts_issued": sum(issued.values()),
             "cloud_duplicates_rejected": int(stats.get("duplicates_rejected", 0)),
             "raw_event_bytes": raw_event_bytes,
             "cloud_bytes_per_raw_event_byte": round(int(stats.get("bytes_received", 0)) / raw_event_bytes, 3)

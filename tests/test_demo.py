@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def test_demo_delivers_every_session_once_across_an_uplink_cut() -> None:
     assert report["duplicates"] == 0
     assert report["unexpected_ledger_rows"] == report["unexpected_sessions_on_nodes"] == 0
     assert report["sessions_with_several_receipts"] == 0
+    assert report["cloud_receipts_issued"] == report["cloud_receipts"] == report["sessions_started"]  # one each
     assert report["energy_mismatches"] == 0
     assert report["conflicts"] == 0
     assert report["leader_changes"] >= 1, report["leader_history"]
@@ -222,6 +224,9 @@ def test_check_ledger_sees_a_second_receipt_on_any_node_and_receipts_for_other_e
     assert check.energy_mismatches == ["b"] and check.receipt_conflicts == ["b"]
 
     views["n1"]["b"] = {"receipt": _receipt("b")}
+    check = check_ledger(sessions, rows, events, {"receipts": 2}, views, issued=Counter({"a": 1, "b": 2}))
+    assert check.receipt_conflicts == ["b"]  # the cloud issued "b" twice, though every view shows one
+
     views["n2"]["x"] = {"receipt": None}  # a session a node holds that no charger started
     check = check_ledger(sessions, rows, events, {"receipts": 2}, views)
     assert check.unexpected_on_nodes == ["x"] and check.duplicates == 1 and check.failures
@@ -270,9 +275,9 @@ class FakeSite:
         return httpx.Response(404, json={"error": "not here"})  # the automerge documents: not needed
 
 
-def _report(site: FakeSite, sessions: list[SessionRecord]) -> dict[str, Any]:
+def _report(site: FakeSite, sessions: list[SessionRecord], workdir: Path = Path("/nonexistent")) -> dict[str, Any]:
     """Run the demo's own report over `site` (nothing started: no processes, no proxies)."""
-    demo = Demo(DemoSettings(nodes=len(site.views)), Path("/nonexistent"), lambda line: None)
+    demo = Demo(DemoSettings(nodes=len(site.views)), workdir, lambda line: None)
     demo.node_urls = [f"http://node-{i}" for i in range(len(site.views))]
     demo.cloud_url = "http://cloud"
     demo.statuses = [None] * len(site.views)
@@ -309,6 +314,16 @@ def test_report_fails_when_a_node_holds_a_second_receipt() -> None:
     report = _report(site, sessions)
     assert report["ok"] is False
     assert report["duplicates"] == 1 and report["sessions_with_several_receipts"] == 1
+
+
+def test_report_fails_when_the_cloud_log_shows_a_session_billed_twice(tmp_path: Path) -> None:
+    site, sessions = _two_billed_sessions()
+    line = "2026-01-01 00:00:00,000 INFO uplink.cloud: issued receipt for session '{}'\n"
+    (tmp_path / "cloud.log").write_text(line.format("a") + line.format("b"))
+    assert _report(site, sessions, tmp_path)["ok"] is True
+    (tmp_path / "cloud.log").write_text(line.format("a") + line.format("b") + line.format("b"))
+    report = _report(site, sessions, tmp_path)
+    assert report["ok"] is False and report["sessions_with_several_receipts"] == 1
 
 
 def test_report_fails_on_a_ledger_session_no_charger_started() -> None:
