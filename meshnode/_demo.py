@@ -43,6 +43,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -57,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import cbor2
 import httpx
 import trio
 from automerge.core import Document
@@ -423,7 +425,11 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 @dataclass
 class LedgerCheck:
-    """The cloud ledger compared with what the chargers were told (201s)."""
+    """The cloud ledger and every node's copy compared with what the chargers were told (201s).
+
+    `failures` says, for people, everything that breaks the promise "every
+    session billed exactly once, for what was metered"; empty when it held.
+    """
     in_ledger: int
     duplicates: int
     lost: list[str]
@@ -431,6 +437,67 @@ class LedgerCheck:
     unexpected: list[str]
     energy_mismatches: list[str]
     reconciled: int
+    duplicate_rows: int = 0
+    receipt_conflicts: list[str] = field(default_factory=list)
+    """Sessions for which the ledger and the nodes show more than one receipt (billed twice)."""
+    unexpected_on_nodes: list[str] = field(default_factory=list)
+    """Sessions some node holds that no charger started (a start retried after a lost 201)."""
+    conflicts: int = 0
+    receipts_beyond_rows: int = 0
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        if self.lost:
+            out.append(f"{len(self.lost)} sessions lost ({self.lost_events} acknowledged events not billed): "
+                       + ", ".join(self.lost[:5]))
+        if self.duplicate_rows or self.receipts_beyond_rows:
+            out.append(f"{self.duplicate_rows + self.receipts_beyond_rows} duplicate ledger rows or receipts")
+        if self.receipt_conflicts:
+            out.append(f"{len(self.receipt_conflicts)} sessions with more than one receipt (ledger and nodes): "
+                       + ", ".join(self.receipt_conflicts[:5]))
+        if self.unexpected:
+            out.append(f"{len(self.unexpected)} ledger sessions no charger started (billed without a start the "
+                       "charger knows of, e.g. a start retried after a lost answer): " + ", ".join(self.unexpected[:5]))
+        extra_on_nodes = sorted(set(self.unexpected_on_nodes) - set(self.unexpected))
+        if extra_on_nodes:
+            out.append(f"{len(extra_on_nodes)} sessions on the nodes no charger started: " + ", ".join(extra_on_nodes[:5]))
+        if self.energy_mismatches:
+            out.append(f"{len(self.energy_mismatches)} sessions billed for other energy than metered: "
+                       + ", ".join(self.energy_mismatches[:5]))
+        if self.conflicts:
+            out.append(f"{self.conflicts} conflicts in the cloud (forged, forked or late events, foreign receipts)")
+        return out
+
+
+def receipt_identity(receipt: Any) -> tuple[Any, ...] | None:
+    """What tells two receipts apart: amount, time and signature (a node's JSON or the ledger's hex CBOR).
+
+    Nodes show a receipt as JSON (bytes as hex); the ledger row carries the
+    receipt's canonical CBOR as hex. Anything unreadable is its own identity,
+    so it can only count as different.
+    """
+    if receipt is None:
+        return None
+    if isinstance(receipt, str):
+        try:
+            receipt = cbor2.loads(bytes.fromhex(receipt))
+        except (ValueError, cbor2.CBORDecodeError):
+            return ("unreadable", receipt)
+    if not isinstance(receipt, Mapping):
+        return ("unreadable", repr(receipt))
+    sig = receipt.get("sig")
+    sig = sig.hex() if isinstance(sig, bytes) else sig
+    return (receipt.get("session_id"), receipt.get("energy_wh"), receipt.get("cost_cents"), receipt.get("issued_ts"), sig)
+
+
+def receipts_issued(log_path: Path) -> Counter[str]:
+    """Receipts the cloud issued, per session, as its log (at level info) says."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return Counter()
+    return Counter(re.findall(r"issued receipt for session '([^']+)'", text))
 
 
 def check_ledger(
@@ -438,29 +505,54 @@ def check_ledger(
     rows: Sequence[Mapping[str, Any]],
     cloud_events: Mapping[str, Sequence[Mapping[str, Any]]],
     stats: Mapping[str, int],
+    node_views: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    conflicts: Sequence[Mapping[str, Any]] = (),
+    issued: Mapping[str, int] | None = None,
 ) -> LedgerCheck:
-    """Compare the ledger with the acknowledged sessions and events.
+    """Compare the ledger, and every node's copy of the sessions, with what the chargers were told.
 
-    - duplicates: ledger rows beyond the first per session id, plus receipts
-      beyond one per session (`stats["receipts"]` over the sessions in the
-      ledger). The ledger's primary key should make both impossible; the demo
-      counts anyway, since it must not take what it demonstrates on trust.
+    `node_views` maps a node's name to its sessions by id (`GET /v1/sessions`).
+    A session is billed twice when any of these differ from "once":
+
+    - rows: ledger rows per session id (the primary key should make more than
+      one impossible; the demo counts anyway), and `stats["receipts"]` over the
+      rows that carry a receipt;
+    - receipts: the distinct receipts of a session seen by the ledger and by
+      every node, and `issued`, the receipts the cloud says it issued per
+      session (its log): a second receipt anywhere is a second bill;
+    - sessions no charger started, in the ledger or on any node (a start whose
+      201 was lost and that the charger retried leaves one);
+    - energy: a reconciled row, and every receipt a node holds, against stop -
+      start meter as the charger metered it;
+    - conflicts: any conflict the cloud filed (none belong in an honest run).
+
     - lost: a started session with no ledger row, a stopped one whose row is
       not `reconciled`, or one an acknowledged event of which the cloud does not
       hold as billed (`ok`). `lost_events` counts those events.
-    - energy mismatch: a reconciled row whose energy is not stop - start meter.
     """
+    node_views = node_views or {}
     per_id = Counter(str(r["session_id"]) for r in rows)
     by_id = {str(r["session_id"]): r for r in rows}
-    duplicates = sum(n - 1 for n in per_id.values() if n > 1)
-    duplicates += max(0, int(stats.get("receipts", 0)) - len(per_id))
+    duplicate_rows = sum(n - 1 for n in per_id.values() if n > 1)
+    with_receipt = sum(1 for r in rows if r.get("receipt") is not None)
+    receipts_beyond_rows = max(0, int(stats.get("receipts", 0)) - with_receipt)
     started = {s.session_id: s for s in sessions}
     lost: list[str] = []
     lost_events = 0
     mismatches: list[str] = []
+    receipt_conflicts: list[str] = []
     reconciled = 0
     for sid, rec in sorted(started.items()):
         row = by_id.get(sid)
+        metered = rec.stop_meter - rec.start_meter if rec.stopped and rec.stop_meter is not None else None
+        receipts = [r for r in rows if str(r["session_id"]) == sid] + [
+            {"receipt": view[sid].get("receipt")} for view in node_views.values() if sid in view
+        ]
+        identities = {i for r in receipts if (i := receipt_identity(r.get("receipt"))) is not None}
+        if len(identities) > 1 or (issued or {}).get(sid, 0) > 1:
+            receipt_conflicts.append(sid)
+        if metered is not None and any(i[1] != metered for i in identities if i[0] != "unreadable"):
+            mismatches.append(sid)
         if row is None:
             lost.append(sid)
             lost_events += len(rec.acked_events)
@@ -472,12 +564,16 @@ def check_ledger(
             reconciled += 1
         if missing or (rec.stopped and row.get("state") != "reconciled"):
             lost.append(sid)
-        elif rec.stopped and rec.stop_meter is not None and row.get("energy_wh") != rec.stop_meter - rec.start_meter:
+        elif metered is not None and row.get("energy_wh") != metered and sid not in mismatches:
             mismatches.append(sid)
     unexpected = sorted(set(per_id) - set(started))
+    on_nodes = sorted(({sid for view in node_views.values() for sid in view} | set(issued or {})) - set(started))
     return LedgerCheck(
-        in_ledger=len(set(per_id) & set(started)), duplicates=duplicates, lost=lost, lost_events=lost_events,
-        unexpected=unexpected, energy_mismatches=mismatches, reconciled=reconciled,
+        in_ledger=len(set(per_id) & set(started)),
+        duplicates=duplicate_rows + receipts_beyond_rows + len(receipt_conflicts) + len(set(unexpected) | set(on_nodes)),
+        lost=lost, lost_events=lost_events, unexpected=unexpected, energy_mismatches=sorted(mismatches),
+        reconciled=reconciled, duplicate_rows=duplicate_rows, receipt_conflicts=receipt_conflicts,
+        unexpected_on_nodes=on_nodes, conflicts=len(conflicts), receipts_beyond_rows=receipts_beyond_rows,
     )  # fmt: skip
 
 
@@ -565,7 +661,8 @@ class Demo:
             enroll(site_dir, name, self.workdir / name, now=time.time())
         self.children.append(spawn_meshnode("cloud", [
             "cloud", "--db", f"sqlite:///{self.workdir / 'cloud.db'}", "--bind", "127.0.0.1",
-            "--port", str(cloud_port), "--log-level", "warning", "--site", str(site_dir),
+            # info: the cloud logs each receipt it issues, which the report counts per session.
+            "--port", str(cloud_port), "--log-level", "info", "--site", str(site_dir),
         ], self.workdir))  # fmt: skip
         for i, (name, host) in enumerate(zip(self.names, self.hosts, strict=True)):
             args = [
@@ -882,19 +979,16 @@ class Demo:
                 raw_event_bytes += sum(len(blob) for blob in events.values())
             except Exception:  # httpx errors, and Document.load raises plain Exception
                 unreadable.append(rec.session_id)
-        check = check_ledger(self.sessions, rows, cloud_events, stats)
+        node_views: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, url in zip(self.names, self.node_urls, strict=True):
+            listed = (await self._get(url + "/v1/sessions"))["sessions"]
+            node_views[name] = {str(s["session_id"]): s for s in listed}
+        issued = receipts_issued(self.workdir / "cloud.log")
+        check = check_ledger(self.sessions, rows, cloud_events, stats, node_views, conflicts, issued)
         latencies = [x for s in self.sessions if (x := s.receipt_latency) is not None]
         stopped = [s for s in self.sessions if s.stopped]
         receipts_missing = [s.session_id for s in stopped if s.reconciled_at is None]
-        failures = []
-        if check.lost:
-            failures.append(f"{len(check.lost)} sessions lost ({check.lost_events} acknowledged events not billed): "
-                            + ", ".join(check.lost[:5]))
-        if check.duplicates:
-            failures.append(f"{check.duplicates} duplicate ledger rows or receipts")
-        if check.energy_mismatches:
-            failures.append(f"{len(check.energy_mismatches)} sessions billed for other energy than metered: "
-                            + ", ".join(check.energy_mismatches[:5]))
+        failures = check.failures
         if receipts_missing:
             failures.append(f"{len(receipts_missing)} stopped sessions never showed their receipt on their node")
         if self.stops_unacknowledged:
@@ -917,6 +1011,8 @@ class Demo:
             "sessions_reconciled_in_ledger": check.reconciled,
             "ledger_rows": len(rows),
             "unexpected_ledger_rows": len(check.unexpected),
+            "unexpected_sessions_on_nodes": len(check.unexpected_on_nodes),
+            "sessions_with_several_receipts": len(check.receipt_conflicts),
             "duplicates": check.duplicates,
             "lost": len(check.lost),
             "lost_events": check.lost_events,
@@ -934,6 +1030,7 @@ class Demo:
             "cloud_bytes_inflated": int(stats.get("bytes_received_inflated", 0)),
             "cloud_requests": int(stats.get("requests", 0)),
             "cloud_receipts": int(stats.get("receipts", 0)),
+            "cloud_receipts_issued": sum(issued.values()),
             "cloud_duplicates_rejected": int(stats.get("duplicates_rejected", 0)),
             "raw_event_bytes": raw_event_bytes,
             "cloud_bytes_per_raw_event_byte": round(int(stats.get("bytes_received", 0)) / raw_event_bytes, 3)

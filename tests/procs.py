@@ -14,6 +14,11 @@ from typing import Any
 
 import httpx
 
+START_TIMEOUT = 90.0
+"""Seconds a child may take to print its ready line. Generous: on a loaded machine (many test
+processes on two cores) importing the stack alone can take tens of seconds, and start-up time is
+not what these tests check."""
+
 
 class NodeProcess:
     """One `meshnode run` child process bound to its own loopback address."""
@@ -36,7 +41,7 @@ class NodeProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = START_TIMEOUT) -> None:
         args = [sys.executable, "-m", "meshnode.cli", "run", "--node-id", self.name,
                 "--data-dir", str(self.data_dir), "--bind", self.host,
                 "--coap-port", str(self.coap_port), "--http-port", str(self.http_port), *self.extra]

@@ -445,6 +445,59 @@ async def test_events_after_the_receipt_are_kept_but_not_billed(sqlite_url: str)
     assert receipt_of(leader.replica.docs["s-1"]) == receipt
 
 
+async def test_billed_events_the_fold_refuses_are_filed_as_conflicts(db_url: str) -> None:
+    """Valid, chained events that the session's state machine refuses: billed nothing, filed as conflicts."""
+    a, b = make_signer("charger-1"), make_signer("charger-2")
+    doc = new_doc("s-1")
+    put(doc, a, "authorize", "s-1", 100)
+    put(doc, a, "start", "s-1", 101, 0)
+    put(doc, a, "meter", "s-1", 102, 500)
+    backwards = put(doc, b, "meter", "s-1", 103, 200)  # another meter on the session, behind the first
+    put(doc, a, "stop", "s-1", 104, 1000)
+    second_stop = put(doc, b, "stop", "s-1", 105, 1200)  # a stop after the stop
+    leader = Leader("node-a", {"s-1": doc})
+    async with asgi_cloud(db_url) as (_, client):
+        await leader.sync(client)
+        detail = (await client.get("/v1/sessions/s-1")).json()
+        _, conflicts, stats = await state(client)
+    row = detail["session"]
+    assert (row["state"], row["energy_wh"], row["conflicts"]) == ("reconciled", 1000, 2)
+    # Both are stored as chain-valid ("ok"): only the fold refuses them, and the fold's verdict is filed.
+    assert {e["event_id"]: e["status"] for e in detail["events"]}[backwards] == OK
+    filed = {(c["event_id"], c["kind"]) for c in detail["conflicts"]}
+    assert filed == {(backwards, "meter_backwards"), (second_stop, "illegal_transition")}
+    assert {(c["event_id"], c["kind"]) for c in conflicts["conflicts"]} == filed and stats["conflicts"] == 2
+    assert verify_receipt(receipt_of(leader.replica.docs["s-1"]), CLOUD_KEY.verify_key.encode())["energy_wh"] == 1000  # type: ignore[arg-type]
+
+
+async def test_a_billed_event_deleted_from_the_document_still_counts_and_is_reported(db_url: str) -> None:
+    signer = make_signer("charger-1")
+    doc = new_doc("s-1")
+    put(doc, signer, "authorize", "s-1", 100)
+    put(doc, signer, "start", "s-1", 101, 1000)
+    reading = put(doc, signer, "meter", "s-1", 102, 1600)
+    leader = Leader("node-a", {"s-1": doc})
+    async with asgi_cloud(db_url) as (_, client):
+        await leader.sync(client)
+        assert (await client.get("/v1/sessions/s-1")).json()["session"]["energy_wh"] == 600
+        # Someone with write access to the document deletes the reading (an Automerge delete is a change).
+        held = leader.replica.docs["s-1"]
+        events = held.get(ROOT, "events")[1]
+        with held.transaction() as tx:
+            tx.delete(events, reading)
+        assert reading not in read_session(held).events
+        await leader.sync(client)
+        assert reading not in read_session(leader.replica.docs["s-1"]).events  # the cloud does not put it back
+        detail = (await client.get("/v1/sessions/s-1")).json()
+        await leader.sync(client)  # a re-send files nothing twice
+        again = (await client.get("/v1/sessions/s-1")).json()
+    row = detail["session"]
+    assert (row["state"], row["energy_wh"], row["conflicts"]) == ("charging", 600, 1)  # still billed
+    assert [(c["event_id"], c["kind"]) for c in detail["conflicts"]] == [(reading, "event_removed")]
+    assert {e["event_id"]: e["status"] for e in detail["events"]}[reading] == OK
+    assert again["conflicts"] == detail["conflicts"]
+
+
 async def test_foreign_receipts_are_replaced_by_the_ledgers(sqlite_url: str) -> None:
     signer = make_signer("charger-1")
     doc = completed("s-1", signer)

@@ -13,12 +13,18 @@ as child processes on loopback (nothing in-process, nothing mocked):
 4. The PostgreSQL path (a real server from `tests/pg.py`): the leader's uplink
    goes silent and the cloud is SIGKILLed and restarted on the same database.
 
-And two defects these flows ran into (tests 5 and 6 fail until they are fixed):
+Regression tests for two defects these flows ran into (both fixed; each test
+failed before its fix):
 
 5. A node that was down while its peers received a session's receipt and then
-   archived the session never learns the receipt.
+   archived the session must still learn the receipt.
 6. The cloud restarted on a database made by the previous version of its schema
-   answers every request with 503 instead of migrating or refusing to start.
+   must migrate it (it used to answer every request with 503).
+
+And one claim of docs/security.md:
+
+7. `meshnode cloud --site` bills only devices its site certified (the real
+   command's certificate check, not a stand-in).
 
 Every uplink node reaches the cloud through its own `UplinkProxy`, which the test
 cuts (loudly or silently) and restores. The partition of test 2 needs a firewall
@@ -28,8 +34,10 @@ rules make each half unreachable from the other; see `private_network`. Nodes
 run with `--insecure` (tests/procs.py), so a test can act as a mesh peer.
 
 Ground truth at the end is what the nodes hold once they have converged: the
-ledger must have exactly their sessions, once each, with their energy, and every
-event an API acknowledged must be among the ledger's accepted events.
+ledger must have exactly their sessions, once each, with their energy; every
+node's receipt is the ledger's, byte for byte, and the cloud issued at most one
+receipt per session (its log); every event an API acknowledged must be among the
+ledger's accepted events.
 """
 
 from __future__ import annotations
@@ -38,16 +46,19 @@ import ctypes
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import httpx
 import nacl.signing
 import pytest
@@ -61,8 +72,8 @@ from meshnode._protocol import SyncRequest, SyncResponse
 from uplink._wire import CloudSyncRequest, CloudSyncResponse, compress
 
 from .pg import pg_server, pg_url  # noqa: F401  (fixtures)
-from .procs import NodeProcess, free_port, wait_until
-from .uplink_proxy import UplinkProxy
+from .procs import START_TIMEOUT, NodeProcess, free_port, wait_until
+from .uplink_proxy import ApiTap, UplinkProxy
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = ["--probe-interval", "1"]
@@ -74,8 +85,9 @@ PROBE = ["--probe-interval", "1"]
 class CloudProcess:
     """One `meshnode cloud` child process; `start` again after a kill reuses its database and port."""
 
-    def __init__(self, host: str, port: int, db: str, key: Path, log_path: Path) -> None:
+    def __init__(self, host: str, port: int, db: str, key: Path, log_path: Path, extra: list[str] | None = None) -> None:
         self.host, self.port, self.db, self.key, self.log_path = host, port, db, key, log_path
+        self.extra = list(extra or [])
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
 
@@ -83,9 +95,9 @@ class CloudProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = START_TIMEOUT) -> None:
         args = [sys.executable, "-m", "meshnode.cli", "cloud", "--db", self.db, "--bind", self.host,
-                "--port", str(self.port), "--key", str(self.key)]
+                "--port", str(self.port), "--key", str(self.key), *self.extra]
         log = open(self.log_path, "a")
         deadline = time.monotonic() + timeout
         while True:
@@ -159,6 +171,12 @@ class Rig:
         self.nodes: dict[str, NodeProcess] = {}
         self.clouds: list[CloudProcess] = []
         self.proxies: dict[str, UplinkProxy] = {}
+        self.taps: dict[str, ApiTap] = {}
+
+    def tap(self, node: NodeProcess) -> ApiTap:
+        """A tap on `node`'s API (see `ApiTap`), for a writer to send its requests through."""
+        t = self.taps[node.name] = ApiTap(node.host, (node.host, node.http_port))
+        return t
 
     def cloud(self, host: str, db: str | None = None) -> CloudProcess:
         db = db or f"sqlite:///{self.tmp}/cloud.db"
@@ -187,6 +205,8 @@ class Rig:
             cloud.kill()
         for p in self.proxies.values():
             p.close()
+        for t in self.taps.values():
+            t.close()
         # Shown by pytest only when the test failed.
         for log in sorted(self.tmp.glob("*.log")):
             lines = log.read_text(errors="replace").splitlines()
@@ -241,9 +261,12 @@ class Writer(threading.Thread):
     whose stop was acknowledged.
     """
 
-    def __init__(self, nodes: list[NodeProcess], *, pause: float = 0.05, seed: int = 7) -> None:
+    def __init__(self, nodes: list[NodeProcess], *, pause: float = 0.05, seed: int = 7,
+                 via: dict[str, str] | None = None) -> None:
         super().__init__(daemon=True)
         self.nodes = nodes
+        self.via = via or {}
+        """Base URL to use instead of a node's own (an `ApiTap`), by node name."""
         self.pause = pause
         self.rng = random.Random(seed)
         self.acked: dict[str, set[str]] = {}
@@ -285,7 +308,7 @@ class Writer(threading.Thread):
         self.current = (node.name, path)
         started = time.monotonic()
         try:
-            r = node.post(path, body)
+            r = httpx.post(self.via.get(node.name, node.url) + path, json=body, timeout=10.0)
             self.latencies.append(time.monotonic() - started)
         except httpx.HTTPError as exc:
             self.current = None
@@ -383,9 +406,32 @@ def converge(nodes: list[NodeProcess], cloud: CloudProcess, timeout: float,
         raise AssertionError(f"{exc}: {check.why}; nodes {brief}") from None
 
 
+def receipts_issued(cloud: CloudProcess) -> Counter[str]:
+    """Receipts the cloud issued, per session, from its log (every start of it appends there)."""
+    text = cloud.log_path.read_text(errors="replace")
+    return Counter(re.findall(r"issued receipt for session '([0-9a-f]+)'", text))
+
+
+def _hex(value: Any) -> Any:
+    """A decoded receipt as nodes show it in JSON (bytes as hex)."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _hex(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hex(v) for v in value]
+    return value
+
+
 def check_exactly_once(cloud: CloudProcess, sessions: dict[str, dict[str, Any]], ledger: dict[str, dict[str, Any]],
-                       acked: dict[str, set[str]], stopped: set[str]) -> dict[str, int]:
-    """The ledger against the nodes' sessions and what the APIs acknowledged."""
+                       acked: dict[str, set[str]], stopped: set[str],
+                       nodes: list[NodeProcess] = ()) -> dict[str, int]:
+    """The ledger against the nodes' sessions and what the APIs acknowledged.
+
+    Billing once is checked where a second bill would show: one ledger row per
+    session, one receipt issued per session (the cloud's log, across its
+    restarts), and on every node in `nodes` the very receipt the ledger holds.
+    """
     assert set(acked) <= set(sessions), "an acknowledged session is missing on the nodes"
     assert set(ledger) == set(sessions)
     for sid in stopped:
@@ -413,6 +459,15 @@ def check_exactly_once(cloud: CloudProcess, sessions: dict[str, dict[str, Any]],
     completed = sum(1 for s in sessions.values() if s["state"] == "reconciled")
     assert stats["sessions"] == len(sessions)
     assert stats["receipts"] == completed
+    # Rows with a receipt cannot count a second receipt for the same session: the log and the nodes can.
+    issued = receipts_issued(cloud)
+    assert all(n == 1 for n in issued.values()), {sid: n for sid, n in issued.items() if n > 1}
+    assert set(issued) <= {sid for sid, s in sessions.items() if s["state"] == "reconciled"}, issued
+    views = {n.name: sessions_on(n) for n in nodes}
+    for sid, row in ledger.items():
+        billed = _hex(cbor2.loads(bytes.fromhex(row["receipt"]))) if row["receipt"] is not None else None
+        for name, view in views.items():
+            assert view[sid]["receipt"] == billed, f"{sid}: {name} holds another receipt than the ledger"
     assert stats["events"] == ledger_events
     assert stats["conflicts"] == 0 and cloud.get("/v1/conflicts")["conflicts"] == []
     return stats
@@ -459,20 +514,29 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
     first_leader = poll(lambda: len(ls := set(leaders(nodes).values())) == 1 and ls.pop(), 30,
                         "every node to follow the same leader")
     assert first_leader != "node-1"  # the node without an uplink never leads
-    writer = Writer(nodes, pause=0.15)
+    taps = {n.name: rig.tap(n) for n in nodes}
+    writer = Writer(nodes, pause=0.15, via={name: t.url for name, t in taps.items()})
     writer.start()
     poll(lambda: sum(r["state"] == "reconciled" for r in cloud.ledger().values()) >= 1, 30,
          "the first session to be reconciled in the cloud")
     phase("first receipts")
 
-    # (a) SIGKILL the leader while the writer is in the middle of a session on it.
+    # (a) SIGKILL the leader with a request of the writer in flight: the leader has handled an
+    # event and answered, the answer is held in its tap, and the writer never hears it (a lost 201).
     victim = rig.nodes[first_leader]
-    poll(lambda: (c := writer.current) is not None and c[0] == victim.name and c[1].endswith("/events"), 10,
-         "the writer to send an event to the leader", interval=0.002)
-    time.sleep(0.08)  # past httpx's client set-up and connect, into the node's handling
+    taps[victim.name].arm(b"/events ")
+    assert taps[victim.name].wait_held(30), "the writer sent no event to the leader"
+    held = poll(taps[victim.name].held_answer, 5, "the whole held answer", interval=0.01)  # headers, then body
     killed_at = time.monotonic()
     victim.kill()
     survivors = [n for n in nodes if n is not victim]
+    assert held[0] == 201, held
+    answer = json.loads(held[1])
+    lost_201 = {"event_id": answer["event"]["event_id"], "session_id": answer["session"]["session_id"]}
+    assert taps[victim.name].held_request_line.startswith(f"POST /v1/sessions/{lost_201['session_id']}/events ".encode())
+    poll(lambda: any(f.startswith(f"{victim.name} /v1/sessions/{lost_201['session_id']}/events:")
+                     for f in writer.failures), 15, "the writer to see its request fail")
+    assert lost_201["event_id"] not in writer.acked[lost_201["session_id"]]
 
     # (b) Flap another uplink while the mesh notices: down (loudly, then silently, then loudly)
     # until its score is 0, up until it is back.
@@ -519,7 +583,10 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
                                 "nodes and ledger to agree on every session (all completed ones reconciled)")
     phase("convergence")
     assert writer.refusals == [], writer.refusals
-    check_exactly_once(cloud, sessions, ledger, writer.acked, writer.stopped)
+    check_exactly_once(cloud, sessions, ledger, writer.acked, writer.stopped, nodes)
+    # The event whose 201 never reached the writer was durable: the node had it after its restart.
+    lost_in = {e["event_id"]: e["status"] for e in cloud.get(f"/v1/sessions/{lost_201['session_id']}")["events"]}
+    assert lost_in.get(lost_201["event_id"]) == "ok", lost_201
     assert len(writer.stopped) >= 8 and set(writer.origin.values()) == set(names)
     final = {n.name: status(n) for n in nodes}
     assert sum(s["leader_changes"] for s in final.values()) >= 2
@@ -707,7 +774,7 @@ def _partition_flow(rig: Rig) -> None:
     phase("healed")
     assert {sid: (r["energy_wh"], r["receipt"], r["receipt_ts"]) for sid, r in ledger_after.items()} == \
         {sid: (r["energy_wh"], r["receipt"], r["receipt_ts"]) for sid, r in ledger.items()}
-    check_exactly_once(cloud, sessions, ledger_after, acked, {s_a, s_b, n_a})
+    check_exactly_once(cloud, sessions, ledger_after, acked, {s_a, s_b, n_a}, nodes)
     assert cloud.get("/v1/stats")["receipts"] == 3
     poll(lambda: len(set(leaders(nodes).values())) == 1, 30, "one leader again")
     print(f"two leaders {two_leaders_after:.1f} s after the bridge died; phases {phase}; stats {stats}")
@@ -924,7 +991,7 @@ def test_postgresql_ledger_exactly_once_through_uplink_loss_and_cloud_sigkill(ri
     sessions, ledger = converge(nodes, cloud, 60, "nodes and the PostgreSQL ledger to agree")
     phase("convergence")
     assert writer.refusals == [] and writer.failures == []
-    check_exactly_once(cloud, sessions, ledger, writer.acked, writer.stopped)
+    check_exactly_once(cloud, sessions, ledger, writer.acked, writer.stopped, nodes)
     assert len(writer.stopped) >= 4 and set(writer.origin.values()) == set(hosts)
     print(f"sessions {len(sessions)}; phases {phase}; {writer.summary()}")
 
@@ -978,14 +1045,15 @@ def test_receipt_reaches_a_node_that_was_down_while_its_peers_archived_the_sessi
 # --- 6. the cloud restarts on a database an earlier version created -----------------------------
 
 
-def test_cloud_restarted_on_a_database_of_the_previous_schema_serves_or_refuses_clearly(rig: Rig) -> None:
+def test_cloud_restarted_on_a_database_of_the_previous_schema_migrates_it(rig: Rig) -> None:
     """A restart of the cloud service is also how it is upgraded: same database, newer code.
 
     The database here is what the service created before the ledger gained its
-    `review` column (commit 7b025b4). The new service must either bring the
-    schema up to date or refuse to start with a message that says so; serving
-    503 "column review does not exist" on every request (what happened to a
-    cloud restarted in the middle of a test run) stalls every site's forwarding.
+    `review` column (commit 7b025b4), with a session billed by that version. The
+    new service brings the schema up to date on start (`Ledger._migrate`): it
+    starts, keeps the old row, and writes the new column. (Serving 503 "no such
+    column: review" on every request, what happened before the migration existed,
+    stalls every site's forwarding; refusing to start would need an operator.)
     """
     import sqlite3
 
@@ -995,21 +1063,82 @@ def test_cloud_restarted_on_a_database_of_the_previous_schema_serves_or_refuses_
     with sqlite3.connect(db) as conn:
         for statement in _SCHEMA:
             conn.execute(statement.replace("        review        TEXT,\n", "").format(blob="BLOB"))
-    assert "review" not in {row[1] for row in sqlite3.connect(db).execute("PRAGMA table_info(ledger)")}
+        conn.execute(
+            "INSERT INTO ledger (session_id, site, charger, connector, id_token, energy_wh, state, conflicts, "
+            "first_seen, updated) VALUES ('old-session', 'default', 'c0', 1, 'T0', 1234, 'charging', 0, 1, 1)")
+    with sqlite3.connect(db) as conn:
+        assert "review" not in {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
     cloud = CloudProcess("127.0.0.78", free_port("127.0.0.78"), f"sqlite:///{db}", rig.tmp / "cloud.key",
                          rig.tmp / "cloud.log")
     rig.clouds.append(cloud)
-    try:
-        cloud.start(timeout=15)
-    except AssertionError:
-        log = cloud.log_path.read_text()
-        assert "review" in log or "schema" in log, f"the cloud refused to start without saying why:\n{log[-2000:]}"
-        return
+    cloud.start()  # it must start: no refusal, no 503s
+    with sqlite3.connect(db) as conn:
+        assert "review" in {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}, "the schema was not migrated"
+    old = cloud.ledger()["old-session"]
+    assert (old["energy_wh"], old["state"], old["review"]) == (1234, "charging", None)  # kept as it was
+
     signer = EventSigner("charger-9", nacl.signing.SigningKey(b"charger-9".ljust(32, b"\0")))
     sid = os.urandom(16).hex()
     doc = new_session_doc(sid, site="default", charger="c9", connector=1, id_token="T",
                           tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by="charger-9")
-    for kind, meter in (("authorize", None), ("start", 0), ("stop", 1000)):
+    add_event(doc, signer.sign("authorize", sid, 1_700_000_000_000, data={"auth": "offline", "review": True}),
+              public_key=signer.public_key)
+    for kind, meter in (("start", 0), ("stop", 1000)):
         add_event(doc, signer.sign(kind, sid, 1_700_000_000_000, meter_wh=meter), public_key=signer.public_key)
     assert sync_as_leader(cloud, {sid: doc}) == {}
-    assert cloud.ledger()[sid]["state"] == "reconciled"
+    row = cloud.ledger()[sid]
+    assert (row["state"], row["energy_wh"], row["review"]) == ("reconciled", 1000, "offline")  # the new column works
+    assert cloud.get("/v1/stats")["sessions"] == 2
+
+
+# --- 7. `meshnode cloud --site`: only devices certified by that site are billed ------------------
+
+
+def test_cloud_with_site_bills_only_devices_certified_by_its_site(rig: Rig) -> None:
+    """The real `meshnode cloud --site DIR` (its own certificate check, not a stand-in)."""
+    from meshnode._security import create_site, enroll, load_or_create_node_key
+
+    now = time.time()
+    ours, theirs = rig.tmp / "site", rig.tmp / "other-site"
+    create_site(ours, "field-a", now=now)
+    create_site(theirs, "field-b", now=now)
+    dirs = {"charger-1": rig.tmp / "charger-1", "charger-9": rig.tmp / "charger-9"}
+    enroll(ours, "charger-1", dirs["charger-1"], now=now)
+    enroll(theirs, "charger-9", dirs["charger-9"], now=now)  # a stranger: a genuine certificate, another site
+    keys = {name: load_or_create_node_key(d) for name, d in dirs.items()}
+    certs = {name: (d / "node.cert").read_bytes() for name, d in dirs.items()}
+    raw = nacl.signing.SigningKey(b"charger-7".ljust(32, b"\0"))
+
+    cloud = CloudProcess("127.0.16.10", free_port("127.0.16.10"), f"sqlite:///{rig.tmp}/cloud.db",
+                         rig.tmp / "cloud.key", rig.tmp / "cloud.log", extra=["--site", str(ours)])
+    rig.clouds.append(cloud)
+    cloud.start()
+
+    def session(device: str, key: nacl.signing.SigningKey, declared: bytes) -> tuple[str, Document]:
+        sid = os.urandom(16).hex()
+        signer = EventSigner(device, key)
+        doc = new_session_doc(sid, site="field-a", charger=device, connector=1, id_token="T",
+                              tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by=device)
+        for kind, meter in (("authorize", None), ("start", 0), ("stop", 2_000)):
+            add_event(doc, signer.sign(kind, sid, 1_700_000_000_000, meter_wh=meter), public_key=declared)
+        return sid, doc
+
+    enrolled = session("charger-1", keys["charger-1"], certs["charger-1"])
+    stranger = session("charger-9", keys["charger-9"], certs["charger-9"])
+    raw_key = session("charger-7", raw, bytes(raw.verify_key))  # a key declared without a certificate
+    borrowed = session("charger-5", keys["charger-1"], certs["charger-1"])  # our site's certificate, another id
+    docs = dict([enrolled, stranger, raw_key, borrowed])
+    assert sync_as_leader(cloud, docs) == {}
+
+    ledger = cloud.ledger()
+    assert set(ledger) == set(docs)
+    assert (ledger[enrolled[0]]["state"], ledger[enrolled[0]]["energy_wh"]) == ("reconciled", 2_000)
+    assert ledger[enrolled[0]]["receipt"] is not None and ledger[enrolled[0]]["conflicts"] == 0
+    for sid, _ in (stranger, raw_key, borrowed):
+        row = ledger[sid]
+        assert (row["state"], row["energy_wh"], row["receipt"]) == ("idle", 0, None), (sid, row)
+        detail = cloud.get(f"/v1/sessions/{sid}")
+        assert detail["events"] == []  # nothing verified, nothing stored as billable
+        assert {c["kind"] for c in detail["conflicts"]} == {"invalid_event"} and len(detail["conflicts"]) == 3
+        assert all("unknown_key" in c["detail"] for c in detail["conflicts"])
+    assert cloud.get("/v1/stats")["receipts"] == 1

@@ -8,6 +8,8 @@ tests make it fail (HTTP 500, a timeout, or a lost response after applying the b
 
 from __future__ import annotations
 
+import base64
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ from uplink._forwarder import (
     serve_forwarder,
 )
 from uplink._probe import CloudClient
-from uplink._wire import CloudSyncRequest, CloudSyncResponse, compress, decompress
+from uplink._wire import MAX_BATCH_BYTES, CloudSyncRequest, CloudSyncResponse, compress, decompress
 
 from .conftest import make_signer
 
@@ -370,11 +372,17 @@ class FakeCloud:
     requests: list[CloudSyncRequest] = field(default_factory=list)
     applied: list[tuple[int, str, int]] = field(default_factory=list)  # (request no, doc, new changes)
     on_request: Any = None
+    times: list[float] = field(default_factory=list)
+    """When each request arrived (trio time), whatever its outcome."""
+    body_sizes: list[int] = field(default_factory=list)
+    """The size of each request body as it came over the wire (compressed)."""
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.times.append(trio.current_time())
+        self.body_sizes.append(len(await request.aread()))
         mode = self.script.pop(0) if self.script else "ok"
         if mode == "500":
             return httpx.Response(500, json={"error": "ledger unavailable"})
@@ -534,32 +542,81 @@ async def test_the_cloud_receipt_comes_back_and_is_persisted(autojump_clock: tri
         assert change_hash in leader.replica.docs[doc_id].get_heads()
 
 
+def full_jitter(seed: int, failures: int) -> list[float]:
+    """The backoff DESIGN.md sets, computed here on its own: the n-th failure in a row waits
+    uniform [0, min(60, 2**n)] s, drawn from the planner's seeded generator."""
+    rng = random.Random(seed)
+    return [rng.uniform(0.0, min(60.0, 2.0**n)) for n in range(failures)]
+
+
 async def test_failing_cloud_backs_off_then_succeeds_with_resets(autojump_clock: trio.testing.MockClock) -> None:
     cloud = FakeCloud(script=["500", "timeout", "timeout", "ok", "lose"])
-    leader = make_leader(cloud, docs=4)
+    leader = make_leader(cloud, docs=4, seed=42)
     leader.note_all()
-    attempts: list[float] = []
-    start = trio.current_time()
-    for _ in range(20):
-        if leader.forwarder.counters.documents_waiting == 0:
-            break
-        attempts.append(trio.current_time() - start)
-        await leader.forwarder.forward_once(trio.current_time())
-        deadline = leader.planner.next_deadline()
-        if deadline is not None and deadline > trio.current_time():
-            await trio.sleep_until(deadline)
+    await leader.drain()
     counters = leader.forwarder.counters
     assert counters.documents_waiting == 0
     assert counters.failures == 4  # 500, two timeouts, and the lost answer in the middle of a batch
     assert counters.batches == 1
     assert all(ok for _, ok in same_heads(leader.replica, cloud.replica))
-    # Each failed attempt waited its jittered delay; a timeout itself costs the 5 s timeout.
-    assert attempts[1] - attempts[0] <= 1.0
-    assert 5.0 <= attempts[2] - attempts[1] <= 5.0 + 2.0
-    assert 5.0 <= attempts[3] - attempts[2] <= 5.0 + 4.0
+    # Each failed attempt is followed by exactly the planner's jittered delay, counted from when the
+    # attempt ended: a timeout itself costs the 5 s timeout. The delays are the seeded schedule, so a
+    # forwarder that retried early (no backoff, or timed from the attempt's start) fails here.
+    d = full_jitter(42, 4)
+    assert min(d) > 0.05  # the schedule under test is not trivially zero
+    t = [x - cloud.times[0] for x in cloud.times]
+    expected = [0.0, d[0], d[0] + 5 + d[1], d[0] + 5 + d[1] + 5 + d[2]]  # 500, timeout, timeout, ok
+    expected.append(expected[-1])  # the batch's second round: "lose"
+    expected.append(expected[-1] + d[3])  # then the batch again, from a reset
+    assert t[: len(expected)] == pytest.approx(expected, abs=1e-6)
+    assert all(x == pytest.approx(expected[-1], abs=1e-6) for x in t[len(expected):])  # rounds of the last batch
     # After the lost answer, both sides started the batch's sync states afresh.
     resets = [r for r in cloud.requests if r.reset]
     assert len(resets) == 2 and all(sorted(r.reset) == sorted(leader.replica.docs) for r in resets)
+
+
+async def test_requests_stay_within_256_kib_except_a_larger_document_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """docs/deployment.md: "POST /v1/sync, CBOR, deflated, at most 256 KiB a request"."""
+    rng = random.Random(5)
+    signer = make_signer("charger-1")
+    cloud = FakeCloud()
+    leader = make_leader(cloud, docs=0)
+    for i in range(30):
+        doc = _session(f"s{i:03d}", signer, events=3)
+        kib = 600 if i == 7 else rng.randrange(5, 60)  # one document far above the bound
+        add_note(doc, "diag", base64.b64encode(rng.randbytes(kib * KIB * 3 // 4)).decode())
+        leader.replica.add(f"s{i:03d}", doc)
+    hints = {}
+    for doc_id in sorted(leader.replica.docs):
+        # What the node hints: the size of the changes the cloud lacks.
+        hints[doc_id] = sum(len(b) for _, b in leader.replica.changes_since(doc_id, []))
+        leader.forwarder.note_change(doc_id, PRIORITY_STATE, hints[doc_id])
+    await leader.drain()
+    assert all(ok for _, ok in same_heads(leader.replica, cloud.replica))
+    assert hints["s007"] > MAX_BATCH_BYTES
+
+    # Every body the cloud received (deflated, as on the wire) is at most 256 KiB, unless it
+    # carries a single document's changes and that document alone is larger.
+    assert len(cloud.body_sizes) == len(cloud.requests)
+    alone = []
+    for request, size in zip(cloud.requests, cloud.body_sizes, strict=True):
+        carried = [d for d, m in request.msgs.items() if m is not None]
+        if size > MAX_BATCH_BYTES:
+            assert carried == ["s007"], (size, carried)
+            alone.append(size)
+    assert alone  # the large document did go, by itself
+
+    # Batching respects the bound and fills up to it: a batch (its first request resets the
+    # documents, first contact) ends only at a document that would not fit.
+    batches = [list(r.reset) for r in cloud.requests if r.reset]
+    assert sorted(d for b in batches for d in b) == sorted(leader.replica.docs)
+    assert any(len(b) > 1 for b in batches)
+    for batch, after in itertools.pairwise(batches):
+        if len(batch) > 1:
+            assert sum(hints[d] for d in batch) <= MAX_BATCH_BYTES, batch
+        assert sum(hints[d] for d in batch) + hints[after[0]] > MAX_BATCH_BYTES, (batch, after)
 
 
 async def test_a_batch_re_sent_after_a_lost_answer_changes_nothing_on_the_cloud(
@@ -747,7 +804,10 @@ async def test_serve_forwarder_backs_off_on_a_dead_cloud(autojump_clock: trio.te
         nursery.cancel_scope.cancel()
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert len(times) >= 13  # twelve failures, then it got through
-    assert all(g <= min(60.0, 2.0**n) + 1e-6 for n, g in enumerate(gaps[:12]))
+    # Every retry came exactly when the planner's seeded full-jitter schedule said: not before
+    # (no hammering of a dead cloud), not later (the task wakes for the deadline, not its recheck).
+    assert gaps[:12] == pytest.approx(full_jitter(42, 12), abs=1e-6)
+    assert sum(gaps[:12]) > 60  # a dead cloud is asked about a dozen times in minutes, not at once
     assert leader.forwarder.counters.failures == 12
     assert leader.forwarder.counters.documents_waiting == 0
 

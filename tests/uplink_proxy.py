@@ -1,4 +1,4 @@
-"""A small TCP proxy that end-to-end tests cut and restore to flap a node's uplink.
+"""Small TCP proxies for end-to-end tests: an uplink they cut and restore, and a tap on a node's API.
 
 Each uplink node's `--cloud-url` points at its own proxy, which forwards to the
 cloud service. Two ways to cut it:
@@ -170,3 +170,150 @@ class UplinkProxy:
             dst.close()
         else:
             done.release()
+
+
+class ApiTap:
+    """A TCP relay in front of a node's HTTP API that can hold back one answer.
+
+    End-to-end tests send a node's API requests through it. `arm(marker)` makes
+    the next request whose request line contains `marker` go through to the node
+    as usual, but the node's answer is kept here, not passed on: `wait_held()`
+    returns once the answer has started to arrive (the node has handled the
+    request, the client has not heard back). A test that SIGKILLs the node then
+    is certain to have landed the kill with the request in flight, and knows
+    what the node answered (`held_response`). When either side closes, the
+    client's connection is reset: it never sees the held answer.
+
+    Attributes:
+        url: ``http://listen_host:port``, to use instead of the node's own URL.
+        held_request_line: the request line of the held exchange.
+        held_response: the bytes of the answer held back.
+    """
+
+    def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((listen_host, 0))
+        self._listener.listen(64)
+        self.host = listen_host
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._marker: bytes | None = None
+        self._held = threading.Event()
+        self.held_request_line = b""
+        self.held_response = b""
+        self._closed = False
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept_loop, name=f"tap-{self.port}", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def arm(self, marker: bytes) -> None:
+        """Hold the answer to the next request whose request line contains `marker`."""
+        with self._lock:
+            self._marker = marker
+            self._held.clear()
+            self.held_request_line = self.held_response = b""
+
+    def wait_held(self, timeout: float) -> bool:
+        """Until an answer is held (True), or `timeout` seconds (False)."""
+        return self._held.wait(timeout)
+
+    def held_answer(self) -> tuple[int, bytes] | None:
+        """(status, body) of the held answer once it has all arrived (by its Content-Length), else None."""
+        with self._lock:
+            data = self.held_response
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        lines = head.split(b"\r\n")
+        length = next((int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:])
+                       if k.strip().lower() == b"content-length"), None)
+        if length is None or len(body) < length:
+            return None
+        return int(lines[0].split()[1]), body[:length]
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            sockets, self._open = list(self._open), set()
+        for s in sockets:
+            _reset(s)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=2.0)
+                upstream.settimeout(None)
+            except OSError:
+                _reset_and_close(client)  # the node is down
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._connection, args=(client, upstream), daemon=True).start()
+
+    def _connection(self, client: socket.socket, upstream: socket.socket) -> None:
+        hold = threading.Event()
+        answer = threading.Thread(target=self._answers, args=(upstream, client, hold), daemon=True)
+        answer.start()
+        first = True
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    upstream.shutdown(socket.SHUT_WR)  # pass the client's end of request on
+                    break
+                if first:
+                    first = False
+                    line = data.split(b"\r\n", 1)[0]
+                    with self._lock:
+                        if self._marker is not None and self._marker in line:
+                            self._marker = None
+                            self.held_request_line = line
+                            hold.set()
+                upstream.sendall(data)
+        except OSError:
+            pass
+        answer.join()
+        with self._lock:
+            self._open.discard(client)
+            self._open.discard(upstream)
+        if hold.is_set():
+            _reset_and_close(client)  # the client never hears the held answer
+        else:
+            client.close()
+        upstream.close()
+
+    def _answers(self, upstream: socket.socket, client: socket.socket, hold: threading.Event) -> None:
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                if hold.is_set():
+                    with self._lock:
+                        self.held_response += data
+                    self._held.set()
+                    continue
+                client.sendall(data)
+        except OSError:
+            pass
+        if hold.is_set():
+            _reset(client)  # wakes the request side, which closes both
+        else:
+            try:
+                client.shutdown(socket.SHUT_WR)  # a plain end of the answer
+            except OSError:
+                pass
