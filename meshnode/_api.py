@@ -126,8 +126,10 @@ def build_app(node: Node) -> Starlette:
             _text(obj, "id_token"),
             meter_wh=_int(obj, "meter_wh", required=False, low=0, high=2**53),
             driver_token=_optional_text(obj, "driver_token", 4096),
+            request_id=_optional_text(obj, "request_id", 128),
         )
-        return JSONResponse(session, status_code=201)
+        # A retried start (same request_id) gets the session it made: 200, not a second 201.
+        return JSONResponse(session, status_code=200 if session.pop("existing", False) else 201)
 
     async def add_site_entry(request: Request) -> Response:
         obj = await _json_body(request)

@@ -762,16 +762,38 @@ class Demo:
             return {"_status": response.status_code, "_text": response.text}
         return response.json()
 
+    async def _start(self, base: str, charger: str, id_token: str, meter: int, request_id: str) -> dict[str, Any] | None:
+        """Start a session, retrying a lost answer with the same request id."""
+        body = {"charger": charger, "connector": 1, "id_token": id_token, "meter_wh": meter, "request_id": request_id}
+        for _attempt in range(5):
+            try:
+                response = await self.http.post(base + "/v1/sessions", json=body)
+            except httpx.HTTPError as exc:
+                self.request_errors[f"start: {type(exc).__name__}"] += 1
+                if self._stopping.is_set():
+                    return None
+                await self._pause(1.0)
+                continue
+            if response.status_code in (200, 201):
+                return response.json()
+            self.request_errors[f"start: HTTP {response.status_code}"] += 1
+            return {"_status": response.status_code, "_text": response.text}
+        return None
+
     async def _charger(self, node: int, k: int, watchers: trio.Nursery) -> None:
         rng = random.Random(f"{self.s.seed}:{node}:{k}")
         charger = f"{self.names[node]}-cp{k + 1}"
         base = self.node_urls[node]
         meter = rng.randrange(0, 1_000_000)
         await self._pause(rng.uniform(0.0, 1.5))
+        starts = 0
         while not self._stopping.is_set():
-            created = await self._post(base + "/v1/sessions", {
-                "charger": charger, "connector": 1, "id_token": f"RFID-{rng.randrange(16**6):06X}", "meter_wh": meter,
-            }, "start")  # fmt: skip
+            # One request id per start, kept across its retries: a start whose 201 was
+            # lost finds its session on the retry instead of making a second one.
+            starts += 1
+            request_id = f"{charger}-start-{starts}"
+            id_token = f"RFID-{rng.randrange(16**6):06X}"
+            created = await self._start(base, charger, id_token, meter, request_id)
             if created is None or "_status" in created:
                 await self._pause(1.0)
                 continue

@@ -296,6 +296,7 @@ class Node:
             node_id=self.node_id, site=config.site, tariff=config.tariff, replica=self.replica,
             site_config=self.site_config, signer=lambda: self.signer, keyring=self.keyring, identity=identity,
             actor=self._actor, rng=self.rng, wall_clock=lambda: self.wall_clock(), commit=self._commit_local,
+            archived=lambda: self.archived,
         )
         self._fold_cache = self.sessions.fold_cache
 
@@ -418,9 +419,12 @@ class Node:
         *,
         meter_wh: int | None = None,
         driver_token: str | None = None,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
-        """Start a session on this node (see `SessionService.create`). Raises NotAuthorised."""
-        return await self.sessions.create(charger, connector, id_token, meter_wh=meter_wh, driver_token=driver_token)
+        """Start a session on this node (see `SessionService.create`). Raises NotAuthorised, Conflict."""
+        return await self.sessions.create(
+            charger, connector, id_token, meter_wh=meter_wh, driver_token=driver_token, request_id=request_id
+        )
 
     async def record_event(self, session_id: str, type: str, meter_wh: int | None) -> dict[str, Any]:
         """Sign and append an event (see `SessionService.record`). Raises NotFound,

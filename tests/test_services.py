@@ -207,3 +207,33 @@ async def test_the_api_maps_a_conflict_to_409(tmp_path: Path, autojump_clock):
             resume = await client.post(f"/v1/sessions/{sid}/events", json={"type": "resume"})
             assert resume.status_code == 409
         nursery.cancel_scope.cancel()
+
+
+async def test_a_retried_start_with_its_request_id_finds_the_first_session(tmp_path: Path, autojump_clock):
+    """A charger that lost the 201 of a start retries it: the same request id must not
+    start a second session (the cloud would bill one nobody charged), also after a restart."""
+    net = MemoryNetwork()
+    config = NodeConfig(node_id="n1", data_dir=tmp_path / "n1", seed=7)
+    body = {"charger": "c1", "connector": 1, "id_token": "T", "meter_wh": 10, "request_id": "c1-start-1"}
+    for restart in range(2):
+        async with trio.open_nursery() as nursery, net.transport("10.0.0.1:5683") as transport:
+            node = Node(config, transport=transport, discovery=StaticDiscovery([]),
+                        wall_clock=lambda: NOW + trio.current_time())  # fmt: skip
+            await nursery.start(node.serve)
+            app = httpx.ASGITransport(app=build_app(node))
+            async with httpx.AsyncClient(transport=app, base_url="http://node") as client:
+                if restart == 0:
+                    first = await client.post("/v1/sessions", json=body)
+                    assert first.status_code == 201
+                    sid = first.json()["session_id"]
+                    other = await client.post("/v1/sessions", json={**body, "request_id": "c1-start-2"})
+                    assert other.status_code == 201 and other.json()["session_id"] != sid
+                    plain = await client.post("/v1/sessions", json={k: v for k, v in body.items() if k != "request_id"})
+                    assert plain.status_code == 201 and plain.json()["session_id"] not in (sid, other.json()["session_id"])
+                again = await client.post("/v1/sessions", json=body)
+                assert again.status_code == 200, again.text
+                assert again.json()["session_id"] == sid and "existing" not in again.json()
+                assert len((await client.get("/v1/sessions")).json()["sessions"]) == 3
+                bad = await client.post("/v1/sessions", json={**body, "request_id": ""})
+                assert bad.status_code == 400
+            nursery.cancel_scope.cancel()

@@ -19,6 +19,7 @@ Writes go through the node's `commit` callback (durable, then announced to the m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import uuid
@@ -117,6 +118,7 @@ class SessionService:
         rng: where new session ids come from (seeded in the simulator).
         wall_clock: seconds since the epoch, for event timestamps.
         commit: make changes durable, then announce them.
+        archived: the ids of sessions this node has archived (a container).
     """
 
     def __init__(
@@ -134,8 +136,10 @@ class SessionService:
         rng: random.Random,
         wall_clock: Callable[[], float],
         commit: Commit,
+        archived: Callable[[], Any] = frozenset,
     ) -> None:
         self.node_id = node_id
+        self._archived = archived
         self.site = site
         self.tariff = tariff
         self.replica = replica
@@ -171,22 +175,40 @@ class SessionService:
         *,
         meter_wh: int | None = None,
         driver_token: str | None = None,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Start a session on this node: authorise it offline and start charging.
 
+        A charger that lost the answer to a start retries it; with the same
+        `request_id` (chosen by the charger, unique per charger) the retry finds the
+        session the first attempt made instead of starting a second one, which the
+        cloud would bill as a session nobody charged. The session id is then derived
+        from (node, charger, connector, request id), so the answer survives a restart.
+
         Returns:
-            The session (as `session_json`), once it is durable on this node.
+            The session (as `session_json`), once it is durable on this node; with
+            `"existing": true` when `request_id` named a session already started.
 
         Raises:
             NotAuthorised: the offline authorisation refuses the driver.
+            Conflict: `request_id` names a session that has since been archived.
         """
+        if request_id is not None:
+            session_id = hashlib.sha256(
+                f"{self.node_id}\0{charger}\0{connector}\0{request_id}".encode()
+            ).hexdigest()[:32]
+            if session_id in self.replica.docs:
+                return {**self.session_json(session_id), "existing": True}
+            if session_id in self._archived():
+                raise Conflict(f"request {request_id!r} started session {session_id} that is archived already")
         auth = self.site_config.authorize(id_token, driver_token)
         if not auth.accepted:
             raise NotAuthorised(f"not authorised offline: {auth.reason}")
         auth_data: dict[str, Any] = {"id_token": id_token, "auth": auth.reason, "review": auth.review}
         if auth.limits is not None:
             auth_data["limits"] = {"max_wh": auth.limits.max_wh, "max_minutes": auth.limits.max_minutes}
-        session_id = uuid.UUID(int=self._rng.getrandbits(128), version=4).hex
+        if request_id is None:
+            session_id = uuid.UUID(int=self._rng.getrandbits(128), version=4).hex
         doc = new_session_doc(
             session_id, site=self.site, charger=charger, connector=connector, id_token=id_token,
             tariff=self.tariff, created_by=self.node_id, actor=self._actor(session_id),
