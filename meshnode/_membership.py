@@ -717,7 +717,7 @@ class Membership:
         peers = self._peers
         valid_until = math.inf
         expired = []
-        changed = False
+        changed = self._dirty  # something came, went or came back
         for node_id, entry in peers.items():
             state = self._state_of(entry, now)
             if state is None and now >= entry.last_seen + self.dead_after + 2 * self.forget_after:
