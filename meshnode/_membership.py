@@ -139,6 +139,7 @@ import bisect
 import enum
 import functools
 import hashlib
+import heapq
 import itertools
 import math
 import random
@@ -256,6 +257,20 @@ def _check_counter(field: str, value: object, maximum: int) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=8192)
+def _texts_ok(node_id: str, address: str, version: str, leader: str | None) -> bool:
+    """Whether a record's text fields pass their checks (cached: they repeat every round)."""
+    try:
+        _check_text("node_id", node_id, MAX_NODE_ID_LEN)
+        _check_address(address)
+        _check_text("version", version, MAX_VERSION_LEN)
+        if leader is not None:
+            _check_text("leader", leader, MAX_NODE_ID_LEN)
+    except MembershipError:
+        return False
+    return True
+
+
 def _check_address(value: object) -> str:
     address = _check_text("address", value, MAX_ADDRESS_LEN)
     host, sep, port = address.rpartition(":")
@@ -357,13 +372,35 @@ class MemberRecord:
             raise MembershipError(f"a member record must be a map, got {type(obj).__name__}")
         if len(obj) > MAX_WIRE_KEYS:
             raise MembershipError(f"a member record has {len(obj)} keys, at most {MAX_WIRE_KEYS} allowed")
-        values: dict[str, Any] = {}
-        for name, short in _WIRE_KEYS.items():
-            if short in obj:
-                values[name] = obj[short]
-            elif name != "leader":
-                raise MembershipError(f"member record lacks {short!r} ({name})")
-        return cls(**values)
+        try:
+            node_id, incarnation, heartbeat = obj["id"], obj["inc"], obj["hb"]
+            score, address, version = obj["up"], obj["addr"], obj["ver"]
+        except KeyError:
+            missing = next(short for short in _WIRE_KEYS.values() if short != "ldr" and short not in obj)
+            name = next(n for n, short in _WIRE_KEYS.items() if short == missing)
+            raise MembershipError(f"member record lacks {missing!r} ({name})") from None
+        leader = obj.get("ldr")
+        # R10: the text fields of a node's record repeat in every gossip round; one
+        # cached check per distinct combination, the counters checked each time.
+        if (
+            type(incarnation) is int and 0 <= incarnation <= MAX_COUNTER
+            and type(heartbeat) is int and 0 <= heartbeat <= MAX_COUNTER
+            and type(score) is int and 0 <= score <= 100
+            and type(node_id) is str and type(address) is str and type(version) is str
+            and (leader is None or type(leader) is str)
+            # Lengths first: nothing overlong reaches (and stays in) the cache.
+            and len(node_id) <= MAX_NODE_ID_LEN and len(address) <= MAX_ADDRESS_LEN
+            and len(version) <= MAX_VERSION_LEN and (leader is None or len(leader) <= MAX_NODE_ID_LEN)
+            and _texts_ok(node_id, address, version, leader)
+        ):  # fmt: skip
+            record = object.__new__(cls)
+            record.__dict__.update(
+                node_id=node_id, incarnation=incarnation, heartbeat=heartbeat, uplink_score=score,
+                address=address, version=version, leader=leader,
+            )  # fmt: skip
+            return record
+        # Something is wrong: the constructor's checks say what.
+        return cls(node_id, incarnation, heartbeat, score, address, version, leader)
 
 
 class MemberView(NamedTuple):
@@ -379,6 +416,20 @@ class MemberView(NamedTuple):
 
 _LIVE = (PeerState.ALIVE, PeerState.SUSPECT)
 _STATE_CODE = {PeerState.ALIVE: b"A", PeerState.SUSPECT: b"S"}
+
+
+_DIGEST_MOD = 2**128
+
+
+def _digest_row(record: MemberRecord, state: PeerState | None, threshold: int, bucket_size: int) -> int:
+    node_id = record.node_id.encode()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(len(node_id).to_bytes(1, "big") + node_id + record.incarnation.to_bytes(8, "big"))
+    h.update(_STATE_CODE[state])  # type: ignore[index]
+    h.update(b"L" if record.leader == record.node_id else b"-")
+    h.update(b"E" if record.uplink_score >= threshold else b"-")
+    h.update((record.uplink_score // bucket_size).to_bytes(1, "big"))
+    return int.from_bytes(h.digest(), "big")
 
 
 def retransmit_limit(retransmit_mult: int, members: int) -> int:
@@ -398,7 +449,11 @@ class _Entry:
     last_changed: float
     last_direct: float = -math.inf
     state: PeerState | None = PeerState.ALIVE
-    """The verdict as of the last recompute (None: forgotten); see ``Membership._refresh``."""
+    """The verdict as of the latest ``now`` (None: forgotten); kept by ``Membership._advance``."""
+    due: float = math.inf
+    """When this entry's heap item is due: at or before its next verdict change."""
+    row: int = 0
+    """Its term in the digest's sum (0 while it is not ALIVE or SUSPECT)."""
 
     @property
     def last_seen(self) -> float:
@@ -472,20 +527,13 @@ class Membership:
         self.bucket_size = bucket_size
         self._peers: dict[str, _Entry] = {}
         self._now: float | None = None
-        # Caches (R10). `_computed_at` .. `_valid_until` is the interval over which
-        # every entry's cached `state` is exact; `_dirty` forces a recompute.
-        self._computed_at = -math.inf
-        self._valid_until = -math.inf
-        self._dirty = True
-        self._bound_stale = False  # a deadline moved later since `_valid_until` was computed
-        self._ids: list[str] = []  # every entry's id, sorted (rebuilt when entries come or go)
-        self._ids_dirty = False
+        # Caches (R10), kept exact by every input and by `_advance` (no full rebuilds):
+        self._heap: list[tuple[float, str]] = []  # (due, node id): one live item per entry
+        self._ids: list[str] = []  # every entry's id (tombstones too), sorted
         self._live: list[MemberRecord] = []  # ALIVE and SUSPECT peers, sorted by id
         self._live_ids: list[str] = []
-        self._live_pos: dict[str, int] = {}
-        self._alive: list[MemberRecord] = []  # ALIVE peers only (the election's electorate is _live)
-        self._version = 0  # bumped whenever something the digest or the election reads changes
-        self._digest: tuple[int, tuple[object, ...], bytes] | None = None
+        self._digest_sum = 0  # sum of the live peers' digest rows, mod 2**128
+        self._version = 0  # bumped whenever something the election or the digest reads changes
         self._leader_cache: tuple[tuple[object, ...], str | None] | None = None
         # Delta gossip (R9): node id -> [times sent, sequence]; and the peers whose
         # heartbeat advanced since we last passed their record on (oldest first).
@@ -522,9 +570,8 @@ class Membership:
 
     def tick(self, now: float) -> MemberRecord:
         """Raise our heartbeat (call once per heartbeat period) and return our new record."""
-        record = self._bump()
-        self._refresh(now)
-        return record
+        self._advance(now)
+        return self._bump()
 
     def set_uplink_score(self, score: int) -> MemberRecord:
         """Publish a new uplink score; the heartbeat rises with it so the change spreads (R6)."""
@@ -580,7 +627,7 @@ class Membership:
         Returns:
             The sorted ids whose visible record changed; our own id if we refuted.
         """
-        self._refresh(now)
+        self._advance(now)
         changed: set[str] = set()
         own_id = self._self.node_id
         peers = self._peers
@@ -594,27 +641,33 @@ class Membership:
                 continue
             entry = peers.get(node_id)
             if entry is None:
-                peers[node_id] = _Entry(record, now)
-                self._ids_dirty = self._dirty = True
+                entry = peers[node_id] = _Entry(record, now, state=None)
+                bisect.insort(self._ids, node_id)
+                self._seen(entry, now)
                 self._enqueue(node_id)
                 changed.add(node_id)
                 continue
             old = entry.record
-            if not record.supersedes(old):
+            if record.incarnation == old.incarnation:
+                if record.heartbeat < old.heartbeat:
+                    continue
+                newer = record.heartbeat > old.heartbeat
+                if not newer and not record.supersedes(old):
+                    continue
+            elif record.incarnation < old.incarnation:
                 continue
+            else:
+                newer = True
             was = entry.state
-            newer = record.key > old.key
             entry.record = record
             if was is None and not newer:
                 continue  # a tie-break winner for a forgotten entry: kept, not shown (R3)
             changed.add(node_id)
             if newer and now > entry.last_changed:
                 entry.last_changed = now
-                self._bound_stale = True
-            if was is not PeerState.ALIVE and newer:
-                # Back from SUSPECT, DEAD or forgotten: the lists change, and it is news.
-                self._dirty = True
-                self._enqueue(node_id)
+                if was is not PeerState.ALIVE:
+                    self._seen(entry, now)  # back from SUSPECT, DEAD or forgotten: news (R9)
+                    self._enqueue(node_id)
             if (
                 record.incarnation != old.incarnation
                 or record.uplink_score != old.uplink_score
@@ -622,17 +675,13 @@ class Membership:
                 or record.address != old.address
                 or record.version != old.version
             ):
-                self._version += 1
                 self._enqueue(node_id)
-            elif newer and node_id not in self._queue:
+                if entry.state in _LIVE:
+                    self._set_row(entry)
+            elif newer and node_id not in self._queue and entry.state in _LIVE:
                 self._fresh[node_id] = None
-            if not self._dirty:
-                pos = self._live_pos.get(node_id)
-                if pos is not None:
-                    self._live[pos] = record  # patched in place: same verdict, fresher record
-                else:
-                    self._dirty = True
-        self._refresh(now)
+            if entry.state in _LIVE:
+                self._live[bisect.bisect_left(self._live_ids, node_id)] = record
         return sorted(changed)
 
     def _enqueue(self, node_id: str) -> None:
@@ -662,7 +711,7 @@ class Membership:
         Returns:
             Whether a known, not yet forgotten peer was refreshed.
         """
-        self._refresh(now)
+        self._advance(now)
         entry = self._peers.get(peer)
         entries = [entry] if entry is not None else [e for e in self._peers.values() if e.record.address == peer]
         refreshed = False
@@ -670,11 +719,9 @@ class Membership:
             if entry.state is not None:
                 if now > entry.last_direct:
                     entry.last_direct = now
-                    self._bound_stale = True
+                    if entry.state is not PeerState.ALIVE:
+                        self._seen(entry, now)
                 refreshed = True
-                if entry.state is not PeerState.ALIVE:
-                    self._dirty = True
-        self._refresh(now)
         return refreshed
 
     # -- verdicts ----------------------------------------------------------------
@@ -698,57 +745,76 @@ class Membership:
                 return t
         return math.inf
 
-    def _refresh(self, now: float) -> None:
-        """The one evaluate step after every input and before every verdict (R10).
+    def _advance(self, now: float) -> None:
+        """The one evaluate step before every input and verdict (R10): bring every verdict to ``now``.
 
-        Invariants after it returns, for this ``now``:
+        Invariants after it returns (the caches are never rebuilt, only kept):
 
-        1. every entry's ``state`` is ``_state_of(entry, now)``;
-        2. entries whose tombstone ran out are gone;
-        3. ``_live``/``_live_ids``/``_live_pos`` hold the ALIVE and SUSPECT peers
-           sorted by id, ``_alive`` the ALIVE ones;
-        4. ``_valid_until`` is at most the earliest time any verdict changes;
-        5. ``_version`` has moved if any verdict changed.
+        1. every entry's ``state`` is ``_state_of(entry, now)``, for the latest ``now`` seen;
+        2. entries whose tombstone ran out are gone (from ``_peers``, ``_ids``);
+        3. ``_live``/``_live_ids`` hold the ALIVE and SUSPECT peers' records, sorted by id;
+        4. every entry has a heap item due at ``entry.due``, at or before its next
+           verdict change; ``_digest_sum`` is the sum of the live entries' rows;
+        5. ``_version`` has moved since any verdict or election input changed.
         """
-        if self._now is None or now > self._now:
-            self._now = now
-        if not self._dirty and self._computed_at <= now < self._valid_until:
+        if self._now is not None and now <= self._now:
             return
+        self._now = now
+        heap = self._heap
         peers = self._peers
-        valid_until = math.inf
-        expired = []
-        changed = self._dirty  # something came, went or came back
-        for node_id, entry in peers.items():
-            state = self._state_of(entry, now)
-            if state is None and now >= entry.last_seen + self.dead_after + 2 * self.forget_after:
-                expired.append(node_id)
-                continue
-            if state is not entry.state:
-                entry.state = state
-                changed = True
-            t = self._transition_after(entry, now)
-            if t < valid_until:
-                valid_until = t
-        for node_id in expired:
-            del peers[node_id]
-        if expired or self._ids_dirty:
-            self._ids = sorted(peers)
-            self._ids_dirty = False
-        live = [peers[i].record for i in self._ids if peers[i].state in _LIVE]
-        self._live = live
-        self._live_ids = [r.node_id for r in live]
-        self._live_pos = {nid: pos for pos, nid in enumerate(self._live_ids)}
-        self._alive = [r for r in live if peers[r.node_id].state is PeerState.ALIVE]
-        if changed or expired:
-            self._version += 1
-        for node_id in [n for n in self._queue if n not in self._live_pos]:
-            del self._queue[node_id]  # R4: the dead are not gossiped
-        for node_id in [n for n in self._fresh if n not in self._live_pos]:
-            del self._fresh[node_id]
-        self._computed_at = now
-        self._valid_until = valid_until
-        self._bound_stale = False
-        self._dirty = False
+        while heap and heap[0][0] <= now:
+            due, node_id = heapq.heappop(heap)
+            entry = peers.get(node_id)
+            if entry is None or entry.due != due:
+                continue  # superseded by an earlier item (the entry came back)
+            self._set_state(entry, self._state_of(entry, now))
+            nxt = self._transition_after(entry, now)
+            if nxt == math.inf:
+                self._drop(node_id)
+            else:
+                entry.due = nxt
+                heapq.heappush(heap, (nxt, node_id))
+
+    def _seen(self, entry: _Entry, now: float) -> None:
+        # The entry was just seen (first record, newer record, direct exchange): ALIVE,
+        # and its heap item must be due no later than its new suspicion time.
+        self._set_state(entry, PeerState.ALIVE)
+        due = entry.last_seen + self.suspect_after
+        if due < entry.due:
+            entry.due = due
+            heapq.heappush(self._heap, (due, entry.record.node_id))
+
+    def _set_state(self, entry: _Entry, state: PeerState | None) -> None:
+        old = entry.state
+        if state is old:
+            return
+        entry.state = state
+        self._version += 1
+        node_id = entry.record.node_id
+        was_live, is_live = old in _LIVE, state in _LIVE
+        if was_live and not is_live:
+            pos = bisect.bisect_left(self._live_ids, node_id)
+            del self._live_ids[pos]
+            del self._live[pos]
+            self._queue.pop(node_id, None)  # R4: the dead are not gossiped
+            self._fresh.pop(node_id, None)
+        elif is_live and not was_live:
+            pos = bisect.bisect_left(self._live_ids, node_id)
+            self._live_ids.insert(pos, node_id)
+            self._live.insert(pos, entry.record)
+        self._set_row(entry)
+
+    def _set_row(self, entry: _Entry) -> None:
+        # The digest is a sum of one hash per live member, so one member's change
+        # costs one hash, not a pass over the view (R10).
+        row = _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
+        self._digest_sum = (self._digest_sum - entry.row + row) % _DIGEST_MOD
+        entry.row = row
+        self._version += 1
+
+    def _drop(self, node_id: str) -> None:
+        del self._peers[node_id]
+        del self._ids[bisect.bisect_left(self._ids, node_id)]
 
     def state(self, node_id: str, now: float) -> PeerState:
         """The failure detector's verdict on ``node_id`` at ``now`` (R3).
@@ -770,7 +836,7 @@ class Membership:
         """
         if self._now is not None and now < self._now:
             return self._view_at(now)  # a question about the past: answer it exactly, uncached
-        self._refresh(now)
+        self._advance(now)
         own = self._self
         rows = []
         placed = False
@@ -799,7 +865,7 @@ class Membership:
         """ALIVE and SUSPECT peers, ourselves excluded, sorted by node id."""
         if self._now is not None and now < self._now:
             return [r.record for r in self._view_at(now) if r.record is not self._self and r.state in _LIVE]
-        self._refresh(now)
+        self._advance(now)
         return list(self._live)
 
     def records_for_gossip(self, now: float | None = None) -> list[MemberRecord]:
@@ -815,7 +881,7 @@ class Membership:
             return [self._self]
         if self._now is not None and now < self._now:
             return [r.record for r in self._view_at(now) if r.state in _LIVE]
-        self._refresh(now)
+        self._advance(now)
         pos = bisect.bisect_left(self._live_ids, self._self.node_id)
         return [*self._live[:pos], self._self, *self._live[pos:]]
 
@@ -837,7 +903,7 @@ class Membership:
         """
         if type(limit) is not int or limit < 1:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
-        self._refresh(now)
+        self._advance(now)
         out = [self._self]
         if limit == 1:
             return tuple(out)
@@ -865,49 +931,40 @@ class Membership:
     def digest(self, now: float) -> bytes:
         """A 12-byte summary of what the election and membership read (R9).
 
-        A BLAKE2b hash over ourselves and every ALIVE or SUSPECT peer, sorted by id:
+        Over ourselves and every ALIVE or SUSPECT peer, one BLAKE2b row per member,
         ``(node_id, incarnation, ALIVE/SUSPECT, claims to lead, eligible, score //
-        bucket_size)``. Heartbeats are left out, so two idle peers with the same
+        bucket_size)``, summed (so a change costs one row) and hashed once more. Heartbeats are left out, so two idle peers with the same
         members, verdicts and claims have the same digest and need exchange nothing
         more; when digests differ, ``records_for_gossip`` settles it.
         """
-        self._refresh(now)
-        key = (self._version, self._self.incarnation, self._self.uplink_score, self._self.leader)
-        if self._digest is not None and self._digest[:2] == (self._version, key):
-            return self._digest[2]
-        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-        rows = [(self._self, PeerState.ALIVE)]
-        rows += [(r, self._peers[r.node_id].state) for r in self._live]
-        rows.sort(key=lambda row: row[0].node_id)
-        for record, state in rows:
-            node_id = record.node_id.encode()
-            h.update(len(node_id).to_bytes(1, "big"))
-            h.update(node_id)
-            h.update(record.incarnation.to_bytes(8, "big"))
-            h.update(_STATE_CODE[state])  # type: ignore[index]
-            h.update(b"L" if record.leader == record.node_id else b"-")
-            h.update(b"E" if record.uplink_score >= self.threshold else b"-")
-            h.update((record.uplink_score // self.bucket_size).to_bytes(1, "big"))
-        out = h.digest()
-        self._digest = (self._version, key, out)
-        return out
+        self._advance(now)
+        own = _digest_row(self._self, PeerState.ALIVE, self.threshold, self.bucket_size)
+        total = (self._digest_sum + own) % _DIGEST_MOD
+        return hashlib.blake2b(total.to_bytes(16, "big"), digest_size=DIGEST_SIZE).digest()
 
     def next_deadline(self) -> float | None:
         """The earliest time after the latest ``now`` seen at which some peer's verdict changes.
 
         A thin trio task can sleep until then (or its next tick, if sooner) and
-        re-run the election; None when there are no peers. Exact, and O(1) unless a
-        heartbeat or a direct exchange has moved some peer's deadline since the
-        last evaluation (then one pass over the peers).
+        re-run the election; None when there are no peers. Exact; O(log N) per
+        peer whose deadline a heartbeat has moved since it was filed.
         """
         if self._now is None:
             return None
         now = self._now
-        self._refresh(now)
-        if self._bound_stale:
-            self._valid_until = min((self._transition_after(e, now) for e in self._peers.values()), default=math.inf)
-            self._bound_stale = False
-        return None if self._valid_until == math.inf else self._valid_until
+        heap = self._heap
+        while heap:
+            due, node_id = heap[0]
+            entry = self._peers.get(node_id)
+            if entry is None or entry.due != due:
+                heapq.heappop(heap)  # superseded
+                continue
+            exact = self._transition_after(entry, now)
+            if exact == due:
+                return due
+            entry.due = exact  # a heartbeat moved it later: re-file it, exactly
+            heapq.heapreplace(heap, (exact, node_id))
+        return None
 
     def leader(
         self,
@@ -931,7 +988,7 @@ class Membership:
         bucket_size = self.bucket_size if bucket_size is None else bucket_size
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
-        self._refresh(now)
+        self._advance(now)
         own = self._self
         key = (self._version, own.uplink_score, own.leader, threshold, bucket_size)
         if self._leader_cache is not None and self._leader_cache[0] == key:
