@@ -59,9 +59,10 @@ R7. Election (``choose_leader``, used by ``Membership.leader``): the electorate 
 R8. The decision is a function of the view alone: no node's memory of whom it
     followed enters it (``Membership.leader``'s ``current`` is ignored). Nodes
     whose views hold the same live, eligible records and claims elect the same
-    leader; the claim the winner then publishes (``set_leader``) never changes
-    the answer (the winner outranks every claimant, and no eligible node is a
-    bucket above it), so agreement, once reached, holds while the inputs hold.
+    leader. Once the winner's own claim (``set_leader``) is seen, the answer is
+    the winner whatever other claims are still seen or already withdrawn (it
+    outranks every claimant, and no eligible node is a bucket above it), so
+    agreement, once reached, holds while the inputs hold.
     Bound: if every record change reaches every node within ``D`` seconds, all
     nodes follow one leader at most ``2 D`` after the last change of scores,
     claims or liveness, and at most ``dead_after + 2 D`` after a leader fails
@@ -102,6 +103,15 @@ Invariants (numbered; tests check each)
    returns a valid record or raises ``MembershipError`` and changes nothing.
 7. ``elect_leader`` and ``choose_gossip_targets`` are pure: the same inputs, as
    sets, give the same output (and the same random draws) whatever their order.
+8. ``piggyback`` starts with our current record, returns at most ``limit``
+   records, never a DEAD one, and sends no queued update more than
+   ``retransmit_limit`` times (R9).
+9. Every cached verdict (``view``, ``live_peers``, ``records_for_gossip``,
+   ``leader``, ``next_deadline``, ``digest``) equals a fresh evaluation of the
+   rules at the same ``now``, after any sequence of inputs (R10).
+10. ``choose_leader`` is a function of the set of live records alone; in a
+    connected mesh whose nodes keep exchanging records, all nodes follow one
+    leader within ``2 D`` of the last change of its inputs and keep it (R8).
 
 Defaults, and why
 -----------------
@@ -153,9 +163,9 @@ __all__ = [
     "DEFAULT_DEAD_AFTER",
     "DEFAULT_FORGET_AFTER",
     "DEFAULT_RETRANSMIT_MULT",
-    "DIGEST_SIZE",
     "DEFAULT_SUSPECT_AFTER",
     "DEFAULT_THRESHOLD",
+    "DIGEST_SIZE",
     "MAX_ADDRESS_LEN",
     "MAX_COUNTER",
     "MAX_NODE_ID_LEN",

@@ -2,13 +2,12 @@
 
 Time is virtual and passed in, so every transition is asserted at its exact
 moment. Property tests (hypothesis) cover the merge's join laws and the
-election's determinism; the rules they check are R1-R8 and invariants 1-7 in
+election's determinism and agreement; the rules they check are R1-R10 and invariants 1-10 in
 the header of ``meshnode/_membership.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from dataclasses import replace
