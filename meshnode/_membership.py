@@ -685,8 +685,8 @@ class Membership:
                 or record.address != old.address
                 or record.version != old.version
             ):
-                self._enqueue(node_id)
-                if entry.state in _LIVE:
+                if entry.state in _LIVE:  # R4: a DEAD record is neither gossiped nor hashed
+                    self._enqueue(node_id)
                     self._set_row(entry)
             elif newer and node_id not in self._queue and entry.state in _LIVE:
                 self._fresh[node_id] = None

@@ -1170,3 +1170,14 @@ def test_after_a_heal_two_halves_that_each_agreed_agree_on_one_leader_within_the
     now, _ = _run_rounds(mesh, inside, 3 * n, 0.0, delta=False)  # each half settles on its own
     now, _ = _run_rounds(mesh, edges, 2 * _diameter(n, edges) + 2, now, delta=False)
     assert len({m.leader(now) for m in mesh}) == 1
+
+
+def test_a_tie_break_on_a_dead_record_is_not_queued() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 5, 10)], 0.0)
+    for _ in range(10):
+        m.piggyback(0.0, 5)
+    m.merge([rec("a", 1, 5, 99)], 20.0)  # same key, larger score: kept, but a is DEAD
+    assert m.view(20.0)[0].record.uplink_score == 99
+    assert m.pending_updates() == 0
+    assert m.piggyback(20.0, 5) == (m.self_record,)
