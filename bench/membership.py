@@ -6,6 +6,7 @@ validated records parsed and merged per exchange. This measures, for a view of
 N peers (default 200 and 1,000), the cost of what a node does with membership:
 
 - ``decode_record``: ``MemberRecord.from_wire`` of one gossiped record (all checks);
+- ``encode_record``: ``to_wire`` and ``cbor2.dumps`` of one record in a list of 32;
 - ``merge_record``: ``merge`` of a batch of 32 records, most with a fresher
   heartbeat (what one exchange brings), per record;
 - ``view``, ``live_peers``, ``records_for_gossip``, ``leader``, ``state``: one
@@ -37,6 +38,8 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import cbor2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -129,6 +132,7 @@ def measure(mod: types.ModuleType, n: int, seconds: float, repeat: int) -> dict[
     merge_cost = per_op(merge, seconds, repeat)
     out: dict[str, Any] = {
         "decode_record": per_op(lambda: [rec.from_wire(o) for o in wires[0]], seconds, repeat, 32),
+        "encode_record": per_op(lambda: cbor2.dumps([r.to_wire() for r in batches[1]]), seconds, repeat, 32),
         "merge_record": round(merge_cost / 32, 3),
     }
     for name, fn in {

@@ -355,6 +355,7 @@ class MemberRecord:
         new = object.__new__(MemberRecord)
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
+        new.__dict__.pop("_wire", None)  # the cached map is the old record's
         return new
 
     def supersedes(self, other: MemberRecord) -> bool:
@@ -362,8 +363,14 @@ class MemberRecord:
         return self._order() > other._order()
 
     def to_wire(self) -> dict[str, Any]:
-        """A plain dict (CBOR- and JSON-able) with short keys; ``leader`` is null when unset."""
-        return {short: getattr(self, name) for name, short in _WIRE_KEYS.items()}
+        """A plain dict (CBOR- and JSON-able) with short keys; ``leader`` is null when unset.
+
+        A record is gossiped many times: the map is built once and a copy handed out (R10).
+        """
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self.__dict__["_wire"] = {short: getattr(self, name) for name, short in _WIRE_KEYS.items()}
+        return dict(wire)
 
     @classmethod
     def from_wire(cls, obj: object) -> MemberRecord:

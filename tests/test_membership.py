@@ -1181,3 +1181,16 @@ def test_a_tie_break_on_a_dead_record_is_not_queued() -> None:
     assert m.view(20.0)[0].record.uplink_score == 99
     assert m.pending_updates() == 0
     assert m.piggyback(20.0, 5) == (m.self_record,)
+
+
+def test_the_wire_map_follows_every_change_of_our_record_and_copies_are_independent() -> None:
+    m = membership(incarnation=1, score=10)
+    first = m.self_record.to_wire()
+    first["up"] = 99  # a caller's copy: changing it changes nothing
+    assert m.self_record.to_wire()["up"] == 10
+    m.set_uplink_score(20)
+    m.set_leader(SELF)
+    m.tick(1.0)
+    assert m.self_record.to_wire() == {"id": SELF, "inc": 1, "hb": 3, "up": 20, "addr": "10.0.0.1:5683",
+                                       "ver": "0.1.0", "ldr": SELF}  # fmt: skip
+    assert MemberRecord.from_wire(m.self_record.to_wire()) == m.self_record
