@@ -3,10 +3,12 @@
 Nothing in this module opens a socket, calls trio or reads a clock: time comes in
 as ``now`` (seconds on the node's monotonic clock, ``trio.current_time()`` at the
 edge) and every decision is returned to the caller. A thin trio task calls
-``Membership.tick(now)`` every heartbeat period, feeds gossip it receives to
-``Membership.merge(records, now)``, asks ``choose_gossip_targets`` whom to send
-``Membership.records_for_gossip()`` to, and asks ``Membership.leader(now, current)``
-who forwards to the cloud. The scheme is the gossip-style failure detector of van
+``Membership.tick(now)`` every heartbeat period, attaches ``piggyback(now, limit)``
+to every message it sends, feeds the records it receives to ``merge(records,
+now)``, compares ``digest(now)`` with a peer's and sends ``records_for_gossip(now)``
+only when they differ, asks ``choose_gossip_targets`` whom to talk to, asks
+``leader(now)`` who forwards to the cloud, and sleeps until ``next_deadline()``
+or its next tick. The scheme is the gossip-style failure detector of van
 Renesse, Minsky and Hayden ("A Gossip-Style Failure Detection Service",
 Middleware 1998) with SWIM's incarnation numbers for refutation (Das, Gupta and
 Motivala, DSN 2002, section 4.2).
