@@ -33,8 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.field.harness import FieldFailure, FieldRun, Settings, seeded_schedule, short_schedule  # noqa: E402
-from tests.field.netns import missing_requirements  # noqa: E402
+from tests.field.harness import (
+    FieldFailure,
+    FieldRun,
+    Settings,
+    seeded_schedule,
+    short_schedule,
+)
+from tests.field.netns import missing_requirements
 
 
 def main(argv: list[str] | None = None) -> int:

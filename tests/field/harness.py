@@ -95,6 +95,7 @@ class Proc:
         self.crashes: list[dict[str, Any]] = []
         self.restart_at: float | None = None
         self.kills = 0
+        self.ready_after_s: list[float] = []  # start to ready line, per start
 
     @property
     def running(self) -> bool:
@@ -123,6 +124,7 @@ class Proc:
                 info = json.loads(text.splitlines()[0])
                 if info.get("ready") is True:
                     self.ready, self.ready_info = True, info
+                    self.ready_after_s.append(round(self.clock() - self.started_at, 1))
         return self.ready
 
     def kill(self) -> None:
@@ -173,7 +175,7 @@ class Proc:
 EXCEPTION_LINE = re.compile(r"^[\s|+]*((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|ExceptionGroup|Exit)\b.*)$")
 
 
-def last_error(log_path: Path, lines: int = 40) -> tuple[str, str]:
+def last_error(log_path: Path, lines: int = 100) -> tuple[str, str]:
     """The end of a log (where a crashed process left its traceback) and its last exception line."""
     try:
         text = log_path.read_text(errors="replace").splitlines()
@@ -257,7 +259,7 @@ class Charger(threading.Thread):
             netns.enter(self.namespace)
             with _client() as http:
                 self._loop(http)
-        except BaseException as exc:  # surfaced by the harness
+        except BaseException as exc:  # noqa: BLE001  (surfaced by the harness's tick)
             self.error = exc
 
     def _post(self, http: httpx.Client, path: str, body: dict[str, Any], what: str) -> httpx.Response | None:
@@ -359,7 +361,7 @@ class Monitor(threading.Thread):
                         self._sessions(http)
                         next_sessions = time.monotonic() + self.sessions_every
                     self.halt.wait(self.status_every)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  (surfaced by the harness's tick)
             self.error = exc
 
     def _status(self, http: httpx.Client) -> None:
@@ -565,7 +567,8 @@ class FieldRun:
             if p.running and not p.ready and not p.check_ready() and now - p.started_at > READY_TIMEOUT_S:
                 self.anomalies.append(f"{p.name} not ready {READY_TIMEOUT_S:g} s after start #{p.starts}")
                 p.started_at = now  # report once per period
-        for t in [*self.chargers.values(), *self.monitors.values()]:
+        threads: list[Charger | Monitor] = [*self.chargers.values(), *self.monitors.values()]
+        for t in threads:
             if t.error is not None:
                 raise FieldFailure(f"{t.name} failed: {t.error!r}") from t.error
 
@@ -634,10 +637,14 @@ class FieldRun:
             self.cloud.kill()
             self.mark(f"cloud SIGKILLed for {f.duration:g} s")
             return [(f.duration, self._restart_cloud)]
-        node = self._pick(f.target)
-        if node is None:
+        picked = self._pick(f.target)
+        if f.kind == "uplink" and picked not in self.uplink_names:
+            # No agreed leader (the cloud was just down, say): flap an uplink all the same.
+            picked = next((n for n in self.uplink_names if n not in self.faulted), None)
+        if picked is None:
             self.mark(f"skipped {f.kind} of {f.target}: no eligible node")
             return []
+        node: str = picked
         if f.kind == "kill":
             self.faulted[node] = "killed"
             self.nodes[node].kill()
@@ -649,11 +656,6 @@ class FieldRun:
             self.mark(f"{node} ({f.target}) isolated for {f.duration:g} s")
             return [(f.duration, lambda: self._rejoin(node))]
         if f.kind == "uplink":
-            if node not in self.uplink_names:
-                node = next((n for n in self.uplink_names if n not in self.faulted), None)
-                if node is None:
-                    self.mark("skipped uplink flap: no uplink node free")
-                    return []
             self.faulted[node] = "uplink flapping"
             q = f.duration / 4
             self.net.cut_uplink(node)
@@ -826,7 +828,6 @@ class FieldRun:
         failures: list[str] = []
         attempts = [a for c in self.chargers.values() for a in c.attempts]
         acked = [a for a in attempts if a.session_id is not None]
-        by_token = {(a.charger, a.id_token): a for a in attempts}
         rows = self.ledger_rows()
         if rows is None:
             failures.append("the cloud's ledger did not answer at the end")
@@ -856,105 +857,16 @@ class FieldRun:
         except (httpx.HTTPError, TimeoutError) as exc:
             failures.append(f"the cloud did not answer the audit: {exc!r}")
 
-        # Ledger rows against charging attempts.
-        rows_by_attempt: dict[tuple[str, str], list[str]] = defaultdict(list)
-        unexpected_rows = []
-        for sid, row in rows.items():
-            key = (row.get("charger"), row.get("id_token"))
-            if key in by_token:
-                rows_by_attempt[key].append(sid)
-            else:
-                unexpected_rows.append(sid)
-        billed_twice = {f"{k[1]}": v for k, v in rows_by_attempt.items() if len(v) > 1}
-        lost_sessions = [a.session_id for a in acked if a.session_id not in rows]
-        lost_events: list[str] = []
-        duplicate_events: list[str] = []
-        energy_mismatches: list[str] = []
-        unknown_readings: list[str] = []
-        not_reconciled: list[str] = []
-        for a in acked:
-            sid = a.session_id
-            assert sid is not None
-            row, d = rows.get(sid), details.get(sid)
-            if row is None or d is None:
-                continue
-            if rows_by_attempt.get((a.charger, a.id_token), [sid]) != [sid]:
-                pass  # counted in billed_twice
-            ids = [e["event_id"] for e in d["events"]]
-            duplicate_events += [f"{sid[:8]}:{e[:8]}" for e, n in Counter(ids).items() if n > 1]
-            ok = {e["event_id"] for e in d["events"] if e["status"] == "ok"}
-            lost_events += [f"{sid[:8]}:{e[:8]}" for e in a.acked_events if e not in ok]
-            readings = {e["meter_wh"] for e in d["events"] if e.get("meter_wh") is not None}
-            stray = readings - set(a.sent)
-            if stray:
-                unknown_readings.append(f"{sid[:8]}: {sorted(stray)} never sent by {a.charger}")
-            if a.stop_landed:
-                assert a.stop_reading is not None
-                want = a.stop_reading - a.start_meter
-                if row["energy_wh"] != want:
-                    energy_mismatches.append(f"{sid[:8]} ({a.node}): ledger {row['energy_wh']} Wh, metered {want} Wh")
-                if row["state"] != "reconciled":
-                    not_reconciled.append(f"{sid[:8]} ({a.node}) is {row['state']} in the ledger")
-            else:
-                possible = {r - a.start_meter for r in a.sent}
-                floor = max(a.acked_readings) - a.start_meter
-                if row["energy_wh"] not in possible or row["energy_wh"] < floor:
-                    energy_mismatches.append(f"{sid[:8]} ({a.node}, stop never landed): ledger {row['energy_wh']} Wh, "
-                                             f"acknowledged at least {floor} Wh")
-        unacked_in_ledger = [sid for sid, row in rows.items()
-                             if (row.get("charger"), row.get("id_token")) in by_token
-                             and by_token[(row["charger"], row["id_token"])].session_id is None]
-        if lost_sessions:
-            failures.append(f"{len(lost_sessions)} acknowledged sessions are not in the ledger: {lost_sessions[:10]}")
-        if lost_events:
-            failures.append(f"{len(lost_events)} acknowledged events are not billed in the ledger: {lost_events[:10]}")
-        if billed_twice:
-            failures.append(f"charging attempts billed as more than one session: {billed_twice}")
-        if duplicate_events:
-            failures.append(f"events listed twice in the ledger: {duplicate_events[:10]}")
-        if unexpected_rows:
-            failures.append(f"{len(unexpected_rows)} ledger rows no charger started: {unexpected_rows[:10]}")
-        if energy_mismatches:
-            failures.append(f"{len(energy_mismatches)} energy mismatches: {energy_mismatches[:10]}")
-        if unknown_readings:
-            failures.append(f"ledger readings no charger sent: {unknown_readings[:10]}")
-        if not_reconciled:
-            failures.append(f"{len(not_reconciled)} stopped sessions without a receipt in the ledger: "
-                            f"{not_reconciled[:10]}")
-        if conflicts:
-            failures.append(f"{len(conflicts)} conflicts filed by the cloud: {conflicts[:5]}")
-        reconciled = sum(1 for r in rows.values() if r["state"] == "reconciled")
-        if stats and (stats.get("sessions"), stats.get("receipts")) != (len(rows), reconciled):
-            failures.append(f"cloud stats say {stats.get('sessions')} sessions, {stats.get('receipts')} receipts; "
-                            f"the ledger lists {len(rows)} rows, {reconciled} reconciled")
-
-        # The nodes: converged, the ledger's receipt on every node, nothing acknowledged missing.
+        since_heal = self.clock() - (self.heal_t or 0)
+        ledger = audit_ledger(attempts, rows, details, stats, conflicts)
+        nodes = audit_nodes(acked, {n: m.sessions or {} for n, m in self.monitors.items()}, rows)
+        failures += [f"{f} (checked {since_heal:.0f} s after the heal)" if "acknowledged" in f or "receipt" in f
+                     else f for f in ledger.failures]
         if self.converged_t is None:
             failures.append(f"the nodes did not converge within {self.s.converge_timeout:g} s of the heal: "
                             f"{self.converge_why}")
-        receipt_mismatch = []
-        missing_on_nodes = []
-        for name, m in self.monitors.items():
-            view = m.sessions or {}
-            for a in acked:
-                s = view.get(a.session_id or "")
-                if s is None:
-                    missing_on_nodes.append(f"{a.session_id[:8]} on {name}")  # type: ignore[index]
-                    continue
-                have = {e["event_id"] for e in s["events"]}
-                if set(a.acked_events) - have:
-                    missing_on_nodes.append(f"{a.session_id[:8]} events on {name}")  # type: ignore[index]
-            for sid, row in rows.items():
-                s = view.get(sid)
-                if s is None or row["state"] != "reconciled":
-                    continue
-                got = s.get("receipt") or {}
-                if (got.get("issued_ts"), got.get("energy_wh")) != (row["receipt_ts"], row["energy_wh"]):
-                    receipt_mismatch.append(f"{sid[:8]} on {name}")
-        if missing_on_nodes:
-            failures.append(f"acknowledged data missing on nodes at the end: {missing_on_nodes[:10]}")
-        if receipt_mismatch:
-            failures.append(f"receipts on nodes differ from the ledger's (or are missing): {receipt_mismatch[:10]}")
+        failures += nodes
+        reconciled = sum(1 for r in rows.values() if r["state"] == "reconciled")
 
         # Processes.
         exits = [c for p in self.procs() for c in p.crashes]
@@ -993,13 +905,7 @@ class FieldRun:
             "ledger_rows": len(rows),
             "ledger_events": sum(len(d["events"]) for d in details.values() if d),
             "ledger_reconciled": reconciled,
-            "unacknowledged_starts_in_ledger": len(unacked_in_ledger),
-            "lost_sessions": len(lost_sessions),
-            "lost_events": len(lost_events),
-            "billed_twice": len(billed_twice) + len(duplicate_events),
-            "unexpected_ledger_rows": len(unexpected_rows),
-            "energy_mismatches": len(energy_mismatches),
-            "conflicts": len(conflicts),
+            **ledger.figures(),
             "node_exits": len(exits),
             "exits": exits,
             "converged": self.converged_t is not None,
@@ -1013,6 +919,7 @@ class FieldRun:
             "stop_to_receipt_on_every_node_s": _percentiles(stop_to_all),
             "api": {"outcomes": dict(sorted(outcomes.items())), "latency_s": _percentiles(latencies),
                     "refusals": [r for c in self.chargers.values() for r in c.refusals][:20]},
+            "ready_after_start_s": {p.name: p.ready_after_s for p in self.procs()},
             "logs": {p.name: log_summary(p.log_path) for p in self.procs()},
             "timeline": self.timeline,
             "workdir": str(self.workdir),
@@ -1034,12 +941,166 @@ class FieldRun:
         return "\n".join(out)
 
 
+# --- the audit, without I/O (tests/field/test_audit.py feeds it made-up ledgers) ---------------
+
+
+@dataclass
+class LedgerAudit:
+    """The ledger against the chargers' notes. Each list names the sessions or events concerned."""
+
+    lost_sessions: list[str] = field(default_factory=list)
+    lost_events: list[str] = field(default_factory=list)
+    billed_twice: list[str] = field(default_factory=list)
+    duplicate_events: list[str] = field(default_factory=list)
+    unexpected_rows: list[str] = field(default_factory=list)
+    energy_mismatches: list[str] = field(default_factory=list)
+    unknown_readings: list[str] = field(default_factory=list)
+    not_reconciled: list[str] = field(default_factory=list)
+    unbilled_events: list[str] = field(default_factory=list)
+    conflicts: list[Any] = field(default_factory=list)
+    unacknowledged_starts_in_ledger: list[str] = field(default_factory=list)
+    stats_mismatch: str = ""
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        for what, items in (
+            ("acknowledged sessions are not in the ledger", self.lost_sessions),
+            ("acknowledged events are not billed in the ledger", self.lost_events),
+            ("charging attempts billed as more than one session", self.billed_twice),
+            ("events listed twice in the ledger", self.duplicate_events),
+            ("ledger rows no charger started", self.unexpected_rows),
+            ("energy mismatches", self.energy_mismatches),
+            ("ledger readings no charger sent", self.unknown_readings),
+            ("stopped sessions without a receipt in the ledger", self.not_reconciled),
+            ("events the ledger holds but does not bill", self.unbilled_events),
+            ("conflicts filed by the cloud", self.conflicts),
+        ):
+            if items:
+                out.append(f"{len(items)} {what}: {items[:10]}")
+        if self.stats_mismatch:
+            out.append(self.stats_mismatch)
+        return out
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "unacknowledged_starts_in_ledger": len(self.unacknowledged_starts_in_ledger),
+            "lost_sessions": len(self.lost_sessions),
+            "lost_events": len(self.lost_events),
+            "billed_twice": len(self.billed_twice) + len(self.duplicate_events),
+            "unexpected_ledger_rows": len(self.unexpected_rows),
+            "energy_mismatches": len(self.energy_mismatches),
+            "conflicts": len(self.conflicts),
+        }
+
+
+def audit_ledger(attempts: list[Attempt], rows: dict[str, dict[str, Any]], details: dict[str, Any],
+                 stats: dict[str, Any], conflicts: list[Any]) -> LedgerAudit:
+    """Check the cloud's ledger against what the chargers sent and what the nodes acknowledged.
+
+    Args:
+        attempts: every charging attempt of every charger (acknowledged or not).
+        rows: the ledger's rows by session id (`GET /v1/sessions`).
+        details: `GET /v1/sessions/{id}` by session id (row, events with status, conflicts).
+        stats, conflicts: `GET /v1/stats`, `GET /v1/conflicts`.
+
+    A row is traced to its attempt by (charger, id token): every attempt has its
+    own token, so two rows for one attempt are a double billing, and a row no
+    attempt explains was never started by a charger. An attempt whose start was
+    never acknowledged may be in the ledger (the node committed it, the answer
+    was lost) or not: nothing is promised for it, and it is only counted.
+    """
+    out = LedgerAudit(conflicts=list(conflicts))
+    by_attempt = {(a.charger, a.id_token): a for a in attempts}
+    rows_of: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for sid, ledger_row in rows.items():
+        key = (ledger_row.get("charger"), ledger_row.get("id_token"))
+        if key in by_attempt:
+            rows_of[key].append(sid)  # type: ignore[index]
+        else:
+            out.unexpected_rows.append(sid)
+    for key, sids in rows_of.items():
+        a = by_attempt[key]
+        if len(sids) > 1:
+            out.billed_twice.append(f"{a.id_token}: {sorted(s[:8] for s in sids)}")
+        elif a.session_id is None:
+            out.unacknowledged_starts_in_ledger.append(sids[0])
+        elif sids[0] != a.session_id:
+            out.billed_twice.append(f"{a.id_token}: billed as {sids[0][:8]}, acknowledged as {a.session_id[:8]}")
+    for a in attempts:
+        if a.session_id is None:
+            continue
+        sid = a.session_id
+        row, d = rows.get(sid), details.get(sid)
+        if row is None:
+            out.lost_sessions.append(sid)
+            continue
+        if d is None:
+            out.lost_events += [f"{sid[:8]}:{e[:8]}" for e in a.acked_events]
+            continue
+        ids = [e["event_id"] for e in d["events"]]
+        out.duplicate_events += [f"{sid[:8]}:{e[:8]}" for e, n in Counter(ids).items() if n > 1]
+        billed = {e["event_id"] for e in d["events"] if e["status"] == "ok"}
+        out.lost_events += [f"{sid[:8]}:{e[:8]}" for e in a.acked_events if e not in billed]
+        out.unbilled_events += [f"{sid[:8]}:{e['event_id'][:8]} {e['status']}" for e in d["events"]
+                                if e["status"] != "ok"]
+        readings = {e["meter_wh"] for e in d["events"] if e.get("meter_wh") is not None}
+        stray = readings - set(a.sent)
+        if stray:
+            out.unknown_readings.append(f"{sid[:8]}: {sorted(stray)} never sent by {a.charger}")
+        if a.stop_landed:
+            assert a.stop_reading is not None
+            want = a.stop_reading - a.start_meter
+            if row["energy_wh"] != want:
+                out.energy_mismatches.append(f"{sid[:8]} ({a.node}): ledger {row['energy_wh']} Wh, metered {want} Wh")
+            if row["state"] != "reconciled":
+                out.not_reconciled.append(f"{sid[:8]} ({a.node}) is {row['state']} in the ledger")
+        else:
+            # The stop never landed: the energy is that of some reading sent, at least the last acknowledged.
+            floor = max(a.acked_readings) - a.start_meter
+            if row["energy_wh"] not in {r - a.start_meter for r in a.sent} or row["energy_wh"] < floor:
+                out.energy_mismatches.append(f"{sid[:8]} ({a.node}, stop never landed): ledger {row['energy_wh']} Wh, "
+                                             f"acknowledged at least {floor} Wh")
+    reconciled = sum(1 for r in rows.values() if r["state"] == "reconciled")
+    if stats and (stats.get("sessions"), stats.get("receipts")) != (len(rows), reconciled):
+        out.stats_mismatch = (f"cloud stats say {stats.get('sessions')} sessions, {stats.get('receipts')} receipts; "
+                              f"the ledger lists {len(rows)} rows, {reconciled} reconciled")
+    return out
+
+
+def audit_nodes(acked: list[Attempt], views: dict[str, dict[str, dict[str, Any]]],
+                rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Every node holds every acknowledged event, and the ledger's receipt for each reconciled session."""
+    missing, receipts = [], []
+    for name, view in views.items():
+        for a in acked:
+            assert a.session_id is not None
+            s = view.get(a.session_id)
+            if s is None:
+                missing.append(f"{a.session_id[:8]} on {name}")
+            elif set(a.acked_events) - {e["event_id"] for e in s["events"]}:
+                missing.append(f"{a.session_id[:8]}'s events on {name}")
+        for sid, row in rows.items():
+            if row["state"] != "reconciled":
+                continue
+            held = view.get(sid)
+            got = (held.get("receipt") if held else None) or {}
+            if (got.get("issued_ts"), got.get("energy_wh")) != (row["receipt_ts"], row["energy_wh"]):
+                receipts.append(f"{sid[:8]} on {name}")
+    out = []
+    if missing:
+        out.append(f"{len(missing)} acknowledged sessions or events missing on nodes at the end: {missing[:10]}")
+    if receipts:
+        out.append(f"{len(receipts)} receipts on nodes differ from the ledger's, or are missing: {receipts[:10]}")
+    return out
+
+
 def _percentiles(values: Iterable[float]) -> dict[str, float | int | None]:
     v = sorted(values)
     if not v:
         return {"n": 0, "p50": None, "p95": None, "max": None}
     return {"n": len(v), "p50": round(statistics.median(v), 2),
-            "p95": round(v[min(len(v) - 1, int(round(0.95 * (len(v) - 1))))], 2), "max": round(v[-1], 2)}
+            "p95": round(v[min(len(v) - 1, round(0.95 * (len(v) - 1)))], 2), "max": round(v[-1], 2)}
 
 
 def run_field(settings: Settings, workdir: Path, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -1055,5 +1116,5 @@ def run_field(settings: Settings, workdir: Path, progress: Callable[[str], None]
 
 def _imports_from_repo() -> bool:
     r = subprocess.run([sys.executable, "-c", "import meshnode; print(meshnode.__file__)"],
-                       capture_output=True, text=True, cwd=REPO)
+                       capture_output=True, text=True, cwd=REPO, check=False)
     return r.stdout.strip().startswith(str(REPO))

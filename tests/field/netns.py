@@ -69,7 +69,7 @@ def missing_requirements() -> str | None:
 
 
 def sh(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, input=input)
+    result = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
     if check and result.returncode != 0:
         raise NetworkError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -136,7 +136,7 @@ def call_in(namespace: str, fn: Callable[..., T], *args: Any, timeout: float = 6
         try:
             enter(namespace)
             box["value"] = fn(*args)
-        except BaseException as exc:  # handed to the caller
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller)
             box["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True, name=f"in-{namespace}")

@@ -14,6 +14,8 @@ root. The long, seeded run is `bench/field.py`.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,21 +26,24 @@ from .netns import missing_requirements
 pytestmark = pytest.mark.slow
 
 
-def test_acknowledged_sessions_reach_the_ledger_once_through_crashes_partitions_and_loss(tmp_path: Path) -> None:
+def test_acknowledged_sessions_reach_the_ledger_once_through_crashes_partitions_and_loss() -> None:
     problem = missing_requirements()
     if problem:
         pytest.fail(problem, pytrace=False)
+    # Not pytest's tmp_path: it keeps only the last three runs of anyone's pytest on this machine,
+    # and the logs of a failed field run are the evidence. Removed when the run passes.
+    workdir = Path(tempfile.mkdtemp(prefix="field-test-"))
     faults, heal_at = short_schedule()
     run = FieldRun(Settings(nodes=6, uplinks=2, loss=30, seed=1, faults=faults, heal_at=heal_at,
-                            converge_timeout=90.0), tmp_path, progress=print)
+                            converge_timeout=90.0), workdir, progress=print)
     try:
         report = run.run()
     except FieldFailure as exc:
-        pytest.fail(f"the field run could not go on: {exc}", pytrace=False)
+        pytest.fail(f"the field run could not go on: {exc}\nlogs: {workdir}", pytrace=False)
     brief = {k: v for k, v in report.items() if k not in ("timeline", "logs", "exits", "faults")}
     print(json.dumps(brief, indent=1))
     if not report["passed"]:
-        # The logs stay in tmp_path; their ends, and every crash's traceback, go with the failure.
+        # The logs stay in the work dir; their ends, and every crash's traceback, go with the failure.
         print(run.diagnostics(lines=60))
         for e in report["exits"]:
             print(f"==== {e['process']} exited by itself (code {e['code']}, start #{e['start']}):\n{e['log_tail']}")
@@ -51,3 +56,4 @@ def test_acknowledged_sessions_reach_the_ledger_once_through_crashes_partitions_
     for happened in ("(leader) SIGKILLed", "(other) SIGKILLed", "isolated for", "cloud SIGKILLed",
                      "uplink cut", "converged"):
         assert happened in timeline, f"{happened!r} is not in the timeline:\n{timeline}"
+    shutil.rmtree(workdir, ignore_errors=True)
