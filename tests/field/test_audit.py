@@ -12,6 +12,11 @@ from typing import Any
 from .harness import Attempt, audit_ledger, audit_nodes
 
 
+def sid(a: Attempt) -> str:
+    assert a.session_id is not None
+    return a.session_id
+
+
 def stopped(n: int, start: int = 1000, readings: tuple[int, ...] = (1200, 1500), stop: int = 1530) -> Attempt:
     a = Attempt(node="n1", charger="n1-cp1", id_token=f"FLD-n1-{n}", start_meter=start, session_id=f"s{n:031d}")
     a.sent = [start, *readings, stop]
@@ -27,7 +32,7 @@ def ledger_for(attempts: list[Attempt]) -> tuple[dict[str, Any], dict[str, Any],
         assert a.session_id is not None and a.stop_reading is not None
         row = {"session_id": a.session_id, "charger": a.charger, "id_token": a.id_token, "state": "reconciled",
                "energy_wh": a.stop_reading - a.start_meter, "receipt_ts": 123}
-        rows[a.session_id] = row
+        rows[sid(a)] = row
         details[a.session_id] = {"session": row, "conflicts": [],
                                  "events": [{"event_id": e, "status": "ok", "meter_wh": m}
                                             for e, m in a.acked_events.items()]}
@@ -36,9 +41,9 @@ def ledger_for(attempts: list[Attempt]) -> tuple[dict[str, Any], dict[str, Any],
 
 
 def nodes_for(attempts: list[Attempt], rows: dict[str, Any], names: tuple[str, ...] = ("n1", "n2")) -> dict[str, Any]:
-    view = {a.session_id: {"events": [{"event_id": e} for e in a.acked_events],
-                           "receipt": {"issued_ts": rows[a.session_id]["receipt_ts"],
-                                       "energy_wh": rows[a.session_id]["energy_wh"]}}
+    view = {sid(a): {"events": [{"event_id": e} for e in a.acked_events],
+                           "receipt": {"issued_ts": rows[sid(a)]["receipt_ts"],
+                                       "energy_wh": rows[sid(a)]["energy_wh"]}}
             for a in attempts}
     return {n: copy.deepcopy(view) for n in names}
 
@@ -54,8 +59,8 @@ def test_a_charging_attempt_billed_as_two_sessions_is_caught() -> None:
     attempts = [stopped(1)]
     rows, details, stats = ledger_for(attempts)
     # A start retried after a lost answer: a second session for the same attempt (same token).
-    twin = dict(rows[attempts[0].session_id], session_id="t" * 32)
-    rows[twin["session_id"]], details[twin["session_id"]] = twin, details[attempts[0].session_id]
+    twin = dict(rows[sid(attempts[0])], session_id="t" * 32)
+    rows[twin["session_id"]], details[twin["session_id"]] = twin, details[sid(attempts[0])]
     stats = {"sessions": 2, "receipts": 2}
     audit = audit_ledger(attempts, rows, details, stats, [])
     assert audit.figures()["billed_twice"] == 1 and audit.failures
@@ -64,11 +69,10 @@ def test_a_charging_attempt_billed_as_two_sessions_is_caught() -> None:
 def test_a_session_billed_under_another_id_than_acknowledged_is_caught() -> None:
     attempts = [stopped(1)]
     rows, details, stats = ledger_for(attempts)
-    sid = attempts[0].session_id
-    assert sid is not None
-    rows = {"x" * 32: dict(rows[sid], session_id="x" * 32)}
-    audit = audit_ledger(attempts, rows, {"x" * 32: details[sid]}, stats, [])
-    assert audit.billed_twice and audit.lost_sessions == [sid]
+    acked = sid(attempts[0])
+    rows = {"x" * 32: dict(rows[acked], session_id="x" * 32)}
+    audit = audit_ledger(attempts, rows, {"x" * 32: details[acked]}, stats, [])
+    assert audit.billed_twice and audit.lost_sessions == [acked]
 
 
 def test_ledger_rows_no_charger_started_are_caught() -> None:
@@ -83,11 +87,11 @@ def test_ledger_rows_no_charger_started_are_caught() -> None:
 
 def test_a_lost_session_and_a_lost_event_are_caught() -> None:
     attempts = [stopped(1), stopped(2)]
-    rows, details, stats = ledger_for(attempts)
-    gone = attempts[0].session_id
-    del rows[gone], details[gone]  # type: ignore[arg-type]
-    kept = attempts[1].session_id
-    details[kept]["events"] = [e for e in details[kept]["events"] if e["event_id"] != "m2-1200"]  # type: ignore[index]
+    rows, details, _ = ledger_for(attempts)
+    gone = sid(attempts[0])
+    del rows[gone], details[gone]
+    kept = sid(attempts[1])
+    details[kept]["events"] = [e for e in details[kept]["events"] if e["event_id"] != "m2-1200"]
     audit = audit_ledger(attempts, rows, details, {"sessions": 1, "receipts": 1}, [])
     assert audit.lost_sessions == [gone] and len(audit.lost_events) == 1
 
@@ -95,7 +99,7 @@ def test_a_lost_session_and_a_lost_event_are_caught() -> None:
 def test_an_event_held_but_not_billed_is_caught() -> None:
     attempts = [stopped(1)]
     rows, details, stats = ledger_for(attempts)
-    details[attempts[0].session_id]["events"][2]["status"] = "late"  # type: ignore[index]
+    details[sid(attempts[0])]["events"][2]["status"] = "late"
     audit = audit_ledger(attempts, rows, details, stats, [])
     assert audit.lost_events and audit.unbilled_events
 
@@ -103,14 +107,14 @@ def test_an_event_held_but_not_billed_is_caught() -> None:
 def test_energy_other_than_metered_is_caught() -> None:
     attempts = [stopped(1)]
     rows, details, stats = ledger_for(attempts)
-    rows[attempts[0].session_id]["energy_wh"] -= 1  # type: ignore[index]
+    rows[sid(attempts[0])]["energy_wh"] -= 1
     assert audit_ledger(attempts, rows, details, stats, []).energy_mismatches
 
 
 def test_a_reading_no_charger_sent_is_caught() -> None:
     attempts = [stopped(1)]
     rows, details, stats = ledger_for(attempts)
-    details[attempts[0].session_id]["events"].append({"event_id": "forged", "status": "ok", "meter_wh": 99})  # type: ignore[index]
+    details[sid(attempts[0])]["events"].append({"event_id": "forged", "status": "ok", "meter_wh": 99})
     assert audit_ledger(attempts, rows, details, stats, []).unknown_readings
 
 
@@ -120,7 +124,7 @@ def test_a_stop_that_never_landed_bills_some_reading_sent_and_at_least_the_last_
     a.acked_readings = [1000, 1200]  # the 1500 reading and the stop (1530) went unanswered
     del a.acked_events["m1-1500"], a.acked_events["stop1"]
     rows, details, stats = ledger_for([a])
-    row = rows[a.session_id]  # type: ignore[index]
+    row = rows[sid(a)]
     row["state"], stats["receipts"] = "charging", 0
     for energy, ok in ((500, True), (200, True), (530, True), (100, False), (600, False)):
         row["energy_wh"] = energy
@@ -129,8 +133,8 @@ def test_a_stop_that_never_landed_bills_some_reading_sent_and_at_least_the_last_
 
 def test_a_stopped_session_without_receipt_and_cloud_conflicts_are_caught() -> None:
     attempts = [stopped(1)]
-    rows, details, stats = ledger_for(attempts)
-    rows[attempts[0].session_id]["state"] = "completed"  # type: ignore[index]
+    rows, details, _ = ledger_for(attempts)
+    rows[sid(attempts[0])]["state"] = "completed"
     audit = audit_ledger(attempts, rows, details, {"sessions": 1, "receipts": 0}, [{"kind": "fork"}])
     assert audit.not_reconciled and audit.conflicts and not audit.stats_mismatch
 
@@ -156,7 +160,7 @@ def test_nodes_missing_acknowledged_data_or_holding_another_receipt_are_caught()
     attempts = [stopped(1), stopped(2)]
     rows, _, _ = ledger_for(attempts)
     views = nodes_for(attempts, rows)
-    del views["n2"][attempts[0].session_id]
-    views["n1"][attempts[1].session_id]["receipt"]["issued_ts"] = 999
+    del views["n2"][sid(attempts[0])]
+    views["n1"][sid(attempts[1])]["receipt"]["issued_ts"] = 999
     failures = audit_nodes(attempts, views, rows)
     assert len(failures) == 2, failures
