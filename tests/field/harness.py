@@ -490,7 +490,7 @@ class FieldRun:
         return time.monotonic() - self.t0
 
     def mark(self, what: str) -> None:
-        line = f"t={self.clock():6.1f}s {what}"
+        line = f"t={self.clock():6.1f}s ({time.strftime('%H:%M:%S')}) {what}"  # wall time: to find it in the logs
         self.timeline.append(line)
         self.say(line)
 
@@ -562,8 +562,11 @@ class FieldRun:
                 self.mark(f"{p.name} EXITED by itself with code {code} (restarting in {RESTART_AFTER_CRASH_S:g} s): "
                           f"{p.crashes[-1]['exception']}")
                 p.restart_at = now + RESTART_AFTER_CRASH_S
+                self.faulted.setdefault(p.name, "crashed")  # no fault is aimed at it until it is back
             if p.restart_at is not None and now >= p.restart_at and not p.running:
                 p.spawn()
+                if self.faulted.get(p.name) == "crashed":
+                    del self.faulted[p.name]
             if p.running and not p.ready and not p.check_ready() and now - p.started_at > READY_TIMEOUT_S:
                 self.anomalies.append(f"{p.name} not ready {READY_TIMEOUT_S:g} s after start #{p.starts}")
                 p.started_at = now  # report once per period
