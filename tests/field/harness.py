@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -96,6 +97,7 @@ class Proc:
         self.restart_at: float | None = None
         self.kills = 0
         self.ready_after_s: list[float] = []  # start to ready line, per start
+        self.cpu_s = 0.0  # user + system CPU of its runs that the harness ended (a crashed run is gone from /proc)
 
     @property
     def running(self) -> bool:
@@ -127,12 +129,21 @@ class Proc:
                     self.ready_after_s.append(round(self.clock() - self.started_at, 1))
         return self.ready
 
+    def _account_cpu(self) -> None:
+        assert self.popen is not None
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            self.cpu_s += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+
     def kill(self) -> None:
         """SIGKILL (a power cut); the harness expects this exit."""
         self.held_down = True
         self.restart_at = None
         if self.running:
             assert self.popen is not None
+            self._account_cpu()
             self.popen.kill()
             self.popen.wait()
             self.kills += 1
@@ -144,6 +155,7 @@ class Proc:
         if not self.running:
             return self.popen.returncode if self.popen is not None else None
         assert self.popen is not None
+        self._account_cpu()
         self.popen.send_signal(signal.SIGTERM)
         try:
             return self.popen.wait(timeout)
@@ -347,6 +359,7 @@ class Monitor(threading.Thread):
         self.sessions_at = -1.0
         self.reconciled_at: dict[str, float] = {}
         self.leaders: list[tuple[float, str | None]] = []
+        self.latencies: dict[str, list[float]] = {"status": [], "sessions": []}
         self.halt = threading.Event()
         self.error: BaseException | None = None
 
@@ -370,6 +383,7 @@ class Monitor(threading.Thread):
             r = http.get(self.url + "/v1/status")
             r.raise_for_status()
             self.status, self.status_at = r.json(), t
+            self.latencies["status"].append(self.clock() - t)
         except (httpx.HTTPError, ValueError):
             self.status = None
             return
@@ -385,6 +399,7 @@ class Monitor(threading.Thread):
             sessions = {s["session_id"]: s for s in r.json()["sessions"]}
         except (httpx.HTTPError, ValueError, KeyError):
             return
+        self.latencies["sessions"].append(self.clock() - t)
         self.sessions, self.sessions_at = sessions, t
         for sid, s in sessions.items():
             if s.get("state") == "reconciled":
@@ -456,6 +471,8 @@ class Settings:
     mesh_timeout: float = 90.0
     warmup: float = 5.0
     stable_leader_samples: int = 3
+    status_every: float = 1.0  # monitors: GET /v1/status
+    sessions_every: float = 3.0  # monitors: GET /v1/sessions (bounds the receipt figures' resolution)
 
 
 class FieldRun:
@@ -532,7 +549,8 @@ class FieldRun:
         self._wait(lambda: all(p.check_ready() for p in self.procs()), READY_TIMEOUT_S, "every process to be ready")
         self.mark("all processes ready")
         for name in self.names:
-            m = self.monitors[name] = Monitor(name, self.net.ns(name), self.url(name), self.clock)
+            m = self.monitors[name] = Monitor(name, self.net.ns(name), self.url(name), self.clock,
+                                              self.s.status_every, self.s.sessions_every)
             m.start()
         self._wait(self._mesh_formed, self.s.mesh_timeout, "the mesh to form (every node sees every other alive, "
                    "one leader)")
@@ -801,6 +819,11 @@ class FieldRun:
                 report["failures"].append(f"processes that did not stop cleanly on SIGTERM "
                                           f"(exit code; None: still running after 20 s, killed): {unclean}")
             report["clean_stop_codes"] = self.stop_codes
+            # How busy everything was: a starved node answers late whatever its code does.
+            report["cpu_s"] = {p.name: round(p.cpu_s, 1) for p in self.procs()}
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            report["cpu_s"]["harness"] = round(usage.ru_utime + usage.ru_stime, 1)
+            report["load_average"] = os.getloadavg()
             report["passed"] = not report["failures"]
             report["wall_s"] = round(self.clock(), 1)
             return report
@@ -923,6 +946,8 @@ class FieldRun:
             "api": {"outcomes": dict(sorted(outcomes.items())), "latency_s": _percentiles(latencies),
                     "refusals": [r for c in self.chargers.values() for r in c.refusals][:20]},
             "ready_after_start_s": {p.name: p.ready_after_s for p in self.procs()},
+            "monitor_latency_s": {kind: _percentiles(x for m in self.monitors.values() for x in m.latencies[kind])
+                                  for kind in ("status", "sessions")},
             "logs": {p.name: log_summary(p.log_path) for p in self.procs()},
             "timeline": self.timeline,
             "workdir": str(self.workdir),
