@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import json
 import os
 import random
@@ -626,34 +627,49 @@ class FieldRun:
         return target if target in free else None
 
     def run_faults(self) -> None:
+        """Loss on, the faults at their times (each undone after its duration), then the heal.
+
+        A fault whose target is not available (the leader is down, every other
+        node is already under a fault) is tried again every 2 s, five times,
+        then skipped; the timeline says so.
+        """
         fault_t0 = self.clock()
+        heal_at = fault_t0 + self.s.heal_at
         self.net.set_loss(self.s.loss)
         self.mark(f"loss {self.s.loss} % on the LAN")
-        undo: list[tuple[float, int, Callable[[], None]]] = []
-        seq = 0
-        for f in sorted(self.s.faults, key=lambda f: f.at):
-            while undo and undo[0][0] <= fault_t0 + f.at:
-                t, _, fn = heapq.heappop(undo)
-                self.sleep_until(t)
-                fn()
-            self.sleep_until(fault_t0 + f.at)
-            for t, fn in self._start_fault(f):
-                seq += 1
-                heapq.heappush(undo, (self.clock() + t, seq, fn))
-        while undo and undo[0][0] <= fault_t0 + self.s.heal_at:
-            t, _, fn = heapq.heappop(undo)
+        order = itertools.count()
+        events: list[tuple[float, int, Any]] = [(fault_t0 + f.at, next(order), (f, 0)) for f in self.s.faults]
+        heapq.heapify(events)
+        while events and events[0][0] <= heal_at:
+            t, _, what = heapq.heappop(events)
             self.sleep_until(t)
-            fn()
-        self.sleep_until(fault_t0 + self.s.heal_at)
-        for _, _, fn in sorted(undo):
-            fn()
+            if callable(what):
+                what()
+                continue
+            f, tries = what
+            undos = self._start_fault(f)
+            if undos is None:
+                if tries < 5:
+                    heapq.heappush(events, (self.clock() + 2.0, next(order), (f, tries + 1)))
+                else:
+                    self.mark(f"skipped {f.kind} of {f.target or 'the cloud'}: no eligible target for 10 s")
+                continue
+            for dt, fn in undos:
+                heapq.heappush(events, (self.clock() + dt, next(order), fn))
+        self.sleep_until(heal_at)
+        for _, _, what in sorted(events, key=lambda e: (e[0], e[1])):
+            if callable(what):
+                what()
+            else:
+                self.mark(f"skipped {what[0].kind} of {what[0].target or 'the cloud'}: the heal came first")
         self.heal()
 
-    def _start_fault(self, f: Fault) -> list[tuple[float, Callable[[], None]]]:
+    def _start_fault(self, f: Fault) -> list[tuple[float, Callable[[], None]]] | None:
+        """Start a fault; returns what undoes it and when, or None if its target is not available now."""
         if f.kind == "cloud":
             assert self.cloud is not None
             if "cloud" in self.faulted:
-                return []
+                return None
             self.faulted["cloud"] = "killed"
             self.cloud.kill()
             self.mark(f"cloud SIGKILLed for {f.duration:g} s")
@@ -663,8 +679,7 @@ class FieldRun:
             # No agreed leader (the cloud was just down, say): flap an uplink all the same.
             picked = next((n for n in self.uplink_names if n not in self.faulted), None)
         if picked is None:
-            self.mark(f"skipped {f.kind} of {f.target}: no eligible node")
-            return []
+            return None
         node: str = picked
         if f.kind == "kill":
             self.faulted[node] = "killed"
