@@ -503,6 +503,7 @@ class FieldRun:
         self.converged_t: float | None = None
         self.converge_why = ""
         self.stop_codes: dict[str, int | None] = {}
+        self.chargers_done_t = float("inf")
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -825,6 +826,7 @@ class FieldRun:
                 while c.is_alive():
                     self.tick()
                     c.join(0.25)
+            self.chargers_done_t = self.clock()
             self.mark("chargers done (every session they started is stopped, or its stop given up)")
             self.wait_converged()
             report = self.report()
@@ -900,7 +902,13 @@ class FieldRun:
 
         since_heal = self.clock() - (self.heal_t or 0)
         ledger = audit_ledger(attempts, rows, details, stats, conflicts)
-        nodes = audit_nodes(acked, {n: m.sessions or {} for n, m in self.monitors.items()}, rows)
+        # Only answers taken after the last acknowledgement say whether a node holds it.
+        fresh = {n: m.sessions for n, m in self.monitors.items()
+                 if m.sessions is not None and m.sessions_at >= self.chargers_done_t}
+        nodes = audit_nodes(acked, fresh, rows)
+        silent = sorted(set(self.monitors) - set(fresh))
+        if silent:
+            failures.append(f"nodes that did not answer GET /v1/sessions after the chargers finished: {silent}")
         failures += [f"{f} (checked {since_heal:.0f} s after the heal)" if "acknowledged" in f or "receipt" in f
                      else f for f in ledger.failures]
         if self.converged_t is None:
@@ -1113,8 +1121,21 @@ def audit_ledger(attempts: list[Attempt], rows: dict[str, dict[str, Any]], detai
 
 def audit_nodes(acked: list[Attempt], views: dict[str, dict[str, dict[str, Any]]],
                 rows: dict[str, dict[str, Any]]) -> list[str]:
-    """Every node holds every acknowledged event, and the ledger's receipt for each reconciled session."""
-    missing, receipts = [], []
+    """Every node holds every acknowledged event, and the ledger's receipt for each reconciled session.
+
+    The node that acknowledged an event is checked on its own first: an event
+    missing there was not durable (a 201 promises it is fsynced), which no
+    later sync can excuse.
+    """
+    missing, receipts, not_durable = [], [], []
+    for a in acked:
+        assert a.session_id is not None
+        own = views.get(a.node)
+        if own is None:
+            continue
+        s = own.get(a.session_id)
+        if s is None or set(a.acked_events) - {e["event_id"] for e in s["events"]}:
+            not_durable.append(f"{a.session_id[:8]} on {a.node}")
     for name, view in views.items():
         for a in acked:
             assert a.session_id is not None
@@ -1131,6 +1152,9 @@ def audit_nodes(acked: list[Attempt], views: dict[str, dict[str, dict[str, Any]]
             if (got.get("issued_ts"), got.get("energy_wh")) != (row["receipt_ts"], row["energy_wh"]):
                 receipts.append(f"{sid[:8]} on {name}")
     out = []
+    if not_durable:
+        out.append(f"{len(not_durable)} sessions lost acknowledged events on the node that acknowledged them "
+                   f"(not durable): {not_durable[:10]}")
     if missing:
         out.append(f"{len(missing)} acknowledged sessions or events missing on nodes at the end: {missing[:10]}")
     if receipts:

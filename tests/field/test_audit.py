@@ -164,3 +164,15 @@ def test_nodes_missing_acknowledged_data_or_holding_another_receipt_are_caught()
     views["n1"][sid(attempts[1])]["receipt"]["issued_ts"] = 999
     failures = audit_nodes(attempts, views, rows)
     assert len(failures) == 2, failures
+
+
+def test_an_acknowledged_event_missing_on_the_node_that_acknowledged_it_is_not_durable() -> None:
+    attempts = [stopped(1)]
+    rows, _, _ = ledger_for(attempts)
+    views = nodes_for(attempts, rows)
+    views["n1"][sid(attempts[0])]["events"].pop()  # n1 acknowledged it (Attempt.node)
+    failures = audit_nodes(attempts, views, rows)
+    assert any("not durable" in f for f in failures), failures
+    views = nodes_for(attempts, rows)
+    views["n2"][sid(attempts[0])]["events"].pop()  # only a replica behind: not a durability failure
+    assert not any("not durable" in f for f in audit_nodes(attempts, views, rows))
