@@ -1,12 +1,14 @@
 # Two commands are the whole set-up on a fresh machine: `make demo` and `make test`.
 # Each creates .venv when it is missing and installs what it needs: Python packages
-# into .venv, and the Debian packages the tests use (a PostgreSQL server) with apt-get.
+# into .venv, and the Debian packages the tests use with apt-get: a PostgreSQL server,
+# nftables and iproute2 (the field suite's network namespaces and packet loss),
+# util-linux (setpriv), strace (durability at the system-call level).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
-DEBIAN_PACKAGES := postgresql
+DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace
 
 .PHONY: demo test test-fast bench clean install system-deps
 
@@ -20,15 +22,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 # PostgreSQL is tested against a real server (tests/pg.py starts a throwaway cluster).
 $(SYSTEM_STAMP): | $(PY)
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	    echo "PostgreSQL server binaries present"; \
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v nft >/dev/null 2>&1 \
+	    && command -v ip >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1 && command -v strace >/dev/null 2>&1; then \
+	    echo "Debian packages present: $(DEBIAN_PACKAGES)"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEBIAN_PACKAGES) \
 	    || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEBIAN_PACKAGES); }; \
 	else \
-	    echo "Install a PostgreSQL server (Debian: apt-get install postgresql); the tests need one." >&2; exit 1; \
+	    echo "Install these Debian packages (apt-get install $(DEBIAN_PACKAGES)); the tests need them." >&2; exit 1; \
 	fi
 	touch $(SYSTEM_STAMP)
 
