@@ -59,6 +59,7 @@ import aiocoap.resource
 import trio
 import trio_asyncio
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import COAP_PORT
 from aiocoap.numbers.constants import TransportTuning
 
 from ._transport import (
@@ -77,6 +78,7 @@ from ._transport import (
     TransportError,
     TransportStats,
     check_request,
+    with_default_port,
     check_resource,
     format_address,
     response_error,
@@ -88,6 +90,7 @@ __all__ = [
     "MeshTuning",
     "block1_extent",
     "open_coap_transport",
+    "remote_address",
     "translate_error",
 ]
 
@@ -362,7 +365,7 @@ class CoapTransport:
         refused: RequestRefused | None = self._dispatcher.check(resource, request.code.name, size)
         if refused is None:
             return None
-        return self._message(self._dispatcher.refuse(resource, request.remote.hostinfo, refused))
+        return self._message(self._dispatcher.refuse(resource, remote_address(request.remote), refused))
 
     async def _render(self, resource: str, request: aiocoap.Message) -> aiocoap.Message:
         """asyncio side of serving: hand the reassembled request to trio.
@@ -373,7 +376,7 @@ class CoapTransport:
         self._renders += 1
         try:
             response: Response = await trio_asyncio.trio_as_aio(self._serve, loop=self._loop)(
-                resource, request.code.name, bytes(request.payload), request.remote.hostinfo
+                resource, request.code.name, bytes(request.payload), remote_address(request.remote)
             )
             return self._message(response)
         finally:
@@ -405,6 +408,18 @@ class CoapTransport:
         elif response.code == "4.13":
             message.opt.size1 = self.max_payload
         return message
+
+
+def remote_address(remote: Any) -> str:
+    """A requester's address as "host:port" / "[v6]:port", port always given.
+
+    aiocoap's ``hostinfo`` leaves out the CoAP default port 5683 (URI style,
+    RFC 7252 s6.1). Handlers record the requester's address and later send
+    requests to it, which need a port: a node on the default port would be
+    recorded as "10.78.0.4" and the next request to it refused as a bad
+    address. Every remote address leaves the transport through here.
+    """
+    return with_default_port(remote.hostinfo, COAP_PORT)
 
 
 def _guard_datagram_input(context: aiocoap.Context) -> None:

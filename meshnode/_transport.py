@@ -38,8 +38,11 @@ Errors are split by whose fault they are (see docs/transport.md):
 :class:`RequestTimeout` (no answer: loss, partition, dead or slow peer),
 :class:`PeerUnreachable` (the network said so, e.g. ICMP port unreachable),
 :class:`RemoteRefused` (the peer answered no), :class:`TransportClosed` (we
-closed our own transport). Local misuse (a malformed address or path, an
-unsupported method) raises :class:`ValueError` before anything is sent.
+closed our own transport). A malformed peer address raises
+:class:`BadAddress`, both a TransportError (addresses come from the network, so
+callers handle it like any failed exchange and keep running) and a ValueError.
+Other local misuse (a malformed path, an unsupported method) raises
+:class:`ValueError` before anything is sent.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_TIMEOUT",
     "METHODS",
+    "BadAddress",
     "BadRequest",
     "Dispatcher",
     "Forbidden",
@@ -81,6 +85,7 @@ __all__ = [
     "format_address",
     "check_request",
     "split_address",
+    "with_default_port",
 ]
 
 log = logging.getLogger("meshnode.transport")
@@ -119,6 +124,15 @@ class PeerUnreachable(TransportError):
     """The network reported that the peer cannot be reached (ICMP port or host
     unreachable, connection refused). Faster and surer than a timeout, but only
     ever a hint: a firewall drops instead of refusing."""
+
+
+class BadAddress(TransportError, ValueError):
+    """A peer address that is not "host:port" (or "[v6]:port").
+
+    Addresses reach a node from the network (a requester's address, a peer
+    list in gossip), so a bad one is a TransportError that callers already
+    handle like an unreachable peer; it is also a ValueError, as a local
+    mistake with an address always was."""
 
 
 class TransportClosed(TransportError):
@@ -215,21 +229,44 @@ def split_address(address: str) -> tuple[str, int]:
     """Parse "host:port" or "[v6]:port" into ``(host, port)``.
 
     Raises:
-        ValueError: if the string is not of that form (a local mistake, not a
-            network condition, hence not a TransportError).
+        BadAddress: if the string is not of that form (a ValueError too).
     """
+    if not isinstance(address, str):
+        raise BadAddress(f"bad address {address!r}: expected a host:port string")
     if address.startswith("["):
         host, sep, rest = address[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ValueError(f"bad address {address!r}: expected [v6]:port")
+            raise BadAddress(f"bad address {address!r}: expected [v6]:port")
         port_text = rest[1:]
     else:
         host, sep, port_text = address.rpartition(":")
         if not sep or ":" in host:
-            raise ValueError(f"bad address {address!r}: expected host:port")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad address {address!r}: expected host:port")
+            raise BadAddress(f"bad address {address!r}: expected host:port")
+    if not host or not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BadAddress(f"bad address {address!r}: expected host:port")
     return host, int(port_text)
+
+
+def with_default_port(hostinfo: str, default_port: int) -> str:
+    """Complete an address that may leave out the port, as CoAP URIs do for
+    the scheme's default port (RFC 7252 s6.1; aiocoap's ``hostinfo`` writes
+    "10.78.0.4" for 10.78.0.4:5683 and "[fe80::1%eth0]" for IPv6).
+
+    Returns "host:port" or "[v6]:port", the form every address in the node
+    takes, so that a peer is recorded under one address whatever port it uses.
+
+    Raises:
+        BadAddress: not "host", "host:port", "[v6]" or "[v6]:port".
+    """
+    if hostinfo.startswith("["):
+        if hostinfo.endswith("]"):
+            hostinfo = f"{hostinfo}:{default_port}"
+    elif hostinfo.count(":") == 0:
+        hostinfo = f"{hostinfo}:{default_port}"
+    elif hostinfo.count(":") > 1:  # a bare IPv6 literal
+        hostinfo = format_address(hostinfo, default_port)
+    split_address(hostinfo)
+    return hostinfo
 
 
 def format_address(host: str, port: int) -> str:
@@ -343,8 +380,9 @@ class Transport(Protocol):
             PeerUnreachable: the network reported the peer unreachable.
             RemoteRefused: the peer answered with an error code.
             TransportClosed: this transport is closed.
+            BadAddress: ``peer`` is not "host:port" (a ValueError too).
             TransportError: any other failure of the exchange.
-            ValueError: malformed peer address, resource or method.
+            ValueError: malformed resource or method.
         """
         ...
 
