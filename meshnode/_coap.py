@@ -59,8 +59,7 @@ import aiocoap.resource
 import trio
 import trio_asyncio
 from aiocoap.numbers.codes import Code
-from aiocoap.numbers.constants import COAP_PORT
-from aiocoap.numbers.constants import TransportTuning
+from aiocoap.numbers.constants import COAP_PORT, TransportTuning
 
 from ._transport import (
     DEFAULT_MAX_PAYLOAD,
@@ -78,10 +77,10 @@ from ._transport import (
     TransportError,
     TransportStats,
     check_request,
-    with_default_port,
     check_resource,
     format_address,
     response_error,
+    with_default_port,
 )
 
 __all__ = [

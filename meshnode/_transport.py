@@ -82,8 +82,8 @@ __all__ = [
     "TransportError",
     "TransportStats",
     "Unauthorized",
-    "format_address",
     "check_request",
+    "format_address",
     "split_address",
     "with_default_port",
 ]

@@ -8,13 +8,7 @@ UDP loss between real transports, which is where the field saw crashes.
 
 from __future__ import annotations
 
-import logging
-import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import pytest
-import trio
 import trio_asyncio
 
 from meshnode._coap import CoapTransport, open_coap_transport
@@ -136,7 +130,7 @@ def test_two_meshnode_processes_on_the_default_port_survive_restarts(default_por
             victim.kill()
             victim.start()
             sids += [open_session(one, f"c1-{round_}"), open_session(two, f"c2-{round_}")]
-            wait_until(lambda: everywhere(sids), what=f"sessions both ways after restarting {victim.name}")
+            wait_until(lambda sids=sids: everywhere(sids), what=f"sessions both ways after restarting {victim.name}")
             assert one.proc.poll() is None and two.proc.poll() is None
     for node in (one, two):
         log = node.log_path.read_text()
