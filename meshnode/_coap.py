@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import itertools
 import logging
 import socket
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,6 +57,7 @@ from typing import Any
 import aiocoap
 import aiocoap.error
 import aiocoap.pipe
+import aiocoap.protocol
 import aiocoap.resource
 import trio
 import trio_asyncio
@@ -175,6 +178,165 @@ class _QuietContinue(logging.Filter):
 logging.getLogger(AIOCOAP_LOGGER).addFilter(_QuietContinue())
 
 
+# --------------------------------------------------------------------------
+# A requester that gave up: aiocoap's futures must not be set afterwards
+#
+# Our request() runs aiocoap's request in an asyncio task; when the caller's
+# deadline passes, trio-asyncio cancels that task, and the cancellation walks
+# down aiocoap's chain one loop pass at a time: the BlockwiseRequest's
+# response future is cancelled, its done callback (run later by call_soon)
+# cancels the block-wise runner task, whose await cancels the inner
+# Request's response future, whose done callback (again later) unhooks that
+# Request from its pipe. In 0.4.17 neither Request._run (protocol.py:628/630)
+# nor BlockwiseRequest._run (protocol.py:940) checks for a cancelled future
+# before setting it, so an event that arrives inside one of those windows
+# raises InvalidStateError:
+#
+# - a response datagram: in MessageInterfaceUDP6.datagram_msg_received, under
+#   _guard_datagram_input (the datagram was dropped, and the pipe's remaining
+#   callbacks were skipped);
+# - retransmissions exhausted for that peer: MessageManager._retransmit, a
+#   loop timer, calls TokenManager.dispatch_error, which fails every request
+#   to that peer; one whose future is cancelled raises out of the timer, into
+#   the loop's exception handler, which in trio-asyncio re-raises it into the
+#   loop's nursery and ends the node;
+# - the block-wise runner finishing: logged at ERROR by _run_outer.
+#
+# trio-asyncio widens the windows: due timers run before queued callbacks, and
+# each queued callback is a trio checkpoint at which socket readers run.
+# The fix is where the bug is: a requester whose future is cancelled has given
+# up, so the event is dropped instead of set (asyncio's own
+# futures._set_result_unless_cancelled does the same).
+
+
+def _run_unless_abandoned(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap the generator ``Request._run`` so that events reaching a Request
+    whose response future is already cancelled end it quietly (the pending
+    done callback then finds nothing left to unhook)."""
+
+    def _run(self: Any) -> Any:
+        runner = original(self)
+        ready = runner.send(None)
+        while True:
+            event = yield ready
+            if self.response.cancelled():
+                runner.close()
+                return
+            try:
+                ready = runner.send(event)
+            except StopIteration:
+                return
+
+    _run.__wrapped__ = original  # type: ignore[attr-defined]
+    return _run
+
+
+class _UnlessCancelled:
+    """The response future as BlockwiseRequest's runner sees it: setting a
+    result or exception on a cancelled future does nothing."""
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def set_result(self, result: Any) -> None:
+        if not self._future.cancelled():
+            self._future.set_result(result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        if not self._future.cancelled():
+            self._future.set_exception(exception)
+
+
+def _install_abandon_guards() -> None:
+    """Patch the two places of aiocoap (checked for 0.4.17's shape; fails
+    loudly at import if it changed, rather than running unguarded)."""
+    request_run = aiocoap.protocol.Request._run
+    run_outer = aiocoap.protocol.BlockwiseRequest.__dict__.get("_run_outer")
+    if getattr(request_run, "__wrapped__", None) is not None:
+        return  # already installed (module reloaded)
+    if not inspect.isgeneratorfunction(request_run) or not isinstance(run_outer, classmethod):
+        raise RuntimeError("aiocoap's Request._run / BlockwiseRequest._run_outer changed shape; review _coap.py")
+    aiocoap.protocol.Request._run = _run_unless_abandoned(request_run)  # type: ignore[method-assign]
+    original_outer = run_outer.__func__
+
+    async def _run_outer(
+        cls: Any, app_request: Any, response: Any, weak_observation: Any, protocol: Any, log: Any
+    ) -> None:
+        await original_outer(cls, app_request, _UnlessCancelled(response), weak_observation, protocol, log)
+
+    _run_outer.__wrapped__ = original_outer  # type: ignore[attr-defined]
+    aiocoap.protocol.BlockwiseRequest._run_outer = classmethod(_run_outer)  # type: ignore[assignment,method-assign]
+
+
+_install_abandon_guards()
+
+
+class _LoopGuard:
+    """Last line of defence on the asyncio loop: an exception that escapes an
+    aiocoap callback (its traceback passes through aiocoap) is logged at ERROR
+    with its traceback and counted, and the node keeps serving; anything else
+    goes to the handler that was there before (trio-asyncio's re-raises).
+
+    One per loop, shared by the transports on it, removed with the last.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.previous = loop.get_exception_handler()
+        self.users = 0
+        self.absorbed = 0
+        loop.set_exception_handler(self._handle)
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, Exception) and _raised_in_aiocoap(exc):
+            self.absorbed += 1
+            log.error(
+                "aiocoap callback failed (%d so far), serving on: %s",
+                self.absorbed,
+                context.get("message", ""),
+                exc_info=exc,
+            )
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            if self.loop.get_exception_handler() == self._handle:
+                self.loop.set_exception_handler(self.previous)
+            _LOOP_GUARDS.pop(self.loop, None)
+
+
+_LOOP_GUARDS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopGuard] = weakref.WeakKeyDictionary()
+
+
+def _loop_guard(loop: asyncio.AbstractEventLoop) -> _LoopGuard:
+    guard = _LOOP_GUARDS.get(loop)
+    if guard is None:
+        guard = _LOOP_GUARDS[loop] = _LoopGuard(loop)
+    guard.users += 1
+    return guard
+
+
+def _raised_in_aiocoap(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith("aiocoap"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class _RouteResource(aiocoap.resource.Resource):
     """One routed path. aiocoap reassembles Block1 and slices Block2 around
     :meth:`render`; render hands the whole payload to the trio side."""
@@ -247,6 +409,13 @@ class CoapTransport:
         self._closed = False
         self._renders = 0
         self._renders_idle: asyncio.Event | None = None
+        self._loop_guard: _LoopGuard | None = None
+
+    @property
+    def loop_errors(self) -> int:
+        """Exceptions from aiocoap callbacks that the loop guard absorbed on
+        this transport's loop (shared by the transports on one loop)."""
+        return self._loop_guard.absorbed if self._loop_guard is not None else 0
 
     # -- Transport interface ----------------------------------------------
 
@@ -315,11 +484,14 @@ class CoapTransport:
             )
         except (OSError, aiocoap.error.Error) as exc:
             raise TransportError(f"cannot open CoAP transport on {self.address}: {exc}") from exc
+        self._loop_guard = _loop_guard(self._loop)
         try:
             _guard_datagram_input(self._context)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio_asyncio.aio_as_trio(self._context.shutdown, loop=self._loop)()
+            self._loop_guard.release()
+            self._loop_guard = None
             raise
         log.debug("CoAP transport listening on %s", self.address)
 
@@ -337,6 +509,9 @@ class CoapTransport:
         if self._context is not None:
             context, self._context = self._context, None
             await trio_asyncio.aio_as_trio(context.shutdown, loop=self._loop)()
+        if self._loop_guard is not None:
+            guard, self._loop_guard = self._loop_guard, None
+            guard.release()
         log.debug("CoAP transport on %s closed", self.address)
 
     # -- internals ------------------------------------------------------------

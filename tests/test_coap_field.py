@@ -8,13 +8,17 @@ UDP loss between real transports, which is where the field saw crashes.
 
 from __future__ import annotations
 
+import logging
+import random
+
+import aiocoap.util
 import pytest
+import trio
 import trio_asyncio
 
 from meshnode._coap import CoapTransport, open_coap_transport
-from meshnode._transport import (  # noqa
+from meshnode._transport import (
     BadAddress,
-    RequestTimeout,
     TransportError,
     split_address,
     with_default_port,
@@ -135,3 +139,140 @@ def test_two_meshnode_processes_on_the_default_port_survive_restarts(default_por
     for node in (one, two):
         log = node.log_path.read_text()
         assert "bad address" not in log and "Traceback" not in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------
+# Loss and delay: requesters that give up while aiocoap is still working
+
+
+class LossyRelay:
+    """A UDP relay on loopback between one client and one server: the client
+    talks to ``front``, the relay talks to the server from ``back``. Each
+    datagram is lost with probability ``loss`` (seeded); replies to the client
+    are held for ``delay`` seconds, a slow path."""
+
+    def __init__(self, front: tuple[str, int], back: tuple[str, int], server: tuple[str, int],
+                 *, loss: float, delay: float, seed: int) -> None:
+        self.front, self.back, self.server = front, back, server
+        self.loss, self.delay = loss, delay
+        self.rng = random.Random(seed)
+        self.client: tuple[str, int] | None = None
+        self.lost = self.carried = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        front = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        back = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with front, back:
+            await front.bind(self.front)
+            await back.bind(self.back)
+
+            async def held(data: bytes, to: tuple[str, int]) -> None:
+                await trio.sleep(self.delay)
+                await front.sendto(data, to)
+
+            async with trio.open_nursery() as nursery:
+
+                async def to_server() -> None:
+                    while True:
+                        data, self.client = await front.recvfrom(65536)
+                        if self._lose():
+                            continue
+                        await back.sendto(data, self.server)
+
+                async def to_client() -> None:
+                    while True:
+                        data, _ = await back.recvfrom(65536)
+                        if self._lose() or self.client is None:
+                            continue
+                        nursery.start_soon(held, data, self.client)
+
+                nursery.start_soon(to_server)
+                nursery.start_soon(to_client)
+                task_status.started()
+
+    def _lose(self) -> bool:
+        if self.rng.random() < self.loss:
+            self.lost += 1
+            return True
+        self.carried += 1
+        return False
+
+
+async def test_requests_given_up_under_loss_and_delay_never_raise_inside_aiocoap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Field issue 10.2: a requester whose deadline passes while its answer (or
+    its retransmission timeout) is arriving made aiocoap set a result on a
+    cancelled future: InvalidStateError in the datagram path (dropped), in
+    the block-wise runner (ERROR) and in the retransmission timer (the end of
+    the node). Here 300 requests through lossy, slow relays (one per
+    requester-side peer address, since aiocoap sends one CON at a time per
+    peer) time out right about when their answers arrive."""
+    relays_n, delay = 16, 0.1
+    server_at, client_at = ("127.0.15.3", DEFAULT_PORT), "127.0.15.6"
+    rng = random.Random(7)
+    caplog.set_level(logging.WARNING)
+    async with trio_asyncio.open_loop():  # noqa: SIM117 (the loop must be open before the transports)
+        async with (
+            open_coap_transport(*server_at) as server,
+            open_coap_transport(client_at, DEFAULT_PORT) as client,
+            trio.open_nursery() as relays,
+        ):
+
+            async def echo(payload: bytes, remote: str) -> bytes:
+                return payload
+
+            server.route("/m/echo", echo)
+            fronts = []
+            for k in range(relays_n):
+                relay = LossyRelay(("127.0.15.4", 5700 + k), ("127.0.15.5", 5700 + k), server_at,
+                                   loss=0.2, delay=delay, seed=k)
+                await relays.start(relay.serve)
+                fronts.append(f"127.0.15.4:{5700 + k}")
+            outcomes: list[str] = []
+
+            async def one(i: int) -> None:
+                try:
+                    await client.request(fronts[i % relays_n], "/m/echo", b"x" * (1 + i % 3 * 700),
+                                         timeout=delay + rng.uniform(-0.01, 0.03))
+                    outcomes.append("ok")
+                except TransportError as exc:
+                    outcomes.append(type(exc).__name__)
+
+            async with trio.open_nursery() as requests:
+                for i in range(300):
+                    requests.start_soon(one, i)
+                    await trio.sleep(0.005)
+            relays.cancel_scope.cancel()
+            # Both ends still serve, directly.
+            assert await client.request(f"{server_at[0]}:{DEFAULT_PORT}", "/m/echo", b"after") == b"after"
+            assert client.loop_errors == 0
+    assert len(outcomes) == 300
+    invalid = [r.getMessage() for r in caplog.records if "invalid state" in r.getMessage().lower()
+               or (r.exc_info and "InvalidStateError" in repr(r.exc_info[1]))]
+    assert invalid == []
+
+
+async def test_loop_guard_absorbs_what_escapes_aiocoap_and_passes_on_the_rest() -> None:
+    """The last line: an exception out of an aiocoap callback on the loop is
+    logged, counted and survived; any other one still ends the loop, as
+    trio-asyncio means it to."""
+    async with trio_asyncio.open_loop() as loop, open_coap_transport(A, DEFAULT_PORT) as a:
+        loop.call_soon(aiocoap.util.hostportsplit, "1:2:3")  # raises inside aiocoap
+        await trio.sleep(0.05)
+        assert a.loop_errors == 1
+        a.route("/m/hello", _echo)
+        assert await a.request(a.address, "/m/hello", b"still") == b"still"
+
+    def ours() -> None:
+        raise KeyError("not aiocoap's")
+
+    with pytest.raises(BaseException) as caught:
+        async with trio_asyncio.open_loop() as loop, open_coap_transport(A, DEFAULT_PORT):
+            loop.call_soon(ours)
+            await trio.sleep(1)
+    assert "not aiocoap's" in repr(caught.value)
+
+
+async def _echo(payload: bytes, remote: str) -> bytes:
+    return payload
