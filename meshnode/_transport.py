@@ -436,6 +436,11 @@ class Router:
         """All routed paths, sorted (for /.well-known/core)."""
         return sorted(self._routes)
 
+    def routes(self) -> list[tuple[str, str]]:
+        """Every routed (path, method), sorted: what a fuzzer or a test of
+        every resource walks, so that new routes are covered without a list."""
+        return sorted((path, method) for path, methods in self._routes.items() for method in methods)
+
 
 @dataclasses.dataclass(frozen=True)
 class Response:
@@ -736,6 +741,10 @@ class MemoryTransport:
 
     def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
         self._router.add(resource, handler, method)
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every routed (path, method); see :meth:`Router.routes`."""
+        return self._router.routes()
 
     async def request(
         self,
