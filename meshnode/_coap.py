@@ -44,17 +44,20 @@ docs/transport.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import inspect
 import itertools
 import logging
 import socket
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiocoap
+import aiocoap.blockwise
 import aiocoap.error
 import aiocoap.pipe
 import aiocoap.protocol
@@ -63,6 +66,8 @@ import trio
 import trio_asyncio
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import COAP_PORT, TransportTuning
+from aiocoap.numbers.types import CON
+from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from ._transport import (
     DEFAULT_MAX_PAYLOAD,
@@ -70,6 +75,7 @@ from ._transport import (
     SHUTTING_DOWN,
     Dispatcher,
     Handler,
+    LogBudget,
     PeerUnreachable,
     RequestRefused,
     RequestTimeout,
@@ -82,6 +88,7 @@ from ._transport import (
     check_request,
     check_resource,
     format_address,
+    held_back,
     response_error,
     with_default_port,
 )
@@ -124,6 +131,25 @@ class MeshTuning(TransportTuning):
     ACK_TIMEOUT = 0.5
     MAX_RETRANSMIT = 3
     reliability = True
+
+
+DEDUP_LIFETIME = 30.0
+"""Seconds a received request's message id is remembered to recognise a
+retransmission (RFC 7252 s4.5). aiocoap keeps it for EXCHANGE_LIFETIME, 247 s
+from the RFC's MAX_LATENCY of 100 s, with a timer per message: 44,000 fuzzed
+datagrams in the field were that many entries, timers and decoded messages.
+Our peers retransmit for MAX_TRANSMIT_SPAN = 5.25 s (:class:`MeshTuning`); a
+generic client with default tuning for 45 s, after which a late duplicate is
+served again (our handlers are idempotent: sync, digest, members, hello)."""
+
+DEDUP_MAX = 4096
+"""Most message ids remembered; the oldest go first. A second bound next to
+the lifetime, so a flood from strangers costs at most this many entries."""
+
+BLOCKWISE_MAX = 16
+"""Most incomplete block-wise uploads (and cached block-wise responses) one
+route keeps; the oldest go first. aiocoap bounds them only by time (93 to
+186 s); each upload may hold up to ``max_payload`` bytes."""
 
 
 def block1_extent(block_number: int, block_size: int, payload_len: int, size1: int | None) -> int:
@@ -175,7 +201,32 @@ class _QuietContinue(logging.Filter):
         return True
 
 
-logging.getLogger(AIOCOAP_LOGGER).addFilter(_QuietContinue())
+class _RateLimited(logging.Filter):
+    """aiocoap logs at WARNING for many things a stranger can cause at will
+    ("Ignoring unparsable message", "Received a message with code ... (those
+    don't fit)", ...). One line per message template per 10 s, with how many
+    were held back; INFO and DEBUG pass unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.budget = LogBudget()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held = self.budget.allow((record.name, str(record.msg)), time.monotonic())
+        if held is None:
+            return False
+        if held:
+            record.msg = record.getMessage() + held_back(held, self.budget.interval)
+            record.args = None
+        return True
+
+
+AIOCOAP_LOG_BUDGET = _RateLimited()
+for _name in (AIOCOAP_LOGGER, f"{AIOCOAP_LOGGER}.blockwise-requester"):
+    logging.getLogger(_name).addFilter(_QuietContinue())
+    logging.getLogger(_name).addFilter(AIOCOAP_LOG_BUDGET)
 
 
 # --------------------------------------------------------------------------
@@ -347,6 +398,7 @@ class _RouteResource(aiocoap.resource.Resource):
         super().__init__()
         self._transport = transport
         self._resource = resource
+        _bound_blockwise(self, transport._tuning.MAX_TRANSMIT_WAIT)
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._transport._render(self._resource, request)
@@ -410,6 +462,22 @@ class CoapTransport:
         self._renders = 0
         self._renders_idle: asyncio.Event | None = None
         self._loop_guard: _LoopGuard | None = None
+        self._recent: _RecentMessages | None = None
+        self._route_resources: list[_RouteResource] = []
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every routed (path, method); see :meth:`Router.routes`."""
+        return self._router.routes()
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries held on behalf of peers, for tests and the status page:
+        message ids remembered, incomplete block-wise uploads and cached
+        block-wise responses (all routes), requests being served."""
+        sizes = {"dedup": len(self._recent) if self._recent is not None else 0}
+        sizes["block1"] = sum(len(r._block1._assemblies) for r in self._route_resources)
+        sizes["block2"] = sum(len(r._block2._completes) for r in self._route_resources)
+        sizes["serving"] = len(self._handlers)
+        return sizes
 
     @property
     def loop_errors(self) -> int:
@@ -421,7 +489,9 @@ class CoapTransport:
 
     def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
         if self._router.add(resource, handler, method):
-            self._site.add_resource(check_resource(resource), _RouteResource(self, resource))
+            routed = _RouteResource(self, resource)
+            self._route_resources.append(routed)
+            self._site.add_resource(check_resource(resource), routed)
 
     async def request(
         self,
@@ -487,6 +557,8 @@ class CoapTransport:
         self._loop_guard = _loop_guard(self._loop)
         try:
             _guard_datagram_input(self._context)
+            (interface,) = self._context.request_interfaces
+            self._recent = _bound_deduplication(interface.token_interface)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio_asyncio.aio_as_trio(self._context.shutdown, loop=self._loop)()
@@ -596,6 +668,89 @@ def remote_address(remote: Any) -> str:
     return with_default_port(remote.hostinfo, COAP_PORT)
 
 
+class _RecentMessages(dict):  # type: ignore[type-arg]
+    """aiocoap's deduplication cache (``MessageManager._recent_messages``,
+    (remote, message id) -> response or None), bounded by age and count and
+    kept without a timer per entry: entries are dropped as new ones arrive."""
+
+    def __init__(self, lifetime: float, max_entries: int) -> None:
+        super().__init__()
+        self.lifetime = lifetime
+        self.max_entries = max_entries
+        self._added: collections.OrderedDict[Any, float] = collections.OrderedDict()
+
+    def add(self, key: Any, now: float) -> None:
+        while self._added:
+            oldest, at = next(iter(self._added.items()))
+            if at > now - self.lifetime and len(self._added) < self.max_entries:
+                break
+            del self._added[oldest]
+            super().pop(oldest, None)
+        self[key] = None
+        self._added[key] = now
+        self._added.move_to_end(key)
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        self._added.pop(key, None)
+        return super().pop(key, default)
+
+
+def _bound_deduplication(manager: Any) -> _RecentMessages:
+    """Replace the message manager's deduplication with a bounded one (same
+    behaviour as aiocoap 0.4.17's ``_deduplicate_message`` otherwise)."""
+    if not isinstance(getattr(manager, "_recent_messages", None), dict) or not hasattr(
+        manager, "_deduplicate_message"
+    ):
+        raise RuntimeError("aiocoap's MessageManager changed shape; review _coap.py")
+    recent = _RecentMessages(DEDUP_LIFETIME, DEDUP_MAX)
+    manager._recent_messages = recent
+
+    def _deduplicate_message(message: aiocoap.Message) -> bool:
+        key = (message.remote, message.mid)
+        if key in recent:
+            if message.mtype is CON:
+                stored = recent[key]
+                if stored is not None:
+                    manager.log.info("Duplicate CON received, sending old response again")
+                    manager._send_initially(stored)
+                else:
+                    manager.log.info("Duplicate CON received, no response to send yet")
+            else:
+                manager.log.info("Duplicate NON, ACK or RST received")
+            return True
+        recent.add(key, manager.loop.time())
+        return False
+
+    manager._deduplicate_message = _deduplicate_message
+    return recent
+
+
+class _BoundedTimeoutDict(TimeoutDict):  # type: ignore[misc]
+    """aiocoap's TimeoutDict with a most number of entries, oldest out first."""
+
+    def __init__(self, timeout: float, max_entries: int) -> None:
+        super().__init__(timeout)
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self._items:
+            while len(self._items) >= self.max_entries:
+                del self._items[next(iter(self._items))]
+        super().__setitem__(key, value)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _bound_blockwise(resource: aiocoap.resource.Resource, timeout: float) -> None:
+    spool, cache = getattr(resource, "_block1", None), getattr(resource, "_block2", None)
+    if not isinstance(spool, aiocoap.blockwise.Block1Spool) or not isinstance(cache, aiocoap.blockwise.Block2Cache):
+        raise RuntimeError(  # noqa: TRY004 (a changed library, not a caller's type)
+            "aiocoap's block-wise spools changed shape; review _coap.py")
+    spool._assemblies = _BoundedTimeoutDict(timeout, BLOCKWISE_MAX)
+    cache._completes = _BoundedTimeoutDict(timeout, BLOCKWISE_MAX)
+
+
 def _guard_datagram_input(context: aiocoap.Context) -> None:
     """Make sure no datagram a peer sends can stop the node.
 
@@ -629,12 +784,24 @@ def _guard_datagram_input(context: aiocoap.Context) -> None:
         )
 
 
+DROPPED_DATAGRAMS = LogBudget()
+"""Datagrams dropped because handling them raised, by exception type."""
+
+
 def _drop_on_error(receive: Callable[[bytes, Any, int, Any], None]) -> Callable[[bytes, Any, int, Any], None]:
     def guarded_receive(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
         try:
             receive(data, ancdata, flags, address)
-        except Exception as exc:
-            log.warning("dropped a datagram of %d bytes from %s: %r", len(data), address, exc)
+        except Exception as exc:  # noqa: BLE001 (the point: no datagram may stop the node)
+            held = DROPPED_DATAGRAMS.allow(type(exc).__name__, time.monotonic())
+            if held is not None:
+                log.warning(
+                    "dropped a datagram of %d bytes from %s: %r%s",
+                    len(data),
+                    address,
+                    exc,
+                    held_back(held, DROPPED_DATAGRAMS.interval),
+                )
 
     return guarded_receive
 
