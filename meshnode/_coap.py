@@ -70,6 +70,7 @@ from aiocoap.numbers.types import CON
 from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from ._transport import (
+    DEFAULT_HANDLER_TIMEOUT,
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_TIMEOUT,
     SHUTTING_DOWN,
@@ -440,6 +441,7 @@ class CoapTransport:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         tuning: TransportTuning | None = None,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
     ) -> None:
         self.address = format_address(bind, port)
         self.max_payload = max_payload
@@ -448,7 +450,7 @@ class CoapTransport:
         self._loop = loop
         self._tuning = tuning if tuning is not None else MeshTuning()
         self._router = Router()
-        self._dispatcher = Dispatcher(self._router, self.stats, max_payload)
+        self._dispatcher = Dispatcher(self._router, self.stats, max_payload, handler_timeout=handler_timeout)
         self._site = _MeshSite(self)
         self._site.add_resource(
             (".well-known", "core"),
@@ -836,6 +838,7 @@ async def open_coap_transport(
     *,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     tuning: TransportTuning | None = None,
+    handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
 ) -> AsyncIterator[CoapTransport]:
     """Serve and send CoAP on UDP ``bind``:``port`` for the duration of the block.
 
@@ -852,6 +855,9 @@ async def open_coap_transport(
             the address is advertised.
         max_payload: largest request payload accepted; larger ones get 4.13.
         tuning: retransmission parameters, :class:`MeshTuning` by default.
+        handler_timeout: longest a handler may work on one request before it
+            is cancelled and the request answered 5.03 (the requester has
+            given up by then; UDP cannot say so).
 
     Raises:
         TransportError: the address cannot be bound (in use, not local).
@@ -862,7 +868,9 @@ async def open_coap_transport(
     loop = trio_asyncio.current_loop.get()
     if loop is None:
         raise RuntimeError("open_coap_transport must run inside trio_asyncio.open_loop()")
-    transport = CoapTransport(loop, bind, port, max_payload=max_payload, tuning=tuning)
+    transport = CoapTransport(
+        loop, bind, port, max_payload=max_payload, tuning=tuning, handler_timeout=handler_timeout
+    )
     await transport._open()
     try:
         yield transport

@@ -28,6 +28,7 @@ path known, method not routed         4.05 (:class:`MethodNotAllowed`)
 request payload > ``max_payload``     4.13, handler not called (RFC 7959 s2.9.3)
 raises any other exception            5.00, logged at ERROR with traceback
 transport closing under the handler   5.03
+handler runs past ``handler_timeout``   5.03, handler cancelled
 ====================================  =====================================
 
 Error responses carry a diagnostic payload (RFC 7252 section 5.5.2): UTF-8 text
@@ -59,6 +60,7 @@ from typing import ClassVar, Protocol
 import trio
 
 __all__ = [
+    "DEFAULT_HANDLER_TIMEOUT",
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_TIMEOUT",
     "METHODS",
@@ -101,6 +103,13 @@ can make us buffer."""
 DEFAULT_TIMEOUT = 5.0
 """Default bound on one request, seconds: several gossip rounds (1 s each), and
 the span over which the CoAP transport's own retransmissions give up."""
+
+DEFAULT_HANDLER_TIMEOUT = DEFAULT_TIMEOUT
+"""Longest a server works on one request, seconds. UDP has no way to tell a
+server that the requester gave up, so work is bounded instead: past the
+longest time a requester waits (``DEFAULT_TIMEOUT``; the node's own requests
+wait 3 s) nobody reads the answer, and a server that kept going would feed its
+own overload. The handler is cancelled and the request answered 5.03."""
 
 METHODS = frozenset({"GET", "POST"})
 """Methods a route can be registered for. GET reads, POST exchanges (sync)."""
@@ -535,6 +544,7 @@ def refusal_in(exc: BaseException) -> RequestRefused | None:
 
 INTERNAL_ERROR = Response("5.00", b"internal server error")
 SHUTTING_DOWN = Response("5.03", b"shutting down")
+TOO_SLOW = Response("5.03", b"request took too long to serve")
 
 
 def response_error(response: Response) -> RemoteRefused:
@@ -558,10 +568,14 @@ class Dispatcher:
         max_payload: int,
         logger: logging.Logger = log,
         clock: Callable[[], float] = time.monotonic,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
     ) -> None:
         self.router = router
         self.stats = stats
         self.max_payload = max_payload
+        self.handler_timeout = handler_timeout
+        self.abandoned = 0
+        """Handlers cancelled at ``handler_timeout``."""
         self.log = logger
         self.clock = clock
         self.refusals = LogBudget()
@@ -595,13 +609,29 @@ class Dispatcher:
         self.stats.bytes_received += len(payload)
         handler = self.router.lookup(resource, method)
         try:
-            result = await handler(payload, remote)
+            with trio.move_on_after(self.handler_timeout):
+                result = await handler(payload, remote)
+                return self._answer(method, resource, remote, payload, result)
         except Exception as exc:
             refused = refusal_in(exc)
             if refused is not None:
                 return self._refused(resource, remote, refused)
             self.log.exception("handler for %s %s from %s crashed", method, resource, remote)
             return self._failed(INTERNAL_ERROR)
+        self.abandoned += 1
+        held = self.refusals.allow(("5.03", resource), self.clock())
+        if held is not None:
+            self.log.warning(
+                "abandoned %s %s from %s after %.1f s: its requester has given up%s",
+                method,
+                resource,
+                remote,
+                self.handler_timeout,
+                held_back(held, self.refusals.interval),
+            )
+        return self._failed(TOO_SLOW)
+
+    def _answer(self, method: str, resource: str, remote: str, payload: bytes, result: object) -> Response:
         if not isinstance(result, (bytes, bytearray, memoryview)):
             self.log.error(
                 "handler for %s %s returned %s, not bytes", method, resource, type(result).__name__
@@ -709,7 +739,11 @@ class MemoryNetwork:
 
     @asynccontextmanager
     async def transport(
-        self, address: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD
+        self,
+        address: str,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
     ) -> AsyncIterator[MemoryTransport]:
         """Open a transport at ``address`` ("host:port"); closed on exit.
 
@@ -726,7 +760,7 @@ class MemoryNetwork:
         split_address(address)
         if address in self._transports:
             raise TransportError(f"address {address} is already in use")
-        transport = MemoryTransport(self, address, max_payload=max_payload)
+        transport = MemoryTransport(self, address, max_payload=max_payload, handler_timeout=handler_timeout)
         self._transports[address] = transport
         try:
             yield transport
@@ -792,6 +826,7 @@ class MemoryTransport:
         address: str,
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
     ) -> None:
         self.address = address
         self.max_payload = max_payload
@@ -799,7 +834,7 @@ class MemoryTransport:
         self._network = network
         self._context = contextvars.copy_context()
         self._router = Router()
-        self._dispatcher = Dispatcher(self._router, self.stats, max_payload)
+        self._dispatcher = Dispatcher(self._router, self.stats, max_payload, handler_timeout=handler_timeout)
         self._handlers = ScopeSet()
         self._requests = ScopeSet()
         self.closed = False

@@ -392,6 +392,34 @@ async def test_timeout_bounds_a_slow_handler(rig: Rig) -> None:
         release.set()
 
 
+async def test_handler_past_its_deadline_is_cancelled_and_answered_503(rig: Rig) -> None:
+    """UDP cannot tell a server that its requester gave up, so a handler is
+    bounded instead: past ``handler_timeout`` it is cancelled (it does not go
+    on working for nobody) and the request is answered 5.03."""
+    async with open_nodes(rig, 2, handler_timeout=0.5) as (a, b):
+        events: list[str] = []
+
+        async def stuck(payload: bytes, remote: str) -> bytes:
+            try:
+                await trio.sleep_forever()
+            finally:
+                events.append("cancelled")
+            raise AssertionError("unreachable")
+
+        a.route("/m/stuck", stuck)
+        with pytest.raises(RequestTimeout):  # the requester gives up first
+            await b.request(a.address, "/m/stuck", b"x", timeout=0.2)
+        with trio.fail_after(5):
+            while not events:
+                await trio.sleep(0.05)
+        assert events == ["cancelled"]
+        with pytest.raises(RemoteRefused) as refused:  # a patient requester hears why
+            await b.request(a.address, "/m/stuck", b"y", timeout=3)
+        assert refused.value.code == "5.03"
+        assert a._dispatcher.abandoned == 2
+        await rig.tasks_settle()
+
+
 async def test_stats_count_requests_bytes_and_errors(rig: Rig) -> None:
     async with open_nodes(rig, 2) as (a, b):
         a.route("/m/echo", echo_handler())
