@@ -561,6 +561,7 @@ class CoapTransport:
             _guard_datagram_input(self._context)
             (interface,) = self._context.request_interfaces
             self._recent = _bound_deduplication(interface.token_interface)
+            _stop_sending_abandoned(interface.token_interface)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio_asyncio.aio_as_trio(self._context.shutdown, loop=self._loop)()
@@ -725,6 +726,48 @@ def _bound_deduplication(manager: Any) -> _RecentMessages:
 
     manager._deduplicate_message = _deduplicate_message
     return recent
+
+
+def _stop_sending_abandoned(manager: Any) -> None:
+    """Let a request that its requester gave up stop being sent.
+
+    aiocoap's TokenManager asks the layer below for a "send canceller" and
+    calls it on the request's first event, and when interest in the request
+    ends (its future was cancelled); 0.4.17's MessageManager returns none.
+    So a request we gave up on kept its place: retransmitted for up to
+    MAX_TRANSMIT_WAIT (11 s with :class:`MeshTuning`), holding the one
+    exchange aiocoap allows per peer (NSTART = 1, RFC 7252 s4.7) and keeping
+    every later request to that peer in the backlog, and a request given up
+    while still in the backlog was sent anyway, later, to nobody. Against an
+    overloaded peer that is overload feeding itself. Here the canceller drops
+    the message from the backlog, or ends its exchange (no more
+    retransmissions; the next message in the backlog goes out).
+    """
+    send = manager.send_message
+    if not callable(send) or not isinstance(getattr(manager, "_backlogs", None), dict):
+        raise RuntimeError("aiocoap's MessageManager changed shape; review _coap.py")  # noqa: TRY004
+
+    def send_message(message: aiocoap.Message, messageerror_monitor: Any) -> Callable[[], None] | None:
+        canceller = send(message, messageerror_monitor)
+        if canceller is not None or message.mtype is not CON or not message.code.is_request():
+            return canceller
+        remote, key = message.remote, (message.remote, message.mid)
+
+        def cancel() -> None:
+            exchanges = manager._active_exchanges
+            if exchanges is None:  # shutting down
+                return
+            backlog = manager._backlogs.get(remote)
+            if backlog:
+                backlog[:] = [entry for entry in backlog if entry[0] is not message]
+            entry = exchanges.pop(key, None)
+            if entry is not None:
+                entry[1].cancel()  # the retransmission timer
+                manager._continue_backlog(remote)
+
+        return cancel
+
+    manager.send_message = send_message
 
 
 class _BoundedTimeoutDict(TimeoutDict):  # type: ignore[misc]

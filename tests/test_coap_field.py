@@ -383,3 +383,33 @@ def test_log_budget_allows_one_line_per_key_and_interval_and_counts_all() -> Non
     for key in ("a", "b", "c", "d"):
         budget.allow(key, 11.0)
     assert len(budget.counts) <= 3 and len(budget._open_at) <= 3
+
+
+async def test_a_request_given_up_is_no_longer_sent() -> None:
+    """aiocoap kept retransmitting a request its requester had given up (up to
+    11 s), holding the one exchange it allows per peer, and sent requests given
+    up while waiting behind it later anyway. Against a peer that answers
+    nothing, three requests given up put one datagram on the wire: no
+    retransmission, nothing sent from the backlog."""
+    async with trio_asyncio.open_loop(), open_coap_transport(A, DEFAULT_PORT) as a:
+        silent = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with silent:
+            await silent.bind((B, DEFAULT_PORT))
+            async with trio.open_nursery() as nursery:
+
+                async def give_up(payload: bytes, after: float) -> None:
+                    with pytest.raises(TransportError):
+                        await a.request(f"{B}:{DEFAULT_PORT}", "/m/hello", payload, timeout=after)
+
+                # The first is sent; the two behind it are given up first, while still waiting.
+                for payload, after in ((b"1", 0.3), (b"2", 0.1), (b"3", 0.1)):
+                    nursery.start_soon(give_up, payload, after)
+                    await trio.sleep(0.01)
+            received: list[bytes] = []
+            with trio.move_on_after(2.5):  # past two retransmission timeouts (0.5-0.75 s, then double)
+                while True:
+                    received.append((await silent.recvfrom(2048))[0])
+        assert len(received) == 1, [r[-1:] for r in received]  # the first; the others were backlogged
+        # and the transport still works for the next request to that peer
+        a.route("/m/hello", _echo)
+        assert await a.request(a.address, "/m/hello", b"ok") == b"ok"

@@ -541,7 +541,7 @@ async def test_shutdown_frees_address_and_leaves_no_tasks(rig: Rig) -> None:
 
 async def test_memory_timeout_is_exact_in_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
-    async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683") as b:
+    async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683", handler_timeout=20) as b:
 
         async def slow(payload: bytes, remote: str) -> bytes:
             await trio.sleep(10)
@@ -559,6 +559,21 @@ async def test_memory_timeout_is_exact_in_virtual_time(autojump_clock: trio.test
         start = trio.current_time()
         assert await a.request(b.address, "/m/slow", timeout=11.0) == b"late"
         assert trio.current_time() - start == 10.0
+
+
+async def test_memory_handler_timeout_is_exact_in_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683", handler_timeout=3.0) as b:
+
+        async def slow(payload: bytes, remote: str) -> bytes:
+            await trio.sleep(10)
+            return b"late"
+
+        b.route("/m/slow", slow)
+        start = trio.current_time()
+        with pytest.raises(RemoteRefused, match="5.03"):
+            await a.request(b.address, "/m/slow", timeout=11.0)
+        assert trio.current_time() - start == 3.0
 
 
 async def test_memory_set_link_cuts_both_directions(autojump_clock: trio.testing.MockClock) -> None:
