@@ -38,3 +38,23 @@ def test_short_fuzz_run_finds_no_crash_no_change_and_flat_memory(tmp_path: Path)
     # Memory: after the warm-up (first tenth), growth stays far below the field's 2.6 KB per input.
     growth_per_input = (report["rss_end_mb"] - report["rss_after_warmup_mb"]) * 2**20 / (INPUTS * 0.9)
     assert growth_per_input < 1024, report
+
+
+async def test_a_new_route_is_a_target_and_a_crash_in_it_is_reported(tmp_path: Path) -> None:
+    """The harness can fail: targets come from the route table, so a route
+    added to the node is fuzzed, and a handler that crashes (5.00) counts."""
+    from tests.fuzz_targets import coap_targets, open_victim
+
+    async with open_victim(tmp_path) as (victim, transport, net, _):
+
+        async def broken(payload: bytes, remote: str) -> bytes:
+            raise KeyError("a bug")
+
+        transport.route("/m/new", broken)
+        targets = {t.name: t for t in coap_targets(victim, transport, net.recorded)}
+        assert "coap:/m/new:POST" in targets
+        crashed = await targets["coap:/m/new:POST"].one(b"\x01abc")
+        assert crashed.crashed is not None and crashed.crashed.startswith("5.00")
+        fine = await targets["coap:/m/hello:GET"].one(b"\x01")
+        assert fine.crashed is None and not fine.changed
+        assert net.recorded["/m/sync"], "seeds are recorded from a real exchange"
