@@ -256,6 +256,9 @@ for _name in (AIOCOAP_LOGGER, f"{AIOCOAP_LOGGER}.blockwise-requester"):
 #
 # trio-asyncio widens the windows: due timers run before queued callbacks, and
 # each queued callback is a trio checkpoint at which socket readers run.
+# The block-wise variant was reported upstream in 2020 (chrysn/aiocoap#210,
+# closed) and is still in 0.4.17; the Request._run variant is the one that
+# ended nodes.
 # The fix is where the bug is: a requester whose future is cancelled has given
 # up, so the event is dropped instead of set (asyncio's own
 # futures._set_result_unless_cancelled does the same).
