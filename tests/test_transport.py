@@ -26,6 +26,7 @@ import trio_asyncio
 from meshnode._coap import CBOR_CONTENT_FORMAT, block1_extent, open_coap_transport
 from meshnode._transport import (
     DEFAULT_MAX_PAYLOAD,
+    BadAddress,
     BadRequest,
     Forbidden,
     MemoryNetwork,
@@ -363,6 +364,17 @@ async def test_unreachable_peer(rig: Rig) -> None:
         with pytest.raises(rig.unreachable_error):
             await a.request(rig.unreachable_address(), "/m/echo", b"x", timeout=0.5)
         assert issubclass(rig.unreachable_error, TransportError)
+
+
+async def test_bad_peer_address_is_a_transport_error(rig: Rig) -> None:
+    """A peer address learned from the network may be malformed; requesting it
+    must fail like any exchange (a TransportError callers handle), not with
+    an exception nothing catches."""
+    async with open_nodes(rig, 1) as (a,):
+        for bad in ("10.78.0.4", "127.0.0.525:5683x", "[::1]", ""):
+            with pytest.raises(BadAddress) as caught:
+                await a.request(bad, "/m/echo", b"x")
+            assert isinstance(caught.value, TransportError) and isinstance(caught.value, ValueError)
 
 
 async def test_silent_peer_times_out(rig: Rig) -> None:
