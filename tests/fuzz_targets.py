@@ -10,7 +10,10 @@ Each target takes one input (bytes) and checks three things:
 - bounded memory: the runner samples RSS and reports start and end.
 
 The CoAP targets are built from the node's route table (``Router.routes()``),
-so a resource added to the node is fuzzed without touching this file. Their
+so a resource added to the node is fuzzed without touching this file. They
+run twice: against an insecure node ("coap:") and against a node enrolled in
+a site whose traffic is sealed ("coap-sealed:", which mostly exercises the
+sealer: a mutated sealed message no longer verifies). Their
 seeds are recorded from a real exchange between two nodes (every payload
 that crossed the wire, per resource), so mutations start from valid messages.
 Requests reach the node through the in-memory transport's server path (the
@@ -51,6 +54,13 @@ with atheris.instrument_imports(include=["meshnode", "crdt", "uplink"]):
     from meshnode._api import build_app
     from meshnode._discovery import StaticDiscovery
     from meshnode._node import Node, NodeConfig
+    from meshnode._security import (
+        Identity,
+        SealedTransport,
+        Sealer,
+        create_site,
+        enroll,
+    )
     from meshnode._transport import MemoryNetwork, MemoryTransport
     from uplink._cloud import open_cloud
     from uplink._wire import CONTENT_ENCODING, SYNC_PATH, CloudSyncRequest, compress
@@ -114,26 +124,42 @@ def incarnation(node: Node) -> int:
     return int(node.status_json()["incarnation"])
 
 
+def _node(name: str, data_dir: Path, inner: MemoryTransport, peer: str, site_dir: Path | None) -> Node:
+    """A node on ``inner``; enrolled in the site at ``site_dir`` (sealed
+    transport) if one is given, else insecure."""
+    config = NodeConfig(node_id=name, data_dir=data_dir / name, seed=len(name), gossip_interval=0.1, inline_io=True,
+                        site="field" if site_dir else "default")
+    if site_dir is None:
+        return Node(config, transport=inner, discovery=StaticDiscovery([peer]))
+    enroll(site_dir, name, data_dir / name, now=time.time())
+    identity = Identity.load(data_dir / name)
+    assert identity is not None
+    sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=time.time())
+    return Node(config, transport=SealedTransport(inner, sealer), discovery=StaticDiscovery([peer]),
+                identity=identity, sealer=sealer)
+
+
 @asynccontextmanager
-async def open_victim(data_dir: Path) -> AsyncIterator[tuple[Node, MemoryTransport, RecordingNetwork, str]]:
+async def open_victim(
+    data_dir: Path, *, enrolled: bool = False
+) -> AsyncIterator[tuple[Node, MemoryTransport, RecordingNetwork, str]]:
     """A node that synced two sessions with a peer (recording the traffic);
-    the peer is then gone, so nothing but the fuzzer changes the victim."""
+    the peer is then gone, so nothing but the fuzzer changes the victim.
+    ``enrolled``: both are enrolled in one site and seal their traffic (the
+    recorded seeds are sealed too); the transport handed out is the inner one,
+    whose routes are the sealed handlers."""
     net = RecordingNetwork()
+    site_dir = None
+    if enrolled:
+        site_dir = data_dir / "site"
+        create_site(site_dir, "field", now=time.time())
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         transport = await stack.enter_async_context(net.transport(VICTIM))
-        victim = Node(
-            NodeConfig(node_id="victim", data_dir=data_dir / "victim", seed=1, gossip_interval=0.1, inline_io=True),
-            transport=transport,
-            discovery=StaticDiscovery([PEER]),
-        )
+        victim = _node("victim", data_dir, transport, PEER, site_dir)
         await nursery.start(victim.serve)
         async with net.transport(PEER) as peer_transport, trio.open_nursery() as peer_nursery:
-            peer = Node(
-                NodeConfig(node_id="peer", data_dir=data_dir / "peer", seed=2, gossip_interval=0.1, inline_io=True),
-                transport=peer_transport,
-                discovery=StaticDiscovery([VICTIM]),
-            )
+            peer = _node("peer", data_dir, peer_transport, VICTIM, site_dir)
             await peer_nursery.start(peer.serve)
             mine = await victim.create_session("charger-1", 1, "TOKEN-1", meter_wh=0)
             await victim.record_event(mine["session_id"], "meter", 1200)
@@ -151,7 +177,9 @@ async def open_victim(data_dir: Path) -> AsyncIterator[tuple[Node, MemoryTranspo
             nursery.cancel_scope.cancel()
 
 
-def coap_targets(victim: Node, transport: MemoryTransport, recorded: dict[str, list[bytes]]) -> list[Target]:
+def coap_targets(
+    victim: Node, transport: MemoryTransport, recorded: dict[str, list[bytes]], prefix: str = "coap"
+) -> list[Target]:
     """One target per (resource, method) in the node's route table."""
     targets = []
     for resource, method in transport.routes():
@@ -174,7 +202,7 @@ def coap_targets(victim: Node, transport: MemoryTransport, recorded: dict[str, l
             return outcome
 
         seeds = [b"\x01" + p for p in recorded.get(resource, [])] or [b"\x01"]
-        targets.append(Target(f"coap:{resource}:{method}", one, seeds))
+        targets.append(Target(f"{prefix}:{resource}:{method}", one, seeds))
     return targets
 
 
@@ -300,12 +328,20 @@ def cloud_target(cloud: Any) -> Target:
 
 @asynccontextmanager
 async def open_targets(workdir: Path) -> AsyncIterator[list[Target]]:
+    (workdir / "plain").mkdir()
+    (workdir / "sealed").mkdir()
     async with (
-        open_victim(workdir) as (victim, transport, net, session_id),
+        open_victim(workdir / "plain") as (victim, transport, net, session_id),
+        open_victim(workdir / "sealed", enrolled=True) as (sealed_victim, sealed_transport, sealed_net, _),
         open_cloud(f"sqlite:///{workdir / 'cloud.db'}", signing_key=CLOUD_KEY, wall_clock=lambda: 1_700_000_000.0)
         as cloud,
     ):
-        yield [*coap_targets(victim, transport, net.recorded), api_target(victim, session_id), cloud_target(cloud)]
+        yield [
+            *coap_targets(victim, transport, net.recorded),
+            *coap_targets(sealed_victim, sealed_transport, sealed_net.recorded, prefix="coap-sealed"),
+            api_target(victim, session_id),
+            cloud_target(cloud),
+        ]
 
 
 # --------------------------------------------------------------------------

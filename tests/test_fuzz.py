@@ -32,6 +32,7 @@ def test_short_fuzz_run_finds_no_crash_no_change_and_flat_memory(tmp_path: Path)
     assert report["inputs"] == INPUTS
     # Every resource of the node is a target, and each got inputs.
     assert {"coap:/m/hello:GET", "coap:/m/members:POST", "coap:/m/digest:POST", "coap:/m/sync:POST",
+            "coap-sealed:/m/sync:POST",
             "http:node-api", "http:cloud"} <= set(report["targets"])
     assert all(report["inputs_by_target"].get(t, 0) > 0 for t in report["targets"])
     assert (report["crashes"], report["documents_changed"]) == (0, 0), json.dumps(report["failures"], indent=2)
