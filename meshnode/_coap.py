@@ -346,18 +346,22 @@ class _LoopGuard:
         self.previous = loop.get_exception_handler()
         self.users = 0
         self.absorbed = 0
+        self.budget = LogBudget()
         loop.set_exception_handler(self._handle)
 
     def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, Exception) and _raised_in_aiocoap(exc):
             self.absorbed += 1
-            log.error(
-                "aiocoap callback failed (%d so far), serving on: %s",
-                self.absorbed,
-                context.get("message", ""),
-                exc_info=exc,
-            )
+            held = self.budget.allow(type(exc).__name__, time.monotonic())
+            if held is not None:
+                log.error(
+                    "aiocoap callback failed (%d so far), serving on: %s%s",
+                    self.absorbed,
+                    context.get("message", ""),
+                    held_back(held, self.budget.interval),
+                    exc_info=exc,
+                )
             return
         if self.previous is not None:
             self.previous(loop, context)
