@@ -71,6 +71,7 @@ from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from ._transport import (
     DEFAULT_HANDLER_TIMEOUT,
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_TIMEOUT,
     SHUTTING_DOWN,
@@ -449,6 +450,7 @@ class CoapTransport:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         tuning: TransportTuning | None = None,
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.address = format_address(bind, port)
         self.max_payload = max_payload
@@ -457,7 +459,9 @@ class CoapTransport:
         self._loop = loop
         self._tuning = tuning if tuning is not None else MeshTuning()
         self._router = Router()
-        self._dispatcher = Dispatcher(self._router, self.stats, max_payload, handler_timeout=handler_timeout)
+        self._dispatcher = Dispatcher(
+            self._router, self.stats, max_payload, handler_timeout=handler_timeout, max_in_flight=max_in_flight
+        )
         self._site = _MeshSite(self)
         self._site.add_resource(
             (".well-known", "core"),
@@ -889,6 +893,7 @@ async def open_coap_transport(
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     tuning: TransportTuning | None = None,
     handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> AsyncIterator[CoapTransport]:
     """Serve and send CoAP on UDP ``bind``:``port`` for the duration of the block.
 
@@ -908,6 +913,8 @@ async def open_coap_transport(
         handler_timeout: longest a handler may work on one request before it
             is cancelled and the request answered 5.03 (the requester has
             given up by then; UDP cannot say so).
+        max_in_flight: most requests served at once; one more is answered
+            5.03 at once (load is shed, not queued).
 
     Raises:
         TransportError: the address cannot be bound (in use, not local).
@@ -919,7 +926,13 @@ async def open_coap_transport(
     if loop is None:
         raise RuntimeError("open_coap_transport must run inside trio_asyncio.open_loop()")
     transport = CoapTransport(
-        loop, bind, port, max_payload=max_payload, tuning=tuning, handler_timeout=handler_timeout
+        loop,
+        bind,
+        port,
+        max_payload=max_payload,
+        tuning=tuning,
+        handler_timeout=handler_timeout,
+        max_in_flight=max_in_flight,
     )
     await transport._open()
     try:

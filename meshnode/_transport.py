@@ -29,6 +29,7 @@ request payload > ``max_payload``     4.13, handler not called (RFC 7959 s2.9.3)
 raises any other exception            5.00, logged at ERROR with traceback
 transport closing under the handler   5.03
 handler runs past ``handler_timeout``   5.03, handler cancelled
+``max_in_flight`` handlers already run  5.03 at once, handler not called
 ====================================  =====================================
 
 Error responses carry a diagnostic payload (RFC 7252 section 5.5.2): UTF-8 text
@@ -61,6 +62,7 @@ import trio
 
 __all__ = [
     "DEFAULT_HANDLER_TIMEOUT",
+    "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_TIMEOUT",
     "METHODS",
@@ -110,6 +112,11 @@ server that the requester gave up, so work is bounded instead: past the
 longest time a requester waits (``DEFAULT_TIMEOUT``; the node's own requests
 wait 3 s) nobody reads the answer, and a server that kept going would feed its
 own overload. The handler is cancelled and the request answered 5.03."""
+
+DEFAULT_MAX_IN_FLIGHT = 64
+"""Most requests a server works on at once. One more is answered 5.03 at
+once instead of queueing behind the others: under overload a server sheds
+work rather than growing a backlog that its requesters have given up on."""
 
 METHODS = frozenset({"GET", "POST"})
 """Methods a route can be registered for. GET reads, POST exchanges (sync)."""
@@ -545,6 +552,7 @@ def refusal_in(exc: BaseException) -> RequestRefused | None:
 INTERNAL_ERROR = Response("5.00", b"internal server error")
 SHUTTING_DOWN = Response("5.03", b"shutting down")
 TOO_SLOW = Response("5.03", b"request took too long to serve")
+BUSY = Response("5.03", b"busy: too many requests in progress")
 
 
 def response_error(response: Response) -> RemoteRefused:
@@ -569,13 +577,18 @@ class Dispatcher:
         logger: logging.Logger = log,
         clock: Callable[[], float] = time.monotonic,
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.router = router
         self.stats = stats
         self.max_payload = max_payload
         self.handler_timeout = handler_timeout
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self.abandoned = 0
         """Handlers cancelled at ``handler_timeout``."""
+        self.shed = 0
+        """Requests answered 5.03 because ``max_in_flight`` handlers ran."""
         self.log = logger
         self.clock = clock
         self.refusals = LogBudget()
@@ -608,6 +621,20 @@ class Dispatcher:
         self.stats.requests_received += 1
         self.stats.bytes_received += len(payload)
         handler = self.router.lookup(resource, method)
+        if self.in_flight >= self.max_in_flight:
+            self.shed += 1
+            held = self.refusals.allow(("5.03", "busy"), self.clock())
+            if held is not None:
+                self.log.warning(
+                    "shed %s %s from %s: %d requests in progress%s",
+                    method,
+                    resource,
+                    remote,
+                    self.in_flight,
+                    held_back(held, self.refusals.interval),
+                )
+            return self._failed(BUSY)
+        self.in_flight += 1
         try:
             with trio.move_on_after(self.handler_timeout):
                 result = await handler(payload, remote)
@@ -618,6 +645,8 @@ class Dispatcher:
                 return self._refused(resource, remote, refused)
             self.log.exception("handler for %s %s from %s crashed", method, resource, remote)
             return self._failed(INTERNAL_ERROR)
+        finally:
+            self.in_flight -= 1
         self.abandoned += 1
         held = self.refusals.allow(("5.03", resource), self.clock())
         if held is not None:
@@ -744,6 +773,7 @@ class MemoryNetwork:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> AsyncIterator[MemoryTransport]:
         """Open a transport at ``address`` ("host:port"); closed on exit.
 
@@ -760,7 +790,9 @@ class MemoryNetwork:
         split_address(address)
         if address in self._transports:
             raise TransportError(f"address {address} is already in use")
-        transport = MemoryTransport(self, address, max_payload=max_payload, handler_timeout=handler_timeout)
+        transport = MemoryTransport(
+            self, address, max_payload=max_payload, handler_timeout=handler_timeout, max_in_flight=max_in_flight
+        )
         self._transports[address] = transport
         try:
             yield transport
@@ -827,6 +859,7 @@ class MemoryTransport:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.address = address
         self.max_payload = max_payload
@@ -834,7 +867,9 @@ class MemoryTransport:
         self._network = network
         self._context = contextvars.copy_context()
         self._router = Router()
-        self._dispatcher = Dispatcher(self._router, self.stats, max_payload, handler_timeout=handler_timeout)
+        self._dispatcher = Dispatcher(
+            self._router, self.stats, max_payload, handler_timeout=handler_timeout, max_in_flight=max_in_flight
+        )
         self._handlers = ScopeSet()
         self._requests = ScopeSet()
         self.closed = False

@@ -432,6 +432,39 @@ async def test_handler_past_its_deadline_is_cancelled_and_answered_503(rig: Rig)
         await rig.tasks_settle()
 
 
+async def test_server_sheds_requests_beyond_max_in_flight_with_503(rig: Rig) -> None:
+    """Overload is shed, not queued: with ``max_in_flight`` handlers running,
+    one more request is answered 5.03 at once without calling its handler;
+    the running ones finish normally."""
+    async with open_nodes(rig, 2, max_in_flight=3) as (a, b):
+        release = trio.Event()
+        started: list[bytes] = []
+
+        async def held(payload: bytes, remote: str) -> bytes:
+            started.append(payload)
+            await release.wait()
+            return payload
+
+        a.route("/m/held", held)
+        answers: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(lambda i=i: _append(answers, b.request(a.address, "/m/held", bytes([i]))))
+            with trio.fail_after(5):
+                while len(started) < 3:
+                    await trio.sleep(0.01)
+            with pytest.raises(RemoteRefused) as refused:
+                await b.request(a.address, "/m/held", b"one too many", timeout=3)
+            assert refused.value.code == "5.03" and len(started) == 3
+            release.set()
+        assert sorted(answers) == [b"\x00", b"\x01", b"\x02"]
+        assert a._dispatcher.shed == 1 and a._dispatcher.in_flight == 0
+
+
+async def _append(into: list[bytes], request: Awaitable[bytes]) -> None:
+    into.append(await request)
+
+
 async def test_stats_count_requests_bytes_and_errors(rig: Rig) -> None:
     async with open_nodes(rig, 2) as (a, b):
         a.route("/m/echo", echo_handler())
