@@ -149,9 +149,16 @@ DEDUP_MAX = 4096
 the lifetime, so a flood from strangers costs at most this many entries."""
 
 BLOCKWISE_MAX = 16
-"""Most incomplete block-wise uploads (and cached block-wise responses) one
-route keeps; the oldest go first. aiocoap bounds them only by time (93 to
-186 s); each upload may hold up to ``max_payload`` bytes."""
+"""Most incomplete block-wise uploads one route keeps; the oldest go first.
+aiocoap bounds them only by time (93 to 186 s); each may hold up to
+``max_payload`` bytes, and anyone can start one."""
+
+BLOCK2_CACHE_MAX = 64
+"""Most block-wise responses one route keeps for their requesters to fetch
+block by block; the oldest go first. Entries outlive their transfer by up to
+two MAX_TRANSMIT_WAIT (22 s), so the bound is larger than for uploads: an
+entry evicted mid-transfer fails that request (4.08). What is cached is our
+own answers, to requests that passed the handler."""
 
 
 def block1_extent(block_number: int, block_size: int, payload_len: int, size1: int | None) -> int:
@@ -804,7 +811,7 @@ def _bound_blockwise(resource: aiocoap.resource.Resource, timeout: float) -> Non
         raise RuntimeError(  # noqa: TRY004 (a changed library, not a caller's type)
             "aiocoap's block-wise spools changed shape; review _coap.py")
     spool._assemblies = _BoundedTimeoutDict(timeout, BLOCKWISE_MAX)
-    cache._completes = _BoundedTimeoutDict(timeout, BLOCKWISE_MAX)
+    cache._completes = _BoundedTimeoutDict(timeout, BLOCK2_CACHE_MAX)
 
 
 def _guard_datagram_input(context: aiocoap.Context) -> None:

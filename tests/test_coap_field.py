@@ -304,7 +304,7 @@ async def test_a_flood_of_bad_datagrams_leaves_bounded_state_and_few_log_lines(
     garbage, refused requests, unknown paths, and first blocks of uploads that
     never finish. The structures stay within their bounds, the log holds a
     handful of lines with counts, and the node serves on."""
-    from meshnode._coap import BLOCKWISE_MAX, DEDUP_MAX
+    from meshnode._coap import BLOCK2_CACHE_MAX, BLOCKWISE_MAX, DEDUP_MAX
     from meshnode._transport import BadRequest
 
     caplog.set_level(logging.WARNING)
@@ -345,7 +345,7 @@ async def test_a_flood_of_bad_datagrams_leaves_bounded_state_and_few_log_lines(
                 sock.close()
         sizes = a.state_sizes()
         assert sizes["dedup"] <= DEDUP_MAX
-        assert sizes["block1"] <= BLOCKWISE_MAX and sizes["block2"] <= BLOCKWISE_MAX
+        assert sizes["block1"] <= BLOCKWISE_MAX and sizes["block2"] <= BLOCK2_CACHE_MAX
         assert sizes["serving"] == 0
         # Every refusal is counted, by code and path; only a few are logged.
         # (Not every datagram arrives: the kernel drops what overflows the socket.)
