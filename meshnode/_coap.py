@@ -44,29 +44,40 @@ docs/transport.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
+import inspect
 import itertools
 import logging
 import socket
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiocoap
+import aiocoap.blockwise
 import aiocoap.error
 import aiocoap.pipe
+import aiocoap.protocol
 import aiocoap.resource
 import trio
 import trio_asyncio
 from aiocoap.numbers.codes import Code
-from aiocoap.numbers.constants import TransportTuning
+from aiocoap.numbers.constants import COAP_PORT, TransportTuning
+from aiocoap.numbers.types import CON
+from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from ._transport import (
+    DEFAULT_HANDLER_TIMEOUT,
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_TIMEOUT,
     SHUTTING_DOWN,
     Dispatcher,
     Handler,
+    LogBudget,
     PeerUnreachable,
     RequestRefused,
     RequestTimeout,
@@ -79,7 +90,9 @@ from ._transport import (
     check_request,
     check_resource,
     format_address,
+    held_back,
     response_error,
+    with_default_port,
 )
 
 __all__ = [
@@ -88,6 +101,7 @@ __all__ = [
     "MeshTuning",
     "block1_extent",
     "open_coap_transport",
+    "remote_address",
     "translate_error",
 ]
 
@@ -119,6 +133,32 @@ class MeshTuning(TransportTuning):
     ACK_TIMEOUT = 0.5
     MAX_RETRANSMIT = 3
     reliability = True
+
+
+DEDUP_LIFETIME = 30.0
+"""Seconds a received request's message id is remembered to recognise a
+retransmission (RFC 7252 s4.5). aiocoap keeps it for EXCHANGE_LIFETIME, 247 s
+from the RFC's MAX_LATENCY of 100 s, with a timer per message: 44,000 fuzzed
+datagrams in the field were that many entries, timers and decoded messages.
+Our peers retransmit for MAX_TRANSMIT_SPAN = 5.25 s (:class:`MeshTuning`); a
+generic client with default tuning for 45 s, after which a late duplicate is
+served again (our handlers are idempotent: sync, digest, members, hello)."""
+
+DEDUP_MAX = 4096
+"""Most message ids remembered; the oldest go first. A second bound next to
+the lifetime, so a flood from strangers costs at most this many entries."""
+
+BLOCKWISE_MAX = 16
+"""Most incomplete block-wise uploads one route keeps; the oldest go first.
+aiocoap bounds them only by time (93 to 186 s); each may hold up to
+``max_payload`` bytes, and anyone can start one."""
+
+BLOCK2_CACHE_MAX = 64
+"""Most block-wise responses one route keeps for their requesters to fetch
+block by block; the oldest go first. Entries outlive their transfer by up to
+two MAX_TRANSMIT_WAIT (22 s), so the bound is larger than for uploads: an
+entry evicted mid-transfer fails that request (4.08). What is cached is our
+own answers, to requests that passed the handler."""
 
 
 def block1_extent(block_number: int, block_size: int, payload_len: int, size1: int | None) -> int:
@@ -170,7 +210,198 @@ class _QuietContinue(logging.Filter):
         return True
 
 
-logging.getLogger(AIOCOAP_LOGGER).addFilter(_QuietContinue())
+class _RateLimited(logging.Filter):
+    """aiocoap logs at WARNING for many things a stranger can cause at will
+    ("Ignoring unparsable message", "Received a message with code ... (those
+    don't fit)", ...). One line per message template per 10 s, with how many
+    were held back; INFO and DEBUG pass unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.budget = LogBudget()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held = self.budget.allow((record.name, str(record.msg)), time.monotonic())
+        if held is None:
+            return False
+        if held:
+            record.msg = record.getMessage() + held_back(held, self.budget.interval)
+            record.args = None
+        return True
+
+
+AIOCOAP_LOG_BUDGET = _RateLimited()
+for _name in (AIOCOAP_LOGGER, f"{AIOCOAP_LOGGER}.blockwise-requester"):
+    logging.getLogger(_name).addFilter(_QuietContinue())
+    logging.getLogger(_name).addFilter(AIOCOAP_LOG_BUDGET)
+
+
+# --------------------------------------------------------------------------
+# A requester that gave up: aiocoap's futures must not be set afterwards
+#
+# Our request() runs aiocoap's request in an asyncio task; when the caller's
+# deadline passes, trio-asyncio cancels that task, and the cancellation walks
+# down aiocoap's chain one loop pass at a time: the BlockwiseRequest's
+# response future is cancelled, its done callback (run later by call_soon)
+# cancels the block-wise runner task, whose await cancels the inner
+# Request's response future, whose done callback (again later) unhooks that
+# Request from its pipe. In 0.4.17 neither Request._run (protocol.py:628/630)
+# nor BlockwiseRequest._run (protocol.py:940) checks for a cancelled future
+# before setting it, so an event that arrives inside one of those windows
+# raises InvalidStateError:
+#
+# - a response datagram: in MessageInterfaceUDP6.datagram_msg_received, under
+#   _guard_datagram_input (the datagram was dropped, and the pipe's remaining
+#   callbacks were skipped);
+# - retransmissions exhausted for that peer: MessageManager._retransmit, a
+#   loop timer, calls TokenManager.dispatch_error, which fails every request
+#   to that peer; one whose future is cancelled raises out of the timer, into
+#   the loop's exception handler, which in trio-asyncio re-raises it into the
+#   loop's nursery and ends the node;
+# - the block-wise runner finishing: logged at ERROR by _run_outer.
+#
+# trio-asyncio widens the windows: due timers run before queued callbacks, and
+# each queued callback is a trio checkpoint at which socket readers run.
+# The block-wise variant was reported upstream in 2020 (chrysn/aiocoap#210,
+# closed) and is still in 0.4.17; the Request._run variant is the one that
+# ended nodes.
+# The fix is where the bug is: a requester whose future is cancelled has given
+# up, so the event is dropped instead of set (asyncio's own
+# futures._set_result_unless_cancelled does the same).
+
+
+def _run_unless_abandoned(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap the generator ``Request._run`` so that events reaching a Request
+    whose response future is already cancelled end it quietly (the pending
+    done callback then finds nothing left to unhook)."""
+
+    def _run(self: Any) -> Any:
+        runner = original(self)
+        ready = runner.send(None)
+        while True:
+            event = yield ready
+            if self.response.cancelled():
+                runner.close()
+                return
+            try:
+                ready = runner.send(event)
+            except StopIteration:
+                return
+
+    _run.__wrapped__ = original  # type: ignore[attr-defined]
+    return _run
+
+
+class _UnlessCancelled:
+    """The response future as BlockwiseRequest's runner sees it: setting a
+    result or exception on a cancelled future does nothing."""
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def set_result(self, result: Any) -> None:
+        if not self._future.cancelled():
+            self._future.set_result(result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        if not self._future.cancelled():
+            self._future.set_exception(exception)
+
+
+def _install_abandon_guards() -> None:
+    """Patch the two places of aiocoap (checked for 0.4.17's shape; fails
+    loudly at import if it changed, rather than running unguarded)."""
+    request_run = aiocoap.protocol.Request._run
+    run_outer = aiocoap.protocol.BlockwiseRequest.__dict__.get("_run_outer")
+    if getattr(request_run, "__wrapped__", None) is not None:
+        return  # already installed (module reloaded)
+    if not inspect.isgeneratorfunction(request_run) or not isinstance(run_outer, classmethod):
+        raise RuntimeError("aiocoap's Request._run / BlockwiseRequest._run_outer changed shape; review _coap.py")
+    aiocoap.protocol.Request._run = _run_unless_abandoned(request_run)  # type: ignore[method-assign]
+    original_outer = run_outer.__func__
+
+    async def _run_outer(
+        cls: Any, app_request: Any, response: Any, weak_observation: Any, protocol: Any, log: Any
+    ) -> None:
+        await original_outer(cls, app_request, _UnlessCancelled(response), weak_observation, protocol, log)
+
+    _run_outer.__wrapped__ = original_outer  # type: ignore[attr-defined]
+    aiocoap.protocol.BlockwiseRequest._run_outer = classmethod(_run_outer)  # type: ignore[assignment,method-assign]
+
+
+_install_abandon_guards()
+
+
+class _LoopGuard:
+    """Last line of defence on the asyncio loop: an exception that escapes an
+    aiocoap callback (its traceback passes through aiocoap) is logged at ERROR
+    with its traceback and counted, and the node keeps serving; anything else
+    goes to the handler that was there before (trio-asyncio's re-raises).
+
+    One per loop, shared by the transports on it, removed with the last.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.previous = loop.get_exception_handler()
+        self.users = 0
+        self.absorbed = 0
+        self.budget = LogBudget()
+        loop.set_exception_handler(self._handle)
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, Exception) and _raised_in_aiocoap(exc):
+            self.absorbed += 1
+            held = self.budget.allow(type(exc).__name__, time.monotonic())
+            if held is not None:
+                log.error(
+                    "aiocoap callback failed (%d so far), serving on: %s%s",
+                    self.absorbed,
+                    context.get("message", ""),
+                    held_back(held, self.budget.interval),
+                    exc_info=exc,
+                )
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            if self.loop.get_exception_handler() == self._handle:
+                self.loop.set_exception_handler(self.previous)
+            _LOOP_GUARDS.pop(self.loop, None)
+
+
+_LOOP_GUARDS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopGuard] = weakref.WeakKeyDictionary()
+
+
+def _loop_guard(loop: asyncio.AbstractEventLoop) -> _LoopGuard:
+    guard = _LOOP_GUARDS.get(loop)
+    if guard is None:
+        guard = _LOOP_GUARDS[loop] = _LoopGuard(loop)
+    guard.users += 1
+    return guard
+
+
+def _raised_in_aiocoap(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith("aiocoap"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _RouteResource(aiocoap.resource.Resource):
@@ -183,6 +414,7 @@ class _RouteResource(aiocoap.resource.Resource):
         super().__init__()
         self._transport = transport
         self._resource = resource
+        _bound_blockwise(self, transport._tuning.MAX_TRANSMIT_WAIT)
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._transport._render(self._resource, request)
@@ -224,6 +456,8 @@ class CoapTransport:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         tuning: TransportTuning | None = None,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.address = format_address(bind, port)
         self.max_payload = max_payload
@@ -232,7 +466,9 @@ class CoapTransport:
         self._loop = loop
         self._tuning = tuning if tuning is not None else MeshTuning()
         self._router = Router()
-        self._dispatcher = Dispatcher(self._router, self.stats, max_payload)
+        self._dispatcher = Dispatcher(
+            self._router, self.stats, max_payload, handler_timeout=handler_timeout, max_in_flight=max_in_flight
+        )
         self._site = _MeshSite(self)
         self._site.add_resource(
             (".well-known", "core"),
@@ -245,12 +481,37 @@ class CoapTransport:
         self._closed = False
         self._renders = 0
         self._renders_idle: asyncio.Event | None = None
+        self._loop_guard: _LoopGuard | None = None
+        self._recent: _RecentMessages | None = None
+        self._route_resources: list[_RouteResource] = []
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every routed (path, method); see :meth:`Router.routes`."""
+        return self._router.routes()
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries held on behalf of peers, for tests and the status page:
+        message ids remembered, incomplete block-wise uploads and cached
+        block-wise responses (all routes), requests being served."""
+        sizes = {"dedup": len(self._recent) if self._recent is not None else 0}
+        sizes["block1"] = sum(len(r._block1._assemblies) for r in self._route_resources)
+        sizes["block2"] = sum(len(r._block2._completes) for r in self._route_resources)
+        sizes["serving"] = len(self._handlers)
+        return sizes
+
+    @property
+    def loop_errors(self) -> int:
+        """Exceptions from aiocoap callbacks that the loop guard absorbed on
+        this transport's loop (shared by the transports on one loop)."""
+        return self._loop_guard.absorbed if self._loop_guard is not None else 0
 
     # -- Transport interface ----------------------------------------------
 
     def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
         if self._router.add(resource, handler, method):
-            self._site.add_resource(check_resource(resource), _RouteResource(self, resource))
+            routed = _RouteResource(self, resource)
+            self._route_resources.append(routed)
+            self._site.add_resource(check_resource(resource), routed)
 
     async def request(
         self,
@@ -313,11 +574,17 @@ class CoapTransport:
             )
         except (OSError, aiocoap.error.Error) as exc:
             raise TransportError(f"cannot open CoAP transport on {self.address}: {exc}") from exc
+        self._loop_guard = _loop_guard(self._loop)
         try:
             _guard_datagram_input(self._context)
+            (interface,) = self._context.request_interfaces
+            self._recent = _bound_deduplication(interface.token_interface)
+            _stop_sending_abandoned(interface.token_interface)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio_asyncio.aio_as_trio(self._context.shutdown, loop=self._loop)()
+            self._loop_guard.release()
+            self._loop_guard = None
             raise
         log.debug("CoAP transport listening on %s", self.address)
 
@@ -335,6 +602,9 @@ class CoapTransport:
         if self._context is not None:
             context, self._context = self._context, None
             await trio_asyncio.aio_as_trio(context.shutdown, loop=self._loop)()
+        if self._loop_guard is not None:
+            guard, self._loop_guard = self._loop_guard, None
+            guard.release()
         log.debug("CoAP transport on %s closed", self.address)
 
     # -- internals ------------------------------------------------------------
@@ -362,7 +632,7 @@ class CoapTransport:
         refused: RequestRefused | None = self._dispatcher.check(resource, request.code.name, size)
         if refused is None:
             return None
-        return self._message(self._dispatcher.refuse(resource, request.remote.hostinfo, refused))
+        return self._message(self._dispatcher.refuse(resource, remote_address(request.remote), refused))
 
     async def _render(self, resource: str, request: aiocoap.Message) -> aiocoap.Message:
         """asyncio side of serving: hand the reassembled request to trio.
@@ -373,7 +643,7 @@ class CoapTransport:
         self._renders += 1
         try:
             response: Response = await trio_asyncio.trio_as_aio(self._serve, loop=self._loop)(
-                resource, request.code.name, bytes(request.payload), request.remote.hostinfo
+                resource, request.code.name, bytes(request.payload), remote_address(request.remote)
             )
             return self._message(response)
         finally:
@@ -405,6 +675,143 @@ class CoapTransport:
         elif response.code == "4.13":
             message.opt.size1 = self.max_payload
         return message
+
+
+def remote_address(remote: Any) -> str:
+    """A requester's address as "host:port" / "[v6]:port", port always given.
+
+    aiocoap's ``hostinfo`` leaves out the CoAP default port 5683 (URI style,
+    RFC 7252 s6.1). Handlers record the requester's address and later send
+    requests to it, which need a port: a node on the default port would be
+    recorded as "10.78.0.4" and the next request to it refused as a bad
+    address. Every remote address leaves the transport through here.
+    """
+    return with_default_port(remote.hostinfo, COAP_PORT)
+
+
+class _RecentMessages(dict):  # type: ignore[type-arg]
+    """aiocoap's deduplication cache (``MessageManager._recent_messages``,
+    (remote, message id) -> response or None), bounded by age and count and
+    kept without a timer per entry: entries are dropped as new ones arrive."""
+
+    def __init__(self, lifetime: float, max_entries: int) -> None:
+        super().__init__()
+        self.lifetime = lifetime
+        self.max_entries = max_entries
+        self._added: collections.OrderedDict[Any, float] = collections.OrderedDict()
+
+    def add(self, key: Any, now: float) -> None:
+        while self._added:
+            oldest, at = next(iter(self._added.items()))
+            if at > now - self.lifetime and len(self._added) < self.max_entries:
+                break
+            del self._added[oldest]
+            super().pop(oldest, None)
+        self[key] = None
+        self._added[key] = now
+        self._added.move_to_end(key)
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        self._added.pop(key, None)
+        return super().pop(key, default)
+
+
+def _bound_deduplication(manager: Any) -> _RecentMessages:
+    """Replace the message manager's deduplication with a bounded one (same
+    behaviour as aiocoap 0.4.17's ``_deduplicate_message`` otherwise)."""
+    if not isinstance(getattr(manager, "_recent_messages", None), dict) or not hasattr(
+        manager, "_deduplicate_message"
+    ):
+        raise RuntimeError("aiocoap's MessageManager changed shape; review _coap.py")
+    recent = _RecentMessages(DEDUP_LIFETIME, DEDUP_MAX)
+    manager._recent_messages = recent
+
+    def _deduplicate_message(message: aiocoap.Message) -> bool:
+        key = (message.remote, message.mid)
+        if key in recent:
+            if message.mtype is CON:
+                stored = recent[key]
+                if stored is not None:
+                    manager.log.info("Duplicate CON received, sending old response again")
+                    manager._send_initially(stored)
+                else:
+                    manager.log.info("Duplicate CON received, no response to send yet")
+            else:
+                manager.log.info("Duplicate NON, ACK or RST received")
+            return True
+        recent.add(key, manager.loop.time())
+        return False
+
+    manager._deduplicate_message = _deduplicate_message
+    return recent
+
+
+def _stop_sending_abandoned(manager: Any) -> None:
+    """Let a request that its requester gave up stop being sent.
+
+    aiocoap's TokenManager asks the layer below for a "send canceller" and
+    calls it on the request's first event, and when interest in the request
+    ends (its future was cancelled); 0.4.17's MessageManager returns none.
+    So a request we gave up on kept its place: retransmitted for up to
+    MAX_TRANSMIT_WAIT (11 s with :class:`MeshTuning`), holding the one
+    exchange aiocoap allows per peer (NSTART = 1, RFC 7252 s4.7) and keeping
+    every later request to that peer in the backlog, and a request given up
+    while still in the backlog was sent anyway, later, to nobody. Against an
+    overloaded peer that is overload feeding itself. Here the canceller drops
+    the message from the backlog, or ends its exchange (no more
+    retransmissions; the next message in the backlog goes out).
+    """
+    send = manager.send_message
+    if not callable(send) or not isinstance(getattr(manager, "_backlogs", None), dict):
+        raise RuntimeError("aiocoap's MessageManager changed shape; review _coap.py")  # noqa: TRY004
+
+    def send_message(message: aiocoap.Message, messageerror_monitor: Any) -> Callable[[], None] | None:
+        canceller = send(message, messageerror_monitor)
+        if canceller is not None or message.mtype is not CON or not message.code.is_request():
+            return canceller
+        remote, key = message.remote, (message.remote, message.mid)
+
+        def cancel() -> None:
+            exchanges = manager._active_exchanges
+            if exchanges is None:  # shutting down
+                return
+            backlog = manager._backlogs.get(remote)
+            if backlog:
+                backlog[:] = [entry for entry in backlog if entry[0] is not message]
+            entry = exchanges.pop(key, None)
+            if entry is not None:
+                entry[1].cancel()  # the retransmission timer
+                manager._continue_backlog(remote)
+
+        return cancel
+
+    manager.send_message = send_message
+
+
+class _BoundedTimeoutDict(TimeoutDict):  # type: ignore[misc]
+    """aiocoap's TimeoutDict with a most number of entries, oldest out first."""
+
+    def __init__(self, timeout: float, max_entries: int) -> None:
+        super().__init__(timeout)
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self._items:
+            while len(self._items) >= self.max_entries:
+                del self._items[next(iter(self._items))]
+        super().__setitem__(key, value)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _bound_blockwise(resource: aiocoap.resource.Resource, timeout: float) -> None:
+    spool, cache = getattr(resource, "_block1", None), getattr(resource, "_block2", None)
+    if not isinstance(spool, aiocoap.blockwise.Block1Spool) or not isinstance(cache, aiocoap.blockwise.Block2Cache):
+        raise RuntimeError(  # noqa: TRY004 (a changed library, not a caller's type)
+            "aiocoap's block-wise spools changed shape; review _coap.py")
+    spool._assemblies = _BoundedTimeoutDict(timeout, BLOCKWISE_MAX)
+    cache._completes = _BoundedTimeoutDict(timeout, BLOCK2_CACHE_MAX)
 
 
 def _guard_datagram_input(context: aiocoap.Context) -> None:
@@ -440,12 +847,24 @@ def _guard_datagram_input(context: aiocoap.Context) -> None:
         )
 
 
+DROPPED_DATAGRAMS = LogBudget()
+"""Datagrams dropped because handling them raised, by exception type."""
+
+
 def _drop_on_error(receive: Callable[[bytes, Any, int, Any], None]) -> Callable[[bytes, Any, int, Any], None]:
     def guarded_receive(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
         try:
             receive(data, ancdata, flags, address)
-        except Exception as exc:
-            log.warning("dropped a datagram of %d bytes from %s: %r", len(data), address, exc)
+        except Exception as exc:  # noqa: BLE001 (the point: no datagram may stop the node)
+            held = DROPPED_DATAGRAMS.allow(type(exc).__name__, time.monotonic())
+            if held is not None:
+                log.warning(
+                    "dropped a datagram of %d bytes from %s: %r%s",
+                    len(data),
+                    address,
+                    exc,
+                    held_back(held, DROPPED_DATAGRAMS.interval),
+                )
 
     return guarded_receive
 
@@ -480,6 +899,8 @@ async def open_coap_transport(
     *,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     tuning: TransportTuning | None = None,
+    handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> AsyncIterator[CoapTransport]:
     """Serve and send CoAP on UDP ``bind``:``port`` for the duration of the block.
 
@@ -496,6 +917,11 @@ async def open_coap_transport(
             the address is advertised.
         max_payload: largest request payload accepted; larger ones get 4.13.
         tuning: retransmission parameters, :class:`MeshTuning` by default.
+        handler_timeout: longest a handler may work on one request before it
+            is cancelled and the request answered 5.03 (the requester has
+            given up by then; UDP cannot say so).
+        max_in_flight: most requests served at once; one more is answered
+            5.03 at once (load is shed, not queued).
 
     Raises:
         TransportError: the address cannot be bound (in use, not local).
@@ -506,7 +932,15 @@ async def open_coap_transport(
     loop = trio_asyncio.current_loop.get()
     if loop is None:
         raise RuntimeError("open_coap_transport must run inside trio_asyncio.open_loop()")
-    transport = CoapTransport(loop, bind, port, max_payload=max_payload, tuning=tuning)
+    transport = CoapTransport(
+        loop,
+        bind,
+        port,
+        max_payload=max_payload,
+        tuning=tuning,
+        handler_timeout=handler_timeout,
+        max_in_flight=max_in_flight,
+    )
     await transport._open()
     try:
         yield transport

@@ -135,6 +135,7 @@ from ._transport import (
     BadRequest,
     Forbidden,
     Handler,
+    LogBudget,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -144,6 +145,7 @@ from ._transport import (
     TransportError,
     TransportStats,
     Unauthorized,
+    held_back,
     refusal_in,
 )
 
@@ -1646,6 +1648,10 @@ class SealedTransport:
             sealer.started = clock()
         self.refused: collections.Counter[str] = collections.Counter()
         self.bad_responses: collections.Counter[str] = collections.Counter()
+        self.log_budget = LogBudget()
+        """WARNING lines about bad responses and handlers' refusals: one per
+        reason per 10 s, with how many were held back (they are counted in
+        ``bad_responses`` / the dispatcher either way)."""
         self._peers: dict[str, str] = {}
         """address -> node id that answered there: requests then name their recipient."""
         self._max_peers = max_peers
@@ -1680,7 +1686,10 @@ class SealedTransport:
         except RemoteSecurityError as exc:
             self.bad_responses[exc.reason] += 1
             self._peers.pop(peer, None)
-            log.warning("response from %s to %s %s refused: %s (%s)", peer, method, resource, exc.message, exc.reason)
+            held = self.log_budget.allow(("response", exc.reason), self._clock())
+            if held is not None:
+                log.warning("response from %s to %s %s refused: %s (%s)%s", peer, method, resource, exc.message,
+                            exc.reason, held_back(held, self.log_budget.interval))
             raise ResponseRejected(f"{method} {peer}{resource}: response refused: {exc.message}", exc.reason) from exc
         if self._peers.get(peer) != opened.sender_node_id:
             self._peers.pop(peer, None)
@@ -1723,7 +1732,10 @@ class SealedTransport:
             refused = refusal_in(exc)
             if refused is None:
                 raise
-            log.warning("handler refused request from %s: %s %s", opened.sender_node_id, refused.code, refused.message)
+            held = self.log_budget.allow(("handler", refused.code), self._clock())
+            if held is not None:
+                log.warning("handler refused request from %s: %s %s%s", opened.sender_node_id, refused.code,
+                            refused.message, held_back(held, self.log_budget.interval))
             generic = _REFUSAL_CLASSES.get(refused.code, BadRequest)
             raise generic(f"{generic.message} (detail in the responder's log)") from exc
         return result[0]

@@ -28,6 +28,8 @@ path known, method not routed         4.05 (:class:`MethodNotAllowed`)
 request payload > ``max_payload``     4.13, handler not called (RFC 7959 s2.9.3)
 raises any other exception            5.00, logged at ERROR with traceback
 transport closing under the handler   5.03
+handler runs past ``handler_timeout``   5.03, handler cancelled
+``max_in_flight`` handlers already run  5.03 at once, handler not called
 ====================================  =====================================
 
 Error responses carry a diagnostic payload (RFC 7252 section 5.5.2): UTF-8 text
@@ -38,15 +40,20 @@ Errors are split by whose fault they are (see docs/transport.md):
 :class:`RequestTimeout` (no answer: loss, partition, dead or slow peer),
 :class:`PeerUnreachable` (the network said so, e.g. ICMP port unreachable),
 :class:`RemoteRefused` (the peer answered no), :class:`TransportClosed` (we
-closed our own transport). Local misuse (a malformed address or path, an
-unsupported method) raises :class:`ValueError` before anything is sent.
+closed our own transport). A malformed peer address raises
+:class:`BadAddress`, both a TransportError (addresses come from the network, so
+callers handle it like any failed exchange and keep running) and a ValueError.
+Other local misuse (a malformed path, an unsupported method) raises
+:class:`ValueError` before anything is sent.
 """
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import ClassVar, Protocol
@@ -54,13 +61,17 @@ from typing import ClassVar, Protocol
 import trio
 
 __all__ = [
+    "DEFAULT_HANDLER_TIMEOUT",
+    "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_PAYLOAD",
     "DEFAULT_TIMEOUT",
     "METHODS",
+    "BadAddress",
     "BadRequest",
     "Dispatcher",
     "Forbidden",
     "Handler",
+    "LogBudget",
     "MemoryNetwork",
     "MemoryTransport",
     "MethodNotAllowed",
@@ -78,9 +89,10 @@ __all__ = [
     "TransportError",
     "TransportStats",
     "Unauthorized",
-    "format_address",
     "check_request",
+    "format_address",
     "split_address",
+    "with_default_port",
 ]
 
 log = logging.getLogger("meshnode.transport")
@@ -93,6 +105,18 @@ can make us buffer."""
 DEFAULT_TIMEOUT = 5.0
 """Default bound on one request, seconds: several gossip rounds (1 s each), and
 the span over which the CoAP transport's own retransmissions give up."""
+
+DEFAULT_HANDLER_TIMEOUT = DEFAULT_TIMEOUT
+"""Longest a server works on one request, seconds. UDP has no way to tell a
+server that the requester gave up, so work is bounded instead: past the
+longest time a requester waits (``DEFAULT_TIMEOUT``; the node's own requests
+wait 3 s) nobody reads the answer, and a server that kept going would feed its
+own overload. The handler is cancelled and the request answered 5.03."""
+
+DEFAULT_MAX_IN_FLIGHT = 64
+"""Most requests a server works on at once. One more is answered 5.03 at
+once instead of queueing behind the others: under overload a server sheds
+work rather than growing a backlog that its requesters have given up on."""
 
 METHODS = frozenset({"GET", "POST"})
 """Methods a route can be registered for. GET reads, POST exchanges (sync)."""
@@ -119,6 +143,15 @@ class PeerUnreachable(TransportError):
     """The network reported that the peer cannot be reached (ICMP port or host
     unreachable, connection refused). Faster and surer than a timeout, but only
     ever a hint: a firewall drops instead of refusing."""
+
+
+class BadAddress(TransportError, ValueError):
+    """A peer address that is not "host:port" (or "[v6]:port").
+
+    Addresses reach a node from the network (a requester's address, a peer
+    list in gossip), so a bad one is a TransportError that callers already
+    handle like an unreachable peer; it is also a ValueError, as a local
+    mistake with an address always was."""
 
 
 class TransportClosed(TransportError):
@@ -215,21 +248,44 @@ def split_address(address: str) -> tuple[str, int]:
     """Parse "host:port" or "[v6]:port" into ``(host, port)``.
 
     Raises:
-        ValueError: if the string is not of that form (a local mistake, not a
-            network condition, hence not a TransportError).
+        BadAddress: if the string is not of that form (a ValueError too).
     """
+    if not isinstance(address, str):
+        raise BadAddress(f"bad address {address!r}: expected a host:port string")
     if address.startswith("["):
         host, sep, rest = address[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ValueError(f"bad address {address!r}: expected [v6]:port")
+            raise BadAddress(f"bad address {address!r}: expected [v6]:port")
         port_text = rest[1:]
     else:
         host, sep, port_text = address.rpartition(":")
         if not sep or ":" in host:
-            raise ValueError(f"bad address {address!r}: expected host:port")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad address {address!r}: expected host:port")
+            raise BadAddress(f"bad address {address!r}: expected host:port")
+    if not host or not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BadAddress(f"bad address {address!r}: expected host:port")
     return host, int(port_text)
+
+
+def with_default_port(hostinfo: str, default_port: int) -> str:
+    """Complete an address that may leave out the port, as CoAP URIs do for
+    the scheme's default port (RFC 7252 s6.1; aiocoap's ``hostinfo`` writes
+    "10.78.0.4" for 10.78.0.4:5683 and "[fe80::1%eth0]" for IPv6).
+
+    Returns "host:port" or "[v6]:port", the form every address in the node
+    takes, so that a peer is recorded under one address whatever port it uses.
+
+    Raises:
+        BadAddress: not "host", "host:port", "[v6]" or "[v6]:port".
+    """
+    if hostinfo.startswith("["):
+        if hostinfo.endswith("]"):
+            hostinfo = f"{hostinfo}:{default_port}"
+    elif hostinfo.count(":") == 0:
+        hostinfo = f"{hostinfo}:{default_port}"
+    elif hostinfo.count(":") > 1:  # a bare IPv6 literal
+        hostinfo = format_address(hostinfo, default_port)
+    split_address(hostinfo)
+    return hostinfo
 
 
 def format_address(host: str, port: int) -> str:
@@ -343,8 +399,9 @@ class Transport(Protocol):
             PeerUnreachable: the network reported the peer unreachable.
             RemoteRefused: the peer answered with an error code.
             TransportClosed: this transport is closed.
+            BadAddress: ``peer`` is not "host:port" (a ValueError too).
             TransportError: any other failure of the exchange.
-            ValueError: malformed peer address, resource or method.
+            ValueError: malformed resource or method.
         """
         ...
 
@@ -394,9 +451,61 @@ class Router:
             raise MethodNotAllowed(f"{method} not allowed on {resource}")
         return handler
 
+    def __contains__(self, resource: object) -> bool:
+        return resource in self._routes
+
     def paths(self) -> list[str]:
         """All routed paths, sorted (for /.well-known/core)."""
         return sorted(self._routes)
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every routed (path, method), sorted: what a fuzzer or a test of
+        every resource walks, so that new routes are covered without a list."""
+        return sorted((path, method) for path, methods in self._routes.items() for method in methods)
+
+
+class LogBudget:
+    """How often a repeated complaint about peers may be logged: one line per
+    key per ``interval`` seconds, saying how many were held back; every
+    occurrence is still counted (``counts``). Sans-IO: the caller passes ``now``.
+
+    A stranger can send refusable input as fast as the network carries it;
+    a WARNING for each would make the log the first thing to fill up (the
+    field saw 21,653 lines for 24,000 fuzzed datagrams). Keys must come from a
+    small set (a response code, an exception type, a routed path), never
+    from the input itself; at most ``max_keys`` are remembered, the oldest
+    forgotten first.
+    """
+
+    def __init__(self, interval: float = 10.0, max_keys: int = 256) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self.counts: collections.Counter[object] = collections.Counter()
+        self._open_at: collections.OrderedDict[object, float] = collections.OrderedDict()
+        self._held: collections.Counter[object] = collections.Counter()
+
+    def allow(self, key: object, now: float) -> int | None:
+        """Count one occurrence of ``key``. Returns None to stay silent, or
+        the number of occurrences held back since the last line (0 for the
+        first) to log one now."""
+        self.counts[key] += 1
+        if len(self.counts) > self.max_keys:
+            del self.counts[next(iter(self.counts))]
+        open_at = self._open_at.get(key)
+        if open_at is not None and now < open_at:
+            self._held[key] += 1
+            return None
+        self._open_at[key] = now + self.interval
+        self._open_at.move_to_end(key)
+        if len(self._open_at) > self.max_keys:
+            oldest, _ = self._open_at.popitem(last=False)
+            self._held.pop(oldest, None)
+        return self._held.pop(key, 0)
+
+
+def held_back(n: int, interval: float) -> str:
+    """The suffix of a rate-limited log line."""
+    return f" (and {n} more like it in the last {interval:.0f} s)" if n else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +551,8 @@ def refusal_in(exc: BaseException) -> RequestRefused | None:
 
 INTERNAL_ERROR = Response("5.00", b"internal server error")
 SHUTTING_DOWN = Response("5.03", b"shutting down")
+TOO_SLOW = Response("5.03", b"request took too long to serve")
+BUSY = Response("5.03", b"busy: too many requests in progress")
 
 
 def response_error(response: Response) -> RemoteRefused:
@@ -464,11 +575,25 @@ class Dispatcher:
         stats: TransportStats,
         max_payload: int,
         logger: logging.Logger = log,
+        clock: Callable[[], float] = time.monotonic,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.router = router
         self.stats = stats
         self.max_payload = max_payload
+        self.handler_timeout = handler_timeout
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.abandoned = 0
+        """Handlers cancelled at ``handler_timeout``."""
+        self.shed = 0
+        """Requests answered 5.03 because ``max_in_flight`` handlers ran."""
         self.log = logger
+        self.clock = clock
+        self.refusals = LogBudget()
+        """Refusals counted by (code, routed path or "other"), and the budget
+        of WARNING lines about them."""
 
     def check(self, resource: str, method: str, size: int) -> RequestRefused | None:
         """Decide, without side effects, whether a request must be refused
@@ -496,14 +621,46 @@ class Dispatcher:
         self.stats.requests_received += 1
         self.stats.bytes_received += len(payload)
         handler = self.router.lookup(resource, method)
+        if self.in_flight >= self.max_in_flight:
+            self.shed += 1
+            held = self.refusals.allow(("5.03", "busy"), self.clock())
+            if held is not None:
+                self.log.warning(
+                    "shed %s %s from %s: %d requests in progress%s",
+                    method,
+                    resource,
+                    remote,
+                    self.in_flight,
+                    held_back(held, self.refusals.interval),
+                )
+            return self._failed(BUSY)
+        self.in_flight += 1
         try:
-            result = await handler(payload, remote)
+            with trio.move_on_after(self.handler_timeout):
+                result = await handler(payload, remote)
+                return self._answer(method, resource, remote, payload, result)
         except Exception as exc:
             refused = refusal_in(exc)
             if refused is not None:
                 return self._refused(resource, remote, refused)
             self.log.exception("handler for %s %s from %s crashed", method, resource, remote)
             return self._failed(INTERNAL_ERROR)
+        finally:
+            self.in_flight -= 1
+        self.abandoned += 1
+        held = self.refusals.allow(("5.03", resource), self.clock())
+        if held is not None:
+            self.log.warning(
+                "abandoned %s %s from %s after %.1f s: its requester has given up%s",
+                method,
+                resource,
+                remote,
+                self.handler_timeout,
+                held_back(held, self.refusals.interval),
+            )
+        return self._failed(TOO_SLOW)
+
+    def _answer(self, method: str, resource: str, remote: str, payload: bytes, result: object) -> Response:
         if not isinstance(result, (bytes, bytearray, memoryview)):
             self.log.error(
                 "handler for %s %s returned %s, not bytes", method, resource, type(result).__name__
@@ -515,7 +672,17 @@ class Dispatcher:
         return Response(success_code(method), body)
 
     def _refused(self, resource: str, remote: str, exc: RequestRefused) -> Response:
-        self.log.warning("refused request for %s from %s: %s %s", resource, remote, exc.code, exc.message)
+        path = resource if resource in self.router else "other"
+        held = self.refusals.allow((exc.code, path), self.clock())
+        if held is not None:
+            self.log.warning(
+                "refused request for %s from %s: %s %s%s",
+                resource[:80],
+                remote,
+                exc.code,
+                exc.message[:200],
+                held_back(held, self.refusals.interval),
+            )
         return self._failed(refusal(exc))
 
     def _failed(self, response: Response) -> Response:
@@ -601,7 +768,12 @@ class MemoryNetwork:
 
     @asynccontextmanager
     async def transport(
-        self, address: str, *, max_payload: int = DEFAULT_MAX_PAYLOAD
+        self,
+        address: str,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> AsyncIterator[MemoryTransport]:
         """Open a transport at ``address`` ("host:port"); closed on exit.
 
@@ -618,7 +790,9 @@ class MemoryNetwork:
         split_address(address)
         if address in self._transports:
             raise TransportError(f"address {address} is already in use")
-        transport = MemoryTransport(self, address, max_payload=max_payload)
+        transport = MemoryTransport(
+            self, address, max_payload=max_payload, handler_timeout=handler_timeout, max_in_flight=max_in_flight
+        )
         self._transports[address] = transport
         try:
             yield transport
@@ -684,6 +858,8 @@ class MemoryTransport:
         address: str,
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.address = address
         self.max_payload = max_payload
@@ -691,13 +867,19 @@ class MemoryTransport:
         self._network = network
         self._context = contextvars.copy_context()
         self._router = Router()
-        self._dispatcher = Dispatcher(self._router, self.stats, max_payload)
+        self._dispatcher = Dispatcher(
+            self._router, self.stats, max_payload, handler_timeout=handler_timeout, max_in_flight=max_in_flight
+        )
         self._handlers = ScopeSet()
         self._requests = ScopeSet()
         self.closed = False
 
     def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
         self._router.add(resource, handler, method)
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every routed (path, method); see :meth:`Router.routes`."""
+        return self._router.routes()
 
     async def request(
         self,

@@ -26,6 +26,7 @@ import trio_asyncio
 from meshnode._coap import CBOR_CONTENT_FORMAT, block1_extent, open_coap_transport
 from meshnode._transport import (
     DEFAULT_MAX_PAYLOAD,
+    BadAddress,
     BadRequest,
     Forbidden,
     MemoryNetwork,
@@ -365,6 +366,17 @@ async def test_unreachable_peer(rig: Rig) -> None:
         assert issubclass(rig.unreachable_error, TransportError)
 
 
+async def test_bad_peer_address_is_a_transport_error(rig: Rig) -> None:
+    """A peer address learned from the network may be malformed; requesting it
+    must fail like any exchange (a TransportError callers handle), not with
+    an exception nothing catches."""
+    async with open_nodes(rig, 1) as (a,):
+        for bad in ("10.78.0.4", "127.0.0.525:5683x", "[::1]", ""):
+            with pytest.raises(BadAddress) as caught:
+                await a.request(bad, "/m/echo", b"x")
+            assert isinstance(caught.value, TransportError) and isinstance(caught.value, ValueError)
+
+
 async def test_silent_peer_times_out(rig: Rig) -> None:
     async with open_nodes(rig, 1) as (a,), rig.silent_address() as silent:
         start = trio.current_time()
@@ -390,6 +402,67 @@ async def test_timeout_bounds_a_slow_handler(rig: Rig) -> None:
         # The stuck handler does not block other requests to the same node.
         assert await b.request(a.address, "/m/echo", b"y") == b"y"
         release.set()
+
+
+async def test_handler_past_its_deadline_is_cancelled_and_answered_503(rig: Rig) -> None:
+    """UDP cannot tell a server that its requester gave up, so a handler is
+    bounded instead: past ``handler_timeout`` it is cancelled (it does not go
+    on working for nobody) and the request is answered 5.03."""
+    async with open_nodes(rig, 2, handler_timeout=0.5) as (a, b):
+        events: list[str] = []
+
+        async def stuck(payload: bytes, remote: str) -> bytes:
+            try:
+                await trio.sleep_forever()
+            finally:
+                events.append("cancelled")
+            raise AssertionError("unreachable")
+
+        a.route("/m/stuck", stuck)
+        with pytest.raises(RequestTimeout):  # the requester gives up first
+            await b.request(a.address, "/m/stuck", b"x", timeout=0.2)
+        with trio.fail_after(5):
+            while not events:
+                await trio.sleep(0.05)
+        assert events == ["cancelled"]
+        with pytest.raises(RemoteRefused) as refused:  # a patient requester hears why
+            await b.request(a.address, "/m/stuck", b"y", timeout=3)
+        assert refused.value.code == "5.03"
+        assert a._dispatcher.abandoned == 2
+        await rig.tasks_settle()
+
+
+async def test_server_sheds_requests_beyond_max_in_flight_with_503(rig: Rig) -> None:
+    """Overload is shed, not queued: with ``max_in_flight`` handlers running,
+    one more request is answered 5.03 at once without calling its handler;
+    the running ones finish normally."""
+    async with open_nodes(rig, 2, max_in_flight=3) as (a, b):
+        release = trio.Event()
+        started: list[bytes] = []
+
+        async def held(payload: bytes, remote: str) -> bytes:
+            started.append(payload)
+            await release.wait()
+            return payload
+
+        a.route("/m/held", held)
+        answers: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(lambda i=i: _append(answers, b.request(a.address, "/m/held", bytes([i]))))
+            with trio.fail_after(5):
+                while len(started) < 3:
+                    await trio.sleep(0.01)
+            with pytest.raises(RemoteRefused) as refused:
+                await b.request(a.address, "/m/held", b"one too many", timeout=3)
+            assert refused.value.code == "5.03" and len(started) == 3
+            release.set()
+        assert sorted(answers) == [b"\x00", b"\x01", b"\x02"]
+        assert a._dispatcher.shed == 1 and a._dispatcher.in_flight == 0
+
+
+async def _append(into: list[bytes], request: Awaitable[bytes]) -> None:
+    into.append(await request)
 
 
 async def test_stats_count_requests_bytes_and_errors(rig: Rig) -> None:
@@ -513,7 +586,7 @@ async def test_shutdown_frees_address_and_leaves_no_tasks(rig: Rig) -> None:
 
 async def test_memory_timeout_is_exact_in_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
-    async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683") as b:
+    async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683", handler_timeout=20) as b:
 
         async def slow(payload: bytes, remote: str) -> bytes:
             await trio.sleep(10)
@@ -531,6 +604,21 @@ async def test_memory_timeout_is_exact_in_virtual_time(autojump_clock: trio.test
         start = trio.current_time()
         assert await a.request(b.address, "/m/slow", timeout=11.0) == b"late"
         assert trio.current_time() - start == 10.0
+
+
+async def test_memory_handler_timeout_is_exact_in_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683", handler_timeout=3.0) as b:
+
+        async def slow(payload: bytes, remote: str) -> bytes:
+            await trio.sleep(10)
+            return b"late"
+
+        b.route("/m/slow", slow)
+        start = trio.current_time()
+        with pytest.raises(RemoteRefused, match="5.03"):
+            await a.request(b.address, "/m/slow", timeout=11.0)
+        assert trio.current_time() - start == 3.0
 
 
 async def test_memory_set_link_cuts_both_directions(autojump_clock: trio.testing.MockClock) -> None:
