@@ -856,19 +856,18 @@ class Membership:
         if self._now is not None and now < self._now:
             return self._view_at(now)  # a question about the past: answer it exactly, uncached
         self._advance(now)
-        own = self._self
+        peers = self._peers
+        make = MemberView._make
         rows = []
-        placed = False
         for node_id in self._ids:
-            entry = self._peers[node_id]
-            if entry.state is None:
-                continue
-            if not placed and node_id > own.node_id:
-                rows.append(MemberView(own, PeerState.ALIVE, 0.0))
-                placed = True
-            rows.append(MemberView(entry.record, entry.state, max(0.0, now - entry.last_seen)))
-        if not placed:
-            rows.append(MemberView(own, PeerState.ALIVE, 0.0))
+            entry = peers[node_id]
+            state = entry.state
+            if state is not None:
+                seen = entry.last_changed if entry.last_changed > entry.last_direct else entry.last_direct  # noqa: FURB136 (hot loop: no call)
+                rows.append(make((entry.record, state, now - seen if now > seen else 0.0)))
+        own = self._self
+        pos = bisect.bisect_left(rows, own.node_id, key=lambda row: row.record.node_id)
+        rows.insert(pos, MemberView(own, PeerState.ALIVE, 0.0))
         return rows
 
     def _view_at(self, now: float) -> list[MemberView]:
