@@ -20,7 +20,8 @@ N peers (default 200 and 1,000), the cost of what a node does with membership:
 The baseline module is read with ``git show REV:meshnode/_membership.py`` (default
 6754965, the ``main`` the issue measured) and imported under another name, so both
 run in the same process on the same data. Figures are microseconds per operation
-(best of ``--repeat`` runs of ``--seconds``-long loops); JSON on stdout.
+(best of ``--repeat`` runs of ``--seconds`` of timed calls; what each call needs, such
+as a fresh batch of records with newer heartbeats, is prepared untimed); JSON on stdout.
 
     python bench/membership.py [--sizes 200 1000] [--baseline 6754965]
 """
@@ -65,23 +66,26 @@ def load_baseline(rev: str) -> types.ModuleType | None:
     return module
 
 
-def per_op(fn: Callable[[], object], seconds: float, repeat: int, ops_per_call: int = 1) -> float:
-    """Best microseconds per operation over `repeat` loops of about `seconds`."""
+def timed(op: Callable[[], object], prepare: Callable[[], object], seconds: float, repeat: int,
+          ops_per_call: int = 1) -> float:  # fmt: skip
+    """Best microseconds per operation: `prepare()` untimed, then `op()` timed, for about `seconds` of wall time."""
     best = float("inf")
     for _ in range(repeat):
-        calls = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            fn()
+        spent, calls = 0.0, 0
+        wall = time.perf_counter() + seconds
+        while calls < 20 or time.perf_counter() < wall:
+            prepare()
+            start = time.perf_counter()
+            op()
+            spent += time.perf_counter() - start
             calls += 1
-            if calls % 4 == 0 and time.perf_counter() >= deadline:
-                break
-        best = min(best, (time.perf_counter() - start) / (calls * ops_per_call))
+        best = min(best, spent / (calls * ops_per_call))
     return round(best * 1e6, 3)
 
 
 def measure(mod: types.ModuleType, n: int, seconds: float, repeat: int) -> dict[str, Any]:
+    """Every figure on a view of `n` peers whose heartbeats keep advancing, as in a live mesh:
+    each exchange brings 32 records, 28 of them newer; six exchanges a (virtual) second."""
     rng = random.Random(n)
     rec = mod.MemberRecord
     ids = [f"node-{i:04d}" for i in range(n)]
@@ -89,51 +93,37 @@ def measure(mod: types.ModuleType, n: int, seconds: float, repeat: int) -> dict[
     heartbeat = {nid: 1 for nid in ids}
 
     def record(nid: str) -> Any:
-        leader = ids[0]  # everyone follows the first node
-        return rec(nid, 1, heartbeat[nid], scores[nid], f"10.0.{int(nid[-4:]) // 250}.{int(nid[-4:]) % 250 + 1}:5683",
-                   "3", leader)  # fmt: skip
+        host = int(nid[-4:])
+        return rec(nid, 1, heartbeat[nid], scores[nid], f"10.0.{host // 250}.{host % 250 + 1}:5683", "3", ids[0])
 
     m = mod.Membership(rec("self-node", 1, 0, 70, "10.9.9.9:5683", "3", ids[0]))
     now = [0.0]
     m.merge([record(nid) for nid in ids], now[0])
+    batch: list[Any] = []
+    wires: list[list[dict[str, Any]]] = []
 
-    def batch() -> list[Any]:
+    def fresh_batch() -> None:
         picked = rng.sample(ids, 32)
         for nid in picked[:28]:
             heartbeat[nid] += 1
-        return [record(nid) for nid in picked]
-
-    batches = [batch() for _ in range(64)]
-    wires = [[r.to_wire() for r in b] for b in batches]
-    k = [0]
-
-    def next_batch() -> list[Any]:
-        k[0] = (k[0] + 1) % len(batches)
+        batch[:] = [record(nid) for nid in picked]
         now[0] += 1 / 6
-        return batches[k[0]]
 
-    def merge() -> None:
-        m.merge(next_batch(), now[0])
+    def fresh_wires() -> None:
+        wires[:] = []
+        for _ in range(6):
+            fresh_batch()
+            wires.append([r.to_wire() for r in batch])
+        now[0] -= 1.0  # node_second moves the clock itself
 
-    def after_merge(fn: Callable[[], object]) -> float:
-        """Microseconds per call of `fn`, each call right after an (untimed) merge."""
-        best = float("inf")
-        for _ in range(repeat):
-            spent, calls = 0.0, 0
-            while spent < seconds / 2:
-                m.merge(next_batch(), now[0])
-                start = time.perf_counter()
-                fn()
-                spent += time.perf_counter() - start
-                calls += 1
-            best = min(best, spent / calls)
-        return round(best * 1e6, 3)
+    def merge_fresh() -> None:
+        fresh_batch()
+        m.merge(batch, now[0])
 
-    merge_cost = per_op(merge, seconds, repeat)
     out: dict[str, Any] = {
-        "decode_record": per_op(lambda: [rec.from_wire(o) for o in wires[0]], seconds, repeat, 32),
-        "encode_record": per_op(lambda: cbor2.dumps([r.to_wire() for r in batches[1]]), seconds, repeat, 32),
-        "merge_record": round(merge_cost / 32, 3),
+        "decode_record": timed(lambda: [rec.from_wire(o) for o in wires[0]], fresh_wires, seconds, repeat, 32),
+        "encode_record": timed(lambda: cbor2.dumps([r.to_wire() for r in batch]), fresh_batch, seconds, repeat, 32),
+        "merge_record": timed(lambda: m.merge(batch, now[0]), fresh_batch, seconds, repeat, 32),
     }
     for name, fn in {
         "view": lambda: m.view(now[0]),
@@ -142,23 +132,23 @@ def measure(mod: types.ModuleType, n: int, seconds: float, repeat: int) -> dict[
         "leader": lambda: m.leader(now[0], ids[0]),
         "state": lambda: m.state(ids[5], now[0]),
     }.items():
-        out[name] = after_merge(fn)
+        out[name] = timed(fn, merge_fresh, seconds, repeat)
 
     def node_second() -> None:
-        for _ in range(6):
-            k[0] = (k[0] + 1) % len(batches)
+        for wire in wires:
             now[0] += 1 / 6
-            m.merge([rec.from_wire(o) for o in wires[k[0]]], now[0])
+            m.merge([rec.from_wire(o) for o in wire], now[0])
         m.tick(now[0])
         m.set_leader(m.leader(now[0], m.self_record.leader))
         m.live_peers(now[0])
         m.live_peers(now[0])
         m.records_for_gossip(now[0])
 
-    out["node_second"] = per_op(node_second, seconds, repeat)
+    out["node_second"] = timed(node_second, fresh_wires, seconds, repeat)
     if hasattr(m, "piggyback"):
-        out["piggyback"] = after_merge(lambda: m.piggyback(now[0], 8))
-        out["digest"] = after_merge(lambda: m.digest(now[0]))
+        out["piggyback"] = timed(lambda: m.piggyback(now[0], 8), merge_fresh, seconds, repeat)
+        out["digest"] = timed(lambda: m.digest(now[0]), merge_fresh, seconds, repeat)
+    out["live_peers_count"] = len(m.live_peers(now[0]))
     return out
 
 
@@ -177,7 +167,7 @@ def main() -> None:
             row["before"] = measure(baseline, n, args.seconds, args.repeat)
             row["speedup"] = {
                 key: round(row["before"][key] / row["after"][key], 1)
-                for key in row["before"] if key in row["after"] and row["after"][key] > 0
+                for key in row["before"] if key != "live_peers_count" and row["after"].get(key, 0) > 0
             }
         result["sizes"][str(n)] = row
         print(f"N={n} done", file=sys.stderr)

@@ -76,7 +76,7 @@ R9. Delta gossip (memberlist's ``TransmitLimitedQueue``): ``piggyback`` returns
     our own record, then queued updates, then heartbeat refreshes, within a
     caller's ``limit``. ``merge`` queues what is news: a new member, a record
     whose incarnation, score, leader, address or version changed, a peer back from
-    SUSPECT, DEAD or forgotten. A queued update is sent at most
+    DEAD or forgotten (back from SUSPECT is a refresh: it was live everywhere). A queued update is sent at most
     ``retransmit_mult * ceil(log10(N + 1))`` times (N: live members with us), least
     sent and then newest first; a newer update of the same node replaces it. A
     heartbeat-only advance is a refresh: passed on once, with room left.
@@ -685,8 +685,11 @@ class Membership:
             if newer and now > entry.last_changed:
                 entry.last_changed = now
                 if was is not PeerState.ALIVE:
-                    self._seen(entry, now)  # back from SUSPECT, DEAD or forgotten: news (R9)
-                    self._enqueue(node_id)
+                    self._seen(entry, now)
+                    if was is not PeerState.SUSPECT:
+                        self._enqueue(node_id)  # back from DEAD or forgotten: news (R9)
+                    elif node_id not in self._queue:
+                        self._fresh[node_id] = None  # SUSPECT is still live everywhere: a refresh
             if (
                 record.incarnation != old.incarnation
                 or record.uplink_score != old.uplink_score
@@ -856,19 +859,18 @@ class Membership:
         if self._now is not None and now < self._now:
             return self._view_at(now)  # a question about the past: answer it exactly, uncached
         self._advance(now)
-        own = self._self
+        peers = self._peers
+        make = MemberView._make
         rows = []
-        placed = False
         for node_id in self._ids:
-            entry = self._peers[node_id]
-            if entry.state is None:
-                continue
-            if not placed and node_id > own.node_id:
-                rows.append(MemberView(own, PeerState.ALIVE, 0.0))
-                placed = True
-            rows.append(MemberView(entry.record, entry.state, max(0.0, now - entry.last_seen)))
-        if not placed:
-            rows.append(MemberView(own, PeerState.ALIVE, 0.0))
+            entry = peers[node_id]
+            state = entry.state
+            if state is not None:
+                seen = entry.last_changed if entry.last_changed > entry.last_direct else entry.last_direct  # noqa: FURB136 (hot loop: no call)
+                rows.append(make((entry.record, state, now - seen if now > seen else 0.0)))
+        own = self._self
+        pos = bisect.bisect_left(rows, own.node_id, key=lambda row: row.record.node_id)
+        rows.insert(pos, MemberView(own, PeerState.ALIVE, 0.0))
         return rows
 
     def _view_at(self, now: float) -> list[MemberView]:
@@ -909,7 +911,7 @@ class Membership:
 
         First our own record (its heartbeat current), then queued updates (a new
         member, a changed incarnation, score, leader or address, a peer back from
-        SUSPECT or DEAD), least sent first and newest first among equals, each
+        DEAD or forgotten), least sent first and newest first among equals, each
         counted and dropped after ``retransmit_limit`` sends; then, with room
         left, heartbeat refreshes: peers whose heartbeat advanced since we last
         passed their record on, longest waiting first, each passed on once per
@@ -929,8 +931,8 @@ class Membership:
         peers = self._peers
         if self._queue:
             cap = retransmit_limit(self.retransmit_mult, len(self._live) + 1)
-            order = sorted(self._queue.items(), key=lambda item: (item[1][0], -item[1][1]))
-            for node_id, slot in order[: limit - 1]:
+            order = heapq.nsmallest(limit - 1, self._queue.items(), key=lambda item: (item[1][0], -item[1][1]))
+            for node_id, slot in order:
                 out.append(peers[node_id].record)
                 slot[0] += 1
                 if slot[0] >= cap:

@@ -964,8 +964,11 @@ def test_what_merge_queues_news_only() -> None:
         assert m.pending_updates() == 1, change
         for _ in range(10):
             m.piggyback(1.0, 5)
-    # A peer back from SUSPECT is news: others may have turned it SUSPECT too.
-    m.merge([rec("a", 2, 50, 11, leader="a", address="10.0.0.9:5683", version="9")], 20.0)
+    # Back from SUSPECT: a refresh (it was live for everyone); back from DEAD: news.
+    m.merge([rec("a", 2, 49, 11, leader="a", address="10.0.0.9:5683", version="9")], 7.0)
+    assert m.pending_updates() == 0
+    assert m.piggyback(7.0, 5)[1:] == (rec("a", 2, 49, 11, leader="a", address="10.0.0.9:5683", version="9"),)
+    m.merge([rec("a", 2, 50, 11, leader="a", address="10.0.0.9:5683", version="9")], 30.0)
     assert m.pending_updates() == 1
 
 
