@@ -233,6 +233,14 @@ class _RateLimited(logging.Filter):
 
 
 AIOCOAP_LOG_BUDGET = _RateLimited()
+_INTERNAL_ERRORS = LogBudget()
+
+
+def _internal_error_log(text: str) -> None:
+    """One ERROR line per 10 s for aiocoap's internal failures, with how many were held back."""
+    held = _INTERNAL_ERRORS.allow("aiocoap-internal", time.monotonic())
+    if held is not None:
+        log.error("%s%s", text, held_back(held, _INTERNAL_ERRORS.interval) if held else "")
 for _name in (AIOCOAP_LOGGER, f"{AIOCOAP_LOGGER}.blockwise-requester"):
     logging.getLogger(_name).addFilter(_QuietContinue())
     logging.getLogger(_name).addFilter(AIOCOAP_LOG_BUDGET)
@@ -482,6 +490,8 @@ class CoapTransport:
         self._renders = 0
         self._renders_idle: asyncio.Event | None = None
         self._loop_guard: _LoopGuard | None = None
+        self.internal_errors = 0
+        """Requests that failed inside aiocoap's own bookkeeping (see `_repair_backlog`)."""
         self._recent: _RecentMessages | None = None
         self._route_resources: list[_RouteResource] = []
 
@@ -548,6 +558,14 @@ class CoapTransport:
         except (aiocoap.error.Error, OSError) as exc:
             self.stats.errors += 1
             raise translate_error(exc, what) from exc
+        except (AssertionError, KeyError, asyncio.InvalidStateError) as exc:
+            # aiocoap's own bookkeeping failed inside this request (its assertions
+            # on per-peer exchanges, seen under loss and restarts): this request is
+            # lost, the node is not. Logged as our failure, at a bounded rate.
+            self.stats.errors += 1
+            self.internal_errors += 1
+            _internal_error_log(f"{what}: aiocoap internal error {type(exc).__name__}: {exc}")
+            raise TransportError(f"{what}: aiocoap internal error ({type(exc).__name__})") from exc
         if response is None:
             self.stats.errors += 1
             raise TransportClosed(f"{what}: transport closed during the request")
@@ -746,6 +764,30 @@ def _bound_deduplication(manager: Any) -> _RecentMessages:
     return recent
 
 
+def _repair_backlog(manager: Any, message: aiocoap.Message) -> list[Any]:
+    """Restore aiocoap's rule "a peer with a backlog has an active exchange".
+
+    aiocoap 0.4.17 keeps, per peer, one active confirmable exchange and a backlog
+    behind it (NSTART = 1), and asserts in `send_message` that a backlog never
+    exists without its exchange. Under loss and restarts the field suite saw that
+    rule broken (an exchange ended by a path that left its backlog behind): the
+    assertion then failed inside a request and ended the node, and every later
+    request to that peer failed the same way. An orphaned backlog would never be
+    sent, so it is taken here and put back behind this message, which starts a
+    new exchange. Returns the orphaned entries (usually none).
+    """
+    remote = message.remote
+    backlogs, exchanges = manager._backlogs, manager._active_exchanges
+    if exchanges is None or remote is None or remote not in backlogs:
+        return []
+    if any(r == remote for r, _ in exchanges):
+        return []
+    orphaned = backlogs.pop(remote)
+    log.info("aiocoap backlog to %s had no active exchange (%d queued): repaired", remote, len(orphaned))
+    manager._repaired_backlogs = getattr(manager, "_repaired_backlogs", 0) + 1
+    return orphaned
+
+
 def _stop_sending_abandoned(manager: Any) -> None:
     """Let a request that its requester gave up stop being sent.
 
@@ -766,7 +808,13 @@ def _stop_sending_abandoned(manager: Any) -> None:
         raise RuntimeError("aiocoap's MessageManager changed shape; review _coap.py")  # noqa: TRY004
 
     def send_message(message: aiocoap.Message, messageerror_monitor: Any) -> Callable[[], None] | None:
+        orphaned = _repair_backlog(manager, message)
         canceller = send(message, messageerror_monitor)
+        if orphaned:
+            remote = message.remote
+            manager._backlogs.setdefault(remote, []).extend(orphaned)
+            if manager._active_exchanges is not None and not any(r == remote for r, _ in manager._active_exchanges):
+                manager._continue_backlog(remote)  # this message was no exchange (NON): start the queue
         if canceller is not None or message.mtype is not CON or not message.code.is_request():
             return canceller
         remote, key = message.remote, (message.remote, message.mid)
@@ -781,7 +829,8 @@ def _stop_sending_abandoned(manager: Any) -> None:
             entry = exchanges.pop(key, None)
             if entry is not None:
                 entry[1].cancel()  # the retransmission timer
-                manager._continue_backlog(remote)
+                if remote in manager._backlogs:
+                    manager._continue_backlog(remote)
 
         return cancel
 

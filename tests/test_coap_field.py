@@ -413,3 +413,28 @@ async def test_a_request_given_up_is_no_longer_sent() -> None:
         # and the transport still works for the next request to that peer
         a.route("/m/hello", _echo)
         assert await a.request(a.address, "/m/hello", b"ok") == b"ok"
+
+
+async def test_an_orphaned_aiocoap_backlog_is_repaired_not_fatal() -> None:
+    """The field suite saw aiocoap's `assert any(...)` in `send_message` fail inside a
+    request (a peer with a backlog and no active exchange), which ended the node
+    and would fail every later request to that peer. Here the broken state is made
+    by hand: the next request to the peer must go out and be answered, the queued
+    entries must not be lost, and nothing may raise out of the transport."""
+    async with trio_asyncio.open_loop(), open_coap_transport(A, DEFAULT_PORT) as a:
+        async with open_coap_transport(B, DEFAULT_PORT) as b:
+            b.route("/m/hello", _echo)
+            assert await a.request(b.address, "/m/hello", b"warm") == b"warm"
+            (interface,) = a._context.request_interfaces
+            manager = interface.token_interface
+            # the peer's endpoint object, as aiocoap keys it
+            probe = aiocoap.Message(code=aiocoap.GET, uri=f"coap://{b.address}/m/hello")
+            await trio_asyncio.aio_as_trio(interface.token_interface.fill_or_recognize_remote, loop=a._loop)(probe)
+            assert not any(r == probe.remote for r, _ in manager._active_exchanges)
+            manager._backlogs[probe.remote] = []  # a backlog without its exchange
+            assert await a.request(b.address, "/m/hello", b"after") == b"after"
+            assert manager._repaired_backlogs == 1
+            assert probe.remote not in manager._backlogs or any(
+                r == probe.remote for r, _ in manager._active_exchanges
+            )
+            assert await a.request(b.address, "/m/hello", b"again") == b"again"
