@@ -106,7 +106,7 @@ def run_child(tmp_path: Path, *, key: bytes | None, writers: int = 4, events: in
             sys.executable, "-m", "tests.durability_child", str(db), str(writers), str(events)]
     if key is not None:
         args.append(key.hex())
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy(), check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "ready" and lines[-1] == "done", proc.stdout[-500:]
