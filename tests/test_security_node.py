@@ -24,17 +24,21 @@ from meshnode._security import (
     create_site,
     enroll,
     issue_driver_token,
+    network_key_id,
     site_revoke,
+    site_rotate_network_key,
 )
 from meshnode._transport import MemoryNetwork, RemoteRefused
 
 
 class SecureMesh:
-    def __init__(self, tmp_path: Path, nursery: trio.Nursery, *, cloud_key: nacl.signing.SigningKey | None = None):
+    def __init__(self, tmp_path: Path, nursery: trio.Nursery, *, cloud_key: nacl.signing.SigningKey | None = None,
+                 clock=time.time):
         self.tmp_path, self.nursery = tmp_path, nursery
+        self.clock = clock  # the nodes' and sealers' wall clock
         self.net = MemoryNetwork()
         self.site_dir = tmp_path / "site"
-        create_site(self.site_dir, "field", now=time.time())
+        create_site(self.site_dir, "field", now=clock())
         if cloud_key is not None:
             (self.site_dir / "cloud.pub").write_bytes(bytes(cloud_key.verify_key))
         self.nodes: dict[str, Node] = {}
@@ -48,7 +52,7 @@ class SecureMesh:
     async def start(self, name: str, peers: list[str], *, enrolled: bool = True, **config) -> Node:
         data_dir = self.tmp_path / name
         if enrolled and not (data_dir / "node.cert").exists():
-            enroll(self.site_dir, name, data_dir, now=time.time())
+            enroll(self.site_dir, name, data_dir, now=self.clock())
         holder: dict[str, Node] = {}
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
@@ -58,13 +62,13 @@ class SecureMesh:
                     identity = Identity.load(data_dir) if enrolled else None
                     transport, sealer = inner, None
                     if identity is not None:
-                        sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=time.time())
-                        transport = SealedTransport(inner, sealer)
+                        sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=self.clock())
+                        transport = SealedTransport(inner, sealer, clock=self.clock)
                         self.transports[name] = transport
                     node = Node(
                         NodeConfig(node_id=name, data_dir=data_dir, site="field", seed=3, **config),
                         transport=transport, discovery=StaticDiscovery([self.address(p) for p in peers]),
-                        identity=identity, sealer=sealer,
+                        identity=identity, sealer=sealer, wall_clock=self.clock,
                     )
                     holder["node"] = node
                     async with trio.open_nursery() as inner_nursery:
@@ -207,3 +211,85 @@ async def test_node_store_on_disk_holds_no_session_content(tmp_path, autojump_cl
     raw = b"".join(p.read_bytes() for p in (tmp_path / "n1").iterdir() if p.name.startswith("store.db"))
     for secret in (sid.encode(), b"TOKEN-SECRET-99", b"bay-secret", cbor2.dumps(987654), b"meter_wh"):
         assert secret not in raw
+
+
+def virtual_wall_clock():
+    """A wall clock that moves with trio's (autojumping) clock: certificates, key activation and
+    retirement, and session limits are all in wall-clock time."""
+    base = time.time()
+    return lambda: base + trio.current_time()
+
+
+async def test_an_offline_session_accepted_with_a_time_limit_stops_at_max_minutes(tmp_path, autojump_clock):
+    clock = virtual_wall_clock()
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery, clock=clock)
+        node = await mesh.start("n1", [], unknown_token_policy="accept_limited", unknown_token_max_minutes=30)
+        sid = (await node.create_session("bay-1", 1, "WALK-IN", meter_wh=0))["session_id"]
+        authorize_event = node.fold(sid)[1].applied[0].record
+        assert authorize_event.data["limits"] == {"max_wh": None, "max_minutes": 30}
+        # Virtual time also jumps while the store's thread commits, so the test reads the
+        # events' own timestamps rather than assume how far the clock moved.
+        start_ts = node.fold(sid)[1].started_ts
+        await trio.sleep(20 * 60)
+        await node.record_event(sid, "meter", 1000)
+        view = node.fold(sid)[1]
+        assert view.applied[-1].record.ts - start_ts < 30 * 60_000
+        assert view.state == "charging"  # before 30 minutes: still charging
+        await trio.sleep(10 * 60)
+        await node.record_event(sid, "meter", 1500)
+        view = node.fold(sid)[1]
+        assert view.state == "completed"
+        meter, stop = view.applied[-2].record, view.applied[-1].record
+        assert meter.ts - start_ts >= 30 * 60_000
+        assert (meter.type, stop.type, stop.meter_wh, stop.data["reason"]) == ("meter", "stop", 1500, "time_limit")
+        with pytest.raises(LocalRequestError):
+            await node.record_event(sid, "meter", 1600)  # nothing more once it stopped
+        nursery.cancel_scope.cancel()
+
+
+async def test_network_key_rotation_through_the_site_config(tmp_path, autojump_clock):
+    """`site rotate-network-key`'s grant, handed to one node, reaches the others through the site
+    config; they seal with the new key from its activation, and the old key stops opening
+    anything at its retirement: a node that missed the grant is cut off then, the others go on."""
+    clock = virtual_wall_clock()
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery, clock=clock)
+        a = await mesh.start("n1", ["n2", "n3"])
+        b = await mesh.start("n2", ["n1", "n3"])
+        c = await mesh.start("n3", ["n1", "n2"])
+        nodes = (a, b, c)
+        # n4 is enrolled but not running: it never sees the grant, and keeps the old key only.
+        enroll(mesh.site_dir, "n4", tmp_path / "n4", now=clock())
+        n4 = Identity.load(tmp_path / "n4")
+        stale = Sealer(n4, n4.site_public_key, n4.network_key, started=clock())
+        old_kid = network_key_id(n4.network_key)
+
+        async def stale_request() -> None:
+            body = SyncRequest("n4", {"nothing": None}).encode()
+            sealed, _ = stale.seal_request("/m/sync", body, clock(), to="n2")
+            await mesh.transports["n1"].inner.request(mesh.address("n2"), "/m/sync", sealed)
+
+        first = (await a.create_session("bay-1", 1, "T"))["session_id"]
+        await wait_for(lambda: all(first in n.replica.docs for n in nodes))
+        await stale_request()  # the old key opens today
+
+        _, grant = site_rotate_network_key(mesh.site_dir, now=clock(), activate_in=60, retire_previous_after=300)
+        new_kid = network_key_id((mesh.site_dir / "network.key").read_bytes())
+        assert new_kid != old_kid
+        await a.add_site_entry(grant)  # handed to one node only
+        await wait_for(lambda: all(new_kid in {k.key_id for k in n.sealer.network_keys} for n in nodes))
+        await stale_request()  # granted, not active yet: the old key still opens
+
+        await trio.sleep(60 + 300 + 1)  # past activation and the old key's retirement
+        before = b.sealer.refused.get("unknown_network_key", 0)
+        with pytest.raises(RemoteRefused) as info:
+            await stale_request()
+        assert info.value.code == "4.01"
+        assert b.sealer.refused.get("unknown_network_key", 0) == before + 1
+        # The granted nodes now talk under the new key only, and still replicate.
+        later = (await c.create_session("bay-3", 1, "T"))["session_id"]
+        await wait_for(lambda: all(later in n.replica.docs for n in nodes))
+        for n in nodes:
+            assert {k.key_id for k in n.sealer.network_keys if k.retire_at is None} == {new_kid}
+        nursery.cancel_scope.cancel()
