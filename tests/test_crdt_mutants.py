@@ -9,7 +9,14 @@ from applying the rest, and the JSON views of events and conflicts.
 from __future__ import annotations
 
 from crdt import Keyring, fold, summarize_event
-from crdt._fold import BROKEN_CHAIN, FORK, ILLEGAL_TRANSITION, INVALID_EVENT, METER_BACKWARDS, WRONG_SESSION
+from crdt._fold import (
+    BROKEN_CHAIN,
+    FORK,
+    ILLEGAL_TRANSITION,
+    INVALID_EVENT,
+    METER_BACKWARDS,
+    WRONG_SESSION,
+)
 
 from .conftest import make_signer
 
