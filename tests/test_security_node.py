@@ -7,6 +7,9 @@ with signed tokens, and the store holds nothing in clear.
 
 from __future__ import annotations
 
+import base64
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,11 +27,18 @@ from meshnode._security import (
     create_site,
     enroll,
     issue_driver_token,
+    load_or_create_store_key,
+    load_site,
     network_key_id,
+    signed_token_list_entry,
     site_revoke,
     site_rotate_network_key,
 )
 from meshnode._transport import MemoryNetwork, RemoteRefused
+
+from .procs import NodeProcess, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class SecureMesh:
@@ -293,3 +303,97 @@ async def test_network_key_rotation_through_the_site_config(tmp_path, autojump_c
         for n in nodes:
             assert {k.key_id for k in n.sealer.network_keys if k.retire_at is None} == {new_kid}
         nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# Real processes: the HTTP API, the CLI, and what ends up in logs and files
+
+
+def _encodings(key: bytes) -> dict[str, bytes]:
+    """The forms a key could leak in: raw, hex (both cases), base64 (standard and URL-safe,
+    with and without padding)."""
+    forms = {"raw": key, "hex": key.hex().encode(), "HEX": key.hex().upper().encode()}
+    for name, enc in (("b64", base64.b64encode), ("b64url", base64.urlsafe_b64encode)):
+        forms[name] = enc(key)
+        forms[name + "-nopad"] = enc(key).rstrip(b"=")
+    return forms
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshnode.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.mark.slow
+def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
+    """Two enrolled `meshnode run` processes at DEBUG, refusing unknown drivers. `meshnode token
+    list --http` hands an allowed entry to one node; the other then accepts that driver, and
+    after `token list --revoke --http` refuses it again; entries that do not verify get a 400.
+    Afterwards no key (node, network, store, site, cloud) appears in any form in the logs, the
+    stores or the other data files."""
+    from uplink import load_or_create_cloud_key
+
+    site_dir = tmp_path / "site"
+    create_site(site_dir, "field", now=time.time())
+    cloud_key_path = tmp_path / "cloud.key"
+    cloud_key = load_or_create_cloud_key(cloud_key_path)
+    (site_dir / "cloud.pub").write_bytes(bytes(cloud_key.verify_key))
+    hosts = {"n1": "127.0.17.1", "n2": "127.0.17.2"}
+    ports = {name: (free_port(host), free_port(host)) for name, host in hosts.items()}
+    nodes = {}
+    for name, host in hosts.items():
+        enroll(site_dir, name, tmp_path / name, now=time.time())
+        other = next(n for n in hosts if n != name)
+        nodes[name] = NodeProcess(
+            name, host, tmp_path / name, coap_port=ports[name][0], http_port=ports[name][1],
+            peers=[f"{hosts[other]}:{ports[other][0]}"], insecure=False,
+            extra=["--log-level", "debug", "--unknown-token-policy", "refuse"])
+    try:
+        for node in nodes.values():
+            node.start()
+        n1, n2 = nodes["n1"], nodes["n2"]
+
+        def start_status(node: NodeProcess, token: str) -> int:
+            return node.post("/v1/sessions", {"charger": "bay-1", "connector": 1, "id_token": token}).status_code
+
+        assert start_status(n2, "FLEET-1") == 403  # unknown, and this site refuses unknown drivers
+        allowed = _cli("token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--http", n1.url)
+        assert allowed.returncode == 0, allowed.stderr
+        wait_until(lambda: start_status(n2, "FLEET-1") == 201, what="n2 to accept the allowed token")
+        revoked = _cli("token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--revoke",
+                       "--http", n1.url)
+        assert revoked.returncode == 0, revoked.stderr
+        wait_until(lambda: start_status(n2, "FLEET-1") == 403, what="n2 to refuse the revoked token")
+        assert start_status(n1, "FLEET-1") == 403
+
+        # Entries a node cannot verify are refused and change nothing.
+        forged = signed_token_list_entry(nacl.signing.SigningKey(b"f" * 32), "FORGED-1", True, time.time())
+        for junk in (forged.hex(), "00" * 40, "zz"):
+            response = n1.post("/v1/site/entries", {"entry": junk})
+            assert response.status_code == 400, (junk, response.text)
+        assert start_status(n1, "FORGED-1") == 403
+        refused_cli = _cli("token", "list", "--cloud-key", str(tmp_path / "none.key"), "--token-id", "X",
+                           "--http", n1.url)
+        assert refused_cli.returncode != 0
+        for node in nodes.values():
+            assert node.stop() == 0
+    finally:
+        for node in nodes.values():
+            node.kill()
+
+    keys = {"cloud": bytes(cloud_key), "site": load_site(site_dir).require_signing_key().encode(),
+            "network": (site_dir / "network.key").read_bytes()}
+    for name in hosts:
+        identity = Identity.load(tmp_path / name)
+        keys[f"{name} node"] = identity.signing_key.encode()
+        keys[f"{name} network"] = identity.network_key
+        keys[f"{name} store"] = load_or_create_store_key(tmp_path / name)
+    key_files = {"node.key", "network.key", "store.key"}
+    searched = [p for name in hosts for p in (tmp_path / name).iterdir() if p.is_file() and p.name not in key_files]
+    searched += [nodes[name].log_path for name in hosts]
+    assert any(p.name.startswith("store.db") for p in searched)
+    logs = b"".join(nodes[name].log_path.read_bytes() for name in hosts)
+    assert b"DEBUG" in logs and len(logs) > 10_000  # DEBUG logging was on and said a lot
+    leaks = [(what, form, path.name) for path in searched for what, key in keys.items()
+             for form, text in _encodings(key).items() if text in path.read_bytes()]
+    assert leaks == []
