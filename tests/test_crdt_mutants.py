@@ -92,3 +92,136 @@ def test_summarize_event_is_the_event_as_json():
     event = a.sign("meter", "s", 7, meter_wh=42)
     assert summarize_event(event) == {
         "event_id": event.event_id, "type": "meter", "device_id": "charger-1", "seq": 2, "ts": 7, "meter_wh": 42}
+
+
+# --------------------------------------------------------------------------
+# crdt/_events.py: every refusal of decode_event / verify_event says what is wrong and which
+# event it was (fold files `reason: message` as the conflict's detail), and the limits are where
+# the docstrings put them.
+
+
+
+def _body_and_sig(**changes):
+    """A charger-1 event's body and signature, with `changes` applied and its event_id
+    recomputed (unless event_id is among the changes), so the later checks are reached."""
+    signer = fresh("charger-1")
+    event = signer.sign("meter", "s", 5, meter_wh=10)
+    body = {**event.record.to_map(), **changes}
+    if "event_id" not in changes:
+        body["event_id"] = _content_id({k: v for k, v in body.items() if k != "event_id"})
+    return body, event.signature
+
+
+def _blob(sig=None, drop=(), **changes) -> bytes:
+    body, signature = _body_and_sig(**changes)
+    for name in drop:
+        body.pop(name)
+    return cbor2.dumps({**body, "sig": signature if sig is None else sig}, canonical=True)
+
+
+@pytest.mark.parametrize(
+    "blob, error, message, has_id",
+    [
+        ("text", MalformedEvent, "an event is bytes, got str", False),
+        (b"\xa0" * (MAX_EVENT_BYTES + 1), MalformedEvent,
+         f"event is {MAX_EVENT_BYTES + 1} bytes, more than the {MAX_EVENT_BYTES} allowed", False),
+        (b"\x00" * MAX_EVENT_BYTES, MalformedEvent, "an event is a CBOR map, got int", False),  # at the limit: parsed
+        (cbor2.dumps([1]), MalformedEvent, "an event is a CBOR map, got list", False),
+        (_blob(drop=("ts",)), MissingField, "event has no 'ts' field", True),
+        (_blob(drop=("ts",), event_id=7), MissingField, "event has no 'ts' field", False),
+        (_blob(x=1), MalformedEvent, "event has unknown fields ['x']", True),
+        (_blob(seq="1"), MalformedEvent, "event field 'seq' has type str", True),
+        (_blob(meter_wh=True), MalformedEvent, "event field 'meter_wh' has type bool", True),
+        (_blob(type=""), MalformedEvent, "event field 'type' is empty or too long", True),
+        (_blob(session_id="s" * 257), MalformedEvent, "event field 'session_id' is empty or too long", True),
+        (_blob(seq=0), MalformedEvent, "event seq must be >= 1 and prev 32 bytes", True),
+        (_blob(prev=bytes(31)), MalformedEvent, "event seq must be >= 1 and prev 32 bytes", True),
+        (_blob(meter_wh=-1), MalformedEvent, "event meter_wh must not be negative", True),
+        (_blob(sig=bytes(63)), MalformedEvent, "event signature must be 64 bytes", True),
+        (_blob(sig="x" * 64), MalformedEvent, "event signature must be 64 bytes", True),
+        (_blob(event_id="0" * 32), MalformedEvent, "event_id does not match the event's content", True),
+    ],
+)
+def test_decode_event_refusals_say_what_and_which(blob, error, message, has_id):
+    with pytest.raises(error) as info:
+        decode_event(blob)
+    assert type(info.value) is error and str(info.value) == message
+    if has_id:
+        obj = cbor2.loads(blob)
+        assert info.value.event_id == obj["event_id"] and isinstance(info.value.event_id, str)
+    else:
+        assert info.value.event_id is None
+
+
+def test_decode_event_refusal_of_bad_cbor_carries_the_parser_error():
+    with pytest.raises(MalformedEvent) as info:
+        decode_event(b"\xff")
+    assert str(info.value).startswith("event is not valid CBOR: ") and len(str(info.value)) > 26
+
+
+@pytest.mark.parametrize("changes", [{"meter_wh": 0}, {"session_id": "s" * 256}, {"meter_wh": None}])
+def test_decode_event_accepts_the_edges(changes):
+    body, sig = decode_event(_blob(**changes))
+    assert {k: body[k] for k in changes} == changes and len(sig) == 64
+
+
+def test_verify_event_refusals_and_result():
+    good = fresh("charger-1")
+    event = good.sign("authorize", "s", 1)
+    with pytest.raises(UnknownKey) as info:
+        verify_event(event.encoded, Keyring())
+    assert (str(info.value), info.value.event_id) == ("device 'charger-1' is not in the keyring", event.event_id)
+    impostor = Keyring({"charger-1": B.public_key})
+    with pytest.raises(BadSignature) as info:
+        verify_event(event.encoded, impostor)
+    assert (str(info.value), info.value.event_id) == (
+        f"signature of event {event.event_id} does not match device 'charger-1'", event.event_id)
+    verified = verify_event(event.encoded, RING)
+    assert (verified.signature, verified.encoded, verified.chain_hash) == (event.signature, event.encoded,
+                                                                          event.chain_hash)
+    assert len(verified.event_id) == 32 and int(verified.event_id, 16) >= 0
+    assert verified.record.to_map() == {
+        "event_id": event.event_id, "type": "authorize", "device_id": "charger-1", "session_id": "s", "seq": 1,
+        "prev": GENESIS_PREV, "ts": 1, "meter_wh": None, "data": {}}
+
+
+def test_check_link_refusals_name_the_event():
+    a, b = fresh("charger-1"), fresh("charger-2")
+    first = a.sign("authorize", "s", 1)
+    a.sign("start", "s", 2)
+    third = a.sign("stop", "s", 3)  # seq 3 after seq 1
+    with pytest.raises(BrokenChain) as info:
+        check_link(first, third)
+    assert (str(info.value), info.value.event_id) == (
+        f"event {third.event_id} has seq 3, expected 2", third.event_id)
+    branch = fresh("charger-1")
+    branch.sign("reserve", "s", 1)
+    other_second = branch.sign("start", "s", 2)
+    with pytest.raises(BrokenChain) as info:
+        check_link(first, other_second)
+    assert (str(info.value), info.value.event_id) == (
+        f"event {other_second.event_id} (seq 2) does not point at the hash of seq 1", other_second.event_id)
+    with pytest.raises(LocalError, match="^check_link compares two events of the same device$"):
+        check_link(first, b.sign("authorize", "s", 1))
+
+
+def test_signer_and_keyring_checks():
+    key = nacl.signing.SigningKey(b"k" * 32)
+    for bad in ("", "d" * 257):
+        with pytest.raises(LocalError, match="^device_id must be a non-empty string of at most 256 characters$"):
+            EventSigner(bad, key)
+    assert EventSigner("d" * 256, key).device_id == "d" * 256
+    signer = EventSigner("charger-1", key, seq=4, prev=b"p" * 32)
+    assert (signer.seq, signer.prev, signer.signing_key) == (4, b"p" * 32, key)
+    # resume continues after this device's highest seq, whatever the order and other devices.
+    mine = EventSigner("charger-1", key)
+    events = [mine.sign("authorize", "s", 1), mine.sign("start", "s", 2), mine.sign("stop", "s", 3)]
+    theirs = EventSigner("charger-2", key, seq=9).sign("authorize", "s", 1)
+    resumed = EventSigner.resume("charger-1", key, [events[2], theirs, events[0], events[1]])
+    assert (resumed.seq, resumed.prev) == (3, events[2].chain_hash)
+    fresh_one = EventSigner.resume("charger-3", key, events)
+    assert (fresh_one.seq, fresh_one.prev) == (0, GENESIS_PREV)
+    ring = Keyring({"charger-1": A.public_key})
+    assert "charger-1" in ring and "charger-2" not in ring
+    with pytest.raises(LocalError, match="^an Ed25519 public key is 32 bytes, got 31$"):
+        ring.add("x", bytes(31))
