@@ -8,7 +8,28 @@ from applying the rest, and the JSON views of events and conflicts.
 
 from __future__ import annotations
 
-from crdt import Keyring, fold, summarize_event
+import cbor2
+import nacl.signing
+import pytest
+
+from crdt import (
+    GENESIS_PREV,
+    MAX_EVENT_BYTES,
+    BadSignature,
+    BrokenChain,
+    EventSigner,
+    Keyring,
+    LocalError,
+    MalformedEvent,
+    MissingField,
+    UnknownKey,
+    check_link,
+    decode_event,
+    fold,
+    summarize_event,
+    verify_event,
+)
+from crdt._events import _content_id
 from crdt._fold import (
     BROKEN_CHAIN,
     FORK,
