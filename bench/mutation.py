@@ -3,6 +3,8 @@
     python bench/mutation.py                          every module in [tool.mutmut.modules]
     python bench/mutation.py crdt/_fold.py ...        only these
     python bench/mutation.py --report                 summarise the last runs, run nothing
+    python bench/mutation.py --recheck crdt/_fold.py  re-test only the last run's survivors
+                                                      (after adding tests that should kill them)
 
 Each module runs in its own copy of the tree, build/mutation/<module>/ (so the worktree gets no
 mutants/ directory and each module keeps its own cache: a second run re-tests only mutants whose
@@ -63,7 +65,12 @@ def prepare(module: str, spec: dict, base: dict) -> Path:
     return work
 
 
-def run(module: str, spec: dict, base: dict) -> None:
+def run(module: str, spec: dict, base: dict, *, recheck: bool = False) -> None:
+    names = list(spec.get("mutants", []))
+    if recheck:
+        names = summarise(module, spec).get("survivors", [])
+        if not names:
+            return
     work = prepare(module, spec, base)
     mutmut = Path(sys.executable).with_name("mutmut")
     jobs = os.environ.get("MUTATION_JOBS", "1")
@@ -72,7 +79,7 @@ def run(module: str, spec: dict, base: dict) -> None:
     print(f"mutating {module} ({', '.join(spec['tests'])}); log in {log}", file=sys.stderr, flush=True)
     with log.open("w") as out:
         proc = subprocess.run(["nice", "-n", "10", str(mutmut), "run", "--max-children", jobs,
-                               *spec.get("mutants", [])], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               *names], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
                               check=False)
     if proc.returncode != 0:
         sys.exit(f"mutmut failed on {module}; see {log}")
@@ -100,14 +107,14 @@ def main() -> None:
     base = config()
     modules = base["modules"]
     args = sys.argv[1:]
-    report_only = "--report" in args
-    chosen = [a for a in args if a != "--report"] or list(modules)
+    report_only, recheck = "--report" in args, "--recheck" in args
+    chosen = [a for a in args if a not in ("--report", "--recheck")] or list(modules)
     unknown = [m for m in chosen if m not in modules]
     if unknown:
         sys.exit(f"not in [tool.mutmut.modules]: {unknown}")
     if not report_only:
         for module in chosen:
-            run(module, modules[module], base)
+            run(module, modules[module], base, recheck=recheck)
     results = [summarise(m, modules[m]) for m in chosen]
     caught = sum(r.get("killed", 0) + r.get("timeout", 0) for r in results)
     judged = caught + sum(r.get("survived", 0) + r.get("no tests", 0) for r in results)
