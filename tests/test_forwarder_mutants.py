@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import random
 
-from uplink._forwarder import PRIORITY_METER, PRIORITY_STATE, ForwardPlanner
+import pytest
+
+from uplink._forwarder import MAX_DOCS, PRIORITY_METER, PRIORITY_STATE, ForwardPlanner
 
 
 class Highest(random.Random):
@@ -102,3 +104,51 @@ def test_a_late_change_keeps_its_priority_and_age():
     q.note_synced("d")
     q.on_success(0.0)
     assert q.next_batch(0.0) == ["e", "d"]
+
+
+def test_settings_are_checked_at_their_edges():
+    ForwardPlanner(Highest(), base_delay=2.0, max_delay=2.0, max_bytes=1, max_docs=1)  # all at the edge
+    ForwardPlanner(Highest(), max_docs=MAX_DOCS, meter_hold=0.0)
+    for kwargs, message in [
+        ({"meter_hold": -0.1}, "meter_hold must not be negative"),
+        ({"base_delay": 0.0}, "need 0 < base_delay <= max_delay"),
+        ({"base_delay": 2.0, "max_delay": 1.0}, "need 0 < base_delay <= max_delay"),
+        ({"max_bytes": 0}, f"max_bytes must be positive and max_docs in 1..{MAX_DOCS}"),
+        ({"max_docs": 0}, f"max_bytes must be positive and max_docs in 1..{MAX_DOCS}"),
+        ({"max_docs": MAX_DOCS + 1}, f"max_bytes must be positive and max_docs in 1..{MAX_DOCS}"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            ForwardPlanner(Highest(), **kwargs)
+        assert str(info.value) == message, kwargs
+    p = planner()
+    with pytest.raises(ValueError) as info:
+        p.note_change("d", 2, 1)
+    assert str(info.value) == f"priority must be {PRIORITY_STATE} or {PRIORITY_METER}"
+    with pytest.raises(ValueError) as info:
+        p.note_change("d", PRIORITY_METER, -1)
+    assert str(info.value) == "size_hint must not be negative"
+    p.note_change("d", PRIORITY_METER, 0)  # zero is a size
+    assert p.is_waiting("d")
+
+
+def test_a_failed_batch_is_sent_again_whole_so_its_late_changes_are_covered():
+    p = planner()
+    p.note_change("d", PRIORITY_STATE, 100)
+    assert p.next_batch(0.0) == ["d"]
+    p.note_change("d", PRIORITY_METER, 10)  # late while the batch is out
+    retry = p.on_failure(0.0)
+    assert p.next_batch(retry) == ["d"]  # the retry carries every change, the late one too
+    p.note_synced("d")
+    assert not p.is_waiting("d")
+
+
+def test_late_changes_add_up_to_the_size_that_waits():
+    p = planner(max_bytes=100)
+    p.note_change("d", PRIORITY_STATE, 500)
+    assert p.next_batch(0.0) == ["d"]
+    p.note_change("d", PRIORITY_METER, 20)  # two late changes, 50 bytes in all
+    p.note_change("d", PRIORITY_METER, 30)
+    p.note_synced("d")
+    p.on_success(0.0)
+    p.note_change("e", PRIORITY_METER, 50)
+    assert p.next_batch(0.0) == ["d", "e"]  # 50 + 50 fits the 100 bytes exactly
