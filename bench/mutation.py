@@ -67,10 +67,23 @@ def prepare(module: str, spec: dict, base: dict) -> Path:
 
 def run(module: str, spec: dict, base: dict, *, recheck: bool = False) -> None:
     names = list(spec.get("mutants", []))
+    meta = workdir(module) / "mutants" / (module + ".meta")
     if recheck:
         names = summarise(module, spec).get("survivors", [])
         if not names:
             return
+        # mutmut forgets every verdict when the test selection changes (a new test file): keep
+        # the earlier ones, for mutants this run does not re-test. Sound when tests were only
+        # added (an added test cannot revive a killed mutant); after changing or removing
+        # tests, run the module afresh instead.
+        earlier = json.loads(meta.read_text())["exit_code_by_key"]
+        kept = workdir(module) / "earlier.json"
+        if kept.exists():
+            before = json.loads(kept.read_text())
+            earlier = {k: (before.get(k) if v is None else v) for k, v in earlier.items()}
+        kept.write_text(json.dumps(earlier))
+    else:
+        (workdir(module) / "earlier.json").unlink(missing_ok=True)
     work = prepare(module, spec, base)
     mutmut = Path(sys.executable).with_name("mutmut")
     jobs = os.environ.get("MUTATION_JOBS", "1")
@@ -92,6 +105,10 @@ def summarise(module: str, spec: dict) -> dict:
     if not meta.exists():
         return {"module": module, "error": "not run yet"}
     codes = json.loads(meta.read_text())["exit_code_by_key"]
+    earlier = workdir(module) / "earlier.json"
+    if earlier.exists():
+        kept = json.loads(earlier.read_text())
+        codes = {k: (kept.get(k) if v is None else v) for k, v in codes.items()}
     patterns = spec.get("mutants")
     if patterns:
         codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, p) for p in patterns)}

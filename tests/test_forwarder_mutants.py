@@ -68,9 +68,13 @@ def test_a_forgotten_document_is_no_longer_out_known_or_waiting():
     assert p.next_batch(0.0) == ["d"]
     p.forget("d")
     assert not p.is_waiting("d")
-    p.reset_all()  # a new leader re-confirms what it knows: not a forgotten document
-    assert not p.is_waiting("d") and p.next_batch(0.0) == []
     _changes_after_are_covered(p)
+    q = planner()
+    q.note_change("d", PRIORITY_STATE, 100)
+    q.note_synced("d")
+    q.forget("d")
+    q.reset_all()  # a new leader re-confirms what it knows: not a forgotten document
+    assert not q.is_waiting("d") and q.next_batch(0.0) == []
 
 
 def test_a_confirmed_document_is_no_longer_out_in_a_batch():
@@ -151,4 +155,8 @@ def test_late_changes_add_up_to_the_size_that_waits():
     p.note_synced("d")
     p.on_success(0.0)
     p.note_change("e", PRIORITY_METER, 50)
+    p.note_change("f", PRIORITY_METER, 51)
     assert p.next_batch(0.0) == ["d", "e"]  # 50 + 50 fits the 100 bytes exactly
+    p.on_failure(0.0)
+    p.forget("e")
+    assert p.next_batch(100.0) == ["d"]  # 50 + 51 does not
