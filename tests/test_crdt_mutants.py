@@ -241,7 +241,12 @@ def test_signer_and_keyring_checks():
     resumed = EventSigner.resume("charger-1", key, [events[2], theirs, events[0], events[1]])
     assert (resumed.seq, resumed.prev) == (3, events[2].chain_hash)
     fresh_one = EventSigner.resume("charger-3", key, events)
-    assert (fresh_one.seq, fresh_one.prev) == (0, GENESIS_PREV)
+    assert (fresh_one.seq, fresh_one.prev, fresh_one.signing_key) == (0, GENESIS_PREV, key)
+    # to_map hands out a copy: editing it leaves the (frozen) record as it was.
+    record = events[0].record
+    mapped = record.to_map()
+    mapped["data"]["x"] = 1
+    assert record.data == {} and record.to_map()["data"] == {}
     ring = Keyring({"charger-1": A.public_key})
     assert "charger-1" in ring and "charger-2" not in ring
     with pytest.raises(LocalError, match="^an Ed25519 public key is 32 bytes, got 31$"):
