@@ -11,21 +11,30 @@ from __future__ import annotations
 import cbor2
 import nacl.signing
 import pytest
+from automerge.core import ROOT, Document, ObjType, ScalarType
 
 from crdt import (
     GENESIS_PREV,
     MAX_EVENT_BYTES,
     BadSignature,
     BrokenChain,
+    DocumentError,
     EventSigner,
     Keyring,
     LocalError,
     MalformedEvent,
     MissingField,
     UnknownKey,
+    add_note,
     check_link,
     decode_event,
     fold,
+    new_session_doc,
+    new_site_config,
+    read_session,
+    read_site_config,
+    set_receipt,
+    site_config_put,
     summarize_event,
     verify_event,
 )
@@ -251,3 +260,99 @@ def test_signer_and_keyring_checks():
     assert "charger-1" in ring and "charger-2" not in ring
     with pytest.raises(LocalError, match="^an Ed25519 public key is 32 bytes, got 31$"):
         ring.add("x", bytes(31))
+
+
+# --------------------------------------------------------------------------
+# crdt/_documents.py: what goes into a document comes back out, and a document that is not a
+# session or site config is refused with a message that names what is wrong.
+
+
+NESTED = {
+    "currency": "EUR", "per_kwh_cents": 39, "vat": 0.19, "active": True, "note": None, "blob": b"\x00\x01",
+    "bands": [{"from": 0, "cents": 30}, {"from": 22, "cents": [1, 2.5, "x", None, False, b"b", [3, {"y": 4}]]}],
+    "empty": {}, "none": [],
+}
+
+
+def test_any_plain_value_round_trips_through_a_session_document():
+    doc = new_session_doc("s-9", site="depot", charger="c7", connector=2, id_token="tok", tariff=NESTED,
+                          created_by="node-b", actor=b"\x01" * 16)
+    assert doc.get_actor() == b"\x01" * 16
+    data = read_session(doc)
+    assert (data.session_id, data.site, data.charger, data.connector, data.id_token, data.created_by) == (
+        "s-9", "depot", "c7", 2, "tok", "node-b")
+    tariff = dict(data.tariff)
+    tariff["blob"] = bytes(tariff["blob"])
+    inner = tariff["bands"][1]["cents"]
+    inner[5] = bytes(inner[5])
+    assert tariff == NESTED
+    assert data.notes == {} and data.receipt is None and data.events == {} and data.devices == {}
+    add_note(doc, "n1", "checked by hand")
+    set_receipt(doc, b"receipt-bytes")
+    data = read_session(doc)
+    assert data.notes == {"n1": "checked by hand"} and data.receipt == b"receipt-bytes"
+    with pytest.raises(LocalError, match="^cannot store a set in a document$"):
+        new_session_doc("s", site="x", charger="c", connector=1, id_token="t", tariff={"x": {1}}, created_by="n")
+
+
+def test_site_config_holds_nested_values_and_refuses_other_documents():
+    doc = new_site_config("depot", actor=b"\x02" * 16)
+    assert doc.get_actor() == b"\x02" * 16
+    site_config_put(doc, "tariffs", "default", {"per_kwh_cents": 39, "bands": [1, {"a": None}]})
+    site_config_put(doc, "id_tokens_allowed", "tok-1", b"entry")
+    config = read_site_config(doc)
+    assert config["site"] == "depot"
+    assert config["tariffs"] == {"default": {"per_kwh_cents": 39, "bands": [1, {"a": None}]}}
+    assert bytes(config["id_tokens_allowed"]["tok-1"]) == b"entry"
+    with pytest.raises(LocalError, match="site config has no section 'nope'"):
+        site_config_put(doc, "nope", "k", 1)
+    with pytest.raises(DocumentError, match="^not a site-config document$"):
+        read_site_config(new_session_doc("s", site="x", charger="c", connector=1, id_token="t", tariff={},
+                                         created_by="n"))
+
+
+def _session_with(**overrides):
+    doc = Document()
+    with doc.transaction() as tx:
+        values = {"session_id": "s", "site": "x", "charger": "c", "id_token": "t", "created_by": "n", "connector": 1}
+        values.update(overrides)
+        for key, value in values.items():
+            if value is None:
+                continue
+            kind = ScalarType.Boolean if isinstance(value, bool) else (
+                ScalarType.Int if isinstance(value, int) else ScalarType.Str)
+            tx.put(ROOT, key, kind, value)
+        events = tx.put_object(ROOT, "events", ObjType.Map)
+        tx.put(events, "odd", ScalarType.Str, "not bytes")
+        devices = tx.put_object(ROOT, "devices", ObjType.Map)
+        tx.put(devices, "d1", ScalarType.Bytes, b"k" * 32)
+        tx.put(devices, "big", ScalarType.Bytes, b"k" * 4097)
+        tx.put(devices, "text", ScalarType.Str, "x")
+    return doc
+
+
+@pytest.mark.parametrize("key, value, kind", [
+    ("session_id", None, "str"), ("site", 5, "str"), ("charger", None, "str"), ("id_token", None, "str"),
+    ("created_by", 7, "str"), ("connector", "1", "int"), ("connector", True, "int"),
+])
+def test_read_session_names_the_bad_field(key, value, kind):
+    with pytest.raises(DocumentError) as info:
+        read_session(_session_with(**{key: value}))
+    assert str(info.value) == f"session document field {key!r} is missing or not {kind}"
+
+
+def test_read_session_reads_a_foreign_document_defensively():
+    data = read_session(_session_with())
+    assert data.events == {"odd": b""}  # kept, so the fold reports it as invalid
+    assert data.devices == {"d1": b"k" * 32}  # oversized and non-bytes entries left out
+    assert data.tariff == {} and data.notes == {} and data.receipt is None
+    with pytest.raises(DocumentError, match="^document has no 'notes' map$"):
+        add_note(_session_with(), "n", "x")
+    no_events = Document()
+    with no_events.transaction() as tx:
+        for key in ("session_id", "site", "charger", "id_token", "created_by"):
+            tx.put(ROOT, key, ScalarType.Str, "v")
+        tx.put(ROOT, "connector", ScalarType.Int, 1)
+        tx.put(ROOT, "events", ScalarType.Str, "not a map")
+    with pytest.raises(DocumentError, match="^document has no 'events' map$"):
+        read_session(no_events)
