@@ -82,6 +82,9 @@ def run(module: str, spec: dict, base: dict, *, recheck: bool = False) -> None:
             before = json.loads(kept.read_text())
             earlier = {k: (before.get(k) if v is None else v) for k, v in earlier.items()}
         kept.write_text(json.dumps(earlier))
+        # Which tests reach which function was recorded before the new tests existed: record it
+        # again, or mutmut would not run the new tests against the survivors.
+        (workdir(module) / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     else:
         (workdir(module) / "earlier.json").unlink(missing_ok=True)
     work = prepare(module, spec, base)
