@@ -327,6 +327,8 @@ def _session_with(**overrides):
         devices = tx.put_object(ROOT, "devices", ObjType.Map)
         tx.put(devices, "d1", ScalarType.Bytes, b"k" * 32)
         tx.put(devices, "big", ScalarType.Bytes, b"k" * 4097)
+        tx.put(devices, "edge", ScalarType.Bytes, b"c" * 4096)  # a certificate at the size limit
+        tx.put(ROOT, "receipt", ScalarType.Str, "not bytes")
         tx.put(devices, "text", ScalarType.Str, "x")
     return doc
 
@@ -344,7 +346,7 @@ def test_read_session_names_the_bad_field(key, value, kind):
 def test_read_session_reads_a_foreign_document_defensively():
     data = read_session(_session_with())
     assert data.events == {"odd": b""}  # kept, so the fold reports it as invalid
-    assert data.devices == {"d1": b"k" * 32}  # oversized and non-bytes entries left out
+    assert data.devices == {"d1": b"k" * 32, "edge": b"c" * 4096}  # oversized and non-bytes entries left out
     assert data.tariff == {} and data.notes == {} and data.receipt is None
     with pytest.raises(DocumentError, match="^document has no 'notes' map$"):
         add_note(_session_with(), "n", "x")
@@ -356,3 +358,14 @@ def test_read_session_reads_a_foreign_document_defensively():
         tx.put(ROOT, "events", ScalarType.Str, "not a map")
     with pytest.raises(DocumentError, match="^document has no 'events' map$"):
         read_session(no_events)
+
+
+def test_read_session_of_a_document_with_only_the_required_fields():
+    doc = Document()
+    with doc.transaction() as tx:
+        for key in ("session_id", "site", "charger", "id_token", "created_by"):
+            tx.put(ROOT, key, ScalarType.Str, "v")
+        tx.put(ROOT, "connector", ScalarType.Int, 1)
+        tx.put_object(ROOT, "events", ObjType.Map)
+    data = read_session(doc)
+    assert (data.devices, data.tariff, data.notes, data.receipt, data.events) == ({}, {}, {}, None, {})
