@@ -24,11 +24,16 @@ from crdt import (
     LocalError,
     MalformedEvent,
     MissingField,
+    SyncBook,
     UnknownKey,
     add_note,
+    bucket_of,
     check_link,
     decode_event,
+    differing_buckets,
     fold,
+    heads_hash,
+    make_digest,
     new_session_doc,
     new_site_config,
     read_session,
@@ -369,3 +374,42 @@ def test_read_session_of_a_document_with_only_the_required_fields():
         tx.put_object(ROOT, "events", ObjType.Map)
     data = read_session(doc)
     assert (data.devices, data.tariff, data.notes, data.receipt, data.events) == ({}, {}, {}, None, {})
+
+
+# --------------------------------------------------------------------------
+# crdt/_sync.py: the digest is a wire format (nodes of different versions compare digests), so
+# its bucket choice, hash lengths and layout are pinned; the sync book forgets exactly what it
+# is told to.
+
+
+def test_the_digest_wire_format_is_pinned():
+    assert bucket_of("session-00042") == 18 and bucket_of("s-1", 1000) == 639
+    assert heads_hash([b"\x02" * 32, b"\x01" * 32]).hex() == "f818afd37a6dc3bc"  # order-free, 8 bytes
+    digest = make_digest({"a": b"\x11" * 8, "b": b"\x22" * 8, "session-00042": b"\x33" * 8}, 16)
+    assert [i for i, d in enumerate(digest) if d != bytes(8)] == [2, 6]
+    assert (digest[2].hex(), digest[6].hex()) == ("34d255664d145b1a", "7ef4b6b3967ad08f")
+    assert all(len(d) == 8 for d in digest)
+    assert make_digest({"x": b"\x01" * 8}) != make_digest({"x": b"\x02" * 8})
+
+
+def test_differing_buckets_refuses_digests_of_other_sizes():
+    assert differing_buckets([b"a", b"b", b"c"], [b"a", b"x", b"c"]) == [1]
+    with pytest.raises(LocalError, match="^digests with different bucket counts cannot be compared$"):
+        differing_buckets([b"a", b"b"], [b"a"])
+
+
+def test_the_sync_book_forgets_exactly_what_it_is_told():
+    book = SyncBook()
+    states = {(p, d): book.state(p, d) for p in ("p1", "p2") for d in ("d1", "d2")}
+    assert book.state("p1", "d1") is states[("p1", "d1")]  # kept between calls
+    book.reset("p1", "d1")
+    book.reset("p9", "d9")  # unknown: harmless
+    assert book.state("p1", "d1") is not states[("p1", "d1")]
+    assert book.state("p1", "d2") is states[("p1", "d2")]
+    book.forget_doc("d2")
+    assert book.state("p1", "d2") is not states[("p1", "d2")] and book.state("p2", "d2") is not states[("p2", "d2")]
+    assert book.state("p2", "d1") is states[("p2", "d1")]
+    kept = book.state("p1", "d1")
+    book.forget_peer("p2")
+    assert book.state("p2", "d1") is not states[("p2", "d1")]
+    assert book.state("p1", "d1") is kept
