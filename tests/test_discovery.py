@@ -30,7 +30,7 @@ import pytest
 import trio
 import trio.testing
 import trio_asyncio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
@@ -163,13 +163,105 @@ def test_parse_fields_rejects_non_utf8():
 
 @given(st.dictionaries(st.binary(max_size=20), st.one_of(st.none(), st.binary(max_size=300)), max_size=8))
 def test_parse_fields_fails_only_with_invalid_fields(raw):
-    """Whatever a peer puts in its TXT record, parsing either succeeds or
-    raises InvalidFields; nothing else can escape to crash the browser."""
+    """Whatever bytes a peer puts in its TXT record, parsing either succeeds or
+    raises InvalidFields; nothing else can escape to crash the browser. (Random
+    bytes are almost never a valid advert: `adverts` below checks real parsing.)"""
     try:
         fields = parse_fields(raw)
     except InvalidFields:
         return
     assert {"id", "v", "port"} <= fields.keys()
+
+
+_EXTRA_KEY = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="="),
+                     min_size=1, max_size=10).filter(lambda k: k.lower() not in ("id", "v", "port", "up"))
+_FAULTS = {
+    "missing": None,  # one required field left out
+    "id": ["", "a\nb", "x" * 64, "tab\there"],
+    "v": ["0", "one", "1000000", "01", ""],
+    "port": ["0", "65536", "05683", "+1", "", "1.5", " 1", "٣"],
+    "up": ["101", "-1", "", "1.5"],
+    "key": ["bad=key", "", "ключ"],
+    "utf8": [b"\xff", b"\xc3"],
+    "long": ["x" * 300],
+}
+
+
+@st.composite
+def adverts(draw):
+    """TXT records as a peer might send them: valid three times in four (required fields in any
+    order and key case, optional uplink, unknown keys, a repeated key whose first copy counts),
+    otherwise with exactly one fault. Returns (raw record, the fields parse_fields must return,
+    or None when it must refuse)."""
+    required = {
+        "id": draw(st.text(min_size=1, max_size=15).filter(str.isprintable)),
+        "v": str(draw(st.integers(1, 999_999))),
+        "port": str(draw(st.integers(1, 65535))),
+    }
+    if draw(st.booleans()):
+        required["up"] = str(draw(st.integers(0, 100)))
+    extras = {k: v for k, v in draw(st.dictionaries(_EXTRA_KEY, st.one_of(st.none(), st.text(max_size=30)),
+                                                    max_size=3)).items()}
+    extras = {k: v for k, v in extras.items() if k.lower() == k}  # distinct without case
+    entries: list[tuple[str, str | bytes | None]] = [
+        (k.upper() if draw(st.booleans()) else k, v) for k, v in [*required.items(), *extras.items()]
+    ]
+    entries = list(draw(st.permutations(entries)))
+    fault = draw(st.sampled_from(sorted(_FAULTS))) if draw(st.integers(0, 3)) == 0 else None
+    if fault == "missing":
+        victim = draw(st.sampled_from(["id", "v", "port"]))
+        entries = [(k, v) for k, v in entries if k.lower() != victim]
+    elif fault in ("id", "v", "port", "up"):
+        bad = draw(st.sampled_from(_FAULTS[fault]))
+        found = [i for i, (k, _) in enumerate(entries) if k.lower() == fault]
+        if found:
+            entries[found[0]] = (entries[found[0]][0], bad)
+        else:
+            entries.append((fault, bad))
+    elif fault == "key":
+        entries.insert(draw(st.integers(0, len(entries))), (draw(st.sampled_from(_FAULTS["key"])), "x"))
+    elif fault == "utf8":
+        i = draw(st.integers(0, len(entries) - 1))
+        entries[i] = (entries[i][0], draw(st.sampled_from(_FAULTS["utf8"])))
+    elif fault == "long":
+        entries.append(("note", _FAULTS["long"][0]))
+    if fault is None and draw(st.booleans()):
+        # The same key again in another case, with a bad value: only the first copy counts.
+        k, _ = draw(st.sampled_from(entries))
+        entries.append((k.swapcase() if k.swapcase() != k else k + "x", "05"))
+    expected: dict[str, str] | None = None
+    if fault is None:
+        expected = {}
+        for k, v in entries:
+            expected.setdefault(k.lower(), "" if v is None else v)
+    as_bytes = draw(st.booleans())
+    raw = {}
+    for k, v in entries:
+        if as_bytes:
+            raw[k.encode()] = v.encode() if isinstance(v, str) else v
+        else:
+            raw[k] = v.decode("utf-8", "replace") if isinstance(v, bytes) and fault != "utf8" else v
+    return raw, expected
+
+
+def test_parse_fields_on_adverts_mostly_valid():
+    """parse_fields against the schema, on records that are valid most of the time, so the
+    property checks parsing and not just the refusal of noise."""
+    outcomes: list[bool] = []
+
+    @settings(max_examples=300, database=None)
+    @given(adverts())
+    def check(advert):
+        raw, expected = advert
+        outcomes.append(expected is not None)
+        if expected is None:
+            with pytest.raises(InvalidFields):
+                parse_fields(raw)
+        else:
+            assert parse_fields(raw) == expected
+
+    check()
+    assert len(outcomes) >= 100 and sum(outcomes) / len(outcomes) >= 0.6, (sum(outcomes), len(outcomes))
 
 
 @given(

@@ -1,10 +1,13 @@
-"""Property: replicas that received the same events, in any order, converge.
+"""Property: replicas that each saw some of the events converge on all of them.
 
-Three replicas get the same signed events (forks, backwards meters and illegal
-transitions included) in different orders, with duplicates; between additions,
-random pairs exchange Automerge sync messages, some of which are dropped and
-delivered again later. Once they have synced they must hold identical heads and
-an identical folded state, conflicts included.
+Signed events (forks, backwards meters and illegal transitions included) are
+each added at one replica, sometimes at a second one too (an event that reached
+two nodes), in a random order with duplicates; no replica adds the others'
+events. Between additions, random pairs exchange Automerge sync messages, some
+of which are dropped and delivered again later. Once they have synced they must
+hold identical heads and an identical folded state, conflicts included, and that
+state must account for every event added anywhere: an event reaches the other
+replicas only through sync, so one that sync loses is missed.
 """
 
 from __future__ import annotations
@@ -39,14 +42,23 @@ def scenarios(draw):
                 events.append((s, twin.sign(kind, f"s{s}", ts, meter_wh=max(meter, 0) + 1)))
             events.append((s, signer.sign(kind, f"s{s}", ts, meter_wh=max(meter, 0))))
     owners = [draw(st.integers(0, 2)) for _ in range(n_sessions)]
-    orders = [draw(st.permutations(events + draw(st.lists(st.sampled_from(events), max_size=5)))) for _ in range(3)]
+    # Who adds each event: its origin, and sometimes a second replica that received it too.
+    held: list[list[tuple[int, object]]] = [[], [], []]
+    for item in events:
+        origin = draw(st.integers(0, 2))
+        held[origin].append(item)
+        second = draw(st.integers(0, 5))
+        if second < 3 and second != origin:
+            held[second].append(item)
+    orders = [draw(st.permutations(mine + (draw(st.lists(st.sampled_from(mine), max_size=3)) if mine else [])))
+              for mine in held]
     steps = draw(
         st.lists(
             st.tuples(st.integers(0, 2), st.integers(0, 2), st.sampled_from(["deliver", "drop", "resend"])),
             max_size=30,
         )
     )
-    return n_sessions, owners, orders, steps
+    return n_sessions, owners, orders, steps, events
 
 
 def sync_pair(a: Replica, b: Replica, an: str, bn: str, doc_id: str) -> bool:
@@ -62,7 +74,7 @@ def sync_pair(a: Replica, b: Replica, an: str, bn: str, doc_id: str) -> bool:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_three_replicas_converge(scenario):
-    n_sessions, owners, orders, steps = scenario
+    n_sessions, owners, orders, steps, events = scenario
     replicas = [Replica() for _ in range(3)]
     names = ["r0", "r1", "r2"]
     doc_ids = [f"s{s}" for s in range(n_sessions)]
@@ -81,7 +93,7 @@ def test_three_replicas_converge(scenario):
 
     dropped: list[tuple[int, int, str, bytes]] = []
     step_iter = iter(steps)
-    for position in range(max(len(o) for o in orders)):
+    for position in range(max(len(o) for o in orders) + len(steps)):
         for r, order in enumerate(orders):
             if position < len(order):
                 s, event = order[position]
@@ -121,6 +133,7 @@ def test_three_replicas_converge(scenario):
         assert heads[0] == heads[1] == heads[2]
         views = [fold_session(r.docs[doc_id], KEYRING)[1] for r in replicas]
         assert views[0] == views[1] == views[2]
-        # And the folded state reflects every event of the session, none lost.
-        added = {e.event_id for s, e in orders[0] if doc_ids[s] == doc_id}
+        # And the folded state reflects every event of the session added at any replica, none lost.
+        added = {e.event_id for s, e in events if doc_ids[s] == doc_id}
+        assert added == {e.event_id for order in orders for s, e in order if doc_ids[s] == doc_id}
         assert set(views[0].event_ids) | {c.event_id for c in views[0].conflicts} == added

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import nacl.secret
 import nacl.signing
 import nacl.utils
 import pytest
@@ -28,34 +29,38 @@ from hypothesis import strategies as st
 
 from crdt import EventSigner, Keyring, verify_event
 from meshnode._coap import open_coap_transport
-from meshnode._transport import (
-    BadRequest,
-    Handler,
-    Forbidden,
-    MemoryNetwork,
-    MemoryTransport,
-    RemoteRefused,
-    Unauthorized,
-)
 from meshnode._security import (
+    _CTX_SEALED,
+    DEFAULT_MAX_SKEW,
     MIN_SEALED,
+    SEALED_MAGIC,
     BadCertificate,
+    BadEnvelope,
+    BadSignature,
     BadSiteEntry,
     Certificate,
     CertificateExpired,
+    ClockSkew,
     Identity,
     Limits,
     LocalSecurityError,
+    Misaddressed,
     NetworkKey,
     RemoteSecurityError,
+    Replayed,
     ReplayWindow,
     ResponseRejected,
     Revocations,
+    RoleNotAllowed,
     SealedTransport,
     Sealer,
     Site,
     TokenExpired,
     TokenInvalid,
+    WrongKind,
+    WrongResource,
+    _canonical,
+    _sign,
     authenticated_peer,
     authorize,
     create_site,
@@ -78,6 +83,15 @@ from meshnode._security import (
     trusted_device_keys,
     verify_driver_token,
     verify_token_list_entry,
+)
+from meshnode._transport import (
+    BadRequest,
+    Forbidden,
+    Handler,
+    MemoryNetwork,
+    MemoryTransport,
+    RemoteRefused,
+    Unauthorized,
 )
 
 T0 = 1_800_000_000.0
@@ -727,6 +741,87 @@ def test_junk_from_a_network_key_holder_only_raises_remote_security_errors(junk:
     sealed = b"MS\x01" + network_key_id(_B_ID.network_key) + bytes(nacl.secret.SecretBox(_B_ID.network_key).encrypt(pair_form))
     with pytest.raises(RemoteSecurityError):
         _A.open_request("/m/sync", sealed, T0)
+
+
+# A malicious enrolled node: its certificate is of our site and its signature verifies, so
+# everything after the signature check (kind, resource, method, address, validity, role, clock,
+# replay) is all that stands between its message and a handler. Each fault below is a message
+# such a node can sign; the test expects the matching refusal, and a fault-free message to open.
+_SITE = memory_site()
+_RECEIVER = memory_identity(_SITE, "a")
+_SENDERS = {
+    "ok": memory_identity(_SITE, "b"),
+    "expired": memory_identity(_SITE, "old", issued=T0 - 400 * DAY, valid_for=DAY),
+    "operator": memory_identity(_SITE, "op", roles=("operator",)),
+}
+_FAULTS: dict[str, tuple[type[RemoteSecurityError], ...]] = {
+    "kind": (WrongKind,), "resource": (WrongResource,), "method": (WrongResource,),
+    "to": (Misaddressed,), "skew": (ClockSkew,), "expired": (CertificateExpired,),
+    "operator": (RoleNotAllowed,), "stolen_cert": (BadSignature,), "before_start": (Replayed,),
+    "extra_field": (BadEnvelope,), "body_text": (BadEnvelope,),
+}
+
+
+def _signed_by(identity: Identity, fields: dict[str, object], network_key: bytes) -> bytes:
+    inner = _sign(identity.signing_key, _CTX_SEALED, _canonical(fields))
+    return SEALED_MAGIC + network_key_id(network_key) + bytes(nacl.secret.SecretBox(network_key).encrypt(inner))
+
+
+def _attempt(faults: set[str], body: bytes) -> None:
+    started = T0 + 1000
+    receiver = sealer_for(_RECEIVER, started=started)
+    now = started + 10
+    sender = _SENDERS["expired" if "expired" in faults else "operator" if "operator" in faults else "ok"]
+    fields: dict[str, object] = {
+        "v": 1, "k": 0, "m": "POST", "res": "/m/sync", "cert": sender.certificate_bytes,
+        "ctr": 1000, "ts": int(now * 1000), "body": body, "to": "a",
+    }
+    if "kind" in faults:
+        fields["k"], fields["re"] = 1, 999
+    if "resource" in faults:
+        fields["res"] = "/m/members"
+    if "method" in faults:
+        fields["m"] = "GET"
+    if "to" in faults:
+        fields["to"] = "c"
+    if "skew" in faults:
+        fields["ts"] = int((now + 10 * DEFAULT_MAX_SKEW) * 1000)
+    if "stolen_cert" in faults:  # another node's certificate, signed with this node's key
+        fields["cert"] = _SENDERS["ok" if sender is not _SENDERS["ok"] else "operator"].certificate_bytes
+    if "before_start" in faults:
+        fields["ts"] = int((started - 60) * 1000)  # within the clock skew: only the start time is wrong
+    if "extra_field" in faults:
+        fields["x"] = 1
+    if "body_text" in faults:
+        fields["body"] = body.hex()
+    sealed = _signed_by(sender, fields, _SITE.network_key)
+    if not faults:
+        opened = receiver.open_request("/m/sync", sealed, now)
+        assert (opened.sender_node_id, opened.body) == ("b", body)
+        with pytest.raises(Replayed):  # the same message again
+            receiver.open_request("/m/sync", sealed, now)
+        return
+    expected = tuple(cls for f in faults for cls in _FAULTS[f])
+    with pytest.raises(RemoteSecurityError) as refused:
+        receiver.open_request("/m/sync", sealed, now)
+    assert isinstance(refused.value, expected), (faults, refused.value)
+    # Refusing it left nothing behind: the same node's next, honest message opens.
+    honest = dict(fields, k=0, m="POST", res="/m/sync", to="a", ts=int(now * 1000), ctr=1001, body=b"ok",
+                  cert=_SENDERS["ok"].certificate_bytes)
+    honest.pop("re", None)
+    honest.pop("x", None)
+    assert receiver.open_request("/m/sync", _signed_by(_SENDERS["ok"], honest, _SITE.network_key), now).body == b"ok"
+
+
+@pytest.mark.parametrize("fault", [None, *sorted(_FAULTS)])
+def test_an_enrolled_node_with_a_valid_signature_is_refused_by_each_later_check(fault: str | None) -> None:
+    _attempt(set() if fault is None else {fault}, b"payload")
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sets(st.sampled_from(sorted(_FAULTS)), max_size=3), st.binary(max_size=64))
+def test_an_enrolled_node_with_a_valid_signature_and_several_faults_is_refused(faults: set[str], body: bytes) -> None:
+    _attempt(faults, body)
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,9 @@ with signed tokens, and the store holds nothing in clear.
 
 from __future__ import annotations
 
+import base64
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,17 +28,28 @@ from meshnode._security import (
     create_site,
     enroll,
     issue_driver_token,
+    load_or_create_store_key,
+    load_site,
+    network_key_id,
+    signed_token_list_entry,
     site_revoke,
+    site_rotate_network_key,
 )
 from meshnode._transport import MemoryNetwork, RemoteRefused
 
+from .procs import NodeProcess, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 class SecureMesh:
-    def __init__(self, tmp_path: Path, nursery: trio.Nursery, *, cloud_key: nacl.signing.SigningKey | None = None):
+    def __init__(self, tmp_path: Path, nursery: trio.Nursery, *, cloud_key: nacl.signing.SigningKey | None = None,
+                 clock=time.time):
         self.tmp_path, self.nursery = tmp_path, nursery
+        self.clock = clock  # the nodes' and sealers' wall clock
         self.net = MemoryNetwork()
         self.site_dir = tmp_path / "site"
-        create_site(self.site_dir, "field", now=time.time())
+        create_site(self.site_dir, "field", now=clock())
         if cloud_key is not None:
             (self.site_dir / "cloud.pub").write_bytes(bytes(cloud_key.verify_key))
         self.nodes: dict[str, Node] = {}
@@ -49,7 +63,7 @@ class SecureMesh:
     async def start(self, name: str, peers: list[str], *, enrolled: bool = True, **config) -> Node:
         data_dir = self.tmp_path / name
         if enrolled and not (data_dir / "node.cert").exists():
-            enroll(self.site_dir, name, data_dir, now=time.time())
+            enroll(self.site_dir, name, data_dir, now=self.clock())
         holder: dict[str, Node] = {}
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
@@ -59,13 +73,13 @@ class SecureMesh:
                     identity = Identity.load(data_dir) if enrolled else None
                     transport, sealer = inner, None
                     if identity is not None:
-                        sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=time.time())
-                        transport = SealedTransport(inner, sealer)
+                        sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=self.clock())
+                        transport = SealedTransport(inner, sealer, clock=self.clock)
                         self.transports[name] = transport
                     node = Node(
                         NodeConfig(node_id=name, data_dir=data_dir, site="field", seed=3, **config),
                         transport=transport, discovery=StaticDiscovery([self.address(p) for p in peers]),
-                        identity=identity, sealer=sealer,
+                        identity=identity, sealer=sealer, wall_clock=self.clock,
                     )
                     holder["node"] = node
                     async with trio.open_nursery() as inner_nursery:
@@ -207,3 +221,179 @@ async def test_node_store_on_disk_holds_no_session_content(tmp_path, autojump_cl
     raw = b"".join(p.read_bytes() for p in (tmp_path / "n1").iterdir() if p.name.startswith("store.db"))
     for secret in (sid.encode(), b"TOKEN-SECRET-99", b"bay-secret", cbor2.dumps(987654), b"meter_wh"):
         assert secret not in raw
+
+
+def virtual_wall_clock():
+    """A wall clock that moves with trio's (autojumping) clock: certificates, key activation and
+    retirement, and session limits are all in wall-clock time."""
+    base = time.time()
+    return lambda: base + trio.current_time()
+
+
+async def test_an_offline_session_accepted_with_a_time_limit_stops_at_max_minutes(tmp_path, autojump_clock):
+    clock = virtual_wall_clock()
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery, clock=clock)
+        node = await mesh.start("n1", [], unknown_token_policy="accept_limited", unknown_token_max_minutes=30)
+        sid = (await node.create_session("bay-1", 1, "WALK-IN", meter_wh=0))["session_id"]
+        authorize_event = node.fold(sid)[1].applied[0].record
+        assert authorize_event.data["limits"] == {"max_wh": None, "max_minutes": 30}
+        # Virtual time also jumps while the store's thread commits, so the test reads the
+        # events' own timestamps rather than assume how far the clock moved.
+        start_ts = node.fold(sid)[1].started_ts
+        await trio.sleep(20 * 60)
+        await node.record_event(sid, "meter", 1000)
+        view = node.fold(sid)[1]
+        assert view.applied[-1].record.ts - start_ts < 30 * 60_000
+        assert view.state == "charging"  # before 30 minutes: still charging
+        await trio.sleep(10 * 60)
+        await node.record_event(sid, "meter", 1500)
+        view = node.fold(sid)[1]
+        assert view.state == "completed"
+        meter, stop = view.applied[-2].record, view.applied[-1].record
+        assert meter.ts - start_ts >= 30 * 60_000
+        assert (meter.type, stop.type, stop.meter_wh, stop.data["reason"]) == ("meter", "stop", 1500, "time_limit")
+        with pytest.raises(LocalRequestError):
+            await node.record_event(sid, "meter", 1600)  # nothing more once it stopped
+        nursery.cancel_scope.cancel()
+
+
+async def test_network_key_rotation_through_the_site_config(tmp_path, autojump_clock):
+    """`site rotate-network-key`'s grant, handed to one node, reaches the others through the site
+    config; they seal with the new key from its activation, and the old key stops opening
+    anything at its retirement: a node that missed the grant is cut off then, the others go on."""
+    clock = virtual_wall_clock()
+    async with trio.open_nursery() as nursery:
+        mesh = SecureMesh(tmp_path, nursery, clock=clock)
+        a = await mesh.start("n1", ["n2", "n3"])
+        b = await mesh.start("n2", ["n1", "n3"])
+        c = await mesh.start("n3", ["n1", "n2"])
+        nodes = (a, b, c)
+        # n4 is enrolled but not running: it never sees the grant, and keeps the old key only.
+        enroll(mesh.site_dir, "n4", tmp_path / "n4", now=clock())
+        n4 = Identity.load(tmp_path / "n4")
+        stale = Sealer(n4, n4.site_public_key, n4.network_key, started=clock())
+        old_kid = network_key_id(n4.network_key)
+
+        async def stale_request() -> None:
+            body = SyncRequest("n4", {"nothing": None}).encode()
+            sealed, _ = stale.seal_request("/m/sync", body, clock(), to="n2")
+            await mesh.transports["n1"].inner.request(mesh.address("n2"), "/m/sync", sealed)
+
+        first = (await a.create_session("bay-1", 1, "T"))["session_id"]
+        await wait_for(lambda: all(first in n.replica.docs for n in nodes))
+        await stale_request()  # the old key opens today
+
+        _, grant = site_rotate_network_key(mesh.site_dir, now=clock(), activate_in=60, retire_previous_after=300)
+        new_kid = network_key_id((mesh.site_dir / "network.key").read_bytes())
+        assert new_kid != old_kid
+        await a.add_site_entry(grant)  # handed to one node only
+        await wait_for(lambda: all(new_kid in {k.key_id for k in n.sealer.network_keys} for n in nodes))
+        await stale_request()  # granted, not active yet: the old key still opens
+
+        await trio.sleep(60 + 300 + 1)  # past activation and the old key's retirement
+        before = b.sealer.refused.get("unknown_network_key", 0)
+        with pytest.raises(RemoteRefused) as info:
+            await stale_request()
+        assert info.value.code == "4.01"
+        assert b.sealer.refused.get("unknown_network_key", 0) == before + 1
+        # The granted nodes now talk under the new key only, and still replicate.
+        later = (await c.create_session("bay-3", 1, "T"))["session_id"]
+        await wait_for(lambda: all(later in n.replica.docs for n in nodes))
+        for n in nodes:
+            assert {k.key_id for k in n.sealer.network_keys if k.retire_at is None} == {new_kid}
+        nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# Real processes: the HTTP API, the CLI, and what ends up in logs and files
+
+
+def _encodings(key: bytes) -> dict[str, bytes]:
+    """The forms a key could leak in: raw, hex (both cases), base64 (standard and URL-safe,
+    with and without padding)."""
+    forms = {"raw": key, "hex": key.hex().encode(), "HEX": key.hex().upper().encode()}
+    for name, enc in (("b64", base64.b64encode), ("b64url", base64.urlsafe_b64encode)):
+        forms[name] = enc(key)
+        forms[name + "-nopad"] = enc(key).rstrip(b"=")
+    return forms
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshnode.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.mark.slow
+def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
+    """Two enrolled `meshnode run` processes at DEBUG, refusing unknown drivers. `meshnode token
+    list --http` hands an allowed entry to one node; the other then accepts that driver, and
+    after `token list --revoke --http` refuses it again; entries that do not verify get a 400.
+    Afterwards no key (node, network, store, site, cloud) appears in any form in the logs, the
+    stores or the other data files."""
+    from uplink import load_or_create_cloud_key
+
+    site_dir = tmp_path / "site"
+    create_site(site_dir, "field", now=time.time())
+    cloud_key_path = tmp_path / "cloud.key"
+    cloud_key = load_or_create_cloud_key(cloud_key_path)
+    (site_dir / "cloud.pub").write_bytes(bytes(cloud_key.verify_key))
+    hosts = {"n1": "127.0.17.1", "n2": "127.0.17.2"}
+    ports = {name: (free_port(host), free_port(host)) for name, host in hosts.items()}
+    nodes = {}
+    for name, host in hosts.items():
+        enroll(site_dir, name, tmp_path / name, now=time.time())
+        other = next(n for n in hosts if n != name)
+        nodes[name] = NodeProcess(
+            name, host, tmp_path / name, coap_port=ports[name][0], http_port=ports[name][1],
+            peers=[f"{hosts[other]}:{ports[other][0]}"], insecure=False,
+            extra=["--log-level", "debug", "--unknown-token-policy", "refuse"])
+    try:
+        for node in nodes.values():
+            node.start()
+        n1, n2 = nodes["n1"], nodes["n2"]
+
+        def start_status(node: NodeProcess, token: str) -> int:
+            return node.post("/v1/sessions", {"charger": "bay-1", "connector": 1, "id_token": token}).status_code
+
+        assert start_status(n2, "FLEET-1") == 403  # unknown, and this site refuses unknown drivers
+        allowed = _cli("token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--http", n1.url)
+        assert allowed.returncode == 0, allowed.stderr
+        wait_until(lambda: start_status(n2, "FLEET-1") == 201, what="n2 to accept the allowed token")
+        revoked = _cli("token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--revoke",
+                       "--http", n1.url)
+        assert revoked.returncode == 0, revoked.stderr
+        wait_until(lambda: start_status(n2, "FLEET-1") == 403, what="n2 to refuse the revoked token")
+        assert start_status(n1, "FLEET-1") == 403
+
+        # Entries a node cannot verify are refused and change nothing.
+        forged = signed_token_list_entry(nacl.signing.SigningKey(b"f" * 32), "FORGED-1", True, time.time())
+        for junk in (forged.hex(), "00" * 40, "zz"):
+            response = n1.post("/v1/site/entries", {"entry": junk})
+            assert response.status_code == 400, (junk, response.text)
+        assert start_status(n1, "FORGED-1") == 403
+        refused_cli = _cli("token", "list", "--cloud-key", str(tmp_path / "none.key"), "--token-id", "X",
+                           "--http", n1.url)
+        assert refused_cli.returncode != 0
+        for node in nodes.values():
+            assert node.stop() == 0
+    finally:
+        for node in nodes.values():
+            node.kill()
+
+    keys = {"cloud": bytes(cloud_key), "site": load_site(site_dir).require_signing_key().encode(),
+            "network": (site_dir / "network.key").read_bytes()}
+    for name in hosts:
+        identity = Identity.load(tmp_path / name)
+        keys[f"{name} node"] = identity.signing_key.encode()
+        keys[f"{name} network"] = identity.network_key
+        keys[f"{name} store"] = load_or_create_store_key(tmp_path / name)
+    key_files = {"node.key", "network.key", "store.key"}
+    searched = [p for name in hosts for p in (tmp_path / name).iterdir() if p.is_file() and p.name not in key_files]
+    searched += [nodes[name].log_path for name in hosts]
+    assert any(p.name.startswith("store.db") for p in searched)
+    logs = b"".join(nodes[name].log_path.read_bytes() for name in hosts)
+    assert b"DEBUG" in logs and len(logs) > 10_000  # DEBUG logging was on and said a lot
+    leaks = [(what, form, path.name) for path in searched for what, key in keys.items()
+             for form, text in _encodings(key).items() if text in path.read_bytes()]
+    assert leaks == []

@@ -136,7 +136,8 @@ def test_events_from_two_devices_fold_in_timestamp_order(keyring):
 
 def test_site_config_genesis_is_shared_and_merges():
     one, two = new_site_config("field"), new_site_config("field")
-    assert one.get_heads() == two.get_heads()
+    genesis = one.get_heads()
+    assert len(genesis) == 1 and two.get_heads() == genesis
     assert one.get_actor() != two.get_actor()
     site_config_put(one, "tariffs", "default", {"per_kwh_cents": 39})
     site_config_put(two, "id_tokens_allowed", "tok-9", True)
@@ -146,7 +147,11 @@ def test_site_config_genesis_is_shared_and_merges():
     content = read_site_config(one)
     assert content["tariffs"] == {"default": {"per_kwh_cents": 39}}
     assert content["id_tokens_allowed"] == {"tok-9": True}
-    assert new_site_config("other-site").get_heads() != one.get_heads()[:1]
+    # Both edits were made on top of the shared genesis, which the merged copies still contain.
+    assert one.get_heads() != genesis and len(one.get_changes(genesis)) == 2
+    # Another site's genesis is another change: its copies would never merge with this site's.
+    other = new_site_config("other-site")
+    assert other.get_heads() != genesis and other.get_heads() == new_site_config("other-site").get_heads()
 
 
 def test_declared_device_keys_are_trusted_only_when_asked():

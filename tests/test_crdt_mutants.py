@@ -1,0 +1,415 @@
+"""What mutation testing of crdt/ found untested (docs/testing.md, "mutation" tier).
+
+Each test here pins down behaviour that a surviving mutant changed without any other fast
+test noticing: the facts a conflict reports (the cloud files them for review and the node API
+shows them), the view's meter and receipt fields, that one broken chain does not stop the fold
+from applying the rest, and the JSON views of events and conflicts.
+"""
+
+from __future__ import annotations
+
+import cbor2
+import nacl.signing
+import pytest
+from automerge.core import ROOT, Document, ObjType, ScalarType
+
+from crdt import (
+    GENESIS_PREV,
+    MAX_EVENT_BYTES,
+    BadSignature,
+    BrokenChain,
+    DocumentError,
+    EventSigner,
+    Keyring,
+    LocalError,
+    MalformedEvent,
+    MissingField,
+    SyncBook,
+    UnknownKey,
+    add_note,
+    bucket_of,
+    check_link,
+    decode_event,
+    differing_buckets,
+    fold,
+    heads_hash,
+    make_digest,
+    new_session_doc,
+    new_site_config,
+    read_session,
+    read_site_config,
+    set_receipt,
+    site_config_put,
+    summarize_event,
+    verify_event,
+)
+from crdt._events import _content_id
+from crdt._fold import (
+    BROKEN_CHAIN,
+    FORK,
+    ILLEGAL_TRANSITION,
+    INVALID_EVENT,
+    METER_BACKWARDS,
+    WRONG_SESSION,
+)
+
+from .conftest import make_signer
+
+A, B = make_signer("charger-1"), make_signer("charger-2")
+RING = Keyring({"charger-1": A.public_key, "charger-2": B.public_key})
+
+
+def fresh(name: str):
+    return make_signer(name)
+
+
+def by_kind(view):
+    return {c.kind: c for c in view.conflicts}
+
+
+def test_each_conflict_names_what_went_wrong():
+    a, b, twin = fresh("charger-1"), fresh("charger-2"), fresh("charger-1")
+    events = [a.sign("authorize", "s", 1), a.sign("start", "s", 2, meter_wh=500)]
+    twin.sign("authorize", "s", 1), twin.sign("start", "s", 2, meter_wh=500)  # the same two events
+    meter, fork = a.sign("meter", "s", 3, meter_wh=600), twin.sign("meter", "s", 3, meter_wh=650)  # seq 3 twice
+    illegal = b.sign("resume", "s", 4)  # resume while charging
+    backwards = b.sign("meter", "s", 5, meter_wh=400)
+    other = b.sign("meter", "other-session", 6, meter_wh=1)
+    blobs = {e.event_id: e.encoded for e in [*events, meter, fork, illegal, backwards, other]}
+    misfiled = a.sign("meter", "s", 7, meter_wh=700)
+    blobs["not-its-id"] = misfiled.encoded
+    view = fold("s", blobs, RING)
+    kinds = by_kind(view)
+    assert set(kinds) == {METER_BACKWARDS, FORK, ILLEGAL_TRANSITION, WRONG_SESSION, INVALID_EVENT}
+    winner, loser = sorted([meter, fork], key=lambda e: e.event_id)
+    assert kinds[FORK].event_id == loser.event_id
+    assert kinds[FORK].detail == f"device 'charger-1' seq 3 also signed {winner.event_id}"
+    assert kinds[METER_BACKWARDS].detail == f"meter 400 Wh after {winner.record.meter_wh} Wh"
+    assert kinds[ILLEGAL_TRANSITION].detail == "'resume' in state 'charging'"
+    assert kinds[WRONG_SESSION].detail == "event belongs to session 'other-session'"
+    assert kinds[INVALID_EVENT].event_id == "not-its-id"
+    assert kinds[INVALID_EVENT].detail == f"stored under another id ({misfiled.event_id})"
+    assert kinds[ILLEGAL_TRANSITION].to_json() == {
+        "kind": ILLEGAL_TRANSITION, "event_id": illegal.event_id, "detail": "'resume' in state 'charging'"}
+
+
+def test_a_broken_chain_is_reported_and_the_fold_goes_on():
+    a, other_branch, b = fresh("charger-1"), fresh("charger-1"), fresh("charger-2")
+    first = a.sign("authorize", "s", 1)
+    other_branch.sign("reserve", "s", 1)  # not in the document
+    broken = other_branch.sign("start", "s", 2, meter_wh=0)  # seq 2, but points at the reserve
+    rest = [b.sign("start", "s", 3, meter_wh=10), b.sign("meter", "s", 4, meter_wh=70), b.sign("stop", "s", 5, meter_wh=90)]
+    view = fold("s", {e.event_id: e.encoded for e in [first, broken, *rest]}, RING)
+    assert [(c.kind, c.event_id) for c in view.conflicts] == [(BROKEN_CHAIN, broken.event_id)]
+    assert view.conflicts[0].detail == f"event {broken.event_id} (seq 2) does not point at the hash of seq 1"
+    assert view.event_ids == (first.event_id, *(e.event_id for e in rest))
+    assert view.state == "completed"
+
+
+def test_the_view_reports_first_and_last_meter_times_and_the_receipt():
+    a = fresh("charger-1")
+    events = [a.sign("authorize", "s", 1), a.sign("start", "s", 2, meter_wh=100), a.sign("meter", "s", 3, meter_wh=150),
+              a.sign("stop", "s", 4, meter_wh=180)]
+    blobs = {e.event_id: e.encoded for e in events}
+    view = fold("s", blobs, RING, receipt_present=True)
+    assert (view.state, view.energy_wh, view.first_meter_wh, view.last_meter_wh) == ("reconciled", 80, 100, 180)
+    assert (view.started_ts, view.stopped_ts, view.receipt_present) == (2, 4, True)
+    assert fold("s", blobs, RING).receipt_present is False
+    # Nothing started or stopped, no meter: None, not some other falsy value.
+    idle = fold("s", {events[0].event_id: events[0].encoded}, RING)
+    assert (idle.started_ts, idle.stopped_ts, idle.first_meter_wh, idle.last_meter_wh, idle.energy_wh) == (
+        None, None, None, None, 0)
+
+
+def test_summarize_event_is_the_event_as_json():
+    a = fresh("charger-1")
+    a.sign("authorize", "s", 1)
+    event = a.sign("meter", "s", 7, meter_wh=42)
+    assert summarize_event(event) == {
+        "event_id": event.event_id, "type": "meter", "device_id": "charger-1", "seq": 2, "ts": 7, "meter_wh": 42}
+
+
+# --------------------------------------------------------------------------
+# crdt/_events.py: every refusal of decode_event / verify_event says what is wrong and which
+# event it was (fold files `reason: message` as the conflict's detail), and the limits are where
+# the docstrings put them.
+
+
+
+def _body_and_sig(**changes):
+    """A charger-1 event's body and signature, with `changes` applied and its event_id
+    recomputed (unless event_id is among the changes), so the later checks are reached."""
+    signer = fresh("charger-1")
+    event = signer.sign("meter", "s", 5, meter_wh=10)
+    body = {**event.record.to_map(), **changes}
+    if "event_id" not in changes:
+        body["event_id"] = _content_id({k: v for k, v in body.items() if k != "event_id"})
+    return body, event.signature
+
+
+def _blob(sig=None, drop=(), **changes) -> bytes:
+    body, signature = _body_and_sig(**changes)
+    for name in drop:
+        body.pop(name)
+    return cbor2.dumps({**body, "sig": signature if sig is None else sig}, canonical=True)
+
+
+@pytest.mark.parametrize(
+    "blob, error, message, has_id",
+    [
+        ("text", MalformedEvent, "an event is bytes, got str", False),
+        (b"\xa0" * (MAX_EVENT_BYTES + 1), MalformedEvent,
+         f"event is {MAX_EVENT_BYTES + 1} bytes, more than the {MAX_EVENT_BYTES} allowed", False),
+        (b"\x00" * MAX_EVENT_BYTES, MalformedEvent, "an event is a CBOR map, got int", False),  # at the limit: parsed
+        (cbor2.dumps([1]), MalformedEvent, "an event is a CBOR map, got list", False),
+        (_blob(drop=("ts",)), MissingField, "event has no 'ts' field", True),
+        (_blob(drop=("ts",), event_id=7), MissingField, "event has no 'ts' field", False),
+        (_blob(x=1), MalformedEvent, "event has unknown fields ['x']", True),
+        (_blob(seq="1"), MalformedEvent, "event field 'seq' has type str", True),
+        (_blob(meter_wh=True), MalformedEvent, "event field 'meter_wh' has type bool", True),
+        (_blob(type=""), MalformedEvent, "event field 'type' is empty or too long", True),
+        (_blob(session_id="s" * 257), MalformedEvent, "event field 'session_id' is empty or too long", True),
+        (_blob(seq=0), MalformedEvent, "event seq must be >= 1 and prev 32 bytes", True),
+        (_blob(prev=bytes(31)), MalformedEvent, "event seq must be >= 1 and prev 32 bytes", True),
+        (_blob(meter_wh=-1), MalformedEvent, "event meter_wh must not be negative", True),
+        (_blob(sig=bytes(63)), MalformedEvent, "event signature must be 64 bytes", True),
+        (_blob(sig="x" * 64), MalformedEvent, "event signature must be 64 bytes", True),
+        (_blob(event_id="0" * 32), MalformedEvent, "event_id does not match the event's content", True),
+    ],
+)
+def test_decode_event_refusals_say_what_and_which(blob, error, message, has_id):
+    with pytest.raises(error) as info:
+        decode_event(blob)
+    assert type(info.value) is error and str(info.value) == message
+    if has_id:
+        obj = cbor2.loads(blob)
+        assert info.value.event_id == obj["event_id"] and isinstance(info.value.event_id, str)
+    else:
+        assert info.value.event_id is None
+
+
+def test_decode_event_refusal_of_bad_cbor_carries_the_parser_error():
+    with pytest.raises(MalformedEvent) as info:
+        decode_event(b"\xff")
+    assert str(info.value).startswith("event is not valid CBOR: ") and len(str(info.value)) > 26
+
+
+@pytest.mark.parametrize("changes", [{"meter_wh": 0}, {"session_id": "s" * 256}, {"meter_wh": None}])
+def test_decode_event_accepts_the_edges(changes):
+    body, sig = decode_event(_blob(**changes))
+    assert {k: body[k] for k in changes} == changes and len(sig) == 64
+
+
+def test_verify_event_refusals_and_result():
+    good = fresh("charger-1")
+    event = good.sign("authorize", "s", 1)
+    with pytest.raises(UnknownKey) as info:
+        verify_event(event.encoded, Keyring())
+    assert (str(info.value), info.value.event_id) == ("device 'charger-1' is not in the keyring", event.event_id)
+    impostor = Keyring({"charger-1": B.public_key})
+    with pytest.raises(BadSignature) as info:
+        verify_event(event.encoded, impostor)
+    assert (str(info.value), info.value.event_id) == (
+        f"signature of event {event.event_id} does not match device 'charger-1'", event.event_id)
+    verified = verify_event(event.encoded, RING)
+    assert (verified.signature, verified.encoded, verified.chain_hash) == (event.signature, event.encoded,
+                                                                          event.chain_hash)
+    assert len(verified.event_id) == 32 and int(verified.event_id, 16) >= 0
+    assert verified.record.to_map() == {
+        "event_id": event.event_id, "type": "authorize", "device_id": "charger-1", "session_id": "s", "seq": 1,
+        "prev": GENESIS_PREV, "ts": 1, "meter_wh": None, "data": {}}
+
+
+def test_check_link_refusals_name_the_event():
+    a, b = fresh("charger-1"), fresh("charger-2")
+    first = a.sign("authorize", "s", 1)
+    a.sign("start", "s", 2)
+    third = a.sign("stop", "s", 3)  # seq 3 after seq 1
+    with pytest.raises(BrokenChain) as info:
+        check_link(first, third)
+    assert (str(info.value), info.value.event_id) == (
+        f"event {third.event_id} has seq 3, expected 2", third.event_id)
+    branch = fresh("charger-1")
+    branch.sign("reserve", "s", 1)
+    other_second = branch.sign("start", "s", 2)
+    with pytest.raises(BrokenChain) as info:
+        check_link(first, other_second)
+    assert (str(info.value), info.value.event_id) == (
+        f"event {other_second.event_id} (seq 2) does not point at the hash of seq 1", other_second.event_id)
+    with pytest.raises(LocalError, match="^check_link compares two events of the same device$"):
+        check_link(first, b.sign("authorize", "s", 1))
+
+
+def test_signer_and_keyring_checks():
+    key = nacl.signing.SigningKey(b"k" * 32)
+    for bad in ("", "d" * 257):
+        with pytest.raises(LocalError, match="^device_id must be a non-empty string of at most 256 characters$"):
+            EventSigner(bad, key)
+    assert EventSigner("d" * 256, key).device_id == "d" * 256
+    signer = EventSigner("charger-1", key, seq=4, prev=b"p" * 32)
+    assert (signer.seq, signer.prev, signer.signing_key) == (4, b"p" * 32, key)
+    # resume continues after this device's highest seq, whatever the order and other devices.
+    mine = EventSigner("charger-1", key)
+    events = [mine.sign("authorize", "s", 1), mine.sign("start", "s", 2), mine.sign("stop", "s", 3)]
+    theirs = EventSigner("charger-2", key, seq=9).sign("authorize", "s", 1)
+    resumed = EventSigner.resume("charger-1", key, [events[2], theirs, events[0], events[1]])
+    assert (resumed.seq, resumed.prev) == (3, events[2].chain_hash)
+    fresh_one = EventSigner.resume("charger-3", key, events)
+    assert (fresh_one.seq, fresh_one.prev, fresh_one.signing_key) == (0, GENESIS_PREV, key)
+    # to_map hands out a copy: editing it leaves the (frozen) record as it was.
+    record = events[0].record
+    mapped = record.to_map()
+    mapped["data"]["x"] = 1
+    assert record.data == {} and record.to_map()["data"] == {}
+    ring = Keyring({"charger-1": A.public_key})
+    assert "charger-1" in ring and "charger-2" not in ring
+    with pytest.raises(LocalError, match="^an Ed25519 public key is 32 bytes, got 31$"):
+        ring.add("x", bytes(31))
+
+
+# --------------------------------------------------------------------------
+# crdt/_documents.py: what goes into a document comes back out, and a document that is not a
+# session or site config is refused with a message that names what is wrong.
+
+
+NESTED = {
+    "currency": "EUR", "per_kwh_cents": 39, "vat": 0.19, "active": True, "note": None, "blob": b"\x00\x01",
+    "bands": [{"from": 0, "cents": 30}, {"from": 22, "cents": [1, 2.5, "x", None, False, b"b", [3, {"y": 4}]]}],
+    "empty": {}, "none": [],
+}
+
+
+def test_any_plain_value_round_trips_through_a_session_document():
+    doc = new_session_doc("s-9", site="depot", charger="c7", connector=2, id_token="tok", tariff=NESTED,
+                          created_by="node-b", actor=b"\x01" * 16)
+    assert doc.get_actor() == b"\x01" * 16
+    data = read_session(doc)
+    assert (data.session_id, data.site, data.charger, data.connector, data.id_token, data.created_by) == (
+        "s-9", "depot", "c7", 2, "tok", "node-b")
+    tariff = dict(data.tariff)
+    tariff["blob"] = bytes(tariff["blob"])
+    inner = tariff["bands"][1]["cents"]
+    inner[5] = bytes(inner[5])
+    assert tariff == NESTED
+    assert data.notes == {} and data.receipt is None and data.events == {} and data.devices == {}
+    add_note(doc, "n1", "checked by hand")
+    set_receipt(doc, b"receipt-bytes")
+    data = read_session(doc)
+    assert data.notes == {"n1": "checked by hand"} and data.receipt == b"receipt-bytes"
+    with pytest.raises(LocalError, match="^cannot store a set in a document$"):
+        new_session_doc("s", site="x", charger="c", connector=1, id_token="t", tariff={"x": {1}}, created_by="n")
+
+
+def test_site_config_holds_nested_values_and_refuses_other_documents():
+    doc = new_site_config("depot", actor=b"\x02" * 16)
+    assert doc.get_actor() == b"\x02" * 16
+    site_config_put(doc, "tariffs", "default", {"per_kwh_cents": 39, "bands": [1, {"a": None}]})
+    site_config_put(doc, "id_tokens_allowed", "tok-1", b"entry")
+    config = read_site_config(doc)
+    assert config["site"] == "depot"
+    assert config["tariffs"] == {"default": {"per_kwh_cents": 39, "bands": [1, {"a": None}]}}
+    assert bytes(config["id_tokens_allowed"]["tok-1"]) == b"entry"
+    with pytest.raises(LocalError, match="site config has no section 'nope'"):
+        site_config_put(doc, "nope", "k", 1)
+    with pytest.raises(DocumentError, match="^not a site-config document$"):
+        read_site_config(new_session_doc("s", site="x", charger="c", connector=1, id_token="t", tariff={},
+                                         created_by="n"))
+
+
+def _session_with(**overrides):
+    doc = Document()
+    with doc.transaction() as tx:
+        values = {"session_id": "s", "site": "x", "charger": "c", "id_token": "t", "created_by": "n", "connector": 1}
+        values.update(overrides)
+        for key, value in values.items():
+            if value is None:
+                continue
+            kind = ScalarType.Boolean if isinstance(value, bool) else (
+                ScalarType.Int if isinstance(value, int) else ScalarType.Str)
+            tx.put(ROOT, key, kind, value)
+        events = tx.put_object(ROOT, "events", ObjType.Map)
+        tx.put(events, "odd", ScalarType.Str, "not bytes")
+        devices = tx.put_object(ROOT, "devices", ObjType.Map)
+        tx.put(devices, "d1", ScalarType.Bytes, b"k" * 32)
+        tx.put(devices, "big", ScalarType.Bytes, b"k" * 4097)
+        tx.put(devices, "edge", ScalarType.Bytes, b"c" * 4096)  # a certificate at the size limit
+        tx.put(ROOT, "receipt", ScalarType.Str, "not bytes")
+        tx.put(devices, "text", ScalarType.Str, "x")
+    return doc
+
+
+@pytest.mark.parametrize("key, value, kind", [
+    ("session_id", None, "str"), ("site", 5, "str"), ("charger", None, "str"), ("id_token", None, "str"),
+    ("created_by", 7, "str"), ("connector", "1", "int"), ("connector", True, "int"),
+])
+def test_read_session_names_the_bad_field(key, value, kind):
+    with pytest.raises(DocumentError) as info:
+        read_session(_session_with(**{key: value}))
+    assert str(info.value) == f"session document field {key!r} is missing or not {kind}"
+
+
+def test_read_session_reads_a_foreign_document_defensively():
+    data = read_session(_session_with())
+    assert data.events == {"odd": b""}  # kept, so the fold reports it as invalid
+    assert data.devices == {"d1": b"k" * 32, "edge": b"c" * 4096}  # oversized and non-bytes entries left out
+    assert data.tariff == {} and data.notes == {} and data.receipt is None
+    with pytest.raises(DocumentError, match="^document has no 'notes' map$"):
+        add_note(_session_with(), "n", "x")
+    no_events = Document()
+    with no_events.transaction() as tx:
+        for key in ("session_id", "site", "charger", "id_token", "created_by"):
+            tx.put(ROOT, key, ScalarType.Str, "v")
+        tx.put(ROOT, "connector", ScalarType.Int, 1)
+        tx.put(ROOT, "events", ScalarType.Str, "not a map")
+    with pytest.raises(DocumentError, match="^document has no 'events' map$"):
+        read_session(no_events)
+
+
+def test_read_session_of_a_document_with_only_the_required_fields():
+    doc = Document()
+    with doc.transaction() as tx:
+        for key in ("session_id", "site", "charger", "id_token", "created_by"):
+            tx.put(ROOT, key, ScalarType.Str, "v")
+        tx.put(ROOT, "connector", ScalarType.Int, 1)
+        tx.put_object(ROOT, "events", ObjType.Map)
+    data = read_session(doc)
+    assert (data.devices, data.tariff, data.notes, data.receipt, data.events) == ({}, {}, {}, None, {})
+
+
+# --------------------------------------------------------------------------
+# crdt/_sync.py: the digest is a wire format (nodes of different versions compare digests), so
+# its bucket choice, hash lengths and layout are pinned; the sync book forgets exactly what it
+# is told to.
+
+
+def test_the_digest_wire_format_is_pinned():
+    assert bucket_of("session-00042") == 18 and bucket_of("s-1", 1000) == 639
+    assert heads_hash([b"\x02" * 32, b"\x01" * 32]).hex() == "f818afd37a6dc3bc"  # order-free, 8 bytes
+    digest = make_digest({"a": b"\x11" * 8, "b": b"\x22" * 8, "session-00042": b"\x33" * 8}, 16)
+    assert [i for i, d in enumerate(digest) if d != bytes(8)] == [2, 6]
+    assert (digest[2].hex(), digest[6].hex()) == ("34d255664d145b1a", "7ef4b6b3967ad08f")
+    assert all(len(d) == 8 for d in digest)
+    assert make_digest({"x": b"\x01" * 8}) != make_digest({"x": b"\x02" * 8})
+
+
+def test_differing_buckets_refuses_digests_of_other_sizes():
+    assert differing_buckets([b"a", b"b", b"c"], [b"a", b"x", b"c"]) == [1]
+    with pytest.raises(LocalError, match="^digests with different bucket counts cannot be compared$"):
+        differing_buckets([b"a", b"b"], [b"a"])
+
+
+def test_the_sync_book_forgets_exactly_what_it_is_told():
+    book = SyncBook()
+    states = {(p, d): book.state(p, d) for p in ("p1", "p2") for d in ("d1", "d2")}
+    assert book.state("p1", "d1") is states[("p1", "d1")]  # kept between calls
+    book.reset("p1", "d1")
+    book.reset("p9", "d9")  # unknown: harmless
+    assert book.state("p1", "d1") is not states[("p1", "d1")]
+    assert book.state("p1", "d2") is states[("p1", "d2")]
+    book.forget_doc("d2")
+    assert book.state("p1", "d2") is not states[("p1", "d2")] and book.state("p2", "d2") is not states[("p2", "d2")]
+    assert book.state("p2", "d1") is states[("p2", "d1")]
+    kept = book.state("p1", "d1")
+    book.forget_peer("p2")
+    assert book.state("p2", "d1") is not states[("p2", "d1")]
+    assert book.state("p1", "d1") is kept
