@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
 DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace
 
-.PHONY: demo test test-fast bench clean install system-deps
+.PHONY: demo test test-fast mutation bench clean install system-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test: $(STAMP) $(SYSTEM_STAMP)
 # no subprocesses, no real sockets (what is `slow` is decided in tests/conftest.py).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Mutation testing (mutmut) over crdt/, the forwarder's planner and more: see docs/testing.md.
+mutation: $(STAMP)
+	$(PY) bench/mutation.py
 
 bench: $(STAMP)
 	$(PY) bench/store.py
