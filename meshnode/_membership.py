@@ -552,6 +552,7 @@ class Membership:
         self._live: list[MemberRecord] = []  # ALIVE and SUSPECT peers, sorted by id
         self._live_ids: list[str] = []
         self._digest_sum = 0  # sum of the live peers' digest rows, mod 2**128
+        self._rows_stale: set[str] = set()  # peers whose row must be re-hashed before the next digest
         self._version = 0  # bumped whenever something the election or the digest reads changes
         self._leader_cache: tuple[tuple[object, ...], str | None] | None = None
         # Delta gossip (R9): node id -> [times sent, sequence]; and the peers whose
@@ -776,7 +777,8 @@ class Membership:
         2. entries whose tombstone ran out are gone (from ``_peers``, ``_ids``);
         3. ``_live``/``_live_ids`` hold the ALIVE and SUSPECT peers' records, sorted by id;
         4. every entry has a heap item due at ``entry.due``, at or before its next
-           verdict change; ``_digest_sum`` is the sum of the live entries' rows;
+           verdict change; ``_digest_sum`` is the sum of the entries' ``row``, and
+           every entry whose row no longer matches is in ``_rows_stale``;
         5. ``_version`` has moved since any verdict or election input changed.
         """
         if self._now is not None and now <= self._now:
@@ -829,13 +831,14 @@ class Membership:
     def _set_row(self, entry: _Entry) -> None:
         # The digest is a sum of one hash per live member, so one member's change
         # costs one hash, not a pass over the view (R10).
-        row = _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
-        self._digest_sum = (self._digest_sum - entry.row + row) % _DIGEST_MOD
-        entry.row = row
+        # Lazily: a peer that flips ALIVE/SUSPECT many times between two digests is hashed once.
+        self._rows_stale.add(entry.record.node_id)
         self._version += 1
 
     def _drop(self, node_id: str) -> None:
-        del self._peers[node_id]
+        entry = self._peers.pop(node_id)
+        self._digest_sum = (self._digest_sum - entry.row) % _DIGEST_MOD
+        self._rows_stale.discard(node_id)
         del self._ids[bisect.bisect_left(self._ids, node_id)]
 
     def state(self, node_id: str, now: float) -> PeerState:
@@ -959,6 +962,14 @@ class Membership:
         more; when digests differ, ``records_for_gossip`` settles it.
         """
         self._advance(now)
+        total = self._digest_sum
+        for node_id in self._rows_stale:
+            entry = self._peers[node_id]
+            row = _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
+            total += row - entry.row
+            entry.row = row
+        self._rows_stale.clear()
+        self._digest_sum = total % _DIGEST_MOD
         own = _digest_row(self._self, PeerState.ALIVE, self.threshold, self.bucket_size)
         total = (self._digest_sum + own) % _DIGEST_MOD
         return hashlib.blake2b(total.to_bytes(16, "big"), digest_size=DIGEST_SIZE).digest()
