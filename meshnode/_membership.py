@@ -558,6 +558,7 @@ class Membership:
         # Delta gossip (R9): node id -> [times sent, sequence]; and the peers whose
         # heartbeat advanced since we last passed their record on (oldest first).
         self._queue: dict[str, list[int]] = {}
+        self._qheap: list[tuple[int, int, str]] = []
         self._seq = 0
         self._fresh: dict[str, None] = {}
 
@@ -713,6 +714,14 @@ class Membership:
         self._seq += 1
         self._queue[node_id] = [0, self._seq]
         self._fresh.pop(node_id, None)
+        # The queue's order lives in a heap of (times sent, -sequence, id), like
+        # memberlist's btree; replaced or dropped updates leave stale items behind,
+        # skipped when popped, and the heap is rebuilt when they pile up.
+        if len(self._qheap) > 2 * len(self._queue) + 64:
+            self._qheap = [(c, -q, n) for n, (c, q) in self._queue.items()]
+            heapq.heapify(self._qheap)
+        else:
+            heapq.heappush(self._qheap, (0, -self._seq, node_id))
 
     def _refute(self, record: MemberRecord) -> bool:
         # R5: someone holds a record of us that is at least as new as ours but not ours.
@@ -934,13 +943,22 @@ class Membership:
         peers = self._peers
         if self._queue:
             cap = retransmit_limit(self.retransmit_mult, len(self._live) + 1)
-            order = heapq.nsmallest(limit - 1, self._queue.items(), key=lambda item: (item[1][0], -item[1][1]))
-            for node_id, slot in order:
+            queue, qheap = self._queue, self._qheap
+            again = []
+            while qheap and len(out) < limit:
+                count, neg_seq, node_id = heapq.heappop(qheap)
+                slot = queue.get(node_id)
+                if slot is None or slot[0] != count or slot[1] != -neg_seq:
+                    continue  # replaced by a newer update, or gone
                 out.append(peers[node_id].record)
                 slot[0] += 1
                 if slot[0] >= cap:
-                    del self._queue[node_id]
+                    del queue[node_id]
+                else:
+                    again.append((slot[0], neg_seq, node_id))
                 self._fresh.pop(node_id, None)
+            for item in again:
+                heapq.heappush(qheap, item)
         if len(out) < limit and self._fresh:
             taken = list(itertools.islice(self._fresh, limit - len(out)))
             for node_id in taken:
