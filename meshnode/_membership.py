@@ -552,11 +552,13 @@ class Membership:
         self._live: list[MemberRecord] = []  # ALIVE and SUSPECT peers, sorted by id
         self._live_ids: list[str] = []
         self._digest_sum = 0  # sum of the live peers' digest rows, mod 2**128
+        self._rows_stale: set[str] = set()  # peers whose row must be re-hashed before the next digest
         self._version = 0  # bumped whenever something the election or the digest reads changes
         self._leader_cache: tuple[tuple[object, ...], str | None] | None = None
         # Delta gossip (R9): node id -> [times sent, sequence]; and the peers whose
         # heartbeat advanced since we last passed their record on (oldest first).
         self._queue: dict[str, list[int]] = {}
+        self._qheap: list[tuple[int, int, str]] = []
         self._seq = 0
         self._fresh: dict[str, None] = {}
 
@@ -712,6 +714,14 @@ class Membership:
         self._seq += 1
         self._queue[node_id] = [0, self._seq]
         self._fresh.pop(node_id, None)
+        # The queue's order lives in a heap of (times sent, -sequence, id), like
+        # memberlist's btree; replaced or dropped updates leave stale items behind,
+        # skipped when popped, and the heap is rebuilt when they pile up.
+        if len(self._qheap) > 2 * len(self._queue) + 64:
+            self._qheap = [(c, -q, n) for n, (c, q) in self._queue.items()]
+            heapq.heapify(self._qheap)
+        else:
+            heapq.heappush(self._qheap, (0, -self._seq, node_id))
 
     def _refute(self, record: MemberRecord) -> bool:
         # R5: someone holds a record of us that is at least as new as ours but not ours.
@@ -776,7 +786,8 @@ class Membership:
         2. entries whose tombstone ran out are gone (from ``_peers``, ``_ids``);
         3. ``_live``/``_live_ids`` hold the ALIVE and SUSPECT peers' records, sorted by id;
         4. every entry has a heap item due at ``entry.due``, at or before its next
-           verdict change; ``_digest_sum`` is the sum of the live entries' rows;
+           verdict change; ``_digest_sum`` is the sum of the entries' ``row``, and
+           every entry whose row no longer matches is in ``_rows_stale``;
         5. ``_version`` has moved since any verdict or election input changed.
         """
         if self._now is not None and now <= self._now:
@@ -829,13 +840,14 @@ class Membership:
     def _set_row(self, entry: _Entry) -> None:
         # The digest is a sum of one hash per live member, so one member's change
         # costs one hash, not a pass over the view (R10).
-        row = _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
-        self._digest_sum = (self._digest_sum - entry.row + row) % _DIGEST_MOD
-        entry.row = row
+        # Lazily: a peer that flips ALIVE/SUSPECT many times between two digests is hashed once.
+        self._rows_stale.add(entry.record.node_id)
         self._version += 1
 
     def _drop(self, node_id: str) -> None:
-        del self._peers[node_id]
+        entry = self._peers.pop(node_id)
+        self._digest_sum = (self._digest_sum - entry.row) % _DIGEST_MOD
+        self._rows_stale.discard(node_id)
         del self._ids[bisect.bisect_left(self._ids, node_id)]
 
     def state(self, node_id: str, now: float) -> PeerState:
@@ -931,13 +943,22 @@ class Membership:
         peers = self._peers
         if self._queue:
             cap = retransmit_limit(self.retransmit_mult, len(self._live) + 1)
-            order = heapq.nsmallest(limit - 1, self._queue.items(), key=lambda item: (item[1][0], -item[1][1]))
-            for node_id, slot in order:
+            queue, qheap = self._queue, self._qheap
+            again = []
+            while qheap and len(out) < limit:
+                count, neg_seq, node_id = heapq.heappop(qheap)
+                slot = queue.get(node_id)
+                if slot is None or slot[0] != count or slot[1] != -neg_seq:
+                    continue  # replaced by a newer update, or gone
                 out.append(peers[node_id].record)
                 slot[0] += 1
                 if slot[0] >= cap:
-                    del self._queue[node_id]
+                    del queue[node_id]
+                else:
+                    again.append((slot[0], neg_seq, node_id))
                 self._fresh.pop(node_id, None)
+            for item in again:
+                heapq.heappush(qheap, item)
         if len(out) < limit and self._fresh:
             taken = list(itertools.islice(self._fresh, limit - len(out)))
             for node_id in taken:
@@ -959,6 +980,14 @@ class Membership:
         more; when digests differ, ``records_for_gossip`` settles it.
         """
         self._advance(now)
+        total = self._digest_sum
+        for node_id in self._rows_stale:
+            entry = self._peers[node_id]
+            row = _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
+            total += row - entry.row
+            entry.row = row
+        self._rows_stale.clear()
+        self._digest_sum = total % _DIGEST_MOD
         own = _digest_row(self._self, PeerState.ALIVE, self.threshold, self.bucket_size)
         total = (self._digest_sum + own) % _DIGEST_MOD
         return hashlib.blake2b(total.to_bytes(16, "big"), digest_size=DIGEST_SIZE).digest()

@@ -1197,3 +1197,13 @@ def test_the_wire_map_follows_every_change_of_our_record_and_copies_are_independ
     assert m.self_record.to_wire() == {"id": SELF, "inc": 1, "hb": 3, "up": 20, "addr": "10.0.0.1:5683",
                                        "ver": "0.1.0", "ldr": SELF}  # fmt: skip
     assert MemberRecord.from_wire(m.self_record.to_wire()) == m.self_record
+
+
+def test_the_queue_stays_bounded_when_nothing_is_piggybacked() -> None:
+    """A node that merges news but never calls piggyback (gossip by full lists) keeps no backlog."""
+    m = membership(incarnation=1)
+    for hb in range(1, 2000):
+        m.merge([rec("a", 1, hb, hb % 100), rec(f"p{hb % 7}", 1, hb, hb % 50)], hb * 0.01)
+    assert m.pending_updates() == 8
+    assert len(m._qheap) <= 2 * 8 + 65
+    assert [r.node_id for r in m.piggyback(20.0, 3)] == [SELF, "p4", "a"]  # newest first (hb 1999: p4 after a)
