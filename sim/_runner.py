@@ -637,13 +637,15 @@ class Simulation:
         now = trio.current_time() if label is None else label
         if self.samples and self.samples[-1].t == now:
             return
-        leader, distinct = self._majority_leader()
+        leader, _ = self._majority_leader()
         if leader is not None:
             if self._leader_seen is not None and leader != self._leader_seen:
-                self.leader_changes += 1
                 self._note(f"leader {self._leader_seen} -> {leader}")
             self._leader_seen = leader
-        self.leaders_max = max(self.leaders_max, distinct)
+        # What the nodes believed, node by node (a majority's leader hid splits and flips).
+        distinct = self.metrics.sample_leaders(now)
+        self.leader_changes = self.metrics.leaders.changes
+        self.leaders_max = self.metrics.leaders.distinct_max
         cloud = self.cloud.counters if self.cloud is not None else None
         values = {
             "nodes_running": sum(1 for s in self.slots.values() if s.running),
@@ -745,6 +747,8 @@ class Simulation:
             } if self.cloud is not None else None,
             "leader_changes": self.leader_changes,
             "leaders_at_once_max": self.leaders_max,
+            "leader_split_samples": self.metrics.leaders.split_samples,
+            "leader_longest_split_s": rounded(self.metrics.leaders.longest_split),
             "leader_changes_seen_by_nodes": sum(
                 (s.last_node.leader_changes if s.last_node is not None else 0) for s in self.slots.values()
             ),
