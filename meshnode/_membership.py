@@ -44,21 +44,47 @@ R5. Refutation: a record *about us* that differs from ours and is at least as
 R6. Every change to our own record (tick, score, address, leader, refutation,
     restart) raises its ``(incarnation, heartbeat)``; otherwise a peer that has
     the old content at the same key would never take the new one.
-R7. Election (``elect_leader``): among live nodes (ourselves included) whose
-    uplink score is at least ``threshold``, pick the highest
-    ``(score // bucket_size, node_id)``. Stickiness: an incumbent that still
-    passes the threshold keeps the role unless some candidate's score is at least
-    ``bucket_size`` points above the incumbent's; then the best such candidate, by
-    the same key, takes over. Scores that jitter by less than half a bucket can
-    therefore never move the role, while a clearly better uplink (a whole bucket)
-    or an incumbent that fails or drops below the threshold always does.
-R8. ``Membership.leader`` takes the incumbent from the shared view, not from local
-    memory: a node publishes whom it follows in its record's ``leader`` field, and
-    the live, eligible nodes whose record names themselves are the claimants. The
-    best claimant by ``(score // bucket_size, node_id)`` is the incumbent; only
-    when nobody claims does the caller's ``current`` serve. Nodes with the same
-    view therefore elect the same leader even if their histories differ, and two
-    leaders left over from a healed partition settle on one.
+R7. Election (``choose_leader``, used by ``Membership.leader``): the electorate is
+    ourselves and every live (ALIVE or SUSPECT) peer; eligible are those whose
+    uplink score is at least ``threshold``; a *claimant* is an eligible node whose
+    own record names itself as ``leader``. Rank is ``(score // bucket_size,
+    node_id)``. (a) Among claimants the best rank is the incumbent; every other
+    claimant stands down when it sees it. (b) The incumbent keeps the role unless
+    an eligible node scores at least ``bucket_size`` points above it; then the
+    best such node by rank takes over. Stickiness thus applies only against
+    non-claimants, never between claimants. (c) With no claimant, the best
+    eligible node by rank. Scores that jitter by less than half a bucket never
+    move the role; a clearly better uplink (a whole bucket), an incumbent below
+    the threshold, or a DEAD one always does.
+R8. The decision is a function of the view alone: no node's memory of whom it
+    followed enters it (``Membership.leader``'s ``current`` is ignored). Nodes
+    whose views hold the same live, eligible records and claims elect the same
+    leader. Once the winner's own claim (``set_leader``) is seen, the answer is
+    the winner whatever other claims are still seen or already withdrawn (it
+    outranks every claimant, and no eligible node is a bucket above it), so
+    agreement, once reached, holds while the inputs hold.
+    Bound: if every record change reaches every node within ``D`` seconds, all
+    nodes follow one leader at most ``2 D`` after the last change of scores,
+    claims or liveness, and at most ``dead_after + 2 D`` after a leader fails
+    (docs/membership.md, docs/uplink.md). SUSPECT peers vote and stand: SUSPECT
+    begins at different moments on different nodes, because heartbeats travel
+    several hops, and standing a leader down on SUSPECT split the mesh between
+    two leaders (issue 10, items 4 and 7).
+R9. Delta gossip (memberlist's ``TransmitLimitedQueue``): ``piggyback`` returns
+    our own record, then queued updates, then heartbeat refreshes, within a
+    caller's ``limit``. ``merge`` queues what is news: a new member, a record
+    whose incarnation, score, leader, address or version changed, a peer back from
+    SUSPECT, DEAD or forgotten. A queued update is sent at most
+    ``retransmit_mult * ceil(log10(N + 1))`` times (N: live members with us), least
+    sent and then newest first; a newer update of the same node replaces it. A
+    heartbeat-only advance is a refresh: passed on once, with room left.
+    ``digest`` hashes what the election and the verdicts read (no heartbeats), so
+    idle peers compare 12 bytes and exchange ``records_for_gossip`` only when
+    they differ.
+R10. No work twice: records are checked once, when built or parsed (our own
+    record's setters check only the value they change). Verdicts, the sorted live
+    list, the leader and the digest are cached and recomputed only when a record
+    changes state or content or a verdict deadline passes (``next_deadline``).
 
 Invariants (numbered; tests check each)
 ---------------------------------------
@@ -77,6 +103,15 @@ Invariants (numbered; tests check each)
    returns a valid record or raises ``MembershipError`` and changes nothing.
 7. ``elect_leader`` and ``choose_gossip_targets`` are pure: the same inputs, as
    sets, give the same output (and the same random draws) whatever their order.
+8. ``piggyback`` starts with our current record, returns at most ``limit``
+   records, never a DEAD one, and sends no queued update more than
+   ``retransmit_limit`` times (R9).
+9. Every cached verdict (``view``, ``live_peers``, ``records_for_gossip``,
+   ``leader``, ``next_deadline``, ``digest``) equals a fresh evaluation of the
+   rules at the same ``now``, after any sequence of inputs (R10).
+10. ``choose_leader`` is a function of the set of live records alone; in a
+    connected mesh whose nodes keep exchanging records, all nodes follow one
+    leader within ``2 D`` of the last change of its inputs and keep it (R8).
 
 Defaults, and why
 -----------------
@@ -97,6 +132,10 @@ Defaults, and why
   last heartbeat (which R4 already limits to seconds) by orders of magnitude.
 - ``threshold = 50``: half of the 0-100 uplink score; below that the uplink probe
   says the path to the cloud is worse than working.
+- ``retransmit_mult = 4``: memberlist's LAN default. With N = 30 an update is
+  sent 8 times by each node that holds it, 12 times at N = 200; a lost datagram
+  (5 % in the festival scenario) costs one of those, and what still goes
+  missing shows as a differing ``digest`` and is settled by a full exchange.
 - ``bucket_size = 20``: five coarse classes of uplink, and the margin a challenger
   needs. It absorbs a score jitter of up to 9 points per node (two nodes that
   wobble in opposite directions stay under 20 apart) and still hands over for a
@@ -106,21 +145,27 @@ Defaults, and why
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
+import hashlib
+import heapq
+import itertools
 import math
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_BUCKET_SIZE",
     "DEFAULT_DEAD_AFTER",
     "DEFAULT_FORGET_AFTER",
+    "DEFAULT_RETRANSMIT_MULT",
     "DEFAULT_SUSPECT_AFTER",
     "DEFAULT_THRESHOLD",
+    "DIGEST_SIZE",
     "MAX_ADDRESS_LEN",
     "MAX_COUNTER",
     "MAX_NODE_ID_LEN",
@@ -131,7 +176,9 @@ __all__ = [
     "MembershipError",
     "PeerState",
     "choose_gossip_targets",
+    "choose_leader",
     "elect_leader",
+    "retransmit_limit",
 ]
 
 DEFAULT_SUSPECT_AFTER = 5.0
@@ -139,6 +186,8 @@ DEFAULT_DEAD_AFTER = 15.0
 DEFAULT_FORGET_AFTER = 300.0
 DEFAULT_THRESHOLD = 50
 DEFAULT_BUCKET_SIZE = 20
+DEFAULT_RETRANSMIT_MULT = 4
+DIGEST_SIZE = 12
 
 MAX_COUNTER = 2**63 - 1
 """Largest incarnation or heartbeat: fits a CBOR uint64, a SQLite INTEGER and an int64."""
@@ -218,6 +267,20 @@ def _check_counter(field: str, value: object, maximum: int) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=8192)
+def _texts_ok(node_id: str, address: str, version: str, leader: str | None) -> bool:
+    """Whether a record's text fields pass their checks (cached: they repeat every round)."""
+    try:
+        _check_text("node_id", node_id, MAX_NODE_ID_LEN)
+        _check_address(address)
+        _check_text("version", version, MAX_VERSION_LEN)
+        if leader is not None:
+            _check_text("leader", leader, MAX_NODE_ID_LEN)
+    except MembershipError:
+        return False
+    return True
+
+
 def _check_address(value: object) -> str:
     address = _check_text("address", value, MAX_ADDRESS_LEN)
     host, sep, port = address.rpartition(":")
@@ -286,6 +349,14 @@ class MemberRecord:
             self.leader or "",
         )
 
+    def _evolve(self, **changes: Any) -> MemberRecord:
+        # `dataclasses.replace` without the checks, for our own record: the setters
+        # have checked the one value they change, the rest was checked before (R10).
+        new = object.__new__(MemberRecord)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
     def supersedes(self, other: MemberRecord) -> bool:
         """Whether this record replaces ``other`` (same node) in a merge (R1)."""
         return self._order() > other._order()
@@ -311,13 +382,35 @@ class MemberRecord:
             raise MembershipError(f"a member record must be a map, got {type(obj).__name__}")
         if len(obj) > MAX_WIRE_KEYS:
             raise MembershipError(f"a member record has {len(obj)} keys, at most {MAX_WIRE_KEYS} allowed")
-        values: dict[str, Any] = {}
-        for name, short in _WIRE_KEYS.items():
-            if short in obj:
-                values[name] = obj[short]
-            elif name != "leader":
-                raise MembershipError(f"member record lacks {short!r} ({name})")
-        return cls(**values)
+        try:
+            node_id, incarnation, heartbeat = obj["id"], obj["inc"], obj["hb"]
+            score, address, version = obj["up"], obj["addr"], obj["ver"]
+        except KeyError:
+            missing = next(short for short in _WIRE_KEYS.values() if short != "ldr" and short not in obj)
+            name = next(n for n, short in _WIRE_KEYS.items() if short == missing)
+            raise MembershipError(f"member record lacks {missing!r} ({name})") from None
+        leader = obj.get("ldr")
+        # R10: the text fields of a node's record repeat in every gossip round; one
+        # cached check per distinct combination, the counters checked each time.
+        if (
+            type(incarnation) is int and 0 <= incarnation <= MAX_COUNTER
+            and type(heartbeat) is int and 0 <= heartbeat <= MAX_COUNTER
+            and type(score) is int and 0 <= score <= 100
+            and type(node_id) is str and type(address) is str and type(version) is str
+            and (leader is None or type(leader) is str)
+            # Lengths first: nothing overlong reaches (and stays in) the cache.
+            and len(node_id) <= MAX_NODE_ID_LEN and len(address) <= MAX_ADDRESS_LEN
+            and len(version) <= MAX_VERSION_LEN and (leader is None or len(leader) <= MAX_NODE_ID_LEN)
+            and _texts_ok(node_id, address, version, leader)
+        ):  # fmt: skip
+            record = object.__new__(cls)
+            record.__dict__.update(
+                node_id=node_id, incarnation=incarnation, heartbeat=heartbeat, uplink_score=score,
+                address=address, version=version, leader=leader,
+            )  # fmt: skip
+            return record
+        # Something is wrong: the constructor's checks say what.
+        return cls(node_id, incarnation, heartbeat, score, address, version, leader)
 
 
 class MemberView(NamedTuple):
@@ -331,11 +424,46 @@ class MemberView(NamedTuple):
 # --- the peer table -----------------------------------------------------------
 
 
-@dataclass
+_LIVE = (PeerState.ALIVE, PeerState.SUSPECT)
+_STATE_CODE = {PeerState.ALIVE: b"A", PeerState.SUSPECT: b"S"}
+
+
+_DIGEST_MOD = 2**128
+
+
+def _digest_row(record: MemberRecord, state: PeerState | None, threshold: int, bucket_size: int) -> int:
+    node_id = record.node_id.encode()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(len(node_id).to_bytes(1, "big") + node_id + record.incarnation.to_bytes(8, "big"))
+    h.update(_STATE_CODE[state])  # type: ignore[index]
+    h.update(b"L" if record.leader == record.node_id else b"-")
+    h.update(b"E" if record.uplink_score >= threshold else b"-")
+    h.update((record.uplink_score // bucket_size).to_bytes(1, "big"))
+    return int.from_bytes(h.digest(), "big")
+
+
+def retransmit_limit(retransmit_mult: int, members: int) -> int:
+    """How many times one update is piggybacked: ``mult * ceil(log10(members + 1))``.
+
+    hashicorp/memberlist's ``retransmitLimit`` (``util.go``): an epidemic reaches
+    all ``n`` nodes with high probability after O(log n) rounds of each infected
+    node passing it on, so the budget grows with the logarithm of the mesh, never
+    below ``mult`` (a mesh of one still tells its first peer).
+    """
+    return retransmit_mult * max(1, math.ceil(math.log10(members + 1)))
+
+
+@dataclass(slots=True)
 class _Entry:
     record: MemberRecord
     last_changed: float
     last_direct: float = -math.inf
+    state: PeerState | None = PeerState.ALIVE
+    """The verdict as of the latest ``now`` (None: forgotten); kept by ``Membership._advance``."""
+    due: float = math.inf
+    """When this entry's heap item is due: at or before its next verdict change."""
+    row: int = 0
+    """Its term in the digest's sum (0 while it is not ALIVE or SUSPECT)."""
 
     @property
     def last_seen(self) -> float:
@@ -346,10 +474,17 @@ class Membership:
     """The local view of the mesh: our own record and what we know of every peer.
 
     Every input (``tick``, ``merge``, ``observe_direct``, the setters) first
-    updates state, then ``_evaluate(now)`` drops the entries whose tombstone has
-    run out; every verdict (``state``, ``view``, ``live_peers``, ``leader``) is a
-    function of the stored entries and the ``now`` passed in. The clock must not
-    run backwards between calls.
+    updates state, then the verdicts are brought up to date; every verdict
+    (``state``, ``view``, ``live_peers``, ``leader``, ``digest``) is a function of
+    the stored entries and the ``now`` passed in. The clock must not run
+    backwards between calls (``state`` and ``view`` still answer exactly for an
+    earlier ``now``, by recomputing).
+
+    Nothing is recomputed twice (R10): the verdicts, the sorted live list, the
+    leader and the digest are cached, and recomputed only when a record changes
+    state or content or when the earliest verdict deadline (``next_deadline``)
+    passes. A heartbeat that advances for an ALIVE peer patches its slot in the
+    cached lists in place.
 
     Args:
         self_record: our record as we start. A node that comes back must start at
@@ -360,10 +495,15 @@ class Membership:
         dead_after: seconds without one before DEAD.
         forget_after: seconds a DEAD peer stays in the view; its tombstone is kept
             as long again.
+        retransmit_mult: memberlist's ``RetransmitMult``: each queued update is
+            piggybacked at most ``retransmit_mult * ceil(log10(N + 1))`` times (R9).
+        threshold: the election's default lowest score that may lead (R7).
+        bucket_size: the election's default score class width (R7); the digest
+            carries scores at this granularity.
 
     Raises:
         ValueError: the timeouts are not ``0 < suspect_after < dead_after`` and
-            ``forget_after > 0``.
+            ``forget_after > 0``, or ``retransmit_mult``, ``bucket_size`` are below 1.
     """
 
     def __init__(
@@ -373,6 +513,9 @@ class Membership:
         suspect_after: float = DEFAULT_SUSPECT_AFTER,
         dead_after: float = DEFAULT_DEAD_AFTER,
         forget_after: float = DEFAULT_FORGET_AFTER,
+        retransmit_mult: int = DEFAULT_RETRANSMIT_MULT,
+        threshold: int = DEFAULT_THRESHOLD,
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
     ) -> None:
         if not isinstance(self_record, MemberRecord):
             raise TypeError(f"self_record must be a MemberRecord, got {type(self_record).__name__}")
@@ -380,13 +523,33 @@ class Membership:
             raise ValueError("need 0 < suspect_after < dead_after (finite)")
         if not (0 < forget_after and math.isfinite(forget_after)):
             raise ValueError("need 0 < forget_after (finite)")
+        if type(retransmit_mult) is not int or retransmit_mult < 1:
+            raise ValueError(f"retransmit_mult must be an int >= 1, got {retransmit_mult!r}")
+        if type(bucket_size) is not int or bucket_size < 1:
+            raise ValueError(f"bucket_size must be an int >= 1, got {bucket_size!r}")
+        _check_counter("threshold", threshold, 101)
         self._self = self_record
         self.suspect_after = float(suspect_after)
         self.dead_after = float(dead_after)
         self.forget_after = float(forget_after)
+        self.retransmit_mult = retransmit_mult
+        self.threshold = threshold
+        self.bucket_size = bucket_size
         self._peers: dict[str, _Entry] = {}
-        self._next_expiry = math.inf  # no tombstone runs out before this time
         self._now: float | None = None
+        # Caches (R10), kept exact by every input and by `_advance` (no full rebuilds):
+        self._heap: list[tuple[float, str]] = []  # (due, node id): one live item per entry
+        self._ids: list[str] = []  # every entry's id (tombstones too), sorted
+        self._live: list[MemberRecord] = []  # ALIVE and SUSPECT peers, sorted by id
+        self._live_ids: list[str] = []
+        self._digest_sum = 0  # sum of the live peers' digest rows, mod 2**128
+        self._version = 0  # bumped whenever something the election or the digest reads changes
+        self._leader_cache: tuple[tuple[object, ...], str | None] | None = None
+        # Delta gossip (R9): node id -> [times sent, sequence]; and the peers whose
+        # heartbeat advanced since we last passed their record on (oldest first).
+        self._queue: dict[str, list[int]] = {}
+        self._seq = 0
+        self._fresh: dict[str, None] = {}
 
     # -- our own record --------------------------------------------------------
 
@@ -399,21 +562,26 @@ class Membership:
         """Our current record (persist its incarnation when it changes)."""
         return self._self
 
+    def _set_self(self, record: MemberRecord) -> MemberRecord:
+        old = self._self
+        self._self = record
+        if (old.incarnation, old.uplink_score, old.leader) != (record.incarnation, record.uplink_score, record.leader):
+            self._version += 1
+        return record
+
     def _bump(self, **changes: Any) -> MemberRecord:
         # R6: every change raises the key; a heartbeat at its ceiling rolls into a new incarnation.
         record = self._self
         if record.heartbeat < MAX_COUNTER:
-            self._self = replace(record, heartbeat=record.heartbeat + 1, **changes)
+            new = record._evolve(heartbeat=record.heartbeat + 1, **changes)
         else:
-            self._self = replace(record, incarnation=record.incarnation + 1, heartbeat=0, **changes)
-        return self._self
+            new = record._evolve(incarnation=record.incarnation + 1, heartbeat=0, **changes)
+        return self._set_self(new)
 
     def tick(self, now: float) -> MemberRecord:
         """Raise our heartbeat (call once per heartbeat period) and return our new record."""
         self._advance(now)
-        record = self._bump()
-        self._evaluate(now)
-        return record
+        return self._bump()
 
     def set_uplink_score(self, score: int) -> MemberRecord:
         """Publish a new uplink score; the heartbeat rises with it so the change spreads (R6)."""
@@ -430,7 +598,7 @@ class Membership:
         return self._bump(address=address)
 
     def set_leader(self, leader: str | None) -> MemberRecord:
-        """Publish whom we follow (ourselves if we lead); peers use it for stickiness (R8)."""
+        """Publish whom we follow (ourselves if we lead); peers read claims from it (R8)."""
         if leader is not None:
             _check_text("leader", leader, MAX_NODE_ID_LEN)
         if leader == self._self.leader:
@@ -455,13 +623,12 @@ class Membership:
             raise ValueError(
                 f"restart needs an incarnation above the current {self._self.incarnation}, got {incarnation}"
             )
-        self._self = replace(self._self, incarnation=incarnation, heartbeat=0)
-        return self._self
+        return self._set_self(self._self._evolve(incarnation=incarnation, heartbeat=0))
 
     # -- inputs from peers -----------------------------------------------------
 
     def merge(self, records: Iterable[MemberRecord], now: float) -> list[str]:
-        """Fold gossiped records into the view (R1, R2, R5).
+        """Fold gossiped records into the view (R1, R2, R5) and queue what is news (R9).
 
         Args:
             records: parsed records (``MemberRecord.from_wire``), ours included or not.
@@ -472,30 +639,67 @@ class Membership:
         """
         self._advance(now)
         changed: set[str] = set()
+        own_id = self._self.node_id
+        peers = self._peers
         for record in records:
-            if not isinstance(record, MemberRecord):
+            if type(record) is not MemberRecord:
                 raise TypeError(f"merge takes MemberRecord, got {type(record).__name__}")
-            if record.node_id == self._self.node_id:
+            node_id = record.node_id
+            if node_id == own_id:
                 if self._refute(record):
-                    changed.add(record.node_id)
+                    changed.add(node_id)
                 continue
-            entry = self._peers.get(record.node_id)
+            entry = peers.get(node_id)
             if entry is None:
-                self._peers[record.node_id] = entry = _Entry(record, now)
-                self._next_expiry = min(self._next_expiry, self._forget_at(entry) + self.forget_after)
-                changed.add(record.node_id)
+                entry = peers[node_id] = _Entry(record, now, state=None)
+                bisect.insort(self._ids, node_id)
+                self._seen(entry, now)
+                self._enqueue(node_id)
+                changed.add(node_id)
                 continue
-            if not record.supersedes(entry.record):
+            old = entry.record
+            if record.incarnation == old.incarnation:
+                if record.heartbeat < old.heartbeat:
+                    continue
+                newer = record.heartbeat > old.heartbeat
+                if not newer and not record.supersedes(old):
+                    continue
+            elif record.incarnation < old.incarnation:
                 continue
-            visible = not self._forgotten(entry, now)
-            if record.key > entry.record.key:
-                entry.last_changed = max(entry.last_changed, now)
-                visible = True
+            else:
+                newer = True
+            was = entry.state
             entry.record = record
-            if visible:
-                changed.add(record.node_id)
-        self._evaluate(now)
+            if was is None and not newer:
+                continue  # a tie-break winner for a forgotten entry: kept, not shown (R3)
+            changed.add(node_id)
+            if newer and now > entry.last_changed:
+                entry.last_changed = now
+                if was is not PeerState.ALIVE:
+                    self._seen(entry, now)  # back from SUSPECT, DEAD or forgotten: news (R9)
+                    self._enqueue(node_id)
+            if (
+                record.incarnation != old.incarnation
+                or record.uplink_score != old.uplink_score
+                or record.leader != old.leader
+                or record.address != old.address
+                or record.version != old.version
+            ):
+                self._enqueue(node_id)
+                if entry.state in _LIVE:
+                    self._set_row(entry)
+            elif newer and node_id not in self._queue and entry.state in _LIVE:
+                self._fresh[node_id] = None
+            if entry.state in _LIVE:
+                self._live[bisect.bisect_left(self._live_ids, node_id)] = record
         return sorted(changed)
+
+    def _enqueue(self, node_id: str) -> None:
+        # R9: a newer update about a node replaces the queued one (memberlist's
+        # invalidation): its count starts again and it is the newest.
+        self._seq += 1
+        self._queue[node_id] = [0, self._seq]
+        self._fresh.pop(node_id, None)
 
     def _refute(self, record: MemberRecord) -> bool:
         # R5: someone holds a record of us that is at least as new as ours but not ours.
@@ -504,7 +708,7 @@ class Membership:
             return False
         incarnation = min(record.incarnation + 1, MAX_COUNTER)
         heartbeat = 0 if incarnation > record.incarnation else min(record.heartbeat + 1, MAX_COUNTER)
-        self._self = replace(own, incarnation=incarnation, heartbeat=heartbeat)
+        self._set_self(own._evolve(incarnation=incarnation, heartbeat=heartbeat))
         return True
 
     def observe_direct(self, peer: str, now: float) -> bool:
@@ -518,41 +722,19 @@ class Membership:
             Whether a known, not yet forgotten peer was refreshed.
         """
         self._advance(now)
-        if peer in self._peers:
-            entries = [self._peers[peer]]
-        else:
-            entries = [e for e in self._peers.values() if e.record.address == peer]
+        entry = self._peers.get(peer)
+        entries = [entry] if entry is not None else [e for e in self._peers.values() if e.record.address == peer]
         refreshed = False
         for entry in entries:
-            if not self._forgotten(entry, now):
-                entry.last_direct = max(entry.last_direct, now)
+            if entry.state is not None:
+                if now > entry.last_direct:
+                    entry.last_direct = now
+                    if entry.state is not PeerState.ALIVE:
+                        self._seen(entry, now)
                 refreshed = True
-        self._evaluate(now)
         return refreshed
 
     # -- verdicts ----------------------------------------------------------------
-
-    def _advance(self, now: float) -> None:
-        if self._now is None or now > self._now:
-            self._now = now
-
-    def _forget_at(self, entry: _Entry) -> float:
-        return entry.last_seen + self.dead_after + self.forget_after
-
-    def _forgotten(self, entry: _Entry, now: float) -> bool:
-        return now >= self._forget_at(entry)
-
-    def _evaluate(self, now: float) -> None:
-        # The one step after each input: tombstones whose time has run out are dropped.
-        # Only when the earliest tombstone can have run out: sweeping every peer on
-        # every input made large meshes spend their time here. (Entries only ever
-        # get later expiry times, so the bound stays a lower bound.)
-        if now < self._next_expiry:
-            return
-        expired = [nid for nid, e in self._peers.items() if now >= self._forget_at(e) + self.forget_after]
-        for nid in expired:
-            del self._peers[nid]
-        self._next_expiry = min((self._forget_at(e) + self.forget_after for e in self._peers.values()), default=math.inf)
 
     def _state_of(self, entry: _Entry, now: float) -> PeerState | None:
         age = now - entry.last_seen
@@ -563,6 +745,86 @@ class Membership:
         if age < self.dead_after + self.forget_after:
             return PeerState.DEAD
         return None
+
+    def _transition_after(self, entry: _Entry, now: float) -> float:
+        # The first time after `now` at which this entry's verdict changes (or it is dropped).
+        seen = entry.last_seen
+        forget = seen + self.dead_after + self.forget_after
+        for t in (seen + self.suspect_after, seen + self.dead_after, forget, forget + self.forget_after):
+            if t > now:
+                return t
+        return math.inf
+
+    def _advance(self, now: float) -> None:
+        """The one evaluate step before every input and verdict (R10): bring every verdict to ``now``.
+
+        Invariants after it returns (the caches are never rebuilt, only kept):
+
+        1. every entry's ``state`` is ``_state_of(entry, now)``, for the latest ``now`` seen;
+        2. entries whose tombstone ran out are gone (from ``_peers``, ``_ids``);
+        3. ``_live``/``_live_ids`` hold the ALIVE and SUSPECT peers' records, sorted by id;
+        4. every entry has a heap item due at ``entry.due``, at or before its next
+           verdict change; ``_digest_sum`` is the sum of the live entries' rows;
+        5. ``_version`` has moved since any verdict or election input changed.
+        """
+        if self._now is not None and now <= self._now:
+            return
+        self._now = now
+        heap = self._heap
+        peers = self._peers
+        while heap and heap[0][0] <= now:
+            due, node_id = heapq.heappop(heap)
+            entry = peers.get(node_id)
+            if entry is None or entry.due != due:
+                continue  # superseded by an earlier item (the entry came back)
+            self._set_state(entry, self._state_of(entry, now))
+            nxt = self._transition_after(entry, now)
+            if nxt == math.inf:
+                self._drop(node_id)
+            else:
+                entry.due = nxt
+                heapq.heappush(heap, (nxt, node_id))
+
+    def _seen(self, entry: _Entry, now: float) -> None:
+        # The entry was just seen (first record, newer record, direct exchange): ALIVE,
+        # and its heap item must be due no later than its new suspicion time.
+        self._set_state(entry, PeerState.ALIVE)
+        due = entry.last_seen + self.suspect_after
+        if due < entry.due:
+            entry.due = due
+            heapq.heappush(self._heap, (due, entry.record.node_id))
+
+    def _set_state(self, entry: _Entry, state: PeerState | None) -> None:
+        old = entry.state
+        if state is old:
+            return
+        entry.state = state
+        self._version += 1
+        node_id = entry.record.node_id
+        was_live, is_live = old in _LIVE, state in _LIVE
+        if was_live and not is_live:
+            pos = bisect.bisect_left(self._live_ids, node_id)
+            del self._live_ids[pos]
+            del self._live[pos]
+            self._queue.pop(node_id, None)  # R4: the dead are not gossiped
+            self._fresh.pop(node_id, None)
+        elif is_live and not was_live:
+            pos = bisect.bisect_left(self._live_ids, node_id)
+            self._live_ids.insert(pos, node_id)
+            self._live.insert(pos, entry.record)
+        self._set_row(entry)
+
+    def _set_row(self, entry: _Entry) -> None:
+        # The digest is a sum of one hash per live member, so one member's change
+        # costs one hash, not a pass over the view (R10).
+        row = _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
+        self._digest_sum = (self._digest_sum - entry.row + row) % _DIGEST_MOD
+        entry.row = row
+        self._version += 1
+
+    def _drop(self, node_id: str) -> None:
+        del self._peers[node_id]
+        del self._ids[bisect.bisect_left(self._ids, node_id)]
 
     def state(self, node_id: str, now: float) -> PeerState:
         """The failure detector's verdict on ``node_id`` at ``now`` (R3).
@@ -582,8 +844,25 @@ class Membership:
 
         ``age`` is seconds since the member was last seen (0 for ourselves).
         """
+        if self._now is not None and now < self._now:
+            return self._view_at(now)  # a question about the past: answer it exactly, uncached
         self._advance(now)
-        self._evaluate(now)
+        own = self._self
+        rows = []
+        placed = False
+        for node_id in self._ids:
+            entry = self._peers[node_id]
+            if entry.state is None:
+                continue
+            if not placed and node_id > own.node_id:
+                rows.append(MemberView(own, PeerState.ALIVE, 0.0))
+                placed = True
+            rows.append(MemberView(entry.record, entry.state, max(0.0, now - entry.last_seen)))
+        if not placed:
+            rows.append(MemberView(own, PeerState.ALIVE, 0.0))
+        return rows
+
+    def _view_at(self, now: float) -> list[MemberView]:
         rows = [MemberView(self._self, PeerState.ALIVE, 0.0)]
         for entry in self._peers.values():
             state = self._state_of(entry, now)
@@ -594,16 +873,15 @@ class Membership:
 
     def live_peers(self, now: float) -> list[MemberRecord]:
         """ALIVE and SUSPECT peers, ourselves excluded, sorted by node id."""
-        return [
-            row.record
-            for row in self.view(now)
-            if row.record.node_id != self._self.node_id and row.state is not PeerState.DEAD
-        ]
+        if self._now is not None and now < self._now:
+            return [r.record for r in self._view_at(now) if r.record is not self._self and r.state in _LIVE]
+        self._advance(now)
+        return list(self._live)
 
     def records_for_gossip(self, now: float | None = None) -> list[MemberRecord]:
-        """What to send in a gossip round: ourselves and ALIVE or SUSPECT peers (R4).
+        """The full list, for a peer whose ``digest`` differs: ourselves and ALIVE or SUSPECT peers (R4).
 
-        Args:
+        Sorted by node id. Args:
             now: the time of the round; by default the latest time this view was
                 given (the node's 1 s tick keeps it current).
         """
@@ -611,57 +889,127 @@ class Membership:
             now = self._now
         if now is None:
             return [self._self]
-        return [row.record for row in self.view(now) if row.state is not PeerState.DEAD]
+        if self._now is not None and now < self._now:
+            return [r.record for r in self._view_at(now) if r.state in _LIVE]
+        self._advance(now)
+        pos = bisect.bisect_left(self._live_ids, self._self.node_id)
+        return [*self._live[:pos], self._self, *self._live[pos:]]
+
+    def piggyback(self, now: float, limit: int) -> tuple[MemberRecord, ...]:
+        """Records to attach to any outgoing message, at most ``limit`` (R9).
+
+        First our own record (its heartbeat current), then queued updates (a new
+        member, a changed incarnation, score, leader or address, a peer back from
+        SUSPECT or DEAD), least sent first and newest first among equals, each
+        counted and dropped after ``retransmit_limit`` sends; then, with room
+        left, heartbeat refreshes: peers whose heartbeat advanced since we last
+        passed their record on, longest waiting first, each passed on once per
+        advance. The refreshes are what keeps a gossip-style failure detector
+        alive beyond direct neighbours; the queue is what makes a change reach
+        everyone in O(log N) rounds.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+        """
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        self._advance(now)
+        out = [self._self]
+        if limit == 1:
+            return tuple(out)
+        peers = self._peers
+        if self._queue:
+            cap = retransmit_limit(self.retransmit_mult, len(self._live) + 1)
+            order = sorted(self._queue.items(), key=lambda item: (item[1][0], -item[1][1]))
+            for node_id, slot in order[: limit - 1]:
+                out.append(peers[node_id].record)
+                slot[0] += 1
+                if slot[0] >= cap:
+                    del self._queue[node_id]
+                self._fresh.pop(node_id, None)
+        if len(out) < limit and self._fresh:
+            taken = list(itertools.islice(self._fresh, limit - len(out)))
+            for node_id in taken:
+                del self._fresh[node_id]
+                out.append(peers[node_id].record)
+        return tuple(out)
+
+    def pending_updates(self) -> int:
+        """How many updates wait in the retransmit queue (for status pages and tests)."""
+        return len(self._queue)
+
+    def digest(self, now: float) -> bytes:
+        """A 12-byte summary of what the election and membership read (R9).
+
+        Over ourselves and every ALIVE or SUSPECT peer, one BLAKE2b row per member,
+        ``(node_id, incarnation, ALIVE/SUSPECT, claims to lead, eligible, score //
+        bucket_size)``, summed (so a change costs one row) and hashed once more. Heartbeats are left out, so two idle peers with the same
+        members, verdicts and claims have the same digest and need exchange nothing
+        more; when digests differ, ``records_for_gossip`` settles it.
+        """
+        self._advance(now)
+        own = _digest_row(self._self, PeerState.ALIVE, self.threshold, self.bucket_size)
+        total = (self._digest_sum + own) % _DIGEST_MOD
+        return hashlib.blake2b(total.to_bytes(16, "big"), digest_size=DIGEST_SIZE).digest()
 
     def next_deadline(self) -> float | None:
         """The earliest time after the latest ``now`` seen at which some peer's verdict changes.
 
         A thin trio task can sleep until then (or its next tick, if sooner) and
-        re-run the election; None when there are no peers.
+        re-run the election; None when there are no peers. Exact; O(log N) per
+        peer whose deadline a heartbeat has moved since it was filed.
         """
         if self._now is None:
             return None
-        times = []
-        for entry in self._peers.values():
-            seen = entry.last_seen
-            forget = seen + self.dead_after + self.forget_after
-            for t in (seen + self.suspect_after, seen + self.dead_after, forget, forget + self.forget_after):
-                if t > self._now:
-                    times.append(t)
-                    break
-        return min(times, default=None)
+        now = self._now
+        heap = self._heap
+        while heap:
+            due, node_id = heap[0]
+            entry = self._peers.get(node_id)
+            if entry is None or entry.due != due:
+                heapq.heappop(heap)  # superseded
+                continue
+            exact = self._transition_after(entry, now)
+            if exact == due:
+                return due
+            entry.due = exact  # a heartbeat moved it later: re-file it, exactly
+            heapq.heapreplace(heap, (exact, node_id))
+        return None
 
     def leader(
         self,
         now: float,
         current: str | None = None,
         *,
-        threshold: int = DEFAULT_THRESHOLD,
-        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        threshold: int | None = None,
+        bucket_size: int | None = None,
     ) -> str | None:
-        """Whom to follow: ``elect_leader`` over ourselves and the ALIVE peers (R7, R8).
+        """Whom to follow: ``choose_leader`` over ourselves and the live peers (R7, R8).
 
-        The incumbent is the best live claimant (a node whose record names itself
-        as leader) that passes the threshold; ``current`` serves only when nobody
-        claims. Publish the result with ``set_leader`` so peers see the claim.
+        Claims (a record whose ``leader`` names itself) decide: the best live,
+        eligible claimant by ``(score // bucket_size, node_id)`` is the incumbent,
+        and it keeps the role unless a non-claimant is a whole bucket better.
+        Without a claimant the best eligible node wins. ``current`` (the caller's
+        memory) is accepted for compatibility and not used: a memory that differs
+        between nodes is what kept two groups on two leaders (R8). Publish the
+        result with ``set_leader`` so peers see the claim.
         """
+        threshold = self.threshold if threshold is None else threshold
+        bucket_size = self.bucket_size if bucket_size is None else bucket_size
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
-        # Only ALIVE peers stand: a leader that stopped heartbeating is replaced
-        # once it turns SUSPECT (5 s), not DEAD (15 s), so a dead uplink node
-        # costs a few heartbeat periods. A false suspicion costs a handover,
-        # which costs egress only (two leaders are safe).
-        records = [self._self, *(r for r in self.live_peers(now) if self.state(r.node_id, now) is PeerState.ALIVE)]
-        claimants = [r for r in records if r.leader == r.node_id and r.uplink_score >= threshold]
-        incumbent = current
-        if claimants:
-            incumbent = max(claimants, key=lambda r: (r.uplink_score // bucket_size, r.node_id)).node_id
-        return elect_leader(
-            [(r.node_id, r.uplink_score) for r in records],
-            incumbent,
+        self._advance(now)
+        own = self._self
+        key = (self._version, own.uplink_score, own.leader, threshold, bucket_size)
+        if self._leader_cache is not None and self._leader_cache[0] == key:
+            return self._leader_cache[1]
+        result = choose_leader(
+            ((r.node_id, r.uplink_score, r.leader == r.node_id) for r in (own, *self._live)),
             threshold=threshold,
             bucket_size=bucket_size,
         )
+        self._leader_cache = (key, result)
+        return result
 
 
 # --- gossip targets and election -----------------------------------------------
@@ -744,3 +1092,57 @@ def elect_leader(
     if not better:
         return current
     return max(better, key=rank)
+
+
+def choose_leader(
+    candidates: Iterable[tuple[str, int, bool]],
+    *,
+    threshold: int = DEFAULT_THRESHOLD,
+    bucket_size: int = DEFAULT_BUCKET_SIZE,
+) -> str | None:
+    """The leader for a set of live nodes and their published claims, deterministically (R7, R8).
+
+    Args:
+        candidates: ``(node_id, uplink_score, claims)`` of every live node, ourselves
+            included; ``claims`` is whether the node's record names itself leader. A
+            node listed twice counts with its higher score and any claim.
+        threshold: lowest score that may lead.
+        bucket_size: width of a score class; also the margin by which a
+            non-claimant must beat the incumbent claimant.
+
+    Returns:
+        The best eligible claimant by ``(score // bucket_size, node_id)``, unless an
+        eligible node scores at least ``bucket_size`` above it (then the best such
+        node); with no eligible claimant, the best eligible node; None when no
+        candidate passes the threshold. A function of the set alone: nodes that see
+        the same records choose the same leader, whatever they chose before.
+
+    Raises:
+        ValueError: a score is outside 0-100, or ``bucket_size`` is below 1.
+    """
+    if bucket_size < 1:
+        raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
+    scores: dict[str, int] = {}
+    claims: set[str] = set()
+    for node_id, score, claim in candidates:
+        if type(node_id) is not str:
+            raise ValueError(f"node ids must be strings, got {type(node_id).__name__}")
+        if type(score) is not int or not 0 <= score <= 100:
+            raise ValueError(f"uplink score of {node_id!r} must be an int in 0-100, got {score!r}")
+        if score > scores.get(node_id, -1):
+            scores[node_id] = score
+        if claim:
+            claims.add(node_id)
+    eligible = {nid: s for nid, s in scores.items() if s >= threshold}
+    if not eligible:
+        return None
+
+    def rank(nid: str) -> tuple[int, str]:
+        return (eligible[nid] // bucket_size, nid)
+
+    claimants = [nid for nid in eligible if nid in claims]
+    if not claimants:
+        return max(eligible, key=rank)
+    incumbent = max(claimants, key=rank)
+    better = [nid for nid, s in eligible.items() if s >= eligible[incumbent] + bucket_size]
+    return max(better, key=rank) if better else incumbent

@@ -17,6 +17,14 @@
   ledger row, or more than one distinct receipt seen in the ledger or any node's
   copy at any time).
 
+- **Leadership** (``LeaderBeliefs``): at every sample, what each running node
+  believes (its own ``leader``). ``changes`` counts every change of a node's
+  believed leader between two samples while it runs (the first choice of a
+  node that had none is not a change, nor is a node's belief lost when it
+  stops); ``distinct`` is the number of different leaders believed at that
+  sample, ``split_samples`` the samples where it was above one, and
+  ``longest_split`` the longest run of such samples, in seconds.
+
 Nothing here reads a clock: times come in as arguments (virtual seconds).
 """
 
@@ -93,6 +101,63 @@ class SessionRecord:
     receipt_at: float | None = None
 
 
+class LeaderBeliefs:
+    """Whom each running node follows, sample by sample, and how often that changed.
+
+    A leader the nodes do not agree on is the failure to see: counting changes of
+    a majority's leader reported 0 while the festival scenario's nodes were split
+    between two leaders in 80 of 122 samples (issue 10, item 7).
+    """
+
+    def __init__(self) -> None:
+        self.believed: dict[str, str] = {}
+        """node id -> the last leader it followed (running nodes only)."""
+        self.changes = 0
+        self.changes_by_node: Counter[str] = Counter()
+        self.samples = 0
+        self.split_samples = 0
+        self.distinct_max = 0
+        self.longest_split = 0.0
+        self._split_since: float | None = None
+
+    def observe(self, beliefs: dict[str, str | None], now: float) -> int:
+        """Record one sample: ``beliefs`` maps every running node to its leader (or None).
+
+        Returns:
+            The number of distinct leaders believed (None is not a leader).
+        """
+        last = {n: b for n, b in self.believed.items() if n in beliefs}  # a stopped node starts afresh
+        for node_id, leader in sorted(beliefs.items()):
+            if leader is None:
+                continue  # no leader for now: its last one still stands for the comparison
+            before = last.get(node_id)
+            if before is not None and leader != before:
+                self.changes += 1
+                self.changes_by_node[node_id] += 1
+            last[node_id] = leader
+        self.believed = last
+        distinct = len({b for b in beliefs.values() if b is not None})
+        self.samples += 1
+        self.distinct_max = max(self.distinct_max, distinct)
+        if distinct > 1:
+            self.split_samples += 1
+            if self._split_since is None:
+                self._split_since = now
+            self.longest_split = max(self.longest_split, now - self._split_since)
+        else:
+            self._split_since = None
+        return distinct
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "leader_changes": self.changes,
+            "leader_split_samples": self.split_samples,
+            "leader_samples": self.samples,
+            "leaders_at_once_max": self.distinct_max,
+            "leader_longest_split_s": rounded(self.longest_split),
+        }
+
+
 class Metrics:
     """Bookkeeping of changes, sessions and receipts while a run goes on."""
 
@@ -109,6 +174,7 @@ class Metrics:
         self.receipts_seen: dict[str, set[bytes]] = {}
         self._awaiting_receipt: dict[str, SessionRecord] = {}
         self.counters: Counter[str] = Counter()
+        self.leaders = LeaderBeliefs()
 
     # --- nodes ---------------------------------------------------------------------
 
@@ -193,6 +259,12 @@ class Metrics:
             if not pending:
                 del self._pending[change.doc_id]
         return True
+
+    # --- leadership -----------------------------------------------------------------
+
+    def sample_leaders(self, now: float) -> int:
+        """Feed what every running node believes to ``self.leaders``; the distinct leaders."""
+        return self.leaders.observe({n: getattr(node, "leader", None) for n, node in self.running.items()}, now)
 
     # --- results -------------------------------------------------------------------
 

@@ -2,12 +2,13 @@
 
 Time is virtual and passed in, so every transition is asserted at its exact
 moment. Property tests (hypothesis) cover the merge's join laws and the
-election's determinism; the rules they check are R1-R8 and invariants 1-7 in
+election's determinism and agreement; the rules they check are R1-R10 and invariants 1-10 in
 the header of ``meshnode/_membership.py``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshnode._membership import (
+    DIGEST_SIZE,
     MAX_COUNTER,
     MAX_NODE_ID_LEN,
     MAX_VERSION_LEN,
@@ -26,7 +28,9 @@ from meshnode._membership import (
     MembershipError,
     PeerState,
     choose_gossip_targets,
+    choose_leader,
     elect_leader,
+    retransmit_limit,
 )
 
 SELF = "self"
@@ -685,19 +689,23 @@ def test_two_leaders_after_a_healed_partition_settle_on_one() -> None:
     assert [m.leader(0.0, current=m.self_record.leader) for m in mesh] == ["b", "b", "b"]
 
 
-def test_leadership_moves_once_the_leader_is_suspect() -> None:
-    """A leader that stopped heartbeating stands down at SUSPECT (5 s), not DEAD (15 s)."""
+def test_leadership_moves_once_the_leader_is_dead_not_while_it_is_suspect() -> None:
+    """A leader that stopped heartbeating keeps the role while SUSPECT and stands down at DEAD (15 s):
+    SUSPECT comes at different moments on different nodes (heartbeats travel several hops), and
+    standing down then split the mesh between two leaders (issue 10, items 4 and 7)."""
     a = Membership(_node("a", 60, leader="b"))
     a.merge([_node("b", 90, leader="b"), _node("c", 55, leader="b")], now=0.0)
     assert a.leader(0.0) == "b"
-    a.merge([rec("c", 1, 2, 55, leader="b")], now=4.9)
-    assert a.state("b", 4.9) is PeerState.ALIVE
-    assert a.leader(4.9, current="b") == "b"
+    a.merge([rec("c", 1, 2, 55, leader="b")], now=14.9)
     assert a.state("b", 5.0) is PeerState.SUSPECT
-    assert a.leader(5.0, current="b") == "a"  # 60 in bucket 3 beats c's 55 in bucket 2
-    # b heartbeats again: it is ALIVE and, 30 points better, takes the role back.
-    a.merge([rec("b", 1, 3, 90, leader="b")], now=6.0)
-    assert a.leader(6.0, current="a") == "b"
+    assert a.leader(5.0) == "b"
+    assert a.leader(14.9) == "b"
+    assert a.state("b", 15.0) is PeerState.DEAD
+    assert a.leader(15.0) == "a"  # 60 in bucket 3 beats c's 55 in bucket 2
+    # b heartbeats again: it is ALIVE and claims, but a claims too now; b's bucket (4) wins.
+    a.set_leader("a")
+    a.merge([rec("b", 1, 3, 90, leader="b")], now=16.0)
+    assert a.leader(16.0) == "b"
 
 
 def test_leadership_moves_when_the_leader_uplink_drops_below_threshold() -> None:
@@ -768,6 +776,78 @@ _ops = st.lists(
     max_size=40,
 )
 
+_ops_long = st.lists(
+    st.one_of(
+        st.tuples(st.just("tick")),
+        st.tuples(st.just("score"), st.integers(0, 100)),
+        st.tuples(st.just("leader"), st.sampled_from([None, "a", "b", SELF])),
+        st.tuples(st.just("merge"), st.lists(_with_self, max_size=4)),
+        st.tuples(st.just("direct"), st.sampled_from(["a", "b", "c", "10.0.0.2:5683"])),
+        st.tuples(st.just("wait"), st.sampled_from([0.0, 1.0, 4.9, 5.0, 10.0, 15.0, 300.0, 315.0, 700.0])),
+        st.tuples(st.just("piggyback"), st.integers(1, 5)),
+        st.tuples(st.just("deadline")),
+    ),
+    max_size=50,
+)
+
+
+def _first_transition(last_seen: float, now: float) -> float:
+    # R3 with the default timeouts, written out independently of the module.
+    for t in (last_seen + 5.0, last_seen + 15.0, last_seen + 315.0, last_seen + 615.0):
+        if t > now:
+            return t
+    return math.inf
+
+
+@settings(max_examples=400, deadline=None)
+@given(_ops_long)
+def test_cached_verdicts_equal_a_fresh_evaluation_after_any_sequence(ops: list[tuple]) -> None:
+    """R10: the caches (verdicts, live list, deadline, leader, digest) never go stale."""
+    m = membership(incarnation=1)
+    now = 0.0
+    last_rows: frozenset[tuple[object, ...]] | None = None
+    last_digest = b""
+    for op in ops:
+        if op[0] == "tick":
+            m.tick(now)
+        elif op[0] == "score":
+            m.set_uplink_score(op[1])
+        elif op[0] == "leader":
+            m.set_leader(op[1])
+        elif op[0] == "merge":
+            m.merge(op[1], now)
+        elif op[0] == "direct":
+            m.observe_direct(op[1], now)
+        elif op[0] == "piggyback":
+            out = m.piggyback(now, op[1])
+            assert out[0] == m.self_record and len(out) <= op[1]
+            assert all(m.state(r.node_id, now) is not PeerState.DEAD for r in out)
+        elif op[0] == "deadline":
+            pass
+        else:
+            now += op[1]
+        # The reference: every verdict straight from the rules, nothing cached.
+        rows = [(r.record, m.state(r.record.node_id, now)) for r in m._view_at(now)]
+        assert [(r.record, r.state) for r in m.view(now)] == rows
+        live = [rec for rec, st_ in rows if rec.node_id != SELF and st_ is not PeerState.DEAD]
+        assert m.live_peers(now) == live
+        assert m.records_for_gossip(now) == [rec for rec, st_ in rows if st_ is not PeerState.DEAD]
+        expected_leader = choose_leader(
+            [(rec.node_id, rec.uplink_score, rec.leader == rec.node_id) for rec, st_ in rows if st_ is not PeerState.DEAD]
+        )
+        assert m.leader(now) == expected_leader
+        deadline = min((_first_transition(e.last_seen, now) for e in m._peers.values()), default=math.inf)
+        assert m.next_deadline() == (None if deadline == math.inf else deadline)
+        shown = frozenset(
+            (rec.node_id, rec.incarnation, st_, rec.leader == rec.node_id, rec.uplink_score >= 50, rec.uplink_score // 20)
+            for rec, st_ in rows if st_ is not PeerState.DEAD
+        )
+        digest = m.digest(now)
+        assert len(digest) == DIGEST_SIZE
+        if last_rows is not None:
+            assert (digest == last_digest) == (shown == last_rows)
+        last_rows, last_digest = shown, digest
+
 
 @settings(max_examples=300)
 @given(_ops)
@@ -810,3 +890,283 @@ def test_without_new_evidence_a_peer_only_moves_towards_dead(
     for node_id in {r.node_id for r in records}:
         states = [m.state(node_id, t) for t in sorted(times)]
         assert [order[s] for s in states] == sorted(order[s] for s in states)  # invariant 4
+
+
+# --- delta gossip: piggyback, retransmit queue, digest (R9) ---------------------------
+
+
+def test_retransmit_limit_is_memberlists_formula() -> None:
+    assert [retransmit_limit(4, n) for n in (0, 1, 9, 10, 30, 99, 100, 200, 1000)] == [4, 4, 4, 8, 8, 8, 12, 12, 16]
+    assert retransmit_limit(2, 30) == 4
+
+
+def test_piggyback_starts_with_our_current_record_and_respects_the_limit() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec(f"p{i}", 1, 1) for i in range(10)], 0.0)
+    m.tick(0.5)
+    for limit in (1, 2, 5, 30):
+        out = m.piggyback(0.5, limit)
+        assert out[0] == m.self_record and out[0].heartbeat == 1
+        assert len(out) <= limit
+    with pytest.raises(ValueError):
+        m.piggyback(0.5, 0)
+
+
+def test_each_update_is_piggybacked_at_most_the_retransmit_limit_then_dropped() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec(f"p{i}", 1, 1) for i in range(20)], 0.0)  # 21 live members: 4 * ceil(log10(22)) = 8
+    assert m.pending_updates() == 20
+    sent: dict[str, int] = {}
+    for _ in range(100):
+        for r in m.piggyback(1.0, 6)[1:]:
+            sent[r.node_id] = sent.get(r.node_id, 0) + 1
+    assert sent == {f"p{i}": 8 for i in range(20)}
+    assert m.pending_updates() == 0
+    assert m.piggyback(1.0, 6) == (m.self_record,)  # nothing new: our own record alone
+
+
+def test_queued_updates_go_least_sent_first_then_newest_first() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 1)], 0.0)
+    m.merge([rec("b", 1, 1)], 0.0)
+    assert [r.node_id for r in m.piggyback(0.0, 2)] == [SELF, "b"]  # newest first
+    assert [r.node_id for r in m.piggyback(0.0, 2)] == [SELF, "a"]  # least sent first
+    m.merge([rec("c", 1, 1)], 0.0)
+    assert [r.node_id for r in m.piggyback(0.0, 4)] == [SELF, "c", "b", "a"]
+
+
+def test_a_newer_update_replaces_the_queued_one_and_its_count_starts_again() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 1, 10), rec("b", 1, 1, 10)], 0.0)
+    for _ in range(3):
+        m.piggyback(0.0, 3)
+    m.merge([rec("a", 1, 2, 90)], 0.5)  # a's score changed: news again
+    out = m.piggyback(0.5, 2)
+    assert out == (m.self_record, rec("a", 1, 2, 90))  # sent 0 times beats b's 3
+    assert m.pending_updates() == 2  # one slot for a, not two
+
+
+def test_what_merge_queues_news_only() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 1, 10)], 0.0)
+    for _ in range(10):
+        m.piggyback(0.0, 5)
+    assert m.pending_updates() == 0
+    m.merge([rec("a", 1, 1, 10)], 0.5)  # a repeat
+    m.merge([rec("a", 1, 0, 10)], 0.5)  # stale
+    assert m.pending_updates() == 0
+    m.merge([rec("a", 1, 2, 10)], 1.0)  # a heartbeat: a refresh, not queued news
+    assert m.pending_updates() == 0
+    for change in ({"incarnation": 2, "heartbeat": 0}, {"uplink_score": 11}, {"leader": "a"},
+                   {"address": "10.0.0.9:5683"}, {"version": "9"}):  # fmt: skip
+        before = m.view(1.0)[0].record
+        m.merge([replace(before, **{"heartbeat": before.heartbeat + 1, **change})], 1.0)
+        assert m.pending_updates() == 1, change
+        for _ in range(10):
+            m.piggyback(1.0, 5)
+    # A peer back from SUSPECT is news: others may have turned it SUSPECT too.
+    m.merge([rec("a", 2, 50, 11, leader="a", address="10.0.0.9:5683", version="9")], 20.0)
+    assert m.pending_updates() == 1
+
+
+def test_a_heartbeat_refresh_is_passed_on_once_per_advance_after_queued_news() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 1), rec("b", 1, 1)], 0.0)
+    for _ in range(10):
+        m.piggyback(0.0, 5)
+    m.merge([rec("a", 1, 2)], 1.0)
+    m.merge([rec("b", 1, 2)], 1.1)
+    assert m.piggyback(1.1, 2) == (m.self_record, rec("a", 1, 2))  # waiting longest first
+    assert m.piggyback(1.1, 5) == (m.self_record, rec("b", 1, 2))
+    assert m.piggyback(1.1, 5) == (m.self_record,)
+    m.merge([rec("c", 1, 1)], 1.2)  # news outranks refreshes
+    m.merge([rec("a", 1, 3)], 1.2)
+    assert m.piggyback(1.2, 2) == (m.self_record, rec("c", 1, 1))
+
+
+def test_dead_members_are_never_piggybacked() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 1), rec("b", 1, 1)], 0.0)
+    m.merge([rec("b", 1, 2)], 10.0)
+    out = m.piggyback(15.0, 10)  # a is DEAD at 15 s
+    assert [r.node_id for r in out] == [SELF, "b"]
+    assert m.pending_updates() == 1  # a's queued update went with it
+
+
+def _digest_of(records: list[MemberRecord], now: float = 0.0, **kwargs: int) -> bytes:
+    m = Membership(records[0], **kwargs)
+    m.merge(records[1:], now)
+    return m.digest(now)
+
+
+def test_digest_covers_members_incarnations_claims_and_score_buckets_but_not_heartbeats() -> None:
+    base = [rec("a", 1, 1, 90, leader="a"), rec("b", 1, 1, 40, leader="a"), rec("c", 2, 7, 65, leader="a")]
+    d = _digest_of(base)
+    assert len(d) == DIGEST_SIZE
+    assert _digest_of([base[0], base[2], base[1]]) == d  # order of arrival
+    assert _digest_of([replace(r, heartbeat=r.heartbeat + 9) for r in base]) == d
+    assert _digest_of([base[0], base[1], replace(base[2], uplink_score=79)]) == d  # same bucket (3)
+    assert _digest_of([base[0], base[1], replace(base[2], leader="b")]) == d  # follows someone else: no claim
+    for changed in (
+        [base[0], base[1]],  # a member fewer
+        [base[0], base[1], replace(base[2], incarnation=3)],
+        [base[0], base[1], replace(base[2], uplink_score=80)],  # bucket 3 -> 4
+        [base[0], base[1], replace(base[2], leader="c")],  # a claim
+        [base[0], replace(base[1], uplink_score=50), base[2]],  # eligible, same bucket (2)
+        [replace(base[0], node_id="z"), base[1], base[2]],
+    ):
+        assert _digest_of(changed) != d, changed
+
+
+def test_digest_carries_suspicion_and_follows_time() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 1)], 0.0)
+    alive = m.digest(1.0)
+    suspect = m.digest(5.0)
+    assert suspect != alive
+    m.merge([rec("a", 1, 2)], 6.0)
+    assert m.digest(6.0) == alive
+    assert m.digest(21.0) != alive  # DEAD: gone from the digest, as from gossip
+    assert m.digest(21.0) == Membership(rec(SELF, 1, 0)).digest(21.0)
+
+
+# --- election agreement (R7, R8; issue 10 items 4 and 7) ----------------------------------
+
+
+def test_nodes_that_see_the_leader_suspect_at_different_moments_still_agree() -> None:
+    """Festival: the leader's heartbeat reached p 6 s ago and q 1 s ago; both still follow it."""
+    leader = rec("b", 1, 5, 90, leader="b")
+    p, q = Membership(rec("p", 1, 1, 60)), Membership(rec("q", 1, 1, 70))
+    p.merge([leader], 0.0)
+    q.merge([leader], 5.0)
+    assert p.state("b", 6.0) is PeerState.SUSPECT and q.state("b", 6.0) is PeerState.ALIVE
+    assert p.leader(6.0) == q.leader(6.0) == "b"
+
+
+def test_what_followers_remember_does_not_keep_two_leaders() -> None:
+    """Nobody claims yet; p last followed a (75), q last followed b (90): both take b."""
+    records = [rec("a", 1, 1, 75), rec("b", 1, 1, 90), rec("p", 1, 1, 0, leader="a"), rec("q", 1, 1, 0, leader="b")]
+    p, q = _mesh(records)[2:]
+    assert p.leader(0.0, current="a") == q.leader(0.0, current="b") == "b"
+
+
+def test_two_claimants_after_a_heal_the_worse_stands_down() -> None:
+    """Issue 10 item 4: a (75) and b (90) both lead their halves; after the heal everyone takes b,
+    a included, and b's claim keeps it even against c, which is better but less than a bucket."""
+    records = [
+        rec("a", 1, 1, 75, leader="a"), rec("f1", 1, 1, 0, leader="a"),
+        rec("b", 1, 1, 90, leader="b"), rec("f2", 1, 1, 0, leader="b"), rec("c", 1, 1, 99, leader="b"),
+    ]  # fmt: skip
+    assert {m.leader(0.0) for m in _mesh(records)} == {"b"}
+    # Two claimants in one bucket: the node id decides, not the score inside the bucket.
+    records[0] = rec("a", 1, 1, 99, leader="a")
+    assert {m.leader(0.0) for m in _mesh(records)} == {"b"}
+
+
+def test_a_non_claimant_a_whole_bucket_better_takes_over_and_the_claimant_stands_down() -> None:
+    records = [rec("a", 1, 1, 55, leader="a"), rec("b", 1, 1, 75), rec("c", 1, 1, 74)]
+    mesh = _mesh(records)
+    assert {m.leader(0.0) for m in mesh} == {"b"}  # 75 >= 55 + 20
+    # b claims, a has not heard it yet... and then has: the answer stays b throughout.
+    claimed = [records[0], rec("b", 1, 2, 75, leader="b"), records[2]]
+    assert {m.leader(0.0) for m in _mesh(claimed)} == {"b"}
+    stood_down = [rec("a", 1, 2, 55, leader="b"), rec("b", 1, 2, 75, leader="b"), records[2]]
+    assert {m.leader(0.0) for m in _mesh(stood_down)} == {"b"}
+
+
+@st.composite
+def _meshes(draw: st.DrawFn) -> tuple[list[MemberRecord], list[tuple[int, int]], list[set[int]]]:
+    n = draw(st.integers(2, 7))
+    ids = [f"n{i}" for i in range(n)]
+    records = [
+        rec(ids[i], 1, 1, draw(st.integers(0, 100)), leader=draw(st.sampled_from([None, *ids])))
+        for i in range(n)
+    ]
+    edges = {(draw(st.integers(0, i - 1)), i) for i in range(1, n)}  # a random spanning tree: connected
+    edges |= {tuple(sorted(e)) for e in draw(st.sets(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)),
+                                                      max_size=n)) if e[0] != e[1]}  # fmt: skip
+    known = [draw(st.sets(st.integers(0, n - 1))) for _ in range(n)]  # views start out different
+    return records, sorted(edges), known
+
+
+def _diameter(n: int, edges: list[tuple[int, int]]) -> int:
+    adj: dict[int, set[int]] = {i: set() for i in range(n)}
+    for u, v in edges:
+        adj[u].add(v)
+        adj[v].add(u)
+    worst = 0
+    for s in range(n):
+        dist, frontier = {s: 0}, [s]
+        while frontier:
+            frontier = [v for u in frontier for v in adj[u] if v not in dist and not dist.setdefault(v, dist[u] + 1) < 0]
+        worst = max(worst, max(dist.values()))
+    return worst
+
+
+def _run_rounds(mesh: list[Membership], edges: list[tuple[int, int]], rounds: int, t0: float, delta: bool
+                ) -> tuple[float, list[list[str | None]]]:  # fmt: skip
+    """Synchronous rounds of 0.5 s: every node ticks, elects and publishes, then every link exchanges
+    (full lists, or piggyback plus a full exchange only when the digests differ)."""
+    history = []
+    now = t0
+    for _ in range(rounds):
+        now += 0.5
+        for m in mesh:
+            m.tick(now)
+            m.set_leader(m.leader(now))
+        history.append([m.self_record.leader for m in mesh])
+        if delta:
+            sent = [(u, v, mesh[u].piggyback(now, 3), mesh[v].piggyback(now, 3)) for u, v in edges]
+            for u, v, from_u, from_v in sent:
+                mesh[v].merge(from_u, now)
+                mesh[u].merge(from_v, now)
+                if mesh[u].digest(now) != mesh[v].digest(now):
+                    a, b = mesh[u].records_for_gossip(now), mesh[v].records_for_gossip(now)
+                    mesh[v].merge(a, now)
+                    mesh[u].merge(b, now)
+        else:
+            sent_full = [(u, v, mesh[u].records_for_gossip(now), mesh[v].records_for_gossip(now)) for u, v in edges]
+            for u, v, from_u, from_v in sent_full:
+                mesh[v].merge(from_u, now)
+                mesh[u].merge(from_v, now)
+    return now, history
+
+
+@settings(max_examples=150, deadline=None)
+@given(_meshes(), st.booleans())
+def test_a_connected_mesh_agrees_on_one_leader_within_the_bound_and_keeps_it(
+    setup: tuple[list[MemberRecord], list[tuple[int, int]], list[set[int]]], delta: bool
+) -> None:
+    """R8's bound: records cross the mesh in d rounds (d: its diameter); after 2d + 2 rounds of
+    tick, elect, publish and exchange, every node follows the same leader, and it stays."""
+    records, edges, known = setup
+    n = len(records)
+    mesh = []
+    for i, record in enumerate(records):
+        m = Membership(record)
+        m.merge([records[j] for j in sorted(known[i])], 0.0)
+        mesh.append(m)
+    d = _diameter(n, edges)
+    now, _ = _run_rounds(mesh, edges, 2 * d + 2, 0.0, delta)
+    leaders = {m.leader(now) for m in mesh}
+    assert len(leaders) == 1, leaders
+    (leader,) = leaders
+    assert (leader is None) == all(r.uplink_score < 50 for r in records)
+    _, later = _run_rounds(mesh, edges, d + 2, now, delta)
+    assert all(row == [leader] * n for row in later)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_meshes(), st.integers(1, 6))
+def test_after_a_heal_two_halves_that_each_agreed_agree_on_one_leader_within_the_bound(
+    setup: tuple[list[MemberRecord], list[tuple[int, int]], list[set[int]]], cut: int
+) -> None:
+    records, edges, _ = setup
+    n = len(records)
+    cut = min(cut, n - 1)
+    halves = [set(range(cut)), set(range(cut, n))]
+    mesh = [Membership(r) for r in records]
+    inside = [e for e in edges if any(e[0] in h and e[1] in h for h in halves)]
+    now, _ = _run_rounds(mesh, inside, 3 * n, 0.0, delta=False)  # each half settles on its own
+    now, _ = _run_rounds(mesh, edges, 2 * _diameter(n, edges) + 2, now, delta=False)
+    assert len({m.leader(now) for m in mesh}) == 1

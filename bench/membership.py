@@ -1,0 +1,184 @@
+"""Benchmark: CPU cost of membership per operation, this tree against a baseline revision.
+
+The simulator's profile of a 200-node mesh put membership at 53 % of the run:
+``Membership.view`` rebuilt (O(N log N)) several times a second, 32 full,
+validated records parsed and merged per exchange. This measures, for a view of
+N peers (default 200 and 1,000), the cost of what a node does with membership:
+
+- ``decode_record``: ``MemberRecord.from_wire`` of one gossiped record (all checks);
+- ``merge_record``: ``merge`` of a batch of 32 records, most with a fresher
+  heartbeat (what one exchange brings), per record;
+- ``view``, ``live_peers``, ``records_for_gossip``, ``leader``, ``state``: one
+  call each, right after such a merge (so a cache, if any, has to cope with
+  records that keep changing);
+- ``node_second``: one simulated second of a node's life: six exchanges
+  (decode and merge 32 records), a tick, an election, two ``live_peers`` and
+  one ``records_for_gossip``;
+- ``piggyback`` (8 records) and ``digest``: new in this tree, no baseline.
+
+The baseline module is read with ``git show REV:meshnode/_membership.py`` (default
+6754965, the ``main`` the issue measured) and imported under another name, so both
+run in the same process on the same data. Figures are microseconds per operation
+(best of ``--repeat`` runs of ``--seconds``-long loops); JSON on stdout.
+
+    python bench/membership.py [--sizes 200 1000] [--baseline 6754965]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meshnode import _membership as current
+
+
+def load_baseline(rev: str) -> types.ModuleType | None:
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:meshnode/_membership.py"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no baseline {rev}: {exc}", file=sys.stderr)
+        return None
+    spec = importlib.util.spec_from_loader("_membership_baseline", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_membership_baseline"] = module
+    # Our own repository's source at a named revision, run to compare costs.
+    exec(compile(source, f"{rev}:meshnode/_membership.py", "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def per_op(fn: Callable[[], object], seconds: float, repeat: int, ops_per_call: int = 1) -> float:
+    """Best microseconds per operation over `repeat` loops of about `seconds`."""
+    best = float("inf")
+    for _ in range(repeat):
+        calls = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while True:
+            fn()
+            calls += 1
+            if calls % 4 == 0 and time.perf_counter() >= deadline:
+                break
+        best = min(best, (time.perf_counter() - start) / (calls * ops_per_call))
+    return round(best * 1e6, 3)
+
+
+def measure(mod: types.ModuleType, n: int, seconds: float, repeat: int) -> dict[str, Any]:
+    rng = random.Random(n)
+    rec = mod.MemberRecord
+    ids = [f"node-{i:04d}" for i in range(n)]
+    scores = {nid: (rng.choice([0, 0, 0, 60, 85, 95]) if i < n // 10 else 0) for i, nid in enumerate(ids)}
+    heartbeat = {nid: 1 for nid in ids}
+
+    def record(nid: str) -> Any:
+        leader = ids[0]  # everyone follows the first node
+        return rec(nid, 1, heartbeat[nid], scores[nid], f"10.0.{int(nid[-4:]) // 250}.{int(nid[-4:]) % 250 + 1}:5683",
+                   "3", leader)  # fmt: skip
+
+    m = mod.Membership(rec("self-node", 1, 0, 70, "10.9.9.9:5683", "3", ids[0]))
+    now = [0.0]
+    m.merge([record(nid) for nid in ids], now[0])
+
+    def batch() -> list[Any]:
+        picked = rng.sample(ids, 32)
+        for nid in picked[:28]:
+            heartbeat[nid] += 1
+        return [record(nid) for nid in picked]
+
+    batches = [batch() for _ in range(64)]
+    wires = [[r.to_wire() for r in b] for b in batches]
+    k = [0]
+
+    def next_batch() -> list[Any]:
+        k[0] = (k[0] + 1) % len(batches)
+        now[0] += 1 / 6
+        return batches[k[0]]
+
+    def merge() -> None:
+        m.merge(next_batch(), now[0])
+
+    def after_merge(fn: Callable[[], object]) -> float:
+        """Microseconds per call of `fn`, each call right after an (untimed) merge."""
+        best = float("inf")
+        for _ in range(repeat):
+            spent, calls = 0.0, 0
+            while spent < seconds / 2:
+                m.merge(next_batch(), now[0])
+                start = time.perf_counter()
+                fn()
+                spent += time.perf_counter() - start
+                calls += 1
+            best = min(best, spent / calls)
+        return round(best * 1e6, 3)
+
+    merge_cost = per_op(merge, seconds, repeat)
+    out: dict[str, Any] = {
+        "decode_record": per_op(lambda: [rec.from_wire(o) for o in wires[0]], seconds, repeat, 32),
+        "merge_record": round(merge_cost / 32, 3),
+    }
+    for name, fn in {
+        "view": lambda: m.view(now[0]),
+        "live_peers": lambda: m.live_peers(now[0]),
+        "records_for_gossip": lambda: m.records_for_gossip(now[0]),
+        "leader": lambda: m.leader(now[0], ids[0]),
+        "state": lambda: m.state(ids[5], now[0]),
+    }.items():
+        out[name] = after_merge(fn)
+
+    def node_second() -> None:
+        for _ in range(6):
+            k[0] = (k[0] + 1) % len(batches)
+            now[0] += 1 / 6
+            m.merge([rec.from_wire(o) for o in wires[k[0]]], now[0])
+        m.tick(now[0])
+        m.set_leader(m.leader(now[0], m.self_record.leader))
+        m.live_peers(now[0])
+        m.live_peers(now[0])
+        m.records_for_gossip(now[0])
+
+    out["node_second"] = per_op(node_second, seconds, repeat)
+    if hasattr(m, "piggyback"):
+        out["piggyback"] = after_merge(lambda: m.piggyback(now[0], 8))
+        out["digest"] = after_merge(lambda: m.digest(now[0]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000])
+    parser.add_argument("--baseline", default="6754965")
+    parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    baseline = load_baseline(args.baseline)
+    result: dict[str, Any] = {"unit": "microseconds per operation", "baseline": args.baseline, "sizes": {}}
+    for n in args.sizes:
+        row: dict[str, Any] = {"after": measure(current, n, args.seconds, args.repeat)}
+        if baseline is not None:
+            row["before"] = measure(baseline, n, args.seconds, args.repeat)
+            row["speedup"] = {
+                key: round(row["before"][key] / row["after"][key], 1)
+                for key in row["before"] if key in row["after"] and row["after"][key] > 0
+            }
+        result["sizes"][str(n)] = row
+        print(f"N={n} done", file=sys.stderr)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
