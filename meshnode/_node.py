@@ -86,7 +86,7 @@ from uplink import (
 )
 
 from ._discovery import Discovery, PeerGone, PeerSeen
-from ._membership import MemberRecord, PeerState
+from ._membership import MemberRecord, Membership, PeerState
 from ._protocol import (
     MAX_BATCH_BYTES,
     PROTOCOL_VERSION,
@@ -101,7 +101,6 @@ from ._protocol import (
     SyncResponse,
 )
 from .core import Action, Neighbour, Replicator, SendHello, SendPush, StartExchange, Tick, build_push
-from .core._membership_shim import PiggybackMembership as Membership
 from ._security import (
     Authorization,
     BadSiteEntry,
@@ -331,6 +330,7 @@ class Node:
                 MemberRecord(self.node_id, incarnation, 0, 0, self.transport.address, str(PROTOCOL_VERSION)),
                 suspect_after=self.config.suspect_after,
                 dead_after=self.config.dead_after,
+                threshold=self.config.leader_threshold,
             )
             self.archived = set(store.sync.archived_ids())
             if SITE_CONFIG_ID not in self.replica.docs:

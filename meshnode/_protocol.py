@@ -30,7 +30,7 @@ import cbor2
 
 from crdt import DEFAULT_BUCKETS
 
-from ._membership import MemberRecord, MembershipError
+from ._membership import DIGEST_SIZE, MemberRecord, MembershipError
 from ._transport import BadRequest
 
 PROTOCOL_VERSION = 2
@@ -186,16 +186,16 @@ class Push:
                    _records(obj.get("records", []), "push"), targets)
 
 
-def _hash8(value: Any, what: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != 8:
-        raise ProtocolError(f"{what} must be 8 bytes")
+def _hash(value: Any, what: str, size: int = 8) -> bytes:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ProtocolError(f"{what} must be {size} bytes")
     return value
 
 
 @dataclass(frozen=True)
 class StateRequest:
-    """The idle exchange: a hash of all our documents' heads and a digest of our
-    membership view, with piggybacked member records."""
+    """The idle exchange: a hash of all our documents' heads (8 bytes) and a digest
+    of our membership view (`Membership.digest`, 12 bytes), with piggybacked records."""
 
     sender: str
     heads_hash: bytes
@@ -209,8 +209,8 @@ class StateRequest:
     @classmethod
     def decode(cls, payload: bytes) -> StateRequest:
         obj = _decode_map(payload, "state")
-        return cls(_id(_field(obj, "from", "state"), "state from"), _hash8(_field(obj, "hh", "state"), "state hh"),
-                   _hash8(_field(obj, "md", "state"), "state md"), _records(obj.get("records", []), "state"))
+        return cls(_id(_field(obj, "from", "state"), "state from"), _hash(_field(obj, "hh", "state"), "state hh"),
+                   _hash(_field(obj, "md", "state"), "state md", DIGEST_SIZE), _records(obj.get("records", []), "state"))
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,8 @@ class StateResponse:
     @classmethod
     def decode(cls, payload: bytes) -> StateResponse:
         obj = _decode_map(payload, "state response")
-        return cls(_hash8(_field(obj, "hh", "state response"), "state response hh"),
-                   _hash8(_field(obj, "md", "state response"), "state response md"),
+        return cls(_hash(_field(obj, "hh", "state response"), "state response hh"),
+                   _hash(_field(obj, "md", "state response"), "state response md", DIGEST_SIZE),
                    _records(obj.get("records", []), "state response"))
 
 
