@@ -177,7 +177,7 @@ class NodeConfig:
     request_timeout: float = 3.0
     """Deadline of one request (each request of an exchange has its own)."""
     max_sync_rounds: int = 12
-    push_interval: float = 0.3
+    push_interval: float = 0.4
     """Least time between two pushes to one neighbour: a quiet link pushes at once,
     a busy one batches (Gossip Glomers 3d/3e: latency and messages per event)."""
     neighbour_ttl: float = 60.0
@@ -273,6 +273,8 @@ class Node:
         self._ready = False
         self._ticking = False
         self._sync_locks: dict[str, trio.Lock] = {}
+        self._reported: dict[str, dict[str, bytes | None]] = {}
+        """Per peer, the heads hashes it reported for differing documents last time."""
         self._doc_hh: dict[str, bytes] = {}
         self._heads_acc = 0
         """XOR of a hash of (document, heads hash) over every active document: the heads-hash."""
@@ -1020,9 +1022,17 @@ class Node:
             await self.transport.request(address, "/m/digest", request.encode(), timeout=self.config.request_timeout)
         )
         ours = bucket_entries(mine, reply.buckets)
-        differ = differing_docs(ours, dict(reply.entries)) - self.archived
-        if differ:
-            await self._sync_docs(peer, address, sorted(differ))
+        theirs = dict(reply.entries)
+        differ = differing_docs(ours, theirs) - self.archived
+        # Sync what has settled here, or what the peer still reports at the same
+        # heads as in our last exchange (a lost push it cannot get past); leave
+        # the rest to the pushes that are on their way.
+        now = self.now()
+        before = self._reported.get(peer, {})
+        sync = sorted(d for d in differ if self.engine.settled(d, now) or before.get(d, b"?") == theirs.get(d))
+        self._reported[peer] = {d: theirs.get(d) for d in differ}
+        if sync:
+            await self._sync_docs(peer, address, sync)
         return differ
 
     async def _sync_docs(self, peer: str, address: str, doc_ids: list[str]) -> None:

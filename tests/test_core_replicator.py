@@ -48,9 +48,18 @@ def test_nothing_is_sent_to_an_address_before_a_verified_hello():
     e.hello_done("10.0.0.2:5683", True)
     e.hello_ok("b", "10.0.0.2:5683", 1, 0.2)
     actions = e.poll(0.2)
-    assert StartExchange("b", "10.0.0.2:5683") in actions  # a new neighbour is checked at once
-    e.changed("doc", H2, 0.3)
-    assert pushes(e.poll(0.3)) == {"b": ("doc",)}  # and is a push target from its first hello
+    assert StartExchange("b", "10.0.0.2:5683") in actions  # a new neighbour is checked at once,
+    assert pushes(actions) == {"b": ("doc",)}  # gets what changed lately,
+    e.changed("doc", H2, 0.6)
+    assert pushes(e.poll(0.6)) == {"b": ("doc",)}  # and is a push target from its first hello
+
+
+def test_only_settled_documents_are_left_to_anti_entropy():
+    e = with_peers("b")
+    e.changed("doc", H1, 10.0)
+    assert not e.settled("doc", 10.5)
+    assert e.settled("doc", 11.0)
+    assert e.settled("never-changed-here", 0.0)
 
 
 def test_a_quiet_link_pushes_at_once_and_a_busy_one_batches():

@@ -56,8 +56,9 @@ class Replicator:
         salt: makes backoff jitter differ between nodes, reproducibly.
     """
 
-    def __init__(self, node_id: str, *, push_interval: float = 0.3, exchange_interval: float = 1.0,
-                 tick_interval: float = 1.0, ttl: float = 60.0, salt: str = "") -> None:
+    def __init__(self, node_id: str, *, push_interval: float = 0.4, exchange_interval: float = 1.0,
+                 tick_interval: float = 1.0, ttl: float = 60.0, salt: str = "", settle: float = 1.0,
+                 recent: float = 30.0) -> None:
         self.node_id = node_id
         self.push_interval = push_interval
         self.exchange_interval = exchange_interval
@@ -68,6 +69,10 @@ class Replicator:
         self.hellos = Hellos()
         self.heads: dict[str, tuple[bytes, ...]] = {}
         """Our heads per document (what pushes compare with)."""
+        self.changed_at: dict[str, float] = {}
+        """When each document last changed here (local or received)."""
+        self.settle = settle
+        self.recent = recent
         self._next_exchange = -math.inf
         self._next_tick = -math.inf
         self._urgent: set[str] = set()
@@ -100,6 +105,9 @@ class Replicator:
         if fresh:
             n.unsynced = set(self.heads)
             self._urgent.add(node_id)
+            # What changed lately is likely news to it: push it now rather than
+            # leave it to the (multi-round) sync of the first exchange.
+            n.pending.update(d for d, t in self.changed_at.items() if now - t <= self.recent)
         return n
 
     def heard(self, node_id: str, now: float) -> Neighbour | None:
@@ -127,6 +135,7 @@ class Replicator:
         """A document changed (locally when `source` is None, else from that peer)."""
         h = tuple(sorted(heads))
         self.heads[doc_id] = h
+        self.changed_at[doc_id] = now
         skip: frozenset[str] = frozenset()
         src = self.table.peers.get(source) if source is not None else None
         if src is not None and src.targets is not None:
@@ -144,10 +153,18 @@ class Replicator:
     def forget_doc(self, doc_id: str) -> None:
         """The document left active gossip (archived)."""
         self.heads.pop(doc_id, None)
+        self.changed_at.pop(doc_id, None)
         for n in self.table.peers.values():
             n.pending.discard(doc_id)
             n.unsynced.discard(doc_id)
             n.known.pop(doc_id, None)
+
+    def settled(self, doc_id: str, now: float) -> bool:
+        """Whether the document has been quiet here for `settle` seconds. Anti-entropy
+        syncs a differing document only once it has settled (or is stuck, see
+        `Node._anti_entropy`): while it changes, pushes are still on their way,
+        and syncing it as well doubled the traffic under load."""
+        return now - self.changed_at.get(doc_id, -math.inf) >= self.settle
 
     def known_heads(self, node_id: str, doc_id: str) -> tuple[bytes, ...]:
         n = self.table.peers.get(node_id)
