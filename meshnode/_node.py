@@ -1152,11 +1152,13 @@ class Node:
             raise Forbidden(f"request says it is from {node_id!r} but was signed by {peer!r}")
 
     def _sender(self, node_id: str, address: str | None, *, incarnation: int | None = None,
-                records: tuple[MemberRecord, ...] = ()) -> bool:
+                records: tuple[MemberRecord, ...] = (), introduce: bool = True) -> bool:
         """Who sent this? True for a verified peer (known, or sealed by that node).
 
         An unverified sender creates no lasting state here (issue 10 item 5): its
-        claimed address may be greeted once, from a bounded, expiring list.
+        claimed address may be greeted once, from a bounded, expiring list. Only
+        hello, push and state requests introduce (`introduce`); digest and sync
+        requests are answered but make no peer.
         """
         if node_id == self.node_id:
             raise BadRequest("request claims to come from this node's own id")
@@ -1167,6 +1169,8 @@ class Node:
         if self.engine.heard(node_id, now) is not None:
             self._observed(node_id)
             return True
+        if not introduce:
+            return False
         if authenticated_peer.get() == node_id and claimed is not None and _plausible_address(claimed):
             # Sealed by that node's certificate: as good as a hello (N1).
             self.engine.hello_ok(node_id, claimed, incarnation if incarnation is not None else
@@ -1222,7 +1226,7 @@ class Node:
     async def _on_digest(self, payload: bytes, remote: str) -> bytes:
         self._check_ready()
         request = DigestRequest.decode(payload)
-        self._sender(request.sender, remote)
+        self._sender(request.sender, remote, introduce=False)
         mine = self.replica.heads_hashes()
         buckets = differing_buckets(make_digest(mine), list(request.buckets))
         return DigestResponse(tuple(buckets), bucket_entries(mine, buckets)).encode()
@@ -1241,7 +1245,7 @@ class Node:
                 except InvalidSyncMessage as exc:
                     self.counters["sync_requests_refused"] += 1
                     raise ProtocolError(f"sync message for {d!r}: {exc}") from exc
-        self._sender(request.sender, remote)
+        self._sender(request.sender, remote, introduce=False)
         for d in request.reset:
             self.replica.book.reset(request.sender, d)
         # The requester waits `ttl`: work it can no longer use is not started (the

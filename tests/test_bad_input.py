@@ -338,7 +338,7 @@ def push_cases(rig: Rig) -> list[Case]:
     message = change_message(heads, [c.bytes for c in doc.get_changes([])])
     base: dict[str, Any] = {"from": PEER_ID, "inc": 1, "docs": {sid: [heads, message]}, "records": []}
     valid = Push(PEER_ID, 1, {sid: (tuple(heads), message)}).encode()
-    many_ids = {f"doc-{i:04}": [[], message] for i in range(MAX_DOCS_PER_SYNC + 1)}
+    many_ids = {f"doc-{i:04}": [[], b"\x42"] for i in range(MAX_DOCS_PER_SYNC + 1)}
     return common_cases(4, valid, base, rig.node.transport.max_payload) + [
         Case("inc missing", with_fields(base, inc=...)),
         Case("inc is negative", with_fields(base, inc=-1)),
