@@ -172,8 +172,14 @@ class Hellos:
         self.discovered.pop(address, None)
 
     def suggest(self, address: str, now: float) -> None:
-        """An unverified sender claims this address: greet it once, if there is room."""
-        if address in self.discovered or address in self.unverified or address in self.in_flight:
+        """An unverified sender claims this address: greet it once, if there is room.
+        A discovered address is greeted now instead of after its backoff (it has
+        just shown that it is up)."""
+        g = self.discovered.get(address)
+        if g is not None:
+            g.due = min(g.due, now)
+            return
+        if address in self.unverified or address in self.in_flight:
             return
         if len(self.unverified) >= self.max_unverified:
             return
