@@ -1206,6 +1206,11 @@ class Node:
                 doc = self.replica.docs.get(d)
                 if doc is not None and sorted(doc.get_heads()) == sorted(heads):
                     self.engine.peer_has(push.sender, d, heads)
+                    # The sender's targets got these heads too (from it, or from
+                    # whoever it left them to): our next push to them starts there.
+                    for target in push.targets or ():
+                        if target != self.node_id:
+                            self.engine.peer_has(target, d, heads)
             self._wakeup.set()
         return b""
 
