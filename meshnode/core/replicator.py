@@ -12,10 +12,10 @@ How a change travels (docs/protocol.md, protocol version 2)
   neighbour that may lack it: not the peer it came from, not the peers that one
   told us it pushes to itself (they get it from the source), not a peer whose
   known heads already equal ours.
-- Each neighbour has a push slot: a push goes out at once when the last one to
-  that peer is at least `push_interval` old, else when it is (a link carries at
-  most one push per interval, so under load changes batch and traffic stays
-  bounded, while a quiet link adds no delay). A push is one-way (no response):
+- The node has one push slot: pushes go out at once when the last flush is at
+  least `push_interval` old, else when it is, to every neighbour with something
+  pending (a link carries at most one push per interval, so under load changes
+  batch and traffic stays bounded, while a quiet node adds no delay). A push is one-way (no response):
   the changes the peer lacks, computed from the heads we believe it holds.
 - Anti-entropy: every `exchange_interval` one neighbour (the one we checked
   longest ago) gets an exchange: one small heads-hash and membership digest;
@@ -75,6 +75,7 @@ class Replicator:
         self.recent = recent
         self._next_exchange = -math.inf
         self._next_tick = -math.inf
+        self._last_flush = -math.inf
         self._urgent: set[str] = set()
         """Neighbours owed an exchange at once (new, or restarted)."""
 
@@ -213,12 +214,18 @@ class Replicator:
         peers = self.table.live()
         known_addresses = {n.address for n in peers}
         actions.extend(SendHello(a) for a in self.hellos.due(now, known_addresses))
-        for n in peers:
-            if n.pending and now >= n.last_push + self.push_interval:
-                n.last_push = now
-                docs = tuple(sorted(n.pending))
-                n.pending.clear()
-                actions.append(SendPush(n.node_id, n.address, docs))
+        if now >= self._last_flush + self.push_interval and any(n.pending for n in peers):
+            # One push slot for the node, not one per link: every neighbour that
+            # lacks something gets it in the same instant, so a change reaches all
+            # of them together (per-link slots drifted apart, and a change waited
+            # for the slowest of them).
+            self._last_flush = now
+            for n in peers:
+                if n.pending:
+                    n.last_push = now
+                    docs = tuple(sorted(n.pending))
+                    n.pending.clear()
+                    actions.append(SendPush(n.node_id, n.address, docs))
         for nid in sorted(self._urgent):
             n = self.table.peers.get(nid)
             if n is not None and not n.exchanging and now >= n.retry_at:
@@ -249,9 +256,9 @@ class Replicator:
     def next_deadline(self) -> float | None:
         """The earliest time at which `poll` has something to do without new input."""
         times = [self._next_tick, self._next_exchange if self.table.peers else math.inf]
+        if any(n.pending for n in self.table.peers.values()):
+            times.append(self._last_flush + self.push_interval)
         for n in self.table.peers.values():
-            if n.pending:
-                times.append(n.last_push + self.push_interval)
             if n.node_id in self._urgent and not n.exchanging:
                 times.append(n.retry_at)
         expiry = self.table.next_expiry()
