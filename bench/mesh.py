@@ -516,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         "figures subtract the idle rate times the phase duration (an estimate: gossip during writes also "
         "finds differing digests and syncs, so background and event traffic are not independent).",
         f"idle_requests_per_node_per_s: requests_sent summed over all nodes during {args.idle_seconds:g} s with "
-        "nothing written and nothing polled, divided by nodes and seconds (membership gossip + digest "
-        "anti-entropy, 1 s rounds, fanout 3).",
+        "nothing written and nothing polled, divided by nodes and seconds (protocol v2: one /m/state "
+        "heads-hash exchange per node per second with piggybacked membership records).",
         "The *_transport_delta fields hold the raw summed deltas of all five transport counters.",
     ]
     print(json.dumps({"benchmark": "mesh", "results": results, "notes": notes}, indent=2))

@@ -111,6 +111,10 @@ AIOCOAP_LOGGER = "meshnode.coap.aiocoap"
 """Logger name handed to aiocoap's context, so its messages sit under ours."""
 
 CBOR_CONTENT_FORMAT = 60
+NO_RESPONSE_ALL = 26
+"""RFC 7967 No-Response value: suppress 2.xx, 4.xx and 5.xx answers."""
+NON_MAX_PAYLOAD = 1024
+"""Largest one-way payload sent as a single NON datagram (one block)."""
 """application/cbor (RFC 8949 s9.5, CoAP Content-Formats registry)."""
 
 UNREACHABLE_ERRNOS = frozenset(
@@ -576,6 +580,51 @@ class CoapTransport:
         log.debug("%s: %s, %d bytes", what, response.code.dotted, len(response.payload))
         return response.payload
 
+    async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
+        """One-way POST: a NON request with No-Response 26 (RFC 7967 s2.1: no
+        answer of any class), so neither side keeps state for it. A payload
+        larger than one block cannot go as one NON datagram; it goes as a
+        confirmable block-wise request in the background whose answer is
+        dropped (bounded by the default timeout)."""
+        check_request(peer, resource, "POST")
+        if self._closed or self._context is None:
+            raise TransportClosed(f"transport {self.address} is closed")
+        body = bytes(payload)
+        self.stats.requests_sent += 1
+        self.stats.bytes_sent += len(body)
+        big = len(body) > NON_MAX_PAYLOAD
+        message = aiocoap.Message(
+            mtype=aiocoap.CON if big else aiocoap.NON,
+            code=Code.POST,
+            payload=body,
+            uri=f"coap://{peer}{resource}",
+            transport_tuning=self._tuning,
+        )
+        message.opt.content_format = CBOR_CONTENT_FORMAT
+        message.opt.no_response = NO_RESPONSE_ALL
+        message.opt.request_tag = [self._next_request_tag()]
+        try:
+            await trio_asyncio.aio_as_trio(self._aio_send, loop=self._loop)(message, big)
+        except (aiocoap.error.Error, OSError) as exc:
+            self.stats.errors += 1
+            log.debug("one-way POST coap://%s%s failed: %s", peer, resource, exc)
+
+    async def _aio_send(self, message: aiocoap.Message, big: bool) -> None:
+        """asyncio side of `send`: hand the datagram to aiocoap, keep no interest in an answer."""
+        assert self._context is not None
+        request = self._context.request(message, handle_blockwise=big)
+        # Let aiocoap's sending task run, then drop the (never coming) response.
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+        async def linger() -> None:
+            try:
+                await asyncio.wait_for(request.response, DEFAULT_TIMEOUT)
+            except BaseException:  # noqa: BLE001 - nothing waits for this answer
+                pass
+
+        asyncio.ensure_future(linger())
+
     # -- lifecycle ------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -663,7 +712,10 @@ class CoapTransport:
             response: Response = await trio_asyncio.trio_as_aio(self._serve, loop=self._loop)(
                 resource, request.code.name, bytes(request.payload), remote_address(request.remote)
             )
-            return self._message(response)
+            message = self._message(response)
+            # RFC 7967: a one-way request (`send`) asks for no answer; aiocoap drops it.
+            message.opt.no_response = request.opt.no_response
+            return message
         finally:
             self._renders -= 1
             if self._renders == 0 and self._renders_idle is not None:

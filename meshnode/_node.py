@@ -1,23 +1,24 @@
-"""The mesh node: one trio nursery that owns the store, membership, gossip and sync.
+"""The mesh node: one trio nursery that owns the store, membership and the replication engine.
 
 The node talks to the world only through its seams (DESIGN.md): a `Transport`
 (CoAP or in-memory), a `Discovery` (mDNS, static, in-memory), the trio clock
 (`trio.current_time()`, so `MockClock` drives the simulator) and an injected
 wall clock for the timestamps written into events. Decisions are made by the
-sans-IO parts (`Membership`, `choose_gossip_targets`, the digest functions of
-`crdt`); the tasks here only move bytes and sleep.
+sans-IO parts: `meshnode.core.Replicator` (whom to greet, push to and check,
+and when), `Membership`, the digest functions of `crdt`. The tasks here read
+the clock, carry out the actions the core returns, and sleep until its next
+deadline (docs/protocol.md describes the wire side, protocol version 2):
 
-Replication is anti-entropy plus push:
+- a change, local or received, is pushed one way (no response) to the verified
+  neighbours that may lack it, with the changes they lack; a link carries at
+  most one push per `push_interval`, so under load changes travel in batches;
+- one neighbour at a time gets an anti-entropy exchange every
+  `gossip_interval`: a heads-hash and membership digest, and the digest and
+  Automerge sync only when the hashes differ;
+- membership records ride piggybacked on pushes and exchanges.
 
-- every gossip round (1 s with jitter) the node exchanges membership records and
-  a digest of its documents with up to `fanout` live peers, and syncs exactly
-  the documents the digest shows to differ (starting those sync states afresh,
-  so that a lost message or a restarted peer can never stall them);
-- every change, local or received, is pushed at once to the direct neighbours
-  (except the one it came from), so a line of nodes relays it end to end
-  without waiting for rounds.
-
-Sync states are per (peer node id, document). When an exchange fails, the
+A peer exists only after a verified hello (`meshnode.core.neighbours`, N1).
+Sync states are per (peer node id, document); when an exchange fails, the
 states involved are dropped: Automerge assumes what it sent was delivered.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import ipaddress
 import logging
 import math
 import os
@@ -58,6 +60,7 @@ from crdt import (
     bucket_entries,
     differing_buckets,
     differing_docs,
+    heads_hash,
     make_digest,
     open_doc_store,
     decode_event,
@@ -77,19 +80,21 @@ from uplink import (
 )
 
 from ._discovery import Discovery, PeerGone, PeerSeen
-from ._membership import MemberRecord, Membership, PeerState, choose_gossip_targets
+from ._membership import MemberRecord, Membership, PeerState
 from ._protocol import (
-    MAX_DOCS_PER_SYNC,
+    MAX_BATCH_BYTES,
     PROTOCOL_VERSION,
     DigestRequest,
     DigestResponse,
     Hello,
-    MembersRequest,
-    MembersResponse,
     ProtocolError,
+    Push,
+    StateRequest,
+    StateResponse,
     SyncRequest,
     SyncResponse,
 )
+from .core import Action, Neighbour, Replicator, SendHello, SendPush, StartExchange, Tick, build_push
 from ._security import (
     Authorization,
     Identity,
@@ -97,15 +102,29 @@ from ._security import (
     Sealer,
     authenticated_peer,
 )
-from ._transport import BadRequest, Forbidden, RemoteRefused, Transport, TransportError
 from .services import API_EVENT_TYPES, SessionService, SiteConfigService
+from ._transport import (
+    BadRequest,
+    Forbidden,
+    RemoteRefused,
+    RequestRefused,
+    Transport,
+    TransportError,
+    split_address,
+)
 
 log = logging.getLogger("meshnode.node")
 
-EXPLORE = 0.1
-"""Chance per gossip round of trying one member that is not a direct neighbour."""
-MAX_GOSSIP_RECORDS = 32
-"""Membership records per exchange before sampling (see `Node._member_sample`)."""
+PIGGYBACK_RECORDS = 8
+"""Member records piggybacked on one push or exchange (our own among them)."""
+MAX_VIEW_RECORDS = 32
+"""Member records in a state response when the membership digests differ."""
+MAX_PUSH_BYTES = 64 * 1024
+"""A push stops taking documents past this many bytes (the rest waits a slot)."""
+SYNC_BATCH_DOCS = 64
+"""Documents per anti-entropy sync request (responses are byte-capped too)."""
+PUSH_STATE = "push:"
+"""Prefix of the sync-state keys used for one pushed message each."""
 ARCHIVE_CACHE = 256
 """Archived documents kept loaded to serve peers that still sync them."""
 DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}
@@ -113,6 +132,13 @@ DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0
 
 class NodeError(Exception):
     """Base of the node's own errors."""
+
+
+class NotReady(RequestRefused):
+    """5.03: the node is starting (or overloaded): ask again later, nothing was done."""
+
+    code = "5.03"
+    message = "not ready"
 
 
 @dataclass
@@ -127,7 +153,13 @@ class NodeConfig:
     suspect_after: float = 5.0
     dead_after: float = 15.0
     request_timeout: float = 3.0
+    """Deadline of one request (each request of an exchange has its own)."""
     max_sync_rounds: int = 12
+    push_interval: float = 0.4
+    """Least time between two pushes to one neighbour: a quiet link pushes at once,
+    a busy one batches (Gossip Glomers 3d/3e: latency and messages per event)."""
+    neighbour_ttl: float = 60.0
+    """A neighbour not heard from for this long is forgotten (it must hello again)."""
     seed: int | None = None
     inline_io: bool = False
     """Do store I/O in the trio thread (simulator: keeps virtual time reproducible)."""
@@ -146,28 +178,6 @@ class NodeConfig:
     unknown_token_max_wh: int | None = None
     unknown_token_max_minutes: int | None = None
     tariff: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TARIFF))
-
-
-@dataclass
-class _Neighbour:
-    """What the node knows about a peer it talks to directly."""
-
-    node_id: str
-    address: str
-    last_ok: float | None = None
-    failures: int = 0
-    unsynced: set[str] = field(default_factory=set)
-    """Documents this peer may lack or hold in another version (for status)."""
-    push: set[str] = field(default_factory=set)
-    """Documents to push to this peer at the next wake-up."""
-    pushing: bool = False
-    discovered: bool = False
-    """Discovery (mDNS, static list, simulator topology) reported it: on our link."""
-    retry_at: float = -math.inf
-    """After failures, not chosen for gossip before this time (backoff, up to 30 s)."""
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    """Held while syncing with this peer: one exchange per peer at a time, so
-    two loops never interleave messages of the same Automerge sync state."""
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -255,9 +265,19 @@ class Node:
         self.store: AsyncDocStore | None = None
         self.replica = Replica()
         self.membership: Membership | None = None
-        self.neighbours: dict[str, _Neighbour] = {}
-        self._static: set[str] = set()
-        self._push_wakeup = trio.Event()
+        self.engine = Replicator(
+            self.node_id, push_interval=config.push_interval, exchange_interval=config.gossip_interval,
+            tick_interval=config.gossip_interval, ttl=config.neighbour_ttl, salt=f"{seed}:{config.node_id}",
+        )
+        self._wakeup = trio.Event()
+        self._ready = False
+        self._ticking = False
+        self._sync_locks: dict[str, trio.Lock] = {}
+        self._reported: dict[str, dict[str, bytes | None]] = {}
+        """Per peer, the heads hashes it reported for differing documents last time."""
+        self._doc_hh: dict[str, bytes] = {}
+        self._heads_acc = 0
+        """XOR of a hash of (document, heads hash) over every active document: the heads-hash."""
         self._started = trio.Event()
         self.counters = {"sync_requests_refused": 0, "peer_errors": 0, "changes_received": 0}
         self._receive_lock = trio.Lock()
@@ -280,7 +300,6 @@ class Node:
         # copy (read-only: nothing a peer sends is stored), so a node that was away
         # when the receipt came still gets it, and then retires the session too.
         self._archive_replica = Replica()
-        self._gossip_records: tuple[float, list[MemberRecord]] | None = None
         self._actor_salt = ""
         self._receipt_ts: dict[str, int] = {}
         # Session and site-config commands (domain errors, no HTTP codes), wired to this node.
@@ -299,6 +318,10 @@ class Node:
             archived=lambda: self.archived,
         )
         self._fold_cache = self.sessions.fold_cache
+
+        # Routes exist from the start and answer 5.03 until the node is ready, so a
+        # peer never takes "4.04 /m/sync" from a node that is starting (issue 10).
+        self._route()
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -322,8 +345,8 @@ class Node:
                 MemberRecord(self.node_id, incarnation, 0, 0, self.transport.address, str(PROTOCOL_VERSION)),
                 suspect_after=self.config.suspect_after,
                 dead_after=self.config.dead_after,
+                threshold=self.config.leader_threshold,
             )
-            self._route()
             self.archived = set(store.sync.archived_ids())
             if SITE_CONFIG_ID not in self.replica.docs:
                 site_doc = new_site_config(self.config.site, actor=self._actor(SITE_CONFIG_ID))
@@ -331,6 +354,8 @@ class Node:
             self._apply_site_config()
             for doc_id in sorted(docs):
                 self._note_stored(doc_id)
+            for doc_id in sorted(self.replica.docs):
+                self._note_heads(doc_id)
             log.info("node %s serving at %s with %d documents", self.node_id, self.transport.address, len(docs))
             try:
                 async with trio.open_nursery() as nursery:
@@ -340,8 +365,8 @@ class Node:
                             for discovery in self.discoveries:
                                 await nursery.start(discovery.serve, send.clone())
                         nursery.start_soon(self._consume_discovery, recv)
-                    nursery.start_soon(self._gossip_loop)
-                    nursery.start_soon(self._push_loop)
+                    self._ready = True
+                    nursery.start_soon(self._engine_loop, nursery)
                     if self.cloud is not None and self.forwarder is not None:
                         await nursery.start(
                             functools.partial(serve_probe, interval=self.config.probe_interval,
@@ -356,6 +381,7 @@ class Node:
                     task_status.started()
                     await trio.sleep_forever()
             finally:
+                self._ready = False
                 self._persist_incarnation()
                 if self.cloud is not None:
                     with trio.CancelScope(shield=True):
@@ -396,7 +422,9 @@ class Node:
     def _route(self) -> None:
         t = self.transport
         t.route("/m/hello", self._on_hello, method="GET")
-        t.route("/m/members", self._on_members)
+        t.route("/m/hello", self._on_hello_post)
+        t.route("/m/push", self._on_push)
+        t.route("/m/state", self._on_state)
         t.route("/m/digest", self._on_digest)
         t.route("/m/sync", self._on_sync)
 
@@ -462,28 +490,35 @@ class Node:
             raise
 
     def _changed(self, doc_id: str, *, source: str | None, size: int = 0) -> None:
-        """A document changed: everyone but `source` may now lack something.
-
-        A local change is pushed to every live neighbour at once. A change that
-        came from a peer is relayed to only `fanout` of them: in a dense mesh the
-        others have it already (pushing to all made traffic grow with the square
-        of the node count), and anti-entropy rounds cover anyone missed.
-        """
+        """A document changed (locally when `source` is None): the engine decides who may lack it."""
         before = self._fold_cache.pop(doc_id, None)
         if doc_id == SITE_CONFIG_ID:
             self._apply_site_config()
         else:
             self._track(doc_id, before[2] if before else None, size)
-        for n in self.neighbours.values():
-            if n.node_id != source:
-                n.unsynced.add(doc_id)
-        live = sorted(n.node_id for n in self.live_neighbours() if n.node_id != source)
-        targets = live if source is None else choose_gossip_targets(self.rng, live, self.config.fanout)
-        for node_id in targets:
-            self.neighbours[node_id].push.add(doc_id)
-        self._push_wakeup.set()
+        self._note_heads(doc_id, source=source, notify=True)
         for listener in self.change_listeners:
             listener(doc_id)
+
+    def _note_heads(self, doc_id: str, *, source: str | None = None, notify: bool = False) -> None:
+        """Keep the heads-hash of all documents current, and tell the engine."""
+        doc = self.replica.docs.get(doc_id)
+        old = self._doc_hh.pop(doc_id, None)
+        if old is not None:
+            self._heads_acc ^= _entry_hash(doc_id, old)
+        if doc is None:
+            return
+        heads = doc.get_heads()
+        hh = heads_hash(heads)
+        self._doc_hh[doc_id] = hh
+        self._heads_acc ^= _entry_hash(doc_id, hh)
+        if notify or doc_id not in self.engine.heads:
+            self.engine.changed(doc_id, heads, self.now(), source=source)
+            self._wakeup.set()
+
+    def heads_hash(self) -> bytes:
+        """8 bytes that differ when two nodes' active documents or their heads differ."""
+        return self._heads_acc.to_bytes(8, "big")
 
     def _track(self, doc_id: str, before: SessionView | None, size: int) -> None:
         """Tell the forwarder about a change, and note receipts for retention."""
@@ -560,9 +595,8 @@ class Node:
         self._fold_cache.pop(doc_id, None)
         if self.forwarder is not None:
             self.forwarder.planner.forget(doc_id)
-        for n in self.neighbours.values():
-            n.unsynced.discard(doc_id)
-            n.push.discard(doc_id)
+        self._note_heads(doc_id)
+        self.engine.forget_doc(doc_id)
         log.info("archived reconciled session %s", doc_id)
 
     # --- reading ---------------------------------------------------------------------
@@ -579,16 +613,17 @@ class Node:
     def automerge_bytes(self, session_id: str) -> bytes:
         return self.sessions.automerge_bytes(session_id)
 
-    def live_neighbours(self) -> list[_Neighbour]:
-        now = self.now()
-        return [
-            n for n in self.neighbours.values()
-            if n.last_ok is not None and now - n.last_ok <= self.config.dead_after
-        ]
+    @property
+    def neighbours(self) -> dict[str, Neighbour]:
+        """Verified direct peers, by node id (`meshnode.core.NeighbourTable`)."""
+        return self.engine.table.peers
+
+    def live_neighbours(self) -> list[Neighbour]:
+        return self.engine.table.live()
 
     def documents_not_everywhere(self) -> set[str]:
         """Documents that some live neighbour may lack or hold in another version."""
-        return {d for n in self.live_neighbours() for d in n.unsynced}
+        return self.engine.documents_not_everywhere()
 
     def status_json(self) -> dict[str, Any]:
         assert self.membership is not None
@@ -656,211 +691,193 @@ class Node:
             if isinstance(event, PeerSeen):
                 if event.node_id == self.node_id or event.address == self.transport.address:
                     continue
-                if event.node_id is None:
-                    self._static.add(event.address)
-                else:
-                    self._neighbour(event.node_id, event.address).discovered = True
-                self._push_wakeup.set()
-            elif isinstance(event, PeerGone) and event.node_id is not None:
-                n = self.neighbours.get(event.node_id)
-                if n is not None:
+                # Discovery names an address; only a hello answered from it makes a peer.
+                self.engine.discovered(event.address, self.now())
+            elif isinstance(event, PeerGone):
+                if event.node_id is not None and event.node_id in self.engine.table.peers:
                     log.info("peer %s left (discovery)", event.node_id)
-                    n.last_ok = None
-                    n.discovered = False
+                self.engine.discovery_gone(event.node_id, event.address)
+            self._wakeup.set()
 
-    def _neighbour(self, node_id: str, address: str) -> _Neighbour:
-        n = self.neighbours.get(node_id)
-        if n is None:
-            n = self.neighbours[node_id] = _Neighbour(node_id, address, unsynced=set(self.replica.docs))
-            log.info("new neighbour %s at %s", node_id, address)
-        elif n.address != address:
-            n.address = address
-        return n
+    # --- the engine: carry out what the core decides, sleep until its deadline ------------
 
-    def _direct_ok(self, node_id: str, address: str) -> _Neighbour:
-        n = self._neighbour(node_id, address)
-        n.last_ok = self.now()
-        n.failures = 0
-        n.retry_at = -math.inf
+    async def _engine_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            now = self.now()
+            for action in self.engine.poll(now):
+                self._act(action, nursery)
+            deadline = self.engine.next_deadline()
+            if deadline is not None:
+                deadline = max(deadline, now + 1e-3)  # never spin on a deadline already due
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    def _act(self, action: Action, nursery: trio.Nursery) -> None:
+        """Carry out one action. Everything that reads or changes state happens here,
+        in the order the core returned the actions; only the waiting is left to tasks
+        (tasks started at one instant run in an order trio shuffles, STYLE rule 11)."""
+        assert self.membership is not None
+        now = self.now()
+        if isinstance(action, SendPush):
+            self._push(action, nursery)
+        elif isinstance(action, StartExchange):
+            request = StateRequest(self.node_id, self.heads_hash(), self.membership.digest(now), self._piggyback())
+            nursery.start_soon(self._exchange, action.peer, action.address, request)
+        elif isinstance(action, SendHello):
+            nursery.start_soon(self._hello, action.address, self._hello_message().encode())
+        elif isinstance(action, Tick):
+            self.membership.tick(now)
+            self._elect()
+            if not self._ticking:
+                self._ticking = True
+                nursery.start_soon(self._retire_task)
+
+    async def _retire_task(self) -> None:
+        try:
+            await self._retire()
+        finally:
+            self._ticking = False
+
+    def _hello_message(self) -> Hello:
+        assert self.membership is not None
+        return Hello(self.node_id, self.transport.address, self.membership.self_record.incarnation,
+                     self.signer.public_key, self.config.site)
+
+    async def _hello(self, address: str, payload: bytes) -> None:
+        ok = False
+        try:
+            reply = await self.transport.request(address, "/m/hello", payload, timeout=self.config.request_timeout)
+            hello = Hello.decode(reply)
+            if hello.node_id != self.node_id and hello.version == PROTOCOL_VERSION:
+                ok = True
+                # Verified: that address answered as that node (N1). Reach it where we reached it.
+                self.engine.hello_ok(hello.node_id, address, hello.incarnation, self.now())
+                self._observed(hello.node_id)
+        except (TransportError, ProtocolError, ValueError) as exc:
+            log.debug("hello to %s failed: %s", address, exc)
+        finally:
+            self.engine.hello_done(address, ok)
+            self._wakeup.set()
+
+    def _observed(self, node_id: str) -> None:
         assert self.membership is not None
         self.membership.observe_direct(node_id, self.now())
-        return n
 
-    def _direct_failed(self, n: _Neighbour, exc: Exception) -> None:
-        n.failures += 1
-        # Back off from a peer that does not answer (out of reach, partitioned, gone),
-        # but never for good: a partition heals, a charger comes back.
-        # The jitter comes from the pair and the count, not from the node's shared rng:
-        # exchanges that time out at the same instant would draw in trio's (random)
-        # scheduling order and make simulated runs differ.
-        jitter = 0.5 + 0.5 * _unit(f"{self._actor_salt}:{n.node_id}:{n.failures}")
-        n.retry_at = self.now() + jitter * min(30.0, 2.0 ** min(n.failures, 5))
-        level = logging.WARNING if isinstance(exc, RemoteRefused) else logging.INFO
-        log.log(level, "exchange with %s at %s failed: %s", n.node_id, n.address, exc)
-
-    # --- gossip --------------------------------------------------------------------
-
-    async def _gossip_loop(self) -> None:
+    def _piggyback(self) -> tuple[MemberRecord, ...]:
         assert self.membership is not None
-        while True:
-            self.membership.tick(self.now())
-            self._elect()
-            await self._retire()
-            async with trio.open_nursery() as nursery:
-                for address in sorted(self._static - {n.address for n in self.neighbours.values()}):
-                    nursery.start_soon(self._hello, address)
-                for n in self._gossip_targets():
-                    nursery.start_soon(self._gossip_with, n)
-            jitter = self.rng.uniform(-0.2, 0.2) * self.config.gossip_interval
-            await trio.sleep(self.config.gossip_interval + jitter)
+        return self.membership.piggyback(self.now(), PIGGYBACK_RECORDS)
 
-    def _gossip_targets(self) -> list[_Neighbour]:
-        """Up to `fanout` direct neighbours, and now and then one member to try directly.
+    # --- push (one way) ------------------------------------------------------------------
 
-        Direct neighbours are the peers discovery reported and those we exchanged
-        with recently. Membership also names nodes we may not reach (the far end of
-        a line, the other side of a radio gap): one of those is tried in a round
-        with probability `EXPLORE`, so reachable ones become neighbours over time
-        while unreachable ones cost one timeout now and then, not every round.
-        """
+    def _push(self, action: SendPush, nursery: trio.Nursery) -> None:
+        """Build the push now (the engine's view of the peer's heads moves with it), send it in a task."""
         assert self.membership is not None
-        now = self.now()
-        direct = sorted(
-            n.node_id for n in self.neighbours.values()
-            if now >= n.retry_at and (n.discovered or (n.last_ok is not None and now - n.last_ok <= self.config.dead_after))
-        )
-        chosen = choose_gossip_targets(self.rng, direct, self.config.fanout)
-        addresses: dict[str, str] = {}
-        if not direct or self.rng.random() < EXPLORE:
-            addresses = {r.node_id: r.address for r in self.membership.live_peers(now)}
-            others = sorted(
-                node_id for node_id in addresses
-                if node_id not in direct and (node_id not in self.neighbours or now >= self.neighbours[node_id].retry_at)
-            )
-            if others:
-                chosen.append(self.rng.choice(others))
-        return [self._neighbour(node_id, self.neighbours[node_id].address if node_id in self.neighbours
-                                else addresses[node_id]) for node_id in chosen]
-
-    def _member_sample(self, peer: str) -> tuple[MemberRecord, ...]:
-        """The records to gossip: all of them up to `MAX_GOSSIP_RECORDS`, else a sample.
-
-        A mesh of hundreds would otherwise send, parse and check hundreds of records
-        in every exchange (the simulator's profile: most of its time). The sample
-        always holds our own record, every possible leader (nodes with an uplink
-        score: the election must see them fresh), and our direct neighbours; random
-        others fill the rest, so each record still travels every few rounds.
-        """
-        assert self.membership is not None
-        now = self.now()
-        cached = self._gossip_records
-        if cached is None or now - cached[0] > 0.25:
-            # One view serves every exchange of the next quarter second (a record
-            # a quarter second old is as good as new: heartbeats tick each second).
-            cached = self._gossip_records = (now, self.membership.records_for_gossip(now))
-        records = cached[1]
-        if len(records) <= MAX_GOSSIP_RECORDS:
-            return tuple(records)
-        direct = {n.node_id for n in self.live_neighbours()}
-        own = [r for r in records if r.node_id == self.node_id]
-        must = own + [r for r in records if r.node_id != self.node_id and (r.uplink_score > 0 or r.node_id in direct)]
-        taken = {r.node_id for r in must}
-        rest = [r for r in records if r.node_id not in taken]
-        room = max(0, MAX_GOSSIP_RECORDS - len(must))
-        # Seeded by the exchange, not drawn from the node's rng (see `_direct_failed`).
-        pick = random.Random(f"{self._actor_salt}:{peer}:{now!r}")
-        return tuple(must[:MAX_GOSSIP_RECORDS] + pick.sample(rest, min(room, len(rest))))
-
-    async def _hello(self, address: str) -> None:
-        try:
-            reply = await self.transport.request(address, "/m/hello", method="GET", timeout=self.config.request_timeout)
-            hello = Hello.decode(reply)
-        except (TransportError, ProtocolError) as exc:
-            log.debug("hello to %s failed: %s", address, exc)
+        entries, left = build_push(self.replica, action.docs,
+                                   functools.partial(self.engine.known_heads, action.peer), MAX_PUSH_BYTES)
+        self.engine.requeue(action.peer, left)
+        if not entries:
             return
-        if hello.node_id != self.node_id:
-            self._direct_ok(hello.node_id, address).discovered = True
+        for doc_id, (heads, _) in entries.items():
+            self.engine.pushed(action.peer, doc_id, heads)
+        push = Push(self.node_id, self.membership.self_record.incarnation, entries, self._piggyback(),
+                    tuple(self.engine.push_targets()))
+        nursery.start_soon(self._send, action.address, "/m/push", push.encode())
 
-    async def _gossip_with(self, n: _Neighbour) -> None:
-        assert self.membership is not None
+    async def _send(self, address: str, resource: str, payload: bytes) -> None:
+        send = getattr(self.transport, "send", None)
         try:
-            request = MembersRequest(self.node_id, self._member_sample(n.node_id))
-            reply = MembersResponse.decode(
-                await self.transport.request(n.address, "/m/members", request.encode(), timeout=self.config.request_timeout)
-            )
-            self._direct_ok(n.node_id, n.address)
-            self.membership.merge(reply.records, self.now())
-            await self._anti_entropy(n)
-        except (TransportError, ProtocolError) as exc:
-            self._direct_failed(n, exc)
+            if send is not None:
+                await send(address, resource, payload)
+            else:
+                # A transport without one-way sends (e.g. a sealing wrapper): a request
+                # whose answer nobody needs.
+                await self.transport.request(address, resource, payload, timeout=self.config.request_timeout)
+        except (TransportError, ValueError) as exc:
+            log.debug("push to %s failed: %s", address, exc)
 
-    async def _anti_entropy(self, n: _Neighbour) -> None:
+    # --- anti-entropy (client side) -------------------------------------------------------
+
+    async def _exchange(self, peer: str, address: str, request: StateRequest) -> None:
+        """Heads-hash first; digest and sync only when the hashes differ."""
+        assert self.membership is not None
+        done = False
+        try:
+            started = self.now()
+            reply = StateResponse.decode(
+                await self.transport.request(address, "/m/state", request.encode(), timeout=self.config.request_timeout)
+            )
+            self.membership.merge(reply.records, self.now())
+            self._observed(peer)
+            slow = self.now() - started > self.config.request_timeout / 2
+            differ: set[str] = set()
+            if reply.heads_hash != self.heads_hash():
+                differ = await self._anti_entropy(peer, address)
+            self.engine.exchange_done(peer, self.now(), in_sync=not differ, slow=slow, unsynced=differ)
+            done = True
+        except (TransportError, ProtocolError) as exc:
+            self._exchange_failed(peer, address, exc)
+            done = True
+        finally:
+            if not done:  # cancelled: leave the engine consistent
+                self.engine.exchange_failed(peer, self.now())
+            self._wakeup.set()
+
+    def _exchange_failed(self, peer: str, address: str, exc: Exception) -> None:
+        forgotten = self.engine.exchange_failed(peer, self.now())
+        level = logging.WARNING if isinstance(exc, RemoteRefused) and exc.code != "5.03" else logging.INFO
+        log.log(level, "exchange with %s at %s failed%s: %s", peer, address,
+                " (forgotten until it answers a hello again)" if forgotten else "", exc)
+
+    async def _anti_entropy(self, peer: str, address: str) -> set[str]:
         mine = self.replica.heads_hashes()
         request = DigestRequest(self.node_id, tuple(make_digest(mine)))
         reply = DigestResponse.decode(
-            await self.transport.request(n.address, "/m/digest", request.encode(), timeout=self.config.request_timeout)
+            await self.transport.request(address, "/m/digest", request.encode(), timeout=self.config.request_timeout)
         )
         ours = bucket_entries(mine, reply.buckets)
-        differ = differing_docs(ours, dict(reply.entries)) - self.archived
-        n.unsynced = set(differ)
-        if differ:
-            await self._sync_docs(n, sorted(differ), reset=True)
+        theirs = dict(reply.entries)
+        differ = differing_docs(ours, theirs) - self.archived
+        # Sync what has settled here, or what the peer still reports at the same
+        # heads as in our last exchange (a lost push it cannot get past); leave
+        # the rest to the pushes that are on their way.
+        now = self.now()
+        before = self._reported.get(peer, {})
+        sync = sorted(d for d in differ if self.engine.settled(d, now) or before.get(d, b"?") == theirs.get(d))
+        self._reported[peer] = {d: theirs.get(d) for d in differ}
+        if sync:
+            await self._sync_docs(peer, address, sync)
+        return differ
 
-    # --- push ----------------------------------------------------------------------
+    async def _sync_docs(self, peer: str, address: str, doc_ids: list[str]) -> None:
+        """Run Automerge sync with one peer for these documents, batch by batch."""
+        lock = self._sync_locks.setdefault(peer, trio.Lock())
+        async with lock:
+            for start in range(0, len(doc_ids), SYNC_BATCH_DOCS):
+                await self._sync_batch(peer, address, doc_ids[start : start + SYNC_BATCH_DOCS])
 
-    async def _push_loop(self) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                await self._push_wakeup.wait()
-                self._push_wakeup = trio.Event()
-                for n in self.live_neighbours():
-                    if n.push and not n.pushing:
-                        docs = sorted(n.push)
-                        n.push.clear()
-                        n.pushing = True
-                        nursery.start_soon(self._push_to, n, docs)
-
-    async def _push_to(self, n: _Neighbour, doc_ids: list[str]) -> None:
-        try:
-            await self._sync_docs(n, doc_ids, reset=False)
-        except (TransportError, ProtocolError) as exc:
-            self._direct_failed(n, exc)
-        finally:
-            n.pushing = False
-            if n.push:
-                self._push_wakeup.set()
-
-    # --- sync (client side) -----------------------------------------------------------
-
-    async def _sync_docs(self, n: _Neighbour, doc_ids: list[str], *, reset: bool) -> None:
-        """Run Automerge sync with one peer for these documents until both are quiet."""
-        async with n.lock:
-            for start in range(0, len(doc_ids), MAX_DOCS_PER_SYNC):
-                await self._sync_batch(n, doc_ids[start : start + MAX_DOCS_PER_SYNC], reset=reset)
-
-    async def _sync_batch(self, n: _Neighbour, docs: list[str], *, reset: bool) -> None:
+    async def _sync_batch(self, peer: str, address: str, docs: list[str]) -> None:
         book = self.replica.book
-        if reset:
-            for d in docs:
-                book.reset(n.node_id, d)
+        for d in docs:
+            book.reset(peer, d)
         pending = list(docs)
         first = True
+        ttl_ms = int(self.config.request_timeout * 1000)
         try:
             for _ in range(self.config.max_sync_rounds):
-                msgs = {d: self.replica.generate(n.node_id, d) for d in pending}
+                msgs = {d: self.replica.generate(peer, d) for d in pending}
                 if not first and all(m is None for m in msgs.values()):
                     break
-                request = SyncRequest(self.node_id, msgs, tuple(docs) if reset and first else ())
+                request = SyncRequest(self.node_id, msgs, tuple(docs) if first else (), ttl_ms)
                 payload = await self.transport.request(
-                    n.address, "/m/sync", request.encode(), timeout=self.config.request_timeout
+                    address, "/m/sync", request.encode(), timeout=self.config.request_timeout
                 )
                 reply = SyncResponse.decode(payload)
-                self._direct_ok(n.node_id, n.address)
                 first = False
                 for d, error in reply.errors.items():
-                    book.reset(n.node_id, d)
-                    log.warning("peer %s refused our sync message for %s: %s", n.node_id, d, error)
-                await self._apply_messages(n.node_id, reply.msgs)
+                    book.reset(peer, d)
+                    log.warning("peer %s refused our sync message for %s: %s", peer, d, error)
+                await self._apply_messages(peer, reply.msgs, source=peer)
                 # A document the peer refused leaves this exchange (anti-entropy retries it later).
                 pending = [
                     d for d in pending if d not in reply.errors and (msgs.get(d) is not None or d in reply.msgs)
@@ -868,13 +885,11 @@ class Node:
                 if not pending:
                     break
             else:
-                log.info("sync with %s not finished after %d rounds", n.node_id, self.config.max_sync_rounds)
-                return
+                log.info("sync with %s not finished after %d rounds", peer, self.config.max_sync_rounds)
         except BaseException:
             for d in docs:
-                book.reset(n.node_id, d)
+                book.reset(peer, d)
             raise
-        n.unsynced.difference_update(docs)
 
     def _archived_copy(self, doc_id: str) -> bool:
         """Load an archived document into the read-only archive replica; False if it is gone."""
@@ -889,27 +904,31 @@ class Node:
         self._archive_replica.docs[doc_id] = doc
         return True
 
-    async def _apply_messages(self, peer: str, msgs: dict[str, bytes] | Any) -> dict[str, str]:
-        """Apply sync messages from `peer`; persist new changes; return per-doc errors."""
+    async def _apply_messages(self, state: str, msgs: dict[str, bytes] | Any, *, source: str) -> dict[str, str]:
+        """Apply sync messages (sync state `state`) from `source`; persist new changes; return per-doc errors."""
         errors: dict[str, str] = {}
         changed: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+        one_shot = state.startswith(PUSH_STATE)
         for d, m in msgs.items():
             if m is None:
                 continue
             if d in self.archived:
-                if self._archived_copy(d):
+                if self._archived_copy(d) and not one_shot:
                     try:
-                        self._archive_replica.receive(peer, d, m)
+                        self._archive_replica.receive(state, d, m)
                     except InvalidSyncMessage as exc:
                         errors[d] = str(exc)
                 continue
             try:
-                changes = self.replica.receive(peer, d, m, validate=functools.partial(_check_document, self.config.site, d))
+                changes = self.replica.receive(state, d, m, validate=functools.partial(_check_document, self.config.site, d))
             except InvalidSyncMessage as exc:
                 errors[d] = str(exc)
                 self.counters["sync_requests_refused"] += 1
-                log.warning("refused sync message from %s for %s: %s", peer, d, exc)
+                log.warning("refused sync message from %s for %s: %s", source, d, exc)
                 continue
+            finally:
+                if one_shot:
+                    self.replica.book.reset(state, d)
             if changes:
                 changed.append((d, changes))
         if changed:
@@ -917,26 +936,28 @@ class Node:
             await self.store.write_many(changed)
             self.counters["changes_received"] += sum(len(c) for _, c in changed)
             for d, c in changed:
-                self._changed(d, source=peer, size=sum(len(b) for _, b in c))
+                self._changed(d, source=source, size=sum(len(b) for _, b in c))
         return errors
 
     # --- handlers (server side) --------------------------------------------------------
 
-    def _hello_message(self) -> Hello:
-        assert self.membership is not None
-        return Hello(self.node_id, self.transport.address, self.membership.self_record.incarnation,
-                     self.signer.public_key, self.config.site)
+    def _check_ready(self) -> None:
+        if not self._ready or self.membership is None:
+            raise NotReady("node is starting")
 
     async def _on_hello(self, payload: bytes, remote: str) -> bytes:
+        self._check_ready()
         return self._hello_message().encode()
 
-    def _requester(self, node_id: str, remote: str) -> None:
-        """A peer reached us directly: it is a neighbour (at `remote` unless we know better)."""
-        if node_id == self.node_id:
-            raise BadRequest("request claims to come from this node's own id")
-        self._check_sender(node_id)
-        known = self.neighbours.get(node_id)
-        self._direct_ok(node_id, known.address if known else remote)
+    async def _on_hello_post(self, payload: bytes, remote: str) -> bytes:
+        """A peer introduces itself. Its word alone makes no peer: we greet it back
+        (bounded, expiring) unless the request was sealed by that very node."""
+        self._check_ready()
+        hello = Hello.decode(payload)
+        if hello.node_id == self.node_id:
+            raise BadRequest("hello claims to come from this node's own id")
+        self._sender(hello.node_id, hello.address, incarnation=hello.incarnation)
+        return self._hello_message().encode()
 
     def _check_sender(self, node_id: str) -> None:
         """On sealed traffic, `from` must be the node whose certificate signed the request."""
@@ -944,26 +965,96 @@ class Node:
         if peer is not None and peer != node_id:
             raise Forbidden(f"request says it is from {node_id!r} but was signed by {peer!r}")
 
-    async def _on_members(self, payload: bytes, remote: str) -> bytes:
+    def _sender(self, node_id: str, address: str | None, *, incarnation: int | None = None,
+                records: tuple[MemberRecord, ...] = (), introduce: bool = True) -> bool:
+        """Who sent this? True for a verified peer (known, or sealed by that node).
+
+        An unverified sender creates no lasting state here (issue 10 item 5): its
+        claimed address may be greeted once, from a bounded, expiring list. Only
+        hello, push and state requests introduce (`introduce`); digest and sync
+        requests are answered but make no peer.
+        """
+        if node_id == self.node_id:
+            raise BadRequest("request claims to come from this node's own id")
+        self._check_sender(node_id)
+        now = self.now()
+        own = next((r for r in records if r.node_id == node_id), None)
+        claimed = own.address if own is not None else address
+        if self.engine.heard(node_id, now) is not None:
+            self._observed(node_id)
+            return True
+        if not introduce:
+            return False
+        if authenticated_peer.get() == node_id and claimed is not None and _plausible_address(claimed):
+            # Sealed by that node's certificate: as good as a hello (N1).
+            self.engine.hello_ok(node_id, claimed, incarnation if incarnation is not None else
+                                 (own.incarnation if own is not None else None), now)
+            self._observed(node_id)
+            self._wakeup.set()
+            return True
+        if claimed is not None and _plausible_address(claimed):
+            self.engine.suggest(claimed, now)
+            self._wakeup.set()
+        return False
+
+    async def _on_push(self, payload: bytes, remote: str) -> bytes:
+        self._check_ready()
         assert self.membership is not None
-        request = MembersRequest.decode(payload)
-        self._check_sender(request.sender)
-        sender = next((r for r in request.records if r.node_id == request.sender), None)
-        self._requester(request.sender, sender.address if sender else remote)
-        self.membership.merge(request.records, self.now())
-        return MembersResponse(self._member_sample(request.sender)).encode()
+        push = Push.decode(payload)
+        for d, (_, m) in push.docs.items():
+            try:
+                decode_sync_message(m)
+            except InvalidSyncMessage as exc:
+                self.counters["sync_requests_refused"] += 1
+                raise ProtocolError(f"push message for {d!r}: {exc}") from exc
+        verified = self._sender(push.sender, remote, incarnation=push.incarnation, records=push.records)
+        if verified:
+            self.membership.merge(push.records, self.now())
+            self.engine.told_targets(push.sender, push.targets)
+        source = push.sender if verified else "?"
+        async with self._receive_lock:
+            await self._apply_messages(PUSH_STATE + push.sender, {d: m for d, (_, m) in push.docs.items()},
+                                       source=source)
+        if verified:
+            for d, (heads, _) in push.docs.items():
+                doc = self.replica.docs.get(d)
+                if doc is not None and sorted(doc.get_heads()) == sorted(heads):
+                    self.engine.peer_has(push.sender, d, heads)
+                    # The sender's targets got these heads too (from it, or from
+                    # whoever it left them to): our next push to them starts there.
+                    for target in push.targets or ():
+                        if target != self.node_id:
+                            self.engine.peer_has(target, d, heads)
+            self._wakeup.set()
+        return b""
+
+    async def _on_state(self, payload: bytes, remote: str) -> bytes:
+        self._check_ready()
+        assert self.membership is not None
+        request = StateRequest.decode(payload)
+        if self._sender(request.sender, remote, records=request.records):
+            self.membership.merge(request.records, self.now())
+        now = self.now()
+        digest = self.membership.digest(now)
+        if digest != request.members_digest:
+            # Views differ: a larger piggyback (queued updates first, then fresh
+            # heartbeats), not the whole view: in a 200-node mesh whole views made
+            # every exchange parse and merge 200 records (bench/sim.py).
+            records = self.membership.piggyback(now, MAX_VIEW_RECORDS)
+        else:
+            records = self._piggyback()
+        return StateResponse(self.heads_hash(), digest, records).encode()
 
     async def _on_digest(self, payload: bytes, remote: str) -> bytes:
+        self._check_ready()
         request = DigestRequest.decode(payload)
-        if request.sender == self.node_id:
-            raise BadRequest("request claims to come from this node's own id")
-        self._check_sender(request.sender)
-        self._requester(request.sender, remote)
+        self._sender(request.sender, remote, introduce=False)
         mine = self.replica.heads_hashes()
         buckets = differing_buckets(make_digest(mine), list(request.buckets))
         return DigestResponse(tuple(buckets), bucket_entries(mine, buckets)).encode()
 
     async def _on_sync(self, payload: bytes, remote: str) -> bytes:
+        self._check_ready()
         request = SyncRequest.decode(payload)
         if request.sender == self.node_id:
             raise BadRequest("request claims to come from this node's own id")
@@ -976,27 +1067,57 @@ class Node:
                 except InvalidSyncMessage as exc:
                     self.counters["sync_requests_refused"] += 1
                     raise ProtocolError(f"sync message for {d!r}: {exc}") from exc
-        self._requester(request.sender, remote)
+        self._sender(request.sender, remote, introduce=False)
         for d in request.reset:
             self.replica.book.reset(request.sender, d)
-        async with self._receive_lock:
-            errors = await self._apply_messages(request.sender, request.msgs)
+        # The requester waits `ttl`: work it can no longer use is not started (the
+        # apply itself is not cut short: its changes are stored before anything else).
+        ttl = request.ttl_ms / 1000 if request.ttl_ms is not None else self.config.request_timeout
+        with trio.move_on_after(ttl) as waiting:
+            await self._receive_lock.acquire()
+        if waiting.cancelled_caught:
+            self.counters["sync_requests_abandoned"] = self.counters.get("sync_requests_abandoned", 0) + 1
+            for d in request.msgs:
+                self.replica.book.reset(request.sender, d)
+            raise NotReady("overloaded: the requester's deadline passed before its turn")
+        try:
+            with trio.CancelScope(shield=True):
+                errors = await self._apply_messages(request.sender, request.msgs, source=request.sender)
+        finally:
+            self._receive_lock.release()
         replies = {}
+        size = 0
         for d in request.msgs:
             if d in errors:
                 continue
+            if size >= MAX_BATCH_BYTES:
+                break  # byte cap: the rest waits for the requester's next round or exchange
             if d in self.archived:
                 m = self._archive_replica.generate(request.sender, d) if self._archived_copy(d) else None
             else:
                 m = self.replica.generate(request.sender, d)
             if m is not None:
                 replies[d] = m
+                size += len(m)
         return SyncResponse(replies, errors).encode()
 
 
-def _unit(key: str) -> float:
-    """A number in [0, 1) fixed by `key` (deterministic jitter)."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+def _entry_hash(doc_id: str, hh: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(doc_id.encode() + b"\0" + hh).digest()[:8], "big")
+
+
+def _plausible_address(address: str) -> bool:
+    """A "host:port" we may greet: parses, and a dotted-quad host is a real IPv4 address."""
+    try:
+        host, _ = split_address(address)
+    except ValueError:
+        return False
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+    return True
 
 
 def _check_document(site: str, doc_id: str, doc: Any) -> None:

@@ -8,10 +8,16 @@ each message for a second implementation.
 
 Resources (RFC 7252 section 5.7 for the methods, RFC 6690 for /.well-known/core):
 
-    GET  /m/hello     -> Hello
-    POST /m/members   MembersRequest -> MembersResponse
-    POST /m/digest    DigestRequest  -> DigestResponse
-    POST /m/sync      SyncRequest    -> SyncResponse
+    GET  /m/hello     -> Hello                      (anyone: who is this?)
+    POST /m/hello     Hello -> Hello                (introduction both ways)
+    POST /m/push      Push, one way                 (NON + No-Response, RFC 7967)
+    POST /m/state     StateRequest  -> StateResponse (heads-hash + membership digest)
+    POST /m/digest    DigestRequest -> DigestResponse
+    POST /m/sync      SyncRequest   -> SyncResponse
+
+Version 2 replaced version 1's per-change request/response pushes and its
+/m/members exchange of full member lists: membership now travels as records
+piggybacked on pushes and state exchanges (see docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -24,12 +30,17 @@ import cbor2
 
 from crdt import DEFAULT_BUCKETS
 
-from ._membership import MemberRecord, MembershipError
+from ._membership import DIGEST_SIZE, MemberRecord, MembershipError
 from ._transport import BadRequest
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_ID_LEN = 128
 MAX_DOCS_PER_SYNC = 512
+"""Hard limit on documents in one message (parsing); batches are cut by bytes first."""
+MAX_BATCH_BYTES = 256 * 1024
+"""A sync batch or push stops taking documents past this many bytes of messages."""
+MAX_HEADS = 64
+MAX_TARGETS = 256
 MAX_RECORDS = 1024
 MAX_SYNC_MESSAGE = 2 * 1024 * 1024
 
@@ -120,32 +131,107 @@ def _records(value: Any, what: str) -> tuple[MemberRecord, ...]:
 
 
 @dataclass(frozen=True)
-class MembersRequest:
-    """Push our view of the membership; the response carries the peer's."""
+class Push:
+    """One-way: the changes the receiver lacks, and piggybacked membership.
+
+    `docs[doc] = (heads, message)`: our heads after the changes, and an Automerge
+    sync message carrying them (`meshnode.core.change_message`). `targets` lists
+    the peers the sender pushes to itself, so a receiver need not relay to them;
+    None when the sender does not say.
+    """
 
     sender: str
-    records: tuple[MemberRecord, ...]
+    incarnation: int
+    docs: Mapping[str, tuple[tuple[bytes, ...], bytes]]
+    records: tuple[MemberRecord, ...] = ()
+    targets: tuple[str, ...] | None = None
 
     def encode(self) -> bytes:
-        return encode({"from": self.sender, "records": [r.to_wire() for r in self.records]})
+        obj: dict[str, Any] = {
+            "from": self.sender, "inc": self.incarnation,
+            "docs": {d: [list(h), m] for d, (h, m) in self.docs.items()},
+            "records": [r.to_wire() for r in self.records],
+        }
+        if self.targets is not None:
+            obj["to"] = list(self.targets)
+        return encode(obj)
 
     @classmethod
-    def decode(cls, payload: bytes) -> MembersRequest:
-        obj = _decode_map(payload, "members")
-        return cls(_id(_field(obj, "from", "members"), "members from"), _records(_field(obj, "records", "members"), "members"))
+    def decode(cls, payload: bytes) -> Push:
+        obj = _decode_map(payload, "push")
+        inc = _field(obj, "inc", "push")
+        if not isinstance(inc, int) or isinstance(inc, bool) or inc < 0:
+            raise ProtocolError("push: inc must be a non-negative integer")
+        docs = _field(obj, "docs", "push")
+        if not isinstance(docs, dict) or len(docs) > MAX_DOCS_PER_SYNC:
+            raise ProtocolError(f"push: docs must be a map of at most {MAX_DOCS_PER_SYNC} documents")
+        out: dict[str, tuple[tuple[bytes, ...], bytes]] = {}
+        for d, entry in docs.items():
+            d = _id(d, "push document id")
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ProtocolError(f"push: entry for {d!r} must be [heads, message]")
+            heads, msg = entry
+            if (not isinstance(heads, list) or len(heads) > MAX_HEADS
+                    or not all(isinstance(h, bytes) and len(h) == 32 for h in heads)):
+                raise ProtocolError(f"push: heads for {d!r} must be a list of 32-byte hashes")
+            if not isinstance(msg, bytes) or not 0 < len(msg) <= MAX_SYNC_MESSAGE:
+                raise ProtocolError(f"push: message for {d!r} must be non-empty bytes")
+            out[d] = (tuple(heads), msg)
+        targets = obj.get("to")
+        if targets is not None:
+            if not isinstance(targets, list) or len(targets) > MAX_TARGETS:
+                raise ProtocolError(f"push: to must be a list of at most {MAX_TARGETS} ids")
+            targets = tuple(_id(t, "push target") for t in targets)
+        return cls(_id(_field(obj, "from", "push"), "push from"), inc, out,
+                   _records(obj.get("records", []), "push"), targets)
+
+
+def _hash(value: Any, what: str, size: int = 8) -> bytes:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ProtocolError(f"{what} must be {size} bytes")
+    return value
 
 
 @dataclass(frozen=True)
-class MembersResponse:
-    records: tuple[MemberRecord, ...]
+class StateRequest:
+    """The idle exchange: a hash of all our documents' heads (8 bytes) and a digest
+    of our membership view (`Membership.digest`, 12 bytes), with piggybacked records."""
+
+    sender: str
+    heads_hash: bytes
+    members_digest: bytes
+    records: tuple[MemberRecord, ...] = ()
 
     def encode(self) -> bytes:
-        return encode({"records": [r.to_wire() for r in self.records]})
+        return encode({"from": self.sender, "hh": self.heads_hash, "md": self.members_digest,
+                       "records": [r.to_wire() for r in self.records]})
 
     @classmethod
-    def decode(cls, payload: bytes) -> MembersResponse:
-        obj = _decode_map(payload, "members response")
-        return cls(_records(_field(obj, "records", "members response"), "members response"))
+    def decode(cls, payload: bytes) -> StateRequest:
+        obj = _decode_map(payload, "state")
+        return cls(_id(_field(obj, "from", "state"), "state from"), _hash(_field(obj, "hh", "state"), "state hh"),
+                   _hash(_field(obj, "md", "state"), "state md", DIGEST_SIZE), _records(obj.get("records", []), "state"))
+
+
+@dataclass(frozen=True)
+class StateResponse:
+    """The peer's hashes, and records: piggybacked ones, or its whole live view
+    when the membership digests differ."""
+
+    heads_hash: bytes
+    members_digest: bytes
+    records: tuple[MemberRecord, ...] = ()
+
+    def encode(self) -> bytes:
+        return encode({"hh": self.heads_hash, "md": self.members_digest,
+                       "records": [r.to_wire() for r in self.records]})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> StateResponse:
+        obj = _decode_map(payload, "state response")
+        return cls(_hash(_field(obj, "hh", "state response"), "state response hh"),
+                   _hash(_field(obj, "md", "state response"), "state response md", DIGEST_SIZE),
+                   _records(obj.get("records", []), "state response"))
 
 
 # --- digest ------------------------------------------------------------------------
@@ -234,9 +320,14 @@ class SyncRequest:
     sender: str
     msgs: Mapping[str, bytes | None]
     reset: tuple[str, ...] = ()
+    ttl_ms: int | None = None
+    """How long the requester waits for this answer: the server abandons the work after it."""
 
     def encode(self) -> bytes:
-        return encode({"from": self.sender, "msgs": dict(self.msgs), "reset": list(self.reset)})
+        obj: dict[str, Any] = {"from": self.sender, "msgs": dict(self.msgs), "reset": list(self.reset)}
+        if self.ttl_ms is not None:
+            obj["ttl"] = self.ttl_ms
+        return encode(obj)
 
     @classmethod
     def decode(cls, payload: bytes) -> SyncRequest:
@@ -244,10 +335,14 @@ class SyncRequest:
         reset = obj.get("reset", [])
         if not isinstance(reset, list) or len(reset) > MAX_DOCS_PER_SYNC:
             raise ProtocolError("sync: reset must be a list of document ids")
+        ttl = obj.get("ttl")
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= 600_000):
+            raise ProtocolError("sync: ttl must be 1 to 600000 milliseconds")
         return cls(
             _id(_field(obj, "from", "sync"), "sync from"),
             _messages(_field(obj, "msgs", "sync"), "sync", allow_null=True),
             tuple(_id(d, "sync reset document id") for d in reset),
+            ttl,
         )
 
 

@@ -405,6 +405,21 @@ class Transport(Protocol):
         """
         ...
 
+    async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
+        """Send a one-way POST to ``peer``: no response, no retransmission.
+
+        Returns once the message is handed to the network, not when it arrives;
+        it may be lost like any datagram (CoAP: a NON request with No-Response,
+        RFC 7967, so the server answers nothing). The handler runs as for a
+        request; what it returns is dropped. For pushes a later exchange can
+        repair; never for anything that must arrive.
+
+        Raises:
+            TransportClosed: this transport is closed.
+            ValueError: malformed peer address or resource.
+        """
+        ...
+
 
 # --------------------------------------------------------------------------
 # Server side shared by all implementations
@@ -818,6 +833,17 @@ class MemoryNetwork:
         """
         return True
 
+    async def _one_way(self, src: str, dst: str, resource: str, payload: bytes) -> None:
+        """Carry one one-way message; its handler's answer goes nowhere."""
+        if not await self.carry(src, dst, resource, payload, response=False):
+            log.debug("message %s %s -> %s lost in flight", resource, src, dst)
+            return
+        target = self.deliverable(src, dst)
+        if target is None:
+            log.debug("message %s %s -> %s dropped", resource, src, dst)
+            return
+        await target._serve(src, resource, "POST", payload)
+
     async def _exchange(
         self, src: str, dst: str, resource: str, method: str, payload: bytes
     ) -> Response:
@@ -911,6 +937,22 @@ class MemoryTransport:
             self.stats.errors += 1
             raise response_error(response)
         return response.payload
+
+    async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
+        check_request(peer, resource, "POST")
+        if self.closed:
+            raise TransportClosed(f"transport {self.address} is closed")
+        body = bytes(payload)
+        self.stats.requests_sent += 1
+        self.stats.bytes_sent += len(body)
+        trio.lowlevel.spawn_system_task(self._send_task, peer, resource, body, context=self._context)
+
+    async def _send_task(self, peer: str, resource: str, body: bytes) -> None:
+        """Carries one one-way message (a system task: must not raise)."""
+        if self.closed:
+            return
+        with self._requests.track():
+            await self._network._one_way(self.address, peer, resource, body)
 
     async def _serve(self, src: str, resource: str, method: str, payload: bytes) -> Response:
         """Run the request in a task of its own and wait for its response."""

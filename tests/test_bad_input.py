@@ -7,8 +7,8 @@ called directly, but the promise is about the wire: aiocoap's block-wise
 reassembly, the site's early 4.13, the dispatcher's mapping of exceptions to
 codes and the trio-asyncio bridge all sit between a datagram and a handler, and
 any of them could turn a peer's mistake into a 5.00, a silence or a dead node.
-So every test here runs a real `Node` on a real CoAP transport (127.0.0.2) and
-talks to it from a second CoAP transport (127.0.0.3), as a peer would.
+So every test here runs a real `Node` on a real CoAP transport (127.0.11.2) and
+talks to it from a second CoAP transport (127.0.11.3), as a peer would.
 
 Each bad request must be answered with the exact 4.xx code the protocol gives it
 (docs/protocol.md), the node must answer a valid request right after it, and no
@@ -36,24 +36,28 @@ from automerge.core import Document, SyncState
 from crdt import DEFAULT_BUCKETS, new_session_doc
 from meshnode._coap import CoapTransport, open_coap_transport
 from meshnode._discovery import StaticDiscovery
-from meshnode._membership import MemberRecord
+from meshnode._membership import DIGEST_SIZE, MemberRecord
 from meshnode._node import Node, NodeConfig
+from meshnode.core import change_message
 from meshnode._protocol import (
     MAX_DOCS_PER_SYNC,
     MAX_ID_LEN,
     MAX_RECORDS,
+    MAX_HEADS,
+    MAX_TARGETS,
     DigestRequest,
     DigestResponse,
     Hello,
-    MembersRequest,
+    Push,
+    StateRequest,
     SyncRequest,
     SyncResponse,
 )
 from meshnode._transport import RemoteRefused, TransportError
 
-NODE_HOST = "127.0.0.2"
-CLIENT_HOST = "127.0.0.3"
-GARBAGE_HOST = "127.0.0.4"
+NODE_HOST = "127.0.11.2"
+CLIENT_HOST = "127.0.11.3"
+GARBAGE_HOST = "127.0.11.4"
 NODE_ID = "charger-a"
 PEER_ID = "peer-b"
 
@@ -271,10 +275,11 @@ def member(**changes: Any) -> dict[str, Any]:
     return record
 
 
-def members_cases(rig: Rig) -> list[Case]:
-    """POST /m/members: the request's shape, then each member record field."""
-    base = {"from": PEER_ID, "records": [member()]}
-    valid = MembersRequest(PEER_ID, (MemberRecord.from_wire(member()),)).encode()
+def state_cases(rig: Rig) -> list[Case]:
+    """POST /m/state: the request's shape, then each member record field
+    (records ride on this exchange and on pushes)."""
+    base = {"from": PEER_ID, "hh": bytes(8), "md": bytes(DIGEST_SIZE), "records": [member()]}
+    valid = StateRequest(PEER_ID, bytes(8), bytes(DIGEST_SIZE), (MemberRecord.from_wire(member()),)).encode()
     cyclic: list[Any] = []
     cyclic.append(cyclic)
 
@@ -282,7 +287,12 @@ def members_cases(rig: Rig) -> list[Case]:
         return with_fields(base, records=list(recs))
 
     return common_cases(1, valid, base, rig.node.transport.max_payload) + [
-        Case("records missing", with_fields(base, records=...)),
+        Case("hh missing", with_fields(base, hh=...)),
+        Case("hh of 7 bytes", with_fields(base, hh=bytes(7))),
+        Case("hh is text", with_fields(base, hh="00000000")),
+        Case("md missing", with_fields(base, md=...)),
+        Case("md of 8 bytes", with_fields(base, md=bytes(8))),
+        Case("md is an integer", with_fields(base, md=0)),
         Case("records is a map", with_fields(base, records={PEER_ID: member()})),
         Case("records is text", with_fields(base, records="none")),
         Case(
@@ -316,6 +326,40 @@ def members_cases(rig: Rig) -> list[Case]:
             "a record that would make the node refute itself, from its own id",
             with_fields(base, **{"from": NODE_ID}, records=[member(id=NODE_ID, inc=2**40)]),
         ),
+    ]
+
+
+def push_cases(rig: Rig) -> list[Case]:
+    """POST /m/push (one way; a request gets its code all the same): the shape,
+    the per-document entries, and messages that do not parse."""
+    sid = rig.session_id
+    doc = rig.node.replica.docs[sid]
+    heads = sorted(doc.get_heads())
+    message = change_message(heads, [c.bytes for c in doc.get_changes([])])
+    base: dict[str, Any] = {"from": PEER_ID, "inc": 1, "docs": {sid: [heads, message]}, "records": []}
+    valid = Push(PEER_ID, 1, {sid: (tuple(heads), message)}).encode()
+    many_ids = {f"doc-{i:04}": [[], b"\x42"] for i in range(MAX_DOCS_PER_SYNC + 1)}
+    return common_cases(4, valid, base, rig.node.transport.max_payload) + [
+        Case("inc missing", with_fields(base, inc=...)),
+        Case("inc is negative", with_fields(base, inc=-1)),
+        Case("inc is a boolean", with_fields(base, inc=True)),
+        Case("docs missing", with_fields(base, docs=...)),
+        Case("docs is a list", with_fields(base, docs=[sid])),
+        Case("an entry is bytes", with_fields(base, docs={sid: message})),
+        Case("an entry of three items", with_fields(base, docs={sid: [heads, message, 1]})),
+        Case("heads of 31 bytes", with_fields(base, docs={sid: [[bytes(31)], message]})),
+        Case("heads is bytes", with_fields(base, docs={sid: [bytes(32), message]})),
+        Case(f"{MAX_HEADS + 1} heads", with_fields(base, docs={sid: [[bytes(32)] * (MAX_HEADS + 1), message]})),
+        Case("a message that is empty", with_fields(base, docs={sid: [heads, b""]})),
+        Case("a message that is text", with_fields(base, docs={sid: [heads, "x"]})),
+        Case("a message that does not parse", with_fields(base, docs={sid: [heads, b"\x42\x05"]})),
+        Case("a message with a Bloom filter without bits", with_fields(base, docs={sid: [[], EMPTY_BLOOM_SYNC_MESSAGE]})),
+        Case(f"{MAX_DOCS_PER_SYNC + 1} documents", with_fields(base, docs=many_ids)),
+        Case("to is text", with_fields(base, to="peer-c")),
+        Case("to holds an integer", with_fields(base, to=[1])),
+        Case(f"to of {MAX_TARGETS + 1} ids", with_fields(base, to=[f"n{i}" for i in range(MAX_TARGETS + 1)])),
+        Case("records is a map", with_fields(base, records={PEER_ID: member()})),
+        Case("a bad record", with_fields(base, records=[member(hb=-1)])),
     ]
 
 
@@ -372,26 +416,32 @@ def sync_cases(rig: Rig) -> list[Case]:
 
 
 def hello_cases(rig: Rig) -> list[Case]:
-    """/m/hello answers GET only; also unknown paths, which no route serves."""
-    members = MembersRequest(PEER_ID, (MemberRecord.from_wire(member()),)).encode()
+    """GET /m/hello reads (a payload is ignored); POST /m/hello takes a Hello and
+    nothing else; unknown paths are refused by no route."""
+    hello = Hello(PEER_ID, f"{CLIENT_HOST}:5683", 1, bytes(32), "default").encode()
+    own = Hello(NODE_ID, f"{CLIENT_HOST}:5683", 1, bytes(32), "default").encode()
     blobs = random_blobs(7)
     return [
-        *(Case(f"POST with random bytes ({len(b)})", b, code="4.05") for b in blobs),
-        Case("POST with an empty payload", b"", code="4.05"),
-        Case("POST with a valid members request", members, code="4.05"),
+        *(Case(f"POST with random bytes ({len(b)})", b, code="4.00") for b in blobs),
+        Case("POST with an empty payload", b"", code="4.00"),
+        Case("POST with a hello without a key", with_fields(cbor2.loads(hello), key=...), code="4.00"),
+        Case("POST with a 31-byte key", with_fields(cbor2.loads(hello), key=bytes(31)), code="4.00"),
+        Case("POST with a negative incarnation", with_fields(cbor2.loads(hello), inc=-1), code="4.00"),
+        Case("POST with this node's own id", own, code="4.00"),
         Case("POST over max_payload", bytes(rig.node.transport.max_payload + 1), code="4.13"),
         # RFC 7252 gives a GET's payload no meaning: the node ignores it.
         *(Case(f"GET with random bytes ({len(b)})", b, code=None, method="GET") for b in blobs),
-        Case("GET with a truncated members request", members[: len(members) // 2], code=None, method="GET"),
+        Case("GET with a truncated hello", hello[: len(hello) // 2], code=None, method="GET"),
         Case("GET over max_payload", bytes(rig.node.transport.max_payload + 1), code="4.13", method="GET"),
-        Case("unknown resource", members, code="4.04", resource="/m/nothing"),
+        Case("unknown resource", hello, code="4.04", resource="/m/nothing"),
         Case("unknown resource, GET", b"", code="4.04", method="GET", resource="/m"),
     ]
 
 
 CASES: dict[str, Callable[[Rig], list[Case]]] = {
     "/m/hello": hello_cases,
-    "/m/members": members_cases,
+    "/m/push": push_cases,
+    "/m/state": state_cases,
     "/m/digest": digest_cases,
     "/m/sync": sync_cases,
 }
@@ -439,7 +489,7 @@ async def test_well_known_core_lists_the_resources(tmp_path: Path) -> None:
     """A second implementation discovers the resources the usual CoAP way (RFC 6690)."""
     async with open_rig(tmp_path) as rig:
         links = (await rig.request("/.well-known/core", method="GET")).decode()
-        for path in ("/m/hello", "/m/members", "/m/digest", "/m/sync"):
+        for path in ("/m/hello", "/m/push", "/m/state", "/m/digest", "/m/sync"):
             assert f'<{path}>;ct="60"' in links
 
 
@@ -494,16 +544,42 @@ async def test_sync_messages_with_impossible_bloom_filters_are_refused(tmp_path:
     change pushes to it, which generates from the same state."""
     async with open_rig(tmp_path) as rig:
         sid = rig.session_id
-        digest = DigestRequest(PEER_ID, tuple([bytes(8)] * DEFAULT_BUCKETS)).encode()
-        await rig.request("/m/digest", digest)  # PEER_ID is now a live neighbour
+        pushed = await make_neighbour(rig)
         before = rig.snapshot()
         refused = rig.node.counters["sync_requests_refused"]
         assert await rig.refusal("/m/sync", SyncRequest(PEER_ID, {sid: message}).encode()) == "4.00"
         assert rig.node.counters["sync_requests_refused"] == refused + 1
         assert rig.snapshot() == before
+        count = len(pushed)
         await rig.node.record_event(sid, "meter", 1500)  # pushes to PEER_ID
-        await trio.sleep(0.5)
+        with trio.fail_after(REQUEST_TIMEOUT):
+            while len(pushed) == count:  # the push arrived: the node built and sent it
+                await trio.sleep(0.01)
+        assert Push.decode(pushed[-1]).sender == NODE_ID
         assert (await rig.hello()).node_id == NODE_ID
+
+
+async def make_neighbour(rig: Rig) -> list[bytes]:
+    """Make the client a verified neighbour of the node (PEER_ID): it introduces
+    itself, the node greets its address back, the client answers as PEER_ID.
+    Returns the list the client's /m/push route appends what arrives to."""
+    pushed: list[bytes] = []
+    hello = Hello(PEER_ID, rig.client.address, 1, bytes(32), "default")
+
+    async def on_hello(payload: bytes, remote: str) -> bytes:
+        return hello.encode()
+
+    async def on_push(payload: bytes, remote: str) -> bytes:
+        pushed.append(payload)
+        return b""
+
+    rig.client.route("/m/hello", on_hello)
+    rig.client.route("/m/push", on_push)
+    Hello.decode(await rig.request("/m/hello", hello.encode()))
+    with trio.fail_after(REQUEST_TIMEOUT):
+        while PEER_ID not in rig.node.neighbours:
+            await trio.sleep(0.01)
+    return pushed
 
 
 async def test_sync_messages_carrying_another_documents_history_change_nothing(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ def cluster(tmp_path):
     nodes: list[NodeProcess] = []
 
     def make(n: int, peers_of, *, mdns: bool = False, first_host: int = 2) -> list[NodeProcess]:
-        hosts = [f"127.0.0.{first_host + i}" for i in range(n)]
+        hosts = [f"127.0.11.{first_host + i}" for i in range(n)]
         coap, http = free_port(hosts[0]), free_port(hosts[0])
         for i in range(n):
             peers = [f"{hosts[j]}:{coap}" for j in peers_of(i, n)]

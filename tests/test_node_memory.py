@@ -154,3 +154,46 @@ async def test_local_requests_are_checked(tmp_path, autojump_clock):
             await a.record_event(sid, "meter", 40)
         assert a.status_json()["sync_state"] == "OFFLINE"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_starting_node_answers_not_ready_never_not_found(tmp_path, autojump_clock):
+    """Issue 10 item 6: routes exist from construction and answer 5.03 until the node serves."""
+    from meshnode._protocol import SyncRequest
+    from meshnode._transport import RemoteRefused
+
+    net = MemoryNetwork()
+    async with net.transport("10.0.0.1:5683") as t1, net.transport("10.0.0.2:5683") as t2:
+        node = Node(NodeConfig(node_id="n1", data_dir=tmp_path / "n1", seed=7), transport=t1)
+        for resource in ("/m/sync", "/m/state", "/m/push", "/m/digest", "/m/hello"):
+            with pytest.raises(RemoteRefused) as info:
+                await t2.request(t1.address, resource, SyncRequest("n2", {}).encode())
+            assert info.value.code == "5.03", resource
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.serve)
+            await t2.request(t1.address, "/m/hello", method="GET")
+            nursery.cancel_scope.cancel()
+
+
+async def test_unverified_senders_create_no_peers(tmp_path, autojump_clock):
+    """Issue 10 item 5: a request from an id nobody verified (no answered hello,
+    no seal) leaves no neighbour behind, even with a bogus address; a real
+    peer that answers a hello becomes one."""
+    from meshnode._protocol import Hello, StateRequest
+    from meshnode._membership import DIGEST_SIZE
+
+    async with trio.open_nursery() as nursery:
+        mesh = Mesh(tmp_path, nursery)
+        a = await mesh.start("n1", [])
+        async with mesh.net.transport("10.0.0.9:5683") as stranger:
+            for i in range(40):
+                address = f"10.0.1.{i}:5683" if i % 2 else f"127.0.0.{500 + i}:5683"  # some plausible
+                hello = Hello(f"ghost-{i}", address, 1, bytes(32), "default")
+                await stranger.request(a.transport.address, "/m/hello", hello.encode())
+                state = StateRequest(f"ghost-{i}", bytes(8), bytes(DIGEST_SIZE))
+                await stranger.request(a.transport.address, "/m/state", state.encode())
+            await trio.sleep(120)
+            assert a.neighbours == {}
+            assert a.engine.hellos.unverified == {}  # the greet-back list emptied itself
+        b = await mesh.start("n2", ["n1"])
+        await wait_for(lambda: "n2" in a.neighbours and "n1" in b.neighbours)
+        nursery.cancel_scope.cancel()

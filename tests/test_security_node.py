@@ -19,7 +19,7 @@ import trio
 
 from meshnode._discovery import StaticDiscovery
 from meshnode._node import Node, NodeConfig
-from meshnode.services import NotAuthorised
+from meshnode.services import Conflict, NotAuthorised
 from meshnode._protocol import SyncRequest
 from meshnode._security import (
     Identity,
@@ -253,7 +253,7 @@ async def test_an_offline_session_accepted_with_a_time_limit_stops_at_max_minute
         meter, stop = view.applied[-2].record, view.applied[-1].record
         assert meter.ts - start_ts >= 30 * 60_000
         assert (meter.type, stop.type, stop.meter_wh, stop.data["reason"]) == ("meter", "stop", 1500, "time_limit")
-        with pytest.raises(LocalRequestError):
+        with pytest.raises(Conflict):
             await node.record_event(sid, "meter", 1600)  # nothing more once it stopped
         nursery.cancel_scope.cancel()
 

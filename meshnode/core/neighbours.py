@@ -1,0 +1,221 @@
+"""The neighbour table: peers this node talks to directly, sans-IO.
+
+Rules
+-----
+
+N1. A peer exists only after a verified hello: our POST /m/hello to its address
+    was answered by that node id, or (enrolled site) a sealed message arrived whose
+    certificate names that node id (`authenticated_peer`). Nothing an unverified
+    sender says creates an entry here (issue 10 item 5: 31 unverified ids once
+    became permanent peers). An unverified sender may at most put its address on
+    the bounded list of addresses to greet (`Hellos`), which expires.
+N2. A peer is forgotten `ttl` seconds after we last heard from it (any message),
+    after `max_failures` exchanges in a row failed, or when discovery says it left.
+    To come back it needs a new verified hello.
+N3. A peer that fails (timeout, refusal) or answers slowly is backed off: the
+    next exchange with it waits `base * 2**failures` seconds (up to `max_backoff`),
+    scaled by a jitter fixed by the pair and the count (reproducible in the
+    simulator, never drawn from a shared random stream).
+N4. A peer whose incarnation changes (it restarted) loses what we believed it
+    holds: its known heads start empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+
+def unit(key: str) -> float:
+    """A number in [0, 1) fixed by `key` (deterministic jitter)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+@dataclass
+class Neighbour:
+    """What the core knows about one verified direct peer."""
+
+    node_id: str
+    address: str
+    incarnation: int | None
+    verified_at: float
+    last_heard: float
+    failures: int = 0
+    retry_at: float = -math.inf
+    """No exchange with this peer before this time (N3)."""
+    last_exchange: float = -math.inf
+    exchanging: bool = False
+    targets: frozenset[str] | None = None
+    """The peers it pushes to, as it last told us (relay suppression)."""
+    known: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+    """Per document, heads we believe it holds (it told us, or we pushed them)."""
+    pending: set[str] = field(default_factory=set)
+    """Documents to push to it at its next push slot."""
+    last_push: float = -math.inf
+    unsynced: set[str] = field(default_factory=set)
+    """Documents it may lack or hold in another version (for status)."""
+
+
+class NeighbourTable:
+    """Verified direct peers (N1-N4). Every method takes `now`; nothing reads a clock."""
+
+    def __init__(self, *, ttl: float, max_failures: int = 3, base_backoff: float = 1.0,
+                 max_backoff: float = 30.0, salt: str = "") -> None:
+        self.ttl = ttl
+        self.max_failures = max_failures
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        self.salt = salt
+        self.peers: dict[str, Neighbour] = {}
+
+    def verified(self, node_id: str, address: str, incarnation: int | None, now: float) -> tuple[Neighbour, bool]:
+        """Record a verified hello (N1). Returns the entry and whether it is new (or restarted)."""
+        n = self.peers.get(node_id)
+        if n is None:
+            n = self.peers[node_id] = Neighbour(node_id, address, incarnation, now, now)
+            return n, True
+        fresh = incarnation is not None and n.incarnation is not None and incarnation != n.incarnation
+        if fresh:
+            n.known.clear()  # N4
+        if incarnation is not None:
+            n.incarnation = incarnation
+        n.address = address
+        n.last_heard = max(n.last_heard, now)
+        n.failures = 0
+        n.retry_at = -math.inf
+        return n, fresh
+
+    def heard(self, node_id: str, now: float) -> Neighbour | None:
+        n = self.peers.get(node_id)
+        if n is not None:
+            n.last_heard = max(n.last_heard, now)
+        return n
+
+    def ok(self, node_id: str, now: float, *, slow: bool = False) -> None:
+        n = self.heard(node_id, now)
+        if n is None:
+            return
+        if slow:
+            # N3: an overloaded peer answers, but late: give it room before the next one.
+            n.failures = min(n.failures + 1, 10)
+            n.retry_at = now + self._backoff(n)
+        else:
+            n.failures = 0
+            n.retry_at = -math.inf
+
+    def failed(self, node_id: str, now: float) -> bool:
+        """An exchange with the peer failed. Returns True if it was forgotten (N2)."""
+        n = self.peers.get(node_id)
+        if n is None:
+            return False
+        n.failures += 1
+        if n.failures >= self.max_failures:
+            del self.peers[node_id]
+            return True
+        n.retry_at = now + self._backoff(n)
+        return False
+
+    def _backoff(self, n: Neighbour) -> float:
+        jitter = 0.5 + 0.5 * unit(f"{self.salt}:{n.node_id}:{n.failures}")
+        return jitter * min(self.max_backoff, self.base_backoff * 2.0 ** min(n.failures, 6))
+
+    def forget(self, node_id: str) -> bool:
+        return self.peers.pop(node_id, None) is not None
+
+    def expire(self, now: float) -> list[str]:
+        """Forget peers silent for longer than the TTL (N2)."""
+        gone = sorted(nid for nid, n in self.peers.items() if now - n.last_heard >= self.ttl)
+        for nid in gone:
+            del self.peers[nid]
+        return gone
+
+    def live(self) -> list[Neighbour]:
+        """Every current peer, sorted by id (entries expire, so present means live)."""
+        return [self.peers[nid] for nid in sorted(self.peers)]
+
+    def next_expiry(self) -> float | None:
+        return min((n.last_heard + self.ttl for n in self.peers.values()), default=None)
+
+
+@dataclass
+class _Greeting:
+    due: float
+    attempts: int = 0
+    expires: float = math.inf
+    sent: bool = False
+
+
+class Hellos:
+    """Addresses to greet with a hello: discovered ones (kept until discovery says
+    they left, retried with backoff) and ones named by unverified senders (at most
+    `max_unverified`, dropped after one attempt or `unverified_ttl`) (N1)."""
+
+    def __init__(self, *, max_unverified: int = 32, unverified_ttl: float = 30.0,
+                 base: float = 1.0, max_backoff: float = 30.0) -> None:
+        self.max_unverified = max_unverified
+        self.unverified_ttl = unverified_ttl
+        self.base = base
+        self.max_backoff = max_backoff
+        self.discovered: dict[str, _Greeting] = {}
+        self.unverified: dict[str, _Greeting] = {}
+        self.in_flight: set[str] = set()
+
+    def discover(self, address: str, now: float) -> None:
+        g = self.discovered.get(address)
+        if g is None:
+            self.discovered[address] = _Greeting(now)
+        else:
+            g.due = min(g.due, now)
+
+    def gone(self, address: str) -> None:
+        self.discovered.pop(address, None)
+
+    def suggest(self, address: str, now: float) -> None:
+        """An unverified sender claims this address: greet it once, if there is room.
+        A discovered address is greeted now instead of after its backoff (it has
+        just shown that it is up)."""
+        g = self.discovered.get(address)
+        if g is not None:
+            g.due = min(g.due, now)
+            return
+        if address in self.unverified or address in self.in_flight:
+            return
+        if len(self.unverified) >= self.max_unverified:
+            return
+        self.unverified[address] = _Greeting(now, expires=now + self.unverified_ttl)
+
+    def due(self, now: float, known: set[str]) -> list[str]:
+        """Addresses to greet now. `known`: addresses of verified peers (nothing to do)."""
+        out = []
+        for address in sorted(self.unverified):
+            g = self.unverified[address]
+            if now >= g.expires or address in known:
+                del self.unverified[address]
+            elif now >= g.due and address not in self.in_flight:
+                del self.unverified[address]
+                out.append(address)
+        for address in sorted(self.discovered):
+            g = self.discovered[address]
+            if address in known or address in self.in_flight or now < g.due:
+                continue
+            g.attempts += 1
+            g.due = now + min(self.max_backoff, self.base * 2.0 ** min(g.attempts, 5))
+            out.append(address)
+        self.in_flight.update(out)
+        return out
+
+    def done(self, address: str, ok: bool) -> None:
+        self.in_flight.discard(address)
+        if ok:
+            g = self.discovered.get(address)
+            if g is not None:
+                g.attempts = 0
+
+    def next_deadline(self, known: set[str]) -> float | None:
+        times = [g.due for a, g in self.discovered.items() if a not in known and a not in self.in_flight]
+        times += [min(g.due, g.expires) for g in self.unverified.values()]
+        return min(times, default=None)
+
+
+__all__ = ["Hellos", "Neighbour", "NeighbourTable", "unit"]

@@ -1,0 +1,194 @@
+"""The replication core with plain `now` values: no trio, no network, no clock."""
+
+from __future__ import annotations
+
+from automerge.core import ROOT, Document, ScalarType
+
+from crdt import Replica
+from meshnode.core import (
+    Replicator,
+    SendHello,
+    SendPush,
+    StartExchange,
+    Tick,
+    build_push,
+)
+from meshnode.core.neighbours import Hellos
+
+H1 = (b"\x01" * 32,)
+H2 = (b"\x02" * 32,)
+
+
+def engine(**kw: float) -> Replicator:
+    return Replicator("me", push_interval=0.3, exchange_interval=1.0, tick_interval=1.0, ttl=60.0, salt="t", **kw)
+
+
+def pushes(actions: list) -> dict[str, tuple[str, ...]]:
+    return {a.peer: a.docs for a in actions if isinstance(a, SendPush)}
+
+
+def with_peers(*ids: str, now: float = 0.0) -> Replicator:
+    e = engine()
+    for nid in ids:
+        e.hello_ok(nid, f"10.0.0.{len(e.table.peers) + 1}:5683", 1, now)
+    e.poll(now)  # ticks and the first (urgent) exchanges
+    for nid in ids:
+        e.exchange_done(nid, now, in_sync=True)
+    return e
+
+
+def test_nothing_is_sent_to_an_address_before_a_verified_hello():
+    e = engine()
+    e.discovered("10.0.0.2:5683", 0.0)
+    e.changed("doc", H1, 0.0)
+    actions = e.poll(0.0)
+    assert [a for a in actions if not isinstance(a, Tick)] == [SendHello("10.0.0.2:5683")]
+    # The hello is in flight: no second one, and nothing else to do.
+    assert [a for a in e.poll(0.1) if not isinstance(a, Tick)] == []
+    e.hello_done("10.0.0.2:5683", True)
+    e.hello_ok("b", "10.0.0.2:5683", 1, 0.2)
+    actions = e.poll(0.2)
+    assert StartExchange("b", "10.0.0.2:5683") in actions  # a new neighbour is checked at once,
+    assert pushes(actions) == {"b": ("doc",)}  # gets what changed lately,
+    e.changed("doc", H2, 0.6)
+    assert pushes(e.poll(0.6)) == {"b": ("doc",)}  # and is a push target from its first hello
+
+
+def test_only_settled_documents_are_left_to_anti_entropy():
+    e = with_peers("b")
+    e.changed("doc", H1, 10.0)
+    assert not e.settled("doc", 10.5)
+    assert e.settled("doc", 11.0)
+    assert e.settled("never-changed-here", 0.0)
+
+
+def test_a_quiet_link_pushes_at_once_and_a_busy_one_batches():
+    e = with_peers("b")
+    e.changed("d1", H1, 10.0)
+    assert pushes(e.poll(10.0)) == {"b": ("d1",)}
+    e.changed("d2", H1, 10.1)
+    e.changed("d3", H1, 10.2)
+    assert pushes(e.poll(10.2)) == {}
+    assert e.next_deadline() == 10.3  # invariant 4: the deadline is when the batch goes
+    assert pushes(e.poll(10.3)) == {"b": ("d2", "d3")}
+
+
+def test_no_push_to_the_source_its_targets_or_a_peer_that_has_our_heads():
+    e = with_peers("a", "b", "c", "d")
+    e.told_targets("a", ["b", "me"])  # a pushes to b itself
+    e.peer_has("d", "doc", H1)  # d already holds these heads
+    e.changed("doc", H1, 5.0, source="a")
+    assert pushes(e.poll(5.0)) == {"c": ("doc",)}
+    # b may still lack it (status), but a covers it.
+    assert "doc" in e.table.peers["b"].unsynced
+    assert "doc" not in e.table.peers["a"].unsynced
+
+
+def test_a_local_change_goes_to_every_neighbour_without_those_heads():
+    e = with_peers("a", "b")
+    e.peer_has("a", "doc", H1)
+    e.changed("doc", H1, 1.0)
+    assert pushes(e.poll(1.0)) == {"b": ("doc",)}
+    e.pushed("b", "doc", H1)
+    assert e.known_heads("b", "doc") == H1
+
+
+def test_one_exchange_per_interval_oldest_first_and_backoff_after_failures():
+    e = with_peers("a", "b")
+    seen = []
+    t = 1.0
+    for _ in range(40):
+        if len(seen) == 4:
+            break
+        deadline = e.next_deadline()
+        assert deadline is not None
+        t = max(t, deadline)
+        for a in e.poll(t):
+            if isinstance(a, StartExchange):
+                seen.append(a.peer)
+                e.exchange_done(a.peer, t, in_sync=True)
+    assert seen == ["a", "b", "a", "b"]
+    # A peer that fails is skipped while backed off, and forgotten after three failures.
+    assert not e.exchange_failed("a", t)
+    assert e.table.peers["a"].retry_at > t
+    assert not e.exchange_failed("a", t)
+    assert e.exchange_failed("a", t)
+    assert "a" not in e.table.peers
+
+
+def test_slow_answers_back_off_too():
+    e = with_peers("a")
+    e.exchange_done("a", 3.0, in_sync=True, slow=True)
+    assert e.table.peers["a"].retry_at > 3.0
+
+
+def test_silent_peers_are_forgotten_after_the_ttl():
+    e = with_peers("a", now=0.0)
+    e.heard("a", 30.0)
+    e.poll(89.0)
+    assert "a" in e.table.peers
+    e.poll(90.0)
+    assert "a" not in e.table.peers
+
+
+def test_a_restarted_peer_loses_what_we_believed_it_holds():
+    e = with_peers("a")
+    e.peer_has("a", "doc", H1)
+    e.hello_ok("a", "10.0.0.1:5683", 2, 5.0)
+    assert e.known_heads("a", "doc") == ()
+    assert StartExchange("a", "10.0.0.1:5683") in e.poll(5.0)
+
+
+def test_unverified_senders_leave_only_a_bounded_expiring_trace():
+    h = Hellos(max_unverified=4, unverified_ttl=10.0)
+    for i in range(100):
+        h.suggest(f"10.0.1.{i}:5683", 0.0)
+    assert len(h.unverified) == 4
+    assert h.due(0.0, set()) == [f"10.0.1.{i}:5683" for i in range(4)]
+    for i in range(4):
+        h.done(f"10.0.1.{i}:5683", False)
+    assert not h.unverified and not h.in_flight  # greeted once, then gone
+    h.suggest("10.0.2.1:5683", 1.0)
+    h.in_flight.add("10.0.2.1:5683")  # (as if greeted by another path)
+    assert h.due(20.0, set()) == [] and not h.unverified  # expired
+
+
+def test_next_deadline_is_when_poll_has_work():
+    e = with_peers("a", "b")
+    e.changed("doc", H1, 2.0)
+    t = 2.0
+    for _ in range(20):
+        deadline = e.next_deadline()
+        assert deadline is not None
+        if deadline > t:
+            # Nothing is due before the deadline ...
+            assert [a for a in e.poll((t + deadline) / 2)] == []
+        t = max(t, deadline)
+        actions = e.poll(t)
+        assert actions  # ... and something is due at it.
+        for a in actions:
+            if isinstance(a, StartExchange):
+                e.exchange_done(a.peer, t, in_sync=True)
+
+
+def _doc(n: int) -> Document:
+    doc = Document()
+    for i in range(n):
+        with doc.transaction() as tx:
+            tx.put(ROOT, f"k{i}", ScalarType.Bytes, bytes(200))
+    return doc
+
+
+def test_build_push_sends_only_what_the_peer_lacks_within_the_byte_cap():
+    r = Replica({"a": _doc(3), "b": _doc(3), "c": _doc(3)})
+    old = tuple(sorted(r.docs["a"].get_changes([])[1].hash for _ in range(1)))
+    known = {"a": old, "b": tuple(sorted(r.docs["b"].get_heads()))}
+    entries, left = build_push(r, ["a", "b", "c"], lambda d: known.get(d, ()), byte_cap=10)
+    assert list(entries) == ["a"] and left == ["c"]  # b has it all; c waits for the cap
+    heads, msg = entries["a"]
+    assert heads == tuple(sorted(r.docs["a"].get_heads()))
+    # The message applies on a copy that holds the known heads.
+    peer = Replica()
+    peer.receive("x", "a", build_push(r, ["a"], lambda d: (), 1 << 20)[0]["a"][1])
+    assert peer.docs["a"].get_heads() == r.docs["a"].get_heads()
+    assert len(msg) < len(build_push(r, ["a"], lambda d: (), 1 << 20)[0]["a"][1])
