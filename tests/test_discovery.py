@@ -207,7 +207,10 @@ def adverts(draw):
         (k.upper() if draw(st.booleans()) else k, v) for k, v in [*required.items(), *extras.items()]
     ]
     entries = list(draw(st.permutations(entries)))
-    fault = draw(st.sampled_from(sorted(_FAULTS))) if draw(st.integers(0, 3)) == 0 else None
+    # A fault about one time in four: two booleans both true (an integer in 0..3 == 0 was
+    # drawn far more often than one in four, hypothesis favouring the bounds).
+    faulty = draw(st.booleans()) and draw(st.booleans())
+    fault = draw(st.sampled_from(sorted(_FAULTS))) if faulty else None
     if fault == "missing":
         victim = draw(st.sampled_from(["id", "v", "port"]))
         entries = [(k, v) for k, v in entries if k.lower() != victim]
@@ -249,7 +252,7 @@ def test_parse_fields_on_adverts_mostly_valid():
     property checks parsing and not just the refusal of noise."""
     outcomes: list[bool] = []
 
-    @settings(max_examples=300, database=None)
+    @settings(max_examples=300, database=None, derandomize=True)
     @given(adverts())
     def check(advert):
         raw, expected = advert
