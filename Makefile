@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
 DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace
 
-.PHONY: demo test test-fast mutation bench clean install system-deps
+.PHONY: demo test test-fast lint mutation bench clean install system-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,15 @@ system-deps: $(SYSTEM_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/meshnode demo
 
-test: $(STAMP) $(SYSTEM_STAMP)
+# The gates: lint and format (ruff), types (mypy), the import layers (import-linter).
+# Zero findings; `make test` runs them first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: lint $(STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest -q
 
 # The fast tier: in one process, on in-memory seams and MockClock, no PostgreSQL,

@@ -61,14 +61,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--nodes must be at least 3, --loss from 0 to 99, --duration at least 30")
     faults, heal_at = short_schedule() if args.short else seeded_schedule(args.seed, args.duration)
     workdir = Path(tempfile.mkdtemp(prefix="field-"))
-    settings = Settings(nodes=args.nodes, loss=args.loss, seed=args.seed, faults=faults, heal_at=heal_at,
-                        converge_timeout=args.converge_timeout)
+    settings = Settings(
+        nodes=args.nodes,
+        loss=args.loss,
+        seed=args.seed,
+        faults=faults,
+        heal_at=heal_at,
+        converge_timeout=args.converge_timeout,
+    )
     run = FieldRun(settings, workdir, progress=lambda line: print(line, file=sys.stderr, flush=True))
     try:
         report = run.run()
     except FieldFailure as exc:
-        print(json.dumps({"passed": False, "failures": [f"the run could not go on: {exc}"],
-                          "seed": args.seed, "workdir": str(workdir)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "passed": False,
+                    "failures": [f"the run could not go on: {exc}"],
+                    "seed": args.seed,
+                    "workdir": str(workdir),
+                },
+                indent=1,
+            )
+        )
         return 1
     for e in report["exits"]:
         print(f"==== {e['process']} exited by itself (code {e['code']}):\n{e.pop('log_tail')}", file=sys.stderr)

@@ -58,8 +58,11 @@ def smaps_mb(pid: int) -> dict[str, float]:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB" and parts[0].rstrip(":") in ("Rss", "Anonymous", "Shared_Clean",
-                                                                                 "Private_Clean", "Private_Dirty"):
+            if (
+                len(parts) == 3
+                and parts[2] == "kB"
+                and parts[0].rstrip(":") in ("Rss", "Anonymous", "Shared_Clean", "Private_Clean", "Private_Dirty")
+            ):
                 out[parts[0].rstrip(":")] = round(int(parts[1]) / 1024, 1)
     return out
 
@@ -88,12 +91,15 @@ async def add_sessions(node: mesh.NodeProc, count: int, concurrency: int) -> flo
 
         async def worker() -> None:
             for i in jobs:
-                r = await client.post(f"{node.http}/v1/sessions",
-                                      json={"charger": f"cp-{i % 50}", "connector": 1 + i % 2, "id_token": f"tag-{i}"})
+                r = await client.post(
+                    f"{node.http}/v1/sessions",
+                    json={"charger": f"cp-{i % 50}", "connector": 1 + i % 2, "id_token": f"tag-{i}"},
+                )
                 r.raise_for_status()
                 session_id = r.json()["session_id"]
-                r = await client.post(f"{node.http}/v1/sessions/{session_id}/events",
-                                      json={"type": "meter", "meter_wh": 1000 + i})
+                r = await client.post(
+                    f"{node.http}/v1/sessions/{session_id}/events", json={"type": "meter", "meter_wh": 1000 + i}
+                )
                 r.raise_for_status()
 
         async with trio.open_nursery() as nursery:
@@ -161,9 +167,24 @@ def idle_mesh(args: argparse.Namespace, directory: str) -> dict[str, Any]:
 
 
 IMPORTS = [
-    "trio", "nacl.signing", "cbor2", "automerge.core", "crdt", "uplink", "trio_asyncio", "aiocoap", "zeroconf",
-    "httpx", "starlette.applications", "hypercorn.trio", "meshnode", "meshnode._coap", "meshnode._mdns",
-    "meshnode._security", "meshnode._api", "meshnode.cli",
+    "trio",
+    "nacl.signing",
+    "cbor2",
+    "automerge.core",
+    "crdt",
+    "uplink",
+    "trio_asyncio",
+    "aiocoap",
+    "zeroconf",
+    "httpx",
+    "starlette.applications",
+    "hypercorn.trio",
+    "meshnode",
+    "meshnode._coap",
+    "meshnode._mdns",
+    "meshnode._security",
+    "meshnode._api",
+    "meshnode.cli",
 ]
 
 
@@ -196,8 +217,10 @@ def main() -> int:
     p.add_argument("--http-port", type=int, default=28080)
     p.add_argument("--startup-timeout", type=float, default=120.0)
     args = p.parse_args()
-    result: dict[str, Any] = {"bench": "footprint", "goals": {"idle_rss_mb": 50, "idle_rss_mb_with_sessions": 80,
-                                                              "idle_cpu_pct_per_node": 1.0}}
+    result: dict[str, Any] = {
+        "bench": "footprint",
+        "goals": {"idle_rss_mb": 50, "idle_rss_mb_with_sessions": 80, "idle_cpu_pct_per_node": 1.0},
+    }
     result["imports_mb"] = import_costs()
     with tempfile.TemporaryDirectory(prefix="meshnode-footprint-") as directory:
         for sub in ("one", "mesh"):

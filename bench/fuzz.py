@@ -40,8 +40,17 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshnode-fuzz-bench-") as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "tests.fuzz_targets", "--inputs", str(args.inputs), "--json", str(out),
-               "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.fuzz_targets",
+            "--inputs",
+            str(args.inputs),
+            "--json",
+            str(out),
+            "--seed",
+            str(args.seed),
+        ]
         if args.target:
             cmd += ["--target", args.target]
         env = dict(os.environ)

@@ -57,8 +57,14 @@ def main() -> int:
         "messages_per_event": mpe,
         "traffic_by_resource": s["traffic_by_resource"],
         "goal": {"p50_s": 0.4, "max_s": 0.6, "messages_per_event": 20},
-        "goal_met": bool(conv["p50"] is not None and conv["p50"] < 0.4 and conv["max"] < 0.6
-                         and mpe is not None and mpe < 20 and s["events_lost"] == 0),
+        "goal_met": bool(
+            conv["p50"] is not None
+            and conv["p50"] < 0.4
+            and conv["max"] < 0.6
+            and mpe is not None
+            and mpe < 20
+            and s["events_lost"] == 0
+        ),
         "wall_s": round(wall, 1),
     }
     print(json.dumps(out, indent=2))

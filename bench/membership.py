@@ -167,7 +167,8 @@ def main() -> None:
             row["before"] = measure(baseline, n, args.seconds, args.repeat)
             row["speedup"] = {
                 key: round(row["before"][key] / row["after"][key], 1)
-                for key in row["before"] if key != "live_peers_count" and row["after"].get(key, 0) > 0
+                for key in row["before"]
+                if key != "live_peers_count" and row["after"].get(key, 0) > 0
             }
         result["sizes"][str(n)] = row
         print(f"N={n} done", file=sys.stderr)

@@ -111,9 +111,21 @@ def start_nodes(n: int, args: argparse.Namespace, directory: str) -> list[NodePr
         for i, host in enumerate(hosts):
             node_id = f"bench-{i}"
             cmd = _meshnode_command() + [
-                "run", "--insecure", "--node-id", node_id, "--data-dir", os.path.join(directory, node_id),
-                "--bind", host, "--coap-port", str(args.coap_port), "--http-port", str(args.http_port),
-                "--no-mdns", "--log-level", args.node_log_level,
+                "run",
+                "--insecure",
+                "--node-id",
+                node_id,
+                "--data-dir",
+                os.path.join(directory, node_id),
+                "--bind",
+                host,
+                "--coap-port",
+                str(args.coap_port),
+                "--http-port",
+                str(args.http_port),
+                "--no-mdns",
+                "--log-level",
+                args.node_log_level,
             ]
             for j, other in enumerate(hosts):
                 if j != i:
@@ -121,7 +133,11 @@ def start_nodes(n: int, args: argparse.Namespace, directory: str) -> list[NodePr
             log_path = os.path.join(directory, f"{node_id}.log")
             with open(log_path, "wb") as err:
                 proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, cwd=directory,
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    cwd=directory,
                     start_new_session=True,  # Ctrl-C reaches only us; we stop the nodes ourselves
                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 )
@@ -253,8 +269,9 @@ async def wait_for_mesh(client: httpx.AsyncClient, nodes: list[NodeProc], timeou
             ):
                 return time.perf_counter() - start
             await trio.sleep(0.1)
-    seen = {s.get("node_id"): sorted((p["node_id"], p["state"], p.get("direct")) for p in s.get("peers", []))
-            for s in last}
+    seen = {
+        s.get("node_id"): sorted((p["node_id"], p["state"], p.get("direct")) for p in s.get("peers", [])) for s in last
+    }
     raise RuntimeError(f"mesh did not form within {timeout} s; peers each node saw: {seen}")
 
 
@@ -285,12 +302,18 @@ class EventResult:
 
 
 async def one_event(
-    client: httpx.AsyncClient, nodes: list[NodeProc], session_id: str, writer: int, meter_wh: int,
-    poll_interval: float, timeout: float,
+    client: httpx.AsyncClient,
+    nodes: list[NodeProc],
+    session_id: str,
+    writer: int,
+    meter_wh: int,
+    poll_interval: float,
+    timeout: float,
 ) -> EventResult:
     t_post = time.perf_counter()
-    r = await client.post(f"{nodes[writer].http}/v1/sessions/{session_id}/events",
-                          json={"type": "meter", "meter_wh": meter_wh})
+    r = await client.post(
+        f"{nodes[writer].http}/v1/sessions/{session_id}/events", json={"type": "meter", "meter_wh": meter_wh}
+    )
     t_201 = time.perf_counter()
     if r.status_code != 201:
         raise RuntimeError(f"POST event to node {writer} answered {r.status_code}: {r.text}")
@@ -320,8 +343,14 @@ async def one_event(
                 if node.index != writer:
                     nursery.start_soon(poll, node.index)
     everywhere = len(arrived) == len(nodes) - 1
-    return EventResult(writer, t_201 - t_post, max(arrived.values(), default=0.0) if everywhere else None,
-                       arrived, sorted(set(conflicts_on)), rtts)
+    return EventResult(
+        writer,
+        t_201 - t_post,
+        max(arrived.values(), default=0.0) if everywhere else None,
+        arrived,
+        sorted(set(conflicts_on)),
+        rtts,
+    )
 
 
 async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
@@ -331,8 +360,9 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         formed_s = await wait_for_mesh(client, nodes, args.startup_timeout)
         log(f"  mesh formed {formed_s:.2f} s after all nodes were ready")
 
-        r = await client.post(f"{nodes[0].http}/v1/sessions",
-                              json={"charger": "bench-charger", "connector": 1, "id_token": "bench-token"})
+        r = await client.post(
+            f"{nodes[0].http}/v1/sessions", json={"charger": "bench-charger", "connector": 1, "id_token": "bench-token"}
+        )
         if r.status_code != 201:
             raise RuntimeError(f"POST /v1/sessions on node 0 answered {r.status_code}: {r.text}")
         session_id = r.json()["session_id"]
@@ -357,13 +387,16 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         for k in range(args.events):
             check_alive(nodes)
             writer = rng.randrange(n) if args.writer == "random" else 0
-            res = await one_event(client, nodes, session_id, writer, 1000 + 10 * (k + 1),
-                                  args.poll_interval, args.event_timeout)
+            res = await one_event(
+                client, nodes, session_id, writer, 1000 + 10 * (k + 1), args.poll_interval, args.event_timeout
+            )
             results.append(res)
             if res.latency_s is None:
                 consecutive_missing += 1
-                log(f"  event {k}: written on node {writer}, NOT everywhere after {args.event_timeout} s "
-                    f"(arrived on {sorted(res.per_node_s)})")
+                log(
+                    f"  event {k}: written on node {writer}, NOT everywhere after {args.event_timeout} s "
+                    f"(arrived on {sorted(res.per_node_s)})"
+                )
                 if consecutive_missing >= 3:
                     log("  three events in a row did not arrive everywhere: stopping this size")
                     break
@@ -391,8 +424,9 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         "latency_ms": summary_ms(latencies),
         "per_node_arrival_ms": summary_ms(per_node_latency),
         "latency_p50_ms_by_quarter": [
-            summary_ms([x.latency_s for x in results[q * written // 4:(q + 1) * written // 4]
-                        if x.latency_s is not None])["p50"]
+            summary_ms(
+                [x.latency_s for x in results[q * written // 4 : (q + 1) * written // 4] if x.latency_s is not None]
+            )["p50"]
             for q in range(4)
         ],
         "post_201_ms": summary_ms([x.post_s for x in results]),
@@ -445,27 +479,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Replication latency and CoAP traffic per event of a real meshnode mesh on loopback. "
         "Prints one JSON object on stdout, progress on stderr.",
     )
-    p.add_argument("--sizes", default=env("BENCH_MESH_SIZES", "3,5,10"),
-                   help="comma-separated mesh sizes (env BENCH_MESH_SIZES; default 3,5,10)")
-    p.add_argument("--events", type=int, default=int(env("BENCH_MESH_EVENTS", "100")),
-                   help="events per size, written one at a time (env BENCH_MESH_EVENTS; default 100)")
-    p.add_argument("--writer", choices=["random", "node0"], default=env("BENCH_MESH_WRITER", "random"),
-                   help="which node each event is POSTed to (default random: any node, all hold the session)")
-    p.add_argument("--base-address", default="127.0.0.10",
-                   help="address of node 0; node i binds the address + i (default 127.0.0.10)")
+    p.add_argument(
+        "--sizes",
+        default=env("BENCH_MESH_SIZES", "3,5,10"),
+        help="comma-separated mesh sizes (env BENCH_MESH_SIZES; default 3,5,10)",
+    )
+    p.add_argument(
+        "--events",
+        type=int,
+        default=int(env("BENCH_MESH_EVENTS", "100")),
+        help="events per size, written one at a time (env BENCH_MESH_EVENTS; default 100)",
+    )
+    p.add_argument(
+        "--writer",
+        choices=["random", "node0"],
+        default=env("BENCH_MESH_WRITER", "random"),
+        help="which node each event is POSTed to (default random: any node, all hold the session)",
+    )
+    p.add_argument(
+        "--base-address",
+        default="127.0.0.10",
+        help="address of node 0; node i binds the address + i (default 127.0.0.10)",
+    )
     p.add_argument("--coap-port", type=int, default=25683, help="CoAP UDP port of every node (default 25683)")
     p.add_argument("--http-port", type=int, default=28080, help="HTTP port of every node (default 28080)")
     p.add_argument("--poll-interval", type=float, default=0.005, help="seconds between polls of a node (default 0.005)")
-    p.add_argument("--event-timeout", type=float, default=15.0,
-                   help="give up on an event not everywhere after this many seconds (default 15)")
+    p.add_argument(
+        "--event-timeout",
+        type=float,
+        default=15.0,
+        help="give up on an event not everywhere after this many seconds (default 15)",
+    )
     p.add_argument("--idle-seconds", type=float, default=3.0, help="length of the idle measurement (default 3)")
-    p.add_argument("--settle", type=float, default=0.5,
-                   help="pause before the idle phase and after the last event (default 0.5 s)")
-    p.add_argument("--startup-timeout", type=float, default=30.0,
-                   help="seconds for the nodes to start and the mesh to form (default 30)")
+    p.add_argument(
+        "--settle", type=float, default=0.5, help="pause before the idle phase and after the last event (default 0.5 s)"
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=30.0,
+        help="seconds for the nodes to start and the mesh to form (default 30)",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed for the choice of writer (default 1)")
-    p.add_argument("--node-log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="--log-level of the nodes (their stderr goes to a log file in the temp dir)")
+    p.add_argument(
+        "--node-log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="--log-level of the nodes (their stderr goes to a log file in the temp dir)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data dirs, node logs) after a success")
     args = p.parse_args(argv)
     try:
@@ -486,10 +547,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         results.append(run_size(n, args, rng))
         r = results[-1]
-        log(f"{n} nodes: latency p50 {r['latency_ms']['p50']} ms, p95 {r['latency_ms']['p95']} ms; "
-            f"{r['coap_requests_per_event']} CoAP requests and {r['coap_bytes_per_event']} B per event")
-    writer = ("each event is POSTed to a node chosen at random (seeded) among all nodes; every node holds "
-              "the session by then" if args.writer == "random" else "every event is POSTed to node 0")
+        log(
+            f"{n} nodes: latency p50 {r['latency_ms']['p50']} ms, p95 {r['latency_ms']['p95']} ms; "
+            f"{r['coap_requests_per_event']} CoAP requests and {r['coap_bytes_per_event']} B per event"
+        )
+    writer = (
+        "each event is POSTed to a node chosen at random (seeded) among all nodes; every node holds the session by then"
+        if args.writer == "random"
+        else "every event is POSTed to node 0"
+    )
     notes = [
         f"Real `meshnode run` processes on loopback, one per address from {args.base_address} up, CoAP port "
         f"{args.coap_port}, HTTP port {args.http_port}, --no-mdns, every node a static --peer of every other; "

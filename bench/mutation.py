@@ -30,9 +30,21 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "mutation"
 
 # mutmut's exit codes per mutant (mutmut/stats.py), as statuses.
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
-          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
-          37: "type check", None: "not checked"}
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    -24: "timeout",
+    24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    37: "type check",
+    None: "not checked",
+}
 
 
 def config() -> dict:
@@ -46,14 +58,27 @@ def workdir(module: str) -> Path:
 def prepare(module: str, spec: dict, base: dict) -> Path:
     """A copy of the tracked tree (uncommitted edits included) whose pyproject mutates `module` only."""
     work = workdir(module)
-    files = subprocess.run(["git", "ls-files", "-z", "--", "crdt", "uplink", "meshnode", "sim", "tests"],
-                           cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--", "crdt", "uplink", "meshnode", "sim", "tests"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         if (ROOT / name).exists():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, work / name)
-    for name in subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "tests"], cwd=ROOT,
-                               check=True, capture_output=True, text=True).stdout.split():
+    for name in subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard", "--", "tests"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split():
         shutil.copy2(ROOT / name, work / name)  # new test files not yet committed
     tests = [t for t in spec["tests"] if (ROOT / t).exists()]
     settings = {k: v for k, v in base.items() if k != "modules"}
@@ -94,9 +119,14 @@ def run(module: str, spec: dict, base: dict, *, recheck: bool = False) -> None:
     log = work / "mutmut.log"
     print(f"mutating {module} ({', '.join(spec['tests'])}); log in {log}", file=sys.stderr, flush=True)
     with log.open("w") as out:
-        proc = subprocess.run(["nice", "-n", "10", str(mutmut), "run", "--max-children", jobs,
-                               *names], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              check=False)
+        proc = subprocess.run(
+            ["nice", "-n", "10", str(mutmut), "run", "--max-children", jobs, *names],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     if proc.returncode != 0:
         sys.exit(f"mutmut failed on {module}; see {log}")
 
@@ -119,8 +149,13 @@ def summarise(module: str, spec: dict) -> dict:
     caught = counts["killed"] + counts["timeout"]
     judged = caught + counts["survived"] + counts["no tests"]
     survivors = sorted(k for k, v in codes.items() if STATUS.get(v) in ("survived", "no tests"))
-    return {"module": module, "mutants": len(codes), **dict(sorted(counts.items())),
-            "score": round(caught / judged, 3) if judged else None, "survivors": survivors}
+    return {
+        "module": module,
+        "mutants": len(codes),
+        **dict(sorted(counts.items())),
+        "score": round(caught / judged, 3) if judged else None,
+        "survivors": survivors,
+    }
 
 
 def main() -> None:
@@ -138,8 +173,13 @@ def main() -> None:
     results = [summarise(m, modules[m]) for m in chosen]
     caught = sum(r.get("killed", 0) + r.get("timeout", 0) for r in results)
     judged = caught + sum(r.get("survived", 0) + r.get("no tests", 0) for r in results)
-    print(json.dumps({"benchmark": "mutation", "modules": results,
-                      "score": round(caught / judged, 3) if judged else None}, indent=1, ensure_ascii=False))
+    print(
+        json.dumps(
+            {"benchmark": "mutation", "modules": results, "score": round(caught / judged, 3) if judged else None},
+            indent=1,
+            ensure_ascii=False,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -121,8 +121,9 @@ class TimedSealer(Sealer):
 def memory_identity(site: Site, node_id: str) -> Identity:
     key = nacl.signing.SigningKey.generate()
     cert = issue_certificate(site, node_id, bytes(key.verify_key), now=NOW)
-    return Identity(node_id, key, Certificate.decode(cert, site.public_key), cert, site.public_key,
-                    site.network_key, site.name)
+    return Identity(
+        node_id, key, Certificate.decode(cert, site.public_key), cert, site.public_key, site.network_key, site.name
+    )
 
 
 def operations(n: int) -> dict[str, Any]:
@@ -174,8 +175,15 @@ def replica_sync(rounds: int) -> dict[str, Any]:
     signer = EventSigner("a", ia.signing_key)
     sid = "session-1"
     source, sink = Replica(), Replica()
-    doc = new_session_doc(sid, site="bench", charger="c1", connector=1, id_token="TOKEN-1",
-                          tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by="a")
+    doc = new_session_doc(
+        sid,
+        site="bench",
+        charger="c1",
+        connector=1,
+        id_token="TOKEN-1",
+        tariff={"currency": "EUR", "per_kwh_cents": 39},
+        created_by="a",
+    )
     for i in range(60):
         add_event(doc, signer.sign("meter", sid, int(NOW * 1000) + i, meter_wh=i * 250))
     source.add(sid, doc)
@@ -259,12 +267,17 @@ async def two_nodes(events: int, sealed: bool) -> dict[str, Any]:
                 if sealed:
                     identity = Identity.load(root / name)
                     assert identity is not None
-                    transport = SealedTransport(inner, TimedSealer(identity, identity.site_public_key,
-                                                                   identity.network_key, started=time.time()))
+                    transport = SealedTransport(
+                        inner,
+                        TimedSealer(identity, identity.site_public_key, identity.network_key, started=time.time()),
+                    )
                 transports[name] = transport
                 peer = [a for n, a in addresses.items() if n != name]
-                node = Node(NodeConfig(node_id=name, data_dir=root / name, seed=1), transport=transport,
-                            discovery=StaticDiscovery(peer))
+                node = Node(
+                    NodeConfig(node_id=name, data_dir=root / name, seed=1),
+                    transport=transport,
+                    discovery=StaticDiscovery(peer),
+                )
                 await nursery.start(node.serve)
                 nodes[name] = node
             a, b = nodes["a"], nodes["b"]
@@ -346,18 +359,23 @@ def main() -> None:
 
     plain, sealed = merged(runs[False]), merged(runs[True])
     seal_open_small = ops["seal_64B_us"] + ops["open_64B_us"]
-    print(json.dumps({
-        "benchmark": "security",
-        "python": sys.version.split()[0],
-        "operations_us": ops,
-        "replica_sync_one_event": replica,
-        "two_nodes_one_event": {
-            "plain": plain,
-            "sealed": sealed,
-            "sealed_minus_plain_ms": round(sealed["median_ms"] - plain["median_ms"], 3),
-            "seal_and_open_per_request_us": round(2 * seal_open_small, 1),
-        },
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "security",
+                "python": sys.version.split()[0],
+                "operations_us": ops,
+                "replica_sync_one_event": replica,
+                "two_nodes_one_event": {
+                    "plain": plain,
+                    "sealed": sealed,
+                    "sealed_minus_plain_ms": round(sealed["median_ms"] - plain["median_ms"], 3),
+                    "seal_and_open_per_request_us": round(2 * seal_open_small, 1),
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,19 +66,25 @@ def child(nodes: int, seconds: float, profile: bool) -> None:
     s = result.summary
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     wall_key = "profiled_wall_s" if profile else "wall_s"
-    print(json.dumps({
-        "nodes": nodes,
-        "simulated_s": s["simulated_s"],
-        wall_key: round(wall, 2),
-        ("profiled_" if profile else "") + "wall_s_per_node_hour": round(wall / (nodes * s["simulated_s"] / 3600.0), 2),
-        "peak_rss_mib": round(peak, 1),
-        "messages": s["messages"],
-        "messages_per_node_per_s": s["messages_per_node_per_s"],
-        "bytes_per_node_per_s": s["bytes_per_node_per_s"],
-        "events": s["events"],
-        "events_lost": s["events_lost"],
-        "convergence_p50_s": s["convergence_s"]["p50"],
-    }))
+    print(
+        json.dumps(
+            {
+                "nodes": nodes,
+                "simulated_s": s["simulated_s"],
+                wall_key: round(wall, 2),
+                ("profiled_" if profile else "") + "wall_s_per_node_hour": round(
+                    wall / (nodes * s["simulated_s"] / 3600.0), 2
+                ),
+                "peak_rss_mib": round(peak, 1),
+                "messages": s["messages"],
+                "messages_per_node_per_s": s["messages_per_node_per_s"],
+                "bytes_per_node_per_s": s["bytes_per_node_per_s"],
+                "events": s["events"],
+                "events_lost": s["events_lost"],
+                "convergence_p50_s": s["convergence_s"]["p50"],
+            }
+        )
+    )
 
 
 def main() -> int:

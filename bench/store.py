@@ -31,8 +31,13 @@ async def run(adapter: str, concurrency: int, total: int, directory: str) -> dic
         replica = Replica()
         for w in range(concurrency):
             sid = f"s{w}"
-            await store.write(sid, replica.add(sid, new_session_doc(
-                sid, site="b", charger="c", connector=1, id_token="t", tariff={}, created_by="b")))
+            await store.write(
+                sid,
+                replica.add(
+                    sid,
+                    new_session_doc(sid, site="b", charger="c", connector=1, id_token="t", tariff={}, created_by="b"),
+                ),
+            )
         commits_before = store.sync.commits
         per_writer = total // concurrency
 
@@ -68,8 +73,9 @@ async def main() -> None:
         for adapter in ("sqlite", "memory"):
             for concurrency, total in ((1, 300), (8, 1600), (64, 6400)):
                 results.append(await run(adapter, concurrency, total, directory))
-                print(f"  {adapter}, concurrency {concurrency}: {results[-1]['appends_per_s']} appends/s",
-                      file=sys.stderr)
+                print(
+                    f"  {adapter}, concurrency {concurrency}: {results[-1]['appends_per_s']} appends/s", file=sys.stderr
+                )
     print(json.dumps({"benchmark": "store", "results": results}, indent=2))
 
 

@@ -75,8 +75,15 @@ def main() -> None:
     t0 = time.perf_counter()
     for s in range(SESSIONS):
         sid = f"session-{s:05d}"
-        doc = new_session_doc(sid, site="bench", charger="c1", connector=1, id_token="TOKEN-1234",
-                              tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by="node-1")
+        doc = new_session_doc(
+            sid,
+            site="bench",
+            charger="c1",
+            connector=1,
+            id_token="TOKEN-1234",
+            tariff={"currency": "EUR", "per_kwh_cents": 39},
+            created_by="node-1",
+        )
         for i in range(EVENTS):
             event = signer.sign("meter", sid, 1_700_000_000_000 + i * 60_000, meter_wh=i * 250)
             raw += len(event.encoded)
@@ -98,19 +105,29 @@ def main() -> None:
     one = catch_up(source, fresh)
     assert fresh.docs[sid].get_heads() == source.docs[sid].get_heads()
 
-    print(json.dumps({
-        "benchmark": "sync",
-        "fresh_replica": {
-            "sessions": SESSIONS, "events_per_session": EVENTS,
-            "raw_signed_event_bytes": raw, "wire_bytes": full["bytes"],
-            "wire_over_raw": round(full["bytes"] / raw, 3), "round_trips": full["round_trips"],
-            "cpu_seconds": round(full_cpu, 2), "wall_seconds": round(full_wall, 2),
-        },
-        "one_new_event": {
-            "raw_signed_event_bytes": len(event.encoded), "wire_bytes": one["bytes"],
-            "round_trips": one["round_trips"],
-        },
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sync",
+                "fresh_replica": {
+                    "sessions": SESSIONS,
+                    "events_per_session": EVENTS,
+                    "raw_signed_event_bytes": raw,
+                    "wire_bytes": full["bytes"],
+                    "wire_over_raw": round(full["bytes"] / raw, 3),
+                    "round_trips": full["round_trips"],
+                    "cpu_seconds": round(full_cpu, 2),
+                    "wall_seconds": round(full_wall, 2),
+                },
+                "one_new_event": {
+                    "raw_signed_event_bytes": len(event.encoded),
+                    "wire_bytes": one["bytes"],
+                    "round_trips": one["round_trips"],
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

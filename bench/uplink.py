@@ -139,8 +139,23 @@ async def receipt_phase(args: argparse.Namespace, workdir: Path, children: list[
     names = [f"bench-{i + 1}" for i in range(args.nodes)]
     urls = [f"http://{h}:{http}" for h in hosts]
     for i, (name, host) in enumerate(zip(names, hosts, strict=True)):
-        cmd = ["run", "--insecure", "--node-id", name, "--data-dir", str(workdir / name), "--bind", host, "--coap-port", str(coap),
-               "--http-port", str(http), "--no-mdns", "--log-level", "warning"]
+        cmd = [
+            "run",
+            "--insecure",
+            "--node-id",
+            name,
+            "--data-dir",
+            str(workdir / name),
+            "--bind",
+            host,
+            "--coap-port",
+            str(coap),
+            "--http-port",
+            str(http),
+            "--no-mdns",
+            "--log-level",
+            "warning",
+        ]
         cmd += [a for j, other in enumerate(hosts) if j != i for a in ("--peer", f"{other}:{coap}")]
         if i == 0:
             cmd += ["--cloud-url", cloud_url, "--probe-interval", "1"]
@@ -182,9 +197,10 @@ async def receipt_phase(args: argparse.Namespace, workdir: Path, children: list[
         meter = 10_000
         for k in range(args.sessions):
             writer = rng.randrange(args.nodes)
-            r = await client.post(urls[writer] + "/v1/sessions",
-                                  json={"charger": f"{names[writer]}-cp1", "connector": 1, "id_token": f"tok-{k}",
-                                        "meter_wh": meter})
+            r = await client.post(
+                urls[writer] + "/v1/sessions",
+                json={"charger": f"{names[writer]}-cp1", "connector": 1, "id_token": f"tok-{k}", "meter_wh": meter},
+            )
             if r.status_code != 201:
                 raise DemoError(f"POST /v1/sessions on {names[writer]} answered {r.status_code}: {r.text}")
             sid = r.json()["session_id"]
@@ -228,8 +244,10 @@ async def receipt_phase(args: argparse.Namespace, workdir: Path, children: list[
             })  # fmt: skip
             last = results[-1]
             fmt = lambda x: "timed out" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
-            log(f"  session {k + 1}/{args.sessions} on {names[writer]}: stop to ledger {fmt(last['ledger_s'])}, "
-                f"to every node {fmt(last['every_node_s'])}")
+            log(
+                f"  session {k + 1}/{args.sessions} on {names[writer]}: stop to ledger {fmt(last['ledger_s'])}, "
+                f"to every node {fmt(last['every_node_s'])}"
+            )
         await trio.sleep(args.settle)
         stats1 = await get_json(client, cloud_url + "/v1/stats")
         fwd1 = (await get_json(client, urls[0] + "/v1/status"))["forwarder"]
@@ -279,8 +297,15 @@ def build_sessions(count: int, meters: int, devices: int, seed: int) -> tuple[di
         d = k % devices
         signer = signers[d]
         sid = f"ingest-{seed}-{k:06d}"
-        doc = new_session_doc(sid, site="bench", charger=signer.device_id, connector=1, id_token=f"tok-{k}",
-                              tariff=TARIFF, created_by=signer.device_id)
+        doc = new_session_doc(
+            sid,
+            site="bench",
+            charger=signer.device_id,
+            connector=1,
+            id_token=f"tok-{k}",
+            tariff=TARIFF,
+            created_by=signer.device_id,
+        )
         ts += 1000
         kinds = [("authorize", None), ("start", registers[d])]
         for _ in range(meters):
@@ -296,15 +321,16 @@ def build_sessions(count: int, meters: int, devices: int, seed: int) -> tuple[di
     return docs, raw
 
 
-async def one_leader(cloud_url: str, node_id: str, docs: dict[str, Document], batch: int,
-                     counters: dict[str, int]) -> None:
+async def one_leader(
+    cloud_url: str, node_id: str, docs: dict[str, Document], batch: int, counters: dict[str, int]
+) -> None:
     """Send `docs` like a leader's forwarder: batches of sync rounds until every receipt is back."""
     replica = Replica(docs)
     client = CloudClient(cloud_url)
     try:
         ids = sorted(docs)
         for start in range(0, len(ids), batch):
-            chunk = ids[start:start + batch]
+            chunk = ids[start : start + batch]
             for _round in range(12):
                 msgs = {d: m for d in chunk if (m := replica.generate(CLOUD_PEER, d)) is not None}
                 if not msgs:
@@ -344,8 +370,9 @@ async def ingest_phase(args: argparse.Namespace, workdir: Path, children: list[C
         async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client:
             stats = await get_json(client, url + "/v1/stats")
         if stats["sessions"] != len(docs) or stats["receipts"] != len(docs) or stats["conflicts"]:
-            raise DemoError(f"after ingest the cloud holds {stats}, expected {len(docs)} sessions and receipts, "
-                            "no conflicts")
+            raise DemoError(
+                f"after ingest the cloud holds {stats}, expected {len(docs)} sessions and receipts, no conflicts"
+            )
         stop_children([cloud])
         children.remove(cloud)
         rate = len(docs) / elapsed
@@ -398,18 +425,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Prints one JSON object on stdout, progress on stderr.",
     )
     p.add_argument("--nodes", type=int, default=5, help="mesh nodes, one with an uplink (default 5)")
-    p.add_argument("--sessions", type=int, default=25, help="sessions through the mesh, one at a time (default 25; 0 skips)")
+    p.add_argument(
+        "--sessions", type=int, default=25, help="sessions through the mesh, one at a time (default 25; 0 skips)"
+    )
     p.add_argument("--meters", type=int, default=4, help="meter events per session (default 4)")
-    p.add_argument("--settle", type=float, default=1.0,
-                   help="seconds between a session's last meter and its stop (default 1)")
+    p.add_argument(
+        "--settle", type=float, default=1.0, help="seconds between a session's last meter and its stop (default 1)"
+    )
     p.add_argument("--poll-interval", type=float, default=0.05, help="seconds between polls of a node (default 0.05)")
-    p.add_argument("--timeout", type=float, default=30.0, help="give up on a receipt after this many seconds (default 30)")
-    p.add_argument("--ingest-sessions", type=int, default=400,
-                   help="completed sessions sent straight to the cloud (default 400; 0 skips)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="give up on a receipt after this many seconds (default 30)"
+    )
+    p.add_argument(
+        "--ingest-sessions",
+        type=int,
+        default=400,
+        help="completed sessions sent straight to the cloud (default 400; 0 skips)",
+    )
     p.add_argument("--ingest-batch", type=int, default=50, help="documents per sync request (default 50)")
-    p.add_argument("--ingest-leaders", default="1,4",
-                   help="comma-separated numbers of leaders sending in parallel, one run each (default 1,4)")
-    p.add_argument("--devices", type=int, default=10, help="charger keys the ingest sessions are signed with (default 10)")
+    p.add_argument(
+        "--ingest-leaders",
+        default="1,4",
+        help="comma-separated numbers of leaders sending in parallel, one run each (default 1,4)",
+    )
+    p.add_argument(
+        "--devices", type=int, default=10, help="charger keys the ingest sessions are signed with (default 10)"
+    )
     p.add_argument("--base-address", default="127.0.0.40", help="address of node 1 (default 127.0.0.40)")
     p.add_argument("--startup-timeout", type=float, default=30.0, help="seconds for the mesh to form (default 30)")
     p.add_argument("--seed", type=int, default=1, help="seed (default 1)")

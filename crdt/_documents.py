@@ -92,7 +92,7 @@ def _scalar_at(doc: Document, obj: bytes, key: str) -> Any:
     kind, value = got[0]
     if kind == ScalarType.Bytes:
         # This binding hands bytes back as a list of ints.
-        return bytes(value)
+        return bytes(value)  # type: ignore[arg-type]
     return value
 
 
@@ -179,7 +179,7 @@ class SessionData:
 
 def read_session(doc: Document) -> SessionData:
     """Read a session document. Raises DocumentError if it is not one."""
-    fields = {}
+    fields: dict[str, Any] = {}
     for key, kind in (
         ("session_id", str),
         ("site", str),

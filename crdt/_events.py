@@ -166,9 +166,7 @@ class EventSigner:
         return bytes(self.signing_key.verify_key)
 
     @classmethod
-    def resume(
-        cls, device_id: str, signing_key: nacl.signing.SigningKey, events: Iterable[SignedEvent]
-    ) -> EventSigner:
+    def resume(cls, device_id: str, signing_key: nacl.signing.SigningKey, events: Iterable[SignedEvent]) -> EventSigner:
         """A signer whose chain continues after the highest-`seq` event of this device."""
         last: SignedEvent | None = None
         for event in events:
@@ -257,9 +255,7 @@ def decode_event(blob: bytes) -> tuple[dict[str, Any], bytes]:
     for name, types in _TYPES.items():
         value = obj[name]
         if not isinstance(value, types) or isinstance(value, bool):
-            raise MalformedEvent(
-                f"event field {name!r} has type {type(value).__name__}", event_id=event_id
-            )
+            raise MalformedEvent(f"event field {name!r} has type {type(value).__name__}", event_id=event_id)
     for name in ("event_id", "type", "device_id", "session_id"):
         if not obj[name] or len(obj[name]) > _MAX_TEXT:
             raise MalformedEvent(f"event field {name!r} is empty or too long", event_id=event_id)

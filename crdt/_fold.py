@@ -195,9 +195,7 @@ class SessionFold:
             if event.event_id != key:
                 conflicts.append(Conflict(INVALID_EVENT, key, f"stored under another id ({event.event_id})"))
             elif event.record.session_id != self.session_id:
-                conflicts.append(
-                    Conflict(WRONG_SESSION, key, f"event belongs to session {event.record.session_id!r}")
-                )
+                conflicts.append(Conflict(WRONG_SESSION, key, f"event belongs to session {event.record.session_id!r}"))
             else:
                 verified.append(event)
         return conflicts, verified
@@ -250,7 +248,7 @@ class SessionFold:
         self._chained.update(slots)
         candidates = sorted(self._linked(sorted(slots.items())), key=_order_key)
         if candidates and self._last_key is not None and _order_key(candidates[0]) < self._last_key:
-            del self._conflicts[saved[0]:]
+            del self._conflicts[saved[0] :]
             self._chained = saved[1]
             return False
         self._conflicts.extend(conflicts)

@@ -29,7 +29,6 @@ from ._errors import InvalidSyncMessage, LocalError
 DEFAULT_BUCKETS = 64
 
 
-
 def _is_engine_error(exc: BaseException) -> bool:
     """True for what the Automerge binding raises on bad input: an Exception, or a Rust panic.
 
@@ -172,9 +171,7 @@ def _check_bloom(bloom: bytes) -> None:
     r = _Reader(bloom)
     entries, bits_per_entry, probes = r.uleb(), r.uleb(), r.uleb()
     if entries and (bits_per_entry == 0 or not 1 <= probes <= MAX_BLOOM_PROBES):
-        raise InvalidSyncMessage(
-            f"sync message: Bloom filter with {bits_per_entry} bits per entry and {probes} probes"
-        )
+        raise InvalidSyncMessage(f"sync message: Bloom filter with {bits_per_entry} bits per entry and {probes} probes")
     if len(bloom) - r.pos != (entries * bits_per_entry + 7) // 8:
         raise InvalidSyncMessage("sync message: Bloom filter size does not match its entries")
 
@@ -297,7 +294,8 @@ class Replica:
             if root_changes(trial) > 1:
                 self.book.reset(peer, doc_id)
                 raise InvalidSyncMessage(f"sync message for {doc_id!r} brings a second, unrelated history")
-        target = current if current is not None else self._incoming.pop(doc_id, None) or Document()
+        incoming = self._incoming.pop(doc_id, None)
+        target = current if current is not None else incoming if incoming is not None else Document()
         before = target.get_heads()
         try:
             target.receive_sync_message(self.book.state(peer, doc_id), msg)

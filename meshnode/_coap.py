@@ -245,6 +245,8 @@ def _internal_error_log(text: str) -> None:
     held = _INTERNAL_ERRORS.allow("aiocoap-internal", time.monotonic())
     if held is not None:
         log.error("%s%s", text, held_back(held, _INTERNAL_ERRORS.interval) if held else "")
+
+
 for _name in (AIOCOAP_LOGGER, f"{AIOCOAP_LOGGER}.blockwise-requester"):
     logging.getLogger(_name).addFilter(_QuietContinue())
     logging.getLogger(_name).addFilter(AIOCOAP_LOG_BUDGET)
@@ -631,9 +633,7 @@ class CoapTransport:
         host, port = self._bind
         await _check_port_free(host, port)
         try:
-            self._context = await trio_asyncio.aio_as_trio(
-                aiocoap.Context.create_server_context, loop=self._loop
-            )(
+            self._context = await trio_asyncio.aio_as_trio(aiocoap.Context.create_server_context, loop=self._loop)(
                 self._site,
                 bind=(host, port),
                 loggername=AIOCOAP_LOGGER,
@@ -789,9 +789,7 @@ class _RecentMessages(dict):  # type: ignore[type-arg]
 def _bound_deduplication(manager: Any) -> _RecentMessages:
     """Replace the message manager's deduplication with a bounded one (same
     behaviour as aiocoap 0.4.17's ``_deduplicate_message`` otherwise)."""
-    if not isinstance(getattr(manager, "_recent_messages", None), dict) or not hasattr(
-        manager, "_deduplicate_message"
-    ):
+    if not isinstance(getattr(manager, "_recent_messages", None), dict) or not hasattr(manager, "_deduplicate_message"):
         raise RuntimeError("aiocoap's MessageManager changed shape; review _coap.py")
     recent = _RecentMessages(DEDUP_LIFETIME, DEDUP_MAX)
     manager._recent_messages = recent
@@ -910,7 +908,8 @@ def _bound_blockwise(resource: aiocoap.resource.Resource, timeout: float) -> Non
     spool, cache = getattr(resource, "_block1", None), getattr(resource, "_block2", None)
     if not isinstance(spool, aiocoap.blockwise.Block1Spool) or not isinstance(cache, aiocoap.blockwise.Block2Cache):
         raise RuntimeError(  # noqa: TRY004 (a changed library, not a caller's type)
-            "aiocoap's block-wise spools changed shape; review _coap.py")
+            "aiocoap's block-wise spools changed shape; review _coap.py"
+        )
     spool._assemblies = _BoundedTimeoutDict(timeout, BLOCKWISE_MAX)
     cache._completes = _BoundedTimeoutDict(timeout, BLOCK2_CACHE_MAX)
 
@@ -938,14 +937,12 @@ def _guard_datagram_input(context: aiocoap.Context) -> None:
     guarded = 0
     for endpoint in endpoints:
         receive = getattr(endpoint, "datagram_msg_received", None)
-        if receive is None:
+        if endpoint is None or receive is None:
             continue
         endpoint.datagram_msg_received = _drop_on_error(receive)
         guarded += 1
     if guarded != 1:
-        raise RuntimeError(
-            f"expected one aiocoap UDP endpoint to guard, found {guarded}; aiocoap internals changed"
-        )
+        raise RuntimeError(f"expected one aiocoap UDP endpoint to guard, found {guarded}; aiocoap internals changed")
 
 
 DROPPED_DATAGRAMS = LogBudget()

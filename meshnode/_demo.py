@@ -264,6 +264,7 @@ def _die_with_parent() -> None:
 @dataclass
 class Child:
     """One process the demo started (cloud or node)."""
+
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
@@ -389,6 +390,7 @@ def loopback_hosts(base: str, count: int) -> list[str]:
 @dataclass
 class SessionRecord:
     """One session as the simulated charger saw it. Times are trio (monotonic) seconds."""
+
     session_id: str
     node: int
     charger: str
@@ -401,6 +403,7 @@ class SessionRecord:
     stopped: bool = False
     reconciled_at: float | None = None
     """When the charger's node first showed the session `reconciled` (polled)."""
+
     @property
     def receipt_latency(self) -> float | None:
         if self.stopped_at is None or self.reconciled_at is None:
@@ -430,6 +433,7 @@ class LedgerCheck:
     `failures` says, for people, everything that breaks the promise "every
     session billed exactly once, for what was metered"; empty when it held.
     """
+
     in_ledger: int
     duplicates: int
     lost: list[str]
@@ -449,22 +453,32 @@ class LedgerCheck:
     def failures(self) -> list[str]:
         out = []
         if self.lost:
-            out.append(f"{len(self.lost)} sessions lost ({self.lost_events} acknowledged events not billed): "
-                       + ", ".join(self.lost[:5]))
+            out.append(
+                f"{len(self.lost)} sessions lost ({self.lost_events} acknowledged events not billed): "
+                + ", ".join(self.lost[:5])
+            )
         if self.duplicate_rows or self.receipts_beyond_rows:
             out.append(f"{self.duplicate_rows + self.receipts_beyond_rows} duplicate ledger rows or receipts")
         if self.receipt_conflicts:
-            out.append(f"{len(self.receipt_conflicts)} sessions with more than one receipt (ledger and nodes): "
-                       + ", ".join(self.receipt_conflicts[:5]))
+            out.append(
+                f"{len(self.receipt_conflicts)} sessions with more than one receipt (ledger and nodes): "
+                + ", ".join(self.receipt_conflicts[:5])
+            )
         if self.unexpected:
-            out.append(f"{len(self.unexpected)} ledger sessions no charger started (billed without a start the "
-                       "charger knows of, e.g. a start retried after a lost answer): " + ", ".join(self.unexpected[:5]))
+            out.append(
+                f"{len(self.unexpected)} ledger sessions no charger started (billed without a start the "
+                "charger knows of, e.g. a start retried after a lost answer): " + ", ".join(self.unexpected[:5])
+            )
         extra_on_nodes = sorted(set(self.unexpected_on_nodes) - set(self.unexpected))
         if extra_on_nodes:
-            out.append(f"{len(extra_on_nodes)} sessions on the nodes no charger started: " + ", ".join(extra_on_nodes[:5]))
+            out.append(
+                f"{len(extra_on_nodes)} sessions on the nodes no charger started: " + ", ".join(extra_on_nodes[:5])
+            )
         if self.energy_mismatches:
-            out.append(f"{len(self.energy_mismatches)} sessions billed for other energy than metered: "
-                       + ", ".join(self.energy_mismatches[:5]))
+            out.append(
+                f"{len(self.energy_mismatches)} sessions billed for other energy than metered: "
+                + ", ".join(self.energy_mismatches[:5])
+            )
         if self.conflicts:
             out.append(f"{self.conflicts} conflicts in the cloud (forged, forked or late events, foreign receipts)")
         return out
@@ -488,7 +502,13 @@ def receipt_identity(receipt: Any) -> tuple[Any, ...] | None:
         return ("unreadable", repr(receipt))
     sig = receipt.get("sig")
     sig = sig.hex() if isinstance(sig, bytes) else sig
-    return (receipt.get("session_id"), receipt.get("energy_wh"), receipt.get("cost_cents"), receipt.get("issued_ts"), sig)
+    return (
+        receipt.get("session_id"),
+        receipt.get("energy_wh"),
+        receipt.get("cost_cents"),
+        receipt.get("issued_ts"),
+        sig,
+    )
 
 
 def receipts_issued(log_path: Path) -> Counter[str]:
@@ -685,7 +705,9 @@ class Demo:
             for child in self.children:
 
                 async def one(child: Child = child) -> None:
-                    child.ready = await trio.to_thread.run_sync(read_ready_line, child, deadline, abandon_on_cancel=True)
+                    child.ready = await trio.to_thread.run_sync(
+                        read_ready_line, child, deadline, abandon_on_cancel=True
+                    )
 
                 nursery.start_soon(one)
 
@@ -729,14 +751,21 @@ class Demo:
         with trio.move_on_after(MESH_TIMEOUT):
             while True:
                 await self._poll_statuses()
-                if all(
-                    s is not None and {p["node_id"] for p in s["peers"] if p["state"] == "alive"} >= set(self.names) - {s["node_id"]}
-                    for s in self.statuses
-                ) and agreed_leader(self._leaders()) is not None:
+                if (
+                    all(
+                        s is not None
+                        and {p["node_id"] for p in s["peers"] if p["state"] == "alive"}
+                        >= set(self.names) - {s["node_id"]}
+                        for s in self.statuses
+                    )
+                    and agreed_leader(self._leaders()) is not None
+                ):
                     return trio.current_time() - start
                 await trio.sleep(0.2)
         seen = {
-            name: (sorted(p["node_id"] for p in s["peers"] if p["state"] == "alive"), s.get("leader")) if s else "no answer"
+            name: (sorted(p["node_id"] for p in s["peers"] if p["state"] == "alive"), s.get("leader"))
+            if s
+            else "no answer"
             for name, s in zip(self.names, self.statuses, strict=True)
         }
         raise DemoError(
@@ -762,7 +791,9 @@ class Demo:
             return {"_status": response.status_code, "_text": response.text}
         return response.json()
 
-    async def _start(self, base: str, charger: str, id_token: str, meter: int, request_id: str) -> dict[str, Any] | None:
+    async def _start(
+        self, base: str, charger: str, id_token: str, meter: int, request_id: str
+    ) -> dict[str, Any] | None:
         """Start a session, retrying a lost answer with the same request id."""
         body = {"charger": charger, "connector": 1, "id_token": id_token, "meter_wh": meter, "request_id": request_id}
         for _attempt in range(5):
@@ -797,8 +828,14 @@ class Demo:
             if created is None or "_status" in created:
                 await self._pause(1.0)
                 continue
-            rec = SessionRecord(created["session_id"], node, charger, trio.current_time(), meter,
-                                [e["event_id"] for e in created.get("events", [])])
+            rec = SessionRecord(
+                created["session_id"],
+                node,
+                charger,
+                trio.current_time(),
+                meter,
+                [e["event_id"] for e in created.get("events", [])],
+            )
             self.sessions.append(rec)
             url = f"{base}/v1/sessions/{rec.session_id}/events"
             end = trio.current_time() + rng.uniform(*SESSION_SECONDS)
@@ -891,8 +928,10 @@ class Demo:
         cut_at = trio.current_time()
         self.proxies[victim].cut()
         self.cut_info = {"node": self.names[victim], "at_s": round(self.elapsed(), 2)}
-        self.say(f"[{self.elapsed():5.1f}s] cutting the uplink of the leader {self.names[victim]} "
-                 "(its proxy refuses connections and resets live ones)")
+        self.say(
+            f"[{self.elapsed():5.1f}s] cutting the uplink of the leader {self.names[victim]} "
+            "(its proxy refuses connections and resets live ones)"
+        )
         with trio.move_on_after(TAKEOVER_TIMEOUT):
             while self.leader in (None, self.names[victim]):
                 await trio.sleep(0.1)
@@ -913,22 +952,28 @@ class Demo:
         wall0 = time.monotonic()
         self._stopping = trio.Event()
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
-        async with httpx.AsyncClient(timeout=10.0, limits=limits, trust_env=False) as client, \
-                trio.open_nursery() as background:
+        async with (
+            httpx.AsyncClient(timeout=10.0, limits=limits, trust_env=False) as client,
+            trio.open_nursery() as background,
+        ):
             self._client = client
             for proxy in self.proxies.values():
                 await background.start(proxy.serve)
             background.start_soon(self._on_signals)
             await self._wait_ready()
             uplinks = ", ".join(self.names[i] for i in self.uplink_nodes)
-            self.say(f"cloud at {self.cloud_url}; {self.s.nodes} nodes on {self.hosts[0]}..{self.hosts[-1]}; "
-                     f"uplinks: {uplinks} (through cut-able proxies); data in {self.workdir}")
+            self.say(
+                f"cloud at {self.cloud_url}; {self.s.nodes} nodes on {self.hosts[0]}..{self.hosts[-1]}; "
+                f"uplinks: {uplinks} (through cut-able proxies); data in {self.workdir}"
+            )
             formed = await self._wait_for_mesh()
             self.t0 = trio.current_time()
             self.leader = agreed_leader(self._leaders())
             self.leader_history.append((0.0, self.leader or "-"))
-            self.say(f"mesh formed after {formed:.1f} s, leader {self.leader}; "
-                     f"{self.s.nodes * self.s.chargers} chargers charge for {self.s.duration:g} s")
+            self.say(
+                f"mesh formed after {formed:.1f} s, leader {self.leader}; "
+                f"{self.s.nodes * self.s.chargers} chargers charge for {self.s.duration:g} s"
+            )
             background.start_soon(self._watch_mesh)
             operator_done = trio.Event()
 
@@ -945,8 +990,10 @@ class Demo:
                             chargers.start_soon(self._charger, node, k, watchers)
                     await trio.sleep_until(self.t0 + self.s.duration)
                     self._stopping.set()
-                    self.say(f"[{self.elapsed():5.1f}s] charging phase over: stopping the open sessions, "
-                             f"waiting up to {self.s.drain_timeout:g} s for every receipt")
+                    self.say(
+                        f"[{self.elapsed():5.1f}s] charging phase over: stopping the open sessions, "
+                        f"waiting up to {self.s.drain_timeout:g} s for every receipt"
+                    )
                 drained = await self._drain(operator_done)
                 watchers.cancel_scope.cancel()
             try:
@@ -990,7 +1037,9 @@ class Demo:
         unreadable: list[str] = []
         for rec in self.sessions:
             try:
-                cloud_events[rec.session_id] = (await self._get(f"{self.cloud_url}/v1/sessions/{rec.session_id}"))["events"]
+                cloud_events[rec.session_id] = (await self._get(f"{self.cloud_url}/v1/sessions/{rec.session_id}"))[
+                    "events"
+                ]
             except httpx.HTTPStatusError:
                 cloud_events[rec.session_id] = []
             try:
@@ -1017,7 +1066,9 @@ class Demo:
             failures.append(f"{self.stops_unacknowledged} stops were never acknowledged by their node")
         if not self.sessions:
             failures.append("no session could be started")
-        node_changes = {n: (s.get("leader_changes") if s else None) for n, s in zip(self.names, self.statuses, strict=True)}
+        node_changes = {
+            n: (s.get("leader_changes") if s else None) for n, s in zip(self.names, self.statuses, strict=True)
+        }
         fwd = {n: s["forwarder"] for n, s in zip(self.names, self.statuses, strict=True) if s and s.get("forwarder")}
         return {
             "ok": not failures,
@@ -1043,8 +1094,10 @@ class Demo:
             "conflicts": len(conflicts),
             "conflict_kinds": dict(Counter(str(c.get("kind")) for c in conflicts)),
             "receipt_latency_s": {
-                "p50": _round(percentile(latencies, 0.5)), "p95": _round(percentile(latencies, 0.95)),
-                "max": _round(max(latencies, default=None)), "n": len(latencies),
+                "p50": _round(percentile(latencies, 0.5)),
+                "p95": _round(percentile(latencies, 0.95)),
+                "max": _round(max(latencies, default=None)),
+                "n": len(latencies),
             },  # fmt: skip
             "receipts_missing_on_nodes": len(receipts_missing),
             "all_reconciled_in_time": drained,
@@ -1056,7 +1109,8 @@ class Demo:
             "cloud_duplicates_rejected": int(stats.get("duplicates_rejected", 0)),
             "raw_event_bytes": raw_event_bytes,
             "cloud_bytes_per_raw_event_byte": round(int(stats.get("bytes_received", 0)) / raw_event_bytes, 3)
-            if raw_event_bytes else None,
+            if raw_event_bytes
+            else None,
             "automerge_doc_bytes": doc_bytes,
             "sessions_unreadable_for_bytes": len(unreadable),
             "proxy_bytes_to_cloud": sum(p.bytes_to_cloud for p in self.proxies.values()),
@@ -1086,8 +1140,10 @@ def format_report(r: Mapping[str, Any]) -> str:
 
     ratio = r.get("cloud_bytes_per_raw_event_byte")
     if cut.get("new_leader"):
-        cut_text = (f"{cut['node']}'s uplink cut at {cut['at_s']:.1f} s; {cut['new_leader']} took over "
-                    f"{cut['takeover_s']:.1f} s later; uplink restored at {cut.get('restored_at_s', 0):.1f} s")
+        cut_text = (
+            f"{cut['node']}'s uplink cut at {cut['at_s']:.1f} s; {cut['new_leader']} took over "
+            f"{cut['takeover_s']:.1f} s later; uplink restored at {cut.get('restored_at_s', 0):.1f} s"
+        )
     elif cut:
         cut_text = f"{cut['node']}'s uplink cut at {cut['at_s']:.1f} s; no takeover was seen"
     else:
@@ -1103,8 +1159,7 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"  duplicates                      {r['duplicates']}",
         f"  lost                            {r['lost']} ({r['lost_events']} of {r['events_acknowledged']} "
         "acknowledged events missing)",
-        f"  conflicts                       {r['conflicts']}"
-        + (f" {r['conflict_kinds']}" if r["conflicts"] else ""),
+        f"  conflicts                       {r['conflicts']}" + (f" {r['conflict_kinds']}" if r["conflicts"] else ""),
         f"  stop -> receipt on its node     median {sec(lat['p50'])}, p95 {sec(lat['p95'])}, "
         f"max {sec(lat['max'])} ({lat['n']} sessions)",
         f"  bytes to the cloud              {r['cloud_bytes']:,} (sync bodies, deflated) against "
@@ -1115,8 +1170,9 @@ def format_report(r: Mapping[str, Any]) -> str:
         lines.append(f"  API errors seen by chargers     {r['request_errors']}")
     lines.append("")
     if r["ok"]:
-        lines.append(f"OK: every session reached the ledger exactly once and got its receipt back "
-                     f"({r['wall_s']:.0f} s wall).")
+        lines.append(
+            f"OK: every session reached the ledger exactly once and got its receipt back ({r['wall_s']:.0f} s wall)."
+        )
     else:
         lines.append("FAILED:")
         lines += [f"  - {f}" for f in r["failures"]]
@@ -1200,18 +1256,39 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags (shared by `meshnode demo` and `python -m meshnode._demo`)."""
-    parser.add_argument("--nodes", type=int, default=DEFAULT_NODES,
-                        help=f"mesh nodes, two of them with an uplink (default {DEFAULT_NODES})")
-    parser.add_argument("--duration", type=float, default=DEFAULT_DURATION, metavar="SECONDS",
-                        help=f"length of the charging phase (default {DEFAULT_DURATION:g})")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=DEFAULT_NODES,
+        help=f"mesh nodes, two of them with an uplink (default {DEFAULT_NODES})",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_DURATION,
+        metavar="SECONDS",
+        help=f"length of the charging phase (default {DEFAULT_DURATION:g})",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--seed", type=int, default=1, help="seed of the chargers and the uplink choice (default 1)")
-    parser.add_argument("--chargers", type=int, default=DEFAULT_CHARGERS,
-                        help=f"simulated chargers per node (default {DEFAULT_CHARGERS})")
-    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
-                        help="how long to wait for the last receipts after charging (default 60)")
-    parser.add_argument("--base-address", default=DEFAULT_BASE_ADDRESS,
-                        help=f"loopback address of node 1; node i gets the address + i - 1 (default {DEFAULT_BASE_ADDRESS})")
+    parser.add_argument(
+        "--chargers",
+        type=int,
+        default=DEFAULT_CHARGERS,
+        help=f"simulated chargers per node (default {DEFAULT_CHARGERS})",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the last receipts after charging (default 60)",
+    )
+    parser.add_argument(
+        "--base-address",
+        default=DEFAULT_BASE_ADDRESS,
+        help=f"loopback address of node 1; node i gets the address + i - 1 (default {DEFAULT_BASE_ADDRESS})",
+    )
     parser.add_argument("--no-cut", action="store_true", help="do not cut the leader's uplink")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (data dirs, logs) afterwards")
 

@@ -315,7 +315,9 @@ class MdnsDiscovery:
         try:
             return cast(Awaitable[None], await _aio(azc.async_register_service)(info))
         except zeroconf.NonUniqueNameException as exc:
-            raise DiscoveryFailed(f"node id {self.node_id!r} is already advertised on this link by another node") from exc
+            raise DiscoveryFailed(
+                f"node id {self.node_id!r} is already advertised on this link by another node"
+            ) from exc
         except zeroconf.Error as exc:
             raise DiscoveryFailed(f"cannot register {self.service_name}: {exc!r}") from exc
 
@@ -405,7 +407,8 @@ def _read_cache(zc: zeroconf.Zeroconf, name: str) -> _Resolved | None:
     if not isinstance(srv, DNSService) or not isinstance(txt, DNSText):
         return None
     addresses = [
-        r for r in zc.cache.async_all_by_details(srv.server, _TYPE_A, _CLASS_IN)
+        r
+        for r in zc.cache.async_all_by_details(srv.server, _TYPE_A, _CLASS_IN)
         if isinstance(r, DNSAddress) and len(r.address) == 4 and not r.is_expired(now)
     ]
     newest = max(addresses, key=lambda r: (r.created, r.ttl), default=None)
@@ -525,7 +528,9 @@ class _PeerTracker:
             return
         resolved = _read_cache(self._zc, name) if complete else None
         if resolved is None:
-            log.info("%s did not answer within %s s; waiting for its next announcement", name, self._owner.resolve_timeout)
+            log.info(
+                "%s did not answer within %s s; waiting for its next announcement", name, self._owner.resolve_timeout
+            )
             return
         self._resolved[key] = resolved
         try:
@@ -577,9 +582,10 @@ def check_multicast(bind: str, *, timeout: float = 2.0) -> None:
     token = os.urandom(16)
     group = socket.inet_aton(MDNS_GROUP)
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, socket.socket(
-            socket.AF_INET, socket.SOCK_DGRAM
-        ) as tx:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+        ):
             rx.bind(("", 0))
             rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group + socket.inet_aton(bind))
             tx.bind((bind, 0))

@@ -983,7 +983,9 @@ class Membership:
         total = self._digest_sum
         for node_id in self._rows_stale:
             entry = self._peers[node_id]
-            row = _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
+            row = (
+                _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
+            )
             total += row - entry.row
             entry.row = row
         self._rows_stale.clear()

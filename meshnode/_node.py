@@ -266,8 +266,12 @@ class Node:
         self.replica = Replica()
         self.membership: Membership | None = None
         self.engine = Replicator(
-            self.node_id, push_interval=config.push_interval, exchange_interval=config.gossip_interval,
-            tick_interval=config.gossip_interval, ttl=config.neighbour_ttl, salt=f"{seed}:{config.node_id}",
+            self.node_id,
+            push_interval=config.push_interval,
+            exchange_interval=config.gossip_interval,
+            tick_interval=config.gossip_interval,
+            ttl=config.neighbour_ttl,
+            salt=f"{seed}:{config.node_id}",
         )
         self._wakeup = trio.Event()
         self._ready = False
@@ -291,10 +295,10 @@ class Node:
         self.leader_changes = 0
         self.forwarder: Forwarder | None = None
         if cloud is not None:
-            planner = ForwardPlanner(
-                random.Random(f"{seed}:{config.node_id}:forwarder"), meter_hold=config.meter_hold
+            planner = ForwardPlanner(random.Random(f"{seed}:{config.node_id}:forwarder"), meter_hold=config.meter_hold)
+            self.forwarder = Forwarder(
+                self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud
             )
-            self.forwarder = Forwarder(self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud)
         self.archived: set[str] = set()
         # Retired sessions a peer still asks about are served from their archived
         # copy (read-only: nothing a peer sends is stored), so a node that was away
@@ -307,14 +311,28 @@ class Node:
         if config.unknown_token_max_wh is not None or config.unknown_token_max_minutes is not None:
             unknown_limits = Limits(config.unknown_token_max_wh, config.unknown_token_max_minutes)
         self.site_config = SiteConfigService(
-            replica=self.replica, identity=identity, sealer=sealer, actor=self._actor, commit=self._commit_local,
-            wall_clock=wall_clock, unknown_token_policy=config.unknown_token_policy,
+            replica=self.replica,
+            identity=identity,
+            sealer=sealer,
+            actor=self._actor,
+            commit=self._commit_local,
+            wall_clock=wall_clock,
+            unknown_token_policy=config.unknown_token_policy,
             unknown_token_limits=unknown_limits,
         )
         self.sessions = SessionService(
-            node_id=self.node_id, site=config.site, tariff=config.tariff, replica=self.replica,
-            site_config=self.site_config, signer=lambda: self.signer, keyring=self.keyring, identity=identity,
-            actor=self._actor, rng=self.rng, wall_clock=lambda: self.wall_clock(), commit=self._commit_local,
+            node_id=self.node_id,
+            site=config.site,
+            tariff=config.tariff,
+            replica=self.replica,
+            site_config=self.site_config,
+            signer=lambda: self.signer,
+            keyring=self.keyring,
+            identity=identity,
+            actor=self._actor,
+            rng=self.rng,
+            wall_clock=lambda: self.wall_clock(),
+            commit=self._commit_local,
             archived=lambda: self.archived,
         )
         self._fold_cache = self.sessions.fold_cache
@@ -369,9 +387,14 @@ class Node:
                     nursery.start_soon(self._engine_loop, nursery)
                     if self.cloud is not None and self.forwarder is not None:
                         await nursery.start(
-                            functools.partial(serve_probe, interval=self.config.probe_interval,
-                                              timeout=min(2.0, self.config.probe_interval / 2)),
-                            self.cloud, self.scorer, self._on_score,
+                            functools.partial(
+                                serve_probe,
+                                interval=self.config.probe_interval,
+                                timeout=min(2.0, self.config.probe_interval / 2),
+                            ),
+                            self.cloud,
+                            self.scorer,
+                            self._on_score,
                         )
                         await nursery.start(
                             functools.partial(serve_forwarder, is_leader=lambda: self.leader == self.node_id),
@@ -633,15 +656,17 @@ class Node:
         for view in self.membership.view(now):
             if view.record.node_id == self.node_id:
                 continue
-            peers.append({
-                "node_id": view.record.node_id,
-                "address": view.record.address,
-                "state": view.state.name.lower(),
-                "last_seen_s": round(view.age, 1),
-                "incarnation": view.record.incarnation,
-                "uplink_score": view.record.uplink_score,
-                "direct": view.record.node_id in direct,
-            })
+            peers.append(
+                {
+                    "node_id": view.record.node_id,
+                    "address": view.record.address,
+                    "state": view.state.name.lower(),
+                    "last_seen_s": round(view.age, 1),
+                    "incarnation": view.record.incarnation,
+                    "uplink_score": view.record.uplink_score,
+                    "direct": view.record.node_id in direct,
+                }
+            )
         live = [p for p in peers if p["state"] != "dead"]
         not_everywhere = self.documents_not_everywhere()
         if not self.live_neighbours() or not live:
@@ -741,8 +766,13 @@ class Node:
 
     def _hello_message(self) -> Hello:
         assert self.membership is not None
-        return Hello(self.node_id, self.transport.address, self.membership.self_record.incarnation,
-                     self.signer.public_key, self.config.site)
+        return Hello(
+            self.node_id,
+            self.transport.address,
+            self.membership.self_record.incarnation,
+            self.signer.public_key,
+            self.config.site,
+        )
 
     async def _hello(self, address: str, payload: bytes) -> None:
         ok = False
@@ -773,15 +803,21 @@ class Node:
     def _push(self, action: SendPush, nursery: trio.Nursery) -> None:
         """Build the push now (the engine's view of the peer's heads moves with it), send it in a task."""
         assert self.membership is not None
-        entries, left = build_push(self.replica, action.docs,
-                                   functools.partial(self.engine.known_heads, action.peer), MAX_PUSH_BYTES)
+        entries, left = build_push(
+            self.replica, action.docs, functools.partial(self.engine.known_heads, action.peer), MAX_PUSH_BYTES
+        )
         self.engine.requeue(action.peer, left)
         if not entries:
             return
         for doc_id, (heads, _) in entries.items():
             self.engine.pushed(action.peer, doc_id, heads)
-        push = Push(self.node_id, self.membership.self_record.incarnation, entries, self._piggyback(),
-                    tuple(self.engine.push_targets()))
+        push = Push(
+            self.node_id,
+            self.membership.self_record.incarnation,
+            entries,
+            self._piggyback(),
+            tuple(self.engine.push_targets()),
+        )
         nursery.start_soon(self._send, action.address, "/m/push", push.encode())
 
     async def _send(self, address: str, resource: str, payload: bytes) -> None:
@@ -826,8 +862,14 @@ class Node:
     def _exchange_failed(self, peer: str, address: str, exc: Exception) -> None:
         forgotten = self.engine.exchange_failed(peer, self.now())
         level = logging.WARNING if isinstance(exc, RemoteRefused) and exc.code != "5.03" else logging.INFO
-        log.log(level, "exchange with %s at %s failed%s: %s", peer, address,
-                " (forgotten until it answers a hello again)" if forgotten else "", exc)
+        log.log(
+            level,
+            "exchange with %s at %s failed%s: %s",
+            peer,
+            address,
+            " (forgotten until it answers a hello again)" if forgotten else "",
+            exc,
+        )
 
     async def _anti_entropy(self, peer: str, address: str) -> set[str]:
         mine = self.replica.heads_hashes()
@@ -879,9 +921,7 @@ class Node:
                     log.warning("peer %s refused our sync message for %s: %s", peer, d, error)
                 await self._apply_messages(peer, reply.msgs, source=peer)
                 # A document the peer refused leaves this exchange (anti-entropy retries it later).
-                pending = [
-                    d for d in pending if d not in reply.errors and (msgs.get(d) is not None or d in reply.msgs)
-                ]
+                pending = [d for d in pending if d not in reply.errors and (msgs.get(d) is not None or d in reply.msgs)]
                 if not pending:
                     break
             else:
@@ -920,7 +960,9 @@ class Node:
                         errors[d] = str(exc)
                 continue
             try:
-                changes = self.replica.receive(state, d, m, validate=functools.partial(_check_document, self.config.site, d))
+                changes = self.replica.receive(
+                    state, d, m, validate=functools.partial(_check_document, self.config.site, d)
+                )
             except InvalidSyncMessage as exc:
                 errors[d] = str(exc)
                 self.counters["sync_requests_refused"] += 1
@@ -965,8 +1007,15 @@ class Node:
         if peer is not None and peer != node_id:
             raise Forbidden(f"request says it is from {node_id!r} but was signed by {peer!r}")
 
-    def _sender(self, node_id: str, address: str | None, *, incarnation: int | None = None,
-                records: tuple[MemberRecord, ...] = (), introduce: bool = True) -> bool:
+    def _sender(
+        self,
+        node_id: str,
+        address: str | None,
+        *,
+        incarnation: int | None = None,
+        records: tuple[MemberRecord, ...] = (),
+        introduce: bool = True,
+    ) -> bool:
         """Who sent this? True for a verified peer (known, or sealed by that node).
 
         An unverified sender creates no lasting state here (issue 10 item 5): its
@@ -987,8 +1036,12 @@ class Node:
             return False
         if authenticated_peer.get() == node_id and claimed is not None and _plausible_address(claimed):
             # Sealed by that node's certificate: as good as a hello (N1).
-            self.engine.hello_ok(node_id, claimed, incarnation if incarnation is not None else
-                                 (own.incarnation if own is not None else None), now)
+            self.engine.hello_ok(
+                node_id,
+                claimed,
+                incarnation if incarnation is not None else (own.incarnation if own is not None else None),
+                now,
+            )
             self._observed(node_id)
             self._wakeup.set()
             return True
@@ -1013,8 +1066,9 @@ class Node:
             self.engine.told_targets(push.sender, push.targets)
         source = push.sender if verified else "?"
         async with self._receive_lock:
-            await self._apply_messages(PUSH_STATE + push.sender, {d: m for d, (_, m) in push.docs.items()},
-                                       source=source)
+            await self._apply_messages(
+                PUSH_STATE + push.sender, {d: m for d, (_, m) in push.docs.items()}, source=source
+            )
         if verified:
             for d, (heads, _) in push.docs.items():
                 doc = self.replica.docs.get(d)

@@ -94,8 +94,14 @@ class Hello:
 
     def encode(self) -> bytes:
         return encode(
-            {"id": self.node_id, "v": self.version, "addr": self.address, "inc": self.incarnation,
-             "key": self.public_key, "site": self.site}
+            {
+                "id": self.node_id,
+                "v": self.version,
+                "addr": self.address,
+                "inc": self.incarnation,
+                "key": self.public_key,
+                "site": self.site,
+            }
         )
 
     @classmethod
@@ -148,7 +154,8 @@ class Push:
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {
-            "from": self.sender, "inc": self.incarnation,
+            "from": self.sender,
+            "inc": self.incarnation,
             "docs": {d: [list(h), m] for d, (h, m) in self.docs.items()},
             "records": [r.to_wire() for r in self.records],
         }
@@ -171,8 +178,11 @@ class Push:
             if not isinstance(entry, list) or len(entry) != 2:
                 raise ProtocolError(f"push: entry for {d!r} must be [heads, message]")
             heads, msg = entry
-            if (not isinstance(heads, list) or len(heads) > MAX_HEADS
-                    or not all(isinstance(h, bytes) and len(h) == 32 for h in heads)):
+            if (
+                not isinstance(heads, list)
+                or len(heads) > MAX_HEADS
+                or not all(isinstance(h, bytes) and len(h) == 32 for h in heads)
+            ):
                 raise ProtocolError(f"push: heads for {d!r} must be a list of 32-byte hashes")
             if not isinstance(msg, bytes) or not 0 < len(msg) <= MAX_SYNC_MESSAGE:
                 raise ProtocolError(f"push: message for {d!r} must be non-empty bytes")
@@ -182,8 +192,9 @@ class Push:
             if not isinstance(targets, list) or len(targets) > MAX_TARGETS:
                 raise ProtocolError(f"push: to must be a list of at most {MAX_TARGETS} ids")
             targets = tuple(_id(t, "push target") for t in targets)
-        return cls(_id(_field(obj, "from", "push"), "push from"), inc, out,
-                   _records(obj.get("records", []), "push"), targets)
+        return cls(
+            _id(_field(obj, "from", "push"), "push from"), inc, out, _records(obj.get("records", []), "push"), targets
+        )
 
 
 def _hash(value: Any, what: str, size: int = 8) -> bytes:
@@ -203,14 +214,24 @@ class StateRequest:
     records: tuple[MemberRecord, ...] = ()
 
     def encode(self) -> bytes:
-        return encode({"from": self.sender, "hh": self.heads_hash, "md": self.members_digest,
-                       "records": [r.to_wire() for r in self.records]})
+        return encode(
+            {
+                "from": self.sender,
+                "hh": self.heads_hash,
+                "md": self.members_digest,
+                "records": [r.to_wire() for r in self.records],
+            }
+        )
 
     @classmethod
     def decode(cls, payload: bytes) -> StateRequest:
         obj = _decode_map(payload, "state")
-        return cls(_id(_field(obj, "from", "state"), "state from"), _hash(_field(obj, "hh", "state"), "state hh"),
-                   _hash(_field(obj, "md", "state"), "state md", DIGEST_SIZE), _records(obj.get("records", []), "state"))
+        return cls(
+            _id(_field(obj, "from", "state"), "state from"),
+            _hash(_field(obj, "hh", "state"), "state hh"),
+            _hash(_field(obj, "md", "state"), "state md", DIGEST_SIZE),
+            _records(obj.get("records", []), "state"),
+        )
 
 
 @dataclass(frozen=True)
@@ -223,15 +244,18 @@ class StateResponse:
     records: tuple[MemberRecord, ...] = ()
 
     def encode(self) -> bytes:
-        return encode({"hh": self.heads_hash, "md": self.members_digest,
-                       "records": [r.to_wire() for r in self.records]})
+        return encode(
+            {"hh": self.heads_hash, "md": self.members_digest, "records": [r.to_wire() for r in self.records]}
+        )
 
     @classmethod
     def decode(cls, payload: bytes) -> StateResponse:
         obj = _decode_map(payload, "state response")
-        return cls(_hash(_field(obj, "hh", "state response"), "state response hh"),
-                   _hash(_field(obj, "md", "state response"), "state response md", DIGEST_SIZE),
-                   _records(obj.get("records", []), "state response"))
+        return cls(
+            _hash(_field(obj, "hh", "state response"), "state response hh"),
+            _hash(_field(obj, "md", "state response"), "state response md", DIGEST_SIZE),
+            _records(obj.get("records", []), "state response"),
+        )
 
 
 # --- digest ------------------------------------------------------------------------
@@ -283,9 +307,7 @@ class DigestResponse:
     def decode(cls, payload: bytes) -> DigestResponse:
         obj = _decode_map(payload, "digest response")
         buckets = _field(obj, "buckets", "digest response")
-        if not isinstance(buckets, list) or not all(
-            isinstance(b, int) and 0 <= b < DEFAULT_BUCKETS for b in buckets
-        ):
+        if not isinstance(buckets, list) or not all(isinstance(b, int) and 0 <= b < DEFAULT_BUCKETS for b in buckets):
             raise ProtocolError("digest response: buckets must be bucket indexes")
         return cls(tuple(buckets), _entries(_field(obj, "entries", "digest response"), "digest response"))
 

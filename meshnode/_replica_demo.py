@@ -17,7 +17,9 @@ import nacl.signing
 from crdt import EventSigner, Keyring, Replica, add_event, fold_session, new_session_doc
 
 
-def run_replica_demo(*, replicas: int = 3, sessions: int = 4, seed: int = 1, out: Callable[[str], None] = print) -> bool:
+def run_replica_demo(
+    *, replicas: int = 3, sessions: int = 4, seed: int = 1, out: Callable[[str], None] = print
+) -> bool:
     """Run the demo; returns True when every replica ended with identical sessions."""
     rng = random.Random(seed)
     names = [f"node-{i + 1}" for i in range(replicas)]
@@ -31,11 +33,18 @@ def run_replica_demo(*, replicas: int = 3, sessions: int = 4, seed: int = 1, out
     for n in names:
         for k in range(sessions):
             sid = f"{n}-s{k + 1}"
-            nodes[n].add(sid, new_session_doc(
-                sid, site="demo-field", charger=f"{n}-charger", connector=1 + k % 2,
-                id_token=f"TOKEN-{rng.randrange(1000, 9999)}",
-                tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by=n,
-            ))
+            nodes[n].add(
+                sid,
+                new_session_doc(
+                    sid,
+                    site="demo-field",
+                    charger=f"{n}-charger",
+                    connector=1 + k % 2,
+                    id_token=f"TOKEN-{rng.randrange(1000, 9999)}",
+                    tariff={"currency": "EUR", "per_kwh_cents": 39},
+                    created_by=n,
+                ),
+            )
             plans.append((n, sid))
 
     lost = 0
@@ -86,9 +95,13 @@ def run_replica_demo(*, replicas: int = 3, sessions: int = 4, seed: int = 1, out
         rows = []
         for sid in sorted(nodes[n].docs):
             data, view = fold_session(nodes[n].docs[sid], keyring)
-            rows.append((sid, data.charger, data.id_token, view.state, view.energy_wh, len(view.applied), len(view.conflicts)))
+            rows.append(
+                (sid, data.charger, data.id_token, view.state, view.energy_wh, len(view.applied), len(view.conflicts))
+            )
         tables[n] = rows
-    out(f"{'session':<14} {'charger':<16} {'id token':<11} {'state':<10} {'energy Wh':>9} {'events':>6} {'conflicts':>9}")
+    out(
+        f"{'session':<14} {'charger':<16} {'id token':<11} {'state':<10} {'energy Wh':>9} {'events':>6} {'conflicts':>9}"
+    )
     for row in tables[names[0]]:
         out(f"{row[0]:<14} {row[1]:<16} {row[2]:<11} {row[3]:<10} {row[4]:>9} {row[5]:>6} {row[6]:>9}")
     same = all(tables[n] == tables[names[0]] for n in names)

@@ -446,16 +446,23 @@ def _split_signed(data: Any, what: str, error: type[RemoteSecurityError], limit:
     except Exception as exc:  # cbor2 raises several types for bad input
         raise error(f"{what} is not valid CBOR") from exc
     if (
-        not isinstance(outer, list) or len(outer) != 2
-        or not isinstance(outer[0], bytes) or not isinstance(outer[1], bytes) or len(outer[1]) != 64
+        not isinstance(outer, list)
+        or len(outer) != 2
+        or not isinstance(outer[0], bytes)
+        or not isinstance(outer[1], bytes)
+        or len(outer[1]) != 64
     ):
         raise error(f"{what} is not a signed CBOR pair")
     return outer[0], outer[1]
 
 
 def _open_signed(
-    data: Any, key: nacl.signing.VerifyKey, context: bytes, what: str,
-    error: type[RemoteSecurityError], limit: int,
+    data: Any,
+    key: nacl.signing.VerifyKey,
+    context: bytes,
+    what: str,
+    error: type[RemoteSecurityError],
+    limit: int,
 ) -> tuple[dict[Any, Any], bytes]:
     """Verify a signed pair; return its map (shape still to be checked) and the signature."""
     signed, sig = _split_signed(data, what, error, limit)
@@ -732,8 +739,16 @@ class Certificate:
     encoded: bytes = field(default=b"", repr=False, compare=False)
 
     def _fields(self) -> dict[str, Any]:
-        return {"v": 1, "node": self.node_id, "pk": self.public_key, "roles": list(self.roles),
-                "na": self.not_after, "serial": self.serial, "site": self.site, "iss": self.issued}
+        return {
+            "v": 1,
+            "node": self.node_id,
+            "pk": self.public_key,
+            "roles": list(self.roles),
+            "na": self.not_after,
+            "serial": self.serial,
+            "site": self.site,
+            "iss": self.issued,
+        }
 
     def encode(self) -> bytes:
         """The certificate's CBOR bytes, ``[signed, site signature]``.
@@ -754,19 +769,36 @@ class Certificate:
         Raises:
             BadCertificate: malformed, or not signed by this site's key.
         """
-        body, sig = _open_signed(data, _verify_key(site_public_key), _CTX_CERT, "certificate", BadCertificate,
-                                 MAX_CERT_BYTES)
+        body, sig = _open_signed(
+            data, _verify_key(site_public_key), _CTX_CERT, "certificate", BadCertificate, MAX_CERT_BYTES
+        )
         roles = body.get("roles")
         if (
-            set(body) != {"v", "node", "pk", "roles", "na", "serial", "site", "iss"} or body["v"] != 1
-            or not _is_text(body["node"]) or not isinstance(body["pk"], bytes) or len(body["pk"]) != 32
-            or not isinstance(roles, list) or not 0 < len(roles) <= 8 or not all(_is_text(r, 32) for r in roles)
-            or not _is_time(body["na"]) or not _is_time(body["iss"])
-            or not _is_text(body["serial"], 64) or not _is_text(body["site"])
+            set(body) != {"v", "node", "pk", "roles", "na", "serial", "site", "iss"}
+            or body["v"] != 1
+            or not _is_text(body["node"])
+            or not isinstance(body["pk"], bytes)
+            or len(body["pk"]) != 32
+            or not isinstance(roles, list)
+            or not 0 < len(roles) <= 8
+            or not all(_is_text(r, 32) for r in roles)
+            or not _is_time(body["na"])
+            or not _is_time(body["iss"])
+            or not _is_text(body["serial"], 64)
+            or not _is_text(body["site"])
         ):
             raise BadCertificate("certificate has the wrong shape")
-        return cls(body["node"], body["pk"], tuple(roles), float(body["na"]), body["serial"], body["site"],
-                   float(body["iss"]), sig, bytes(data))
+        return cls(
+            body["node"],
+            body["pk"],
+            tuple(roles),
+            float(body["na"]),
+            body["serial"],
+            body["site"],
+            float(body["iss"]),
+            sig,
+            bytes(data),
+        )
 
     def check_valid(self, now: float) -> None:
         """Raise :class:`CertificateExpired` if ``now`` is past ``not_after``."""
@@ -798,8 +830,7 @@ def issue_certificate(
         raise LocalSecurityError(f"roles must be some of {sorted(ROLES)}, got {list(roles)}")
     if not valid_for > 0:
         raise LocalSecurityError("valid_for must be a positive number of seconds")
-    cert = Certificate(node_id, public_key, roles, float(now + valid_for), secrets.token_hex(16), site.name,
-                       float(now))
+    cert = Certificate(node_id, public_key, roles, float(now + valid_for), secrets.token_hex(16), site.name, float(now))
     return _sign(key, _CTX_CERT, _canonical(cert._fields()))
 
 
@@ -858,7 +889,9 @@ class Identity:
         try:
             cert = Certificate.decode(cert_bytes, site_public_key)
         except BadCertificate as exc:
-            raise LocalSecurityError(f"{cert_path} is not a certificate of the site in {data_dir / SITE_PUB}; {hint}") from exc
+            raise LocalSecurityError(
+                f"{cert_path} is not a certificate of the site in {data_dir / SITE_PUB}; {hint}"
+            ) from exc
         if cert.public_key != bytes(signing_key.verify_key):
             raise LocalSecurityError(f"{cert_path} was issued for another key than {data_dir / NODE_KEY}; {hint}")
         if node_id is not None and node_id != cert.node_id:
@@ -867,8 +900,10 @@ class Identity:
                 f"drop --node-id, or enrol this data dir as {node_id!r}"
             )
         if now is not None and now > cert.not_after:
-            raise LocalSecurityError(f"the certificate of {cert.node_id} expired at {_iso(cert.not_after)}; "
-                                     f"renew it: meshnode enroll --node-id {cert.node_id} --data-dir {data_dir}")
+            raise LocalSecurityError(
+                f"the certificate of {cert.node_id} expired at {_iso(cert.not_after)}; "
+                f"renew it: meshnode enroll --node-id {cert.node_id} --data-dir {data_dir}"
+            )
         cloud = data_dir / CLOUD_PUB
         cloud_key = _read_key_file(cloud, "cloud key", hint, secret=False) if cloud.exists() else None
         return cls(cert.node_id, signing_key, cert, cert_bytes, site_public_key, network_key, cert.site, cloud_key)
@@ -912,11 +947,15 @@ def enroll(
             old = None
             old_site = b""
         if old is not None and old_site != site.public_key:
-            raise LocalSecurityError(f"{data_dir} is enrolled in another site ({old.site!r}); "
-                                     "use a fresh data dir, or remove its node.cert on purpose")
+            raise LocalSecurityError(
+                f"{data_dir} is enrolled in another site ({old.site!r}); "
+                "use a fresh data dir, or remove its node.cert on purpose"
+            )
         if old is not None and old.node_id != node_id:
-            raise LocalSecurityError(f"{data_dir} is enrolled as {old.node_id!r}, not {node_id!r}; "
-                                     "a data dir holds one node (its device key signed that node's events)")
+            raise LocalSecurityError(
+                f"{data_dir} is enrolled as {old.node_id!r}, not {node_id!r}; "
+                "a data dir holds one node (its device key signed that node's events)"
+            )
     key = load_or_create_node_key(data_dir)
     cert = issue_certificate(site, node_id, bytes(key.verify_key), roles=roles, valid_for=valid_for, now=now)
     parsed = Certificate.decode(cert, site.public_key)
@@ -950,9 +989,7 @@ def enrolled_certificates(site_dir: Path) -> list[Certificate]:
 # Revocations and network-key grants: site-signed entries for the site-config document
 
 
-def revoke(
-    site: Site, *, node_id: str | None = None, serial: str | None = None, now: float, reason: str = ""
-) -> bytes:
+def revoke(site: Site, *, node_id: str | None = None, serial: str | None = None, now: float, reason: str = "") -> bytes:
     """A site-signed revocation of one certificate (``serial``) or of every
     certificate of ``node_id`` issued up to ``now``.
 
@@ -1029,15 +1066,18 @@ class Revocations:
                 log.warning("ignoring revocation %s: %s", name or "entry", exc.message)
         return out
 
-    def add(self, entry: bytes, site_public_key: bytes | nacl.signing.VerifyKey, *, expected_key: str | None = None) -> None:
+    def add(
+        self, entry: bytes, site_public_key: bytes | nacl.signing.VerifyKey, *, expected_key: str | None = None
+    ) -> None:
         """Verify one revocation entry and add it.
 
         Raises:
             BadSiteEntry: malformed, not signed by the site, or stored under a
                 key that does not match its content.
         """
-        body, _ = _open_signed(entry, _verify_key(site_public_key), _CTX_REVOKE, "revocation", BadSiteEntry,
-                            MAX_ENTRY_BYTES)
+        body, _ = _open_signed(
+            entry, _verify_key(site_public_key), _CTX_REVOKE, "revocation", BadSiteEntry, MAX_ENTRY_BYTES
+        )
         if body.get("v") != 1 or body.get("t") != "revoke" or not _is_time(body.get("ts")):
             raise BadSiteEntry("revocation has the wrong shape")
         if "serial" in body and _is_text(body["serial"], 64) and "node" not in body:
@@ -1122,8 +1162,16 @@ def grant_network_key(
     for cert in certificates:
         public = nacl.signing.VerifyKey(cert.public_key).to_curve25519_public_key()
         boxes[cert.serial] = nacl.public.SealedBox(public).encrypt(network_key)
-    body = {"v": 1, "t": "netkey", "site": site.name, "kid": network_key_id(network_key), "act": float(activate_at),
-            "ret": None if retire_previous_at is None else float(retire_previous_at), "ts": float(now), "keys": boxes}
+    body = {
+        "v": 1,
+        "t": "netkey",
+        "site": site.name,
+        "kid": network_key_id(network_key),
+        "act": float(activate_at),
+        "ret": None if retire_previous_at is None else float(retire_previous_at),
+        "ts": float(now),
+        "keys": boxes,
+    }
     return _sign(key, _CTX_GRANT, _canonical(body))
 
 
@@ -1134,12 +1182,16 @@ def open_network_key_grant(entry: bytes, identity: Identity) -> NetworkKeyGrant 
         BadSiteEntry: malformed, not signed by our site, or the box for us
             does not open (corrupted).
     """
-    body, _ = _open_signed(entry, _verify_key(identity.site_public_key), _CTX_GRANT, "network-key grant",
-                        BadSiteEntry, MAX_ENTRY_BYTES)
+    body, _ = _open_signed(
+        entry, _verify_key(identity.site_public_key), _CTX_GRANT, "network-key grant", BadSiteEntry, MAX_ENTRY_BYTES
+    )
     keys = body.get("keys")
     if (
-        body.get("v") != 1 or body.get("t") != "netkey" or not isinstance(body.get("kid"), bytes)
-        or not _is_time(body.get("act")) or not (body.get("ret") is None or _is_time(body.get("ret")))
+        body.get("v") != 1
+        or body.get("t") != "netkey"
+        or not isinstance(body.get("kid"), bytes)
+        or not _is_time(body.get("act"))
+        or not (body.get("ret") is None or _is_time(body.get("ret")))
         or not isinstance(keys, dict)
     ):
         raise BadSiteEntry("network-key grant has the wrong shape")
@@ -1213,8 +1265,14 @@ def site_rotate_network_key(
     revoked = Revocations.from_entries(site_entries(site_dir), site.public_key)
     recipients = [c for c in enrolled_certificates(site_dir) if not revoked.is_revoked(c) and c.not_after >= now]
     new_key = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
-    grant = grant_network_key(site, new_key, recipients, activate_at=now + activate_in,
-                              retire_previous_at=now + activate_in + retire_previous_after, now=now)
+    grant = grant_network_key(
+        site,
+        new_key,
+        recipients,
+        activate_at=now + activate_in,
+        retire_previous_at=now + activate_in + retire_previous_after,
+        now=now,
+    )
     name = _save_entry(site, grant)
     _write_file(site.path / NETWORK_KEY, new_key, secret=True)
     return name, grant
@@ -1382,7 +1440,11 @@ class Sealer:
         activation, and retire every older key at ``retire_previous_at``."""
         for kid, held in list(self._keys.items()):
             if kid != grant.key_id and held.activate_at <= grant.activate_at and grant.retire_previous_at is not None:
-                retire = grant.retire_previous_at if held.retire_at is None else min(held.retire_at, grant.retire_previous_at)
+                retire = (
+                    grant.retire_previous_at
+                    if held.retire_at is None
+                    else min(held.retire_at, grant.retire_previous_at)
+                )
                 self._keys[kid] = dataclasses.replace(held, retire_at=retire)
         self.add_network_key(NetworkKey(grant.key, grant.activate_at))
 
@@ -1411,13 +1473,27 @@ class Sealer:
         return self._ctr
 
     def _seal(
-        self, kind: int, resource: str, method: str, body: bytes, now: float,
-        *, to: str | None, re: int | None, key_id: bytes | None,
+        self,
+        kind: int,
+        resource: str,
+        method: str,
+        body: bytes,
+        now: float,
+        *,
+        to: str | None,
+        re: int | None,
+        key_id: bytes | None,
     ) -> tuple[bytes, int]:
         ctr = self._next_ctr(now)
         fields: dict[str, Any] = {
-            "v": 1, "k": kind, "m": method, "res": resource, "cert": self._cert_bytes,
-            "ctr": ctr, "ts": int(round(now * 1000)), "body": bytes(body),
+            "v": 1,
+            "k": kind,
+            "m": method,
+            "res": resource,
+            "cert": self._cert_bytes,
+            "ctr": ctr,
+            "ts": int(round(now * 1000)),
+            "body": bytes(body),
         }
         if to is not None:
             fields["to"] = to
@@ -1436,8 +1512,15 @@ class Sealer:
         return self._seal(REQUEST, resource, method, body, now, to=to, re=None, key_id=None)
 
     def seal_response(
-        self, resource: str, body: bytes, request_ctr: int, now: float,
-        *, method: str = "POST", to: str | None = None, key_id: bytes | None = None,
+        self,
+        resource: str,
+        body: bytes,
+        request_ctr: int,
+        now: float,
+        *,
+        method: str = "POST",
+        to: str | None = None,
+        key_id: bytes | None = None,
     ) -> bytes:
         """Seal the response to a request (``request_ctr`` from its
         :class:`Opened`; ``to`` its sender; ``key_id`` the key it came under,
@@ -1455,15 +1538,11 @@ class Sealer:
         """
         return self._open(REQUEST, resource, method, data, now, None)
 
-    def open_reply(
-        self, resource: str, data: bytes, request_ctr: int, now: float, *, method: str = "POST"
-    ) -> Opened:
+    def open_reply(self, resource: str, data: bytes, request_ctr: int, now: float, *, method: str = "POST") -> Opened:
         """Verify the sealed response to our request ``request_ctr``."""
         return self._open(RESPONSE, resource, method, data, now, request_ctr)
 
-    def open_response(
-        self, resource: str, data: bytes, request_ctr: int, now: float, *, method: str = "POST"
-    ) -> bytes:
+    def open_response(self, resource: str, data: bytes, request_ctr: int, now: float, *, method: str = "POST") -> bytes:
         """Verify the sealed response to our request ``request_ctr``; return its body."""
         return self.open_reply(resource, data, request_ctr, now, method=method).body
 
@@ -1489,8 +1568,7 @@ class Sealer:
         if not data.startswith(SEALED_MAGIC):
             if len(data) < len(SEALED_MAGIC) and SEALED_MAGIC.startswith(data) and data:
                 raise BadEnvelope("sealed message truncated", reason="truncated")
-            raise BadEnvelope("payload is not sealed: only enrolled nodes may use this resource",
-                              reason="not_sealed")
+            raise BadEnvelope("payload is not sealed: only enrolled nodes may use this resource", reason="not_sealed")
         if len(data) < MIN_SEALED:
             raise BadEnvelope("sealed message truncated", reason="truncated")
         kid = data[len(SEALED_MAGIC) : len(SEALED_MAGIC) + KEY_ID_LEN]
@@ -1500,8 +1578,7 @@ class Sealer:
         try:
             inner = self._boxes[kid].decrypt(data[len(SEALED_MAGIC) + KEY_ID_LEN :])
         except nacl.exceptions.CryptoError as exc:
-            raise BadEnvelope("sealed message does not authenticate (tampered or truncated)",
-                              reason="bad_mac") from exc
+            raise BadEnvelope("sealed message does not authenticate (tampered or truncated)", reason="bad_mac") from exc
         # 2. The content: from a holder of the network key, not yet from anyone in particular.
         malformed = BadEnvelope("sealed message malformed", reason="malformed")
         try:
@@ -1516,10 +1593,17 @@ class Sealer:
             raise malformed
         ctr, ts, re, to = fields["ctr"], fields["ts"], fields.get("re"), fields.get("to")
         if (
-            fields["v"] != 1 or fields["k"] not in (REQUEST, RESPONSE) or not isinstance(fields["m"], str)
-            or not isinstance(fields["res"], str) or not isinstance(fields["cert"], bytes)
-            or not isinstance(fields["body"], bytes) or not _is_int(ctr) or not 0 <= ctr <= MAX_COUNTER
-            or not _is_int(ts) or abs(ts) > 2**53 or not (to is None or isinstance(to, str))
+            fields["v"] != 1
+            or fields["k"] not in (REQUEST, RESPONSE)
+            or not isinstance(fields["m"], str)
+            or not isinstance(fields["res"], str)
+            or not isinstance(fields["cert"], bytes)
+            or not isinstance(fields["body"], bytes)
+            or not _is_int(ctr)
+            or not 0 <= ctr <= MAX_COUNTER
+            or not _is_int(ts)
+            or abs(ts) > 2**53
+            or not (to is None or isinstance(to, str))
             or not (re is None or (_is_int(re) and 0 <= re <= MAX_COUNTER))
         ):
             raise malformed
@@ -1546,8 +1630,10 @@ class Sealer:
         if not self.accept_roles.intersection(cert.roles):
             raise RoleNotAllowed(f"roles {list(cert.roles)} may not use the mesh")
         if abs(ts - now * 1000) > self.max_skew * 1000:
-            raise ClockSkew(f"timestamp is {abs(ts / 1000 - now):.0f} s from the receiver's clock "
-                            f"(allowed {self.max_skew:.0f} s): check the clocks")
+            raise ClockSkew(
+                f"timestamp is {abs(ts / 1000 - now):.0f} s from the receiver's clock "
+                f"(allowed {self.max_skew:.0f} s): check the clocks"
+            )
         opened = Opened(cert.node_id, cert, ctr, fields["body"], kid, ts / 1000)
         if kind == RESPONSE:
             return opened, None
@@ -1673,8 +1759,9 @@ class SealedTransport:
     ) -> bytes:
         if resource in self.open_resources:
             return await self.inner.request(peer, resource, payload, method=method, timeout=timeout)
-        sealed, ctr = self.sealer.seal_request(resource, payload, self._clock(), method=method,
-                                               to=self._peers.get(peer))
+        sealed, ctr = self.sealer.seal_request(
+            resource, payload, self._clock(), method=method, to=self._peers.get(peer)
+        )
         try:
             reply = await self.inner.request(peer, resource, sealed, method=method, timeout=timeout)
         except RemoteRefused as exc:
@@ -1688,8 +1775,15 @@ class SealedTransport:
             self._peers.pop(peer, None)
             held = self.log_budget.allow(("response", exc.reason), self._clock())
             if held is not None:
-                log.warning("response from %s to %s %s refused: %s (%s)%s", peer, method, resource, exc.message,
-                            exc.reason, held_back(held, self.log_budget.interval))
+                log.warning(
+                    "response from %s to %s %s refused: %s (%s)%s",
+                    peer,
+                    method,
+                    resource,
+                    exc.message,
+                    exc.reason,
+                    held_back(held, self.log_budget.interval),
+                )
             raise ResponseRejected(f"{method} {peer}{resource}: response refused: {exc.message}", exc.reason) from exc
         if self._peers.get(peer) != opened.sender_node_id:
             self._peers.pop(peer, None)
@@ -1706,8 +1800,9 @@ class SealedTransport:
                 self.refused[exc.reason] += 1
                 raise  # the Dispatcher answers exc.code and logs it at WARNING
             body = await self._call(handler, opened, remote)
-            return self.sealer.seal_response(resource, body, opened.ctr, self._clock(), method=method,
-                                             to=opened.sender_node_id, key_id=opened.key_id)
+            return self.sealer.seal_response(
+                resource, body, opened.ctr, self._clock(), method=method, to=opened.sender_node_id, key_id=opened.key_id
+            )
 
         return sealed
 
@@ -1734,8 +1829,13 @@ class SealedTransport:
                 raise
             held = self.log_budget.allow(("handler", refused.code), self._clock())
             if held is not None:
-                log.warning("handler refused request from %s: %s %s%s", opened.sender_node_id, refused.code,
-                            refused.message, held_back(held, self.log_budget.interval))
+                log.warning(
+                    "handler refused request from %s: %s %s%s",
+                    opened.sender_node_id,
+                    refused.code,
+                    refused.message,
+                    held_back(held, self.log_budget.interval),
+                )
             generic = _REFUSAL_CLASSES.get(refused.code, BadRequest)
             raise generic(f"{generic.message} (detail in the responder's log)") from exc
         return result[0]
@@ -1838,8 +1938,14 @@ def _cloud_keys(cloud_public_key: bytes | Sequence[bytes]) -> list[nacl.signing.
     return [_verify_key(bytes(k)) for k in keys]
 
 
-def _open_cloud_signed(data: bytes, keys: list[nacl.signing.VerifyKey], context: bytes, what: str,
-                       error: type[RemoteSecurityError], limit: int) -> Any:
+def _open_cloud_signed(
+    data: bytes,
+    keys: list[nacl.signing.VerifyKey],
+    context: bytes,
+    what: str,
+    error: type[RemoteSecurityError],
+    limit: int,
+) -> Any:
     signed, sig = _split_signed(data, what, error, limit)
     for key in keys:
         try:
@@ -1869,12 +1975,22 @@ def verify_driver_token(text: str, cloud_public_key: bytes | Sequence[bytes], no
         raise TokenInvalid(f"not a driver token (it starts with {DRIVER_TOKEN_PREFIX!r})")
     if len(text) > MAX_TOKEN_TEXT:
         raise TokenInvalid(f"driver token longer than {MAX_TOKEN_TEXT} characters")
-    body = _open_cloud_signed(_b64decode(text[len(DRIVER_TOKEN_PREFIX):].strip()), _cloud_keys(cloud_public_key),
-                              _CTX_DRIVER, "driver token", TokenInvalid, MAX_TOKEN_TEXT)
+    body = _open_cloud_signed(
+        _b64decode(text[len(DRIVER_TOKEN_PREFIX) :].strip()),
+        _cloud_keys(cloud_public_key),
+        _CTX_DRIVER,
+        "driver token",
+        TokenInvalid,
+        MAX_TOKEN_TEXT,
+    )
     if (
-        not isinstance(body, list) or len(body) != 5 or body[0] != 1 or not _is_text(body[1])
+        not isinstance(body, list)
+        or len(body) != 5
+        or body[0] != 1
+        or not _is_text(body[1])
         or not (body[2] is None or (_is_int(body[2]) and body[2] >= 0))
-        or not (body[3] is None or (_is_int(body[3]) and body[3] >= 0)) or not _is_time(body[4])
+        or not (body[3] is None or (_is_int(body[3]) and body[3] >= 0))
+        or not _is_time(body[4])
     ):
         raise TokenInvalid("driver token has the wrong shape")
     token = DriverToken(body[1], body[2], body[3], float(body[4]))
@@ -1887,7 +2003,9 @@ def signed_token_list_entry(cloud_key: nacl.signing.SigningKey, token_id: str, a
     """An entry for the site-config document's ``id_tokens_allowed`` (allowed=True)
     or ``id_tokens_revoked`` (allowed=False) map, keyed by ``token_id``."""
     _check_id(token_id, "token id")
-    return _sign(cloud_key, _CTX_TOKEN_LIST, _canonical({"v": 1, "id": token_id, "ok": bool(allowed), "ts": float(now)}))
+    return _sign(
+        cloud_key, _CTX_TOKEN_LIST, _canonical({"v": 1, "id": token_id, "ok": bool(allowed), "ts": float(now)})
+    )
 
 
 def verify_token_list_entry(entry: bytes, cloud_public_key: bytes | Sequence[bytes]) -> TokenListEntry:
@@ -1896,11 +2014,16 @@ def verify_token_list_entry(entry: bytes, cloud_public_key: bytes | Sequence[byt
     Raises:
         TokenInvalid: malformed or not signed by the cloud.
     """
-    body = _open_cloud_signed(entry, _cloud_keys(cloud_public_key), _CTX_TOKEN_LIST, "token list entry",
-                              TokenInvalid, MAX_ENTRY_BYTES)
+    body = _open_cloud_signed(
+        entry, _cloud_keys(cloud_public_key), _CTX_TOKEN_LIST, "token list entry", TokenInvalid, MAX_ENTRY_BYTES
+    )
     if (
-        not isinstance(body, dict) or set(body) != {"v", "id", "ok", "ts"} or body["v"] != 1
-        or not _is_text(body["id"]) or not isinstance(body["ok"], bool) or not _is_time(body["ts"])
+        not isinstance(body, dict)
+        or set(body) != {"v", "id", "ok", "ts"}
+        or body["v"] != 1
+        or not _is_text(body["id"])
+        or not isinstance(body["ok"], bool)
+        or not _is_time(body["ts"])
     ):
         raise TokenInvalid("token list entry has the wrong shape")
     return TokenListEntry(body["id"], body["ok"], float(body["ts"]))
@@ -1988,4 +2111,3 @@ def authorize(
     if policy == "accept_limited":
         return Authorization(True, "unknown_accepted", limits, True, tuple(ignored))
     return Authorization(False, "unknown_refused", ignored=tuple(ignored))
-

@@ -677,9 +677,7 @@ class Dispatcher:
 
     def _answer(self, method: str, resource: str, remote: str, payload: bytes, result: object) -> Response:
         if not isinstance(result, (bytes, bytearray, memoryview)):
-            self.log.error(
-                "handler for %s %s returned %s, not bytes", method, resource, type(result).__name__
-            )
+            self.log.error("handler for %s %s returned %s, not bytes", method, resource, type(result).__name__)
             return self._failed(INTERNAL_ERROR)
         body = bytes(result)
         self.stats.bytes_sent += len(body)
@@ -844,9 +842,7 @@ class MemoryNetwork:
             return
         await target._serve(src, resource, "POST", payload)
 
-    async def _exchange(
-        self, src: str, dst: str, resource: str, method: str, payload: bytes
-    ) -> Response:
+    async def _exchange(self, src: str, dst: str, resource: str, method: str, payload: bytes) -> Response:
         """Carry one request and its response; waits forever where UDP would
         lose a datagram (the requester's timeout ends the wait)."""
         if not await self.carry(src, dst, resource, payload, response=False):
@@ -957,9 +953,7 @@ class MemoryTransport:
     async def _serve(self, src: str, resource: str, method: str, payload: bytes) -> Response:
         """Run the request in a task of its own and wait for its response."""
         send, receive = trio.open_memory_channel[Response](1)
-        trio.lowlevel.spawn_system_task(
-            self._handle, send, src, resource, method, payload, context=self._context
-        )
+        trio.lowlevel.spawn_system_task(self._handle, send, src, resource, method, payload, context=self._context)
         with receive:
             try:
                 return await receive.receive()

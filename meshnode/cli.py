@@ -1,11 +1,11 @@
 """`meshnode`: the command line of the mesh node.
 
-    meshnode run [--config FILE] [--node-id ID] [--data-dir DIR] [--bind ADDRESS]
-                 [--coap-port N] [--http-port N] [--peer HOST:PORT ...] [--no-mdns]
-    meshnode status [--http URL] [--json]
-    meshnode cloud [--db URL] [--bind ADDRESS] [--port N]
-    meshnode demo [--nodes N] [--duration SECONDS] [--json] [--seed N] [--chargers N] [--keep] ...
-    meshnode replica-demo [--replicas N] [--sessions N] [--seed N]
+meshnode run [--config FILE] [--node-id ID] [--data-dir DIR] [--bind ADDRESS]
+             [--coap-port N] [--http-port N] [--peer HOST:PORT ...] [--no-mdns]
+meshnode status [--http URL] [--json]
+meshnode cloud [--db URL] [--bind ADDRESS] [--port N]
+meshnode demo [--nodes N] [--duration SECONDS] [--json] [--seed N] [--chargers N] [--keep] ...
+meshnode replica-demo [--replicas N] [--sessions N] [--seed N]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a mesh node",
         description="Run a mesh node until SIGINT or SIGTERM. Flags override the --config file "
-        "(TOML, same names without the dashes, e.g. coap_port = 5683, peer = [\"10.0.0.2:5683\"]).",
+        '(TOML, same names without the dashes, e.g. coap_port = 5683, peer = ["10.0.0.2:5683"]).',
     )
     run.add_argument("--config", metavar="FILE", help="TOML file with the settings below")
     run.add_argument("--node-id", help="this node's id (default: kept in the data dir, made up on first start)")
@@ -66,23 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bind", metavar="ADDRESS", help="address for CoAP, mDNS and HTTP (default 127.0.0.1)")
     run.add_argument("--coap-port", type=int, help="CoAP UDP port (default 5683)")
     run.add_argument("--http-port", type=int, help="local HTTP API port (default 8080)")
-    run.add_argument("--peer", action="append", metavar="HOST:PORT",
-                     help="a static peer, in addition to mDNS (repeatable)")
+    run.add_argument(
+        "--peer", action="append", metavar="HOST:PORT", help="a static peer, in addition to mDNS (repeatable)"
+    )
     run.add_argument("--no-mdns", action="store_true", default=None, help="do not use mDNS; static peers only")
     run.add_argument("--site", help="site name written into new sessions (default 'default')")
-    run.add_argument("--cloud-url", metavar="URL",
-                     help="the cloud reconciliation service (e.g. https://cloud.example:8700); "
-                     "a node without one never leads")
-    run.add_argument("--retention", type=float, metavar="SECONDS",
-                     help="how long a reconciled session stays in active gossip (default 3600)")
-    run.add_argument("--probe-interval", type=float, metavar="SECONDS",
-                     help="how often the uplink to the cloud is probed (default 5)")
+    run.add_argument(
+        "--cloud-url",
+        metavar="URL",
+        help="the cloud reconciliation service (e.g. https://cloud.example:8700); a node without one never leads",
+    )
+    run.add_argument(
+        "--retention",
+        type=float,
+        metavar="SECONDS",
+        help="how long a reconciled session stays in active gossip (default 3600)",
+    )
+    run.add_argument(
+        "--probe-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often the uplink to the cloud is probed (default 5)",
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
-    run.add_argument("--insecure", action="store_true", default=None,
-                     help="run without enrolment: mesh traffic unauthenticated and unencrypted (labs only)")
-    run.add_argument("--unknown-token-policy", choices=["refuse", "accept_limited"],
-                     help="offline policy for an id token that is not on the site's lists "
-                     "(default accept_limited: start, with the limits below, flagged for review)")
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="run without enrolment: mesh traffic unauthenticated and unencrypted (labs only)",
+    )
+    run.add_argument(
+        "--unknown-token-policy",
+        choices=["refuse", "accept_limited"],
+        help="offline policy for an id token that is not on the site's lists "
+        "(default accept_limited: start, with the limits below, flagged for review)",
+    )
     run.add_argument("--unknown-token-max-wh", type=int, metavar="WH", help="energy cap for such sessions")
     run.add_argument("--unknown-token-max-minutes", type=int, metavar="MIN", help="time cap for such sessions")
 
@@ -108,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--node-id", required=True)
     enroll.add_argument("--data-dir", required=True, metavar="DIR")
     enroll.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
-    enroll.add_argument("--role", action="append", choices=["charger", "gateway", "operator"],
-                        help="roles in the certificate (default charger)")
+    enroll.add_argument(
+        "--role",
+        action="append",
+        choices=["charger", "gateway", "operator"],
+        help="roles in the certificate (default charger)",
+    )
     enroll.add_argument("--valid-days", type=float, default=365.0)
 
     token = sub.add_parser("token", help="driver tokens and id-token list entries, signed with the cloud key")
@@ -127,8 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
 
     status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
-    status.add_argument("--http", default="http://127.0.0.1:8080", metavar="URL",
-                        help="the node's HTTP API (default http://127.0.0.1:8080)")
+    status.add_argument(
+        "--http",
+        default="http://127.0.0.1:8080",
+        metavar="URL",
+        help="the node's HTTP API (default http://127.0.0.1:8080)",
+    )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     cloud = sub.add_parser(
@@ -138,17 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
         "the elected leader, verifies and folds them, keeps a ledger with one row per session, and writes "
         "a signed receipt back into each completed session.",
     )
-    cloud.add_argument("--db", default="sqlite:///cloud.db", metavar="URL",
-                       help="sqlite:///PATH (default sqlite:///cloud.db) or postgresql://USER@HOST/DB")
+    cloud.add_argument(
+        "--db",
+        default="sqlite:///cloud.db",
+        metavar="URL",
+        help="sqlite:///PATH (default sqlite:///cloud.db) or postgresql://USER@HOST/DB",
+    )
     cloud.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS", help="default 127.0.0.1")
     cloud.add_argument("--port", type=int, default=8700, help="default 8700")
-    cloud.add_argument("--key", metavar="FILE", help="the cloud's signing key (created on first start; "
-                       "default: next to the SQLite file, or ./cloud.key)")
+    cloud.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the cloud's signing key (created on first start; default: next to the SQLite file, or ./cloud.key)",
+    )
     cloud.add_argument("--certfile", metavar="FILE", help="TLS certificate (serve HTTPS)")
     cloud.add_argument("--keyfile", metavar="FILE", help="TLS private key")
     cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    cloud.add_argument("--site", metavar="DIR", help="trust only devices with a certificate from this site "
-                       "(its site.pub); without it, keys that devices declare are trusted on first use")
+    cloud.add_argument(
+        "--site",
+        metavar="DIR",
+        help="trust only devices with a certificate from this site "
+        "(its site.pub); without it, keys that devices declare are trusted on first use",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -252,7 +289,9 @@ async def run_node(settings: dict[str, Any]) -> None:
         node_id = node_id_for(data_dir, settings["node_id"])
         logging.getLogger("meshnode").warning(
             "INSECURE: node %s runs without enrolment: mesh traffic is neither authenticated nor encrypted, "
-            "and anyone on the network can read and write sessions", node_id)
+            "and anyone on the network can read and write sessions",
+            node_id,
+        )
     else:
         node_id = identity.node_id
         settings["site"] = identity.site_name
@@ -271,12 +310,17 @@ async def run_node(settings: dict[str, Any]) -> None:
 
                 discoveries.append(MdnsDiscovery(node_id, settings["bind"], settings["coap_port"], {}))
             node = Node(
-                NodeConfig(node_id=node_id, data_dir=data_dir, site=settings["site"],
-                           cloud_url=settings["cloud_url"], retention=float(settings["retention"]),
-                           probe_interval=float(settings["probe_interval"]),
-                           unknown_token_policy=settings["unknown_token_policy"],
-                           unknown_token_max_wh=settings["unknown_token_max_wh"],
-                           unknown_token_max_minutes=settings["unknown_token_max_minutes"]),
+                NodeConfig(
+                    node_id=node_id,
+                    data_dir=data_dir,
+                    site=settings["site"],
+                    cloud_url=settings["cloud_url"],
+                    retention=float(settings["retention"]),
+                    probe_interval=float(settings["probe_interval"]),
+                    unknown_token_policy=settings["unknown_token_policy"],
+                    unknown_token_max_wh=settings["unknown_token_max_wh"],
+                    unknown_token_max_minutes=settings["unknown_token_max_minutes"],
+                ),
                 transport=transport,
                 discovery=discoveries,
                 identity=identity,
@@ -286,12 +330,20 @@ async def run_node(settings: dict[str, Any]) -> None:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(node.serve)
                     await nursery.start(serve_api, node, settings["bind"], settings["http_port"])
-                    print(json.dumps({
-                        "ready": True, "node_id": node_id, "coap": transport.address,
-                        "http": f"http://{settings['bind']}:{settings['http_port']}",
-                        "mdns": not settings["no_mdns"], "peers": settings["peer"],
-                        "enrolled": identity is not None,
-                    }), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "ready": True,
+                                "node_id": node_id,
+                                "coap": transport.address,
+                                "http": f"http://{settings['bind']}:{settings['http_port']}",
+                                "mdns": not settings["no_mdns"],
+                                "peers": settings["peer"],
+                                "enrolled": identity is not None,
+                            }
+                        ),
+                        flush=True,
+                    )
                     async for signum in signals:
                         logging.getLogger("meshnode").info("signal %d: stopping", signum)
                         nursery.cancel_scope.cancel()
@@ -302,8 +354,11 @@ def _hand_to_node(url: str | None, entry: bytes) -> int:
     """Print an entry (hex), and hand it to a node's API when asked."""
     print(entry.hex())
     if url is None:
-        print("hand it to any node: curl -XPOST URL/v1/site/entries -d '{\"entry\": \"HEX\"}' "
-              "(or pass --http URL); it spreads through the mesh", file=sys.stderr)
+        print(
+            'hand it to any node: curl -XPOST URL/v1/site/entries -d \'{"entry": "HEX"}\' '
+            "(or pass --http URL); it spreads through the mesh",
+            file=sys.stderr,
+        )
         return 0
     import httpx
 
@@ -327,25 +382,37 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
 
     now = time.time()
     if args.command == "enroll":
-        path = sec.enroll(Path(args.site), args.node_id, Path(args.data_dir), roles=tuple(args.role or ["charger"]),
-                          valid_for=args.valid_days * 86400, now=now)
-        print(f"enrolled {args.node_id} in {args.data_dir} (certificate {path}); "
-              f"start it with: meshnode run --data-dir {args.data_dir}")
+        path = sec.enroll(
+            Path(args.site),
+            args.node_id,
+            Path(args.data_dir),
+            roles=tuple(args.role or ["charger"]),
+            valid_for=args.valid_days * 86400,
+            now=now,
+        )
+        print(
+            f"enrolled {args.node_id} in {args.data_dir} (certificate {path}); "
+            f"start it with: meshnode run --data-dir {args.data_dir}"
+        )
         return 0
     if args.command == "site":
         if args.site_command == "init":
             site_dir = Path(args.site)
             site = sec.create_site(site_dir, args.name or site_dir.resolve().name, now=now)
-            print(f"site {site.name!r} created in {site_dir}: keep site.key offline; "
-                  f"enrol nodes with: meshnode enroll --node-id ID --data-dir DIR --site {site_dir}")
+            print(
+                f"site {site.name!r} created in {site_dir}: keep site.key offline; "
+                f"enrol nodes with: meshnode enroll --node-id ID --data-dir DIR --site {site_dir}"
+            )
             return 0
         if args.site_command == "revoke":
-            _, entry = sec.site_revoke(Path(args.site), node_id=args.node_id, serial=args.serial, now=now,
-                                       reason=args.reason)
+            _, entry = sec.site_revoke(
+                Path(args.site), node_id=args.node_id, serial=args.serial, now=now, reason=args.reason
+            )
             return _hand_to_node(args.http, entry)
         if args.site_command == "rotate-network-key":
-            _, grant = sec.site_rotate_network_key(Path(args.site), now=now, activate_in=args.activate_in,
-                                                   retire_previous_after=args.retire_after)
+            _, grant = sec.site_rotate_network_key(
+                Path(args.site), now=now, activate_in=args.activate_in, retire_previous_after=args.retire_after
+            )
             return _hand_to_node(args.http, grant)
         parser.parse_args(["site", "--help"])
         return 2
@@ -359,8 +426,15 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             raise sec.LocalSecurityError(f"no cloud key at {args.cloud_key}: it is created by meshnode cloud")
         key: nacl.signing.SigningKey = load_or_create_cloud_key(args.cloud_key)
         if args.token_command == "issue":
-            print(sec.issue_driver_token(key, args.token_id, max_wh=args.max_wh, max_minutes=args.max_minutes,
-                                         not_after=now + args.valid_days * 86400))
+            print(
+                sec.issue_driver_token(
+                    key,
+                    args.token_id,
+                    max_wh=args.max_wh,
+                    max_minutes=args.max_minutes,
+                    not_after=now + args.valid_days * 86400,
+                )
+            )
             return 0
         entry = sec.signed_token_list_entry(key, args.token_id, not args.revoke, now)
         return _hand_to_node(args.http, entry)
@@ -376,8 +450,9 @@ def run_cloud(args: argparse.Namespace) -> int:
     if args.db.lower().startswith("postgres") and importlib.util.find_spec("psycopg") is None:
         print("meshnode cloud: a PostgreSQL ledger needs psycopg: pip install 'meshnode[cloud]'", file=sys.stderr)
         return 1
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     trust: dict[str, Any] = {}
     if args.site:
         from ._security import Certificate, load_site
@@ -396,9 +471,18 @@ def run_cloud(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                urls = await nursery.start(functools.partial(
-                    serve_cloud, args.db, args.bind, args.port, key_path=args.key,
-                    certfile=args.certfile, keyfile=args.keyfile, **trust))
+                urls = await nursery.start(
+                    functools.partial(
+                        serve_cloud,
+                        args.db,
+                        args.bind,
+                        args.port,
+                        key_path=args.key,
+                        certfile=args.certfile,
+                        keyfile=args.keyfile,
+                        **trust,
+                    )
+                )
                 print(json.dumps({"ready": True, "urls": urls, "db": args.db}), flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
@@ -420,20 +504,29 @@ def show_status(url: str, as_json: bool) -> int:
         response.raise_for_status()
         status = response.json()
     except httpx.HTTPError as exc:
-        print(f"meshnode status: cannot read {url}/v1/status: {exc}. Is the node running "
-              "(meshnode run), and is --http its API address?", file=sys.stderr)
+        print(
+            f"meshnode status: cannot read {url}/v1/status: {exc}. Is the node running "
+            "(meshnode run), and is --http its API address?",
+            file=sys.stderr,
+        )
         return 1
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"node {status['node_id']}  documents {status['documents']}  "
-          f"not everywhere {status['documents_not_everywhere']}  sync {status['sync_state']}")
-    print(f"leader {status.get('leader') or '-'}  uplink score {status.get('uplink_score', 0)}  "
-          f"cloud {status.get('cloud_url') or '-'}")
+    print(
+        f"node {status['node_id']}  documents {status['documents']}  "
+        f"not everywhere {status['documents_not_everywhere']}  sync {status['sync_state']}"
+    )
+    print(
+        f"leader {status.get('leader') or '-'}  uplink score {status.get('uplink_score', 0)}  "
+        f"cloud {status.get('cloud_url') or '-'}"
+    )
     fwd = status.get("forwarder")
     if fwd:
-        print(f"forwarder: {fwd['batches']} batches, {fwd['bytes_sent']} bytes sent, "
-              f"{fwd['failures']} failures, {fwd['documents_waiting']} documents waiting")
+        print(
+            f"forwarder: {fwd['batches']} batches, {fwd['bytes_sent']} bytes sent, "
+            f"{fwd['failures']} failures, {fwd['documents_waiting']} documents waiting"
+        )
     peers = status.get("peers", [])
     if not peers:
         print("no peers known yet")
@@ -441,8 +534,10 @@ def show_status(url: str, as_json: bool) -> int:
     print(f"{'peer':<20} {'address':<22} {'state':<8} {'uplink':>6} {'last seen':>9}")
     for p in peers:
         mark = " (leader)" if p["node_id"] == status.get("leader") else ""
-        print(f"{p['node_id']:<20} {p['address']:<22} {p['state']:<8} {p.get('uplink_score', 0):>6} "
-              f"{p['last_seen_s']:>8.1f}s{mark}")
+        print(
+            f"{p['node_id']:<20} {p['address']:<22} {p['state']:<8} {p.get('uplink_score', 0):>6} "
+            f"{p['last_seen_s']:>8.1f}s{mark}"
+        )
     return 0
 
 

@@ -43,7 +43,7 @@ import trio
 import trio.testing
 
 from uplink import CloudClient
-from uplink._cloud import CloudService, open_cloud
+from uplink import CloudService, open_cloud
 
 from ._scenario import Dist, UplinkSpec
 

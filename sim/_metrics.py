@@ -294,8 +294,12 @@ class Metrics:
                 if d is not None and d > 0:
                     by.setdefault(d, []).append(t - change.t0)
         return {
-            str(d): {"p50": rounded(percentile(v, 0.5)), "p95": rounded(percentile(v, 0.95)),
-                     "max": rounded(max(v)), "count": len(v)}  # fmt: skip
+            str(d): {
+                "p50": rounded(percentile(v, 0.5)),
+                "p95": rounded(percentile(v, 0.95)),
+                "max": rounded(max(v)),
+                "count": len(v),
+            }  # fmt: skip
             for d, v in sorted(by.items())
         }
 

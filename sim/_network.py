@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import trio
 
-from meshnode._transport import MemoryNetwork
+from meshnode import MemoryNetwork
 
 from ._scenario import Dist, LinkSpec
 

@@ -51,8 +51,8 @@ import trio
 import trio.testing
 
 from crdt import AsyncDocStore, DocStore, MemoryAdapter, StorageKey, open_doc_store
-from meshnode._discovery import MemoryDiscoveryHub
-from meshnode._node import Node, NodeConfig
+from meshnode import MemoryDiscoveryHub
+from meshnode import Node, NodeConfig
 from meshnode.services import ServiceError
 
 from ._cloud import CLOUD_URL, ClockGate, SimCloud, UplinkSchedule, open_sim_cloud
@@ -367,7 +367,9 @@ class Simulation:
         finally:
             store.close()
 
-    async def _serve_node(self, slot: NodeSlot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_node(
+        self, slot: NodeSlot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         assert self.net is not None and self.hub is not None
         slot.stopped = trio.Event()
         try:
@@ -445,7 +447,9 @@ class Simulation:
         self.counters["wipes" if wipe else "crashes"] += 1
         self._note(f"{node_id} {'wiped' if wipe else 'loses power'}")
         await self._stop_node(slot, wipe=wipe)
-        restart = self.scenario.duration if down_for is None else min(trio.current_time() + down_for, self.scenario.duration)
+        restart = (
+            self.scenario.duration if down_for is None else min(trio.current_time() + down_for, self.scenario.duration)
+        )
         assert self._nursery is not None
         self._nursery.start_soon(self._restart_at, slot, max(restart, trio.current_time()))
         return True
@@ -697,9 +701,7 @@ class Simulation:
                 r = receipt_of(node, sid)
                 if r is not None:
                     receipts.setdefault(sid, set()).add(r)
-        billed_twice = sorted(
-            sid for sid in m.sessions if rows_per_session[sid] > 1 or len(receipts.get(sid, ())) > 1
-        )
+        billed_twice = sorted(sid for sid in m.sessions if rows_per_session[sid] > 1 or len(receipts.get(sid, ())) > 1)
         not_in_cloud = sorted(e for e in m.acked if e not in accepted)
         lost = [
             e for e in not_in_cloud
@@ -744,7 +746,9 @@ class Simulation:
                 "bytes_up": self.cloud.counters.bytes_up,
                 "bytes_down": self.cloud.counters.bytes_down,
                 "refused_uplink_down": self.cloud.counters.refused_down,
-            } if self.cloud is not None else None,
+            }
+            if self.cloud is not None
+            else None,
             "leader_changes": self.leader_changes,
             "leaders_at_once_max": self.leaders_max,
             "leader_split_samples": self.metrics.leaders.split_samples,
@@ -762,4 +766,3 @@ class Simulation:
         if lost:
             summary["events_lost_ids"] = sorted(lost)[:20]
         return summary
-

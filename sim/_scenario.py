@@ -284,7 +284,10 @@ def _uplink(table: Mapping[str, Any], where: str, base: UplinkSpec) -> UplinkSpe
         raise ScenarioError(f"{where}.mode: up, down, flapping or windows, got {mode!r}")
     windows = []
     for i, w in enumerate(table.get("down", base.down)):
-        if not (isinstance(w, list | tuple) and len(w) == 2 and all(isinstance(x, int | float) for x in w)) or w[1] < w[0]:
+        if (
+            not (isinstance(w, list | tuple) and len(w) == 2 and all(isinstance(x, int | float) for x in w))
+            or w[1] < w[0]
+        ):
             raise ScenarioError(f"{where}.down[{i}]: expected [start, end] seconds")
         windows.append((float(w[0]), float(w[1])))
     if mode == "windows" and not windows:
@@ -335,7 +338,11 @@ def parse_scenario(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Scenar
         kind_ = NODE_KEYS.get(key)
         if kind_ is None:
             raise ScenarioError(f"node.{key}: not a setting the simulator passes on (allowed: {', '.join(NODE_KEYS)})")
-        if isinstance(value, bool) or not isinstance(value, int | float) or (kind_ is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (kind_ is int and not isinstance(value, int))
+        ):
             raise ScenarioError(f"node.{key}: expected a{'n integer' if kind_ is int else ' number'}")
 
     uplink_raw = _table(raw, "uplink", "")
@@ -347,7 +354,9 @@ def parse_scenario(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Scenar
         raise ScenarioError("uplink.nodes: an integer count or a list of node ids")
     default_uplink = _uplink({k: v for k, v in uplink_raw.items() if k not in ("nodes", "schedule", "latency")},
                              "uplink", UplinkSpec())  # fmt: skip
-    uplink_latency = parse_dist(uplink_raw.get("latency", {"dist": "uniform", "low": 0.03, "high": 0.08}), "uplink.latency")
+    uplink_latency = parse_dist(
+        uplink_raw.get("latency", {"dist": "uniform", "low": 0.03, "high": 0.08}), "uplink.latency"
+    )
     schedule = _table(uplink_raw, "schedule", "uplink.")
     uplinks = {n: _uplink(t, f"uplink.schedule.{n}", default_uplink) for n, t in sorted(schedule.items())}
 
@@ -364,8 +373,9 @@ def parse_scenario(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Scenar
             chargers=chargers,
             sessions_per_hour=_number(w, "sessions_per_hour", "workload", 1.0),
             connectors=_int(w, "connectors", "workload", 1, minimum=1),
-            session_minutes=parse_dist(w.get("session_minutes", {"dist": "uniform", "low": 20, "high": 90}),
-                                       "workload.session_minutes"),  # fmt: skip
+            session_minutes=parse_dist(
+                w.get("session_minutes", {"dist": "uniform", "low": 20, "high": 90}), "workload.session_minutes"
+            ),  # fmt: skip
             meter_interval=_number(w, "meter_interval", "workload", 60.0, minimum=0.1),
             power_kw=parse_dist(w.get("power_kw", {"dist": "uniform", "low": 7, "high": 22}), "workload.power_kw"),
         )
@@ -377,7 +387,7 @@ def parse_scenario(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Scenar
         where = f"faults.crash[{i}]"
         _check_keys(c, {"node", "at", "down_for", "wipe"}, where)
         if not isinstance(c.get("node"), str):
-            raise ScenarioError(f"{where}.node: a node id, \"leader\", \"random\" or \"uplink\"")
+            raise ScenarioError(f'{where}.node: a node id, "leader", "random" or "uplink"')
         crashes.append(CrashSpec(
             c["node"], _number(c, "at", where, None),
             _number(c, "down_for", where, None) if "down_for" in c else None, bool(c.get("wipe", False)),
@@ -400,7 +410,7 @@ def parse_scenario(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Scenar
             groups.append(tuple(p["isolate"]))
         split = p.get("split")
         if split not in (None, "halves"):
-            raise ScenarioError(f"{where}.split: \"halves\", got {split!r}")
+            raise ScenarioError(f'{where}.split: "halves", got {split!r}')
         if not groups and split is None:
             raise ScenarioError(f"{where}: give groups, isolate or split")
         at = _number(p, "at", where, None)

@@ -78,7 +78,7 @@ def build_topology(spec: Mapping[str, Any], rng: random.Random, base_dir: Path =
     allowed = {"kind", "nodes"} | {
         "grid": {"rows"}, "geometric": {"radius", "connect"}, "clusters": {"clusters", "bridges"},
         "edgelist": {"path"},
-    }.get(kind, set())  # fmt: skip
+    }.get(str(kind), set())  # fmt: skip
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise ScenarioError(f"{where}: unknown keys {unknown} for kind {kind!r}")

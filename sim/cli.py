@@ -53,16 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", help="scenario file (TOML), e.g. sim/scenarios/festival.toml")
     run.add_argument("--seed", type=int, default=1, help="the run's seed (default 1)")
     run.add_argument("--out", type=Path, required=True, help="directory for summary.json, timeseries.csv, plots")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
-                     help="override a scenario key by dotted name, e.g. --set network.loss=0.2 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a scenario key by dotted name, e.g. --set network.loss=0.2 (repeatable)",
+    )
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    run.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                     help="level of DIR/sim.log (virtual-time stamped; default warning)")
+    run.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="level of DIR/sim.log (virtual-time stamped; default warning)",
+    )
     sweep = sub.add_parser("sweep", help="run a scenario over a grid of parameter values and seeds, on all cores")
     sweep.add_argument("scenario")
-    sweep.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
-                       help="a dotted scenario key and its values (repeatable: the grid is their product)")
+    sweep.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="a dotted scenario key and its values (repeatable: the grid is their product)",
+    )
     sweep.add_argument("--seeds", type=int, default=3, help="seeds 1..K for every grid point (default 3)")
     sweep.add_argument("--out", type=Path, required=True, help="directory for sweep.csv and per-run summaries")
     sweep.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")

@@ -68,7 +68,14 @@ with atheris.instrument_imports(include=["meshnode", "crdt", "uplink"]):
 import nacl.signing
 
 VICTIM, PEER = "10.0.0.1:5683", "10.0.0.2:5683"
-TRAFFIC = {"requests", "messages", "messages_refused", "bytes_received", "bytes_received_inflated", "duplicates_rejected"}
+TRAFFIC = {
+    "requests",
+    "messages",
+    "messages_refused",
+    "bytes_received",
+    "bytes_received_inflated",
+    "duplicates_rejected",
+}
 """Cloud counters that count traffic, not what the cloud holds."""
 CLOUD_KEY = nacl.signing.SigningKey(bytes(range(32)))
 
@@ -127,16 +134,27 @@ def incarnation(node: Node) -> int:
 def _node(name: str, data_dir: Path, inner: MemoryTransport, peer: str, site_dir: Path | None) -> Node:
     """A node on ``inner``; enrolled in the site at ``site_dir`` (sealed
     transport) if one is given, else insecure."""
-    config = NodeConfig(node_id=name, data_dir=data_dir / name, seed=len(name), gossip_interval=0.1, inline_io=True,
-                        site="field" if site_dir else "default")
+    config = NodeConfig(
+        node_id=name,
+        data_dir=data_dir / name,
+        seed=len(name),
+        gossip_interval=0.1,
+        inline_io=True,
+        site="field" if site_dir else "default",
+    )
     if site_dir is None:
         return Node(config, transport=inner, discovery=StaticDiscovery([peer]))
     enroll(site_dir, name, data_dir / name, now=time.time())
     identity = Identity.load(data_dir / name)
     assert identity is not None
     sealer = Sealer(identity, identity.site_public_key, identity.network_key, started=time.time())
-    return Node(config, transport=SealedTransport(inner, sealer), discovery=StaticDiscovery([peer]),
-                identity=identity, sealer=sealer)
+    return Node(
+        config,
+        transport=SealedTransport(inner, sealer),
+        discovery=StaticDiscovery([peer]),
+        identity=identity,
+        sealer=sealer,
+    )
 
 
 @asynccontextmanager
@@ -165,9 +183,7 @@ async def open_victim(
             await victim.record_event(mine["session_id"], "meter", 1200)
             theirs = await peer.create_session("charger-2", 1, "TOKEN-2", meter_wh=0)
             with trio.fail_after(30):
-                while not (
-                    theirs["session_id"] in victim.replica.docs and mine["session_id"] in peer.replica.docs
-                ):
+                while not (theirs["session_id"] in victim.replica.docs and mine["session_id"] in peer.replica.docs):
                     await trio.sleep(0.05)
                 await trio.sleep(1.0)  # a few more rounds: digests, members, syncs both ways
             peer_nursery.cancel_scope.cancel()
@@ -333,8 +349,9 @@ async def open_targets(workdir: Path) -> AsyncIterator[list[Target]]:
     async with (
         open_victim(workdir / "plain") as (victim, transport, net, session_id),
         open_victim(workdir / "sealed", enrolled=True) as (sealed_victim, sealed_transport, sealed_net, _),
-        open_cloud(f"sqlite:///{workdir / 'cloud.db'}", signing_key=CLOUD_KEY, wall_clock=lambda: 1_700_000_000.0)
-        as cloud,
+        open_cloud(
+            f"sqlite:///{workdir / 'cloud.db'}", signing_key=CLOUD_KEY, wall_clock=lambda: 1_700_000_000.0
+        ) as cloud,
     ):
         yield [
             *coap_targets(victim, transport, net.recorded),
@@ -483,8 +500,16 @@ def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int) -> Non
     for i, target in enumerate(targets):
         for j, seed_input in enumerate(target.seeds):
             (corpus / f"{i}-{j}").write_bytes(bytes([i]) + seed_input)
-    argv = [sys.argv[0], f"-seed={seed}", f"-runs={inputs * 2 + 1000}", "-max_len=4096", "-rss_limit_mb=4096",
-            "-print_final_stats=0", "-close_fd_mask=0", str(corpus)]
+    argv = [
+        sys.argv[0],
+        f"-seed={seed}",
+        f"-runs={inputs * 2 + 1000}",
+        "-max_len=4096",
+        "-rss_limit_mb=4096",
+        "-print_final_stats=0",
+        "-close_fd_mask=0",
+        str(corpus),
+    ]
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
     finish()  # libFuzzer ran out of runs first (not expected)

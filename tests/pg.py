@@ -60,7 +60,9 @@ class PgServer:
             try:
                 pwd.getpwnam("postgres")
             except KeyError:
-                pytest.fail(f"as root, PostgreSQL runs as the 'postgres' user, which is missing: {INSTALL_HINT}", pytrace=False)
+                pytest.fail(
+                    f"as root, PostgreSQL runs as the 'postgres' user, which is missing: {INSTALL_HINT}", pytrace=False
+                )
             self.runas = "postgres"
         # Under root the server user must be able to reach the directory: $TMPDIR may
         # sit under /root, so use /tmp, which every user can traverse.
@@ -86,8 +88,9 @@ class PgServer:
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{output}")
 
     def start(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C",
-                  "--no-sync")
+        self._run(
+            "initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"
+        )
         options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -F -c max_connections=50"
         log = str(self.dir / "server.log")
         self._run("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "-t", "60", "start")

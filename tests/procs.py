@@ -23,9 +23,19 @@ not what these tests check."""
 class NodeProcess:
     """One `meshnode run` child process bound to its own loopback address."""
 
-    def __init__(self, name: str, host: str, data_dir: Path, *, coap_port: int, http_port: int,
-                 peers: list[str] = (), mdns: bool = False, extra: list[str] = (),
-                 insecure: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        data_dir: Path,
+        *,
+        coap_port: int,
+        http_port: int,
+        peers: list[str] = (),
+        mdns: bool = False,
+        extra: list[str] = (),
+        insecure: bool = True,
+    ) -> None:
         self.name, self.host, self.data_dir = name, host, data_dir
         self.coap_port, self.http_port = coap_port, http_port
         self.peers, self.mdns, self.extra = list(peers), mdns, list(extra)
@@ -42,9 +52,23 @@ class NodeProcess:
         return f"http://{self.host}:{self.http_port}"
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        args = [sys.executable, "-m", "meshnode.cli", "run", "--node-id", self.name,
-                "--data-dir", str(self.data_dir), "--bind", self.host,
-                "--coap-port", str(self.coap_port), "--http-port", str(self.http_port), *self.extra]
+        args = [
+            sys.executable,
+            "-m",
+            "meshnode.cli",
+            "run",
+            "--node-id",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--bind",
+            self.host,
+            "--coap-port",
+            str(self.coap_port),
+            "--http-port",
+            str(self.http_port),
+            *self.extra,
+        ]
         for p in self.peers:
             args += ["--peer", p]
         if not self.mdns:
@@ -52,8 +76,9 @@ class NodeProcess:
         if self.insecure:
             args.append("--insecure")
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True,
-                                     cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=log, text=True, cwd=Path(__file__).resolve().parent.parent
+        )
         assert self.proc.stdout is not None
         result: dict[str, Any] = {}
         reader = threading.Thread(target=lambda: result.setdefault("line", self.proc.stdout.readline()), daemon=True)

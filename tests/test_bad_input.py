@@ -66,7 +66,7 @@ REQUEST_TIMEOUT = 3.0
 milliseconds; a request that runs into this has been swallowed by the node,
 which is a failure in itself (the peer cannot tell it from loss)."""
 
-EMPTY_BLOOM_SYNC_MESSAGE = bytes.fromhex("42" "00" "00" "01" "00" "03" "010001" "00")
+EMPTY_BLOOM_SYNC_MESSAGE = bytes.fromhex("42000001000301000100")
 """A 10-byte Automerge sync message that decodes: type 0x42, no heads, no
 needs, one `have` (no last-sync hashes; a 3-byte Bloom filter that claims 1
 entry, 0 bits per entry and 1 probe, hence no bit array), no changes.
@@ -195,8 +195,14 @@ def foreign_sync_messages() -> tuple[bytes, bytes]:
     the first message of a fresh sync (heads and a Bloom filter, no changes)
     and the reply that carries the document's whole history."""
     doc = new_session_doc(
-        "foreign-session", site="elsewhere", charger="charger-9", connector=2, id_token="TOKEN-9",
-        tariff={"currency": "EUR", "per_kwh_cents": 1}, created_by="charger-z", actor=bytes(range(16)),
+        "foreign-session",
+        site="elsewhere",
+        charger="charger-9",
+        connector=2,
+        id_token="TOKEN-9",
+        tariff={"currency": "EUR", "per_kwh_cents": 1},
+        created_by="charger-z",
+        actor=bytes(range(16)),
     )
     opening = doc.generate_sync_message(SyncState())
     assert opening is not None
@@ -353,7 +359,9 @@ def push_cases(rig: Rig) -> list[Case]:
         Case("a message that is empty", with_fields(base, docs={sid: [heads, b""]})),
         Case("a message that is text", with_fields(base, docs={sid: [heads, "x"]})),
         Case("a message that does not parse", with_fields(base, docs={sid: [heads, b"\x42\x05"]})),
-        Case("a message with a Bloom filter without bits", with_fields(base, docs={sid: [[], EMPTY_BLOOM_SYNC_MESSAGE]})),
+        Case(
+            "a message with a Bloom filter without bits", with_fields(base, docs={sid: [[], EMPTY_BLOOM_SYNC_MESSAGE]})
+        ),
         Case(f"{MAX_DOCS_PER_SYNC + 1} documents", with_fields(base, docs=many_ids)),
         Case("to is text", with_fields(base, to="peer-c")),
         Case("to holds an integer", with_fields(base, to=[1])),

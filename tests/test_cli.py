@@ -19,8 +19,17 @@ def test_version_and_help():
 
     assert run_cli("--version").stdout.strip() == f"meshnode {__version__}"
     out = run_cli("run", "--help").stdout
-    for flag in ("--node-id", "--data-dir", "--bind", "--coap-port", "--http-port", "--peer", "--no-mdns",
-                 "--config", "--cloud-url"):
+    for flag in (
+        "--node-id",
+        "--data-dir",
+        "--bind",
+        "--coap-port",
+        "--http-port",
+        "--peer",
+        "--no-mdns",
+        "--config",
+        "--cloud-url",
+    ):
         assert flag in out
     sim = subprocess.run([sys.executable, "-m", "sim.cli", "--version"], capture_output=True, text=True)
     assert sim.stdout.strip().startswith("meshsim ")

@@ -172,7 +172,14 @@ async def state(client: httpx.AsyncClient) -> tuple[Any, Any, Any]:
     return sessions, conflicts, stats
 
 
-TRAFFIC = ("requests", "messages", "messages_refused", "bytes_received", "bytes_received_inflated", "duplicates_rejected")
+TRAFFIC = (
+    "requests",
+    "messages",
+    "messages_refused",
+    "bytes_received",
+    "bytes_received_inflated",
+    "duplicates_rejected",
+)
 
 
 def content(stats: Mapping[str, int]) -> dict[str, int]:
@@ -416,9 +423,10 @@ async def test_a_document_cannot_rekey_a_known_device(sqlite_url: str) -> None:
 async def test_configured_keys_only_when_document_keys_are_not_trusted(sqlite_url: str) -> None:
     enrolled, stranger = make_signer("charger-1"), make_signer("charger-9")
     docs = {"s-1": completed("s-1", enrolled), "s-9": completed("s-9", stranger)}
-    async with asgi_cloud(
-        sqlite_url, trusted_keys={"charger-1": enrolled.public_key}, trust_document_keys=False
-    ) as (_, client):
+    async with asgi_cloud(sqlite_url, trusted_keys={"charger-1": enrolled.public_key}, trust_document_keys=False) as (
+        _,
+        client,
+    ):
         await Leader("node-a", docs).sync(client)
         rows = by_id((await client.get("/v1/sessions")).json())
         conflicts = (await client.get("/v1/conflicts", params={"session_id": "s-9"})).json()["conflicts"]

@@ -79,7 +79,7 @@ async def test_default_port_peers_learned_from_requests_can_be_asked_back_after_
         learned_by_a: list[str] = []
         async with open_coap_transport(A, DEFAULT_PORT) as a:
             await _learn_and_answer(a, learned_by_a)
-            for incarnation in range(3):
+            for _incarnation in range(3):
                 learned_by_b: list[str] = []
                 async with open_coap_transport(B, DEFAULT_PORT) as b:
                     await _learn_and_answer(b, learned_by_b)
@@ -102,8 +102,11 @@ def default_port_pair(tmp_path):
     def make() -> list[NodeProcess]:
         http = free_port(A)
         # node-1 knows node-2 statically; node-2 learns node-1 only from its requests.
-        nodes.append(NodeProcess("node-1", A, tmp_path / "node-1", coap_port=DEFAULT_PORT, http_port=http,
-                                 peers=[f"{B}:{DEFAULT_PORT}"]))
+        nodes.append(
+            NodeProcess(
+                "node-1", A, tmp_path / "node-1", coap_port=DEFAULT_PORT, http_port=http, peers=[f"{B}:{DEFAULT_PORT}"]
+            )
+        )
         nodes.append(NodeProcess("node-2", B, tmp_path / "node-2", coap_port=DEFAULT_PORT, http_port=http))
         for node in nodes:
             node.start()
@@ -151,8 +154,16 @@ class LossyRelay:
     datagram is lost with probability ``loss`` (seeded); replies to the client
     are held for ``delay`` seconds, a slow path."""
 
-    def __init__(self, front: tuple[str, int], back: tuple[str, int], server: tuple[str, int],
-                 *, loss: float, delay: float, seed: int) -> None:
+    def __init__(
+        self,
+        front: tuple[str, int],
+        back: tuple[str, int],
+        server: tuple[str, int],
+        *,
+        loss: float,
+        delay: float,
+        seed: int,
+    ) -> None:
         self.front, self.back, self.server = front, back, server
         self.loss, self.delay = loss, delay
         self.rng = random.Random(seed)
@@ -225,16 +236,21 @@ async def test_requests_given_up_under_loss_and_delay_never_raise_inside_aiocoap
             server.route("/m/echo", echo)
             fronts = []
             for k in range(relays_n):
-                relay = LossyRelay(("127.0.15.4", 5700 + k), ("127.0.15.5", 5700 + k), server_at,
-                                   loss=0.2, delay=delay, seed=k)
+                relay = LossyRelay(
+                    ("127.0.15.4", 5700 + k), ("127.0.15.5", 5700 + k), server_at, loss=0.2, delay=delay, seed=k
+                )
                 await relays.start(relay.serve)
                 fronts.append(f"127.0.15.4:{5700 + k}")
             outcomes: list[str] = []
 
             async def one(i: int) -> None:
                 try:
-                    await client.request(fronts[i % relays_n], "/m/echo", b"x" * (1 + i % 3 * 700),
-                                         timeout=delay + rng.uniform(-0.01, 0.03))
+                    await client.request(
+                        fronts[i % relays_n],
+                        "/m/echo",
+                        b"x" * (1 + i % 3 * 700),
+                        timeout=delay + rng.uniform(-0.01, 0.03),
+                    )
                     outcomes.append("ok")
                 except TransportError as exc:
                     outcomes.append(type(exc).__name__)
@@ -248,8 +264,11 @@ async def test_requests_given_up_under_loss_and_delay_never_raise_inside_aiocoap
             assert await client.request(f"{server_at[0]}:{DEFAULT_PORT}", "/m/echo", b"after") == b"after"
             assert client.loop_errors == 0
     assert len(outcomes) == 300
-    invalid = [r.getMessage() for r in caplog.records if "invalid state" in r.getMessage().lower()
-               or (r.exc_info and "InvalidStateError" in repr(r.exc_info[1]))]
+    invalid = [
+        r.getMessage()
+        for r in caplog.records
+        if "invalid state" in r.getMessage().lower() or (r.exc_info and "InvalidStateError" in repr(r.exc_info[1]))
+    ]
     assert invalid == []
 
 
@@ -451,7 +470,5 @@ async def test_an_orphaned_aiocoap_backlog_is_repaired_not_fatal() -> None:
             manager._backlogs[probe.remote] = []  # a backlog without its exchange
             assert await a.request(b.address, "/m/hello", b"after") == b"after"
             assert manager._repaired_backlogs == 1
-            assert probe.remote not in manager._backlogs or any(
-                r == probe.remote for r, _ in manager._active_exchanges
-            )
+            assert probe.remote not in manager._backlogs or any(r == probe.remote for r, _ in manager._active_exchanges)
             assert await a.request(b.address, "/m/hello", b"again") == b"again"

@@ -90,7 +90,10 @@ def test_each_conflict_names_what_went_wrong():
     assert kinds[INVALID_EVENT].event_id == "not-its-id"
     assert kinds[INVALID_EVENT].detail == f"stored under another id ({misfiled.event_id})"
     assert kinds[ILLEGAL_TRANSITION].to_json() == {
-        "kind": ILLEGAL_TRANSITION, "event_id": illegal.event_id, "detail": "'resume' in state 'charging'"}
+        "kind": ILLEGAL_TRANSITION,
+        "event_id": illegal.event_id,
+        "detail": "'resume' in state 'charging'",
+    }
 
 
 def test_a_broken_chain_is_reported_and_the_fold_goes_on():
@@ -98,7 +101,11 @@ def test_a_broken_chain_is_reported_and_the_fold_goes_on():
     first = a.sign("authorize", "s", 1)
     other_branch.sign("reserve", "s", 1)  # not in the document
     broken = other_branch.sign("start", "s", 2, meter_wh=0)  # seq 2, but points at the reserve
-    rest = [b.sign("start", "s", 3, meter_wh=10), b.sign("meter", "s", 4, meter_wh=70), b.sign("stop", "s", 5, meter_wh=90)]
+    rest = [
+        b.sign("start", "s", 3, meter_wh=10),
+        b.sign("meter", "s", 4, meter_wh=70),
+        b.sign("stop", "s", 5, meter_wh=90),
+    ]
     view = fold("s", {e.event_id: e.encoded for e in [first, broken, *rest]}, RING)
     assert [(c.kind, c.event_id) for c in view.conflicts] == [(BROKEN_CHAIN, broken.event_id)]
     assert view.conflicts[0].detail == f"event {broken.event_id} (seq 2) does not point at the hash of seq 1"
@@ -108,8 +115,12 @@ def test_a_broken_chain_is_reported_and_the_fold_goes_on():
 
 def test_the_view_reports_first_and_last_meter_times_and_the_receipt():
     a = fresh("charger-1")
-    events = [a.sign("authorize", "s", 1), a.sign("start", "s", 2, meter_wh=100), a.sign("meter", "s", 3, meter_wh=150),
-              a.sign("stop", "s", 4, meter_wh=180)]
+    events = [
+        a.sign("authorize", "s", 1),
+        a.sign("start", "s", 2, meter_wh=100),
+        a.sign("meter", "s", 3, meter_wh=150),
+        a.sign("stop", "s", 4, meter_wh=180),
+    ]
     blobs = {e.event_id: e.encoded for e in events}
     view = fold("s", blobs, RING, receipt_present=True)
     assert (view.state, view.energy_wh, view.first_meter_wh, view.last_meter_wh) == ("reconciled", 80, 100, 180)
@@ -118,7 +129,12 @@ def test_the_view_reports_first_and_last_meter_times_and_the_receipt():
     # Nothing started or stopped, no meter: None, not some other falsy value.
     idle = fold("s", {events[0].event_id: events[0].encoded}, RING)
     assert (idle.started_ts, idle.stopped_ts, idle.first_meter_wh, idle.last_meter_wh, idle.energy_wh) == (
-        None, None, None, None, 0)
+        None,
+        None,
+        None,
+        None,
+        0,
+    )
 
 
 def test_summarize_event_is_the_event_as_json():
@@ -126,14 +142,19 @@ def test_summarize_event_is_the_event_as_json():
     a.sign("authorize", "s", 1)
     event = a.sign("meter", "s", 7, meter_wh=42)
     assert summarize_event(event) == {
-        "event_id": event.event_id, "type": "meter", "device_id": "charger-1", "seq": 2, "ts": 7, "meter_wh": 42}
+        "event_id": event.event_id,
+        "type": "meter",
+        "device_id": "charger-1",
+        "seq": 2,
+        "ts": 7,
+        "meter_wh": 42,
+    }
 
 
 # --------------------------------------------------------------------------
 # crdt/_events.py: every refusal of decode_event / verify_event says what is wrong and which
 # event it was (fold files `reason: message` as the conflict's detail), and the limits are where
 # the docstrings put them.
-
 
 
 def _body_and_sig(**changes):
@@ -158,8 +179,12 @@ def _blob(sig=None, drop=(), **changes) -> bytes:
     "blob, error, message, has_id",
     [
         ("text", MalformedEvent, "an event is bytes, got str", False),
-        (b"\xa0" * (MAX_EVENT_BYTES + 1), MalformedEvent,
-         f"event is {MAX_EVENT_BYTES + 1} bytes, more than the {MAX_EVENT_BYTES} allowed", False),
+        (
+            b"\xa0" * (MAX_EVENT_BYTES + 1),
+            MalformedEvent,
+            f"event is {MAX_EVENT_BYTES + 1} bytes, more than the {MAX_EVENT_BYTES} allowed",
+            False,
+        ),
         (b"\x00" * MAX_EVENT_BYTES, MalformedEvent, "an event is a CBOR map, got int", False),  # at the limit: parsed
         (cbor2.dumps([1]), MalformedEvent, "an event is a CBOR map, got list", False),
         (_blob(drop=("ts",)), MissingField, "event has no 'ts' field", True),
@@ -210,14 +235,27 @@ def test_verify_event_refusals_and_result():
     with pytest.raises(BadSignature) as info:
         verify_event(event.encoded, impostor)
     assert (str(info.value), info.value.event_id) == (
-        f"signature of event {event.event_id} does not match device 'charger-1'", event.event_id)
+        f"signature of event {event.event_id} does not match device 'charger-1'",
+        event.event_id,
+    )
     verified = verify_event(event.encoded, RING)
-    assert (verified.signature, verified.encoded, verified.chain_hash) == (event.signature, event.encoded,
-                                                                          event.chain_hash)
+    assert (verified.signature, verified.encoded, verified.chain_hash) == (
+        event.signature,
+        event.encoded,
+        event.chain_hash,
+    )
     assert len(verified.event_id) == 32 and int(verified.event_id, 16) >= 0
     assert verified.record.to_map() == {
-        "event_id": event.event_id, "type": "authorize", "device_id": "charger-1", "session_id": "s", "seq": 1,
-        "prev": GENESIS_PREV, "ts": 1, "meter_wh": None, "data": {}}
+        "event_id": event.event_id,
+        "type": "authorize",
+        "device_id": "charger-1",
+        "session_id": "s",
+        "seq": 1,
+        "prev": GENESIS_PREV,
+        "ts": 1,
+        "meter_wh": None,
+        "data": {},
+    }
 
 
 def test_check_link_refusals_name_the_event():
@@ -227,15 +265,16 @@ def test_check_link_refusals_name_the_event():
     third = a.sign("stop", "s", 3)  # seq 3 after seq 1
     with pytest.raises(BrokenChain) as info:
         check_link(first, third)
-    assert (str(info.value), info.value.event_id) == (
-        f"event {third.event_id} has seq 3, expected 2", third.event_id)
+    assert (str(info.value), info.value.event_id) == (f"event {third.event_id} has seq 3, expected 2", third.event_id)
     branch = fresh("charger-1")
     branch.sign("reserve", "s", 1)
     other_second = branch.sign("start", "s", 2)
     with pytest.raises(BrokenChain) as info:
         check_link(first, other_second)
     assert (str(info.value), info.value.event_id) == (
-        f"event {other_second.event_id} (seq 2) does not point at the hash of seq 1", other_second.event_id)
+        f"event {other_second.event_id} (seq 2) does not point at the hash of seq 1",
+        other_second.event_id,
+    )
     with pytest.raises(LocalError, match="^check_link compares two events of the same device$"):
         check_link(first, b.sign("authorize", "s", 1))
 
@@ -273,19 +312,39 @@ def test_signer_and_keyring_checks():
 
 
 NESTED = {
-    "currency": "EUR", "per_kwh_cents": 39, "vat": 0.19, "active": True, "note": None, "blob": b"\x00\x01",
+    "currency": "EUR",
+    "per_kwh_cents": 39,
+    "vat": 0.19,
+    "active": True,
+    "note": None,
+    "blob": b"\x00\x01",
     "bands": [{"from": 0, "cents": 30}, {"from": 22, "cents": [1, 2.5, "x", None, False, b"b", [3, {"y": 4}]]}],
-    "empty": {}, "none": [],
+    "empty": {},
+    "none": [],
 }
 
 
 def test_any_plain_value_round_trips_through_a_session_document():
-    doc = new_session_doc("s-9", site="depot", charger="c7", connector=2, id_token="tok", tariff=NESTED,
-                          created_by="node-b", actor=b"\x01" * 16)
+    doc = new_session_doc(
+        "s-9",
+        site="depot",
+        charger="c7",
+        connector=2,
+        id_token="tok",
+        tariff=NESTED,
+        created_by="node-b",
+        actor=b"\x01" * 16,
+    )
     assert doc.get_actor() == b"\x01" * 16
     data = read_session(doc)
     assert (data.session_id, data.site, data.charger, data.connector, data.id_token, data.created_by) == (
-        "s-9", "depot", "c7", 2, "tok", "node-b")
+        "s-9",
+        "depot",
+        "c7",
+        2,
+        "tok",
+        "node-b",
+    )
     tariff = dict(data.tariff)
     tariff["blob"] = bytes(tariff["blob"])
     inner = tariff["bands"][1]["cents"]
@@ -312,8 +371,9 @@ def test_site_config_holds_nested_values_and_refuses_other_documents():
     with pytest.raises(LocalError, match="site config has no section 'nope'"):
         site_config_put(doc, "nope", "k", 1)
     with pytest.raises(DocumentError, match="^not a site-config document$"):
-        read_site_config(new_session_doc("s", site="x", charger="c", connector=1, id_token="t", tariff={},
-                                         created_by="n"))
+        read_site_config(
+            new_session_doc("s", site="x", charger="c", connector=1, id_token="t", tariff={}, created_by="n")
+        )
 
 
 def _session_with(**overrides):
@@ -324,8 +384,11 @@ def _session_with(**overrides):
         for key, value in values.items():
             if value is None:
                 continue
-            kind = ScalarType.Boolean if isinstance(value, bool) else (
-                ScalarType.Int if isinstance(value, int) else ScalarType.Str)
+            kind = (
+                ScalarType.Boolean
+                if isinstance(value, bool)
+                else (ScalarType.Int if isinstance(value, int) else ScalarType.Str)
+            )
             tx.put(ROOT, key, kind, value)
         events = tx.put_object(ROOT, "events", ObjType.Map)
         tx.put(events, "odd", ScalarType.Str, "not bytes")
@@ -338,10 +401,18 @@ def _session_with(**overrides):
     return doc
 
 
-@pytest.mark.parametrize("key, value, kind", [
-    ("session_id", None, "str"), ("site", 5, "str"), ("charger", None, "str"), ("id_token", None, "str"),
-    ("created_by", 7, "str"), ("connector", "1", "int"), ("connector", True, "int"),
-])
+@pytest.mark.parametrize(
+    "key, value, kind",
+    [
+        ("session_id", None, "str"),
+        ("site", 5, "str"),
+        ("charger", None, "str"),
+        ("id_token", None, "str"),
+        ("created_by", 7, "str"),
+        ("connector", "1", "int"),
+        ("connector", True, "int"),
+    ],
+)
 def test_read_session_names_the_bad_field(key, value, kind):
     with pytest.raises(DocumentError) as info:
         read_session(_session_with(**{key: value}))

@@ -153,9 +153,16 @@ def _row(sid: str, state: str = "reconciled", energy: int = 300) -> dict[str, An
 
 def _receipt(sid: str, energy: int = 300, issued_ts: int = 1000) -> dict[str, Any]:
     """A receipt as a node shows it (JSON, bytes as hex); `_ledger_receipt` is the ledger's hex CBOR of it."""
-    return {"session_id": sid, "energy_wh": energy, "cost_cents": energy // 10, "currency": "EUR",
-            "heads": [], "issued_ts": issued_ts, "issuer": "ab",
-            "sig": hashlib.sha256(f"{sid}:{energy}:{issued_ts}".encode()).hexdigest()}
+    return {
+        "session_id": sid,
+        "energy_wh": energy,
+        "cost_cents": energy // 10,
+        "currency": "EUR",
+        "heads": [],
+        "issued_ts": issued_ts,
+        "issuer": "ab",
+        "sig": hashlib.sha256(f"{sid}:{energy}:{issued_ts}".encode()).hexdigest(),
+    }
 
 
 def _ledger_receipt(receipt: dict[str, Any]) -> str:
@@ -176,14 +183,31 @@ def test_check_ledger_all_delivered() -> None:
 
 
 def test_check_ledger_counts_duplicates_lost_sessions_events_and_wrong_energy() -> None:
-    sessions = [_rec("a", ["a1"]), _rec("b", ["b1", "b2"]), _rec("c", ["c1"]), _rec("d", ["d1"]),
-                _rec("e", ["e1"], stop=None)]
-    rows = [_row("a"), _row("a"), _row("b"), _row("c", state="completed"), _row("d", energy=299),
-            _row("e", state="charging"), _row("zzz")]
+    sessions = [
+        _rec("a", ["a1"]),
+        _rec("b", ["b1", "b2"]),
+        _rec("c", ["c1"]),
+        _rec("d", ["d1"]),
+        _rec("e", ["e1"], stop=None),
+    ]
+    rows = [
+        _row("a"),
+        _row("a"),
+        _row("b"),
+        _row("c", state="completed"),
+        _row("d", energy=299),
+        _row("e", state="charging"),
+        _row("zzz"),
+    ]
     for r in rows:
         r["receipt"] = "00" if r["state"] == "reconciled" else None
-    events = {"a": _ok("a1"), "b": _ok("b1") + [{"event_id": "b2", "status": "fork"}], "c": _ok("c1"),
-              "d": _ok("d1"), "e": _ok("e1")}
+    events = {
+        "a": _ok("a1"),
+        "b": _ok("b1") + [{"event_id": "b2", "status": "fork"}],
+        "c": _ok("c1"),
+        "d": _ok("d1"),
+        "e": _ok("e1"),
+    }
     check = check_ledger(sessions, rows, events, {"receipts": 6})
     assert check.duplicate_rows == 1  # a second row for "a"
     assert check.receipts_beyond_rows == 1  # one receipt more than the 5 rows that carry one

@@ -173,8 +173,9 @@ def test_parse_fields_fails_only_with_invalid_fields(raw):
     assert {"id", "v", "port"} <= fields.keys()
 
 
-_EXTRA_KEY = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="="),
-                     min_size=1, max_size=10).filter(lambda k: k.lower() not in ("id", "v", "port", "up"))
+_EXTRA_KEY = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="="), min_size=1, max_size=10
+).filter(lambda k: k.lower() not in ("id", "v", "port", "up"))
 _FAULTS = {
     "missing": None,  # one required field left out
     "id": ["", "a\nb", "x" * 64, "tab\there"],
@@ -200,8 +201,10 @@ def adverts(draw):
     }
     if draw(st.booleans()):
         required["up"] = str(draw(st.integers(0, 100)))
-    extras = {k: v for k, v in draw(st.dictionaries(_EXTRA_KEY, st.one_of(st.none(), st.text(max_size=30)),
-                                                    max_size=3)).items()}
+    extras = {
+        k: v
+        for k, v in draw(st.dictionaries(_EXTRA_KEY, st.one_of(st.none(), st.text(max_size=30)), max_size=3)).items()
+    }
     extras = {k: v for k, v in extras.items() if k.lower() == k}  # distinct without case
     entries: list[tuple[str, str | bytes | None]] = [
         (k.upper() if draw(st.booleans()) else k, v) for k, v in [*required.items(), *extras.items()]
@@ -333,8 +336,20 @@ def test_split_host_port():
 
 @pytest.mark.parametrize(
     "text",
-    ["10.0.0.5", "10.0.0.5:", ":5683", "10.0.0.5:0", "10.0.0.5:65536", "10.0.0.5:http", "fd00::1:5683",
-     "[fd00::1]", "[10.0.0.5]:5683", "bad_host:5683", "a b:1", ""],
+    [
+        "10.0.0.5",
+        "10.0.0.5:",
+        ":5683",
+        "10.0.0.5:0",
+        "10.0.0.5:65536",
+        "10.0.0.5:http",
+        "fd00::1:5683",
+        "[fd00::1]",
+        "[10.0.0.5]:5683",
+        "bad_host:5683",
+        "a b:1",
+        "",
+    ],
 )
 def test_static_discovery_rejects_bad_addresses(text):
     with pytest.raises(ValueError, match=r"--peer expects HOST:PORT, got"):
@@ -385,9 +400,7 @@ class Recorder:
         nursery.start_soon(self._collect, receive)
         await nursery.start(self._run, send)
 
-    async def _run(
-        self, send: trio.MemorySendChannel[DiscoveryEvent], *, task_status: trio.TaskStatus[None]
-    ) -> None:
+    async def _run(self, send: trio.MemorySendChannel[DiscoveryEvent], *, task_status: trio.TaskStatus[None]) -> None:
         try:
             async with send:
                 with self._scope:
@@ -609,8 +622,14 @@ async def test_peers_see_each_other_with_fields_but_not_themselves(harness: Harn
         await start_all(nursery, [a, b])
         seen_b = await a.sees(b)
         seen_a = await b.sees(a)
-        assert seen_b == PeerSeen(b.node_id, b.address, {"id": b.node_id, "v": "1", "port": b.address.rsplit(":")[1], "up": "20", "site": "depot"})
-        assert seen_a == PeerSeen(a.node_id, a.address, {"id": a.node_id, "v": "1", "port": a.address.rsplit(":")[1], "up": "10"})
+        assert seen_b == PeerSeen(
+            b.node_id,
+            b.address,
+            {"id": b.node_id, "v": "1", "port": b.address.rsplit(":")[1], "up": "20", "site": "depot"},
+        )
+        assert seen_a == PeerSeen(
+            a.node_id, a.address, {"id": a.node_id, "v": "1", "port": a.address.rsplit(":")[1], "up": "10"}
+        )
         assert own_events(a) == [] and own_events(b) == []
         nursery.cancel_scope.cancel()
 
@@ -679,7 +698,9 @@ async def test_stopping_sends_peer_gone_and_restarting_peer_seen(harness: Harnes
 
         again = Recorder(a.discovery, a.node_id, a.address)
         await again.start(nursery)
-        await b.wait_until(lambda r: isinstance(r.events[-1], PeerSeen) and a.node_id in r.view(), f"{a.node_id} is back")
+        await b.wait_until(
+            lambda r: isinstance(r.events[-1], PeerSeen) and a.node_id in r.view(), f"{a.node_id} is back"
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -692,8 +713,10 @@ async def test_malformed_adverts_are_ignored_and_browsing_goes_on(harness: Harne
         unique_id("bad-other-id"): {"id": "impostor", "v": "1", "port": "5683"},
         unique_id("bad-version"): {"v": "1.0", "port": "5683"},
     }
-    adverts = [(name, {"id": name, **fields} if "missing" not in name and "other" not in name else fields)
-               for name, fields in bad.items()]
+    adverts = [
+        (name, {"id": name, **fields} if "missing" not in name and "other" not in name else fields)
+        for name, fields in bad.items()
+    ]
     late = unique_id("good-late")
     async with trio.open_nursery() as nursery:
         await start_all(nursery, [a])
@@ -711,7 +734,9 @@ async def test_malformed_adverts_are_ignored_and_browsing_goes_on(harness: Harne
             # A good peer that turns bad keeps its last good advertisement.
             await raws[-1].update({"id": late, "v": "1", "port": "5683", "up": "-3"})
             with trio.fail_after(TIMEOUT):
-                while not any("up='-3'" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING):
+                while not any(
+                    "up='-3'" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING
+                ):
                     await trio.sleep(0.05)
             await raws[-1].update({"id": late, "v": "1", "port": "5683", "up": "6"})
             await a.wait_until(lambda r: r.view().get(late) is not None and r.view()[late].fields["up"] == "6", "up=6")
@@ -944,7 +969,11 @@ class Child:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.process = await trio.lowlevel.open_process(
             [sys.executable, "-c", CHILD, self.node_id, self.bind, str(self.port), self.up],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=REPO,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -1011,6 +1040,7 @@ async def test_mdns_across_processes(loopback_multicast):
                     o.node_id in view and all(view[o.node_id]["fields"].get(k) == v for k, v in fields.items())
                     for o in others
                 )
+
             return ok
 
         for child in children:

@@ -72,10 +72,19 @@ def unsynced_acks(trace: str, db_path: Path) -> tuple[list[str], int]:
     Returns (those ids, number of acks seen)."""
     store_files = {str(db_path), f"{db_path}-wal", f"{db_path}-journal"}
     calls = parse(trace)
-    writes = [c for c in calls if c.name in ("write", "pwrite64", "pwritev", "pwritev2")
-              and c.path in store_files and c.end is not None and (c.result or 0) > 0]
-    syncs = [c for c in calls if c.name in ("fsync", "fdatasync")
-             and c.path in store_files and c.result == 0 and c.end is not None]
+    writes = [
+        c
+        for c in calls
+        if c.name in ("write", "pwrite64", "pwritev", "pwritev2")
+        and c.path in store_files
+        and c.end is not None
+        and (c.result or 0) > 0
+    ]
+    syncs = [
+        c
+        for c in calls
+        if c.name in ("fsync", "fdatasync") and c.path in store_files and c.result == 0 and c.end is not None
+    ]
     req_end: dict[str, int] = {}
     bad, acks = [], 0
     for c in calls:
@@ -90,7 +99,8 @@ def unsynced_acks(trace: str, db_path: Path) -> tuple[list[str], int]:
         after = req_end[event_id]
         synced = any(
             w.end > after and any(s.path == w.path and s.start > w.end and s.end < c.start for s in syncs)
-            for w in writes if w.end < c.start
+            for w in writes
+            if w.end < c.start
         )
         if not synced:
             bad.append(event_id)
@@ -100,13 +110,31 @@ def unsynced_acks(trace: str, db_path: Path) -> tuple[list[str], int]:
 def run_child(tmp_path: Path, *, key: bytes | None, writers: int = 4, events: int = 10) -> tuple[str, Path]:
     db = tmp_path / "store.db"
     trace_path = tmp_path / "strace.txt"
-    args = [STRACE, "-f", "-qq", "-y", "-s", "160", "-e", "signal=none",
-            "-e", "trace=fsync,fdatasync,write,pwrite64,pwritev,pwritev2",
-            "-o", str(trace_path),
-            sys.executable, "-m", "tests.durability_child", str(db), str(writers), str(events)]
+    args = [
+        STRACE,
+        "-f",
+        "-qq",
+        "-y",
+        "-s",
+        "160",
+        "-e",
+        "signal=none",
+        "-e",
+        "trace=fsync,fdatasync,write,pwrite64,pwritev,pwritev2",
+        "-o",
+        str(trace_path),
+        sys.executable,
+        "-m",
+        "tests.durability_child",
+        str(db),
+        str(writers),
+        str(events),
+    ]
     if key is not None:
         args.append(key.hex())
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy(), check=False)
+    proc = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy(), check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "ready" and lines[-1] == "done", proc.stdout[-500:]
@@ -143,6 +171,8 @@ def test_the_check_tells_a_synced_ack_from_an_unsynced_one():
     bad, acks = unsynced_acks(SAMPLE, Path("/d/store.db"))
     assert (bad, acks) == (["e2"], 2)
     # A sync that began before the write does not count, nor one of another file.
-    other = SAMPLE.replace("101 fdatasync(5</d/store.db-wal>) = 0\n100 write(1<pipe:[7]>, \"ack e1",
-                           "101 fdatasync(6</d/other>) = 0\n100 write(1<pipe:[7]>, \"ack e1")
+    other = SAMPLE.replace(
+        '101 fdatasync(5</d/store.db-wal>) = 0\n100 write(1<pipe:[7]>, "ack e1',
+        '101 fdatasync(6</d/other>) = 0\n100 write(1<pipe:[7]>, "ack e1',
+    )
     assert unsynced_acks(other, Path("/d/store.db")) == (["e1", "e2"], 2)

@@ -19,8 +19,17 @@ def cluster(tmp_path):
         coap, http = free_port(hosts[0]), free_port(hosts[0])
         for i in range(n):
             peers = [f"{hosts[j]}:{coap}" for j in peers_of(i, n)]
-            nodes.append(NodeProcess(f"node-{i + 1}", hosts[i], tmp_path / f"node-{i + 1}",
-                                     coap_port=coap, http_port=http, peers=peers, mdns=mdns))
+            nodes.append(
+                NodeProcess(
+                    f"node-{i + 1}",
+                    hosts[i],
+                    tmp_path / f"node-{i + 1}",
+                    coap_port=coap,
+                    http_port=http,
+                    peers=peers,
+                    mdns=mdns,
+                )
+            )
         for node in nodes:
             node.start()
         return nodes
@@ -64,8 +73,10 @@ def test_line_of_four_with_static_peers_converges(cluster):
     wait_until(lambda: all(n.get("/v1/status")["sync_state"] == "SYNCED" for n in nodes), what="SYNCED")
     # The saved Automerge document is served and identical everywhere.
     import httpx
+
     blobs = {httpx.get(n.url + f"/v1/sessions/{sid}/automerge").content for n in nodes}
     from automerge.core import Document
+
     assert len({tuple(sorted(Document.load(b).get_heads())) for b in blobs}) == 1
 
 
@@ -116,9 +127,11 @@ def test_sigkilled_node_restarts_and_catches_up(cluster):
 def test_three_nodes_find_each_other_by_mdns_alone(cluster):
     nodes = cluster(3, lambda i, n: [], mdns=True, first_host=20)
     wait_until(
-        lambda: all({p["node_id"] for p in n.get("/v1/status")["peers"]} == {m.name for m in nodes} - {n.name}
-                    for n in nodes),
-        timeout=60, what="every node to see the other two through mDNS",
+        lambda: all(
+            {p["node_id"] for p in n.get("/v1/status")["peers"]} == {m.name for m in nodes} - {n.name} for n in nodes
+        ),
+        timeout=60,
+        what="every node to see the other two through mDNS",
     )
     r = nodes[0].post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "TOKEN-M"})
     sid = r.json()["session_id"]
@@ -127,8 +140,9 @@ def test_three_nodes_find_each_other_by_mdns_alone(cluster):
 
     def same() -> bool:
         views = [n.get(f"/v1/sessions/{sid}") for n in nodes]
-        return all((v["state"], v["energy_wh"], v["heads"]) == (views[0]["state"], 1500, views[0]["heads"])
-                   for v in views)
+        return all(
+            (v["state"], v["energy_wh"], v["heads"]) == (views[0]["state"], 1500, views[0]["heads"]) for v in views
+        )
 
     wait_until(same, what="the session with the same state and energy on all three nodes")
     assert nodes[2].get(f"/v1/sessions/{sid}")["state"] == "charging"

@@ -85,7 +85,9 @@ PROBE = ["--probe-interval", "1"]
 class CloudProcess:
     """One `meshnode cloud` child process; `start` again after a kill reuses its database and port."""
 
-    def __init__(self, host: str, port: int, db: str, key: Path, log_path: Path, extra: list[str] | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, db: str, key: Path, log_path: Path, extra: list[str] | None = None
+    ) -> None:
         self.host, self.port, self.db, self.key, self.log_path = host, port, db, key, log_path
         self.extra = list(extra or [])
         self.proc: subprocess.Popen[str] | None = None
@@ -96,8 +98,21 @@ class CloudProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        args = [sys.executable, "-m", "meshnode.cli", "cloud", "--db", self.db, "--bind", self.host,
-                "--port", str(self.port), "--key", str(self.key), *self.extra]
+        args = [
+            sys.executable,
+            "-m",
+            "meshnode.cli",
+            "cloud",
+            "--db",
+            self.db,
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--key",
+            str(self.key),
+            *self.extra,
+        ]
         log = open(self.log_path, "a")
         deadline = time.monotonic() + timeout
         while True:
@@ -185,8 +200,17 @@ class Rig:
         cloud.start()
         return cloud
 
-    def node(self, name: str, host: str, *, coap_port: int, http_port: int, peers: list[str],
-             cloud: CloudProcess | None = None, proxy: bool = True) -> NodeProcess:
+    def node(
+        self,
+        name: str,
+        host: str,
+        *,
+        coap_port: int,
+        http_port: int,
+        peers: list[str],
+        cloud: CloudProcess | None = None,
+        proxy: bool = True,
+    ) -> NodeProcess:
         extra = list(PROBE)
         if cloud is not None:
             url = cloud.url
@@ -194,8 +218,9 @@ class Rig:
                 p = self.proxies[name] = UplinkProxy(host, (cloud.host, cloud.port))
                 url = p.url
             extra += ["--cloud-url", url]
-        node = self.nodes[name] = NodeProcess(name, host, self.tmp / name, coap_port=coap_port,
-                                              http_port=http_port, peers=peers, extra=extra)
+        node = self.nodes[name] = NodeProcess(
+            name, host, self.tmp / name, coap_port=coap_port, http_port=http_port, peers=peers, extra=extra
+        )
         return node
 
     def close(self) -> None:
@@ -261,8 +286,9 @@ class Writer(threading.Thread):
     whose stop was acknowledged.
     """
 
-    def __init__(self, nodes: list[NodeProcess], *, pause: float = 0.05, seed: int = 7,
-                 via: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, nodes: list[NodeProcess], *, pause: float = 0.05, seed: int = 7, via: dict[str, str] | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.nodes = nodes
         self.via = via or {}
@@ -288,9 +314,11 @@ class Writer(threading.Thread):
 
     def summary(self) -> str:
         lat = sorted(self.latencies) or [0.0]
-        return (f"{len(self.acked)} sessions written, {len(self.stopped)} stopped, {len(self.interrupted)} interrupted; "
-                f"failed requests {self.failures}; "
-                f"API latency p50 {lat[len(lat) // 2] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
+        return (
+            f"{len(self.acked)} sessions written, {len(self.stopped)} stopped, {len(self.interrupted)} interrupted; "
+            f"failed requests {self.failures}; "
+            f"API latency p50 {lat[len(lat) // 2] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms"
+        )
 
     def sessions_done(self) -> int:
         with self.lock:
@@ -322,8 +350,11 @@ class Writer(threading.Thread):
 
     def _one_session(self, node: NodeProcess, i: int) -> None:
         meter = self.rng.randrange(0, 10_000)
-        created = self._post(node, "/v1/sessions", {"charger": f"{node.name}-c{i % 3}", "connector": i % 2 + 1,
-                                                     "id_token": f"TOKEN-{i}", "meter_wh": meter})
+        created = self._post(
+            node,
+            "/v1/sessions",
+            {"charger": f"{node.name}-c{i % 3}", "connector": i % 2 + 1, "id_token": f"TOKEN-{i}", "meter_wh": meter},
+        )
         if created is None:
             return
         sid = created["session_id"]
@@ -373,7 +404,9 @@ class Convergence:
         name, first = next(iter(views.items()))
         for other, view in views.items():
             if view.keys() != first.keys():
-                self.why = f"{other} holds {len(view)} sessions, {name} {len(first)}: {sorted(view.keys() ^ first.keys())}"
+                self.why = (
+                    f"{other} holds {len(view)} sessions, {name} {len(first)}: {sorted(view.keys() ^ first.keys())}"
+                )
                 return None
             differ = [s for s in first if view[s]["heads"] != first[s]["heads"]]
             if differ:
@@ -394,15 +427,19 @@ class Convergence:
         return first, ledger
 
 
-def converge(nodes: list[NodeProcess], cloud: CloudProcess, timeout: float,
-             what: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+def converge(
+    nodes: list[NodeProcess], cloud: CloudProcess, timeout: float, what: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     check = Convergence(nodes, cloud)
     try:
         return poll(check, timeout, what)
     except AssertionError as exc:
         statuses = [try_status(n) for n in nodes]
-        brief = [{k: s.get(k) for k in ("node_id", "leader", "uplink_score", "forwarder", "sync_state")}
-                 for s in statuses if s]
+        brief = [
+            {k: s.get(k) for k in ("node_id", "leader", "uplink_score", "forwarder", "sync_state")}
+            for s in statuses
+            if s
+        ]
         raise AssertionError(f"{exc}: {check.why}; nodes {brief}") from None
 
 
@@ -423,9 +460,14 @@ def _hex(value: Any) -> Any:
     return value
 
 
-def check_exactly_once(cloud: CloudProcess, sessions: dict[str, dict[str, Any]], ledger: dict[str, dict[str, Any]],
-                       acked: dict[str, set[str]], stopped: set[str],
-                       nodes: list[NodeProcess] = ()) -> dict[str, int]:
+def check_exactly_once(
+    cloud: CloudProcess,
+    sessions: dict[str, dict[str, Any]],
+    ledger: dict[str, dict[str, Any]],
+    acked: dict[str, set[str]],
+    stopped: set[str],
+    nodes: list[NodeProcess] = (),
+) -> dict[str, int]:
     """The ledger against the nodes' sessions and what the APIs acknowledged.
 
     Billing once is checked where a second bill would show: one ledger row per
@@ -505,20 +547,25 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
     for name in names:
         peers = [f"{hosts[o]}:{coap}" for o in names if o != name]
         # node-1 has no uplink; the other three reach the cloud through their own proxy.
-        rig.node(name, hosts[name], coap_port=coap, http_port=http, peers=peers,
-                 cloud=cloud if name != "node-1" else None)
+        rig.node(
+            name, hosts[name], coap_port=coap, http_port=http, peers=peers, cloud=cloud if name != "node-1" else None
+        )
     nodes = [rig.nodes[n] for n in names]
     start_all(nodes)
     phase("start")
 
-    first_leader = poll(lambda: len(ls := set(leaders(nodes).values())) == 1 and ls.pop(), 30,
-                        "every node to follow the same leader")
+    first_leader = poll(
+        lambda: len(ls := set(leaders(nodes).values())) == 1 and ls.pop(), 30, "every node to follow the same leader"
+    )
     assert first_leader != "node-1"  # the node without an uplink never leads
     taps = {n.name: rig.tap(n) for n in nodes}
     writer = Writer(nodes, pause=0.15, via={name: t.url for name, t in taps.items()})
     writer.start()
-    poll(lambda: sum(r["state"] == "reconciled" for r in cloud.ledger().values()) >= 1, 30,
-         "the first session to be reconciled in the cloud")
+    poll(
+        lambda: sum(r["state"] == "reconciled" for r in cloud.ledger().values()) >= 1,
+        30,
+        "the first session to be reconciled in the cloud",
+    )
     phase("first receipts")
 
     # (a) SIGKILL the leader with a request of the writer in flight: the leader has handled an
@@ -533,9 +580,16 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
     assert held[0] == 201, held
     answer = json.loads(held[1])
     lost_201 = {"event_id": answer["event"]["event_id"], "session_id": answer["session"]["session_id"]}
-    assert taps[victim.name].held_request_line.startswith(f"POST /v1/sessions/{lost_201['session_id']}/events ".encode())
-    poll(lambda: any(f.startswith(f"{victim.name} /v1/sessions/{lost_201['session_id']}/events:")
-                     for f in writer.failures), 15, "the writer to see its request fail")
+    assert taps[victim.name].held_request_line.startswith(
+        f"POST /v1/sessions/{lost_201['session_id']}/events ".encode()
+    )
+    poll(
+        lambda: any(
+            f.startswith(f"{victim.name} /v1/sessions/{lost_201['session_id']}/events:") for f in writer.failures
+        ),
+        15,
+        "the writer to see its request fail",
+    )
     assert lost_201["event_id"] not in writer.acked[lost_201["session_id"]]
 
     # (b) Flap another uplink while the mesh notices: down (loudly, then silently, then loudly)
@@ -549,9 +603,15 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
         poll(lambda: status(flapper)["uplink_score"] > 0, 15, f"{flapper.name}'s score to come back")
     phase("uplink flaps")
     new_leader = poll(
-        lambda: (ls := set(leaders(survivors).values())) and len(ls) == 1 and None not in ls
-        and first_leader not in ls and ls.pop(),
-        40, "the survivors to agree on a new leader",
+        lambda: (
+            (ls := set(leaders(survivors).values()))
+            and len(ls) == 1
+            and None not in ls
+            and first_leader not in ls
+            and ls.pop()
+        ),
+        40,
+        "the survivors to agree on a new leader",
     )
     failover_s = time.monotonic() - killed_at
     phase("failover")
@@ -567,8 +627,11 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
     phase("cloud SIGKILL + leader restart")
     # A receipt through the restarted cloud, then a clean stop (SIGTERM) and start.
     reconciled = {sid for sid, r in cloud.ledger().items() if r["state"] == "reconciled"}
-    poll(lambda: len({sid for sid, r in cloud.ledger().items() if r["state"] == "reconciled"} - reconciled) >= 1,
-         30, "a new receipt from the restarted cloud")
+    poll(
+        lambda: len({sid for sid, r in cloud.ledger().items() if r["state"] == "reconciled"} - reconciled) >= 1,
+        30,
+        "a new receipt from the restarted cloud",
+    )
     assert cloud.stop() == 0
     n_before = writer.sessions_done()
     poll(lambda: writer.sessions_done() >= n_before + 1, 30, "a session stopped while the cloud is down")
@@ -579,8 +642,9 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
     writer.stop()
     phase("writes")
 
-    sessions, ledger = converge(nodes, cloud, 60,
-                                "nodes and ledger to agree on every session (all completed ones reconciled)")
+    sessions, ledger = converge(
+        nodes, cloud, 60, "nodes and ledger to agree on every session (all completed ones reconciled)"
+    )
     phase("convergence")
     assert writer.refusals == [], writer.refusals
     check_exactly_once(cloud, sessions, ledger, writer.acked, writer.stopped, nodes)
@@ -592,8 +656,10 @@ def test_sessions_reach_the_ledger_exactly_once_through_leader_kill_uplink_flaps
     assert sum(s["leader_changes"] for s in final.values()) >= 2
     assert new_leader != first_leader and cloud.starts == 3
     phase("checks")
-    print(f"failover after SIGKILL of the leader: {failover_s:.1f} s; leaders {leaders(nodes)}; "
-          f"phases {phase}; {writer.summary()}")
+    print(
+        f"failover after SIGKILL of the leader: {failover_s:.1f} s; leaders {leaders(nodes)}; "
+        f"phases {phase}; {writer.summary()}"
+    )
 
 
 # --- 2. two leaders at once: a partitioned mesh ------------------------------------------------
@@ -619,13 +685,18 @@ def private_network(blocked: list[tuple[str, str]]) -> Iterator[None]:
     try:
         if libc.unshare(CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            pytest.fail(f"cannot create a network namespace for the partition ({os.strerror(err)}): "
-                        "this test needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN)", pytrace=False)
+            pytest.fail(
+                f"cannot create a network namespace for the partition ({os.strerror(err)}): "
+                "this test needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN)",
+                pytrace=False,
+            )
         try:
-            commands = [["ip", "link", "set", "lo", "up"],
-                        # Rules must come before the `local` table, which is normally at priority 0.
-                        ["ip", "rule", "add", "pref", "100", "lookup", "local"],
-                        ["ip", "rule", "del", "pref", "0"]]
+            commands = [
+                ["ip", "link", "set", "lo", "up"],
+                # Rules must come before the `local` table, which is normally at priority 0.
+                ["ip", "rule", "add", "pref", "100", "lookup", "local"],
+                ["ip", "rule", "del", "pref", "0"],
+            ]
             for a, b in blocked:
                 commands.append(["ip", "rule", "add", "pref", "10", "from", a, "to", b, "unreachable"])
             for command in commands:
@@ -660,13 +731,22 @@ def _partition_flow(rig: Rig) -> None:
     hosts = {"a-1": "127.1.1.1", "a-up": "127.1.1.2", "bridge": "127.1.3.1", "b-1": "127.1.2.1", "b-up": "127.1.2.2"}
     coap, http = free_port("127.1.1.1"), free_port("127.1.1.1")
     peers = {
-        "a-1": ["a-up", "bridge"], "a-up": ["a-1", "bridge"],
-        "b-1": ["b-up", "bridge"], "b-up": ["b-1", "bridge"],
+        "a-1": ["a-up", "bridge"],
+        "a-up": ["a-1", "bridge"],
+        "b-1": ["b-up", "bridge"],
+        "b-up": ["b-1", "bridge"],
         "bridge": ["a-1", "a-up", "b-1", "b-up"],
     }
     for name, host in hosts.items():
-        rig.node(name, host, coap_port=coap, http_port=http, peers=[f"{hosts[p]}:{coap}" for p in peers[name]],
-                 cloud=cloud if name.endswith("-up") else None, proxy=False)
+        rig.node(
+            name,
+            host,
+            coap_port=coap,
+            http_port=http,
+            peers=[f"{hosts[p]}:{coap}" for p in peers[name]],
+            cloud=cloud if name.endswith("-up") else None,
+            proxy=False,
+        )
     nodes = list(rig.nodes.values())
     a1, a_up, bridge, b1, b_up = (rig.nodes[n] for n in ("a-1", "a-up", "bridge", "b-1", "b-up"))
     half = {"a": [a1, a_up], "b": [b1, b_up]}
@@ -695,8 +775,11 @@ def _partition_flow(rig: Rig) -> None:
     s_b = write(b1, None, "start", 2000)
     write(b1, s_b, "meter", 2700)
     # Both halves hold both sessions (through the bridge: the halves never talk directly).
-    poll(lambda: all(holds_events(n, sid, acked[sid]) for n in nodes for sid in (s_a, s_b)), 30,
-         "both sessions on all five nodes")
+    poll(
+        lambda: all(holds_events(n, sid, acked[sid]) for n in nodes for sid in (s_a, s_b)),
+        30,
+        "both sessions on all five nodes",
+    )
     phase("sessions everywhere")
 
     # The partition: the bridge dies. Each half elects its own leader.
@@ -725,8 +808,11 @@ def _partition_flow(rig: Rig) -> None:
     phase("two leaders")
 
     # Both leaders forward: the same documents s_a and s_b, with each half's new events.
-    poll(lambda: all(status(n)["forwarder"]["batches"] > before[n.name] for n in (a_up, b_up)), 30,
-         "both leaders to forward")
+    poll(
+        lambda: all(status(n)["forwarder"]["batches"] > before[n.name] for n in (a_up, b_up)),
+        30,
+        "both leaders to forward",
+    )
     why: list[str] = []
 
     def in_ledger() -> dict[str, dict[str, Any]] | None:
@@ -761,8 +847,12 @@ def _partition_flow(rig: Rig) -> None:
         ledger_events = {e["event_id"]: e["status"] for e in detail["events"]}
         assert set(ledger_events) == acked[sid] and set(ledger_events.values()) == {"ok"}, (sid, ledger_events)
         assert detail["conflicts"] == []
-    assert (ledger[s_a]["energy_wh"], ledger[s_b]["energy_wh"], ledger[n_a]["energy_wh"],
-            ledger[n_b]["energy_wh"]) == (1200, 1100, 450, 10)
+    assert (ledger[s_a]["energy_wh"], ledger[s_b]["energy_wh"], ledger[n_a]["energy_wh"], ledger[n_b]["energy_wh"]) == (
+        1200,
+        1100,
+        450,
+        10,
+    )
     stats = cloud.get("/v1/stats")
     assert (stats["sessions"], stats["receipts"], stats["conflicts"]) == (4, 3, 0)
     assert stats["events"] == sum(len(v) for v in acked.values())
@@ -772,8 +862,9 @@ def _partition_flow(rig: Rig) -> None:
     bridge.start()
     sessions, ledger_after = converge(nodes, cloud, 40, "all five nodes and the ledger to agree")
     phase("healed")
-    assert {sid: (r["energy_wh"], r["receipt"], r["receipt_ts"]) for sid, r in ledger_after.items()} == \
-        {sid: (r["energy_wh"], r["receipt"], r["receipt_ts"]) for sid, r in ledger.items()}
+    assert {sid: (r["energy_wh"], r["receipt"], r["receipt_ts"]) for sid, r in ledger_after.items()} == {
+        sid: (r["energy_wh"], r["receipt"], r["receipt_ts"]) for sid, r in ledger.items()
+    }
     check_exactly_once(cloud, sessions, ledger_after, acked, {s_a, s_b, n_a}, nodes)
     assert cloud.get("/v1/stats")["receipts"] == 3
     poll(lambda: len(set(leaders(nodes).values())) == 1, 30, "one leader again")
@@ -807,7 +898,8 @@ def sync_as_peer(bind: str, target: str, docs: dict[str, Document], sender: str 
                         return errors
                     request = SyncRequest(sender, msgs, tuple(ids) if round_ == 0 else ())
                     reply = SyncResponse.decode(
-                        await transport.request(target, "/m/sync", request.encode(), timeout=5.0))
+                        await transport.request(target, "/m/sync", request.encode(), timeout=5.0)
+                    )
                     errors.update(reply.errors)
                     for d, m in reply.msgs.items():
                         replica.receive(target, d, m)
@@ -825,8 +917,9 @@ def sync_as_leader(cloud: CloudProcess, docs: dict[str, Document], node: str = "
             if round_ and all(m is None for m in msgs.values()):
                 return errors
             body = compress(CloudSyncRequest(node, "default", msgs, tuple(ids) if round_ == 0 else ()).encode())
-            r = client.post("/v1/sync", content=body, headers={"Content-Encoding": "deflate",
-                                                               "Content-Type": "application/cbor"})
+            r = client.post(
+                "/v1/sync", content=body, headers={"Content-Encoding": "deflate", "Content-Type": "application/cbor"}
+            )
             assert r.status_code == 200, r.text
             reply = CloudSyncResponse.decode(r.content)
             errors.update(reply.errors)
@@ -851,8 +944,9 @@ def test_forged_and_chain_broken_events_reach_the_conflicts_table_not_the_ledger
     cloud = rig.cloud("127.0.0.70")
     coap, http = free_port("127.0.0.71"), free_port("127.0.0.71")
     n1 = rig.node("node-1", "127.0.0.71", coap_port=coap, http_port=http, peers=[f"127.0.0.72:{coap}"])
-    n2 = rig.node("node-2", "127.0.0.72", coap_port=coap, http_port=http, peers=[f"127.0.0.71:{coap}"],
-                  cloud=cloud, proxy=False)
+    n2 = rig.node(
+        "node-2", "127.0.0.72", coap_port=coap, http_port=http, peers=[f"127.0.0.71:{coap}"], cloud=cloud, proxy=False
+    )
     start_all([n1, n2])
     poll(lambda: set(leaders([n1, n2]).values()) == {"node-2"}, 30, "node-2 to lead")
     phase("start")
@@ -861,7 +955,9 @@ def test_forged_and_chain_broken_events_reach_the_conflicts_table_not_the_ledger
     r = n1.post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "TOKEN-F", "meter_wh": 1000})
     sid = r.json()["session_id"]
     real_events = {e["event_id"] for e in r.json()["events"]}
-    real_events.add(n1.post(f"/v1/sessions/{sid}/events", {"type": "meter", "meter_wh": 1500}).json()["event"]["event_id"])
+    real_events.add(
+        n1.post(f"/v1/sessions/{sid}/events", {"type": "meter", "meter_wh": 1500}).json()["event"]["event_id"]
+    )
 
     # Forged: an event in node-1's name, signed without its key (the document pins node-1's key).
     doc = Document.load(httpx.get(f"{n1.url}/v1/sessions/{sid}/automerge", timeout=10).content)
@@ -873,8 +969,15 @@ def test_forged_and_chain_broken_events_reach_the_conflicts_table_not_the_ledger
     # Chain-broken: a device's own session whose stop does not link to the event before it.
     rogue_sid = os.urandom(16).hex()
     rogue = EventSigner("rogue-7", nacl.signing.SigningKey(b"rogue".ljust(32, b"\0")))
-    rdoc = new_session_doc(rogue_sid, site="default", charger="rogue", connector=1, id_token="TOKEN-R",
-                           tariff={"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}, created_by="rogue-7")
+    rdoc = new_session_doc(
+        rogue_sid,
+        site="default",
+        charger="rogue",
+        connector=1,
+        id_token="TOKEN-R",
+        tariff={"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0},
+        created_by="rogue-7",
+    )
     now = int(time.time() * 1000)
     rogue_ok = set()
     for kind, meter in (("authorize", None), ("start", 0)):
@@ -887,17 +990,29 @@ def test_forged_and_chain_broken_events_reach_the_conflicts_table_not_the_ledger
 
     # In through the mesh: a fake peer syncs both documents into node-1 over CoAP.
     assert sync_as_peer("127.0.0.73", n1.coap, {sid: doc, rogue_sid: rdoc}) == {}
-    poll(lambda: all(forged.event_id in {c["event_id"] for c in n.get(f"/v1/sessions/{sid}")["conflicts"]}
-                     and holds_events(n, rogue_sid, rogue_ok) for n in (n1, n2)), 20,
-         "both nodes to hold the forged event (as a conflict) and the rogue session")
+    poll(
+        lambda: all(
+            forged.event_id in {c["event_id"] for c in n.get(f"/v1/sessions/{sid}")["conflicts"]}
+            and holds_events(n, rogue_sid, rogue_ok)
+            for n in (n1, n2)
+        ),
+        20,
+        "both nodes to hold the forged event (as a conflict) and the rogue session",
+    )
     # The real charger stops its session after the forgery.
-    real_events.add(n1.post(f"/v1/sessions/{sid}/events", {"type": "stop", "meter_wh": 2600}).json()["event"]["event_id"])
+    real_events.add(
+        n1.post(f"/v1/sessions/{sid}/events", {"type": "stop", "meter_wh": 2600}).json()["event"]["event_id"]
+    )
     phase("through the mesh")
 
     def reconciled() -> bool:
         ledger = cloud.ledger()
-        return (sid in ledger and rogue_sid in ledger and ledger[sid]["state"] == "reconciled"
-                and n1.get(f"/v1/sessions/{sid}")["state"] == "reconciled")
+        return (
+            sid in ledger
+            and rogue_sid in ledger
+            and ledger[sid]["state"] == "reconciled"
+            and n1.get(f"/v1/sessions/{sid}")["state"] == "reconciled"
+        )
 
     poll(reconciled, 30, "the real session to be reconciled, and the rogue session to reach the ledger")
 
@@ -906,8 +1021,15 @@ def test_forged_and_chain_broken_events_reach_the_conflicts_table_not_the_ledger
     real_key = nacl.signing.SigningKey((n1.data_dir / "node.key").read_bytes())
     clone = EventSigner("node-1", real_key)
     fork_sid = os.urandom(16).hex()
-    fdoc = new_session_doc(fork_sid, site="default", charger="c1", connector=2, id_token="TOKEN-C",
-                           tariff={"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}, created_by="node-1")
+    fdoc = new_session_doc(
+        fork_sid,
+        site="default",
+        charger="c1",
+        connector=2,
+        id_token="TOKEN-C",
+        tariff={"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0},
+        created_by="node-1",
+    )
     forks = []
     for kind, meter in (("authorize", None), ("start", 0), ("stop", 40_000)):
         event = clone.sign(kind, fork_sid, now, meter_wh=meter)
@@ -933,7 +1055,11 @@ def test_forged_and_chain_broken_events_reach_the_conflicts_table_not_the_ledger
     assert {e["event_id"] for e in real["events"]} == real_events  # the forged event is not among them
     assert (ledger[sid]["energy_wh"], ledger[sid]["state"], ledger[sid]["conflicts"]) == (1600, "reconciled", 1)
     assert n1.get(f"/v1/sessions/{sid}")["receipt"]["energy_wh"] == 1600
-    assert (ledger[rogue_sid]["energy_wh"], ledger[rogue_sid]["state"], ledger[rogue_sid]["receipt"]) == (0, "charging", None)
+    assert (ledger[rogue_sid]["energy_wh"], ledger[rogue_sid]["state"], ledger[rogue_sid]["receipt"]) == (
+        0,
+        "charging",
+        None,
+    )
     statuses = {e["event_id"]: e["status"] for e in cloud.get(f"/v1/sessions/{rogue_sid}")["events"]}
     assert statuses == {**dict.fromkeys(rogue_ok, "ok"), broken.event_id: "broken_chain"}
     assert (ledger[fork_sid]["energy_wh"], ledger[fork_sid]["state"], ledger[fork_sid]["receipt"]) == (0, "idle", None)
@@ -956,9 +1082,14 @@ def test_postgresql_ledger_exactly_once_through_uplink_loss_and_cloud_sigkill(ri
     hosts = {"pg-1": "127.0.0.81", "pg-2": "127.0.0.82", "pg-3": "127.0.0.83"}
     coap, http = free_port(hosts["pg-1"]), free_port(hosts["pg-1"])
     for name, host in hosts.items():
-        rig.node(name, host, coap_port=coap, http_port=http,
-                 peers=[f"{h}:{coap}" for o, h in hosts.items() if o != name],
-                 cloud=cloud if name != "pg-1" else None)
+        rig.node(
+            name,
+            host,
+            coap_port=coap,
+            http_port=http,
+            peers=[f"{h}:{coap}" for o, h in hosts.items() if o != name],
+            cloud=cloud if name != "pg-1" else None,
+        )
     nodes = list(rig.nodes.values())
     start_all(nodes)
     first = poll(lambda: len(ls := set(leaders(nodes).values())) == 1 and ls.pop(), 30, "one leader")
@@ -966,8 +1097,11 @@ def test_postgresql_ledger_exactly_once_through_uplink_loss_and_cloud_sigkill(ri
     other = "pg-2" if first == "pg-3" else "pg-3"
     writer = Writer(nodes, pause=0.1)
     writer.start()
-    poll(lambda: sum(r["state"] == "reconciled" for r in cloud.ledger().values()) >= 2, 30,
-         "the first receipts from the PostgreSQL-backed cloud")
+    poll(
+        lambda: sum(r["state"] == "reconciled" for r in cloud.ledger().values()) >= 2,
+        30,
+        "the first receipts from the PostgreSQL-backed cloud",
+    )
     phase("start")
 
     # The leader's uplink goes silent (a blackhole, not an error): the other uplink node takes over.
@@ -975,8 +1109,11 @@ def test_postgresql_ledger_exactly_once_through_uplink_loss_and_cloud_sigkill(ri
     poll(lambda: set(leaders(nodes).values()) == {other}, 20, f"{other} to take over")
     phase("uplink lost")
     reconciled = {sid for sid, r in cloud.ledger().items() if r["state"] == "reconciled"}
-    poll(lambda: len({sid for sid, r in cloud.ledger().items() if r["state"] == "reconciled"} - reconciled) >= 1,
-         30, "a receipt through the new leader")
+    poll(
+        lambda: len({sid for sid, r in cloud.ledger().items() if r["state"] == "reconciled"} - reconciled) >= 1,
+        30,
+        "a receipt through the new leader",
+    )
     # The cloud dies hard and restarts on the same database; the old leader's uplink returns.
     cloud.kill()
     n_before = writer.sessions_done()
@@ -1011,8 +1148,7 @@ def test_receipt_reaches_a_node_that_was_down_while_its_peers_archived_the_sessi
     cloud = rig.cloud("127.0.0.75")
     coap, http = free_port("127.0.0.76"), free_port("127.0.0.76")
     n1 = rig.node("node-1", "127.0.0.76", coap_port=coap, http_port=http, peers=[f"127.0.0.77:{coap}"])
-    n2 = rig.node("node-2", "127.0.0.77", coap_port=coap, http_port=http, peers=[f"127.0.0.76:{coap}"],
-                  cloud=cloud)
+    n2 = rig.node("node-2", "127.0.0.77", coap_port=coap, http_port=http, peers=[f"127.0.0.76:{coap}"], cloud=cloud)
     for n in (n1, n2):
         n.extra += ["--retention", "1"]
     start_all([n1, n2])
@@ -1021,7 +1157,9 @@ def test_receipt_reaches_a_node_that_was_down_while_its_peers_archived_the_sessi
     uplink.cut()  # keeps the receipt away until node-1 is down
     poll(lambda: status(n2)["leader"] is None, 15, "node-2 to stop leading without its uplink")
 
-    sid = n1.post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "T", "meter_wh": 0}).json()["session_id"]
+    sid = n1.post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "T", "meter_wh": 0}).json()[
+        "session_id"
+    ]
     assert n1.post(f"/v1/sessions/{sid}/events", {"type": "stop", "meter_wh": 800}).status_code == 201
     poll(lambda: n2.get(f"/v1/sessions/{sid}")["state"] == "completed", 15, "node-2 to hold the stopped session")
     n1.kill()
@@ -1031,14 +1169,18 @@ def test_receipt_reaches_a_node_that_was_down_while_its_peers_archived_the_sessi
 
     n1.start()
     try:
-        poll(lambda: n1.get(f"/v1/sessions/{sid}")["state"] == "reconciled", 15,
-             "node-1 to learn the receipt of its own session")
+        poll(
+            lambda: n1.get(f"/v1/sessions/{sid}")["state"] == "reconciled",
+            15,
+            "node-1 to learn the receipt of its own session",
+        )
     except AssertionError as exc:
         s1, st1, st2 = n1.get(f"/v1/sessions/{sid}"), status(n1), status(n2)
         raise AssertionError(
             f"{exc}: node-1 holds {sid} {s1['state']}, receipt {s1['receipt']}; node-1 sync_state "
             f"{st1['sync_state']} documents_not_everywhere {st1['documents_not_everywhere']}; "
-            f"node-2 archived {st2['archived']} documents {st2['documents']}") from None
+            f"node-2 archived {st2['archived']} documents {st2['documents']}"
+        ) from None
     poll(lambda: status(n1)["archived"] == 1, 15, "node-1 to archive it as well")
 
 
@@ -1065,11 +1207,13 @@ def test_cloud_restarted_on_a_database_of_the_previous_schema_migrates_it(rig: R
             conn.execute(statement.replace("        review        TEXT,\n", "").format(blob="BLOB"))
         conn.execute(
             "INSERT INTO ledger (session_id, site, charger, connector, id_token, energy_wh, state, conflicts, "
-            "first_seen, updated) VALUES ('old-session', 'default', 'c0', 1, 'T0', 1234, 'charging', 0, 1, 1)")
+            "first_seen, updated) VALUES ('old-session', 'default', 'c0', 1, 'T0', 1234, 'charging', 0, 1, 1)"
+        )
     with sqlite3.connect(db) as conn:
         assert "review" not in {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
-    cloud = CloudProcess("127.0.0.78", free_port("127.0.0.78"), f"sqlite:///{db}", rig.tmp / "cloud.key",
-                         rig.tmp / "cloud.log")
+    cloud = CloudProcess(
+        "127.0.0.78", free_port("127.0.0.78"), f"sqlite:///{db}", rig.tmp / "cloud.key", rig.tmp / "cloud.log"
+    )
     rig.clouds.append(cloud)
     cloud.start()  # it must start: no refusal, no 503s
     with sqlite3.connect(db) as conn:
@@ -1079,10 +1223,20 @@ def test_cloud_restarted_on_a_database_of_the_previous_schema_migrates_it(rig: R
 
     signer = EventSigner("charger-9", nacl.signing.SigningKey(b"charger-9".ljust(32, b"\0")))
     sid = os.urandom(16).hex()
-    doc = new_session_doc(sid, site="default", charger="c9", connector=1, id_token="T",
-                          tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by="charger-9")
-    add_event(doc, signer.sign("authorize", sid, 1_700_000_000_000, data={"auth": "offline", "review": True}),
-              public_key=signer.public_key)
+    doc = new_session_doc(
+        sid,
+        site="default",
+        charger="c9",
+        connector=1,
+        id_token="T",
+        tariff={"currency": "EUR", "per_kwh_cents": 39},
+        created_by="charger-9",
+    )
+    add_event(
+        doc,
+        signer.sign("authorize", sid, 1_700_000_000_000, data={"auth": "offline", "review": True}),
+        public_key=signer.public_key,
+    )
     for kind, meter in (("start", 0), ("stop", 1000)):
         add_event(doc, signer.sign(kind, sid, 1_700_000_000_000, meter_wh=meter), public_key=signer.public_key)
     assert sync_as_leader(cloud, {sid: doc}) == {}
@@ -1109,16 +1263,29 @@ def test_cloud_with_site_bills_only_devices_certified_by_its_site(rig: Rig) -> N
     certs = {name: (d / "node.cert").read_bytes() for name, d in dirs.items()}
     raw = nacl.signing.SigningKey(b"charger-7".ljust(32, b"\0"))
 
-    cloud = CloudProcess("127.0.16.10", free_port("127.0.16.10"), f"sqlite:///{rig.tmp}/cloud.db",
-                         rig.tmp / "cloud.key", rig.tmp / "cloud.log", extra=["--site", str(ours)])
+    cloud = CloudProcess(
+        "127.0.16.10",
+        free_port("127.0.16.10"),
+        f"sqlite:///{rig.tmp}/cloud.db",
+        rig.tmp / "cloud.key",
+        rig.tmp / "cloud.log",
+        extra=["--site", str(ours)],
+    )
     rig.clouds.append(cloud)
     cloud.start()
 
     def session(device: str, key: nacl.signing.SigningKey, declared: bytes) -> tuple[str, Document]:
         sid = os.urandom(16).hex()
         signer = EventSigner(device, key)
-        doc = new_session_doc(sid, site="field-a", charger=device, connector=1, id_token="T",
-                              tariff={"currency": "EUR", "per_kwh_cents": 39}, created_by=device)
+        doc = new_session_doc(
+            sid,
+            site="field-a",
+            charger=device,
+            connector=1,
+            id_token="T",
+            tariff={"currency": "EUR", "per_kwh_cents": 39},
+            created_by=device,
+        )
         for kind, meter in (("authorize", None), ("start", 0), ("stop", 2_000)):
             add_event(doc, signer.sign(kind, sid, 1_700_000_000_000, meter_wh=meter), public_key=declared)
         return sid, doc

@@ -50,6 +50,7 @@ from uplink._probe import CloudClient
 from uplink._wire import MAX_BATCH_BYTES, CloudSyncRequest, CloudSyncResponse, compress, decompress
 
 from .conftest import make_signer
+import trio.lowlevel
 
 KIB = 1024
 
@@ -345,8 +346,13 @@ def test_change_priority_from_the_fold(signer: EventSigner) -> None:
 
 def _session(doc_id: str, signer: EventSigner, *, events: int = 2) -> Document:
     doc = new_session_doc(
-        doc_id, site="field", charger="c1", connector=1, id_token="tok",
-        tariff={"per_kwh_cents": 30}, created_by="n1",
+        doc_id,
+        site="field",
+        charger="c1",
+        connector=1,
+        id_token="tok",
+        tariff={"per_kwh_cents": 30},
+        created_by="n1",
     )
     kinds = [("authorize", None), ("start", 0)] + [("meter", 100 * i) for i in range(1, 50)]
     for i, (kind, meter) in enumerate(kinds[:events]):
@@ -511,7 +517,11 @@ async def test_a_later_change_is_sent_without_reset_and_counters_move(
     leader = make_leader(cloud, docs=3)
     leader.note_all()
     await leader.drain()
-    sent, batches, requests = leader.forwarder.counters.bytes_sent, leader.forwarder.counters.batches, len(cloud.requests)
+    sent, batches, requests = (
+        leader.forwarder.counters.bytes_sent,
+        leader.forwarder.counters.batches,
+        len(cloud.requests),
+    )
     doc = leader.replica.docs["s001"]
     heads = doc.get_heads()
     add_note(doc, "n1", "cable replaced")
@@ -538,7 +548,7 @@ async def test_the_cloud_receipt_comes_back_and_is_persisted(autojump_clock: tri
     for doc_id, changes in persisted.items():
         # What was persisted is exactly the receipt change: replaying it onto the
         # document as it was before gives the document as it is now.
-        (change_hash, _), = changes
+        ((change_hash, _),) = changes
         assert change_hash in leader.replica.docs[doc_id].get_heads()
 
 
@@ -569,7 +579,7 @@ async def test_failing_cloud_backs_off_then_succeeds_with_resets(autojump_clock:
     expected.append(expected[-1])  # the batch's second round: "lose"
     expected.append(expected[-1] + d[3])  # then the batch again, from a reset
     assert t[: len(expected)] == pytest.approx(expected, abs=1e-6)
-    assert all(x == pytest.approx(expected[-1], abs=1e-6) for x in t[len(expected):])  # rounds of the last batch
+    assert all(x == pytest.approx(expected[-1], abs=1e-6) for x in t[len(expected) :])  # rounds of the last batch
     # After the lost answer, both sides started the batch's sync states afresh.
     resets = [r for r in cloud.requests if r.reset]
     assert len(resets) == 2 and all(sorted(r.reset) == sorted(leader.replica.docs) for r in resets)
@@ -751,8 +761,9 @@ async def test_serve_forwarder_forwards_only_while_leading(autojump_clock: trio.
     leader = make_leader(cloud, docs=3)
     leads = False
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: serve_forwarder(
-            leader.forwarder, is_leader=lambda: leads, task_status=task_status))
+        await nursery.start(
+            lambda task_status: serve_forwarder(leader.forwarder, is_leader=lambda: leads, task_status=task_status)
+        )
         leader.note_all()
         await trio.sleep(10)
         assert cloud.requests == []  # a follower notes changes but does not forward
@@ -777,7 +788,7 @@ async def test_serve_forwarder_forwards_only_while_leading(autojump_clock: trio.
         add_note(doc, "n", "hello")
         t0 = trio.current_time()
         leader.forwarder.note_change("s000", PRIORITY_METER, 50)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         while len(cloud.requests) == before:
             await trio.sleep(0.001)
         assert trio.current_time() - t0 < 0.01

@@ -25,15 +25,26 @@ def test_short_fuzz_run_finds_no_crash_no_change_and_flat_memory(tmp_path: Path)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.fuzz_targets", "--inputs", str(INPUTS), "--json", str(report_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert report_path.exists(), proc.stderr[-4000:]
     report = json.loads(report_path.read_text())
     assert report["inputs"] == INPUTS
     # Every resource of the node is a target, and each got inputs.
-    assert {"coap:/m/hello:GET", "coap:/m/members:POST", "coap:/m/digest:POST", "coap:/m/sync:POST",
-            "coap-sealed:/m/sync:POST",
-            "http:node-api", "http:cloud"} <= set(report["targets"])
+    assert {
+        "coap:/m/hello:GET",
+        "coap:/m/members:POST",
+        "coap:/m/digest:POST",
+        "coap:/m/sync:POST",
+        "coap-sealed:/m/sync:POST",
+        "http:node-api",
+        "http:cloud",
+    } <= set(report["targets"])
     assert all(report["inputs_by_target"].get(t, 0) > 0 for t in report["targets"])
     assert (report["crashes"], report["documents_changed"]) == (0, 0), json.dumps(report["failures"], indent=2)
     # Memory: after the warm-up (first tenth), growth stays far below the field's 2.6 KB per input.

@@ -37,10 +37,13 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_node_import_path_loads_no_cloud_service_database_driver_or_simulator() -> None:
-    proc = run_python(NODE_IMPORTS + f"""
+    proc = run_python(
+        NODE_IMPORTS
+        + f"""
 import json, sys
 print(json.dumps(sorted(m for m in sys.modules if m in {NOT_FOR_A_NODE!r} or m.split(".")[0] in {NOT_FOR_A_NODE!r})))
-""")
+"""
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
 

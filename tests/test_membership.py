@@ -146,8 +146,16 @@ def test_from_wire_rejects_bad_strings(key: str, value: str, complaint: str) -> 
 @pytest.mark.parametrize(
     "address",
     [
-        "nohost", ":5683", "host:", "host:0", "host:65536", "host:080", "host:http",
-        "::1:5683", "[::1:5683", "[]:5683",
+        "nohost",
+        ":5683",
+        "host:",
+        "host:0",
+        "host:65536",
+        "host:080",
+        "host:http",
+        "::1:5683",
+        "[::1:5683",
+        "[]:5683",
     ],
 )
 def test_from_wire_rejects_malformed_addresses(address: str) -> None:
@@ -522,9 +530,7 @@ def test_records_about_us_never_leave_us_behind_whatever_the_order(
 
 @settings(max_examples=200)
 @given(st.lists(_records, max_size=12), st.lists(_records, max_size=12))
-def test_two_nodes_that_exchange_gossip_agree_on_their_peers(
-    a: list[MemberRecord], b: list[MemberRecord]
-) -> None:
+def test_two_nodes_that_exchange_gossip_agree_on_their_peers(a: list[MemberRecord], b: list[MemberRecord]) -> None:
     x = Membership(rec("x"))
     y = Membership(rec("y"))
     x.merge(a, 0.0)
@@ -623,9 +629,7 @@ def test_an_incumbent_above_threshold_stays_against_anyone_less_than_a_bucket_be
 
 @settings(max_examples=100)
 @given(st.integers(0, 2**32), st.integers(58, 92), st.integers(-3, 3))
-def test_jittering_scores_never_move_the_role_after_the_first_choice(
-    seed: int, base_a: int, offset: int
-) -> None:
+def test_jittering_scores_never_move_the_role_after_the_first_choice(seed: int, base_a: int, offset: int) -> None:
     # Two healthy uplinks of about equal quality (typical scores at most 3 apart),
     # each jittering by up to 8 points and never below the threshold: they cross
     # bucket boundaries all the time but are never a whole bucket (20) apart.
@@ -833,14 +837,26 @@ def test_cached_verdicts_equal_a_fresh_evaluation_after_any_sequence(ops: list[t
         assert m.live_peers(now) == live
         assert m.records_for_gossip(now) == [rec for rec, st_ in rows if st_ is not PeerState.DEAD]
         expected_leader = choose_leader(
-            [(rec.node_id, rec.uplink_score, rec.leader == rec.node_id) for rec, st_ in rows if st_ is not PeerState.DEAD]
+            [
+                (rec.node_id, rec.uplink_score, rec.leader == rec.node_id)
+                for rec, st_ in rows
+                if st_ is not PeerState.DEAD
+            ]
         )
         assert m.leader(now) == expected_leader
         deadline = min((_first_transition(e.last_seen, now) for e in m._peers.values()), default=math.inf)
         assert m.next_deadline() == (None if deadline == math.inf else deadline)
         shown = frozenset(
-            (rec.node_id, rec.incarnation, st_, rec.leader == rec.node_id, rec.uplink_score >= 50, rec.uplink_score // 20)
-            for rec, st_ in rows if st_ is not PeerState.DEAD
+            (
+                rec.node_id,
+                rec.incarnation,
+                st_,
+                rec.leader == rec.node_id,
+                rec.uplink_score >= 50,
+                rec.uplink_score // 20,
+            )
+            for rec, st_ in rows
+            if st_ is not PeerState.DEAD
         )
         digest = m.digest(now)
         assert len(digest) == DIGEST_SIZE
@@ -882,9 +898,7 @@ def test_own_and_peer_keys_never_go_back_and_gossip_holds_only_the_living(ops: l
 
 @settings(max_examples=200)
 @given(st.lists(_records, min_size=1, max_size=10), st.lists(st.floats(0.0, 800.0), min_size=2, max_size=12))
-def test_without_new_evidence_a_peer_only_moves_towards_dead(
-    records: list[MemberRecord], times: list[float]
-) -> None:
+def test_without_new_evidence_a_peer_only_moves_towards_dead(records: list[MemberRecord], times: list[float]) -> None:
     order = {PeerState.ALIVE: 0, PeerState.SUSPECT: 1, PeerState.DEAD: 2}
     m = _merged([records], now=0.0)
     for node_id in {r.node_id for r in records}:
@@ -1082,8 +1096,7 @@ def _meshes(draw: st.DrawFn) -> tuple[list[MemberRecord], list[tuple[int, int]],
     n = draw(st.integers(2, 7))
     ids = [f"n{i}" for i in range(n)]
     records = [
-        rec(ids[i], 1, 1, draw(st.integers(0, 100)), leader=draw(st.sampled_from([None, *ids])))
-        for i in range(n)
+        rec(ids[i], 1, 1, draw(st.integers(0, 100)), leader=draw(st.sampled_from([None, *ids]))) for i in range(n)
     ]
     edges = {(draw(st.integers(0, i - 1)), i) for i in range(1, n)}  # a random spanning tree: connected
     edges |= {tuple(sorted(e)) for e in draw(st.sets(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)),
@@ -1101,7 +1114,9 @@ def _diameter(n: int, edges: list[tuple[int, int]]) -> int:
     for s in range(n):
         dist, frontier = {s: 0}, [s]
         while frontier:
-            frontier = [v for u in frontier for v in adj[u] if v not in dist and not dist.setdefault(v, dist[u] + 1) < 0]
+            frontier = [
+                v for u in frontier for v in adj[u] if v not in dist and not dist.setdefault(v, dist[u] + 1) < 0
+            ]
         worst = max(worst, max(dist.values()))
     return worst
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import trio
@@ -29,7 +28,6 @@ class Mesh:
         return f"10.0.0.{int(name[1:])}:5683"
 
     async def start(self, name: str, peers: list[str]) -> Node:
-        started = trio.Event()
         holder: dict[str, Node] = {}
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
@@ -146,7 +144,11 @@ async def test_local_requests_are_checked(tmp_path, autojump_clock):
         sid = (await a.create_session("c", 1, "T"))["session_id"]
         with pytest.raises(NotFound):
             await a.record_event("nope", "meter", 1)
-        for kind, wh, error in (("meter", None, InvalidCommand), ("explode", 1, InvalidCommand), ("resume", None, Conflict)):
+        for kind, wh, error in (
+            ("meter", None, InvalidCommand),
+            ("explode", 1, InvalidCommand),
+            ("resume", None, Conflict),
+        ):
             with pytest.raises(error):
                 await a.record_event(sid, kind, wh)
         await a.record_event(sid, "meter", 50)

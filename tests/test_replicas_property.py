@@ -50,8 +50,10 @@ def scenarios(draw):
         second = draw(st.integers(0, 5))
         if second < 3 and second != origin:
             held[second].append(item)
-    orders = [draw(st.permutations(mine + (draw(st.lists(st.sampled_from(mine), max_size=3)) if mine else [])))
-              for mine in held]
+    orders = [
+        draw(st.permutations(mine + (draw(st.lists(st.sampled_from(mine), max_size=3)) if mine else [])))
+        for mine in held
+    ]
     steps = draw(
         st.lists(
             st.tuples(st.integers(0, 2), st.integers(0, 2), st.sampled_from(["deliver", "drop", "resend"])),
@@ -81,7 +83,9 @@ def test_three_replicas_converge(scenario):
     for s, owner in enumerate(owners):
         replicas[owner].add(
             doc_ids[s],
-            new_session_doc(doc_ids[s], site="x", charger="c", connector=1, id_token="t", tariff={}, created_by=names[owner]),
+            new_session_doc(
+                doc_ids[s], site="x", charger="c", connector=1, id_token="t", tariff={}, created_by=names[owner]
+            ),
         )
     # Everyone gets every document through sync before adding events (only the owner creates).
     for doc_id in doc_ids:

@@ -111,13 +111,25 @@ def memory_site(name: str = "fieldday") -> Site:
 
 
 def memory_identity(
-    site: Site, node_id: str, *, roles: tuple[str, ...] = ("charger",), issued: float = T0,
-    valid_for: float = 365 * DAY, network_key: bytes | None = None,
+    site: Site,
+    node_id: str,
+    *,
+    roles: tuple[str, ...] = ("charger",),
+    issued: float = T0,
+    valid_for: float = 365 * DAY,
+    network_key: bytes | None = None,
 ) -> Identity:
     key = nacl.signing.SigningKey.generate()
     cert = issue_certificate(site, node_id, bytes(key.verify_key), roles=roles, valid_for=valid_for, now=issued)
-    return Identity(node_id, key, Certificate.decode(cert, site.public_key), cert, site.public_key,
-                    network_key if network_key is not None else site.network_key, site.name)
+    return Identity(
+        node_id,
+        key,
+        Certificate.decode(cert, site.public_key),
+        cert,
+        site.public_key,
+        network_key if network_key is not None else site.network_key,
+        site.name,
+    )
 
 
 def sealer_for(identity: Identity, **kwargs: object) -> Sealer:
@@ -167,7 +179,9 @@ ADDR = {name: f"10.0.0.{i}:5683" for i, name in enumerate("abcdefghtuvx", start=
 
 @asynccontextmanager
 async def sealed_mesh(
-    identities: dict[str, Identity | None], *, clocks: dict[str, Clock] | None = None,
+    identities: dict[str, Identity | None],
+    *,
+    clocks: dict[str, Clock] | None = None,
     sealers: dict[str, Sealer] | None = None,
 ) -> AsyncIterator[tuple[TapNetwork, dict[str, Server]]]:
     """One transport per name; sealed if it has an identity, plain if None.
@@ -579,8 +593,9 @@ async def test_sealed_round_trip_over_real_coap(pair: dict[str, Identity | None]
 async def test_network_key_rotation_through_grants(site: Site) -> None:
     a, b, gone = memory_identity(site, "a"), memory_identity(site, "b"), memory_identity(site, "stolen")
     new_key = nacl.utils.random(32)
-    grant = grant_network_key(site, new_key, [a.certificate, b.certificate], activate_at=T0 + 600,
-                              retire_previous_at=T0 + 3600, now=T0)
+    grant = grant_network_key(
+        site, new_key, [a.certificate, b.certificate], activate_at=T0 + 600, retire_previous_at=T0 + 3600, now=T0
+    )
     assert entry_key(grant) == f"netkey:{network_key_id(new_key).hex()}"
     assert open_network_key_grant(grant, gone) is None  # not addressed to the revoked node
     ga = open_network_key_grant(grant, a)
@@ -615,8 +630,9 @@ async def test_network_key_rotation_through_grants(site: Site) -> None:
 def test_grant_from_another_site_is_refused(site: Site) -> None:
     a = memory_identity(site, "a")
     other = memory_site()
-    forged = grant_network_key(other, nacl.utils.random(32), [a.certificate], activate_at=T0,
-                               retire_previous_at=None, now=T0)
+    forged = grant_network_key(
+        other, nacl.utils.random(32), [a.certificate], activate_at=T0, retire_previous_at=None, now=T0
+    )
     with pytest.raises(BadSiteEntry):
         open_network_key_grant(forged, a)
 
@@ -723,22 +739,30 @@ def test_any_flipped_byte_is_refused(position: int, xor: int) -> None:
 
 
 @settings(max_examples=200)
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=40),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=10),
-    max_leaves=30,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=40),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=10),
+        max_leaves=30,
+    )
+)
 def test_junk_from_a_network_key_holder_only_raises_remote_security_errors(junk: object) -> None:
     # Whatever CBOR someone holding the network key puts in the box.
     import cbor2
     import nacl.secret
 
     inner = cbor2.dumps(junk)
-    sealed = b"MS\x01" + network_key_id(_B_ID.network_key) + bytes(nacl.secret.SecretBox(_B_ID.network_key).encrypt(inner))
+    sealed = (
+        b"MS\x01" + network_key_id(_B_ID.network_key) + bytes(nacl.secret.SecretBox(_B_ID.network_key).encrypt(inner))
+    )
     with pytest.raises(RemoteSecurityError):
         _A.open_request("/m/sync", sealed, T0)
     pair_form = cbor2.dumps([cbor2.dumps(junk), b"\0" * 64])
-    sealed = b"MS\x01" + network_key_id(_B_ID.network_key) + bytes(nacl.secret.SecretBox(_B_ID.network_key).encrypt(pair_form))
+    sealed = (
+        b"MS\x01"
+        + network_key_id(_B_ID.network_key)
+        + bytes(nacl.secret.SecretBox(_B_ID.network_key).encrypt(pair_form))
+    )
     with pytest.raises(RemoteSecurityError):
         _A.open_request("/m/sync", sealed, T0)
 
@@ -755,10 +779,17 @@ _SENDERS = {
     "operator": memory_identity(_SITE, "op", roles=("operator",)),
 }
 _FAULTS: dict[str, tuple[type[RemoteSecurityError], ...]] = {
-    "kind": (WrongKind,), "resource": (WrongResource,), "method": (WrongResource,),
-    "to": (Misaddressed,), "skew": (ClockSkew,), "expired": (CertificateExpired,),
-    "operator": (RoleNotAllowed,), "stolen_cert": (BadSignature,), "before_start": (Replayed,),
-    "extra_field": (BadEnvelope,), "body_text": (BadEnvelope,),
+    "kind": (WrongKind,),
+    "resource": (WrongResource,),
+    "method": (WrongResource,),
+    "to": (Misaddressed,),
+    "skew": (ClockSkew,),
+    "expired": (CertificateExpired,),
+    "operator": (RoleNotAllowed,),
+    "stolen_cert": (BadSignature,),
+    "before_start": (Replayed,),
+    "extra_field": (BadEnvelope,),
+    "body_text": (BadEnvelope,),
 }
 
 
@@ -773,8 +804,15 @@ def _attempt(faults: set[str], body: bytes) -> None:
     now = started + 10
     sender = _SENDERS["expired" if "expired" in faults else "operator" if "operator" in faults else "ok"]
     fields: dict[str, object] = {
-        "v": 1, "k": 0, "m": "POST", "res": "/m/sync", "cert": sender.certificate_bytes,
-        "ctr": 1000, "ts": int(now * 1000), "body": body, "to": "a",
+        "v": 1,
+        "k": 0,
+        "m": "POST",
+        "res": "/m/sync",
+        "cert": sender.certificate_bytes,
+        "ctr": 1000,
+        "ts": int(now * 1000),
+        "body": body,
+        "to": "a",
     }
     if "kind" in faults:
         fields["k"], fields["re"] = 1, 999
@@ -806,8 +844,17 @@ def _attempt(faults: set[str], body: bytes) -> None:
         receiver.open_request("/m/sync", sealed, now)
     assert isinstance(refused.value, expected), (faults, refused.value)
     # Refusing it left nothing behind: the same node's next, honest message opens.
-    honest = dict(fields, k=0, m="POST", res="/m/sync", to="a", ts=int(now * 1000), ctr=1001, body=b"ok",
-                  cert=_SENDERS["ok"].certificate_bytes)
+    honest = dict(
+        fields,
+        k=0,
+        m="POST",
+        res="/m/sync",
+        to="a",
+        ts=int(now * 1000),
+        ctr=1001,
+        body=b"ok",
+        cert=_SENDERS["ok"].certificate_bytes,
+    )
     honest.pop("re", None)
     honest.pop("x", None)
     assert receiver.open_request("/m/sync", _signed_by(_SENDERS["ok"], honest, _SITE.network_key), now).body == b"ok"
@@ -830,11 +877,18 @@ def test_an_enrolled_node_with_a_valid_signature_and_several_faults_is_refused(f
 
 def test_certificate_round_trip_and_checks(site: Site) -> None:
     key = nacl.signing.SigningKey.generate()
-    data = issue_certificate(site, "charger-7", bytes(key.verify_key), roles=("charger", "gateway"),
-                             valid_for=DAY, now=T0)
+    data = issue_certificate(
+        site, "charger-7", bytes(key.verify_key), roles=("charger", "gateway"), valid_for=DAY, now=T0
+    )
     cert = Certificate.decode(data, site.public_key)
     assert (cert.node_id, cert.public_key, cert.roles, cert.not_after, cert.site, cert.issued) == (
-        "charger-7", bytes(key.verify_key), ("charger", "gateway"), T0 + DAY, "fieldday", T0)
+        "charger-7",
+        bytes(key.verify_key),
+        ("charger", "gateway"),
+        T0 + DAY,
+        "fieldday",
+        T0,
+    )
     assert len(cert.serial) == 32 and cert.encode() == data
     cert.check_valid(T0 + DAY)
     with pytest.raises(CertificateExpired, match="expired"):
@@ -873,7 +927,11 @@ def test_create_site_writes_its_files_and_refuses_to_overwrite(tmp_path: Path) -
     assert len((site_dir / "network.key").read_bytes()) == 32
     loaded = load_site(site_dir)
     assert (loaded.name, loaded.public_key, loaded.network_key, loaded.created) == (
-        "field day 2027", created.public_key, created.network_key, T0)
+        "field day 2027",
+        created.public_key,
+        created.network_key,
+        T0,
+    )
     assert loaded.signing_key is not None
     assert "network_key" not in repr(loaded) and created.network_key.hex() not in repr(loaded)
     with pytest.raises(LocalSecurityError, match="refusing to overwrite"):
@@ -1021,8 +1079,9 @@ def test_trusted_device_keys_for_the_cloud(site: Site) -> None:
     a, b = memory_identity(site, "a"), memory_identity(site, "b")
     stranger = memory_identity(memory_site(), "x")
     revs = Revocations.from_entries([revoke(site, node_id="b", now=T0 + 1)], site.public_key)
-    keys = trusted_device_keys([a.certificate_bytes, b.certificate_bytes, stranger.certificate_bytes],
-                               site.public_key, revocations=revs)
+    keys = trusted_device_keys(
+        [a.certificate_bytes, b.certificate_bytes, stranger.certificate_bytes], site.public_key, revocations=revs
+    )
     assert keys == {"a": a.certificate.public_key}
     # The keys verify the events those devices sign.
     signer = EventSigner("a", a.signing_key)
@@ -1045,8 +1104,12 @@ def test_driver_token_valid(cloud: nacl.signing.SigningKey) -> None:
     token = verify_driver_token(text, bytes(cloud.verify_key), T0)
     assert (token.token_id, token.max_wh, token.max_minutes, token.not_after) == ("DRIVER-42", 22_000, 120, T0 + DAY)
     # During a cloud key rotation either key is accepted.
-    assert verify_driver_token(text, [bytes(nacl.signing.SigningKey.generate().verify_key),
-                                      bytes(cloud.verify_key)], T0).token_id == "DRIVER-42"
+    assert (
+        verify_driver_token(
+            text, [bytes(nacl.signing.SigningKey.generate().verify_key), bytes(cloud.verify_key)], T0
+        ).token_id
+        == "DRIVER-42"
+    )
 
 
 def test_driver_token_refusals(cloud: nacl.signing.SigningKey) -> None:
@@ -1060,7 +1123,7 @@ def test_driver_token_refusals(cloud: nacl.signing.SigningKey) -> None:
     with pytest.raises(TokenInvalid):
         verify_driver_token(forged, bytes(cloud.verify_key), T0)
     for i in range(len("mdt1."), len(text)):
-        tampered = text[:i] + ("A" if text[i] != "A" else "B") + text[i + 1:]
+        tampered = text[:i] + ("A" if text[i] != "A" else "B") + text[i + 1 :]
         with pytest.raises(TokenInvalid):
             verify_driver_token(tampered, bytes(cloud.verify_key), T0)
     for junk in ("", "hello", "mdt1.", "mdt1.!!!!", "mdt1." + "A" * 2000):
@@ -1081,37 +1144,107 @@ def test_token_list_entries(cloud: nacl.signing.SigningKey) -> None:
 AUTH_TABLE = [
     # (case, id_token, token: (id, not_after) | "forged" | None, allowed, revoked, policy, expected)
     ("driver token", None, ("D1", T0 + DAY), {}, {}, "refuse", (True, "driver_token", Limits(5000, 60), False)),
-    ("driver token, matching id", "D1", ("D1", T0 + DAY), {}, {}, "refuse", (True, "driver_token", Limits(5000, 60), False)),
+    (
+        "driver token, matching id",
+        "D1",
+        ("D1", T0 + DAY),
+        {},
+        {},
+        "refuse",
+        (True, "driver_token", Limits(5000, 60), False),
+    ),
     ("driver token for another id", "D2", ("D1", T0 + DAY), {}, {}, "refuse", (False, "token_mismatch", None, False)),
     ("expired driver token", None, ("D1", T0 - 1), {}, {}, "accept_limited", (False, "token_expired", None, False)),
-    ("expired token, allowed id", "D1", ("D1", T0 - 1), {"D1": (True, T0)}, {}, "accept_limited",
-     (False, "token_expired", None, False)),
+    (
+        "expired token, allowed id",
+        "D1",
+        ("D1", T0 - 1),
+        {"D1": (True, T0)},
+        {},
+        "accept_limited",
+        (False, "token_expired", None, False),
+    ),
     ("forged driver token", None, "forged", {}, {}, "accept_limited", (False, "token_invalid", None, False)),
-    ("revoked beats a driver token", None, ("D1", T0 + DAY), {}, {"D1": (False, T0)}, "refuse",
-     (False, "revoked", None, False)),
+    (
+        "revoked beats a driver token",
+        None,
+        ("D1", T0 + DAY),
+        {},
+        {"D1": (False, T0)},
+        "refuse",
+        (False, "revoked", None, False),
+    ),
     ("allowed list", "R1", None, {"R1": (True, T0)}, {}, "refuse", (True, "allowed_list", None, False)),
     ("revoked list", "R1", None, {}, {"R1": (False, T0)}, "accept_limited", (False, "revoked", None, False)),
-    ("re-allowed after revocation", "R1", None, {"R1": (True, T0 + 5)}, {"R1": (False, T0)}, "refuse",
-     (True, "allowed_list", None, False)),
-    ("revoked after allowed", "R1", None, {"R1": (True, T0)}, {"R1": (False, T0 + 5)}, "refuse",
-     (False, "revoked", None, False)),
+    (
+        "re-allowed after revocation",
+        "R1",
+        None,
+        {"R1": (True, T0 + 5)},
+        {"R1": (False, T0)},
+        "refuse",
+        (True, "allowed_list", None, False),
+    ),
+    (
+        "revoked after allowed",
+        "R1",
+        None,
+        {"R1": (True, T0)},
+        {"R1": (False, T0 + 5)},
+        "refuse",
+        (False, "revoked", None, False),
+    ),
     ("unknown, refuse", "R9", None, {}, {}, "refuse", (False, "unknown_refused", None, False)),
-    ("unknown, accept limited", "R9", None, {}, {}, "accept_limited",
-     (True, "unknown_accepted", Limits(7000, 90), True)),
-    ("forged allowed entry is worth nothing", "R1", None, {"R1": "forged"}, {}, "refuse",
-     (False, "unknown_refused", None, False)),
-    ("forged revoked entry locks nobody out", "R1", None, {"R1": (True, T0)}, {"R1": "forged"}, "refuse",
-     (True, "allowed_list", None, False)),
-    ("allowed entry for another token is ignored", "R1", None, {"R1": ("R2", T0)}, {}, "refuse",
-     (False, "unknown_refused", None, False)),
+    (
+        "unknown, accept limited",
+        "R9",
+        None,
+        {},
+        {},
+        "accept_limited",
+        (True, "unknown_accepted", Limits(7000, 90), True),
+    ),
+    (
+        "forged allowed entry is worth nothing",
+        "R1",
+        None,
+        {"R1": "forged"},
+        {},
+        "refuse",
+        (False, "unknown_refused", None, False),
+    ),
+    (
+        "forged revoked entry locks nobody out",
+        "R1",
+        None,
+        {"R1": (True, T0)},
+        {"R1": "forged"},
+        "refuse",
+        (True, "allowed_list", None, False),
+    ),
+    (
+        "allowed entry for another token is ignored",
+        "R1",
+        None,
+        {"R1": ("R2", T0)},
+        {},
+        "refuse",
+        (False, "unknown_refused", None, False),
+    ),
 ]
 
 
-@pytest.mark.parametrize("case, id_token, token, allowed, revoked, policy, expected", AUTH_TABLE,
-                         ids=[row[0] for row in AUTH_TABLE])
+@pytest.mark.parametrize(
+    "case, id_token, token, allowed, revoked, policy, expected", AUTH_TABLE, ids=[row[0] for row in AUTH_TABLE]
+)
 def test_authorize_decision_table(
-    cloud: nacl.signing.SigningKey, case: str, id_token: str | None, token: object,
-    allowed: dict[str, object], revoked: dict[str, object], policy: str,
+    cloud: nacl.signing.SigningKey,
+    case: str,
+    id_token: str | None,
+    token: object,
+    allowed: dict[str, object],
+    revoked: dict[str, object],
+    policy: str,
     expected: tuple[bool, str, Limits | None, bool],
 ) -> None:
     other = nacl.signing.SigningKey.generate()
@@ -1133,11 +1266,14 @@ def test_authorize_decision_table(
         assert isinstance(token, tuple)
         text = issue_driver_token(cloud, token[0], max_wh=5000, max_minutes=60, not_after=token[1])
     result = authorize(
-        id_token, driver_token_text=text,
+        id_token,
+        driver_token_text=text,
         allowed_entries={k: entry(v, True, k) for k, v in allowed.items()},
         revoked_entries={k: entry(v, False, k) for k, v in revoked.items()},
         policy=policy,  # type: ignore[arg-type]
-        limits=Limits(7000, 90), cloud_public_key=bytes(cloud.verify_key), now=T0,
+        limits=Limits(7000, 90),
+        cloud_public_key=bytes(cloud.verify_key),
+        now=T0,
     )
     assert (result.accepted, result.reason, result.limits, result.review) == expected, case
     if "forged" in case or "another token" in case:
@@ -1146,11 +1282,27 @@ def test_authorize_decision_table(
 
 def test_authorize_refuses_misuse(cloud: nacl.signing.SigningKey) -> None:
     with pytest.raises(LocalSecurityError):
-        authorize(None, driver_token_text=None, allowed_entries={}, revoked_entries={}, policy="refuse",
-                  limits=None, cloud_public_key=bytes(cloud.verify_key), now=T0)
+        authorize(
+            None,
+            driver_token_text=None,
+            allowed_entries={},
+            revoked_entries={},
+            policy="refuse",
+            limits=None,
+            cloud_public_key=bytes(cloud.verify_key),
+            now=T0,
+        )
     with pytest.raises(LocalSecurityError):
-        authorize("x", driver_token_text=None, allowed_entries={}, revoked_entries={},
-                  policy="accept", limits=None, cloud_public_key=bytes(cloud.verify_key), now=T0)  # type: ignore[arg-type]
+        authorize(
+            "x",
+            driver_token_text=None,
+            allowed_entries={},
+            revoked_entries={},
+            policy="accept",
+            limits=None,
+            cloud_public_key=bytes(cloud.verify_key),
+            now=T0,
+        )  # type: ignore[arg-type]
 
 
 def test_network_key_schedule_defaults(pair: dict[str, Identity | None]) -> None:

@@ -43,8 +43,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class SecureMesh:
-    def __init__(self, tmp_path: Path, nursery: trio.Nursery, *, cloud_key: nacl.signing.SigningKey | None = None,
-                 clock=time.time):
+    def __init__(
+        self,
+        tmp_path: Path,
+        nursery: trio.Nursery,
+        *,
+        cloud_key: nacl.signing.SigningKey | None = None,
+        clock=time.time,
+    ):
         self.tmp_path, self.nursery = tmp_path, nursery
         self.clock = clock  # the nodes' and sealers' wall clock
         self.net = MemoryNetwork()
@@ -78,8 +84,11 @@ class SecureMesh:
                         self.transports[name] = transport
                     node = Node(
                         NodeConfig(node_id=name, data_dir=data_dir, site="field", seed=3, **config),
-                        transport=transport, discovery=StaticDiscovery([self.address(p) for p in peers]),
-                        identity=identity, sealer=sealer, wall_clock=self.clock,
+                        transport=transport,
+                        discovery=StaticDiscovery([self.address(p) for p in peers]),
+                        identity=identity,
+                        sealer=sealer,
+                        wall_clock=self.clock,
                     )
                     holder["node"] = node
                     async with trio.open_nursery() as inner_nursery:
@@ -145,7 +154,9 @@ async def test_replayed_and_tampered_requests_change_nothing(tmp_path, autojump_
         other.net = mesh.net
         stranger = await other.start("n7", [])
         stranger_msg = stranger.replica.generate("n1", sid)
-        sealed2, _ = stranger.sealer.seal_request("/m/sync", SyncRequest("n7", {sid: stranger_msg}).encode(), time.time())
+        sealed2, _ = stranger.sealer.seal_request(
+            "/m/sync", SyncRequest("n7", {sid: stranger_msg}).encode(), time.time()
+        )
         with pytest.raises(RemoteRefused) as info:
             await other.transports["n7"].inner.request(mesh.address("n1"), "/m/sync", sealed2)
         assert info.value.code == "4.01"
@@ -190,8 +201,9 @@ async def test_offline_authorisation_with_signed_driver_tokens(tmp_path, autojum
         expired = issue_driver_token(cloud_key, "DRIVER-8", max_wh=None, max_minutes=None, not_after=time.time() - 1)
         with pytest.raises(NotAuthorised, match="token_expired"):
             await node.create_session("bay-1", 1, "DRIVER-8", driver_token=expired)
-        forged = issue_driver_token(nacl.signing.SigningKey(b"f" * 32), "DRIVER-9", max_wh=None, max_minutes=None,
-                                    not_after=time.time() + 3600)
+        forged = issue_driver_token(
+            nacl.signing.SigningKey(b"f" * 32), "DRIVER-9", max_wh=None, max_minutes=None, not_after=time.time() + 3600
+        )
         with pytest.raises(NotAuthorised, match="token_invalid"):
             await node.create_session("bay-1", 1, "DRIVER-9", driver_token=forged)
         with pytest.raises(NotAuthorised, match="unknown_refused"):
@@ -320,8 +332,9 @@ def _encodings(key: bytes) -> dict[str, bytes]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshnode.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "meshnode.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 @pytest.mark.slow
@@ -345,9 +358,15 @@ def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
         enroll(site_dir, name, tmp_path / name, now=time.time())
         other = next(n for n in hosts if n != name)
         nodes[name] = NodeProcess(
-            name, host, tmp_path / name, coap_port=ports[name][0], http_port=ports[name][1],
-            peers=[f"{hosts[other]}:{ports[other][0]}"], insecure=False,
-            extra=["--log-level", "debug", "--unknown-token-policy", "refuse"])
+            name,
+            host,
+            tmp_path / name,
+            coap_port=ports[name][0],
+            http_port=ports[name][1],
+            peers=[f"{hosts[other]}:{ports[other][0]}"],
+            insecure=False,
+            extra=["--log-level", "debug", "--unknown-token-policy", "refuse"],
+        )
     try:
         for node in nodes.values():
             node.start()
@@ -360,8 +379,9 @@ def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
         allowed = _cli("token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--http", n1.url)
         assert allowed.returncode == 0, allowed.stderr
         wait_until(lambda: start_status(n2, "FLEET-1") == 201, what="n2 to accept the allowed token")
-        revoked = _cli("token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--revoke",
-                       "--http", n1.url)
+        revoked = _cli(
+            "token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--revoke", "--http", n1.url
+        )
         assert revoked.returncode == 0, revoked.stderr
         wait_until(lambda: start_status(n2, "FLEET-1") == 403, what="n2 to refuse the revoked token")
         assert start_status(n1, "FLEET-1") == 403
@@ -372,8 +392,9 @@ def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
             response = n1.post("/v1/site/entries", {"entry": junk})
             assert response.status_code == 400, (junk, response.text)
         assert start_status(n1, "FORGED-1") == 403
-        refused_cli = _cli("token", "list", "--cloud-key", str(tmp_path / "none.key"), "--token-id", "X",
-                           "--http", n1.url)
+        refused_cli = _cli(
+            "token", "list", "--cloud-key", str(tmp_path / "none.key"), "--token-id", "X", "--http", n1.url
+        )
         assert refused_cli.returncode != 0
         for node in nodes.values():
             assert node.stop() == 0
@@ -381,8 +402,11 @@ def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
         for node in nodes.values():
             node.kill()
 
-    keys = {"cloud": bytes(cloud_key), "site": load_site(site_dir).require_signing_key().encode(),
-            "network": (site_dir / "network.key").read_bytes()}
+    keys = {
+        "cloud": bytes(cloud_key),
+        "site": load_site(site_dir).require_signing_key().encode(),
+        "network": (site_dir / "network.key").read_bytes(),
+    }
     for name in hosts:
         identity = Identity.load(tmp_path / name)
         keys[f"{name} node"] = identity.signing_key.encode()
@@ -394,6 +418,11 @@ def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
     assert any(p.name.startswith("store.db") for p in searched)
     logs = b"".join(nodes[name].log_path.read_bytes() for name in hosts)
     assert b"DEBUG" in logs and len(logs) > 10_000  # DEBUG logging was on and said a lot
-    leaks = [(what, form, path.name) for path in searched for what, key in keys.items()
-             for form, text in _encodings(key).items() if text in path.read_bytes()]
+    leaks = [
+        (what, form, path.name)
+        for path in searched
+        for what, key in keys.items()
+        for form, text in _encodings(key).items()
+        if text in path.read_bytes()
+    ]
     assert leaks == []

@@ -229,7 +229,10 @@ async def test_a_retried_start_with_its_request_id_finds_the_first_session(tmp_p
                     other = await client.post("/v1/sessions", json={**body, "request_id": "c1-start-2"})
                     assert other.status_code == 201 and other.json()["session_id"] != sid
                     plain = await client.post("/v1/sessions", json={k: v for k, v in body.items() if k != "request_id"})
-                    assert plain.status_code == 201 and plain.json()["session_id"] not in (sid, other.json()["session_id"])
+                    assert plain.status_code == 201 and plain.json()["session_id"] not in (
+                        sid,
+                        other.json()["session_id"],
+                    )
                 again = await client.post("/v1/sessions", json=body)
                 assert again.status_code == 200, again.text
                 assert again.json()["session_id"] == sid and "existing" not in again.json()

@@ -118,8 +118,12 @@ def test_invalid_and_foreign_events_are_reported(signer, keyring):
     good = signer.sign("authorize", "s", 1)
     other = signer.sign("start", "other-session", 2)
     stranger = make_signer("stranger").sign("start", "s", 3)
-    events = {good.event_id: good.encoded, other.event_id: other.encoded, stranger.event_id: stranger.encoded,
-              "junk": b"\x00\x01"}
+    events = {
+        good.event_id: good.encoded,
+        other.event_id: other.encoded,
+        stranger.event_id: stranger.encoded,
+        "junk": b"\x00\x01",
+    }
     view = fold("s", events, keyring)
     kinds = {c.event_id: c.kind for c in view.conflicts}
     assert kinds == {other.event_id: WRONG_SESSION, stranger.event_id: INVALID_EVENT, "junk": INVALID_EVENT}

@@ -78,7 +78,11 @@ def test_incremental_fold_equals_a_fresh_fold(versions, key_change):
     incremental = SessionFold("s", cache=cache)
     for n, (events, receipt) in enumerate(versions):
         # Halfway through, a device's key may appear only now (its earlier events were unknown).
-        ring = KEYRING if not key_change or n >= len(versions) // 2 else Keyring({"charger-1": make_signer("charger-1").public_key})
+        ring = (
+            KEYRING
+            if not key_change or n >= len(versions) // 2
+            else Keyring({"charger-1": make_signer("charger-1").public_key})
+        )
         got = incremental.update(events, ring, receipt_present=receipt)
         assert got == fold("s", events, ring, receipt_present=receipt, cache=None)
 

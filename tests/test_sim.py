@@ -184,12 +184,14 @@ def test_crashed_node_restarts_with_its_store_and_wiped_node_catches_up_from_pee
             node = sim.slots[name].node
             facts[name + "_docs"] = set(node.replica.docs)
             facts[name + "_key"] = node.signer.public_key
+
         return check
 
     def while_down(name: str):
         def check(sim: Simulation) -> None:
             assert not sim.slots[name].running
             facts[name + "_stored"] = sim.stored_docs(name)
+
         return check
 
     def caught_up(name: str):
@@ -200,6 +202,7 @@ def test_crashed_node_restarts_with_its_store_and_wiped_node_catches_up_from_pee
             facts[name + "_caught_up"] = all(
                 holds(node, c.doc_id, c.event_id) for c in sim.metrics.changes if c.t0 < trio.current_time() - 15
             )
+
         return check
 
     sim = Simulation(sc, 5, checks=[

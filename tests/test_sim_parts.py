@@ -87,7 +87,9 @@ def test_uplink_schedules():
     assert not UplinkSchedule.build(UplinkSpec("down"), 100, random.Random(1)).up(50)
     windows = UplinkSchedule.build(UplinkSpec("windows", down=((10.0, 20.0),)), 100, random.Random(1))
     assert windows.up(9.9) and not windows.up(10) and windows.up(20)
-    flap = UplinkSchedule.build(UplinkSpec("flapping", Dist("constant", 30), Dist("constant", 10)), 100, random.Random(1))
+    flap = UplinkSchedule.build(
+        UplinkSpec("flapping", Dist("constant", 30), Dist("constant", 10)), 100, random.Random(1)
+    )
     assert flap.down == [(30.0, 40.0), (70.0, 80.0)]
 
 
@@ -153,7 +155,7 @@ def test_cli_run_writes_results_and_plots(tmp_path):
     scenario.write_text(
         'name = "tiny"\nduration = 120\ndrain = 60\n[topology]\nkind = "star"\nnodes = 4\n'
         '[uplink]\nnodes = ["n01"]\n[workload]\nchargers = ["n02"]\nsessions_per_hour = 60\n'
-        'session_minutes = 1\nmeter_interval = 20\n'
+        "session_minutes = 1\nmeter_interval = 20\n"
     )
     out = tmp_path / "out"
     assert main(["run", str(scenario), "--seed", "4", "--out", str(out), "--quiet"]) == 0

@@ -13,9 +13,17 @@ import pytest
 import trio
 import trio.testing
 
-from crdt import DocStore, Replica, SqliteAdapter, add_event, fold_session, new_session_doc, open_doc_store, read_session
+from crdt import (
+    DocStore,
+    Replica,
+    SqliteAdapter,
+    add_event,
+    fold_session,
+    new_session_doc,
+    open_doc_store,
+    read_session,
+)
 
-from .conftest import make_signer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,8 +187,9 @@ async def test_encrypted_store_file_reveals_no_session_content(tmp_path, signer,
     session_id, token = "session-7f3a9c", "TOKEN-SECRET-4242"
     async with open_doc_store(path, key=key) as store:
         replica = Replica()
-        doc = new_session_doc(session_id, site="x", charger="bay-9", connector=1, id_token=token, tariff={},
-                              created_by="n")
+        doc = new_session_doc(
+            session_id, site="x", charger="bay-9", connector=1, id_token=token, tariff={}, created_by="n"
+        )
         await store.write(session_id, replica.add(session_id, doc))
         for wh in (123456, 234567):
             heads = doc.get_heads()
@@ -192,8 +201,15 @@ async def test_encrypted_store_file_reveals_no_session_content(tmp_path, signer,
         add_event(doc, signer.sign("stop", session_id, 2, meter_wh=345678), public_key=signer.public_key)
         await store.write(session_id, replica.changes_since(session_id, heads))
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("store.db"))
-    for secret in (session_id.encode(), token.encode(), b"bay-9", b"meter_wh", b"charger-1",
-                   cbor2.dumps(345678), signer.public_key):
+    for secret in (
+        session_id.encode(),
+        token.encode(),
+        b"bay-9",
+        b"meter_wh",
+        b"charger-1",
+        cbor2.dumps(345678),
+        signer.public_key,
+    ):
         assert secret not in raw, secret
     # ... while the store itself reads everything back with its key.
     store = DocStore(path, key=key)
@@ -237,9 +253,13 @@ async def test_a_node_gets_its_store_and_device_key_through_seams(tmp_path, auto
 
     async def run_node(body):
         async with net.transport("10.0.0.1:5683") as transport:
-            node = Node(NodeConfig(node_id="n1", data_dir=data_dir, seed=1), transport=transport,
-                        wall_clock=lambda: 1_800_000_000 + trio.current_time(), device_key=key,
-                        store=functools.partial(open_doc_store, adapter=MemoryAdapter(disk), key=bytes(32)))
+            node = Node(
+                NodeConfig(node_id="n1", data_dir=data_dir, seed=1),
+                transport=transport,
+                wall_clock=lambda: 1_800_000_000 + trio.current_time(),
+                device_key=key,
+                store=functools.partial(open_doc_store, adapter=MemoryAdapter(disk), key=bytes(32)),
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.serve)
                 result = await body(node)

@@ -304,9 +304,7 @@ async def test_default_refusal_message(rig: Rig) -> None:
         assert (info.value.code, info.value.message) == ("4.03", "forbidden")
 
 
-async def test_handler_crash_is_500_logged_and_server_keeps_serving(
-    rig: Rig, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_handler_crash_is_500_logged_and_server_keeps_serving(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     async with open_nodes(rig, 2) as (a, b):
 
         async def crash(payload: bytes, remote: str) -> bytes:
@@ -775,9 +773,7 @@ async def test_coap_garbage_datagrams_do_not_break_the_server(
                 await raw.sendto(datagram, (host, port))
             await trio.sleep(0.05)
         assert await b.request(a.address, "/m/echo", b"after garbage") == b"after garbage"
-        assert any(
-            r.levelno == logging.WARNING and "dropped a datagram" in r.getMessage() for r in caplog.records
-        )
+        assert any(r.levelno == logging.WARNING and "dropped a datagram" in r.getMessage() for r in caplog.records)
 
 
 async def test_coap_timeout_cancels_the_aiocoap_request(coap_rig: CoapRig) -> None:

@@ -352,8 +352,11 @@ async def test_serve_probe_publishes_a_score_per_probe_on_a_fixed_grid(
     client = _client(handler)
     scorer = UplinkScorer()
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: serve_probe(
-            client, scorer, lambda s: scores.append((trio.current_time(), s)), task_status=task_status))
+        await nursery.start(
+            lambda task_status: serve_probe(
+                client, scorer, lambda s: scores.append((trio.current_time(), s)), task_status=task_status
+            )
+        )
         await trio.sleep(12.0)  # probes at 0, 5, 10
         up = False
         await trio.sleep(15.0)  # probes at 15, 20, 25 fail
@@ -374,6 +377,7 @@ async def test_serve_probe_rejects_timeout_not_shorter_than_interval() -> None:
 
 
 # --- CloudClient over real HTTP (Starlette on Hypercorn, trio) --------------------------
+
 
 def _cloud_app(received: list[tuple[dict[str, str], CloudSyncRequest]]) -> Starlette:
     async def healthz(request: Request) -> Response:

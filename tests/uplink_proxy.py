@@ -230,8 +230,10 @@ class ApiTap:
         if not sep:
             return None
         lines = head.split(b"\r\n")
-        length = next((int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:])
-                       if k.strip().lower() == b"content-length"), None)
+        length = next(
+            (int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:]) if k.strip().lower() == b"content-length"),
+            None,
+        )
         if length is None or len(body) < length:
             return None
         return int(lines[0].split()[1]), body[:length]

@@ -514,7 +514,7 @@ def load_or_create_cloud_key(path: str | os.PathLike[str]) -> nacl.signing.Signi
         except ValueError as exc:
             raise CloudKeyError(f"cloud key {path} is not a hex seed") from exc
         if len(seed) != 32:
-            raise CloudKeyError(f"cloud key {path} must hold 32 bytes, got {len(seed)}")
+            raise CloudKeyError(f"cloud key {path} must hold 32 bytes, got {len(seed)}") from None
         return nacl.signing.SigningKey(seed)
     except OSError as exc:
         raise CloudKeyError(f"cannot create cloud key {path}: {exc}") from exc
@@ -583,9 +583,7 @@ class CloudService:
         except WireError as exc:
             raise RemoteRequestError(400, str(exc)) from exc
         node = request.node_id
-        delta: Counter[str] = Counter(
-            {STAT_REQUESTS: 1, STAT_BYTES: len(body), STAT_BYTES_INFLATED: len(inflated)}
-        )
+        delta: Counter[str] = Counter({STAT_REQUESTS: 1, STAT_BYTES: len(body), STAT_BYTES_INFLATED: len(inflated)})
         # The responder side of `crdt.SyncSession`, the same exchange the forwarder runs.
         session = SyncSession(
             self.replica, node,
@@ -671,9 +669,7 @@ class CloudService:
             # Devices that present a certificate from the site we trust.
             certified = {d: k for d, blob in sorted(data.devices.items()) if (k := self._certify(d, blob)) is not None}
             trusted = {**certified, **self._trusted}
-        keys = session_keys(
-            trusted, tx.device_keys(devices), declared, trust_document_keys=self._trust_document_keys
-        )
+        keys = session_keys(trusted, tx.device_keys(devices), declared, trust_document_keys=self._trust_document_keys)
         tx.pin_devices(keys.new_pins, doc_id, now)
         conflicts += [(f"device:{d}", KEY_MISMATCH, detail) for d, detail in keys.mismatches]
 
@@ -717,6 +713,7 @@ class CloudService:
 
         energy_wh = view.energy_wh
         cost: int | None
+        currency: str | None
         try:
             cost, currency = session_cost(data.tariff, energy_wh)
         except TariffError as exc:
@@ -753,8 +750,11 @@ class CloudService:
         # A node that let a driver charge offline on its site's policy for unknown id
         # tokens says so in the authorize event; such sessions wait for a person.
         review = next(
-            (str(e.record.data.get("auth") or "offline") for e in view.applied
-             if e.record.type == "authorize" and e.record.data.get("review") is True),
+            (
+                str(e.record.data.get("auth") or "offline")
+                for e in view.applied
+                if e.record.type == "authorize" and e.record.data.get("review") is True
+            ),
             None,
         )
         tx.upsert_ledger({

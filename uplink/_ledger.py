@@ -148,7 +148,7 @@ def parse_db_url(db_url: str) -> tuple[str, str]:
         prefix = "sqlite:///"
         if not db_url.lower().startswith(prefix) or len(db_url) == len(prefix):
             raise LedgerUrlError(f"an SQLite URL is sqlite:///path.db (or sqlite:////abs/path.db), got {db_url!r}")
-        return "sqlite", db_url[len(prefix):]
+        return "sqlite", db_url[len(prefix) :]
     if scheme in ("postgresql", "postgres"):
         return "postgresql", db_url
     raise LedgerUrlError(f"database URL must start with sqlite:/// or postgresql://, got {db_url!r}")

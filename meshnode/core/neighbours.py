@@ -60,8 +60,9 @@ class Neighbour:
 class NeighbourTable:
     """Verified direct peers (N1-N4). Every method takes `now`; nothing reads a clock."""
 
-    def __init__(self, *, ttl: float, max_failures: int = 3, base_backoff: float = 1.0,
-                 max_backoff: float = 30.0, salt: str = "") -> None:
+    def __init__(
+        self, *, ttl: float, max_failures: int = 3, base_backoff: float = 1.0, max_backoff: float = 30.0, salt: str = ""
+    ) -> None:
         self.ttl = ttl
         self.max_failures = max_failures
         self.base_backoff = base_backoff
@@ -151,8 +152,9 @@ class Hellos:
     they left, retried with backoff) and ones named by unverified senders (at most
     `max_unverified`, dropped after one attempt or `unverified_ttl`) (N1)."""
 
-    def __init__(self, *, max_unverified: int = 32, unverified_ttl: float = 30.0,
-                 base: float = 1.0, max_backoff: float = 30.0) -> None:
+    def __init__(
+        self, *, max_unverified: int = 32, unverified_ttl: float = 30.0, base: float = 1.0, max_backoff: float = 30.0
+    ) -> None:
         self.max_unverified = max_unverified
         self.unverified_ttl = unverified_ttl
         self.base = base

@@ -56,9 +56,18 @@ class Replicator:
         salt: makes backoff jitter differ between nodes, reproducibly.
     """
 
-    def __init__(self, node_id: str, *, push_interval: float = 0.4, exchange_interval: float = 1.0,
-                 tick_interval: float = 1.0, ttl: float = 60.0, salt: str = "", settle: float = 1.0,
-                 recent: float = 30.0) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        push_interval: float = 0.4,
+        exchange_interval: float = 1.0,
+        tick_interval: float = 1.0,
+        ttl: float = 60.0,
+        salt: str = "",
+        settle: float = 1.0,
+        recent: float = 30.0,
+    ) -> None:
         self.node_id = node_id
         self.push_interval = push_interval
         self.exchange_interval = exchange_interval
@@ -185,8 +194,9 @@ class Replicator:
         if n is not None:
             n.pending.update(d for d in doc_ids if d in self.heads)
 
-    def exchange_done(self, node_id: str, now: float, *, in_sync: bool, slow: bool = False,
-                      unsynced: Iterable[str] = ()) -> None:
+    def exchange_done(
+        self, node_id: str, now: float, *, in_sync: bool, slow: bool = False, unsynced: Iterable[str] = ()
+    ) -> None:
         n = self.table.peers.get(node_id)
         if n is None:
             return
@@ -227,11 +237,11 @@ class Replicator:
                     n.pending.clear()
                     actions.append(SendPush(n.node_id, n.address, docs))
         for nid in sorted(self._urgent):
-            n = self.table.peers.get(nid)
-            if n is not None and not n.exchanging and now >= n.retry_at:
+            urgent = self.table.peers.get(nid)
+            if urgent is not None and not urgent.exchanging and now >= urgent.retry_at:
                 self._urgent.discard(nid)
-                actions.append(self._exchange(n, now))
-            elif n is None:
+                actions.append(self._exchange(urgent, now))
+            elif urgent is None:
                 self._urgent.discard(nid)
         if now >= self._next_exchange:
             self._next_exchange = now + self._jittered(self.exchange_interval, "exchange")

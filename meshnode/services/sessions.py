@@ -194,9 +194,9 @@ class SessionService:
             Conflict: `request_id` names a session that has since been archived.
         """
         if request_id is not None:
-            session_id = hashlib.sha256(
-                f"{self.node_id}\0{charger}\0{connector}\0{request_id}".encode()
-            ).hexdigest()[:32]
+            session_id = hashlib.sha256(f"{self.node_id}\0{charger}\0{connector}\0{request_id}".encode()).hexdigest()[
+                :32
+            ]
             if session_id in self.replica.docs:
                 return {**self.session_json(session_id), "existing": True}
             if session_id in self._archived():

@@ -111,8 +111,20 @@ class Proc:
         with open(self.log_path, "a") as log:
             log.write(f"==== field harness: start #{self.starts} at t={self.clock():.1f}s\n")
         self.out_path.write_bytes(b"")
-        args = ["ip", "netns", "exec", self.namespace, "setpriv", "--pdeathsig", "KILL", "--",
-                sys.executable, "-m", "meshnode.cli", *self.argv]
+        args = [
+            "ip",
+            "netns",
+            "exec",
+            self.namespace,
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
+            sys.executable,
+            "-m",
+            "meshnode.cli",
+            *self.argv,
+        ]
         with open(self.log_path, "ab") as log, open(self.out_path, "wb") as out:
             self.popen = subprocess.Popen(args, stdout=out, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO)
         self.started_at = self.clock()
@@ -172,9 +184,17 @@ class Proc:
         code = self.popen.returncode
         self.held_down = True
         tail, exception = last_error(self.log_path)
-        self.crashes.append({"process": self.name, "code": code, "t": round(self.clock(), 1),
-                             "start": self.starts, "uptime_s": round(self.clock() - self.started_at, 1),
-                             "exception": exception, "log_tail": tail})
+        self.crashes.append(
+            {
+                "process": self.name,
+                "code": code,
+                "t": round(self.clock(), 1),
+                "start": self.starts,
+                "uptime_s": round(self.clock() - self.started_at, 1),
+                "exception": exception,
+                "log_tail": tail,
+            }
+        )
         return code
 
     def log_tail(self, lines: int = 60) -> str:
@@ -253,8 +273,9 @@ class Charger(threading.Thread):
     to one start attempt.
     """
 
-    def __init__(self, node: str, namespace: str, url: str, seed: int, clock: Callable[[], float],
-                 stop_deadline_s: float = 90.0) -> None:
+    def __init__(
+        self, node: str, namespace: str, url: str, seed: int, clock: Callable[[], float], stop_deadline_s: float = 90.0
+    ) -> None:
         super().__init__(daemon=True, name=f"charger-{node}")
         self.node, self.namespace, self.url = node, namespace, url
         self.rng = random.Random(f"{seed}:{node}")
@@ -296,8 +317,12 @@ class Charger(threading.Thread):
             a = Attempt(self.node, f"{self.node}-cp1", f"FLD-{self.node}-{n}", meter)
             self.attempts.append(a)
             a.sent.append(meter)
-            r = self._post(http, "/v1/sessions", {"charger": a.charger, "connector": 1, "id_token": a.id_token,
-                                                  "meter_wh": meter}, "start")
+            r = self._post(
+                http,
+                "/v1/sessions",
+                {"charger": a.charger, "connector": 1, "id_token": a.id_token, "meter_wh": meter},
+                "start",
+            )
             if r is None or r.status_code != 201:
                 self.finish.wait(1.0)
                 meter += 1  # a new attempt reads a new register value
@@ -349,8 +374,15 @@ class Monitor(threading.Thread):
     each session was seen reconciled on this node (for the receipt spread).
     """
 
-    def __init__(self, node: str, namespace: str, url: str, clock: Callable[[], float],
-                 status_every: float = 1.0, sessions_every: float = 2.0) -> None:
+    def __init__(
+        self,
+        node: str,
+        namespace: str,
+        url: str,
+        clock: Callable[[], float],
+        status_every: float = 1.0,
+        sessions_every: float = 2.0,
+    ) -> None:
         super().__init__(daemon=True, name=f"monitor-{node}")
         self.node, self.namespace, self.url, self.clock = node, namespace, url, clock
         self.status_every, self.sessions_every = status_every, sessions_every
@@ -450,9 +482,13 @@ def seeded_schedule(seed: int, duration: float) -> tuple[list[Fault], float]:
     faults: list[Fault] = []
     for r in range(rounds):
         base = r * span
-        plan = [("kill", rng.uniform(3, 10), "leader"), ("kill", rng.uniform(3, 10), "other"),
-                ("isolate", min(30.0, span / 3), "other"), ("cloud", rng.uniform(5, 15), ""),
-                ("uplink", rng.uniform(6, 12), "leader")]
+        plan = [
+            ("kill", rng.uniform(3, 10), "leader"),
+            ("kill", rng.uniform(3, 10), "other"),
+            ("isolate", min(30.0, span / 3), "other"),
+            ("cloud", rng.uniform(5, 15), ""),
+            ("uplink", rng.uniform(6, 12), "leader"),
+        ]
         for kind, dur, target in plan:
             start = base + rng.uniform(2, max(2.5, span - dur - 2))
             faults.append(Fault(round(start, 1), kind, round(dur, 1), target))
@@ -520,8 +556,19 @@ class FieldRun:
 
     def _meshnode(self, *commands: list[str]) -> None:
         """Run `meshnode` commands (at once: each costs a Python start-up); any failure stops the run."""
-        running = [(argv, subprocess.Popen([sys.executable, "-m", "meshnode.cli", *argv], stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True, cwd=REPO)) for argv in commands]
+        running = [
+            (
+                argv,
+                subprocess.Popen(
+                    [sys.executable, "-m", "meshnode.cli", *argv],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=REPO,
+                ),
+            )
+            for argv in commands
+        ]
         for argv, proc in running:
             _, err = proc.communicate(timeout=120)
             if proc.returncode != 0:
@@ -534,28 +581,48 @@ class FieldRun:
         self.net.build()
         site = self.workdir / "site"
         self._meshnode(["site", "init", "--site", str(site), "--name", "field"])
-        self._meshnode(*[["enroll", "--node-id", name, "--data-dir", str(self.workdir / name), "--site", str(site)]
-                         for name in self.names])
+        self._meshnode(
+            *[
+                ["enroll", "--node-id", name, "--data-dir", str(self.workdir / name), "--site", str(site)]
+                for name in self.names
+            ]
+        )
         (self.workdir / "cloud").mkdir()
-        self.cloud = Proc("cloud", self.net.cloud_ns,
-                          ["cloud", "--db", f"sqlite:///{self.workdir / 'cloud' / 'cloud.db'}", "--bind", CLOUD_ADDRESS,
-                           "--site", str(site)], self.workdir, self.clock)
+        self.cloud = Proc(
+            "cloud",
+            self.net.cloud_ns,
+            [
+                "cloud",
+                "--db",
+                f"sqlite:///{self.workdir / 'cloud' / 'cloud.db'}",
+                "--bind",
+                CLOUD_ADDRESS,
+                "--site",
+                str(site),
+            ],
+            self.workdir,
+            self.clock,
+        )
         for name in self.names:
             argv = ["run", "--data-dir", str(self.workdir / name), "--bind", self.net.address(name)]
             if name in self.uplink_names:
                 argv += ["--cloud-url", CLOUD_URL]
             self.nodes[name] = Proc(name, self.net.ns(name), argv, self.workdir, self.clock)
-        self.mark(f"network built ({self.net.tag}), site enrolled: {len(self.names)} nodes, uplinks {self.uplink_names}")
+        self.mark(
+            f"network built ({self.net.tag}), site enrolled: {len(self.names)} nodes, uplinks {self.uplink_names}"
+        )
         for p in [self.cloud, *self.nodes.values()]:
             p.spawn()
         self._wait(lambda: all(p.check_ready() for p in self.procs()), READY_TIMEOUT_S, "every process to be ready")
         self.mark("all processes ready")
         for name in self.names:
-            m = self.monitors[name] = Monitor(name, self.net.ns(name), self.url(name), self.clock,
-                                              self.s.status_every, self.s.sessions_every)
+            m = self.monitors[name] = Monitor(
+                name, self.net.ns(name), self.url(name), self.clock, self.s.status_every, self.s.sessions_every
+            )
             m.start()
-        self._wait(self._mesh_formed, self.s.mesh_timeout, "the mesh to form (every node sees every other alive, "
-                   "one leader)")
+        self._wait(
+            self._mesh_formed, self.s.mesh_timeout, "the mesh to form (every node sees every other alive, one leader)"
+        )
         self.mark(f"mesh formed, leader {self.current_leader()}")
 
     def procs(self) -> list[Proc]:
@@ -579,8 +646,10 @@ class FieldRun:
         for p in self.procs():
             code = p.unexpected_exit()
             if code is not None:
-                self.mark(f"{p.name} EXITED by itself with code {code} (restarting in {RESTART_AFTER_CRASH_S:g} s): "
-                          f"{p.crashes[-1]['exception']}")
+                self.mark(
+                    f"{p.name} EXITED by itself with code {code} (restarting in {RESTART_AFTER_CRASH_S:g} s): "
+                    f"{p.crashes[-1]['exception']}"
+                )
                 p.restart_at = now + RESTART_AFTER_CRASH_S
                 self.faulted.setdefault(p.name, "crashed")  # no fault is aimed at it until it is back
             if p.restart_at is not None and now >= p.restart_at and not p.running:
@@ -697,8 +766,11 @@ class FieldRun:
             q = f.duration / 4
             self.net.cut_uplink(node)
             self.mark(f"{node}'s uplink cut (flapping: {q:.1f} s down, up, down, up)")
-            return [(q, lambda: self.net.restore_uplink(node)), (2 * q, lambda: self.net.cut_uplink(node)),
-                    (3 * q, lambda: self._uplink_back(node))]
+            return [
+                (q, lambda: self.net.restore_uplink(node)),
+                (2 * q, lambda: self.net.cut_uplink(node)),
+                (3 * q, lambda: self._uplink_back(node)),
+            ]
         raise ValueError(f"unknown fault kind {f.kind!r}")
 
     def _restart(self, node: str) -> None:
@@ -764,7 +836,9 @@ class FieldRun:
         for sid, v in first.items():
             row = ledger[sid]
             if (row["state"], row["energy_wh"]) != (v["state"], v["energy_wh"]):
-                self.converge_why = f"{sid}: ledger {row['state']} {row['energy_wh']} Wh, nodes {v['state']} {v['energy_wh']}"
+                self.converge_why = (
+                    f"{sid}: ledger {row['state']} {row['energy_wh']} Wh, nodes {v['state']} {v['energy_wh']}"
+                )
                 return False
         leader = self.agreed_leader()
         if leader is None:
@@ -804,7 +878,9 @@ class FieldRun:
                 next_ledger = self.clock() + 2.0
             if self._converged(ledger):
                 self.converged_t = self.clock()
-                self.mark(f"converged {self.converged_t - self.heal_t:.1f} s after the heal, leader {self.agreed_leader()}")
+                self.mark(
+                    f"converged {self.converged_t - self.heal_t:.1f} s after the heal, leader {self.agreed_leader()}"
+                )
                 return
             time.sleep(0.5)
         self.mark(f"NOT converged {self.s.converge_timeout:g} s after the heal: {self.converge_why}")
@@ -833,8 +909,10 @@ class FieldRun:
             self.stop_cleanly()
             unclean = {n: c for n, c in self.stop_codes.items() if c != 0}
             if unclean:
-                report["failures"].append(f"processes that did not stop cleanly on SIGTERM "
-                                          f"(exit code; None: still running after 20 s, killed): {unclean}")
+                report["failures"].append(
+                    f"processes that did not stop cleanly on SIGTERM "
+                    f"(exit code; None: still running after 20 s, killed): {unclean}"
+                )
             report["clean_stop_codes"] = self.stop_codes
             # How busy everything was: a starved node answers late whatever its code does.
             report["cpu_s"] = {p.name: round(p.cpu_s, 1) for p in self.procs()}
@@ -903,25 +981,33 @@ class FieldRun:
         since_heal = self.clock() - (self.heal_t or 0)
         ledger = audit_ledger(attempts, rows, details, stats, conflicts)
         # Only answers taken after the last acknowledgement say whether a node holds it.
-        fresh = {n: m.sessions for n, m in self.monitors.items()
-                 if m.sessions is not None and m.sessions_at >= self.chargers_done_t}
+        fresh = {
+            n: m.sessions
+            for n, m in self.monitors.items()
+            if m.sessions is not None and m.sessions_at >= self.chargers_done_t
+        }
         nodes = audit_nodes(acked, fresh, rows)
         silent = sorted(set(self.monitors) - set(fresh))
         if silent:
             failures.append(f"nodes that did not answer GET /v1/sessions after the chargers finished: {silent}")
-        failures += [f"{f} (checked {since_heal:.0f} s after the heal)" if "acknowledged" in f or "receipt" in f
-                     else f for f in ledger.failures]
+        failures += [
+            f"{f} (checked {since_heal:.0f} s after the heal)" if "acknowledged" in f or "receipt" in f else f
+            for f in ledger.failures
+        ]
         if self.converged_t is None:
-            failures.append(f"the nodes did not converge within {self.s.converge_timeout:g} s of the heal: "
-                            f"{self.converge_why}")
+            failures.append(
+                f"the nodes did not converge within {self.s.converge_timeout:g} s of the heal: {self.converge_why}"
+            )
         failures += nodes
         reconciled = sum(1 for r in rows.values() if r["state"] == "reconciled")
 
         # Processes.
         exits = [c for p in self.procs() for c in p.crashes]
         if exits:
-            failures.append(f"{len(exits)} processes exited by themselves: "
-                            + "; ".join(f"{e['process']} code {e['code']} at t={e['t']}: {e['exception']}" for e in exits))
+            failures.append(
+                f"{len(exits)} processes exited by themselves: "
+                + "; ".join(f"{e['process']} code {e['code']} at t={e['t']}: {e['exception']}" for e in exits)
+            )
         failures += self.anomalies
 
         # Figures.
@@ -959,18 +1045,24 @@ class FieldRun:
             "exits": exits,
             "converged": self.converged_t is not None,
             "converge_after_heal_s": round(self.converged_t - self.heal_t, 1)
-            if self.converged_t is not None and self.heal_t is not None else None,
+            if self.converged_t is not None and self.heal_t is not None
+            else None,
             "converge_blocker": None if self.converged_t is not None else self.converge_why,
             "leader_after_heal": self.agreed_leader(),
             "leaders_at_end": self.leaders_now(),
             "leader_changes": leader_changes,
             "receipt_spread_s": _percentiles(spreads),
             "stop_to_receipt_on_every_node_s": _percentiles(stop_to_all),
-            "api": {"outcomes": dict(sorted(outcomes.items())), "latency_s": _percentiles(latencies),
-                    "refusals": [r for c in self.chargers.values() for r in c.refusals][:20]},
+            "api": {
+                "outcomes": dict(sorted(outcomes.items())),
+                "latency_s": _percentiles(latencies),
+                "refusals": [r for c in self.chargers.values() for r in c.refusals][:20],
+            },
             "ready_after_start_s": {p.name: p.ready_after_s for p in self.procs()},
-            "monitor_latency_s": {kind: _percentiles(x for m in self.monitors.values() for x in m.latencies[kind])
-                                  for kind in ("status", "sessions")},
+            "monitor_latency_s": {
+                kind: _percentiles(x for m in self.monitors.values() for x in m.latencies[kind])
+                for kind in ("status", "sessions")
+            },
             "logs": {p.name: log_summary(p.log_path) for p in self.procs()},
             "timeline": self.timeline,
             "workdir": str(self.workdir),
@@ -982,8 +1074,17 @@ class FieldRun:
         out = ["timeline:", *self.timeline, "", f"leaders: {self.leaders_now()}"]
         for name, m in self.monitors.items():
             st = m.status or {}
-            brief = {k: st.get(k) for k in ("leader", "uplink_score", "sync_state", "documents",
-                                            "documents_not_everywhere", "incarnation")}
+            brief = {
+                k: st.get(k)
+                for k in (
+                    "leader",
+                    "uplink_score",
+                    "sync_state",
+                    "documents",
+                    "documents_not_everywhere",
+                    "incarnation",
+                )
+            }
             peers = {p["node_id"]: p["state"] for p in st.get("peers", [])}
             out.append(f"{name}: {brief} peers {peers} forwarder {st.get('forwarder')}")
         for p in self.procs():
@@ -1045,8 +1146,13 @@ class LedgerAudit:
         }
 
 
-def audit_ledger(attempts: list[Attempt], rows: dict[str, dict[str, Any]], details: dict[str, Any],
-                 stats: dict[str, Any], conflicts: list[Any]) -> LedgerAudit:
+def audit_ledger(
+    attempts: list[Attempt],
+    rows: dict[str, dict[str, Any]],
+    details: dict[str, Any],
+    stats: dict[str, Any],
+    conflicts: list[Any],
+) -> LedgerAudit:
     """Check the cloud's ledger against what the chargers sent and what the nodes acknowledged.
 
     Args:
@@ -1093,8 +1199,9 @@ def audit_ledger(attempts: list[Attempt], rows: dict[str, dict[str, Any]], detai
         out.duplicate_events += [f"{sid[:8]}:{e[:8]}" for e, n in Counter(ids).items() if n > 1]
         billed = {e["event_id"] for e in d["events"] if e["status"] == "ok"}
         out.lost_events += [f"{sid[:8]}:{e[:8]}" for e in a.acked_events if e not in billed]
-        out.unbilled_events += [f"{sid[:8]}:{e['event_id'][:8]} {e['status']}" for e in d["events"]
-                                if e["status"] != "ok"]
+        out.unbilled_events += [
+            f"{sid[:8]}:{e['event_id'][:8]} {e['status']}" for e in d["events"] if e["status"] != "ok"
+        ]
         readings = {e["meter_wh"] for e in d["events"] if e.get("meter_wh") is not None}
         stray = readings - set(a.sent)
         if stray:
@@ -1110,17 +1217,22 @@ def audit_ledger(attempts: list[Attempt], rows: dict[str, dict[str, Any]], detai
             # The stop never landed: the energy is that of some reading sent, at least the last acknowledged.
             floor = max(a.acked_readings) - a.start_meter
             if row["energy_wh"] not in {r - a.start_meter for r in a.sent} or row["energy_wh"] < floor:
-                out.energy_mismatches.append(f"{sid[:8]} ({a.node}, stop never landed): ledger {row['energy_wh']} Wh, "
-                                             f"acknowledged at least {floor} Wh")
+                out.energy_mismatches.append(
+                    f"{sid[:8]} ({a.node}, stop never landed): ledger {row['energy_wh']} Wh, "
+                    f"acknowledged at least {floor} Wh"
+                )
     reconciled = sum(1 for r in rows.values() if r["state"] == "reconciled")
     if stats and (stats.get("sessions"), stats.get("receipts")) != (len(rows), reconciled):
-        out.stats_mismatch = (f"cloud stats say {stats.get('sessions')} sessions, {stats.get('receipts')} receipts; "
-                              f"the ledger lists {len(rows)} rows, {reconciled} reconciled")
+        out.stats_mismatch = (
+            f"cloud stats say {stats.get('sessions')} sessions, {stats.get('receipts')} receipts; "
+            f"the ledger lists {len(rows)} rows, {reconciled} reconciled"
+        )
     return out
 
 
-def audit_nodes(acked: list[Attempt], views: dict[str, dict[str, dict[str, Any]]],
-                rows: dict[str, dict[str, Any]]) -> list[str]:
+def audit_nodes(
+    acked: list[Attempt], views: dict[str, dict[str, dict[str, Any]]], rows: dict[str, dict[str, Any]]
+) -> list[str]:
     """Every node holds every acknowledged event, and the ledger's receipt for each reconciled session.
 
     The node that acknowledged an event is checked on its own first: an event
@@ -1153,8 +1265,10 @@ def audit_nodes(acked: list[Attempt], views: dict[str, dict[str, dict[str, Any]]
                 receipts.append(f"{sid[:8]} on {name}")
     out = []
     if not_durable:
-        out.append(f"{len(not_durable)} sessions lost acknowledged events on the node that acknowledged them "
-                   f"(not durable): {not_durable[:10]}")
+        out.append(
+            f"{len(not_durable)} sessions lost acknowledged events on the node that acknowledged them "
+            f"(not durable): {not_durable[:10]}"
+        )
     if missing:
         out.append(f"{len(missing)} acknowledged sessions or events missing on nodes at the end: {missing[:10]}")
     if receipts:
@@ -1166,8 +1280,12 @@ def _percentiles(values: Iterable[float]) -> dict[str, float | int | None]:
     v = sorted(values)
     if not v:
         return {"n": 0, "p50": None, "p95": None, "max": None}
-    return {"n": len(v), "p50": round(statistics.median(v), 2),
-            "p95": round(v[min(len(v) - 1, round(0.95 * (len(v) - 1)))], 2), "max": round(v[-1], 2)}
+    return {
+        "n": len(v),
+        "p50": round(statistics.median(v), 2),
+        "p95": round(v[min(len(v) - 1, round(0.95 * (len(v) - 1)))], 2),
+        "max": round(v[-1], 2),
+    }
 
 
 def run_field(settings: Settings, workdir: Path, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -1182,6 +1300,11 @@ def run_field(settings: Settings, workdir: Path, progress: Callable[[str], None]
 
 
 def _imports_from_repo() -> bool:
-    r = subprocess.run([sys.executable, "-c", "import meshnode; print(meshnode.__file__)"],
-                       capture_output=True, text=True, cwd=REPO, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", "import meshnode; print(meshnode.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
     return r.stdout.strip().startswith(str(REPO))

@@ -59,8 +59,10 @@ class NetworkError(Exception):
 def missing_requirements() -> str | None:
     """Why this machine cannot run the field suite, or None when it can."""
     if os.geteuid() != 0:
-        return ("the field suite must run as root (it creates network namespaces, veth pairs, a bridge and "
-                "nftables rules); run it with sudo, as CI does")
+        return (
+            "the field suite must run as root (it creates network namespaces, veth pairs, a bridge and "
+            "nftables rules); run it with sudo, as CI does"
+        )
     for tool in ("ip", "nft", "setpriv"):
         if shutil.which(tool) is None:
             hint = "apt-get install -y nftables" if tool == "nft" else "apt-get install -y iproute2 util-linux"
@@ -217,9 +219,11 @@ class Network:
             sh("ip", "netns", "exec", self.hub, "nft", "delete", "table", "bridge", "fldloss")
             self.loss = 0
         if percent:
-            rules = ("table bridge fldloss {\n  chain drop_some {\n"
-                     "    type filter hook forward priority 0; policy accept;\n"
-                     f"    numgen random mod 100 < {int(percent)} drop\n  }}\n}}\n")
+            rules = (
+                "table bridge fldloss {\n  chain drop_some {\n"
+                "    type filter hook forward priority 0; policy accept;\n"
+                f"    numgen random mod 100 < {int(percent)} drop\n  }}\n}}\n"
+            )
             sh("ip", "netns", "exec", self.hub, "nft", "-f", "-", input=rules)
             self.loss = int(percent)
 

@@ -30,21 +30,32 @@ def ledger_for(attempts: list[Attempt]) -> tuple[dict[str, Any], dict[str, Any],
     rows, details = {}, {}
     for a in attempts:
         assert a.session_id is not None and a.stop_reading is not None
-        row = {"session_id": a.session_id, "charger": a.charger, "id_token": a.id_token, "state": "reconciled",
-               "energy_wh": a.stop_reading - a.start_meter, "receipt_ts": 123}
+        row = {
+            "session_id": a.session_id,
+            "charger": a.charger,
+            "id_token": a.id_token,
+            "state": "reconciled",
+            "energy_wh": a.stop_reading - a.start_meter,
+            "receipt_ts": 123,
+        }
         rows[sid(a)] = row
-        details[a.session_id] = {"session": row, "conflicts": [],
-                                 "events": [{"event_id": e, "status": "ok", "meter_wh": m}
-                                            for e, m in a.acked_events.items()]}
+        details[a.session_id] = {
+            "session": row,
+            "conflicts": [],
+            "events": [{"event_id": e, "status": "ok", "meter_wh": m} for e, m in a.acked_events.items()],
+        }
     stats = {"sessions": len(rows), "receipts": len(rows)}
     return rows, details, stats
 
 
 def nodes_for(attempts: list[Attempt], rows: dict[str, Any], names: tuple[str, ...] = ("n1", "n2")) -> dict[str, Any]:
-    view = {sid(a): {"events": [{"event_id": e} for e in a.acked_events],
-                           "receipt": {"issued_ts": rows[sid(a)]["receipt_ts"],
-                                       "energy_wh": rows[sid(a)]["energy_wh"]}}
-            for a in attempts}
+    view = {
+        sid(a): {
+            "events": [{"event_id": e} for e in a.acked_events],
+            "receipt": {"issued_ts": rows[sid(a)]["receipt_ts"], "energy_wh": rows[sid(a)]["energy_wh"]},
+        }
+        for a in attempts
+    }
     return {n: copy.deepcopy(view) for n in names}
 
 
@@ -78,8 +89,14 @@ def test_a_session_billed_under_another_id_than_acknowledged_is_caught() -> None
 def test_ledger_rows_no_charger_started_are_caught() -> None:
     attempts = [stopped(1)]
     rows, details, stats = ledger_for(attempts)
-    rows["y" * 32] = {"session_id": "y" * 32, "charger": "n9-cp1", "id_token": "FORGED", "state": "charging",
-                      "energy_wh": 0, "receipt_ts": None}
+    rows["y" * 32] = {
+        "session_id": "y" * 32,
+        "charger": "n9-cp1",
+        "id_token": "FORGED",
+        "state": "charging",
+        "energy_wh": 0,
+        "receipt_ts": None,
+    }
     stats["sessions"] += 1
     audit = audit_ledger(attempts, rows, details, stats, [])
     assert audit.unexpected_rows == ["y" * 32] and audit.failures
@@ -149,8 +166,14 @@ def test_an_unacknowledged_start_in_the_ledger_is_counted_not_failed() -> None:
     attempts = [stopped(1)]
     rows, details, stats = ledger_for(attempts)
     lost_answer = Attempt(node="n1", charger="n1-cp1", id_token="FLD-n1-9", start_meter=5, sent=[5])
-    rows["z" * 32] = {"session_id": "z" * 32, "charger": "n1-cp1", "id_token": "FLD-n1-9", "state": "charging",
-                      "energy_wh": 0, "receipt_ts": None}
+    rows["z" * 32] = {
+        "session_id": "z" * 32,
+        "charger": "n1-cp1",
+        "id_token": "FLD-n1-9",
+        "state": "charging",
+        "energy_wh": 0,
+        "receipt_ts": None,
+    }
     stats["sessions"] += 1
     audit = audit_ledger([*attempts, lost_answer], rows, details, stats, [])
     assert audit.failures == [] and audit.figures()["unacknowledged_starts_in_ledger"] == 1

@@ -34,8 +34,11 @@ def test_acknowledged_sessions_reach_the_ledger_once_through_crashes_partitions_
     # and the logs of a failed field run are the evidence. Removed when the run passes.
     workdir = Path(tempfile.mkdtemp(prefix="field-test-"))
     faults, heal_at = short_schedule()
-    run = FieldRun(Settings(nodes=6, uplinks=2, loss=30, seed=1, faults=faults, heal_at=heal_at,
-                            converge_timeout=90.0), workdir, progress=print)
+    run = FieldRun(
+        Settings(nodes=6, uplinks=2, loss=30, seed=1, faults=faults, heal_at=heal_at, converge_timeout=90.0),
+        workdir,
+        progress=print,
+    )
     try:
         report = run.run()
     except FieldFailure as exc:
@@ -48,12 +51,20 @@ def test_acknowledged_sessions_reach_the_ledger_once_through_crashes_partitions_
         for e in report["exits"]:
             print(f"==== {e['process']} exited by itself (code {e['code']}, start #{e['start']}):\n{e['log_tail']}")
         print("log summaries:", json.dumps(report["logs"], indent=1))
-        pytest.fail("field guarantees broken:\n- " + "\n- ".join(report["failures"])
-                    + f"\nlogs: {report['workdir']}", pytrace=False)
+        pytest.fail(
+            "field guarantees broken:\n- " + "\n- ".join(report["failures"]) + f"\nlogs: {report['workdir']}",
+            pytrace=False,
+        )
     # The run did what it claims to have done (a scenario that silently skipped its faults proves nothing).
     assert report["acknowledged_sessions"] >= 12 and report["stopped_sessions"] == report["acknowledged_sessions"]
     timeline = "\n".join(report["timeline"])
-    for happened in ("(leader) SIGKILLed", "(other) SIGKILLed", "isolated for", "cloud SIGKILLed",
-                     "uplink cut", "converged"):
+    for happened in (
+        "(leader) SIGKILLed",
+        "(other) SIGKILLed",
+        "isolated for",
+        "cloud SIGKILLed",
+        "uplink cut",
+        "converged",
+    ):
         assert happened in timeline, f"{happened!r} is not in the timeline:\n{timeline}"
     shutil.rmtree(workdir, ignore_errors=True)
