@@ -38,7 +38,9 @@ def test_short_fuzz_run_finds_no_crash_no_change_and_flat_memory(tmp_path: Path)
     # Every resource of the node is a target, and each got inputs.
     assert {
         "coap:/m/hello:GET",
-        "coap:/m/members:POST",
+        "coap:/m/hello:POST",
+        "coap:/m/push:POST",
+        "coap:/m/state:POST",
         "coap:/m/digest:POST",
         "coap:/m/sync:POST",
         "coap-sealed:/m/sync:POST",

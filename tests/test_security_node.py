@@ -8,6 +8,7 @@ with signed tokens, and the store holds nothing in clear.
 from __future__ import annotations
 
 import base64
+import functools
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import nacl.signing
 import pytest
 import trio
 
+from crdt import MemoryAdapter, StoreOpener, open_doc_store
 from meshnode._discovery import StaticDiscovery
 from meshnode._node import Node, NodeConfig
 from meshnode.services import Conflict, NotAuthorised
@@ -66,7 +68,9 @@ class SecureMesh:
     def address(name: str) -> str:
         return f"10.0.0.{int(name[1:])}:5683"
 
-    async def start(self, name: str, peers: list[str], *, enrolled: bool = True, **config) -> Node:
+    async def start(
+        self, name: str, peers: list[str], *, enrolled: bool = True, store: StoreOpener | None = None, **config
+    ) -> Node:
         data_dir = self.tmp_path / name
         if enrolled and not (data_dir / "node.cert").exists():
             enroll(self.site_dir, name, data_dir, now=self.clock())
@@ -89,6 +93,7 @@ class SecureMesh:
                         identity=identity,
                         sealer=sealer,
                         wall_clock=self.clock,
+                        store=store,
                     )
                     holder["node"] = node
                     async with trio.open_nursery() as inner_nursery:
@@ -246,7 +251,12 @@ async def test_an_offline_session_accepted_with_a_time_limit_stops_at_max_minute
     clock = virtual_wall_clock()
     async with trio.open_nursery() as nursery:
         mesh = SecureMesh(tmp_path, nursery, clock=clock)
-        node = await mesh.start("n1", [], unknown_token_policy="accept_limited", unknown_token_max_minutes=30)
+        # An in-memory store commits inline: with a store thread, the autojump clock
+        # moved on by whole timer periods while a commit ran (23 minutes once).
+        store = functools.partial(open_doc_store, adapter=MemoryAdapter({}))
+        node = await mesh.start(
+            "n1", [], store=store, unknown_token_policy="accept_limited", unknown_token_max_minutes=30
+        )
         sid = (await node.create_session("bay-1", 1, "WALK-IN", meter_wh=0))["session_id"]
         authorize_event = node.fold(sid)[1].applied[0].record
         assert authorize_event.data["limits"] == {"max_wh": None, "max_minutes": 30}
