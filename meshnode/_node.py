@@ -347,9 +347,6 @@ class Node:
         """Run the node until cancelled. The store is closed last."""
         async with self._open_store() as store:
             self.store = store
-            if self.config.inline_io or not store.blocking:
-                # The store does not block (in memory): every store call is inline.
-                self.config = dataclasses.replace(self.config, inline_io=True)
             docs = await store.load_all()
             self.replica.docs.update(docs)
             self._resume_chain()
@@ -607,10 +604,7 @@ class Node:
     async def _archive(self, doc_id: str) -> None:
         assert self.store is not None
         doc = self.replica.docs[doc_id]
-        if self.config.inline_io:
-            self.store.sync.compact(doc_id, doc, archive=True)
-        else:
-            await trio.to_thread.run_sync(functools.partial(self.store.sync.compact, doc_id, doc, archive=True))
+        await self.store.compact(doc_id, doc, archive=True)  # the store knows whether it may block
         del self.replica.docs[doc_id]
         self.replica.book.forget_doc(doc_id)
         self.archived.add(doc_id)

@@ -43,6 +43,15 @@ def _reset_and_close(sock: socket.socket) -> None:
     sock.close()
 
 
+def _listen(host: str) -> socket.socket:
+    """A TCP listener on a free port of `host`."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, 0))
+    listener.listen(64)
+    return listener
+
+
 class UplinkProxy:
     """Forward TCP from `listen_host` (a port the kernel picks) to `target`.
 
@@ -55,10 +64,7 @@ class UplinkProxy:
 
     def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
         self.target = target
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((listen_host, 0))
-        self._listener.listen(64)
+        self._listener = _listen(listen_host)
         self.host = listen_host
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -192,10 +198,7 @@ class ApiTap:
 
     def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
         self.target = target
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((listen_host, 0))
-        self._listener.listen(64)
+        self._listener = _listen(listen_host)
         self.host = listen_host
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
