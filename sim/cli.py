@@ -1,7 +1,7 @@
 """`meshsim`: run simulation scenarios of many real nodes on a simulated network, reproducibly.
 
     meshsim run SCENARIO --seed N --out DIR [--set NAME=VALUE ...] [--no-plots]
-    meshsim sweep SCENARIO --param NAME=V1,V2,... [--param ...] --seeds K --out DIR [--jobs J]
+    meshsim sweep SCENARIO --param NAME=V1,V2,... [--param ...] --seeds K --out DIR [--jobs J | --scheduler tcp://HOST:8786 | --serial]
 
 See docs/sim.md for the scenario format and what each output means.
 """
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="level of DIR/sim.log (virtual-time stamped; default warning)",
     )
-    sweep = sub.add_parser("sweep", help="run a scenario over a grid of parameter values and seeds, on all cores")
+    sweep = sub.add_parser("sweep", help="run a scenario over a grid of parameter values and seeds, on a Dask cluster")
     sweep.add_argument("scenario")
     sweep.add_argument(
         "--param",
@@ -80,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--seeds", type=int, default=3, help="seeds 1..K for every grid point (default 3)")
     sweep.add_argument("--out", type=Path, required=True, help="directory for sweep.csv and per-run summaries")
-    sweep.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    sweep.add_argument(
+        "--jobs", type=int, default=None, help="worker processes of the local Dask cluster (default: all cores)"
+    )
+    sweep.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing Dask cluster, e.g. tcp://HOST:8786 (default: a local cluster; docs/sim.md)",
+    )
+    sweep.add_argument(
+        "--serial", action="store_true", help="run here, one run after another, without Dask (the reference)"
+    )
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
 
@@ -161,7 +172,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ScenarioError("--seeds must be at least 1")
-    table = sweep(args.scenario, parse_params(args.param), args.seeds, args.out, jobs=args.jobs)
+    if args.jobs is not None and args.jobs < 1:
+        raise ScenarioError("--jobs must be at least 1")
+    if args.serial and args.scheduler:
+        raise ScenarioError("--serial and --scheduler exclude each other")
+    table = sweep(
+        args.scenario,
+        parse_params(args.param),
+        args.seeds,
+        args.out,
+        jobs=args.jobs,
+        scheduler=args.scheduler,
+        serial=args.serial,
+        progress=not args.no_progress,
+    )
     print(table.read_text(), end="")
     print(f"wrote {table}", file=sys.stderr)
     return 0

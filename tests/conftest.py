@@ -34,7 +34,7 @@ def keyring(signer: EventSigner) -> Keyring:
 
 SLOW_MODULES = {
     "test_cli", "test_demo", "test_e2e_mesh", "test_e2e_uplink", "test_imports",  # real processes
-    "test_sim",  # whole simulated runs, several minutes
+    "test_sim", "test_sweep",  # whole simulated runs, several minutes
     "test_bad_input",  # a node behind a real CoAP socket
 }  # fmt: skip
 SLOW_FIXTURES = {"coap_rig", "loopback_multicast", "pg_server", "pg_url"}
