@@ -109,13 +109,13 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict[str, Any]] = {}
     if serial:
-        where = "in this process, one after another"
+        where = "in this process, one run after another"
     elif scheduler is None:
         jobs = jobs or os.cpu_count() or 1
-        where = f"a local Dask cluster of {jobs} worker processes"
+        where = f"on a local Dask cluster of {jobs} worker processes"
     else:
-        where = f"the Dask cluster at {scheduler}"
-    report(f"sweep: {len(runs)} runs ({len(grid)} grid points x {seeds} seeds) on {where}")
+        where = f"on the Dask cluster at {scheduler}"
+    report(f"sweep: {len(runs)} runs ({len(grid)} grid points x {seeds} seeds) {where}")
     bar = _progress_bar(len(runs), enabled=progress)
 
     def finished(i: int, result: RunResult) -> None:
