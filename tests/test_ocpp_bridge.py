@@ -31,11 +31,13 @@ NOW_MS = int(NOW * 1000)
 class Rig:
     """Services and a bridge over one replica; `commits` lists (doc id, changes) written."""
 
-    def __init__(self, *, policy: str = "accept_limited", replica: Replica | None = None, identity=None) -> None:
+    def __init__(
+        self, *, policy: str = "accept_limited", replica: Replica | None = None, identity=None, node_id: str = "n1"
+    ) -> None:
         self.replica = replica or Replica()
         if SITE_CONFIG_ID not in self.replica.docs:
             self.replica.add(SITE_CONFIG_ID, new_site_config("site"))
-        self.signer = make_signer("n1")
+        self.signer = make_signer(node_id)
         self.commits: list[tuple[str, int]] = []
         self.clock = NOW
 
@@ -47,9 +49,9 @@ class Rig:
             wall_clock=lambda: self.clock, unknown_token_policy=policy, unknown_token_limits=None,
         )  # fmt: skip
         self.sessions = SessionService(
-            node_id="n1", site="site", tariff={"currency": "EUR", "per_kwh_cents": 39}, replica=self.replica,
+            node_id=node_id, site="site", tariff={"currency": "EUR", "per_kwh_cents": 39}, replica=self.replica,
             site_config=self.site_config, signer=lambda: self.signer,
-            keyring=Keyring({"n1": self.signer.public_key}), identity=None, actor=lambda d: b"a" * 16,
+            keyring=Keyring({node_id: self.signer.public_key}), identity=None, actor=lambda d: b"a" * 16,
             rng=random.Random(1), wall_clock=lambda: self.clock, commit=commit,
         )  # fmt: skip
         self.bridge = OcppBridge(self.sessions, wall_clock=lambda: self.clock)
@@ -101,6 +103,7 @@ async def test_replayed_messages_change_nothing():
     txid = first.transaction_id
     for _ in range(2):
         await rig.bridge.meter("CP-1", [reading(t0 + 1000, 300), reading(t0 + 2000, 600)], transaction_id=txid)
+    for _ in range(2):
         await rig.bridge.stop_transaction("CP-1", 900, t0 + 3000, transaction_id=txid)
     assert [e["type"] for e in rig.events(first.session_id)] == ["authorize", "start", "meter", "meter", "stop"]
     assert rig.session_docs() == [first.session_id]
@@ -127,6 +130,19 @@ async def test_a_new_bridge_over_the_same_documents_finds_the_transactions():
     )
     assert rig.sessions.session_json(first.session_id)["energy_wh"] == 40
     assert fresh.transaction_id_of(first.session_id) == first.transaction_id
+
+
+async def test_a_start_replayed_to_another_node_finds_the_replicated_session():
+    """Failover: the charger lost the answer to its start, reconnects to another node (which has
+    the replicated document) and sends the start again: no second session."""
+    rig = Rig()
+    first = await rig.bridge.start_transaction("CP-1", 1, "TAG", 10, NOW_MS - 60_000)
+    other = Rig(node_id="n2", replica=rig.replica)
+    again = await other.bridge.start_transaction("CP-1", 1, "TAG", 10, NOW_MS - 60_000)
+    assert again.existing and (again.session_id, again.transaction_id) == (first.session_id, first.transaction_id)
+    assert other.commits == [] and rig.session_docs() == [first.session_id]
+    await other.bridge.stop_transaction("CP-1", 60, NOW_MS - 1000, transaction_id=first.transaction_id)
+    assert rig.sessions.session_json(first.session_id)["energy_wh"] == 50
 
 
 async def test_transaction_ids_are_derived_and_skip_one_the_charger_already_uses():
