@@ -314,7 +314,7 @@ class OcppBridge:
             existing = self._by_start_key.get((charger, start_key))
             if existing is None and transaction_ref is not None:
                 existing = self._by_ref.get((charger, transaction_ref))
-            if existing is not None and existing in self.sessions.replica.docs:
+            if existing is not None:  # (also when archived since: a late replay adds nothing)
                 return StartResult(
                     self.authorize(id_token), self.transaction_id_of(existing) or 0, existing, existing=True
                 )
