@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import math
+import ssl
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -445,6 +446,8 @@ class OcppServer:
         max_frame: largest frame accepted (bytes); bigger closes the connection.
         rate, burst: each charger's message rate limit.
         max_chargers: connections served at once.
+        ssl_context: serve ``wss://`` (OCPP Security Profile 2: TLS, then the same HTTP
+            Basic login) instead of ``ws://``.
     """
 
     def __init__(
@@ -456,6 +459,7 @@ class OcppServer:
         rate: float = 50.0,
         burst: float = 100.0,
         max_chargers: int = 512,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.bridge = bridge
         self.auth = Authenticator(site_config)
@@ -463,6 +467,7 @@ class OcppServer:
         self.rate = rate
         self.burst = burst
         self.max_chargers = max_chargers
+        self.ssl_context = ssl_context
         self.handlers: dict[str, OcppHandler] = {}
         self.address: tuple[str, int] | None = None
         self.counters = {"refused": 0, "connections": 0}
@@ -493,6 +498,7 @@ class OcppServer:
                 ping_interval=60,
                 ping_timeout=60,
                 server_header=None,
+                ssl=self.ssl_context,
             ) as server:
                 sock = next(iter(server.sockets))
                 self.address = sock.getsockname()[:2]
@@ -503,8 +509,14 @@ class OcppServer:
             nursery.start_soon(trio_asyncio.aio_as_trio(aio_serve))
             await started.wait()
             assert self.address is not None
-            log.info("OCPP central system on ws://%s:%d%s{id} (%s)", *self.address, PATH_PREFIX, ", ".join(VERSIONS))
+            log.info("OCPP central system on %s{id} (%s)", self.url, ", ".join(VERSIONS))
             task_status.started(self.address)
+
+    @property
+    def url(self) -> str:
+        """What chargers are configured with (they append their id); valid once serving."""
+        assert self.address is not None
+        return f"{'wss' if self.ssl_context else 'ws'}://{self.address[0]}:{self.address[1]}{PATH_PREFIX}"
 
     async def call(self, charger_id: str, payload: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
         """Send a command (an ``ocpp.v16.call.*`` / ``ocpp.v201.call.*`` payload) to a charger
