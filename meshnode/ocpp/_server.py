@@ -312,6 +312,24 @@ class OcppHandler(ChargePoint):
         await self._connection.send(message)
 
 
+MAX_WH = 2**53
+"""Largest meter register accepted (Wh), as in the HTTP API."""
+
+
+def check_wh(value: int, field: str) -> int:
+    """A meter register (Wh) from a message: 0 .. 2^53, else PropertyConstraintViolation."""
+    if not 0 <= value <= MAX_WH:
+        raise PropertyConstraintViolationError(description=f"{field} must be a register reading from 0 to 2^53 Wh")
+    return value
+
+
+def check_token(value: str, field: str) -> str:
+    """An id token from a message: printable, else PropertyConstraintViolation (it is stored)."""
+    if not value or not value.isprintable():
+        raise PropertyConstraintViolationError(description=f"{field} must be printable")
+    return value
+
+
 def parse_time(text: Any) -> int | None:
     """An OCPP timestamp (RFC 3339, e.g. ``2026-11-27T21:00:00Z``) in ms since the epoch; None if unreadable."""
     if not isinstance(text, str) or len(text) > 40:
@@ -609,6 +627,8 @@ __all__ = [
     "RateLimit",
     "RateLimitedConnection",
     "charger_id_from_path",
+    "check_token",
+    "check_wh",
     "format_time",
     "parse_time",
     "parse_basic",
