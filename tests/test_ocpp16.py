@@ -311,6 +311,9 @@ def test_an_enrolled_site_admits_registered_chargers_only(tmp_path):
     enroll(site_dir, "n1", tmp_path / "n1", now=time.time())
     node = start_node(tmp_path, "n1", "127.0.14.13", insecure=False, extra=["--unknown-token-policy", "refuse"])
     try:
+        for bad in (["--site", str(tmp_path / "no-site")], ["--site", str(site_dir), "--id", "a/b"]):
+            refused = _cli("charger", "add", "--id", "CP-X", *bad)
+            assert refused.returncode == 1 and "password" not in refused.stdout, refused
         added = _cli("charger", "add", "--site", str(site_dir), "--id", "CP-1", "--http", node.url)
         assert added.returncode == 0, added.stderr
         password = added.stdout.splitlines()[0].removeprefix("password ")
