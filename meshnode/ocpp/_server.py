@@ -60,13 +60,17 @@ from typing import Any, Protocol
 import trio
 import trio_asyncio
 from ocpp.charge_point import ChargePoint
+from jsonschema.exceptions import ValidationError as SchemaError
 from ocpp.exceptions import (
     FormatViolationError,
-    NotImplementedError as OcppNotImplemented,
     NotSupportedError,
+    OccurrenceConstraintViolationError,
     OCPPError,
+    PropertyConstraintViolationError,
+    TypeConstraintViolationError,
 )
-from ocpp.messages import Call, CallError, MessageType, unpack
+from ocpp.exceptions import NotImplementedError as OcppNotImplemented
+from ocpp.messages import Call, CallError, MessageType, get_validator, unpack
 
 from ..services import SiteConfigService
 from ._bridge import OcppBridge
@@ -125,8 +129,8 @@ class RateLimit:
     anyway.
     """
 
-    rate: float = 20.0
-    burst: float = 40.0
+    rate: float = 50.0
+    burst: float = 100.0
     _tokens: float = math.nan
     _last: float = 0.0
 
@@ -218,6 +222,10 @@ class OcppHandler(ChargePoint):
         section 4.2.3; 1.6 has no rule, the same is done).
         """
         self.bridge.seen(self.id)
+        if not isinstance(raw_msg, str):
+            log.warning("charger %s: binary frame (OCPP-J uses text frames)", self.id)
+            await self._send_error("-1", FormatViolationError(description="OCPP-J messages are text frames"))
+            return
         try:
             msg = unpack(raw_msg)
         except OCPPError as exc:
@@ -250,11 +258,34 @@ class OcppHandler(ChargePoint):
             log.warning("charger %s: %s", self.id, exc.description)
             await self._send_error(msg.unique_id, exc)
             return
+        violation = self.schema_violation(msg)
+        if violation is not None:
+            log.warning("charger %s: %s refused: %s %s", self.id, msg.action, violation.code, violation.description)
+            await self._send_error(msg.unique_id, violation)
+            return
         try:
             await self._handle_call(msg)
         except OCPPError as exc:
             log.warning("charger %s: %s refused: %s %s", self.id, msg.action, exc.code, exc.details)
             await self._send_error(msg.unique_id, exc)
+
+    def schema_violation(self, msg: Call) -> OCPPError | None:
+        """The CALLERROR a CALL's payload deserves under its action's JSON schema, or None.
+
+        The library validates too, but names every violation but a wrong type a
+        "FormatViolation"; OCPP distinguishes (1.6 section 4.2.3, 2.0.1 part 4 section 4.3):
+        a field of the wrong type or length -> TypeConstraintViolation, a required field
+        missing -> OccurrenceConstraintViolation, a value outside its enumeration or range ->
+        PropertyConstraintViolation, an unknown field or anything else -> FormatViolation.
+        """
+        try:
+            validator = get_validator(MessageType.Call, msg.action, self._ocpp_version)
+        except (OSError, ValueError):
+            return None  # no schema: the library's own answer stands
+        error = next(iter(sorted(validator.iter_errors(msg.payload), key=lambda e: list(map(str, e.path)))), None)
+        if error is None:
+            return None
+        return _violation(error)
 
     async def _send(self, message: str) -> None:
         # The library answers a handler's exception itself, as InternalError or with the
@@ -286,6 +317,28 @@ def format_time(ms: float) -> str:
     """ms since the epoch as an OCPP timestamp (UTC, ms precision, ``Z``)."""
     moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+_VIOLATIONS: dict[str, type[OCPPError]] = {
+    "type": TypeConstraintViolationError,
+    "maxLength": TypeConstraintViolationError,
+    "minLength": TypeConstraintViolationError,
+    "required": OccurrenceConstraintViolationError,
+    "minItems": OccurrenceConstraintViolationError,
+    "maxItems": OccurrenceConstraintViolationError,
+    "enum": PropertyConstraintViolationError,
+    "minimum": PropertyConstraintViolationError,
+    "maximum": PropertyConstraintViolationError,
+    "multipleOf": PropertyConstraintViolationError,
+    "format": PropertyConstraintViolationError,
+    "pattern": PropertyConstraintViolationError,
+}
+
+
+def _violation(error: SchemaError) -> OCPPError:
+    where = "/".join(str(p) for p in error.absolute_path) or "payload"
+    cls = _VIOLATIONS.get(str(error.validator), FormatViolationError)
+    return cls(description=f"{where}: {error.message}"[:255])
 
 
 def _message_id(raw: Any) -> str:
@@ -389,8 +442,8 @@ class OcppServer:
         site_config: SiteConfigService,
         *,
         max_frame: int = MAX_FRAME,
-        rate: float = 20.0,
-        burst: float = 40.0,
+        rate: float = 50.0,
+        burst: float = 100.0,
         max_chargers: int = 512,
     ) -> None:
         self.bridge = bridge
