@@ -194,11 +194,9 @@ def test_bad_input_gets_its_callerror_and_nothing_is_stored(node: OcppNode):
         "NotImplemented",
         "NotSupported",
         "TypeConstraintViolation",
-        "ProtocolError",  # a required field missing: "payload for action is incomplete" (the library's code)
+        "OccurrenceConstraintViolation",
         "FormatViolation",
-        # A value outside an enum: the library's code. OCPP-J's PropertyConstraintViolation
-        # ("a field contains an invalid value") would be closer; the server maps codes.
-        "FormatViolation",
+        "PropertyConstraintViolation",
         "TypeConstraintViolation",
         "result",
     ], answers
