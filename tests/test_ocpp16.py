@@ -258,6 +258,13 @@ def test_offline_replay_is_recorded_exactly_once_also_after_a_restart(tmp_path):
 
         assert asyncio.run(after_restart()) == first_txids[0]
         check()
+
+        async def stop_while_connected() -> int:
+            async with Connected(node.ocpp_url, "CP-1") as cp:  # type: ignore[attr-defined]
+                await cp.call(call.Heartbeat())
+                return await asyncio.to_thread(node.stop)
+
+        assert asyncio.run(stop_while_connected()) == 0  # a connected charger does not hold the node up
     finally:
         node.kill()
 

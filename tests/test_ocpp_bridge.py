@@ -17,7 +17,7 @@ import nacl.signing
 import pytest
 
 from crdt import SITE_CONFIG_ID, Keyring, Replica, decode_event, new_site_config, read_session, site_config_put
-from meshnode._security import Site, signed_token_list_entry
+from meshnode._security import Limits, Site, signed_token_list_entry
 from meshnode.ocpp import AuthStatus, OcppBridge, Reading, derive_transaction_id
 from meshnode.services import SessionService, SiteConfigService
 from meshnode.services.chargers import charger_entry, verify_charger_entry
@@ -32,7 +32,13 @@ class Rig:
     """Services and a bridge over one replica; `commits` lists (doc id, changes) written."""
 
     def __init__(
-        self, *, policy: str = "accept_limited", replica: Replica | None = None, identity=None, node_id: str = "n1"
+        self,
+        *,
+        policy: str = "accept_limited",
+        replica: Replica | None = None,
+        identity=None,
+        node_id: str = "n1",
+        limits: Limits | None = None,
     ) -> None:
         self.replica = replica or Replica()
         if SITE_CONFIG_ID not in self.replica.docs:
@@ -46,7 +52,7 @@ class Rig:
 
         self.site_config = SiteConfigService(
             replica=self.replica, identity=identity, sealer=None, actor=lambda d: b"a" * 16, commit=commit,
-            wall_clock=lambda: self.clock, unknown_token_policy=policy, unknown_token_limits=None,
+            wall_clock=lambda: self.clock, unknown_token_policy=policy, unknown_token_limits=limits,
         )  # fmt: skip
         self.sessions = SessionService(
             node_id=node_id, site="site", tariff={"currency": "EUR", "per_kwh_cents": 39}, replica=self.replica,
@@ -254,3 +260,19 @@ async def test_registrations_and_token_lists_come_from_the_site_config():
     assert entries == [("BAD", AuthStatus.BLOCKED), ("GOOD", AuthStatus.ACCEPTED)] and version > 0
     site_config_put(doc, "id_tokens_allowed", "NEW", signed_token_list_entry(cloud, "NEW", True, NOW))
     assert rig.bridge.local_list()[0] != version
+
+
+async def test_a_session_ended_at_its_offline_limit_must_be_stopped_at_the_charger():
+    rig = Rig(limits=Limits(max_wh=500))
+    started = await rig.bridge.start_transaction("CP-1", 1, "STRANGER", 1000, NOW_MS - 10_000)
+    txid = started.transaction_id
+    await rig.bridge.meter("CP-1", [reading(NOW_MS - 5000, 1400)], transaction_id=txid)
+    assert not rig.bridge.must_stop("CP-1", txid)
+    await rig.bridge.meter("CP-1", [reading(NOW_MS - 4000, 1600)], transaction_id=txid)
+    assert rig.sessions.session_json(started.session_id)["state"] == "completed"
+    assert rig.bridge.must_stop("CP-1", txid)
+    # The charger's own stop then changes nothing.
+    commits = list(rig.commits)
+    await rig.bridge.stop_transaction("CP-1", 1700, NOW_MS - 3000, transaction_id=txid, reason="Remote")
+    assert rig.commits == commits and rig.sessions.session_json(started.session_id)["energy_wh"] == 600
+    assert not rig.bridge.must_stop("CP-1", txid + 1)

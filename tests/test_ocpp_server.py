@@ -28,6 +28,8 @@ from meshnode.ocpp import OcppServer, RateLimit
 from meshnode.ocpp._server import format_time
 from meshnode.ocpp._v16 import V16Commands
 
+from meshnode._security import Limits
+
 from .test_ocpp_bridge import NOW_MS, Rig
 
 pytestmark = pytest.mark.slow  # real sockets
@@ -311,3 +313,42 @@ async def test_commands_reach_a_connected_charger_and_its_answers_come_back():
     ]  # fmt: skip
     assert got[0] == ("RemoteStartTransaction", {"id_tag": "TAG", "connector_id": 1})
     assert ("Reset", {"type": "Hard"}) in got and ("RemoteStopTransaction", {"transaction_id": 1234}) in got
+
+
+async def test_the_charger_is_told_to_stop_when_its_session_reaches_its_offline_limit():
+    rig = Rig(limits=Limits(max_wh=500))
+    async with serving(rig) as (_, url):
+
+        async def charger() -> list[tuple[str, dict[str, Any]]]:
+            async with websockets.connect(url + "CP-1", subprotocols=["ocpp1.6"]) as ws:
+                cp = CommandedCharger("CP-1", ws)
+                task = asyncio.ensure_future(cp.start())
+                started = await cp.call(
+                    call.StartTransaction(
+                        connector_id=1, id_tag="STRANGER", meter_start=0, timestamp=format_time(NOW_MS)
+                    )
+                )
+                for wh in (300, 700):
+                    await cp.call(
+                        call.MeterValues(
+                            connector_id=1,
+                            transaction_id=started.transaction_id,
+                            meter_value=[{"timestamp": format_time(NOW_MS), "sampledValue": [{"value": str(wh)}]}],
+                        )
+                    )
+                for _ in range(100):
+                    if any(a == "RemoteStopTransaction" for a, _ in cp.received):
+                        break
+                    await asyncio.sleep(0.05)
+                task.cancel()
+                return [(a, kw) for a, kw in cp.received if a == "RemoteStopTransaction"] + [
+                    ("started", {"transaction_id": started.transaction_id})
+                ]
+
+        got = await aio(charger)()
+    assert got == [
+        ("RemoteStopTransaction", {"transaction_id": got[-1][1]["transaction_id"]}),
+        ("started", {"transaction_id": got[-1][1]["transaction_id"]}),
+    ]
+    (sid,) = rig.session_docs()
+    assert rig.sessions.session_json(sid)["state"] == "completed"

@@ -70,7 +70,7 @@ from typing import Any
 
 import trio
 
-from crdt import SITE_CONFIG_ID, decode_event, read_session
+from crdt import SITE_CONFIG_ID, decode_event, heads_hash, read_session
 
 from ..services import Conflict, NotAuthorised, NotFound, ServiceError, SessionService
 
@@ -199,6 +199,7 @@ class OcppBridge:
         self._by_start_key: dict[tuple[str, str], str] = {}
         self._scanned: set[str] = set()
         self._locks: dict[str, trio.Lock] = {}
+        self._local_list: tuple[bytes, float, tuple[int, list[tuple[str, AuthStatus]]]] | None = None
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -224,12 +225,18 @@ class OcppBridge:
         The version is derived from the content (a charger compares versions to decide
         whether to ask for a new list); it is a positive 31-bit integer.
         """
+        doc = self.sessions.replica.docs.get(SITE_CONFIG_ID)
+        hh = heads_hash(doc.get_heads()) if doc is not None else b""
+        now = self._wall_clock()
+        # Recomputed when the site config changes (every entry's signature is checked),
+        # and once a minute (an entry's verdict can depend on the time).
+        if self._local_list is not None and self._local_list[0] == hh and now - self._local_list[1] < 60:
+            return self._local_list[2]
         allowed, revoked = self.sessions.site_config.token_lists()
         entries = [(t, AuthStatus.ACCEPTED) for t in allowed] + [(t, AuthStatus.BLOCKED) for t in revoked]
         entries.sort()
-        if not entries:
-            return 0, []
-        version = int(content_key("local-list", entries)[:8], 16) % TXID_MAX + 1
+        version = int(content_key("local-list", entries)[:8], 16) % TXID_MAX + 1 if entries else 0
+        self._local_list = (hh, now, (version, entries))
         return version, entries
 
     # --- transactions -------------------------------------------------------------------
@@ -314,7 +321,7 @@ class OcppBridge:
             existing = self._by_start_key.get((charger, start_key))
             if existing is None and transaction_ref is not None:
                 existing = self._by_ref.get((charger, transaction_ref))
-            if existing is not None and existing in self.sessions.replica.docs:
+            if existing is not None:  # (also when archived since: a late replay adds nothing)
                 return StartResult(
                     self.authorize(id_token), self.transaction_id_of(existing) or 0, existing, existing=True
                 )
@@ -388,6 +395,22 @@ class OcppBridge:
                 ):
                     recorded += 1
             return recorded
+
+    def must_stop(self, charger: str, transaction_id: int | None = None, transaction_ref: str | None = None) -> bool:
+        """Whether the node ended this transaction's session and the charger has not stopped it.
+
+        That happens when a session accepted offline with limits reaches them (the
+        session service appends the stop); the version handler then sends the charger a
+        remote stop, since the charger itself knows nothing of the limits.
+        """
+        session_id = self.find(charger, transaction_id, transaction_ref)
+        if session_id is None or session_id not in self.sessions.replica.docs:
+            return False
+        _, view = self.sessions.fold(session_id)
+        if view.state not in ("completed", "reconciled"):
+            return False
+        stops = [e for e in view.applied if e.record.type == "stop"]
+        return not any(isinstance(e.record.data.get("ocpp"), dict) for e in stops)
 
     async def stop_transaction(
         self,

@@ -182,6 +182,17 @@ class ChargerContext:
 # --- CALLERROR handling common to every version -------------------------------------------
 
 
+class _FrameLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The library logs every frame at INFO; here that is DEBUG (a meter value a minute per
+    connector would fill the node's log). Its warnings and errors stay as they are."""
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+FRAME_LOG = _FrameLog(logging.getLogger("meshnode.ocpp.frames"), {})
+
+
 class OcppHandler(ChargePoint):
     """Base of the version handlers: the `ocpp` ChargePoint plus the node's bad-input rules.
 
@@ -198,7 +209,7 @@ class OcppHandler(ChargePoint):
     but not routed -> NotSupported; unknown -> NotImplemented."""
 
     def __init__(self, charger_id: str, connection: Any, context: ChargerContext) -> None:
-        super().__init__(charger_id, connection, response_timeout=CALL_TIMEOUT, logger=log)
+        super().__init__(charger_id, connection, response_timeout=CALL_TIMEOUT, logger=FRAME_LOG)
         self.context = context
         self.bridge = context.bridge
         self.errors_sent = 0

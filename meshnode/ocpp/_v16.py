@@ -159,6 +159,20 @@ class V16Handler(OcppHandler, V16ChargePoint):
             )
         return call_result.MeterValues()
 
+    @after(Action.meter_values)
+    def after_meter_values(self, connector_id: int, meter_value: list[Any], **kwargs: Any) -> None:
+        transaction_id = kwargs.get("transaction_id")
+        if transaction_id is not None and self.bridge.must_stop(self.id, transaction_id):
+            asyncio.ensure_future(self._remote_stop(transaction_id))
+
+    async def _remote_stop(self, transaction_id: int) -> None:
+        """The session reached the limits it was accepted with offline: ask the charger to stop."""
+        try:
+            answer = await self.call(call.RemoteStopTransaction(transaction_id=transaction_id), suppress=False)
+            log.info("charger %s: transaction %d at its offline limit: stop %s", self.id, transaction_id, answer.status)
+        except Exception as exc:
+            log.warning("charger %s: could not stop transaction %d at its limit: %s", self.id, transaction_id, exc)
+
     @on(Action.stop_transaction)
     async def on_stop_transaction(self, meter_stop: int, timestamp: str, transaction_id: int, **kwargs: Any) -> Any:
         readings = readings_of(kwargs.get("transaction_data"))
