@@ -186,6 +186,8 @@ class SimChargePoint:
     """(action, request payload) of every CALL the central system answered with a CALLRESULT."""
     errors: list[str] = field(default_factory=list)
     remote_starts: list[tuple[str, int | None, int | None]] = field(default_factory=list)
+    remote_stops: list[str] = field(default_factory=list)
+    """Transaction ids the central system asked to stop (RequestStop/RemoteStopTransaction)."""
     local_list: dict[str, Any] = field(default_factory=dict)
     local_list_version: int = 0
     profiles: dict[int, str] = field(default_factory=dict)
@@ -423,6 +425,7 @@ class SimChargePoint:
         return True
 
     def remote_stop(self, tx_id: str) -> bool:
+        self.remote_stops.append(tx_id)
         tx = self.transactions.get(tx_id)
         if tx is None or tx.ended:
             return False

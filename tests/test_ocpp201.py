@@ -152,6 +152,30 @@ def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node
     assert _types(s) == ["authorize", "start", "meter", "stop"]
 
 
+def test_a_session_at_its_offline_limit_is_stopped_at_the_station(tmp_path):
+    [node] = start_nodes(tmp_path, 1, peered=False, extra=["--unknown-token-max-wh", "500"])
+    try:
+
+        async def scenario():
+            cp = SimChargePoint("CS-201-L", [node.ocpp_url])
+            async with running(cp):
+                tx = await cp.start("RFID-0L1", 2_000)
+                await cp.meter(tx, 2_300)
+                await cp.meter(tx, 2_600)  # 600 Wh: over the limit; the node ends the session
+                async with asyncio.timeout(20):  # and sends RequestStopTransaction; the station ends
+                    while not tx.stop_acked:
+                        await asyncio.sleep(0.05)
+                assert tx.ended and tx.stop_acked and cp.remote_stops == [tx.tx_id]
+                return tx
+
+        asyncio.run(scenario())
+        [s] = node.sessions("CS-201-L")
+        assert (s["state"], s["energy_wh"]) == ("completed", 600)
+        assert _types(s) == ["authorize", "start", "meter", "meter", "stop"]  # the station's Ended added nothing
+    finally:
+        node.kill()
+
+
 async def _raw(url: str, frames: list[str | bytes]) -> list[object]:
     """Send frames on a bare 2.0.1 connection; the answer to each (or the close code)."""
     out: list[object] = []

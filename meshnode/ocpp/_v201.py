@@ -288,6 +288,20 @@ class V201Handler(OcppHandler, V201ChargePoint):
             return call_result.TransactionEvent(id_token_info=_id_token_info(status))
         return call_result.TransactionEvent()
 
+    @after(Action.transaction_event)
+    def after_transaction_event(self, event_type: str, transaction_info: dict[str, Any], **kwargs: Any) -> None:
+        ref = transaction_info["transaction_id"]
+        if event_type != "Ended" and self.bridge.must_stop(self.id, transaction_ref=ref):
+            asyncio.ensure_future(self._request_stop(ref))
+
+    async def _request_stop(self, ref: str) -> None:
+        """The session reached the limits it was accepted with offline: ask the station to stop."""
+        try:
+            answer = await self.call(call.RequestStopTransaction(transaction_id=ref), suppress=False)
+            log.info("station %s: transaction %s at its offline limit: stop %s", self.id, ref, answer.status)
+        except Exception as exc:  # the station left, or refuses: its own Ended changes nothing anyway
+            log.warning("station %s: could not stop transaction %s at its limit: %s", self.id, ref, exc)
+
     # --- local list -----------------------------------------------------------------
 
     def _sync_local_list_soon(self) -> None:
