@@ -13,7 +13,13 @@
    required-field violations get their CALLERROR, the connection stays, nothing
    is stored; an oversize frame closes the connection; the node keeps serving.
 
-Plus the pure 2.0.1 meter parsing (units, multipliers, measurands, phases).
+5. In-process (two central systems on one loop, one replica, as two nodes that have
+   replicated the session): RequestStart/RequestStopTransaction, GetLocalListVersion,
+   SendLocalList and SetNetworkProfile reach a station; the profile the node gave is
+   where the station goes when its node dies, and its transaction goes on there.
+
+Plus the pure 2.0.1 meter parsing (units, multipliers, measurands, phases) and the
+local list payload against the 2.0.1 schema.
 """
 
 from __future__ import annotations
@@ -21,15 +27,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from contextlib import asynccontextmanager
 
 import pytest
+import trio
+import trio_asyncio
 import websockets
+from ocpp.charge_point import remove_nones, serialize_as_dict, snake_to_camel_case
+from ocpp.messages import Call, _validate_payload
 from ocpp.v201 import call as call201
 
+from crdt import Replica, read_session
 from meshnode._chargepoints import SimChargePoint, iso, running
-from meshnode.ocpp._v201 import readings_of
+from meshnode.ocpp import AuthStatus, OcppServer
+from meshnode.ocpp._v201 import V201Commands, local_list_payload, readings_of
 
 from .ocpp_helpers import OcppNode, in_thread, start_nodes
+from .test_ocpp_bridge import Rig
 
 
 @pytest.fixture
@@ -250,3 +264,81 @@ def test_201_energy_register_parsing(sample, wh):
     [r] = readings_of(camel_to_snake_case([{"timestamp": "2026-11-27T21:00:00Z", "sampledValue": [sample]}]))
     assert r.energy_wh == wh
     assert r.ts_ms == 1795813200000
+
+
+# --- the node's commands to a station, in-process over real WebSockets --------------------
+
+
+@asynccontextmanager
+async def two_servers(rig_a, rig_b):
+    """Two central systems (as two nodes would run them) on one trio-asyncio loop."""
+    async with trio_asyncio.open_loop(), trio.open_nursery() as outer:
+        scopes = []
+        bases = []
+        for rig in (rig_a, rig_b):
+            server = OcppServer(rig.bridge, rig.site_config)
+            scope = trio.CancelScope()
+
+            async def run(server=server, scope=scope, task_status=trio.TASK_STATUS_IGNORED):
+                with scope:
+                    await server.serve("127.0.15.20", 0, task_status=task_status)
+
+            host, port = await outer.start(run)
+            scopes.append((server, scope))
+            bases.append(f"ws://{host}:{port}/ocpp")
+        yield scopes, bases
+        outer.cancel_scope.cancel()
+
+
+async def test_node_commands_and_failover_through_a_network_profile():
+    """RequestStart/Stop, GetLocalListVersion, SendLocalList, SetNetworkProfile reach a
+    station; the profile the node gave it is where it goes when its node dies, and its
+    open transaction goes on there (both nodes hold the session document)."""
+    replica = Replica()
+    rig_a, rig_b = Rig(replica=replica, node_id="n1"), Rig(replica=replica, node_id="n2")
+    async with two_servers(rig_a, rig_b) as ([(server_a, scope_a), (server_b, _)], [base_a, base_b]):
+        cp = SimChargePoint("CS-CMD", [base_a])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio_asyncio.aio_as_trio(cp.serve))
+            await trio_asyncio.aio_as_trio(cp.wait_connected)()
+            commands = V201Commands(server_a)
+            status, _ = await commands.request_start("CS-CMD", "RFID-CMD", 2, remote_id=77)
+            assert status == "Accepted" and cp.remote_starts == [("RFID-CMD", 2, 77)]
+            await trio_asyncio.aio_as_trio(cp.settle)()
+            [tx] = cp.transactions.values()
+            assert tx.started_acked and tx.remote_start_id == 77
+            assert await commands.request_stop("CS-CMD", "no-such-tx") == "Rejected"
+            assert await commands.get_local_list_version("CS-CMD") == 0
+            assert await commands.send_local_list("CS-CMD") == "Accepted"
+            assert await commands.set_network_profile("CS-CMD", 1, base_b + "/CS-CMD") == "Accepted"
+            assert cp.urls == [base_a, base_b]
+            await trio_asyncio.aio_as_trio(cp.meter)(tx, 300)
+            scope_a.cancel()  # node 1 dies: the station goes to its other profile
+            with trio.fail_after(20):
+                while cp.connected_url != base_b:
+                    await trio.sleep(0.05)
+            await trio_asyncio.aio_as_trio(cp.meter)(tx, 700)
+            status = await V201Commands(server_b).request_stop("CS-CMD", tx.tx_id)
+            assert status == "Accepted"
+            await trio_asyncio.aio_as_trio(cp.settle)()
+            assert tx.stop_acked and cp.remote_stops == ["no-such-tx", tx.tx_id]
+            nursery.cancel_scope.cancel()
+    [sid] = rig_a.session_docs()
+    events = rig_a.events(sid)
+    assert [(e["type"], e["device_id"], e["meter_wh"]) for e in events] == [
+        ("authorize", "n1", None), ("start", "n1", 0), ("meter", "n1", 300), ("meter", "n2", 700), ("stop", "n2", 700),
+    ]  # fmt: skip
+    assert read_session(replica.docs[sid]).connector == 2
+
+
+def test_the_local_list_payload_is_valid_2_0_1():
+    payload = call201.SendLocalList(
+        **local_list_payload(7, [("RFID-1", AuthStatus.ACCEPTED), ("RFID-2", AuthStatus.BLOCKED)])
+    )
+    msg = Call("1", "SendLocalList", remove_nones(snake_to_camel_case(serialize_as_dict(payload))))
+    _validate_payload(msg, "2.0.1")
+    assert msg.payload["localAuthorizationList"][1] == {
+        "idToken": {"idToken": "RFID-2", "type": "Central"}, "idTokenInfo": {"status": "Blocked"},
+    }  # fmt: skip
+    empty = Call("2", "SendLocalList", snake_to_camel_case(local_list_payload(0, [])))
+    _validate_payload(empty, "2.0.1")  # (an empty list must be left out: minItems 1)

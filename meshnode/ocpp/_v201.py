@@ -326,15 +326,18 @@ class V201Handler(OcppHandler, V201ChargePoint):
 
 
 def local_list_payload(version: int, entries: list[tuple[str, AuthStatus]]) -> dict[str, Any]:
-    """SendLocalList's fields for a full update with the site's lists (idTokens of type Central)."""
-    return {
-        "version_number": version,
-        "update_type": "Full",
-        "local_authorization_list": [
+    """SendLocalList's fields for a full update with the site's lists (idTokens of type Central).
+
+    An empty list is sent without ``localAuthorizationList`` (2.0.1's schema wants it
+    non-empty when present): a full update with no entries empties the station's list.
+    """
+    payload: dict[str, Any] = {"version_number": version, "update_type": "Full"}
+    if entries:
+        payload["local_authorization_list"] = [
             {"id_token": {"id_token": tag, "type": "Central"}, "id_token_info": _id_token_info(status)}
             for tag, status in entries
-        ],
-    }
+        ]
+    return payload
 
 
 register_version(SUBPROTOCOL, V201Handler)
