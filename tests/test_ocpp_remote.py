@@ -8,6 +8,8 @@
   mesh (`/m/ocpp/command`), the chargers start and stop real transactions, and
   the sessions show on both nodes. A charger connected nowhere gets 404, a stop
   of a finished session 409, and bad bodies 400.
+- On an enrolled site the forwarded command travels sealed; an unsealed one from
+  outside the site is refused (4.01) before any handler runs.
 """
 
 from __future__ import annotations
@@ -181,3 +183,62 @@ def test_remote_commands_that_cannot_be_carried_out(two: list[OcppNode]):
     assert _post(n1, f"/v1/sessions/{made.json()['session_id']}/stop", {}).status_code == 409
     # Both nodes keep serving, and a bad mesh request changed nothing.
     assert n1.get("/v1/status")["node_id"] == "n1" and n2.get("/v1/status")["node_id"] == "n2"
+
+
+def test_on_an_enrolled_site_remote_commands_travel_sealed_and_unsealed_ones_are_refused(tmp_path):
+    """Both nodes enrolled: the forwarded start is sealed (and works); a plain CoAP
+    request to /m/ocpp/command from outside the site is refused and reaches no charger."""
+    import time
+
+    import trio
+    import trio_asyncio
+
+    from meshnode._coap import open_coap_transport
+    from meshnode._security import create_site, enroll
+    from meshnode._transport import RemoteRefused
+    from meshnode.services.chargers import charger_entry
+
+    from .ocpp_helpers import HOSTS
+    from .procs import free_port
+
+    site_dir = tmp_path / "site"
+    site = create_site(site_dir, "field", now=time.time())
+    nodes = [OcppNode(f"n{i + 1}", HOSTS[3 + i], tmp_path / f"n{i + 1}", insecure=False) for i in range(2)]
+    for n in nodes:
+        enroll(site_dir, n.name, n.data_dir, now=time.time())
+        n.peers = [m.coap for m in nodes if m is not n]
+    try:
+        for n in nodes:
+            n.start()
+        wait_peers(nodes)
+        n1, n2 = nodes
+        entry = charger_entry(site, "CS-SEALED", "pw-sealed-0123456789", time.time())
+        assert n1.post("/v1/site/entries", {"entry": entry.hex()}).status_code == 201
+
+        async def scenario() -> None:
+            st = SimChargePoint("CS-SEALED", [n1.ocpp_url], password="pw-sealed-0123456789")
+            async with running(st):
+                r = await in_thread(_post, n2, "/v1/chargers/CS-SEALED/start", {"id_token": "RFID-S"})
+                assert r.status_code == 202 and r.json()["node"] == "n1", r.text
+                await st.settle()
+                assert len(st.remote_starts) == 1
+
+                async def unsealed() -> str:
+                    bind = "127.0.15.30"
+                    async with trio_asyncio.open_loop(), open_coap_transport(bind, free_port(bind)) as transport:
+                        forged = CommandRequest("n2", Command("start", "CS-SEALED", id_token="RFID-X")).encode()
+                        try:
+                            await transport.request(n1.coap, "/m/ocpp/command", forged, timeout=5.0)
+                        except RemoteRefused as exc:
+                            return exc.code
+                        return "answered"
+
+                assert await asyncio.to_thread(trio.run, unsealed) == "4.01"  # refused before any handler
+                assert len(st.remote_starts) == 1  # the forged start reached no charger
+
+        asyncio.run(scenario())
+        [s] = n1.sessions("CS-SEALED")
+        assert s["id_token"] == "RFID-S"
+    finally:
+        for n in nodes:
+            n.kill()
