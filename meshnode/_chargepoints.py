@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import websockets
+from ocpp.exceptions import OCPPError
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as _Cp16
 from ocpp.v16 import call as call16
@@ -49,6 +50,10 @@ RECONNECT_PAUSE = 0.3
 """Seconds between two connection attempts (a real charger backs off longer)."""
 CONNECT_TIMEOUT = 3.0
 CALL_TIMEOUT = 8.0
+TX_ATTEMPTS = 10
+"""TransactionMessageAttempts: how often a transaction message the central system refuses is sent."""
+TX_RETRY_INTERVAL = 0.5
+"""TransactionMessageRetryInterval, seconds (a real station waits longer, growing)."""
 
 
 def iso(ts: float | None = None) -> str:
@@ -192,6 +197,8 @@ class SimChargePoint:
     local_list_version: int = 0
     profiles: dict[int, str] = field(default_factory=dict)
     connections: int = 0
+    refusals: int = 0
+    """Transaction messages the central system answered with a CALLERROR (each is sent again)."""
 
     def __post_init__(self) -> None:
         self._cp: _Cp201 | _Cp16 | None = None
@@ -323,6 +330,21 @@ class SimChargePoint:
                 self.queue.pop(0)
 
     async def _deliver(self, item: _Queued) -> Any:
+        """Deliver one transaction message; a CALLERROR is retried (2.0.1 E04:
+        `TX_ATTEMPTS` attempts, `TX_RETRY_INTERVAL` apart), then the message is dropped."""
+        for attempt in range(1, TX_ATTEMPTS + 1):
+            try:
+                return await self._deliver_once(item)
+            except OCPPError as exc:
+                self.refusals += 1
+                if attempt == TX_ATTEMPTS:
+                    self.errors.append(f"{type(item.payload).__name__} dropped after {attempt} attempts: {exc}")
+                    log.warning("%s: %s", self.cp_id, self.errors[-1])
+                    return None
+                await asyncio.sleep(TX_RETRY_INTERVAL)
+        return None
+
+    async def _deliver_once(self, item: _Queued) -> Any:
         if self.version == "1.6" and item.tx is not None and item.kind != "start":
             # A 1.6 message names the transaction by the central system's id: fill it in now.
             if not item.tx.started_acked:

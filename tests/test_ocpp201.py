@@ -342,3 +342,43 @@ def test_the_local_list_payload_is_valid_2_0_1():
     }  # fmt: skip
     empty = Call("2", "SendLocalList", snake_to_camel_case(local_list_payload(0, [])))
     _validate_payload(empty, "2.0.1")  # (an empty list must be left out: minItems 1)
+
+
+async def test_a_reading_for_a_transaction_still_replicating_is_refused_until_its_start_arrives():
+    """Failover before replication: node 2 does not know the transaction yet; it refuses
+    the station's Updated/Ended (InternalError), the station sends them again (2.0.1
+    E04), and once the session document arrives they are recorded, once each."""
+    rig_a, rig_b = Rig(node_id="n1"), Rig(node_id="n2")  # two replicas: nothing replicates by itself
+    async with two_servers(rig_a, rig_b) as ([(_, scope_a), _], [base_a, base_b]):
+        cp = SimChargePoint("CS-LATE", [base_a, base_b])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio_asyncio.aio_as_trio(cp.serve))
+            await trio_asyncio.aio_as_trio(cp.wait_connected)()
+            tx = await trio_asyncio.aio_as_trio(cp.start)("RFID-LATE", 1000)
+            assert tx.started_acked
+            scope_a.cancel()  # node 1 dies before its document reached node 2
+            with trio.fail_after(20):
+                while cp.connected_url != base_b:
+                    await trio.sleep(0.05)
+            done = trio.Event()
+
+            async def station() -> None:
+                await trio_asyncio.aio_as_trio(cp.meter)(tx, 1300)
+                await trio_asyncio.aio_as_trio(cp.stop)(tx, 1600)
+                done.set()
+
+            nursery.start_soon(station)
+            with trio.fail_after(20):  # node 2 refuses the reading (it does not know the transaction)
+                while cp.refusals < 2:
+                    await trio.sleep(0.05)
+            assert not done.is_set() and rig_b.session_docs() == []
+            [sid] = rig_a.session_docs()
+            rig_b.replica.docs[sid] = rig_a.replica.docs[sid].fork()  # the document arrives, as replication brings it
+            with trio.fail_after(20):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+    assert cp.errors == [] and tx.stop_acked
+    [sid] = rig_b.session_docs()
+    assert [(e["type"], e["device_id"], e["meter_wh"]) for e in rig_b.events(sid)] == [
+        ("authorize", "n1", None), ("start", "n1", 1000), ("meter", "n2", 1300), ("stop", "n2", 1600),
+    ]  # fmt: skip

@@ -36,7 +36,15 @@ exactly once under replay, transaction ids) is the bridge's (`_bridge.py`). The
   samples outside transactions in 2.0.1: answered, not stored (no session to put
   them in);
 - ``offline: true`` marks a queued event sent again on reconnect: the bridge
-  recognises replays by content and timestamp, so the flag needs no rule of its own.
+  recognises replays by content and timestamp, so the flag needs no rule of its own;
+- **an Updated or Ended for a transaction this node does not know** gets a CALLERROR
+  (InternalError), unlike 1.6 (where the bridge acknowledges and logs it, rule 4): after
+  a failover its start may still be on its way from the node that died, and a 2.0.1
+  station sends a refused transaction message again a bounded number of times
+  (``TransactionMessageAttempts`` / ``TransactionMessageRetryInterval``, OCPP 2.0.1
+  E04 and the Transaction ctrlr variables), so the reading is delayed, not lost, and
+  the station's queue moves on after the last attempt. A transaction whose start this
+  connection refused is remembered (bounded) and its later events answered normally.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from ocpp.exceptions import InternalError
+from ocpp.messages import validate_payload
 from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint as V201ChargePoint
 from ocpp.v201 import call, call_result
@@ -64,6 +74,8 @@ HEARTBEAT_INTERVAL = 60
 ENERGY_MEASURAND = "Energy.Active.Import.Register"
 MAX_UNAUTHORISED = 16
 """Transactions started without an idToken held per connection (a station has a few EVSEs)."""
+MAX_REFUSED = 64
+"""Transactions whose start this connection refused, remembered so their Ended is answered."""
 
 
 def _id_token_info(status: AuthStatus) -> dict[str, Any]:
@@ -138,6 +150,7 @@ class V201Handler(OcppHandler, V201ChargePoint):
         self.list_version_sent: int | None = None
         self._list_sync: asyncio.Task[None] | None = None
         self._unauthorised: OrderedDict[str, _Unauthorised] = OrderedDict()
+        self._refused: OrderedDict[str, None] = OrderedDict()
 
     def _now(self) -> str:
         return format_time(self.bridge._now_ms())
@@ -197,6 +210,28 @@ class V201Handler(OcppHandler, V201ChargePoint):
 
     # --- transactions -------------------------------------------------------------------
 
+    async def _handle_call(self, msg: Any) -> Any:
+        """An Updated/Ended for a transaction not known here (yet) is refused before the
+        library runs the handler (which would log the refusal as a failure of ours)."""
+        if msg.action == Action.transaction_event and self._unknown_transaction(msg.payload):
+            await validate_payload(msg, self._ocpp_version)  # bad input gets its own error first
+            ref = msg.payload["transactionInfo"]["transactionId"]
+            # After a failover its start may still be on its way from the node that died. A
+            # 2.0.1 station sends a refused transaction message again, at most
+            # TransactionMessageAttempts times (E04): the reading is delayed, not lost, and
+            # the station's queue cannot be held for ever.
+            raise InternalError(description=f"transaction {ref} is not known on this node (yet): send it again later")
+        return await super()._handle_call(msg)
+
+    def _unknown_transaction(self, payload: Any) -> bool:
+        if not isinstance(payload, dict) or payload.get("eventType") not in ("Updated", "Ended"):
+            return False
+        info = payload.get("transactionInfo")
+        ref = info.get("transactionId") if isinstance(info, dict) else None
+        if not isinstance(ref, str) or ref in self._unauthorised or ref in self._refused:
+            return False
+        return self.bridge.find(self.id, transaction_ref=ref) is None
+
     @on(Action.transaction_event)
     async def on_transaction_event(
         self,
@@ -251,6 +286,9 @@ class V201Handler(OcppHandler, V201ChargePoint):
             status = result.status
             if result.session_id is None:
                 # Refused (live): the station is told so and does not charge; nothing stored.
+                self._refused[ref] = None
+                while len(self._refused) > MAX_REFUSED:
+                    self._refused.popitem(last=False)
                 return call_result.TransactionEvent(id_token_info=_id_token_info(status))
             # What is left to record: readings after the start register, then this event's own.
             readings = pending.readings
