@@ -32,6 +32,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "coap_port": 5683,
     "http_port": 8080,
     "ocpp_port": 9000,
+    "ocpp_certfile": None,
+    "ocpp_keyfile": None,
     "peer": [],
     "no_mdns": False,
     "site": "default",
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="OCPP-J WebSocket port for chargers: ws://BIND:PORT/ocpp/ID (default 9000; 0 = off)",
     )
+    run.add_argument(
+        "--ocpp-certfile", metavar="FILE", help="TLS certificate: chargers connect with wss:// (Profile 2)"
+    )
+    run.add_argument("--ocpp-keyfile", metavar="FILE", help="its private key")
     run.add_argument(
         "--peer", action="append", metavar="HOST:PORT", help="a static peer, in addition to mDNS (repeatable)"
     )
@@ -253,6 +259,8 @@ def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{key.replace('_', '-')} must be a port number from 1 to 65535")
     if not isinstance(settings["ocpp_port"], int) or not 0 <= settings["ocpp_port"] < 65536:
         raise ConfigError("ocpp-port must be a port number from 1 to 65535, or 0 (no OCPP)")
+    if (settings["ocpp_certfile"] is None) != (settings["ocpp_keyfile"] is None):
+        raise ConfigError("ocpp-certfile and ocpp-keyfile go together")
     for key in ("retention", "probe_interval"):
         if not isinstance(settings[key], int | float) or settings[key] <= 0:
             raise ConfigError(f"{key.replace('_', '-')} must be a positive number of seconds")
@@ -349,10 +357,16 @@ async def run_node(settings: dict[str, Any]) -> None:
                     await nursery.start(serve_api, node, settings["bind"], settings["http_port"])
                     ocpp_url = None
                     if settings["ocpp_port"]:
-                        from .ocpp import serve_ocpp
+                        from .ocpp import serve_ocpp, tls_context
 
-                        ocpp = await nursery.start(serve_ocpp, node, settings["bind"], settings["ocpp_port"])
-                        ocpp_url = "ws://{}:{}/ocpp/".format(*ocpp.address)
+                        tls = None
+                        if settings["ocpp_certfile"]:
+                            tls = tls_context(settings["ocpp_certfile"], settings["ocpp_keyfile"])
+                        ocpp = await nursery.start(
+                            functools.partial(serve_ocpp, ssl_context=tls),
+                            node, settings["bind"], settings["ocpp_port"],
+                        )  # fmt: skip
+                        ocpp_url = ocpp.url
                     print(
                         json.dumps(
                             {

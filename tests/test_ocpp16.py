@@ -378,3 +378,52 @@ def test_bad_input_over_a_real_node_changes_nothing(tmp_path):
         assert node.get("/v1/status")["documents"] == 0
     finally:
         node.kill()
+
+
+TLS_DIR = ROOT / "tests" / "data" / "ocpp_tls"
+"""A self-signed certificate for 127.0.14.15 valid 2020-2120 (made with `openssl ca -selfsign`
+so that its validity starts in the past; `node.key` is its key, for these tests only)."""
+
+
+def test_security_profile_2_tls_then_basic_auth(tmp_path):
+    import base64
+    import ssl
+
+    from meshnode._security import create_site, enroll
+
+    site_dir = tmp_path / "site"
+    create_site(site_dir, "field", now=time.time())
+    enroll(site_dir, "n1", tmp_path / "n1", now=time.time())
+    certs = ["--ocpp-certfile", str(TLS_DIR / "node.crt"), "--ocpp-keyfile", str(TLS_DIR / "node.key")]
+    node = start_node(tmp_path, "n1", "127.0.14.15", insecure=False, extra=certs)
+    try:
+        added = _cli("charger", "add", "--site", str(site_dir), "--id", "CP-1", "--http", node.url)
+        password = added.stdout.splitlines()[0].removeprefix("password ")
+        wss = node.ocpp_url.replace("ws://", "wss://")  # type: ignore[attr-defined]
+        trust = ssl.create_default_context(cafile=str(TLS_DIR / "node.crt"))
+
+        def basic(pw: str) -> dict[str, Any]:
+            return {"Authorization": "Basic " + base64.b64encode(f"CP-1:{pw}".encode()).decode()}
+
+        async def run() -> None:
+            with pytest.raises((websockets.InvalidHandshake, OSError, asyncio.TimeoutError)):
+                await asyncio.wait_for(  # plain ws to a TLS port: no OCPP
+                    websockets.connect(
+                        node.ocpp_url + "CP-1", subprotocols=["ocpp1.6"], additional_headers=basic(password)
+                    ),  # type: ignore[attr-defined]
+                    10,
+                )
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(
+                    wss + "CP-1", subprotocols=["ocpp1.6"], ssl=trust, additional_headers=basic("x")
+                ):
+                    pass
+            assert refused.value.response.status_code == 401
+            async with Connected(wss, "CP-1", ssl=trust, additional_headers=basic(password)) as cp:
+                boot = await cp.call(call.BootNotification(charge_point_model="M1", charge_point_vendor="V"))
+                assert boot.status == "Accepted"
+
+        asyncio.run(run())
+        assert node.get("/v1/status")["chargers"][0]["charger_id"] == "CP-1"
+    finally:
+        node.kill()

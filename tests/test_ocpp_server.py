@@ -86,6 +86,11 @@ async def test_bad_frames_get_the_right_callerror_keep_the_connection_and_store_
         (json.dumps([2, "u6", "StatusNotification", {"connectorId": 1, "errorCode": "NoError", "status": "Asleep"}]),
          "u6", "PropertyConstraintViolation"),
         (json.dumps([2, "u7", "StartTransaction", {**start, "coupon": 1}]), "u7", "FormationViolation"),
+        (json.dumps([2, "u10", "StartTransaction", {**start, "meterStart": -1}]), "u10", "PropertyConstraintViolation"),
+        (json.dumps([2, "u11", "StartTransaction", {**start, "idTag": "A\u0000B"}]), "u11",
+         "PropertyConstraintViolation"),
+        (json.dumps([2, "u12", "StopTransaction", {"meterStop": 2**60, "timestamp": start["timestamp"],
+                                                   "transactionId": 1}]), "u12", "PropertyConstraintViolation"),
         (json.dumps([2, "u8", "StartTransaction", ["not", "an", "object"]]), "u8", "FormationViolation"),
         (json.dumps([2, 9, "Heartbeat", {}]), "9", "FormationViolation"),
     ]  # fmt: skip

@@ -17,6 +17,7 @@ tells how to point a charger at its node and what is stored.
 from __future__ import annotations
 
 import importlib
+import ssl
 from typing import Any
 
 import trio
@@ -43,10 +44,22 @@ except ModuleNotFoundError as exc:
         raise
 
 
-def open_server(node: Any) -> OcppServer:
+def open_server(node: Any, *, ssl_context: ssl.SSLContext | None = None) -> OcppServer:
     """An `OcppServer` wired to a node's session and site-config services (not serving yet)."""
     bridge = OcppBridge(node.sessions, wall_clock=lambda: node.wall_clock())
-    return OcppServer(bridge, node.site_config)
+    return OcppServer(bridge, node.site_config, ssl_context=ssl_context)
+
+
+def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """The server side of OCPP Security Profile 2: TLS 1.2 or newer with the node's certificate.
+
+    Raises:
+        OSError / ssl.SSLError: the files cannot be read or do not match.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 async def serve_ocpp(
@@ -54,6 +67,7 @@ async def serve_ocpp(
     bind: str,
     port: int,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[OcppServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve OCPP for `node` on ``bind:port`` until cancelled; `task_status` gets the server.
@@ -61,7 +75,7 @@ async def serve_ocpp(
     The server is also set as ``node.ocpp`` so the HTTP API (`/v1/status`) and remote
     commands find it. Needs the trio-asyncio loop `meshnode run` opens.
     """
-    server = open_server(node)
+    server = open_server(node, ssl_context=ssl_context)
     node.ocpp = server
     try:
         async with trio.open_nursery() as nursery:
@@ -89,4 +103,5 @@ __all__ = [
     "open_server",
     "register_version",
     "serve_ocpp",
+    "tls_context",
 ]

@@ -461,16 +461,15 @@ class OcppBridge:
     ) -> bool:
         """Append one event unless its key is already in the session. True if appended."""
         try:
-            data, view = self.sessions.fold(session_id)
+            _, view = self.sessions.fold(session_id)
         except (KeyError, NotFound):
             log.warning("charger %s: session %s is not on this node", charger, session_id)
             return False
-        for blob in data.events.values():
-            try:
-                body, _ = decode_event(blob)
-            except Exception:
-                continue
-            ocpp = body.get("data", {}).get("ocpp")
+        # The applied events, parsed and verified already by the (cached) fold: an event
+        # the fold did not apply was refused for its content, and a replay of it is
+        # refused again by the service's own checks.
+        for event in view.applied:
+            ocpp = event.record.data.get("ocpp")
             if isinstance(ocpp, dict) and ocpp.get("key") == key:
                 return False
         floor = view.applied[-1].record.ts if view.applied else None

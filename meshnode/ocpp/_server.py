@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import math
+import ssl
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -311,6 +312,24 @@ class OcppHandler(ChargePoint):
         await self._connection.send(message)
 
 
+MAX_WH = 2**53
+"""Largest meter register accepted (Wh), as in the HTTP API."""
+
+
+def check_wh(value: int, field: str) -> int:
+    """A meter register (Wh) from a message: 0 .. 2^53, else PropertyConstraintViolation."""
+    if not 0 <= value <= MAX_WH:
+        raise PropertyConstraintViolationError(description=f"{field} must be a register reading from 0 to 2^53 Wh")
+    return value
+
+
+def check_token(value: str, field: str) -> str:
+    """An id token from a message: printable, else PropertyConstraintViolation (it is stored)."""
+    if not value or not value.isprintable():
+        raise PropertyConstraintViolationError(description=f"{field} must be printable")
+    return value
+
+
 def parse_time(text: Any) -> int | None:
     """An OCPP timestamp (RFC 3339, e.g. ``2026-11-27T21:00:00Z``) in ms since the epoch; None if unreadable."""
     if not isinstance(text, str) or len(text) > 40:
@@ -445,6 +464,8 @@ class OcppServer:
         max_frame: largest frame accepted (bytes); bigger closes the connection.
         rate, burst: each charger's message rate limit.
         max_chargers: connections served at once.
+        ssl_context: serve ``wss://`` (OCPP Security Profile 2: TLS, then the same HTTP
+            Basic login) instead of ``ws://``.
     """
 
     def __init__(
@@ -456,6 +477,7 @@ class OcppServer:
         rate: float = 50.0,
         burst: float = 100.0,
         max_chargers: int = 512,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.bridge = bridge
         self.auth = Authenticator(site_config)
@@ -463,6 +485,7 @@ class OcppServer:
         self.rate = rate
         self.burst = burst
         self.max_chargers = max_chargers
+        self.ssl_context = ssl_context
         self.handlers: dict[str, OcppHandler] = {}
         self.address: tuple[str, int] | None = None
         self.counters = {"refused": 0, "connections": 0}
@@ -493,6 +516,7 @@ class OcppServer:
                 ping_interval=60,
                 ping_timeout=60,
                 server_header=None,
+                ssl=self.ssl_context,
             ) as server:
                 sock = next(iter(server.sockets))
                 self.address = sock.getsockname()[:2]
@@ -503,8 +527,14 @@ class OcppServer:
             nursery.start_soon(trio_asyncio.aio_as_trio(aio_serve))
             await started.wait()
             assert self.address is not None
-            log.info("OCPP central system on ws://%s:%d%s{id} (%s)", *self.address, PATH_PREFIX, ", ".join(VERSIONS))
+            log.info("OCPP central system on %s{id} (%s)", self.url, ", ".join(VERSIONS))
             task_status.started(self.address)
+
+    @property
+    def url(self) -> str:
+        """What chargers are configured with (they append their id); valid once serving."""
+        assert self.address is not None
+        return f"{'wss' if self.ssl_context else 'ws'}://{self.address[0]}:{self.address[1]}{PATH_PREFIX}"
 
     async def call(self, charger_id: str, payload: Any, *, timeout: float = CALL_TIMEOUT) -> Any:
         """Send a command (an ``ocpp.v16.call.*`` / ``ocpp.v201.call.*`` payload) to a charger
@@ -597,6 +627,8 @@ __all__ = [
     "RateLimit",
     "RateLimitedConnection",
     "charger_id_from_path",
+    "check_token",
+    "check_wh",
     "format_time",
     "parse_time",
     "parse_basic",

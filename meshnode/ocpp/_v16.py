@@ -35,7 +35,16 @@ from ocpp.v16.datatypes import AuthorizationData, IdTagInfo
 from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus, UpdateType
 
 from ._bridge import AuthStatus, Reading
-from ._server import ChargerContext, OcppHandler, OcppServer, format_time, parse_time, register_version
+from ._server import (
+    ChargerContext,
+    OcppHandler,
+    OcppServer,
+    check_token,
+    check_wh,
+    format_time,
+    parse_time,
+    register_version,
+)
 
 log = logging.getLogger("meshnode.ocpp.v16")
 
@@ -127,7 +136,7 @@ class V16Handler(OcppHandler, V16ChargePoint):
 
     @on(Action.authorize)
     def on_authorize(self, id_tag: str) -> Any:
-        return call_result.Authorize(id_tag_info=_id_tag_info(self.bridge.authorize(id_tag)))
+        return call_result.Authorize(id_tag_info=_id_tag_info(self.bridge.authorize(check_token(id_tag, "idTag"))))
 
     @on(Action.start_transaction)
     async def on_start_transaction(
@@ -137,8 +146,8 @@ class V16Handler(OcppHandler, V16ChargePoint):
             self.bridge.start_transaction,
             self.id,
             connector_id,
-            id_tag,
-            meter_start,
+            check_token(id_tag, "idTag"),
+            check_wh(meter_start, "meterStart"),
             parse_time(timestamp),
             reservation_id=kwargs.get("reservation_id"),
         )
@@ -175,6 +184,9 @@ class V16Handler(OcppHandler, V16ChargePoint):
 
     @on(Action.stop_transaction)
     async def on_stop_transaction(self, meter_stop: int, timestamp: str, transaction_id: int, **kwargs: Any) -> Any:
+        check_wh(meter_stop, "meterStop")
+        if kwargs.get("id_tag") is not None:
+            check_token(kwargs["id_tag"], "idTag")
         readings = readings_of(kwargs.get("transaction_data"))
         # The stop's own signed values (a charger may sign only the final reading) ride on the stop.
         final_signed: tuple[Any, ...] = ()
