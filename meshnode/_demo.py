@@ -919,12 +919,16 @@ class Demo:
         rec.stopped_at = trio.current_time()
         rec.stopped, rec.stop_meter = True, tx.stop_meter
         self.open_transactions.pop(rec.session_id, None)
-        try:
-            session = await self._get(f"{self.node_urls[rec.node]}/v1/sessions/{rec.session_id}")
+        for attempt in range(3):  # (a kept-alive connection the node closed fails once)
+            try:
+                session = await self._get(f"{self.node_urls[rec.node]}/v1/sessions/{rec.session_id}")
+            except (httpx.HTTPError, ValueError) as exc:
+                if attempt == 2:
+                    self.request_errors[f"session read: {type(exc).__name__}"] += 1
+                continue
             # Every event the session holds now was acknowledged to the charger (a CALLRESULT each).
             rec.acked_events = [e["event_id"] for e in session.get("events", [])]
-        except (httpx.HTTPError, ValueError) as exc:
-            self.request_errors[f"session read: {type(exc).__name__}"] += 1
+            break
         watchers.start_soon(self._watch_receipt, rec)
 
     async def _watch_receipt(self, rec: SessionRecord) -> None:

@@ -222,6 +222,16 @@ def test_bad_input_gets_its_callerror_and_nothing_is_stored(node: OcppNode):
         json.dumps([2, "m5", "TransactionEvent", {**good_tx, "unexpected": 1}]),
         json.dumps([2, "m6", "TransactionEvent", {**good_tx, "eventType": "Paused"}]),
         json.dumps([2, "m7", "TransactionEvent", {**good_tx, "transactionInfo": {"transactionId": "x" * 37}}]),
+        json.dumps([2, "m8a", "TransactionEvent", {**good_tx, "idToken": {"idToken": "RF\nID", "type": "ISO14443"}}]),
+        json.dumps(
+            [
+                2,
+                "m8b",
+                "TransactionEvent",
+                {**good_tx, "meterValue": [{"timestamp": iso(), "sampledValue": [{"value": -5}]}]},
+            ]
+        ),
+        json.dumps([2, "m8c", "Authorize", {"idToken": {"idToken": "RF\u0007", "type": "ISO14443"}}]),
         json.dumps([2, "m8", "Heartbeat", {}]),
     ]
     answers = asyncio.run(_raw(url, frames))
@@ -236,6 +246,9 @@ def test_bad_input_gets_its_callerror_and_nothing_is_stored(node: OcppNode):
         "FormatViolation",
         "PropertyConstraintViolation",
         "TypeConstraintViolation",
+        "PropertyConstraintViolation",  # an unprintable idToken (it would be stored)
+        "PropertyConstraintViolation",  # a negative energy register
+        "PropertyConstraintViolation",
         "result",
     ], answers
     # Oversize: the connection is closed (1009), the node keeps serving.
@@ -255,7 +268,7 @@ def test_bad_input_gets_its_callerror_and_nothing_is_stored(node: OcppNode):
         ({"value": 7, "measurand": "Power.Active.Import"}, None),
         ({"value": 7, "phase": "L1"}, None),
         ({"value": 7, "unitOfMeasure": {"unit": "varh"}}, None),
-        ({"value": -1}, None),
+        ({"value": -1, "measurand": "Power.Active.Import"}, None),
     ],
 )
 def test_201_energy_register_parsing(sample, wh):
@@ -264,6 +277,17 @@ def test_201_energy_register_parsing(sample, wh):
     [r] = readings_of(camel_to_snake_case([{"timestamp": "2026-11-27T21:00:00Z", "sampledValue": [sample]}]))
     assert r.energy_wh == wh
     assert r.ts_ms == 1795813200000
+
+
+@pytest.mark.parametrize(
+    "sample", [{"value": -1}, {"value": 1e16}, {"value": -0.002, "unitOfMeasure": {"unit": "kWh"}}]
+)
+def test_201_a_register_out_of_range_is_a_property_constraint_violation(sample):
+    from ocpp.charge_point import camel_to_snake_case
+    from ocpp.exceptions import PropertyConstraintViolationError
+
+    with pytest.raises(PropertyConstraintViolationError):
+        readings_of(camel_to_snake_case([{"timestamp": "2026-11-27T21:00:00Z", "sampledValue": [sample]}]))
 
 
 # --- the node's commands to a station, in-process over real WebSockets --------------------

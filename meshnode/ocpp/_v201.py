@@ -23,7 +23,8 @@ exactly once under replay, transaction ids) is the bridge's (`_bridge.py`). The
   TransactionEvent of a transaction);
 - **energy**: sampled values whose measurand is ``Energy.Active.Import.Register``
   (the default when absent), total (no phase), unit Wh or kWh with the 10^multiplier,
-  become readings; a ``signedMeterValue`` is kept verbatim in the event's data. The
+  become readings (a register outside 0 .. 2^53 Wh, like an unprintable idToken or
+  transactionId, is PropertyConstraintViolation and stores nothing, as in 1.6); a ``signedMeterValue`` is kept verbatim in the event's data. The
   start reading is the Started event's register (``Transaction.Begin``), the stop
   reading the Ended event's last register (``Transaction.End``); energy_wh of the
   session is their difference, as the fold computes it;
@@ -52,11 +53,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from ocpp.exceptions import InternalError
+from ocpp.exceptions import InternalError, PropertyConstraintViolationError
 from ocpp.messages import validate_payload
 from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint as V201ChargePoint
@@ -64,7 +66,16 @@ from ocpp.v201 import call, call_result
 from ocpp.v201.enums import Action
 
 from ._bridge import AuthStatus, Reading
-from ._server import ChargerContext, OcppHandler, OcppServer, format_time, parse_time, register_version
+from ._server import (
+    ChargerContext,
+    OcppHandler,
+    OcppServer,
+    check_token,
+    check_wh,
+    format_time,
+    parse_time,
+    register_version,
+)
 
 log = logging.getLogger("meshnode.ocpp.v201")
 
@@ -114,9 +125,9 @@ def readings_of(meter_value: Any) -> list[Reading]:
                 value *= 1000
             elif name != "Wh":
                 continue
-            if not 0 <= value < 2**53:
-                continue
-            energy = round(value)
+            if not math.isfinite(value):
+                raise PropertyConstraintViolationError(description="an energy register must be a finite number")
+            energy = check_wh(round(value), "an Energy.Active.Import.Register value")
         out.append(Reading(ts, energy, tuple(signed), raw=mv))
     return out
 
@@ -185,7 +196,8 @@ class V201Handler(OcppHandler, V201ChargePoint):
 
     @on(Action.authorize)
     def on_authorize(self, id_token: dict[str, Any], **kwargs: Any) -> Any:
-        return call_result.Authorize(id_token_info=_id_token_info(self.bridge.authorize(id_token["id_token"])))
+        token = check_token(id_token["id_token"], "idToken")
+        return call_result.Authorize(id_token_info=_id_token_info(self.bridge.authorize(token)))
 
     @on(Action.meter_values)
     def on_meter_values(self, evse_id: int, meter_value: list[Any], **kwargs: Any) -> Any:
@@ -242,11 +254,11 @@ class V201Handler(OcppHandler, V201ChargePoint):
         transaction_info: dict[str, Any],
         **kwargs: Any,
     ) -> Any:
-        ref: str = transaction_info["transaction_id"]
+        ref = check_token(transaction_info["transaction_id"], "transactionId")
         ts = parse_time(timestamp)
         readings = readings_of(kwargs.get("meter_value"))
         token = kwargs.get("id_token")
-        id_token: str | None = token["id_token"] if token else None
+        id_token = check_token(token["id_token"], "idToken") if token else None
         evse = (kwargs.get("evse") or {}).get("id")
         status: AuthStatus | None = None
         log.debug("station %s: %s %s seq %d offline %s", self.id, event_type, ref, seq_no, kwargs.get("offline"))
