@@ -150,6 +150,16 @@ def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node
                 event_type="Ended", timestamp=iso(), trigger_reason="EVDeparted", seq_no=2,
                 meter_value=mv(3500), **{"transaction_info": {"transaction_id": ref, "stopped_reason": "EVDisconnected"}},
             ))  # fmt: skip
+            # A free-vend station (no authorisation) records its session under the type's name.
+            await cp.call(call201.TransactionEvent(
+                event_type="Started", timestamp=iso(), trigger_reason="CablePluggedIn", seq_no=5,
+                evse={"id": 2}, transaction_info={"transaction_id": "tx-free"}, meter_value=mv(40),
+                id_token={"id_token": "", "type": "NoAuthorization"},
+            ))  # fmt: skip
+            await cp.call(call201.TransactionEvent(
+                event_type="Ended", timestamp=iso(), trigger_reason="EVDeparted", seq_no=6,
+                transaction_info={"transaction_id": "tx-free"}, meter_value=mv(90),
+            ))  # fmt: skip
             # Plugged in and out, never authorised: no session.
             await cp.call(call201.TransactionEvent(
                 event_type="Started", timestamp=iso(), trigger_reason="CablePluggedIn", seq_no=3,
@@ -161,9 +171,12 @@ def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node
             ))  # fmt: skip
 
     asyncio.run(scenario())
-    [s] = node.sessions("CS-201-C")
+    s, free = sorted(node.sessions("CS-201-C"), key=lambda x: x["connector"])
     assert (s["id_token"], s["connector"], s["state"], s["energy_wh"]) == ("RFID-0C1", 1, "completed", 500)
     assert _types(s) == ["authorize", "start", "meter", "stop"]
+    assert (free["id_token"], free["connector"], free["state"], free["energy_wh"]) == (
+        "NoAuthorization", 2, "completed", 50,
+    )  # fmt: skip
 
 
 def test_a_session_at_its_offline_limit_is_stopped_at_the_station(tmp_path):
