@@ -53,7 +53,11 @@ Rules:
    bridge logs it (WARNING) and answers as if stored, because an OCPP charger that
    gets an error on a transaction message retries it forever and blocks its queue.
 
-5. **Charger state** (connected or not, its OCPP version, boot info, connector
+5. **Limits.** A session accepted offline with limits is stopped by the session
+   service when a reading reaches them; `must_stop` tells the version handler to send
+   the charger a remote stop.
+
+6. **Charger state** (connected or not, its OCPP version, boot info, connector
    states) is kept per node, in memory: it describes the chargers connected *here*,
    for `/v1/status` and `meshnode status`.
 """
