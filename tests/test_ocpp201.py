@@ -8,15 +8,23 @@
    (answers lost), each still becomes exactly one event, in timestamp order; a
    transaction that ran entirely offline becomes one session.
 3. A transaction started before authorisation (cable plugged in) becomes a session
-   when the idToken arrives, with the Started register as its start.
-4. Bad input: not JSON, unknown action, known but unhandled action, type and
-   required-field violations get their CALLERROR, the connection stays, nothing
-   is stored; an oversize frame closes the connection; the node keeps serving.
+   when the idToken arrives, with the Started register as its start; a free-vend
+   station's NoAuthorization token is recorded; one never authorised makes none.
+4. A session accepted offline with an energy limit is ended by the node, which sends
+   the station RequestStopTransaction; the station's Ended then adds nothing.
+5. Bad input: not JSON, unknown action, known but unhandled action, type, required
+   field, enum, length, unprintable token and negative register violations get their
+   CALLERROR, the connection stays, nothing is stored; an oversize frame closes the
+   connection; the node keeps serving.
 
-5. In-process (two central systems on one loop, one replica, as two nodes that have
-   replicated the session): RequestStart/RequestStopTransaction, GetLocalListVersion,
-   SendLocalList and SetNetworkProfile reach a station; the profile the node gave is
-   where the station goes when its node dies, and its transaction goes on there.
+In-process (two central systems on one trio-asyncio loop, as two nodes):
+
+6. RequestStart/RequestStopTransaction, GetLocalListVersion, SendLocalList and
+   SetNetworkProfile reach a station; the profile the node gave is where the station
+   goes when its node dies, and its transaction goes on there (one shared replica).
+7. Failover before replication (two replicas): the new node refuses the station's
+   Updated/Ended (InternalError) until the session document arrives; the station
+   sends them again, and they are recorded once.
 
 Plus the pure 2.0.1 meter parsing (units, multipliers, measurands, phases) and the
 local list payload against the 2.0.1 schema.
