@@ -65,6 +65,7 @@ def _types(session):
     return [e["type"] for e in session["events"]]
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_a_201_session_shows_in_the_api_with_evse_token_and_energy(node: OcppNode):
     async def scenario():
         cp = SimChargePoint("CS-201-A", [node.ocpp_url])
@@ -91,6 +92,7 @@ def test_a_201_session_shows_in_the_api_with_evse_token_and_energy(node: OcppNod
     assert node.charger("CS-201-A")["connected"] is False
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_offline_replay_twice_is_exactly_once_in_timestamp_order(node: OcppNode):
     t0 = time.time()
 
@@ -134,6 +136,7 @@ def test_offline_replay_twice_is_exactly_once_in_timestamp_order(node: OcppNode)
     )  # fmt: skip
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node: OcppNode):
     async def scenario():
         cp = SimChargePoint("CS-201-C", [node.ocpp_url])
@@ -187,6 +190,7 @@ def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node
     )  # fmt: skip
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_a_session_at_its_offline_limit_is_stopped_at_the_station(tmp_path):
     [node] = start_nodes(tmp_path, 1, peered=False, extra=["--unknown-token-max-wh", "500"])
     try:
@@ -226,6 +230,7 @@ async def _raw(url: str, frames: list[str | bytes]) -> list[object]:
     return out
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_bad_input_gets_its_callerror_and_nothing_is_stored(node: OcppNode):
     url = node.ocpp_url + "/CS-201-BAD"
     good_tx = {
@@ -335,6 +340,7 @@ async def two_servers(rig_a, rig_b):
         outer.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 async def test_node_commands_and_failover_through_a_network_profile():
     """RequestStart/Stop, GetLocalListVersion, SendLocalList, SetNetworkProfile reach a
     station; the profile the node gave it is where it goes when its node dies, and its
@@ -389,6 +395,7 @@ def test_the_local_list_payload_is_valid_2_0_1():
     _validate_payload(empty, "2.0.1")  # (an empty list must be left out: minItems 1)
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 async def test_a_reading_for_a_transaction_still_replicating_is_refused_until_its_start_arrives():
     """Failover before replication: node 2 does not know the transaction yet; it refuses
     the station's Updated/Ended (InternalError), the station sends them again (2.0.1

@@ -122,6 +122,7 @@ def _post(node: OcppNode, path: str, body: object) -> httpx.Response:
     return httpx.post(node.url + path, json=body, timeout=30.0)
 
 
+@pytest.mark.slow  # real node processes
 def test_remote_start_and_stop_from_another_nodes_api(two: list[OcppNode]):
     n1, n2 = two
 
@@ -179,6 +180,7 @@ def test_remote_start_and_stop_from_another_nodes_api(two: list[OcppNode]):
         )
 
 
+@pytest.mark.slow  # real node processes
 def test_a_network_profile_sent_through_another_nodes_api_is_where_the_station_fails_over_to(two: list[OcppNode]):
     n1, n2 = two
 
@@ -215,6 +217,7 @@ def test_a_network_profile_sent_through_another_nodes_api_is_where_the_station_f
     )  # fmt: skip
 
 
+@pytest.mark.slow  # real node processes
 def test_remote_commands_that_cannot_be_carried_out(two: list[OcppNode]):
     n1, n2 = two
     r = _post(n2, "/v1/chargers/CP-NOWHERE/start", {"id_token": "RFID-1"})
@@ -232,6 +235,7 @@ def test_remote_commands_that_cannot_be_carried_out(two: list[OcppNode]):
     assert n1.get("/v1/status")["node_id"] == "n1" and n2.get("/v1/status")["node_id"] == "n2"
 
 
+@pytest.mark.slow  # real node processes
 def test_on_an_enrolled_site_remote_commands_travel_sealed_and_unsealed_ones_are_refused(tmp_path):
     """Both nodes enrolled: the forwarded start is sealed (and works); a plain CoAP
     request to /m/ocpp/command from outside the site is refused and reaches no charger."""
