@@ -2,13 +2,14 @@
 # Each creates .venv when it is missing and installs what it needs: Python packages
 # into .venv, and the Debian packages the tests use with apt-get: a PostgreSQL server,
 # nftables and iproute2 (the field suite's network namespaces and packet loss),
-# util-linux (setpriv), strace (durability at the system-call level).
+# util-linux (setpriv), strace (durability at the system-call level), chromium and
+# chromium-driver (the operator pages are tested in a real browser, through Selenium).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
-DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace
+DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace chromium chromium-driver
 
 .PHONY: demo test test-fast lint mutation bench clean install system-deps
 
@@ -23,7 +24,8 @@ $(STAMP): pyproject.toml | $(PY)
 # PostgreSQL is tested against a real server (tests/pg.py starts a throwaway cluster).
 $(SYSTEM_STAMP): | $(PY)
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v nft >/dev/null 2>&1 \
-	    && command -v ip >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1 && command -v strace >/dev/null 2>&1; then \
+	    && command -v ip >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1 && command -v strace >/dev/null 2>&1 \
+	    && command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
 	    echo "Debian packages present: $(DEBIAN_PACKAGES)"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \

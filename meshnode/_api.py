@@ -45,6 +45,7 @@ from .services import (
     NotFound,
     ServiceError,
 )
+from .web import page_routes
 
 log = logging.getLogger("meshnode.api")
 
@@ -182,6 +183,7 @@ def build_app(node: Node) -> Starlette:
             Route("/v1/sessions/{session_id}/automerge", get_automerge, methods=["GET"]),
             Route("/v1/status", status, methods=["GET"]),
             Route("/v1/site/entries", add_site_entry, methods=["POST"]),
+            *page_routes(node),  # the operator page: GET /, /assets, /v1/page/... (meshnode/web)
         ],
         exception_handlers={ServiceError: on_service_error, HTTPException: on_http_error},
     )
