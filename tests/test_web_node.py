@@ -21,9 +21,10 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from meshnode.web import REFRESH, LiveFeed, should_send, snapshot_digest
-from meshnode.web._page import MAX_CLIENTS, _chargers
+from meshnode.web._page import MAX_CLIENTS, ChangeSignal, _chargers, snapshot_events
 
 from .procs import NodeProcess, free_port, wait_until
 from .test_e2e_uplink import CloudProcess
@@ -63,6 +64,7 @@ def browser() -> Iterator[Any]:
         f"--window-size={PHONE[0]},{PHONE[1]}",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # to see the requests' headers
     options.add_experimental_option(
         "mobileEmulation", {"deviceMetrics": {"width": PHONE[0], "height": PHONE[1], "pixelRatio": 2}}
     )
@@ -217,6 +219,25 @@ def test_every_asset_is_served_by_the_node_and_nothing_comes_from_elsewhere(lone
 
 
 @pytest.mark.slow  # real processes (and a browser)
+def test_a_token_given_once_in_the_address_is_kept_for_the_tab_and_sent_with_every_data_request(
+    lone_node: NodeProcess, browser: Any
+) -> None:
+    """The page can talk to a node that wants a bearer token on /v1 (the event stream included)."""
+    browser.get(lone_node.url + "/?token=s3cret-token")
+    wait_for(browser, lambda d: by_css(d, "#live")[0].get_attribute("data-state") == "live", what="the stream")
+    assert browser.execute_script("return location.search;") == ""  # not left in the address bar or history
+    assert browser.execute_script("return sessionStorage.getItem('meshnode.token');") == "s3cret-token"
+    sent = {}
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            request = message["params"]["request"]
+            sent[request["url"].removeprefix(lone_node.url)] = request["headers"]
+    assert sent["/v1/page/events"].get("Authorization") == "Bearer s3cret-token"
+    assert "Authorization" not in sent["/assets/node.js"]  # the static files need none
+
+
+@pytest.mark.slow  # real processes (and a browser)
 def test_the_event_stream_pushes_snapshots_and_admits_a_bounded_number_of_clients(lone_node: NodeProcess) -> None:
     n1 = lone_node
     with httpx.Client(timeout=30) as client, contextlib.ExitStack() as open_streams:
@@ -311,3 +332,39 @@ def test_the_two_copies_of_the_shared_assets_are_identical() -> None:
     """The node and the cloud serve the same CSS and helper script from their own packages."""
     for name in ("page.css", "common.js"):
         assert (REPO / "meshnode/web/static" / name).read_bytes() == (REPO / "uplink/static" / name).read_bytes(), name
+
+
+async def test_a_stream_pushes_a_change_at_once_bursts_once_per_interval_and_refreshes(autojump_clock: Any) -> None:
+    """Virtual time: the exact moments a page is sent a snapshot."""
+    state = {"sessions": 0, "generated_ts": 0.0}
+    feed = LiveFeed(lambda: dict(state), min_interval=1.0)
+    changes = ChangeSignal()
+    sent: list[tuple[float, int]] = []
+
+    async def page() -> None:
+        async for chunk in snapshot_events(feed, changes, max_seconds=30.0):
+            if chunk.startswith(b"event: snapshot"):
+                sent.append((trio.current_time(), json.loads(chunk.split(b"data: ", 1)[1])["sessions"]))
+
+    def change(at: float) -> None:
+        state["sessions"] += 1
+        feed.mark_dirty()
+        changes.fire()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(page)
+        for at in (2.0, 2.3, 10.0, 10.1, 10.2, 10.4):
+            await trio.sleep_until(at)
+            change(at)
+    assert sent == [
+        (0.0, 0),  # on connecting
+        (2.0, 1),  # a change: at once
+        (3.0, 2),  # another 0.3 s later: one interval after the last build
+        (8.0, 2),  # nothing for REFRESH seconds: sent again (ages move on)
+        (10.0, 3),  # a burst of four changes...
+        (11.0, 6),  # ...makes two snapshots, not four
+        (16.0, 6),
+        (21.0, 6),
+        (26.0, 6),
+    ]
+    assert feed.builds == len(sent)  # no build that was not needed

@@ -297,19 +297,65 @@ def should_send(*, now: float, version: int, sent_version: int, sent_at: float) 
     return version != sent_version or now - sent_at >= REFRESH
 
 
+# --- the stream ------------------------------------------------------------------------
+
+
+class ChangeSignal:
+    """Wakes every open stream when a document changes (one `trio.Event` per stream)."""
+
+    def __init__(self) -> None:
+        self._events: set[trio.Event] = set()
+
+    def fire(self) -> None:
+        for event in self._events:
+            event.set()
+
+    def subscribe(self) -> trio.Event:
+        event = trio.Event()
+        self._events.add(event)
+        return event
+
+    def unsubscribe(self, event: trio.Event) -> None:
+        self._events.discard(event)
+
+
+async def snapshot_events(
+    feed: LiveFeed, changes: ChangeSignal, *, max_seconds: float = MAX_STREAM_SECONDS
+) -> AsyncIterator[bytes]:
+    """One page's server-sent events: a snapshot at once, then on change (at most one per
+    `feed.min_interval`, so a burst of changes makes one) or after `REFRESH` seconds."""
+    changed = changes.subscribe()
+    started = trio.current_time()
+    sent_version, sent_at = -1, -math.inf
+    try:
+        yield b"retry: 3000\n\n"
+        while trio.current_time() - started < max_seconds:
+            now = trio.current_time()
+            version, payload = feed.get(now)
+            changes.unsubscribe(changed)  # what changed before this point is in the feed (or `dirty`)
+            changed = changes.subscribe()
+            if should_send(now=now, version=version, sent_version=sent_version, sent_at=sent_at):
+                sent_version, sent_at = version, now
+                yield b"event: snapshot\ndata: " + payload + b"\n\n"
+            if not feed.dirty:  # nothing new since the snapshot we hold: wait for a change
+                with trio.move_on_at(sent_at + REFRESH):
+                    await changed.wait()
+            await trio.sleep_until(feed.next_build_at())  # no rebuild sooner than the feed allows
+    finally:
+        changes.unsubscribe(changed)
+
+
 # --- routes ------------------------------------------------------------------------
 
 
 def page_routes(node: Node, *, wall_clock: Callable[[], float] = time.time) -> list[BaseRoute]:
     """The page's routes, to add to the node's API application."""
     feed = LiveFeed(lambda: node_snapshot(node, wall_clock()))
-    streams: set[trio.Event] = set()
-    """One event per open stream, set when a document changes."""
+    changes = ChangeSignal()
 
     def on_change(doc_id: str) -> None:
         feed.mark_dirty()
-        for event in streams:
-            event.set()
+        changes.fire()
 
     node.change_listeners.append(on_change)
 
@@ -330,31 +376,10 @@ def page_routes(node: Node, *, wall_clock: Callable[[], float] = time.time) -> l
             )
 
         async def stream() -> AsyncIterator[bytes]:
-            changed = trio.Event()
-            streams.add(changed)
-            started = trio.current_time()
-            sent_version, sent_at = -1, -math.inf
             try:
-                yield b"retry: 3000\n\n"
-                while trio.current_time() - started < MAX_STREAM_SECONDS:
-                    now = trio.current_time()
-                    version, payload = feed.get(now)
-                    if should_send(now=now, version=version, sent_version=sent_version, sent_at=sent_at):
-                        sent_version, sent_at = version, now
-                        yield b"event: snapshot\ndata: " + payload + b"\n\n"
-                    if feed.dirty:  # changed since the snapshot we hold: rebuild when allowed
-                        await trio.sleep_until(feed.next_build_at())
-                        continue
-                    with trio.move_on_after(REFRESH):
-                        await changed.wait()
-                    if changed.is_set():
-                        streams.discard(changed)
-                        changed = trio.Event()
-                        streams.add(changed)
-                        # Changes that come in a burst make one snapshot, not one each.
-                        await trio.sleep_until(feed.next_build_at())
+                async for chunk in snapshot_events(feed, changes):
+                    yield chunk
             finally:
-                streams.discard(changed)
                 feed.leave()
 
         return StreamingResponse(
