@@ -213,3 +213,17 @@ def test_an_operator_approves_a_flagged_session_in_the_browser(tmp_path: Path, b
         assert httpx.get(cloud.url + "/v1/reviews", timeout=10).json()["reviews"][0]["reviewer"] == "Ana"
     finally:
         cloud.kill()
+
+
+async def test_sessions_with_conflicts_are_flagged_too(sqlite_url_: str) -> None:
+    # One device, two sessions, each starting the device's chain at seq 1 (two signers, one key): a fork.
+    docs = {
+        "s-a": completed("s-a", make_signer("charger-1"), ts=1000),
+        "s-b": completed("s-b", make_signer("charger-1"), ts=2000),
+    }
+    async with asgi_cloud(sqlite_url_) as (_, client):
+        await Leader("node-a", docs).sync(client)
+        page = (await client.get("/v1/page/overview")).json()
+    flagged = {f["session_id"]: f for f in page["flagged"]}
+    assert flagged and all(f["reasons"][-1].endswith("conflict(s)") and f["conflicts"] > 0 for f in flagged.values())
+    assert page["pending_reviews"] == len(flagged)
