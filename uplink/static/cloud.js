@@ -61,8 +61,8 @@ function renderFlagged(data) {
         el("span", { class: "badge " + stateClass(f.state) }, f.state)),
       el("div", { class: "row" }, f.reasons.map((r) => el("span", { class: "badge bad" }, r))),
       d ? el("div", { class: "muted" }, "by " + d.reviewer + " · " + fmtTime(d.decided_ts) + (d.note ? " · " + d.note : "")) : null,
-      el("div", { class: "row" },
-        el("input", { class: "note", maxlength: 500, placeholder: "note (optional)", "aria-label": "note" }),
+      el("input", { class: "note", maxlength: 500, placeholder: "note (optional)", "aria-label": "note" }),
+      el("div", { class: "actions" },
         el("button", { class: "approve", type: "button", onclick: (ev) => decide(f.session_id, "approve", ev.target) }, "Approve"),
         el("button", { class: "reject", type: "button", onclick: (ev) => decide(f.session_id, "reject", ev.target) }, "Reject")),
       el("div", { class: "status muted" }));
