@@ -127,12 +127,58 @@ def _short(value: Any) -> str | None:
     return str(value)[:80]
 
 
-def node_snapshot(node: Node, wall_now: float) -> dict[str, Any]:
+class SessionRows:
+    """Each session's row as of its heads: a document that did not change is not folded again."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[frozenset[bytes], dict[str, Any], list[dict[str, Any]]]] = {}
+
+    def read(self, node: Node) -> list[tuple[str, frozenset[bytes], dict[str, Any], list[dict[str, Any]]]]:
+        """(doc_id, heads, row, conflicts) for every session the node holds."""
+        out = []
+        docs = node.replica.docs
+        for doc_id in list(self._rows):
+            if doc_id not in docs:  # archived or dropped
+                del self._rows[doc_id]
+        for doc_id, doc in docs.items():
+            if doc_id == SITE_CONFIG_ID:
+                continue
+            heads = frozenset(doc.get_heads())
+            cached = self._rows.get(doc_id)
+            if cached is None or cached[0] != heads:
+                try:
+                    data, view = node.fold(doc_id)
+                except Exception:  # noqa: BLE001 - a document that does not read as a session is left out
+                    continue
+                row = {
+                    "session_id": doc_id,
+                    "state": view.state,
+                    "energy_wh": view.energy_wh,
+                    "charger": data.charger,
+                    "connector": data.connector,
+                    "started_ts": view.started_ts,
+                    "stopped_ts": view.stopped_ts,
+                    "created_by": data.created_by,
+                    "reconciled": data.receipt is not None,
+                    "conflicts": len(view.conflicts),
+                }
+                cached = self._rows[doc_id] = (
+                    heads,
+                    row,
+                    [{"session_id": doc_id, **c.to_json()} for c in view.conflicts],
+                )
+            out.append((doc_id, *cached))
+        return out
+
+
+def node_snapshot(node: Node, wall_now: float, rows: SessionRows | None = None) -> dict[str, Any]:
     """What the page shows, built from the node's public reads.
 
     Args:
         node: a started node.
         wall_now: seconds since the epoch (the snapshot's timestamp).
+        rows: the sessions' rows from the last snapshot (kept by the caller), so that
+            only documents that changed are read again.
     """
     status = node.status_json()
     me = node.node_id
@@ -162,35 +208,13 @@ def node_snapshot(node: Node, wall_now: float) -> dict[str, Any]:
 
     sessions: list[dict[str, Any]] = []
     conflicts: list[dict[str, Any]] = []
-    for doc_id in node.replica.docs:
-        if doc_id == SITE_CONFIG_ID:
-            continue
-        try:
-            data, view = node.fold(doc_id)
-        except Exception:  # noqa: BLE001 - a document that does not read as a session is left out
-            continue
-        heads = tuple(node.replica.docs[doc_id].get_heads())
+    for doc_id, heads, row, doc_conflicts in (rows or SessionRows()).read(node):
         holders = [n for n in live_direct.values() if doc_id in n.known]
-        sessions.append(
-            {
-                "session_id": doc_id,
-                "state": view.state,
-                "energy_wh": view.energy_wh,
-                "charger": data.charger,
-                "connector": data.connector,
-                "started_ts": view.started_ts,
-                "stopped_ts": view.stopped_ts,
-                "created_by": data.created_by,
-                "reconciled": data.receipt is not None,
-                "conflicts": len(view.conflicts),
-                # This node, and the direct neighbours that told us (or were sent) they hold it;
-                # `in_sync_on` counts those whose heads match ours.
-                "known_on": 1 + len(holders),
-                "in_sync_on": 1 + sum(1 for n in holders if tuple(sorted(n.known[doc_id])) == tuple(sorted(heads))),
-            }
-        )
-        for c in view.conflicts:
-            conflicts.append({"session_id": doc_id, **c.to_json()})
+        # This node, and the direct neighbours that told us (or were sent) they hold it;
+        # `in_sync_on` counts those whose heads match ours.
+        in_sync = 1 + sum(1 for n in holders if frozenset(n.known[doc_id]) == heads)
+        sessions.append({**row, "known_on": 1 + len(holders), "in_sync_on": in_sync})
+        conflicts.extend(doc_conflicts)
     sessions.sort(key=lambda s: (-(s["started_ts"] or 0), s["session_id"]))
     conflicts.sort(key=lambda c: (c["session_id"], c["kind"], c["event_id"]))
 
@@ -224,16 +248,16 @@ def node_snapshot(node: Node, wall_now: float) -> dict[str, Any]:
 
 
 def snapshot_digest(snapshot: dict[str, Any]) -> bytes:
-    """A digest of what changed meaningfully (ages and timestamps left out)."""
+    """A digest of what changed meaningfully: ages and timestamps (`_VOLATILE`) are left out,
+    at the top level and in the rows of its lists (where they are)."""
 
-    def strip(value: Any) -> Any:
+    def stable(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in _VOLATILE}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
+            return {k: v for k, v in value.items() if k not in _VOLATILE}
         return value
 
-    return hashlib.sha256(json.dumps(strip(snapshot), sort_keys=True, default=str).encode()).digest()
+    kept = {k: [stable(x) for x in v] if isinstance(v, list) else v for k, v in snapshot.items() if k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(kept, default=str).encode()).digest()
 
 
 # --- the shared feed (sans-IO: `now` is passed in) -----------------------------------
@@ -350,7 +374,8 @@ async def snapshot_events(
 
 def page_routes(node: Node, *, wall_clock: Callable[[], float] = time.time) -> list[BaseRoute]:
     """The page's routes, to add to the node's API application."""
-    feed = LiveFeed(lambda: node_snapshot(node, wall_clock()))
+    rows = SessionRows()
+    feed = LiveFeed(lambda: node_snapshot(node, wall_clock(), rows))
     changes = ChangeSignal()
 
     def on_change(doc_id: str) -> None:
