@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from meshnode.web import REFRESH, LiveFeed, should_send, snapshot_digest
-from meshnode.web._page import MAX_CLIENTS, ChangeSignal, _chargers, snapshot_events
+from meshnode.web._page import MAX_CLIENTS, ChangeSignal, SessionRows, _chargers, snapshot_events
 
 from .procs import NodeProcess, free_port, wait_until
 from .test_e2e_uplink import CloudProcess
@@ -368,3 +368,36 @@ async def test_a_stream_pushes_a_change_at_once_bursts_once_per_interval_and_ref
         (26.0, 6),
     ]
     assert feed.builds == len(sent)  # no build that was not needed
+
+
+def test_session_rows_fold_a_document_again_only_when_its_heads_change() -> None:
+    from types import SimpleNamespace
+
+    from crdt import SITE_CONFIG_ID, add_event, new_session_doc
+
+    from .conftest import make_signer
+
+    signer = make_signer("charger-1")
+    docs = {
+        sid: new_session_doc(sid, site="f", charger="c", connector=1, id_token="t", tariff={}, created_by="n1")
+        for sid in ("s1", "s2")
+    }
+    docs[SITE_CONFIG_ID] = new_session_doc(
+        "x", site="f", charger="c", connector=1, id_token="t", tariff={}, created_by="n1"
+    )
+    folded: list[str] = []
+
+    def fold(doc_id: str) -> tuple[Any, Any]:
+        folded.append(doc_id)
+        data = SimpleNamespace(charger="c", connector=1, created_by="n1", receipt=None)
+        view = SimpleNamespace(state=f"v{len(folded)}", energy_wh=0, started_ts=None, stopped_ts=None, conflicts=())
+        return data, view
+
+    node = SimpleNamespace(replica=SimpleNamespace(docs=docs), fold=fold)
+    rows = SessionRows()
+    assert [r[0] for r in rows.read(node)] == ["s1", "s2"] and folded == ["s1", "s2"]  # the site config is no session
+    assert [r[2]["state"] for r in rows.read(node)] == ["v1", "v2"] and folded == ["s1", "s2"]  # nothing changed
+    add_event(docs["s2"], signer.sign("authorize", "s2", 1), public_key=signer.public_key)
+    assert [r[2]["state"] for r in rows.read(node)] == ["v1", "v3"] and folded == ["s1", "s2", "s2"]
+    del docs["s1"]  # archived: forgotten
+    assert [r[0] for r in rows.read(node)] == ["s2"] and folded == ["s1", "s2", "s2"]
