@@ -89,6 +89,7 @@ from crdt import (
     verify_event,
 )
 
+from ._cloud_web import cloud_pages
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._wire import (
     CONTENT_ENCODING,
@@ -878,6 +879,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
         log.error("%s %s failed in the database: %s", request.method, request.url.path, exc)
         return _error(503, f"database failure: {exc}")
 
+    pages = cloud_pages(resolve)  # the operator page: GET /, /assets, /v1/page/..., /v1/reviews
     return Starlette(
         routes=[
             Route(SYNC_PATH, sync, methods=["POST"]),
@@ -887,7 +889,9 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             Route("/v1/stats", stats, methods=["GET"]),
             Route("/v1/issuer", issuer, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            *pages.routes,
         ],
+        middleware=pages.middleware,
         exception_handlers={LedgerError: on_ledger_error},
         lifespan=lifespan,
     )
