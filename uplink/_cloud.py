@@ -68,6 +68,7 @@ import trio
 from automerge.core import Document
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -90,6 +91,7 @@ from crdt import (
 )
 
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
+from ._metrics import CloudMetrics
 from ._wire import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -563,6 +565,7 @@ class CloudService:
         self._wall_clock = wall_clock
         self._locks: dict[str, trio.Lock] = {}
         self.issuer = bytes(signing_key.verify_key).hex()
+        self.metrics = CloudMetrics(self)
         self.app = _build_app(lambda _request: self)
 
     # --- POST /v1/sync -------------------------------------------------------------
@@ -583,6 +586,7 @@ class CloudService:
         except WireError as exc:
             raise RemoteRequestError(400, str(exc)) from exc
         node = request.node_id
+        started = time.perf_counter()
         delta: Counter[str] = Counter({STAT_REQUESTS: 1, STAT_BYTES: len(body), STAT_BYTES_INFLATED: len(inflated)})
         # The responder side of `crdt.SyncSession`, the same exchange the forwarder runs.
         session = SyncSession(
@@ -615,6 +619,7 @@ class CloudService:
                 for doc_id in issued:
                     log.info("issued receipt for session %r", doc_id)
                 replies = session.replies(request.msgs, errors)
+                self.metrics.observe_sync(time.perf_counter() - started, len(changed))
         return compress(CloudSyncResponse(replies, errors).encode())
 
     @asynccontextmanager
@@ -863,6 +868,10 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
     async def stats(request: Request) -> Response:
         return JSONResponse(await read(resolve(request).stats))
 
+    async def metrics(request: Request) -> Response:
+        registry = resolve(request).metrics.registry
+        return Response(await read(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
+
     async def issuer(request: Request) -> Response:
         return JSONResponse({"issuer": resolve(request).issuer})
 
@@ -887,6 +896,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             Route("/v1/stats", stats, methods=["GET"]),
             Route("/v1/issuer", issuer, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={LedgerError: on_ledger_error},
         lifespan=lifespan,

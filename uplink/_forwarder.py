@@ -311,6 +311,10 @@ class ForwardPlanner:
     def is_waiting(self, doc_id: str) -> bool:
         return doc_id in self._waiting
 
+    def waiting(self) -> dict[str, int]:
+        """Every waiting document and its priority (for metrics)."""
+        return {doc_id: entry.priority for doc_id, entry in self._waiting.items()}
+
     @property
     def counters(self) -> ForwardCounters:
         return ForwardCounters(
