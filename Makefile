@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
-DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace
+DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace prometheus
 
 .PHONY: demo test test-fast lint mutation bench clean install system-deps
 
