@@ -94,6 +94,7 @@ from crdt import (
 
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
+from ._ocpi import ocpi_routes
 from ._tariffs import OperatorConfig, SiteConfigs, decide_price, split_site_config, with_site_config
 from ._wire import (
     CONTENT_ENCODING,
@@ -958,6 +959,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             Route("/v1/issuer", issuer, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *ocpi_routes(resolve),
         ],
         exception_handlers={LedgerError: on_ledger_error},
         lifespan=lifespan,

@@ -54,7 +54,7 @@ from ._wire import CloudSyncRequest
 
 CONTEXT = b"meshnode/tariff/v1\x00"
 MAX_ENTRY_BYTES = 4096
-MAX_ID_LEN = 36  # an OCPI Tariff.id is CiString(36)
+MAX_ID_LEN = 25  # an OCPI Tariff.id is CiString(36): "<id>-<version>" must fit
 MAX_PRICE = Decimal(10000)
 PRICE_FIELDS = ("energy_per_kwh", "time_per_hour", "idle_per_hour")
 SNAPSHOT_ID = "snapshot"
@@ -568,9 +568,12 @@ class OperatorConfig:
         site_keys: site name -> the site's Ed25519 public keys (verify tariff entries).
         ocpi_token: the token OCPI clients present (None: OCPI routes are off).
         ocpi_country_code, ocpi_party_id: this CPO's OCPI identity.
+        ocpi_locations: see `uplink._ocpi.DEFAULT_LOCATION`.
     """
 
     site_keys: Mapping[str, Sequence[bytes]] = dataclasses.field(default_factory=dict)
     ocpi_token: str | None = None
     ocpi_country_code: str = "NL"
     ocpi_party_id: str = "MSH"
+    ocpi_locations: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    """site -> OCPI location fields the ledger lacks (address, city, country, latitude, ...)."""
