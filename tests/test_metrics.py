@@ -92,3 +92,60 @@ async def test_cloud_metrics_count_ingest_and_ledger_rows(tmp_path: Path):
             assert after[("meshnode_cloud_ingest_seconds_count", ())] >= 1
             assert after[("meshnode_cloud_requests_total", ())] >= 1
             assert after[("meshnode_cloud_reviews_pending", ())] == 0
+
+
+# --- structured logs -------------------------------------------------------------------------
+
+
+def test_log_format_json_writes_one_object_per_line(tmp_path: Path):
+    """A real `meshnode run` and `meshnode cloud` with --log-format json: every stderr line is a JSON object."""
+    import json
+    import subprocess
+    import sys
+
+    from .procs import free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    host = "127.0.17.9"
+    commands = {
+        "node": ["run", "--insecure", "--no-mdns", "--node-id", "n1", "--data-dir", str(tmp_path / "n1"),
+                 "--bind", host, "--coap-port", str(free_port(host)), "--http-port", str(free_port(host))],
+        "cloud": ["cloud", "--db", f"sqlite:///{tmp_path}/c.db", "--bind", host, "--port", str(free_port(host))],
+    }  # fmt: skip
+    for name, args in commands.items():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshnode.cli", *args, "--log-format", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline())["ready"] is True
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines, f"{name} logged nothing"
+        records = [json.loads(line) for line in lines]  # each line alone is one JSON object
+        for record in records:
+            assert set(record) >= {"ts", "level", "logger", "message"} and record["ts"].endswith("+00:00")
+        wanted = "INSECURE" if name == "node" else "cloud service on"
+        assert any(wanted in r["message"] for r in records), records
+
+
+def test_the_json_formatter_keeps_the_traceback_inside_the_object():
+    import json
+    import logging
+
+    from meshnode._operator import JsonFormatter
+
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed: %s", ("why",), exc_info=True)
+        import sys
+
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    got = json.loads(line)
+    assert got["message"] == "failed: why" and got["level"] == "error" and "ValueError: boom" in got["exc"]
