@@ -278,3 +278,54 @@ async def test_a_forged_tariff_prices_nothing_and_a_foreign_site_config_is_refus
         row = (await client.get("/v1/sessions/s1")).json()["session"]
         assert row["cost_cents"] is None and cloud.site_configs.tariffs("field") == []
         assert "signature" in cloud.site_configs.rejected("field")[0]
+
+
+# --- end to end: real processes -------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_tariff_set_on_a_node_prices_its_sessions_in_the_cloud(tmp_path: Path):
+    """`meshnode site tariff --http NODE` -> site config -> forwarder -> `meshnode cloud --site` -> receipt."""
+    import httpx
+
+    from .procs import NodeProcess, free_port, wait_until
+    from .test_e2e_uplink import CloudProcess
+
+    import time
+
+    site_dir = tmp_path / "site"
+    create_site(site_dir, "field", now=time.time())
+    enroll(site_dir, "n1", tmp_path / "n1", now=time.time())
+    host_cloud, host_node = "127.0.17.20", "127.0.17.21"
+    cloud = CloudProcess(
+        host_cloud, free_port(host_cloud), f"sqlite:///{tmp_path}/c.db", tmp_path / "c.key", tmp_path / "c.log",
+        extra=["--site", str(site_dir)],
+    )  # fmt: skip
+    node = NodeProcess(
+        "n1", host_node, tmp_path / "n1", coap_port=free_port(host_node), http_port=free_port(host_node),
+        extra=["--cloud-url", cloud.url, "--probe-interval", "0.5"], insecure=False,
+    )  # fmt: skip
+    try:
+        cloud.start()
+        node.start()
+        made = subprocess.run(
+            [sys.executable, "-m", "meshnode.cli", "site", "tariff", "--site", str(site_dir), "--id", "std",
+             "--energy", "0.50", "--valid-from", "2020-01-01", "--http", node.url],
+            capture_output=True, text=True, cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        created = node.post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "T", "meter_wh": 0})
+        assert created.status_code == 201, created.text
+        sid = created.json()["session_id"]
+        assert created.json()["tariff"]["tariff_id"] == "std"  # the node snapshots the site tariff
+        assert node.post(f"/v1/sessions/{sid}/events", {"type": "stop", "meter_wh": 2_000}).status_code == 201
+        wait_until(lambda: node.get(f"/v1/sessions/{sid}")["state"] == "reconciled", 90, what="the receipt")
+        row = cloud.get(f"/v1/sessions/{sid}")["session"]
+        assert (row["cost_cents"], row["currency"], row["tariff_id"], row["tariff_version"]) == (100, "EUR", "std", 1)
+        receipt = verify_receipt(bytes.fromhex(row["receipt"]), cloud.get("/v1/issuer")["issuer"])
+        assert (receipt["tariff_id"], receipt["tariff_version"], receipt["cost_cents"]) == ("std", 1, 100)
+        assert httpx.get(cloud.url + "/metrics", timeout=10).status_code == 200
+    finally:
+        node.kill()
+        cloud.kill()
