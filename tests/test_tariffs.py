@@ -321,6 +321,8 @@ def test_a_tariff_set_on_a_node_prices_its_sessions_in_the_cloud(tmp_path: Path)
         assert created.json()["tariff"]["tariff_id"] == "std"  # the node snapshots the site tariff
         assert node.post(f"/v1/sessions/{sid}/events", {"type": "stop", "meter_wh": 2_000}).status_code == 201
         wait_until(lambda: node.get(f"/v1/sessions/{sid}")["state"] == "reconciled", 90, what="the receipt")
+        on_node = node.get(f"/v1/sessions/{sid}")["receipt"]
+        assert (on_node["tariff_id"], on_node["tariff_version"], on_node["cost_cents"]) == ("std", 1, 100)
         row = cloud.get(f"/v1/sessions/{sid}")["session"]
         assert (row["cost_cents"], row["currency"], row["tariff_id"], row["tariff_version"]) == (100, "EUR", "std", 1)
         receipt = verify_receipt(bytes.fromhex(row["receipt"]), cloud.get("/v1/issuer")["issuer"])

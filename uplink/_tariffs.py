@@ -400,8 +400,12 @@ class SiteConfigs:
             else:
                 replica.docs[SITE_CONFIG_ID] = Document.load(saved)
         # Answered even while the cloud lacks the document: its empty reply is what
-        # makes the leader send the changes.
+        # makes the leader send the changes. A site whose config the cloud still lacks
+        # keeps no state (a stranger naming sites leaves nothing behind); the leader's
+        # next message carries the changes, which apply on a fresh state.
         replies = session.replies([SITE_CONFIG_ID], applied.errors)
+        if SITE_CONFIG_ID not in replica.docs:
+            self.replicas.pop(site, None)
         return SiteConfigApplied(replies.get(SITE_CONFIG_ID), error, bool(applied.changes) and error is None)
 
     def restore(self, site: str, saved: bytes | None) -> None:
