@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ocpi-token",
         metavar="TOKEN",
         help="serve the OCPI 2.2.1 CPO export (cdrs, sessions, tariffs) under /ocpi to clients presenting this "
-        "token; without it the OCPI routes answer 404",
+        "token (or set MESHNODE_OCPI_TOKEN, which stays out of the process list); without it the OCPI routes "
+        "answer 404",
     )
     cloud.add_argument(
         "--site",
@@ -501,7 +503,9 @@ def run_cloud(args: argparse.Namespace) -> int:
                         key_path=args.key,
                         certfile=args.certfile,
                         keyfile=args.keyfile,
-                        operator=OperatorConfig(site_keys=site_keys, ocpi_token=args.ocpi_token),
+                        operator=OperatorConfig(
+                            site_keys=site_keys, ocpi_token=args.ocpi_token or os.environ.get("MESHNODE_OCPI_TOKEN")
+                        ),
                         **trust,
                     )
                 )

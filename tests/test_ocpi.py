@@ -335,3 +335,39 @@ def test_the_schemas_catch_what_the_spec_forbids():
     ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, CDR)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_meshnode_cloud_serves_ocpi_only_with_a_token(tmp_path: Path):
+    """The real `meshnode cloud`: --ocpi-token, or MESHNODE_OCPI_TOKEN, turns the routes on."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .procs import free_port
+
+    host = "127.0.17.30"
+    repo = Path(__file__).resolve().parent.parent
+    for how in ("flag", "env", "none"):
+        port = free_port(host)
+        args = [sys.executable, "-m", "meshnode.cli", "cloud", "--db", f"sqlite:///{tmp_path}/{how}.db",
+                "--bind", host, "--port", str(port)]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "MESHNODE_OCPI_TOKEN"}
+        if how == "flag":
+            args += ["--ocpi-token", TOKEN]
+        elif how == "env":
+            env["MESHNODE_OCPI_TOKEN"] = TOKEN
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=repo, env=env)
+        try:
+            assert proc.stdout is not None and json.loads(proc.stdout.readline())["ready"] is True
+            r = httpx.get(f"http://{host}:{port}/ocpi/versions", headers=AUTH, timeout=10)
+            if how == "none":
+                assert r.status_code == 404 and "not enabled" in r.json()["status_message"]
+            else:
+                assert r.status_code == 200 and r.json()["data"][0]["url"] == f"http://{host}:{port}/ocpi/2.2.1"
+                assert httpx.get(f"http://{host}:{port}/ocpi/versions", timeout=10).status_code == 401
+        finally:
+            proc.terminate()
+            proc.wait(30)
