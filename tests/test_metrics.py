@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -149,3 +150,44 @@ def test_the_json_formatter_keeps_the_traceback_inside_the_object():
     assert "\n" not in line
     got = json.loads(line)
     assert got["message"] == "failed: why" and got["level"] == "error" and "ValueError: boom" in got["exc"]
+
+
+async def test_queued_changes_unsent_events_and_coap_codes_move(tmp_path: Path, autojump_clock):
+    """A node whose cloud is unreachable queues its changes; a request for no such path counts as 4.04."""
+    from uplink import CloudClient
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("no route to the cloud", request=request)
+
+    net = MemoryNetwork()
+    async with (
+        trio.open_nursery() as nursery,
+        net.transport("10.0.0.1:5683") as t1,
+        net.transport("10.0.0.2:5683") as t2,
+    ):
+        cloud = CloudClient(
+            "http://cloud.invalid", client=httpx.AsyncClient(transport=httpx.MockTransport(unreachable))
+        )
+        node = Node(
+            NodeConfig(node_id="n1", data_dir=tmp_path / "n1", seed=7, cloud_url="http://cloud.invalid"),
+            transport=t1, discovery=StaticDiscovery([]), wall_clock=lambda: NOW + trio.current_time(), cloud=cloud,
+        )  # fmt: skip
+        await nursery.start(node.serve)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(node)), base_url="http://n") as api:
+            before = samples((await api.get("/metrics")).text)
+            assert before[("meshnode_queued_changes", (("priority", "state"),))] == 0
+            assert before[("meshnode_unsent_events", ())] == 0
+            sid = (await api.post("/v1/sessions", json={"charger": "c", "connector": 1, "id_token": "T"})).json()[
+                "session_id"
+            ]
+            await api.post(f"/v1/sessions/{sid}/events", json={"type": "meter", "meter_wh": 10})
+            await trio.sleep(3)
+            after = samples((await api.get("/metrics")).text)
+            assert after[("meshnode_queued_changes", (("priority", "state"),))] == 1
+            assert after[("meshnode_unsent_events", ())] == 3  # authorize, start, meter
+            assert after[("meshnode_is_leader", ())] == 0  # no uplink, no leader
+            with pytest.raises(Exception, match="4.04"):
+                await t2.request("10.0.0.1:5683", "/no/such/path", b"")
+            codes = samples((await api.get("/metrics")).text)
+            assert codes[("meshnode_coap_requests_total", (("code", "4.04"),))] == 1
+        nursery.cancel_scope.cancel()
