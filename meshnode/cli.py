@@ -253,6 +253,8 @@ def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("retention", "probe_interval"):
         if not isinstance(settings[key], int | float) or settings[key] <= 0:
             raise ConfigError(f"{key.replace('_', '-')} must be a positive number of seconds")
+    if settings["log_format"] not in ("text", "json"):
+        raise ConfigError(f"log-format must be text or json, got {settings['log_format']!r}")
     url = settings["cloud_url"]
     if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
         raise ConfigError(f"cloud-url must be an http:// or https:// URL, got {url!r}")

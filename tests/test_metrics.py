@@ -191,3 +191,17 @@ async def test_queued_changes_unsent_events_and_coap_codes_move(tmp_path: Path, 
             codes = samples((await api.get("/metrics")).text)
             assert codes[("meshnode_coap_requests_total", (("code", "4.04"),))] == 1
         nursery.cancel_scope.cancel()
+
+
+def test_log_format_comes_from_the_flag_or_the_config_file(tmp_path: Path):
+    from meshnode.cli import ConfigError, build_parser, resolve_run_settings
+
+    config = tmp_path / "node.toml"
+    config.write_text('log_format = "json"\n')
+    parse = build_parser().parse_args
+    assert resolve_run_settings(parse(["run", "--config", str(config)]))["log_format"] == "json"
+    assert resolve_run_settings(parse(["run", "--config", str(config), "--log-format", "text"]))["log_format"] == "text"
+    assert resolve_run_settings(parse(["run"]))["log_format"] == "text"
+    config.write_text('log_format = "yaml"\n')
+    with pytest.raises(ConfigError, match="log-format must be text or json"):
+        resolve_run_settings(parse(["run", "--config", str(config)]))
