@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._apiauth import MAX_JSON_DEPTH, ApiGuard, ApiTokens, json_depth_ok
 from ._node import Node
 from .services import (
     API_EVENT_TYPES,
@@ -78,9 +79,15 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise _bad(413, f"request body is larger than {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a huge body is never held whole
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _bad(413, f"request body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not json_depth_ok(body):
+        raise _bad(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -163,7 +170,10 @@ def build_app(node: Node) -> Starlette:
         return Response(data, media_type="application/octet-stream")
 
     async def status(request: Request) -> Response:
-        return JSONResponse(node.status_json())
+        out = node.status_json()
+        # An enrolled node's API takes tokens (serve_api); an --insecure one is open, and says so.
+        out.setdefault("security", {})["api"] = "open" if node.identity is None else "token"
+        return JSONResponse(out)
 
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
@@ -187,13 +197,30 @@ def build_app(node: Node) -> Starlette:
     )
 
 
+BACKLOG = 2048
+"""Listen backlog: a site's chargers and tools connecting at once must not be reset
+(Hypercorn's default is 100; the kernel caps it at net.core.somaxconn)."""
+
+
 async def serve_api(
-    node: Node, bind: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    node: Node,
+    bind: str,
+    port: int,
+    *,
+    tokens: ApiTokens | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the node's HTTP API until cancelled."""
+    """Serve the node's HTTP API until cancelled.
+
+    Args:
+        tokens: the API tokens every `/v1` request must carry (`meshnode._apiauth`);
+            None serves an open API (only for `--insecure` nodes).
+    """
     config = HypercornConfig()
-    config.bind = [f"{bind}:{port}"]
+    config.bind = [f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("meshnode.api.server")
     config.graceful_timeout = 0.5
-    await hypercorn_serve(build_app(node), config, task_status=task_status)  # type: ignore[arg-type]
+    config.backlog = BACKLOG
+    app = ApiGuard(build_app(node), tokens=tokens, max_body=MAX_BODY)
+    await hypercorn_serve(app, config, task_status=task_status)  # type: ignore[arg-type]

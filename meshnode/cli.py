@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -116,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--serial", help="revoke one certificate")
     site_revoke.add_argument("--reason", default="")
     site_revoke.add_argument("--http", metavar="URL", help="hand the entry to this node's API (it spreads from there)")
+    _add_token_options(site_revoke)
     site_rotate = site_sub.add_parser("rotate-network-key", help="make a new network key and grant it to every node")
     site_rotate.add_argument("--site", default=".", metavar="DIR")
     site_rotate.add_argument("--activate-in", type=float, default=600.0, metavar="SECONDS")
     site_rotate.add_argument("--retire-after", type=float, default=7 * 86400.0, metavar="SECONDS")
     site_rotate.add_argument("--http", metavar="URL", help="hand the grant to this node's API")
+    _add_token_options(site_rotate)
 
     enroll = sub.add_parser("enroll", help="enrol a node: its key and a certificate signed by the site key")
     enroll.add_argument("--node-id", required=True)
@@ -147,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--token-id", required=True)
     listing.add_argument("--revoke", action="store_true", help="revoke instead of allow")
     listing.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
+    _add_token_options(listing)
 
     status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
     status.add_argument(
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node's HTTP API (default http://127.0.0.1:8080)",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_token_options(status)
 
     cloud = sub.add_parser(
         "cloud",
@@ -204,6 +209,32 @@ def build_parser() -> argparse.ArgumentParser:
     replica.add_argument("--sessions", type=int, default=4, help="sessions started on each replica (default 4)")
     replica.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     return parser
+
+
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    """--token / --data-dir: the credential for an enrolled node's API (docs/security.md)."""
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the node's API token (default: $MESHNODE_API_TOKEN, else read from --data-dir)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default="meshnode-data",
+        help="a node data dir on this host whose api.token to use (default ./meshnode-data)",
+    )
+
+
+def _api_headers(args: argparse.Namespace, *, write: bool) -> dict[str, str]:
+    """The Authorization header for a node's API, from --token, $MESHNODE_API_TOKEN or the data dir."""
+    from ._apiauth import read_token_file
+
+    token = getattr(args, "token", None) or os.environ.get("MESHNODE_API_TOKEN")
+    if not token and getattr(args, "data_dir", None):
+        data_dir = Path(args.data_dir)
+        token = read_token_file(data_dir, write=write) or read_token_file(data_dir, write=True)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class ConfigError(Exception):
@@ -295,6 +326,16 @@ async def run_node(settings: dict[str, Any]) -> None:
     else:
         node_id = identity.node_id
         settings["site"] = identity.site_name
+    from ._apiauth import ApiTokens
+
+    # An enrolled node's API takes tokens (kept in the data dir, 0600); an --insecure one is open.
+    tokens = ApiTokens.load_or_create(data_dir) if identity is not None else None
+    if tokens is None:
+        logging.getLogger("meshnode").warning(
+            "INSECURE: the HTTP API on %s:%s is open: anyone who reaches it can read and write sessions",
+            settings["bind"],
+            settings["http_port"],
+        )
     async with trio_asyncio.open_loop():
         async with open_coap_transport(settings["bind"], settings["coap_port"]) as coap:
             sealer = None
@@ -329,7 +370,9 @@ async def run_node(settings: dict[str, Any]) -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(node.serve)
-                    await nursery.start(serve_api, node, settings["bind"], settings["http_port"])
+                    await nursery.start(
+                        functools.partial(serve_api, tokens=tokens), node, settings["bind"], settings["http_port"]
+                    )
                     print(
                         json.dumps(
                             {
@@ -340,6 +383,8 @@ async def run_node(settings: dict[str, Any]) -> None:
                                 "mdns": not settings["no_mdns"],
                                 "peers": settings["peer"],
                                 "enrolled": identity is not None,
+                                "api": "token" if tokens is not None else "open",
+                                **({} if tokens is not None else {"insecure": True}),
                             }
                         ),
                         flush=True,
@@ -350,7 +395,7 @@ async def run_node(settings: dict[str, Any]) -> None:
                         break
 
 
-def _hand_to_node(url: str | None, entry: bytes) -> int:
+def _hand_to_node(url: str | None, entry: bytes, headers: dict[str, str] | None = None) -> int:
     """Print an entry (hex), and hand it to a node's API when asked."""
     print(entry.hex())
     if url is None:
@@ -363,7 +408,9 @@ def _hand_to_node(url: str | None, entry: bytes) -> int:
     import httpx
 
     try:
-        response = httpx.post(url.rstrip("/") + "/v1/site/entries", json={"entry": entry.hex()}, timeout=10.0)
+        response = httpx.post(
+            url.rstrip("/") + "/v1/site/entries", json={"entry": entry.hex()}, headers=headers, timeout=10.0
+        )
     except httpx.HTTPError as exc:
         print(f"cannot reach {url}: {exc}", file=sys.stderr)
         return 1
@@ -408,12 +455,12 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             _, entry = sec.site_revoke(
                 Path(args.site), node_id=args.node_id, serial=args.serial, now=now, reason=args.reason
             )
-            return _hand_to_node(args.http, entry)
+            return _hand_to_node(args.http, entry, _api_headers(args, write=True))
         if args.site_command == "rotate-network-key":
             _, grant = sec.site_rotate_network_key(
                 Path(args.site), now=now, activate_in=args.activate_in, retire_previous_after=args.retire_after
             )
-            return _hand_to_node(args.http, grant)
+            return _hand_to_node(args.http, grant, _api_headers(args, write=True))
         parser.parse_args(["site", "--help"])
         return 2
     if args.command == "token":
@@ -437,7 +484,7 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             )
             return 0
         entry = sec.signed_token_list_entry(key, args.token_id, not args.revoke, now)
-        return _hand_to_node(args.http, entry)
+        return _hand_to_node(args.http, entry, _api_headers(args, write=True))
     return 2
 
 
@@ -496,11 +543,18 @@ def run_cloud(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_status(url: str, as_json: bool) -> int:
+def show_status(url: str, as_json: bool, headers: dict[str, str] | None = None) -> int:
     import httpx
 
     try:
-        response = httpx.get(url.rstrip("/") + "/v1/status", timeout=5.0)
+        response = httpx.get(url.rstrip("/") + "/v1/status", headers=headers, timeout=5.0)
+        if response.status_code == 401:
+            print(
+                f"meshnode status: {url} wants a token: run on the node's host with --data-dir DIR "
+                "(it reads DIR/api-read.token), or pass --token TOKEN",
+                file=sys.stderr,
+            )
+            return 1
         response.raise_for_status()
         status = response.json()
     except httpx.HTTPError as exc:
@@ -586,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cloud":
         return run_cloud(args)
     if args.command == "status":
-        return show_status(args.http, args.json)
+        return show_status(args.http, args.json, _api_headers(args, write=False))
     if args.command == "demo":
         from ._demo import run_from_args
 
