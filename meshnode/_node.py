@@ -299,6 +299,8 @@ class Node:
             self.forwarder = Forwarder(
                 self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud
             )
+            if identity is not None:  # a cloud that trusts the site takes sync only from its devices
+                self.forwarder.sign_with(identity.signing_key, identity.certificate_bytes, wall_clock)
         self.archived: set[str] = set()
         # Retired sessions a peer still asks about are served from their archived
         # copy (read-only: nothing a peer sends is stored), so a node that was away

@@ -502,18 +502,15 @@ def run_cloud(args: argparse.Namespace) -> int:
     )
     trust: dict[str, Any] = {}
     if args.site:
-        from ._security import Certificate, load_site
+        from ._sitetrust import SiteTrust
 
-        site_public_key = load_site(Path(args.site)).public_key
-
-        def certify(device_id: str, declared: bytes) -> bytes | None:
-            try:
-                cert = Certificate.decode(declared, site_public_key)
-            except Exception:
-                return None
-            return cert.public_key if cert.node_id == device_id else None
-
-        trust = {"certify": certify, "trust_document_keys": False}
+        # Only certified, unrevoked devices of the site may sync, and only their events count.
+        site_trust = SiteTrust(Path(args.site))
+        trust = {
+            "certify": site_trust.certify,
+            "authenticate": site_trust.authenticate,
+            "trust_document_keys": False,
+        }
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
