@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -497,9 +498,7 @@ def run_cloud(args: argparse.Namespace) -> int:
     if args.db.lower().startswith("postgres") and importlib.util.find_spec("psycopg") is None:
         print("meshnode cloud: a PostgreSQL ledger needs psycopg: pip install 'meshnode[cloud]'", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    _setup_logging(args.log_level)
     trust: dict[str, Any] = {}
     if args.site:
         from ._sitetrust import SiteTrust
@@ -527,7 +526,10 @@ def run_cloud(args: argparse.Namespace) -> int:
                         **trust,
                     )
                 )
-                print(json.dumps({"ready": True, "urls": urls, "db": args.db}), flush=True)
+                ready = {"ready": True, "urls": urls, "db": redact(args.db), "site": args.site}
+                if not args.site:
+                    ready["insecure"] = "no --site: any client may sync, device keys are trusted on first use"
+                print(json.dumps(ready), flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
@@ -535,7 +537,7 @@ def run_cloud(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except (OSError, LedgerError) as exc:
-        print(f"meshnode cloud: {exc}", file=sys.stderr)
+        print(f"meshnode cloud: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -592,39 +594,102 @@ def show_status(url: str, as_json: bool, headers: dict[str, str] | None = None) 
     return 0
 
 
+_SECRET_PATTERNS = (
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),  # scheme://user:PASSWORD@
+    (re.compile(r"(\bpassword\s*=\s*)\S+", re.IGNORECASE), r"\1***"),  # libpq key=value strings
+    (re.compile(r"(\bBearer\s+)\S+"), r"\1***"),
+    (re.compile(r"(\baccess_token=)[^&\s]+"), r"\1***"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with passwords in URLs and connection strings, and API tokens, replaced by ***."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) never carry a password or a token."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, as trio's nurseries raise them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error to show in one line when `exc` is one a user can fix (a port in use, a bad
+    address or URL, an unreachable database, a missing site...), else None (a bug: traceback)."""
+    from ._apiauth import TokenFileError
+    from ._security import LocalSecurityError
+
+    expected: list[type[BaseException]] = [OSError, ConfigError, LocalSecurityError, TokenFileError]
+    for module, names in (("uplink._ledger", ("LedgerError",)), ("uplink._cloud", ("CloudKeyError",))):
+        loaded = sys.modules.get(module)
+        expected += [getattr(loaded, n) for n in names if loaded is not None]
+    node = sys.modules.get("meshnode._node")
+    if node is not None:
+        expected.append(node.NodeError)
+    leaves = [leaf for leaf in _leaves(exc) if not isinstance(leaf, KeyboardInterrupt)]
+    # A wrapper raised "from" an OSError (a transport that cannot bind) is the OSError's story.
+    wanted = [leaf for leaf in leaves if isinstance(leaf, tuple(expected)) or isinstance(leaf.__cause__, OSError)]
+    return wanted[0] if wanted and len(wanted) == len(leaves) else None
+
+
+_HINTS = {
+    98: "another process (another meshnode?) listens there: pick another port, or stop it",
+    99: "that address is not one of this host's: check --bind",
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    errno = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and errno in _HINTS:
+        text = f"{text} ({_HINTS[errno]})"
+    return redact(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `meshnode` command. A start-up error a user can fix ends as one line on stderr
+    (exit 2 for settings, 1 otherwise), however deep in trio's task groups it was raised."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        shown = _user_error(exc)
+        if shown is None:
+            raise
+        name = " ".join(x for x in (args.command, getattr(args, "site_command", None)) if x)
+        print(f"meshnode {name}: {_one_line(shown)}", file=sys.stderr)
+        return 2 if isinstance(shown, ConfigError) else 1
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "run":
-        try:
-            settings = resolve_run_settings(args)
-        except ConfigError as exc:
-            parser.error(str(exc))
-        logging.basicConfig(
-            level=settings["log_level"].upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        settings = resolve_run_settings(args)
+        _setup_logging(settings["log_level"])
         import trio
 
-        try:
-            trio.run(run_node, settings)
-        except ConfigError as exc:
-            print(f"meshnode run: {exc}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"meshnode run: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            from ._security import LocalSecurityError
-
-            if isinstance(exc, LocalSecurityError):
-                print(f"meshnode run: {exc}", file=sys.stderr)
-                return 1
-            raise
+        trio.run(run_node, settings)  # errors a user can fix end as one line (main)
         return 0
     if args.command in ("site", "enroll", "token"):
         from ._security import LocalSecurityError
