@@ -44,6 +44,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "unknown_token_policy": "accept_limited",
     "unknown_token_max_wh": None,
     "unknown_token_max_minutes": None,
+    "max_power_kw": 350.0,
+    "connector_max_power_kw": {},
 }
 
 
@@ -105,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--unknown-token-max-wh", type=int, metavar="WH", help="energy cap for such sessions")
     run.add_argument("--unknown-token-max-minutes", type=int, metavar="MIN", help="time cap for such sessions")
+    run.add_argument(
+        "--max-power-kw",
+        type=float,
+        metavar="KW",
+        help="the most a connector delivers (default 350); a meter reading that rises faster is refused "
+        "and, from a peer, filed as a conflict, never billed. Per connector: connector_max_power_kw in --config",
+    )
 
     site = sub.add_parser("site", help="create and manage a site: keys, revocations, network key")
     site_sub = site.add_subparsers(dest="site_command", metavar="SITE_COMMAND")
@@ -368,6 +377,10 @@ async def run_node(settings: dict[str, Any]) -> None:
                 identity=identity,
                 sealer=sealer,
             )
+            node.sessions.max_power_w = round(settings["max_power_kw"] * 1000)
+            node.sessions.connector_max_power_w = {
+                int(c): round(kw * 1000) for c, kw in settings["connector_max_power_kw"].items()
+            }
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(node.serve)
