@@ -27,22 +27,21 @@ from pathlib import Path
 from uplink import RemoteRequestError
 
 from ._security import (
-    CLOUD_PUB,
     MESH_ROLES,
     SITE_ENTRIES,
     SITE_PUB,
     BadCertificate,
     BadSiteEntry,
     Certificate,
+    LocalSecurityError,
     Revocations,
     _read_key_file,
     _write_file,
+    enrolled_certificates,
     entry_key,
 )
 
 log = logging.getLogger("meshnode.sitetrust")
-
-__all__ = ["SiteTrust", "CLOUD_PUB"]
 
 
 class SiteTrust:
@@ -139,3 +138,45 @@ class SiteTrust:
         _write_file(folder / f"{key.replace(':', '_')}.cbor", entry, secret=False)
         self.reload()
         return {"section": "revocations", "key": key}
+
+
+# --------------------------------------------------------------------------
+# Re-enrolment of a wiped node: a new key starts a new chain, past the old one
+
+CHAIN_BASE = "chain.base"
+"""File in a data dir: the seq after which this node's fresh event chain starts."""
+CHAIN_STRIDE = 2**40
+"""Seq space per key of a node: no chain gets near it (a reading a second for 30,000 years)."""
+
+
+def chain_base_at_enrolment(site_dir: Path, node_id: str, public_key: bytes) -> int:
+    """Where the event chain of `node_id` under `public_key` starts (its first seq is this + 1).
+
+    0 for the first key the site certified for this node id. A wiped node re-enrolled
+    under a new key would otherwise start again at seq 1, and the cloud, which checks a
+    device's chain across all its sessions, would take every new event for a fork of the
+    old ones and bill none of them. So the k-th key of a node id starts at k * 2**40: its
+    chain cannot meet the old one, the old events keep verifying with the old
+    certificate (it stays in their sessions' `devices` map), the new ones with the new.
+    """
+    keys: list[bytes] = []
+    for cert in enrolled_certificates(site_dir):
+        if cert.node_id == node_id and cert.public_key not in keys:
+            keys.append(cert.public_key)
+    index = keys.index(public_key) if public_key in keys else len(keys)
+    return index * CHAIN_STRIDE
+
+
+def write_chain_base(data_dir: Path, base: int) -> None:
+    _write_file(Path(data_dir) / CHAIN_BASE, f"{base}\n".encode(), secret=False)
+
+
+def read_chain_base(data_dir: Path) -> int:
+    """The chain base kept in a data dir (0 when there is none)."""
+    try:
+        text = (Path(data_dir) / CHAIN_BASE).read_text().strip()
+    except FileNotFoundError:
+        return 0
+    if not text.isdigit():
+        raise LocalSecurityError(f"{Path(data_dir) / CHAIN_BASE} is damaged: enrol the node again")
+    return int(text)

@@ -377,6 +377,10 @@ async def run_node(settings: dict[str, Any]) -> None:
                 identity=identity,
                 sealer=sealer,
             )
+            if identity is not None:
+                from ._sitetrust import read_chain_base
+
+                node.chain_base = read_chain_base(data_dir)
             node.sessions.max_power_w = round(settings["max_power_kw"] * 1000)
             node.sessions.connector_max_power_w = {
                 int(c): round(kw * 1000) for c, kw in settings["connector_max_power_kw"].items()
@@ -443,6 +447,8 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
 
     now = time.time()
     if args.command == "enroll":
+        from ._sitetrust import chain_base_at_enrolment, write_chain_base
+
         path = sec.enroll(
             Path(args.site),
             args.node_id,
@@ -451,6 +457,11 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             valid_for=args.valid_days * 86400,
             now=now,
         )
+        node_key = sec.load_or_create_node_key(Path(args.data_dir))
+        base = chain_base_at_enrolment(Path(args.site), args.node_id, bytes(node_key.verify_key))
+        if base:
+            write_chain_base(Path(args.data_dir), base)
+            print(f"{args.node_id} had another key before (a wiped node?): its new events start a new chain")
         print(
             f"enrolled {args.node_id} in {args.data_dir} (certificate {path}); "
             f"start it with: meshnode run --data-dir {args.data_dir}"
