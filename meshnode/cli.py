@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -74,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer", action="append", metavar="HOST:PORT", help="a static peer, in addition to mDNS (repeatable)"
     )
     run.add_argument("--no-mdns", action="store_true", default=None, help="do not use mDNS; static peers only")
-    run.add_argument("--site", help="site name written into new sessions (default 'default')")
+    run.add_argument(
+        "--site-name",
+        "--site",
+        dest="site",
+        metavar="NAME",
+        help="site name written into new sessions of an --insecure node (default 'default'); an enrolled "
+        "node takes it from its certificate. Not a folder: `enroll` and `cloud` take the site's folder",
+    )
     run.add_argument(
         "--cloud-url",
         metavar="URL",
@@ -115,29 +123,76 @@ def build_parser() -> argparse.ArgumentParser:
         "and, from a peer, filed as a conflict, never billed. Per connector: connector_max_power_kw in --config",
     )
 
-    site = sub.add_parser("site", help="create and manage a site: keys, revocations, network key")
+    site = sub.add_parser(
+        "site",
+        help="create and manage a site: keys, revocations, network key",
+        description="Create and manage a site: its keys (site init), the cloud's public key (site cloud-key), "
+        "revocations (site revoke) and the network key (site rotate-network-key). Runs where the site's "
+        "folder with site.key is kept (offline).",
+    )
     site_sub = site.add_subparsers(dest="site_command", metavar="SITE_COMMAND")
-    site_init = site_sub.add_parser("init", help="create a site: site key, network key (in --site DIR)")
+    site_init = site_sub.add_parser(
+        "init",
+        help="create a site: site key, network key (in --site DIR)",
+        description="Create a site in --site DIR: site.key (keep it offline), site.pub, network.key, site.toml.",
+    )
     site_init.add_argument("--site", default=".", metavar="DIR", help="where the site's files go (default .)")
     site_init.add_argument("--name", help="the site's name (default: the folder's name)")
-    site_revoke = site_sub.add_parser("revoke", help="revoke a node; the entry travels in the site config")
-    site_revoke.add_argument("--site", default=".", metavar="DIR")
+    site_revoke = site_sub.add_parser(
+        "revoke",
+        help="revoke a node; the entry travels in the site config",
+        description="Revoke a node (every certificate issued to it so far) or one certificate. The signed entry "
+        "is kept in SITE/entries/ (a cloud given that folder follows it), printed in hex, and with --http "
+        "handed to a node, from which it spreads through the mesh.",
+    )
+    site_revoke.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
     who = site_revoke.add_mutually_exclusive_group(required=True)
     who.add_argument("--node-id", help="revoke every certificate of this node issued so far")
     who.add_argument("--serial", help="revoke one certificate")
-    site_revoke.add_argument("--reason", default="")
+    site_revoke.add_argument("--reason", default="", help="a note kept in the entry (e.g. 'stolen')")
     site_revoke.add_argument("--http", metavar="URL", help="hand the entry to this node's API (it spreads from there)")
     _add_token_options(site_revoke)
-    site_rotate = site_sub.add_parser("rotate-network-key", help="make a new network key and grant it to every node")
-    site_rotate.add_argument("--site", default=".", metavar="DIR")
-    site_rotate.add_argument("--activate-in", type=float, default=600.0, metavar="SECONDS")
-    site_rotate.add_argument("--retire-after", type=float, default=7 * 86400.0, metavar="SECONDS")
+    site_rotate = site_sub.add_parser(
+        "rotate-network-key",
+        help="make a new network key and grant it to every node",
+        description="Make a new network key and a grant that gives it to every enrolled node whose certificate "
+        "is neither revoked nor expired; hand the grant to one node (--http) and it spreads.",
+    )
+    site_rotate.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
+    site_rotate.add_argument(
+        "--activate-in", type=float, default=600.0, metavar="SECONDS", help="nodes seal with it from then (default 600)"
+    )
+    site_rotate.add_argument(
+        "--retire-after",
+        type=float,
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="the old keys stop opening this long after activation (default 7 days)",
+    )
     site_rotate.add_argument("--http", metavar="URL", help="hand the grant to this node's API")
     _add_token_options(site_rotate)
+    site_cloud = site_sub.add_parser(
+        "cloud-key",
+        help="put the cloud's public key into the site (SITE/cloud.pub), for enrolment",
+        description="Write the cloud's public key into SITE/cloud.pub (32 raw bytes), so that `meshnode enroll` "
+        "gives it to nodes, which then check driver tokens and id-token lists offline. Give the cloud's key "
+        "file (--cloud-key), or the hex the cloud shows (GET /v1/issuer, or --issuer HEX).",
+    )
+    site_cloud.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
+    source = site_cloud.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cloud-key", metavar="FILE", help="the cloud's signing key file (meshnode cloud --key)")
+    source.add_argument("--issuer", metavar="HEX", help="the cloud's public key in hex (GET CLOUD/v1/issuer)")
 
-    enroll = sub.add_parser("enroll", help="enrol a node: its key and a certificate signed by the site key")
-    enroll.add_argument("--node-id", required=True)
-    enroll.add_argument("--data-dir", required=True, metavar="DIR")
+    enroll = sub.add_parser(
+        "enroll",
+        help="enrol a node: its key and a certificate signed by the site key",
+        description="Enrol a node: make (or keep) its device key in DIR, certify it with the site key, and give "
+        "DIR what the node needs (node.cert, site.pub, network.key, cloud.pub if the site has it). Run it "
+        "where the site's folder is; then copy DIR to the node. Enrolling again renews the certificate; a "
+        "wiped node enrolled again gets a new key and a new event chain.",
+    )
+    enroll.add_argument("--node-id", required=True, help="the node's id (its name in the mesh)")
+    enroll.add_argument("--data-dir", required=True, metavar="DIR", help="the node's data dir (made if missing)")
     enroll.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
     enroll.add_argument(
         "--role",
@@ -145,24 +200,44 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["charger", "gateway", "operator"],
         help="roles in the certificate (default charger)",
     )
-    enroll.add_argument("--valid-days", type=float, default=365.0)
+    enroll.add_argument("--valid-days", type=float, default=365.0, help="certificate validity (default 365)")
 
-    token = sub.add_parser("token", help="driver tokens and id-token list entries, signed with the cloud key")
+    token = sub.add_parser(
+        "token",
+        help="driver tokens and id-token list entries, signed with the cloud key",
+        description="Driver tokens (token issue) and allowed/revoked id-token entries (token list), signed with "
+        "the cloud's key; nodes check them offline with the site's cloud.pub.",
+    )
     token_sub = token.add_subparsers(dest="token_command", metavar="TOKEN_COMMAND")
-    issue = token_sub.add_parser("issue", help="print a driver token a node can check offline")
+    issue = token_sub.add_parser(
+        "issue",
+        help="print a driver token a node can check offline",
+        description="Print a driver token (mdt1....) for an id token, with optional limits; a charger passes it "
+        'as "driver_token" in POST /v1/sessions.',
+    )
     issue.add_argument("--cloud-key", required=True, metavar="FILE", help="the cloud's signing key file")
-    issue.add_argument("--token-id", required=True)
-    issue.add_argument("--max-wh", type=int)
-    issue.add_argument("--max-minutes", type=int)
-    issue.add_argument("--valid-days", type=float, default=30.0)
-    listing = token_sub.add_parser("list", help="allow or revoke an id token on the site's offline list")
-    listing.add_argument("--cloud-key", required=True, metavar="FILE")
-    listing.add_argument("--token-id", required=True)
+    issue.add_argument("--token-id", required=True, help="the driver's id token (RFID, app id)")
+    issue.add_argument("--max-wh", type=int, help="energy limit of sessions started with it")
+    issue.add_argument("--max-minutes", type=int, help="time limit of sessions started with it")
+    issue.add_argument("--valid-days", type=float, default=30.0, help="validity (default 30)")
+    listing = token_sub.add_parser(
+        "list",
+        help="allow or revoke an id token on the site's offline list",
+        description="Sign an allowed (or, with --revoke, revoked) entry for an id token; with --http hand it to "
+        "a node (its operator token is needed: --token or --data-dir), from which it spreads.",
+    )
+    listing.add_argument("--cloud-key", required=True, metavar="FILE", help="the cloud's signing key file")
+    listing.add_argument("--token-id", required=True, help="the driver's id token")
     listing.add_argument("--revoke", action="store_true", help="revoke instead of allow")
     listing.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
     _add_token_options(listing)
 
-    status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
+    status = sub.add_parser(
+        "status",
+        help="show a node's status: peers, documents, sync state",
+        description="Show a node's status from its HTTP API. An enrolled node wants a token: run this on the "
+        "node's host with --data-dir (it reads api-read.token there), or pass --token.",
+    )
     status.add_argument(
         "--http",
         default="http://127.0.0.1:8080",
@@ -194,12 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cloud.add_argument("--certfile", metavar="FILE", help="TLS certificate (serve HTTPS)")
     cloud.add_argument("--keyfile", metavar="FILE", help="TLS private key")
-    cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    cloud.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default info"
+    )
     cloud.add_argument(
         "--site",
         metavar="DIR",
-        help="trust only devices with a certificate from this site "
-        "(its site.pub); without it, keys that devices declare are trusted on first use",
+        help="the site's folder (site.pub, entries/; never site.key): sync only from its certified, unrevoked "
+        "devices, bill only their events. Without it the cloud is open (labs): anyone may sync, and keys "
+        "that devices declare are trusted on first use",
     )
 
     demo = sub.add_parser(
@@ -252,39 +330,26 @@ class ConfigError(Exception):
 
 
 def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then the TOML file, then flags. Raises ConfigError."""
+    """Defaults, then the TOML file, then flags, each checked against the settings'
+    schema (`meshnode._config`). Raises ConfigError naming the bad key."""
+    from ._config import SettingsError, check, normalise_file
+
     settings = dict(RUN_DEFAULTS)
-    if args.config:
-        try:
-            with open(args.config, "rb") as f:
-                loaded = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read --config {args.config}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"--config {args.config} is not valid TOML: {exc}") from exc
-        if "peers" in loaded and "peer" not in loaded:
-            loaded["peer"] = loaded.pop("peers")
-        if "mdns" in loaded:
-            loaded["no_mdns"] = not loaded.pop("mdns")
-        unknown = sorted(set(loaded) - set(RUN_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"--config {args.config}: unknown settings {unknown}; known: {sorted(RUN_DEFAULTS)}")
-        settings.update(loaded)
-    for key in RUN_DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    for key in ("coap_port", "http_port"):
-        if not isinstance(settings[key], int) or not 0 < settings[key] < 65536:
-            raise ConfigError(f"{key.replace('_', '-')} must be a port number from 1 to 65535")
-    for key in ("retention", "probe_interval"):
-        if not isinstance(settings[key], int | float) or settings[key] <= 0:
-            raise ConfigError(f"{key.replace('_', '-')} must be a positive number of seconds")
-    url = settings["cloud_url"]
-    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
-        raise ConfigError(f"cloud-url must be an http:// or https:// URL, got {url!r}")
-    if isinstance(settings["peer"], str):
-        settings["peer"] = [settings["peer"]]
+    try:
+        if args.config:
+            try:
+                with open(args.config, "rb") as f:
+                    loaded = tomllib.load(f)
+            except OSError as exc:
+                raise ConfigError(f"cannot read --config {args.config}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"--config {args.config} is not valid TOML: {exc}") from exc
+            settings.update(normalise_file(loaded, f"--config {args.config}"))
+        flags = {key: getattr(args, key) for key in RUN_DEFAULTS if getattr(args, key, None) is not None}
+        check({**RUN_DEFAULTS, **flags}, "command line", flag_names=True)
+        settings.update(flags)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from exc
     from ._discovery import parse_peer_address
 
     try:
@@ -295,13 +360,22 @@ def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def node_id_for(data_dir: Path, requested: str | None) -> str:
-    """The node id: as requested, else the one kept in the data dir, else a new one."""
+    """The node id: the one kept in the data dir, else as requested, else a new one; kept
+    in the data dir from its first start on (a restart without --node-id keeps the name).
+
+    Raises:
+        ConfigError: --node-id differs from the id this data dir belongs to.
+    """
     path = data_dir / "node_id"
-    if requested:
-        return requested
-    if path.exists():
-        return path.read_text().strip()
-    node_id = f"node-{secrets.token_hex(3)}"
+    kept = path.read_text().strip() if path.exists() else None
+    if kept and requested and requested != kept:
+        raise ConfigError(
+            f"--node-id {requested!r} does not match {data_dir}, which belongs to node {kept!r}: "
+            "drop --node-id, or use another --data-dir for another node"
+        )
+    if kept:
+        return kept
+    node_id = requested or f"node-{secrets.token_hex(3)}"
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(node_id + "\n")
     return node_id
@@ -439,6 +513,33 @@ def _hand_to_node(url: str | None, entry: bytes, headers: dict[str, str] | None 
     return 0
 
 
+def _site_cloud_key(args: argparse.Namespace) -> int:
+    """`meshnode site cloud-key`: SITE/cloud.pub (32 raw bytes) from the cloud's key file or its hex."""
+    from . import _security as sec
+
+    site = sec.load_site(Path(args.site))
+    if args.cloud_key:
+        from uplink import CloudKeyError, load_or_create_cloud_key
+
+        if not Path(args.cloud_key).exists():
+            raise sec.LocalSecurityError(f"no cloud key at {args.cloud_key}: it is created by meshnode cloud")
+        try:
+            public = bytes(load_or_create_cloud_key(args.cloud_key).verify_key)
+        except CloudKeyError as exc:
+            raise sec.LocalSecurityError(str(exc)) from exc
+    else:
+        try:
+            public = bytes.fromhex(args.issuer.strip())
+        except ValueError as exc:
+            raise sec.LocalSecurityError("--issuer must be the cloud's public key in hex (64 characters)") from exc
+        if len(public) != 32:
+            raise sec.LocalSecurityError(f"--issuer must be 32 bytes (64 hex characters), got {len(public)} bytes")
+    assert site.path is not None
+    sec._write_file(site.path / sec.CLOUD_PUB, public, secret=False)
+    print(f"wrote {site.path / sec.CLOUD_PUB} (cloud {public.hex()}); nodes enrolled from now on get it")
+    return 0
+
+
 def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`meshnode site ...`, `meshnode enroll`, `meshnode token ...`."""
     import nacl.signing
@@ -449,14 +550,20 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.command == "enroll":
         from ._sitetrust import chain_base_at_enrolment, write_chain_base
 
-        path = sec.enroll(
-            Path(args.site),
-            args.node_id,
-            Path(args.data_dir),
-            roles=tuple(args.role or ["charger"]),
-            valid_for=args.valid_days * 86400,
-            now=now,
-        )
+        fresh = not Path(args.data_dir).exists()
+        try:
+            path = sec.enroll(
+                Path(args.site),
+                args.node_id,
+                Path(args.data_dir),
+                roles=tuple(args.role or ["charger"]),
+                valid_for=args.valid_days * 86400,
+                now=now,
+            )
+        except BaseException:
+            if fresh and Path(args.data_dir).exists():
+                shutil.rmtree(args.data_dir)  # a failed enrolment leaves no half-written data dir
+            raise
         node_key = sec.load_or_create_node_key(Path(args.data_dir))
         base = chain_base_at_enrolment(Path(args.site), args.node_id, bytes(node_key.verify_key))
         if base:
@@ -481,6 +588,8 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
                 Path(args.site), node_id=args.node_id, serial=args.serial, now=now, reason=args.reason
             )
             return _hand_to_node(args.http, entry, _api_headers(args, write=True))
+        if args.site_command == "cloud-key":
+            return _site_cloud_key(args)
         if args.site_command == "rotate-network-key":
             _, grant = sec.site_rotate_network_key(
                 Path(args.site), now=now, activate_in=args.activate_in, retire_previous_after=args.retire_after
@@ -716,13 +825,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         trio.run(run_node, settings)  # errors a user can fix end as one line (main)
         return 0
     if args.command in ("site", "enroll", "token"):
-        from ._security import LocalSecurityError
-
-        try:
-            return run_security_command(parser, args)
-        except LocalSecurityError as exc:
-            print(f"meshnode {args.command}: {exc}", file=sys.stderr)
-            return 1
+        return run_security_command(parser, args)  # LocalSecurityError: one line (main)
     if args.command == "cloud":
         return run_cloud(args)
     if args.command == "status":
