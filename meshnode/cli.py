@@ -753,6 +753,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if level.lower() != "debug":
+        # httpx logs every request at INFO: an uplink probe every 5 s is 720 lines an hour.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -180,9 +180,12 @@ def test_an_enrolled_node_forwards_to_a_cloud_that_trusts_its_site(site: Path, c
         assert r.status_code == 201, r.text
         sid = r.json()["session_id"]
         wait_until(lambda: sid in cloud.ledger(), timeout=60, what="the session in the ledger")
+        time.sleep(3)  # a few more probes (every 0.5 s)
     finally:
         node.kill()
     assert "refused sync request" not in (site / "cloud.log").read_text()
+    probes = [line for line in node.log_path.read_text().splitlines() if "/healthz" in line]
+    assert probes == []  # probes log at DEBUG, not one INFO line each
 
 
 # --- limits -----------------------------------------------------------------------------------
