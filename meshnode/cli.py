@@ -641,6 +641,7 @@ def run_cloud(args: argparse.Namespace) -> int:
         trust = {
             "certify": site_trust.certify,
             "authenticate": site_trust.authenticate,
+            "site_entry": site_trust.add_entry,
             "trust_document_keys": False,
         }
 

@@ -260,3 +260,43 @@ def test_a_running_cloud_keeps_the_database_password_out_of_its_ready_line_and_l
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     assert "S3cretPW" not in log.read_text()
+
+
+def test_a_revocation_handed_to_the_cloud_takes_effect(site: Path) -> None:
+    """The cloud holds only a copy of the site's public files; the operator hands it the entry."""
+    import shutil
+    import sys
+
+    public = site / "cloud-site"
+    public.mkdir()
+    for name in ("site.pub", "site.toml"):
+        shutil.copy(site / "site" / name, public / name)
+    cloud = CloudProcess(
+        CLOUD,
+        free_port(CLOUD),
+        f"sqlite:///{site}/c2.db",
+        site / "c2.key",
+        site / "c2.log",
+        extra=["--site", str(public)],
+    )
+    cloud.start()
+    try:
+        sid, doc = forged_session()
+        gw = credential(site / "gw-1")
+        assert post_sync(cloud.url, "gw-1", {sid: doc}, gw).status_code == 200
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=ATTACKER), timeout=10.0) as client:
+            forged = site_revoke(site / "other", node_id="gw-1", now=time.time())[1]  # another site's entry
+            r = client.post(cloud.url + "/v1/site/entries", json={"entry": forged.hex()})
+            assert r.status_code == 400, r.text
+            assert client.post(cloud.url + "/v1/site/entries", content=b"[" * 60_000).status_code == 400
+        assert post_sync(cloud.url, "gw-1", {sid: doc}, gw).status_code == 200  # nothing revoked yet
+        handed = subprocess.run(
+            [sys.executable, "-m", "meshnode.cli", "site", "revoke", "--site", str(site / "site"), "--node-id", "gw-1",
+             "--http", cloud.url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert handed.returncode == 0, handed.stderr
+        r = post_sync(cloud.url, "gw-1", {sid: doc}, gw)
+        assert r.status_code == 403 and "revoked" in r.json()["error"]
+    finally:
+        cloud.kill()

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -424,6 +425,11 @@ def open_signed_sync(inflated: bytes, authenticate: Authenticate, now: float) ->
     return request
 
 
+SiteEntry = Callable[[bytes], "dict[str, str]"]
+"""`site_entry(entry)` keeps a site-signed revocation the cloud is handed (`POST
+/v1/site/entries`, the node API's route and body); raises `RemoteRequestError`(400)
+for anything else. The entry is its own credential: the site key signed it."""
+
 Certify = Callable[[str, bytes], "bytes | None"]
 """`certify(device_id, declared)` -> the device's public key if `declared` (from a
 session's `devices` map) is a certificate the service trusts for that device, else
@@ -610,10 +616,12 @@ class CloudService:
         wall_clock: Callable[[], float],
         certify: Certify | None = None,
         authenticate: Authenticate | None = None,
+        site_entry: SiteEntry | None = None,
     ) -> None:
         self.ledger = ledger
         self._certify = certify
         self._authenticate = authenticate
+        self.site_entry = site_entry
         self.replica = Replica(docs)
         self._key = signing_key
         self._trusted = {d: bytes(k) for d, k in (trusted_keys or {}).items()}
@@ -928,6 +936,22 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
     async def issuer(request: Request) -> Response:
         return JSONResponse({"issuer": resolve(request).issuer})
 
+    async def site_entries(request: Request) -> Response:
+        cloud = resolve(request)
+        if cloud.site_entry is None:
+            return _error(404, "this cloud trusts no site (meshnode cloud --site DIR)")
+        try:
+            body = await _read_body(request, 64 * 1024)
+            obj = json.loads(body)
+            entry = bytes.fromhex(obj["entry"]) if isinstance(obj, dict) and isinstance(obj.get("entry"), str) else b""
+            if not entry:
+                raise RemoteRequestError(400, 'body must be {"entry": HEX}, a site-signed revocation')
+            return JSONResponse(await trio.to_thread.run_sync(cloud.site_entry, entry), status_code=201)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested JSON
+            return _error(400, f'body must be {{"entry": HEX}}: {type(exc).__name__}')
+        except RemoteRequestError as exc:
+            return _error(exc.status, exc.message)
+
     async def healthz(request: Request) -> Response:
         try:
             await read(resolve(request).ledger.ping)
@@ -953,6 +977,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             Route("/v1/stats", stats, methods=["GET"]),
             Route("/v1/issuer", issuer, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/v1/site/entries", site_entries, methods=["POST"]),
         ],
         exception_handlers={LedgerError: on_ledger_error, HTTPException: on_http_error},
         lifespan=lifespan,
@@ -988,6 +1013,7 @@ async def open_cloud(
     trust_document_keys: bool = True,
     certify: Certify | None = None,
     authenticate: Authenticate | None = None,
+    site_entry: SiteEntry | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[CloudService]:
     """Open the database, load every session document, and hand out the service.
@@ -1014,6 +1040,7 @@ async def open_cloud(
             trust_document_keys=trust_document_keys,
             certify=certify,
             authenticate=authenticate,
+            site_entry=site_entry,
             wall_clock=wall_clock,
         )
     finally:
@@ -1029,6 +1056,7 @@ def create_cloud_app(
     trust_document_keys: bool = True,
     certify: Certify | None = None,
     authenticate: Authenticate | None = None,
+    site_entry: SiteEntry | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The service as a standalone ASGI app: its lifespan opens and closes the database.
@@ -1046,6 +1074,7 @@ def create_cloud_app(
             trust_document_keys=trust_document_keys,
             certify=certify,
             authenticate=authenticate,
+            site_entry=site_entry,
             wall_clock=wall_clock,
         ) as cloud:
             app.state.cloud = cloud
@@ -1065,6 +1094,7 @@ async def serve_cloud(
     trust_document_keys: bool = True,
     certify: Certify | None = None,
     authenticate: Authenticate | None = None,
+    site_entry: SiteEntry | None = None,
     certfile: str | None = None,
     keyfile: str | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -1088,6 +1118,7 @@ async def serve_cloud(
         trust_document_keys=trust_document_keys,
         certify=certify,
         authenticate=authenticate,
+        site_entry=site_entry,
         wall_clock=wall_clock,
     ) as cloud:
         config = HypercornConfig()
