@@ -2,7 +2,7 @@
 
 Routes and field names are fixed (other tools rely on them):
 
-    POST /v1/sessions                       {"charger", "connector", "id_token"} -> 201 session
+    POST /v1/sessions                       {"charger", "connector", "id_token", "meter_wh"} -> 201 session
     POST /v1/sessions/{session_id}/events   {"type", "meter_wh"} -> 201 event
     GET  /v1/sessions                       {"sessions": [session, ...]}
     GET  /v1/sessions/{session_id}          session
@@ -11,8 +11,15 @@ Routes and field names are fixed (other tools rely on them):
     POST /v1/site/entries                   {"entry": hex} a signed revocation, network-key grant
                                             or id-token list entry -> 201 (replicated to the mesh)
 
-`POST /v1/sessions` also takes an optional "driver_token" (a token the cloud signed,
-checked offline); a driver the offline policy refuses gets 403.
+`POST /v1/sessions` takes "meter_wh", the charger's cumulative register at the start
+(optional, but energy is the last reading minus the first one the session has: without
+it, the first "meter" event is the start), an optional "driver_token" (a token the
+cloud signed, checked offline; a driver the offline policy refuses gets 403) and an
+optional "request_id" (a retried start finds its session: 200).
+
+Every route under /v1 of an enrolled node wants `Authorization: Bearer TOKEN`
+(`meshnode._apiauth`: 401 without, 403 for a write with the read-only token); the
+guard wraps the whole application in `serve_api`, so a route added here is covered.
 
 A 201 means the event is durable on this node. Every refusal is a 4xx with
 `{"error": "..."}` saying what is wrong; the server keeps serving. The node's
