@@ -117,6 +117,8 @@ def test_event_stream_may_carry_the_token_in_the_query_nothing_else_may(enrolled
         assert client.get(url).status_code == 401
         assert client.get(url, headers={"Accept": "text/event-stream"}).status_code == 200
         assert client.post(url, headers={"Accept": "text/event-stream"}).status_code == 401
+    log = enrolled.log_path.read_text()
+    assert all(token not in log for token in tokens(enrolled))  # no token in the node's log
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

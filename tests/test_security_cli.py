@@ -153,3 +153,26 @@ def test_cloud_pub_has_a_command_and_a_failed_enrolment_leaves_nothing(tmp_path:
     done = cli("enroll", "--node-id", "bay-1", "--data-dir", str(tmp_path / "bay-1"), "--site", str(site))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bay-1" / "cloud.pub").read_bytes() == bytes(issuer)
+
+
+def test_secrets_are_redacted_from_every_line() -> None:
+    import logging
+
+    from meshnode.cli import _RedactingFormatter, redact
+
+    for text, secret in [
+        ("postgresql://meter:S3cret@db.example:5432/ledger", "S3cret"),
+        ("cannot connect: host=db password=S3cret dbname=x", "S3cret"),
+        ("Authorization: Bearer mn_S3cret_token", "mn_S3cret_token"),
+        ("GET /v1/events?access_token=mn_S3cret&x=1", "mn_S3cret"),
+    ]:
+        assert secret not in redact(text) and "***" in redact(text)
+    assert (
+        redact("sqlite:///tmp/cloud.db and http://127.0.0.1:8700") == "sqlite:///tmp/cloud.db and http://127.0.0.1:8700"
+    )
+    try:
+        raise RuntimeError("db postgresql://u:S3cret@h/d is down")
+    except RuntimeError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", ("postgresql://u:S3cret@h/d",), True)
+        record.exc_info = sys.exc_info()
+    assert "S3cret" not in _RedactingFormatter("%(message)s").format(record)
