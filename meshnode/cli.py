@@ -708,6 +708,8 @@ def show_status(url: str, as_json: bool, headers: dict[str, str] | None = None) 
         f"leader {status.get('leader') or '-'}  uplink score {status.get('uplink_score', 0)}  "
         f"cloud {status.get('cloud_url') or '-'}"
     )
+    if status.get("security", {}).get("api") == "open":
+        print("INSECURE: this node is not enrolled; its mesh traffic and its HTTP API are open to anyone")
     fwd = status.get("forwarder")
     if fwd:
         print(
