@@ -564,6 +564,9 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             if fresh and Path(args.data_dir).exists():
                 shutil.rmtree(args.data_dir)  # a failed enrolment leaves no half-written data dir
             raise
+        from ._apiauth import ApiTokens
+
+        ApiTokens.load_or_create(Path(args.data_dir))  # api.token, api-read.token (0600): known before the box ships
         node_key = sec.load_or_create_node_key(Path(args.data_dir))
         base = chain_base_at_enrolment(Path(args.site), args.node_id, bytes(node_key.verify_key))
         if base:

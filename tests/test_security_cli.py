@@ -153,6 +153,8 @@ def test_cloud_pub_has_a_command_and_a_failed_enrolment_leaves_nothing(tmp_path:
     done = cli("enroll", "--node-id", "bay-1", "--data-dir", str(tmp_path / "bay-1"), "--site", str(site))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bay-1" / "cloud.pub").read_bytes() == bytes(issuer)
+    for name in ("api.token", "api-read.token"):  # made at enrolment, private
+        assert (tmp_path / "bay-1" / name).stat().st_mode & 0o777 == 0o600
 
 
 def test_secrets_are_redacted_from_every_line() -> None:
