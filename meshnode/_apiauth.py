@@ -9,8 +9,8 @@ Tokens (docs/security.md, "Node API"):
 - ``DATA/api.token``: the **operator** token (read and write), one line;
 - ``DATA/api-read.token``: the **read-only** token (GET/HEAD only), one line.
 
-Both are random (256 bits), written atomically with mode 0600 when an enrolled
-node starts (or at enrolment) and kept across restarts; delete a file and restart
+Both are random (256 bits), written atomically with mode 0600 by `meshnode enroll` or
+when an enrolled node starts without them, and kept; delete a file and restart
 the node to rotate that token. A request carries one as ``Authorization: Bearer
 TOKEN`` (RFC 6750 section 2.1). A browser's ``EventSource`` cannot set headers, so a
 GET that asks for ``text/event-stream`` may carry it as ``?access_token=TOKEN``
