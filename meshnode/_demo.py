@@ -740,6 +740,12 @@ class Demo:
 
     # -- HTTP helpers --
 
+    def _tokens(self) -> httpx.Auth:
+        """The enrolled nodes' API tokens (each node writes its own at start)."""
+        from ._apiauth import DataDirTokens
+
+        return DataDirTokens({host: self.workdir / name for name, host in zip(self.names, self.hosts, strict=True)})
+
     @property
     def http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -1018,7 +1024,7 @@ class Demo:
         self._stopping = trio.Event()
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
         async with (
-            httpx.AsyncClient(timeout=10.0, limits=limits, trust_env=False) as client,
+            httpx.AsyncClient(timeout=10.0, limits=limits, trust_env=False, auth=self._tokens()) as client,
             trio_asyncio.open_loop(),  # the charge points are the `ocpp` library's (asyncio)
             trio.open_nursery() as background,
         ):

@@ -16,7 +16,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -47,6 +49,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "unknown_token_policy": "accept_limited",
     "unknown_token_max_wh": None,
     "unknown_token_max_minutes": None,
+    "max_power_kw": 350.0,
+    "connector_max_power_kw": {},
 }
 
 
@@ -84,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer", action="append", metavar="HOST:PORT", help="a static peer, in addition to mDNS (repeatable)"
     )
     run.add_argument("--no-mdns", action="store_true", default=None, help="do not use mDNS; static peers only")
-    run.add_argument("--site", help="site name written into new sessions (default 'default')")
+    run.add_argument(
+        "--site-name",
+        "--site",
+        dest="site",
+        metavar="NAME",
+        help="site name written into new sessions of an --insecure node (default 'default'); an enrolled "
+        "node takes it from its certificate. Not a folder: `enroll` and `cloud` take the site's folder",
+    )
     run.add_argument(
         "--cloud-url",
         metavar="URL",
@@ -118,31 +129,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--unknown-token-max-wh", type=int, metavar="WH", help="energy cap for such sessions")
     run.add_argument("--unknown-token-max-minutes", type=int, metavar="MIN", help="time cap for such sessions")
+    run.add_argument(
+        "--max-power-kw",
+        type=float,
+        metavar="KW",
+        help="the most a connector delivers (default 350); a meter reading that rises faster is refused "
+        "and, from a peer, filed as a conflict, never billed. Per connector: connector_max_power_kw in --config",
+    )
 
-    site = sub.add_parser("site", help="create and manage a site: keys, revocations, network key")
+    site = sub.add_parser(
+        "site",
+        help="create and manage a site: keys, revocations, network key",
+        description="Create and manage a site: its keys (site init), the cloud's public key (site cloud-key), "
+        "revocations (site revoke) and the network key (site rotate-network-key). Runs where the site's "
+        "folder with site.key is kept (offline).",
+    )
     site_sub = site.add_subparsers(dest="site_command", metavar="SITE_COMMAND")
-    site_init = site_sub.add_parser("init", help="create a site: site key, network key (in --site DIR)")
+    site_init = site_sub.add_parser(
+        "init",
+        help="create a site: site key, network key (in --site DIR)",
+        description="Create a site in --site DIR: site.key (keep it offline), site.pub, network.key, site.toml.",
+    )
     site_init.add_argument("--site", default=".", metavar="DIR", help="where the site's files go (default .)")
     site_init.add_argument("--name", help="the site's name (default: the folder's name)")
-    site_revoke = site_sub.add_parser("revoke", help="revoke a node; the entry travels in the site config")
-    site_revoke.add_argument("--site", default=".", metavar="DIR")
+    site_revoke = site_sub.add_parser(
+        "revoke",
+        help="revoke a node; the entry travels in the site config",
+        description="Revoke a node (every certificate issued to it so far) or one certificate. The signed entry "
+        "is kept in SITE/entries/ (a cloud given that folder follows it), printed in hex, and with --http "
+        "handed to a node, from which it spreads through the mesh.",
+    )
+    site_revoke.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
     who = site_revoke.add_mutually_exclusive_group(required=True)
     who.add_argument("--node-id", help="revoke every certificate of this node issued so far")
     who.add_argument("--serial", help="revoke one certificate")
-    site_revoke.add_argument("--reason", default="")
+    site_revoke.add_argument("--reason", default="", help="a note kept in the entry (e.g. 'stolen')")
     site_revoke.add_argument("--http", metavar="URL", help="hand the entry to this node's API (it spreads from there)")
-    site_rotate = site_sub.add_parser("rotate-network-key", help="make a new network key and grant it to every node")
-    site_rotate.add_argument("--site", default=".", metavar="DIR")
-    site_rotate.add_argument("--activate-in", type=float, default=600.0, metavar="SECONDS")
-    site_rotate.add_argument("--retire-after", type=float, default=7 * 86400.0, metavar="SECONDS")
+    _add_token_options(site_revoke)
+    site_rotate = site_sub.add_parser(
+        "rotate-network-key",
+        help="make a new network key and grant it to every node",
+        description="Make a new network key and a grant that gives it to every enrolled node whose certificate "
+        "is neither revoked nor expired; hand the grant to one node (--http) and it spreads.",
+    )
+    site_rotate.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
+    site_rotate.add_argument(
+        "--activate-in", type=float, default=600.0, metavar="SECONDS", help="nodes seal with it from then (default 600)"
+    )
+    site_rotate.add_argument(
+        "--retire-after",
+        type=float,
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="the old keys stop opening this long after activation (default 7 days)",
+    )
     site_rotate.add_argument("--http", metavar="URL", help="hand the grant to this node's API")
+    _add_token_options(site_rotate)
+    site_cloud = site_sub.add_parser(
+        "cloud-key",
+        help="put the cloud's public key into the site (SITE/cloud.pub), for enrolment",
+        description="Write the cloud's public key into SITE/cloud.pub (32 raw bytes), so that `meshnode enroll` "
+        "gives it to nodes, which then check driver tokens and id-token lists offline. Give the cloud's key "
+        "file (--cloud-key), or the hex the cloud shows (GET /v1/issuer, or --issuer HEX).",
+    )
+    site_cloud.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
+    source = site_cloud.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cloud-key", metavar="FILE", help="the cloud's signing key file (meshnode cloud --key)")
+    source.add_argument("--issuer", metavar="HEX", help="the cloud's public key in hex (GET CLOUD/v1/issuer)")
     from ._operator import add_tariff_arguments
 
     add_tariff_arguments(site_sub)
 
-    enroll = sub.add_parser("enroll", help="enrol a node: its key and a certificate signed by the site key")
-    enroll.add_argument("--node-id", required=True)
-    enroll.add_argument("--data-dir", required=True, metavar="DIR")
+    enroll = sub.add_parser(
+        "enroll",
+        help="enrol a node: its key and a certificate signed by the site key",
+        description="Enrol a node: make (or keep) its device key in DIR, certify it with the site key, and give "
+        "DIR what the node needs (node.cert, site.pub, network.key, cloud.pub if the site has it). Run it "
+        "where the site's folder is; then copy DIR to the node. Enrolling again renews the certificate; a "
+        "wiped node enrolled again gets a new key and a new event chain.",
+    )
+    enroll.add_argument("--node-id", required=True, help="the node's id (its name in the mesh)")
+    enroll.add_argument("--data-dir", required=True, metavar="DIR", help="the node's data dir (made if missing)")
     enroll.add_argument("--site", default=".", metavar="DIR", help="the site's folder (default .)")
     enroll.add_argument(
         "--role",
@@ -150,21 +217,37 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["charger", "gateway", "operator"],
         help="roles in the certificate (default charger)",
     )
-    enroll.add_argument("--valid-days", type=float, default=365.0)
+    enroll.add_argument("--valid-days", type=float, default=365.0, help="certificate validity (default 365)")
 
-    token = sub.add_parser("token", help="driver tokens and id-token list entries, signed with the cloud key")
+    token = sub.add_parser(
+        "token",
+        help="driver tokens and id-token list entries, signed with the cloud key",
+        description="Driver tokens (token issue) and allowed/revoked id-token entries (token list), signed with "
+        "the cloud's key; nodes check them offline with the site's cloud.pub.",
+    )
     token_sub = token.add_subparsers(dest="token_command", metavar="TOKEN_COMMAND")
-    issue = token_sub.add_parser("issue", help="print a driver token a node can check offline")
+    issue = token_sub.add_parser(
+        "issue",
+        help="print a driver token a node can check offline",
+        description="Print a driver token (mdt1....) for an id token, with optional limits; a charger passes it "
+        'as "driver_token" in POST /v1/sessions.',
+    )
     issue.add_argument("--cloud-key", required=True, metavar="FILE", help="the cloud's signing key file")
-    issue.add_argument("--token-id", required=True)
-    issue.add_argument("--max-wh", type=int)
-    issue.add_argument("--max-minutes", type=int)
-    issue.add_argument("--valid-days", type=float, default=30.0)
-    listing = token_sub.add_parser("list", help="allow or revoke an id token on the site's offline list")
-    listing.add_argument("--cloud-key", required=True, metavar="FILE")
-    listing.add_argument("--token-id", required=True)
+    issue.add_argument("--token-id", required=True, help="the driver's id token (RFID, app id)")
+    issue.add_argument("--max-wh", type=int, help="energy limit of sessions started with it")
+    issue.add_argument("--max-minutes", type=int, help="time limit of sessions started with it")
+    issue.add_argument("--valid-days", type=float, default=30.0, help="validity (default 30)")
+    listing = token_sub.add_parser(
+        "list",
+        help="allow or revoke an id token on the site's offline list",
+        description="Sign an allowed (or, with --revoke, revoked) entry for an id token; with --http hand it to "
+        "a node (its operator token is needed: --token or --data-dir), from which it spreads.",
+    )
+    listing.add_argument("--cloud-key", required=True, metavar="FILE", help="the cloud's signing key file")
+    listing.add_argument("--token-id", required=True, help="the driver's id token")
     listing.add_argument("--revoke", action="store_true", help="revoke instead of allow")
     listing.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
+    _add_token_options(listing)
 
     charger = sub.add_parser("charger", help="register OCPP charge points on an enrolled site")
     charger_sub = charger.add_subparsers(dest="charger_command", metavar="COMMAND")
@@ -175,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     charger_add.add_argument("--id", required=True, metavar="CP-ID", help="the charge point id (as in its OCPP URL)")
     charger_add.add_argument("--http", metavar="URL", help="hand the registration to this node's API")
 
-    status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
+    status = sub.add_parser(
+        "status",
+        help="show a node's status: peers, documents, sync state",
+        description="Show a node's status from its HTTP API. An enrolled node wants a token: run this on the "
+        "node's host with --data-dir (it reads api-read.token there), or pass --token.",
+    )
     status.add_argument(
         "--http",
         default="http://127.0.0.1:8080",
@@ -183,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node's HTTP API (default http://127.0.0.1:8080)",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_token_options(status)
 
     cloud = sub.add_parser(
         "cloud",
@@ -206,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cloud.add_argument("--certfile", metavar="FILE", help="TLS certificate (serve HTTPS)")
     cloud.add_argument("--keyfile", metavar="FILE", help="TLS private key")
-    cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    cloud.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default info"
+    )
     cloud.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     cloud.add_argument(
         "--ocpi-token",
@@ -218,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument(
         "--site",
         metavar="DIR",
-        help="trust only devices with a certificate from this site "
-        "(its site.pub); without it, keys that devices declare are trusted on first use",
+        help="the site's folder (site.pub, entries/; never site.key): sync only from its certified, unrevoked "
+        "devices, bill only their events. Without it the cloud is open (labs): anyone may sync, and keys "
+        "that devices declare are trusted on first use",
     )
 
     demo = sub.add_parser(
@@ -241,50 +333,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    """--token / --data-dir: the credential for an enrolled node's API (docs/security.md)."""
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the node's API token (default: $MESHNODE_API_TOKEN, else read from --data-dir)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default="meshnode-data",
+        help="a node data dir on this host whose api.token to use (default ./meshnode-data)",
+    )
+
+
+def _api_headers(args: argparse.Namespace, *, write: bool) -> dict[str, str]:
+    """The Authorization header for a node's API, from --token, $MESHNODE_API_TOKEN or the data dir."""
+    from ._apiauth import read_token_file
+
+    token = getattr(args, "token", None) or os.environ.get("MESHNODE_API_TOKEN")
+    if not token and getattr(args, "data_dir", None):
+        data_dir = Path(args.data_dir)
+        token = read_token_file(data_dir, write=write) or read_token_file(data_dir, write=True)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 class ConfigError(Exception):
     """The user's settings cannot be used; the message says what to change."""
 
 
 def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then the TOML file, then flags. Raises ConfigError."""
+    """Defaults, then the TOML file, then flags, each checked against the settings'
+    schema (`meshnode._config`). Raises ConfigError naming the bad key."""
+    from ._config import SettingsError, check, normalise_file
+
     settings = dict(RUN_DEFAULTS)
-    if args.config:
-        try:
-            with open(args.config, "rb") as f:
-                loaded = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read --config {args.config}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"--config {args.config} is not valid TOML: {exc}") from exc
-        if "peers" in loaded and "peer" not in loaded:
-            loaded["peer"] = loaded.pop("peers")
-        if "mdns" in loaded:
-            loaded["no_mdns"] = not loaded.pop("mdns")
-        unknown = sorted(set(loaded) - set(RUN_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"--config {args.config}: unknown settings {unknown}; known: {sorted(RUN_DEFAULTS)}")
-        settings.update(loaded)
-    for key in RUN_DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    for key in ("coap_port", "http_port"):
-        if not isinstance(settings[key], int) or not 0 < settings[key] < 65536:
-            raise ConfigError(f"{key.replace('_', '-')} must be a port number from 1 to 65535")
-    if not isinstance(settings["ocpp_port"], int) or not 0 <= settings["ocpp_port"] < 65536:
-        raise ConfigError("ocpp-port must be a port number from 1 to 65535, or 0 (no OCPP)")
+    try:
+        if args.config:
+            try:
+                with open(args.config, "rb") as f:
+                    loaded = tomllib.load(f)
+            except OSError as exc:
+                raise ConfigError(f"cannot read --config {args.config}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"--config {args.config} is not valid TOML: {exc}") from exc
+            settings.update(normalise_file(loaded, f"--config {args.config}"))
+        flags = {key: getattr(args, key) for key in RUN_DEFAULTS if getattr(args, key, None) is not None}
+        check({**RUN_DEFAULTS, **flags}, "command line", flag_names=True)
+        settings.update(flags)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from exc
     if (settings["ocpp_certfile"] is None) != (settings["ocpp_keyfile"] is None):
         raise ConfigError("ocpp-certfile and ocpp-keyfile go together")
-    for key in ("retention", "probe_interval"):
-        if not isinstance(settings[key], int | float) or settings[key] <= 0:
-            raise ConfigError(f"{key.replace('_', '-')} must be a positive number of seconds")
-    if settings["log_format"] not in ("text", "json"):
-        raise ConfigError(f"log-format must be text or json, got {settings['log_format']!r}")
-    url = settings["cloud_url"]
-    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
-        raise ConfigError(f"cloud-url must be an http:// or https:// URL, got {url!r}")
-    if isinstance(settings["peer"], str):
-        settings["peer"] = [settings["peer"]]
     from ._discovery import parse_peer_address
 
     try:
@@ -295,13 +396,22 @@ def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def node_id_for(data_dir: Path, requested: str | None) -> str:
-    """The node id: as requested, else the one kept in the data dir, else a new one."""
+    """The node id: the one kept in the data dir, else as requested, else a new one; kept
+    in the data dir from its first start on (a restart without --node-id keeps the name).
+
+    Raises:
+        ConfigError: --node-id differs from the id this data dir belongs to.
+    """
     path = data_dir / "node_id"
-    if requested:
-        return requested
-    if path.exists():
-        return path.read_text().strip()
-    node_id = f"node-{secrets.token_hex(3)}"
+    kept = path.read_text().strip() if path.exists() else None
+    if kept and requested and requested != kept:
+        raise ConfigError(
+            f"--node-id {requested!r} does not match {data_dir}, which belongs to node {kept!r}: "
+            "drop --node-id, or use another --data-dir for another node"
+        )
+    if kept:
+        return kept
+    node_id = requested or f"node-{secrets.token_hex(3)}"
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(node_id + "\n")
     return node_id
@@ -336,6 +446,16 @@ async def run_node(settings: dict[str, Any]) -> None:
     else:
         node_id = identity.node_id
         settings["site"] = identity.site_name
+    from ._apiauth import ApiTokens
+
+    # An enrolled node's API takes tokens (kept in the data dir, 0600); an --insecure one is open.
+    tokens = ApiTokens.load_or_create(data_dir) if identity is not None else None
+    if tokens is None:
+        logging.getLogger("meshnode").warning(
+            "INSECURE: the HTTP API on %s:%s is open: anyone who reaches it can read and write sessions",
+            settings["bind"],
+            settings["http_port"],
+        )
     async with trio_asyncio.open_loop():
         async with open_coap_transport(settings["bind"], settings["coap_port"]) as coap:
             sealer = None
@@ -367,10 +487,20 @@ async def run_node(settings: dict[str, Any]) -> None:
                 identity=identity,
                 sealer=sealer,
             )
+            if identity is not None:
+                from ._sitetrust import read_chain_base
+
+                node.chain_base = read_chain_base(data_dir)
+            node.sessions.max_power_w = round(settings["max_power_kw"] * 1000)
+            node.sessions.connector_max_power_w = {
+                int(c): round(kw * 1000) for c, kw in settings["connector_max_power_kw"].items()
+            }
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(node.serve)
-                    await nursery.start(serve_api, node, settings["bind"], settings["http_port"])
+                    await nursery.start(
+                        functools.partial(serve_api, tokens=tokens), node, settings["bind"], settings["http_port"]
+                    )
                     ocpp_url = None
                     if settings["ocpp_port"]:
                         from .ocpp import serve_ocpp, tls_context
@@ -394,6 +524,8 @@ async def run_node(settings: dict[str, Any]) -> None:
                                 "mdns": not settings["no_mdns"],
                                 "peers": settings["peer"],
                                 "enrolled": identity is not None,
+                                "api": "token" if tokens is not None else "open",
+                                **({} if tokens is not None else {"insecure": True}),
                             }
                         ),
                         flush=True,
@@ -404,7 +536,7 @@ async def run_node(settings: dict[str, Any]) -> None:
                         break
 
 
-def _hand_to_node(url: str | None, entry: bytes) -> int:
+def _hand_to_node(url: str | None, entry: bytes, headers: dict[str, str] | None = None) -> int:
     """Print an entry (hex), and hand it to a node's API when asked."""
     print(entry.hex())
     if url is None:
@@ -417,7 +549,9 @@ def _hand_to_node(url: str | None, entry: bytes) -> int:
     import httpx
 
     try:
-        response = httpx.post(url.rstrip("/") + "/v1/site/entries", json={"entry": entry.hex()}, timeout=10.0)
+        response = httpx.post(
+            url.rstrip("/") + "/v1/site/entries", json={"entry": entry.hex()}, headers=headers, timeout=10.0
+        )
     except httpx.HTTPError as exc:
         print(f"cannot reach {url}: {exc}", file=sys.stderr)
         return 1
@@ -425,6 +559,33 @@ def _hand_to_node(url: str | None, entry: bytes) -> int:
         print(f"{url} refused the entry: {response.text}", file=sys.stderr)
         return 1
     print(f"handed to {url}: {response.json()}", file=sys.stderr)
+    return 0
+
+
+def _site_cloud_key(args: argparse.Namespace) -> int:
+    """`meshnode site cloud-key`: SITE/cloud.pub (32 raw bytes) from the cloud's key file or its hex."""
+    from . import _security as sec
+
+    site = sec.load_site(Path(args.site))
+    if args.cloud_key:
+        from uplink import CloudKeyError, load_or_create_cloud_key
+
+        if not Path(args.cloud_key).exists():
+            raise sec.LocalSecurityError(f"no cloud key at {args.cloud_key}: it is created by meshnode cloud")
+        try:
+            public = bytes(load_or_create_cloud_key(args.cloud_key).verify_key)
+        except CloudKeyError as exc:
+            raise sec.LocalSecurityError(str(exc)) from exc
+    else:
+        try:
+            public = bytes.fromhex(args.issuer.strip())
+        except ValueError as exc:
+            raise sec.LocalSecurityError("--issuer must be the cloud's public key in hex (64 characters)") from exc
+        if len(public) != 32:
+            raise sec.LocalSecurityError(f"--issuer must be 32 bytes (64 hex characters), got {len(public)} bytes")
+    assert site.path is not None
+    sec._write_file(site.path / sec.CLOUD_PUB, public, secret=False)
+    print(f"wrote {site.path / sec.CLOUD_PUB} (cloud {public.hex()}); nodes enrolled from now on get it")
     return 0
 
 
@@ -436,14 +597,30 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
 
     now = time.time()
     if args.command == "enroll":
-        path = sec.enroll(
-            Path(args.site),
-            args.node_id,
-            Path(args.data_dir),
-            roles=tuple(args.role or ["charger"]),
-            valid_for=args.valid_days * 86400,
-            now=now,
-        )
+        from ._sitetrust import chain_base_at_enrolment, write_chain_base
+
+        fresh = not Path(args.data_dir).exists()
+        try:
+            path = sec.enroll(
+                Path(args.site),
+                args.node_id,
+                Path(args.data_dir),
+                roles=tuple(args.role or ["charger"]),
+                valid_for=args.valid_days * 86400,
+                now=now,
+            )
+        except BaseException:
+            if fresh and Path(args.data_dir).exists():
+                shutil.rmtree(args.data_dir)  # a failed enrolment leaves no half-written data dir
+            raise
+        from ._apiauth import ApiTokens
+
+        ApiTokens.load_or_create(Path(args.data_dir))  # api.token, api-read.token (0600): known before the box ships
+        node_key = sec.load_or_create_node_key(Path(args.data_dir))
+        base = chain_base_at_enrolment(Path(args.site), args.node_id, bytes(node_key.verify_key))
+        if base:
+            write_chain_base(Path(args.data_dir), base)
+            print(f"{args.node_id} had another key before (a wiped node?): its new events start a new chain")
         print(
             f"enrolled {args.node_id} in {args.data_dir} (certificate {path}); "
             f"start it with: meshnode run --data-dir {args.data_dir}"
@@ -462,16 +639,18 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             _, entry = sec.site_revoke(
                 Path(args.site), node_id=args.node_id, serial=args.serial, now=now, reason=args.reason
             )
-            return _hand_to_node(args.http, entry)
+            return _hand_to_node(args.http, entry, _api_headers(args, write=True))
+        if args.site_command == "cloud-key":
+            return _site_cloud_key(args)
         if args.site_command == "tariff":
             from ._operator import make_tariff
 
-            return _hand_to_node(args.http, make_tariff(args, now))
+            return _hand_to_node(args.http, make_tariff(args, now), _api_headers(args, write=True))
         if args.site_command == "rotate-network-key":
             _, grant = sec.site_rotate_network_key(
                 Path(args.site), now=now, activate_in=args.activate_in, retire_previous_after=args.retire_after
             )
-            return _hand_to_node(args.http, grant)
+            return _hand_to_node(args.http, grant, _api_headers(args, write=True))
         parser.parse_args(["site", "--help"])
         return 2
     if args.command == "charger":
@@ -510,7 +689,7 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             )
             return 0
         entry = sec.signed_token_list_entry(key, args.token_id, not args.revoke, now)
-        return _hand_to_node(args.http, entry)
+        return _hand_to_node(args.http, entry, _api_headers(args, write=True))
     return 2
 
 
@@ -525,26 +704,21 @@ def run_cloud(args: argparse.Namespace) -> int:
         return 1
     from uplink import OperatorConfig
 
-    from ._operator import setup_logging
-
-    setup_logging(args.log_level, args.log_format)
+    _setup_logging(args.log_level, args.log_format)
     trust: dict[str, Any] = {}
     site_keys: dict[str, list[bytes]] = {}
     if args.site:
-        from ._security import Certificate, load_site
+        from ._sitetrust import SiteTrust
 
-        site = load_site(Path(args.site))
-        site_public_key = site.public_key
-        site_keys[site.name] = [site_public_key]
-
-        def certify(device_id: str, declared: bytes) -> bytes | None:
-            try:
-                cert = Certificate.decode(declared, site_public_key)
-            except Exception:
-                return None
-            return cert.public_key if cert.node_id == device_id else None
-
-        trust = {"certify": certify, "trust_document_keys": False}
+        # Only certified, unrevoked devices of the site may sync, and only their events count.
+        site_trust = SiteTrust(Path(args.site))
+        site_keys[_site_name(Path(args.site))] = [site_trust.public_key]  # site tariffs verify with it
+        trust = {
+            "certify": site_trust.certify,
+            "authenticate": site_trust.authenticate,
+            "site_entry": site_trust.add_entry,
+            "trust_document_keys": False,
+        }
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -564,7 +738,10 @@ def run_cloud(args: argparse.Namespace) -> int:
                         **trust,
                     )
                 )
-                print(json.dumps({"ready": True, "urls": urls, "db": args.db}), flush=True)
+                ready = {"ready": True, "urls": urls, "db": redact(args.db), "site": args.site}
+                if not args.site:
+                    ready["insecure"] = "no --site: any client may sync, device keys are trusted on first use"
+                print(json.dumps(ready), flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
@@ -572,16 +749,23 @@ def run_cloud(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except (OSError, LedgerError) as exc:
-        print(f"meshnode cloud: {exc}", file=sys.stderr)
+        print(f"meshnode cloud: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 
 
-def show_status(url: str, as_json: bool) -> int:
+def show_status(url: str, as_json: bool, headers: dict[str, str] | None = None) -> int:
     import httpx
 
     try:
-        response = httpx.get(url.rstrip("/") + "/v1/status", timeout=5.0)
+        response = httpx.get(url.rstrip("/") + "/v1/status", headers=headers, timeout=5.0)
+        if response.status_code == 401:
+            print(
+                f"meshnode status: {url} wants a token: run on the node's host with --data-dir DIR "
+                "(it reads DIR/api-read.token), or pass --token TOKEN",
+                file=sys.stderr,
+            )
+            return 1
         response.raise_for_status()
         status = response.json()
     except httpx.HTTPError as exc:
@@ -602,6 +786,8 @@ def show_status(url: str, as_json: bool) -> int:
         f"leader {status.get('leader') or '-'}  uplink score {status.get('uplink_score', 0)}  "
         f"cloud {status.get('cloud_url') or '-'}"
     )
+    if status.get("security", {}).get("api") == "open":
+        print("INSECURE: this node is not enrolled; its mesh traffic and its HTTP API are open to anyone")
     fwd = status.get("forwarder")
     if fwd:
         print(
@@ -629,50 +815,134 @@ def show_status(url: str, as_json: bool) -> int:
     return 0
 
 
+_SECRET_PATTERNS = (
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),  # scheme://user:PASSWORD@
+    (re.compile(r"(\bpassword\s*=\s*)\S+", re.IGNORECASE), r"\1***"),  # libpq key=value strings
+    (re.compile(r"(\bBearer\s+)\S+"), r"\1***"),
+    (re.compile(r"(\baccess_token=)[^&\s]+"), r"\1***"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with passwords in URLs and connection strings, and API tokens, replaced by ***."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) never carry a password or a token: wraps the format's own
+    formatter (text or JSON) and redacts what it writes."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._inner.format(record))
+
+
+def _site_name(site_dir: Path) -> str:
+    """The site's name from its site.toml (the cloud's copy of the site folder needs site.pub and site.toml)."""
+    try:
+        with open(site_dir / "site.toml", "rb") as f:
+            name = tomllib.load(f).get("name")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read {site_dir / 'site.toml'} ({exc}): copy the site folder's site.toml there"
+        ) from exc
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{site_dir / 'site.toml'} has no site name")
+    return name
+
+
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    """Text or JSON lines on stderr (`--log-format`), never carrying a password or a token."""
+    from ._operator import setup_logging
+
+    setup_logging(level, log_format)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RedactingFormatter(handler.formatter))
+    if level.lower() != "debug":
+        # httpx logs every request at INFO: an uplink probe every 5 s is 720 lines an hour.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, as trio's nurseries raise them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error to show in one line when `exc` is one a user can fix (a port in use, a bad
+    address or URL, an unreachable database, a missing site...), else None (a bug: traceback)."""
+    from ._apiauth import TokenFileError
+    from ._security import LocalSecurityError
+
+    expected: list[type[BaseException]] = [OSError, ConfigError, LocalSecurityError, TokenFileError]
+    for module, names in (("uplink._ledger", ("LedgerError",)), ("uplink._cloud", ("CloudKeyError",))):
+        loaded = sys.modules.get(module)
+        expected += [getattr(loaded, n) for n in names if loaded is not None]
+    node = sys.modules.get("meshnode._node")
+    if node is not None:
+        expected.append(node.NodeError)
+    leaves = [leaf for leaf in _leaves(exc) if not isinstance(leaf, KeyboardInterrupt)]
+    # A wrapper raised "from" an OSError (a transport that cannot bind) is the OSError's story.
+    wanted = [leaf for leaf in leaves if isinstance(leaf, tuple(expected)) or isinstance(leaf.__cause__, OSError)]
+    return wanted[0] if wanted and len(wanted) == len(leaves) else None
+
+
+_HINTS = {
+    98: "another process (another meshnode?) listens there: pick another port, or stop it",
+    99: "that address is not one of this host's: check --bind",
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    errno = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and errno in _HINTS:
+        text = f"{text} ({_HINTS[errno]})"
+    return redact(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `meshnode` command. A start-up error a user can fix ends as one line on stderr
+    (exit 2 for settings, 1 otherwise), however deep in trio's task groups it was raised."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        shown = _user_error(exc)
+        if shown is None:
+            raise
+        name = " ".join(x for x in (args.command, getattr(args, "site_command", None)) if x)
+        print(f"meshnode {name}: {_one_line(shown)}", file=sys.stderr)
+        return 2 if isinstance(shown, ConfigError) else 1
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "run":
-        try:
-            settings = resolve_run_settings(args)
-        except ConfigError as exc:
-            parser.error(str(exc))
-        from ._operator import setup_logging
-
-        setup_logging(settings["log_level"], settings["log_format"])
+        settings = resolve_run_settings(args)
+        _setup_logging(settings["log_level"], settings["log_format"])
         import trio
 
-        try:
-            trio.run(run_node, settings)
-        except ConfigError as exc:
-            print(f"meshnode run: {exc}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"meshnode run: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            from ._security import LocalSecurityError
-
-            if isinstance(exc, LocalSecurityError):
-                print(f"meshnode run: {exc}", file=sys.stderr)
-                return 1
-            raise
+        trio.run(run_node, settings)  # errors a user can fix end as one line (main)
         return 0
     if args.command in ("site", "enroll", "token", "charger"):
-        from ._security import LocalSecurityError
-
-        try:
-            return run_security_command(parser, args)
-        except LocalSecurityError as exc:
-            print(f"meshnode {args.command}: {exc}", file=sys.stderr)
-            return 1
+        return run_security_command(parser, args)  # LocalSecurityError: one line (main)
     if args.command == "cloud":
         return run_cloud(args)
     if args.command == "status":
-        return show_status(args.http, args.json)
+        return show_status(args.http, args.json, _api_headers(args, write=False))
     if args.command == "demo":
         from ._demo import run_from_args
 

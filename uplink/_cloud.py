@@ -71,6 +71,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -93,6 +94,7 @@ from crdt import (
 )
 
 from ._cloud_web import cloud_pages
+from ._forwarder import SIGNED_SYNC_CONTEXT
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
 from ._ocpi import ocpi_routes
@@ -114,6 +116,8 @@ from ._wire import (
 log = logging.getLogger("uplink.cloud")
 
 DEFAULT_PORT = 8700
+BACKLOG = 2048
+"""Listen backlog (Hypercorn's default, 100, resets connections under a burst)."""
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 """Largest compressed request body accepted (413 above it); inflation is bounded by MAX_INFLATED."""
 
@@ -392,6 +396,64 @@ def check_chains(new: Iterable[ChainLink], stored: Iterable[ChainLink]) -> list[
     return verdicts
 
 
+Authenticate = Callable[[bytes, float], "tuple[str, bytes]"]
+"""`authenticate(certificate, now)` -> (device_id, public key) when `certificate` is one
+the service trusts to forward for the site: signed by the site key, not revoked, a
+role that may forward. Raises `RemoteRequestError` (401/403) otherwise. Supplied by the
+caller like `Certify` (`meshnode cloud --site DIR`)."""
+
+MAX_SYNC_SKEW = 900.0
+"""Seconds a signed sync request's timestamp may be off the cloud's clock. A request is
+idempotent (Automerge sync), so a replay inside the window costs work, not money."""
+
+
+def open_signed_sync(inflated: bytes, authenticate: Authenticate, now: float) -> CloudSyncRequest:
+    """Check a signed sync request (`uplink.SignedSyncRequest`) and return the request inside.
+
+    Raises:
+        RemoteRequestError: 401 when nothing proves a device of the site sent it
+            (unsigned, malformed, unknown or forged certificate, bad signature, stale
+            timestamp); 403 when a certified device may not do this (revoked, role,
+            or the request speaks for another node); 400 for a bad inner request.
+    """
+    try:
+        outer = cbor2.loads(inflated)
+    except Exception as exc:  # cbor2 raises several types on bad input
+        raise RemoteRequestError(400, f"sync request is not valid CBOR: {exc}") from exc
+    if not isinstance(outer, dict) or "signed" not in outer:
+        raise RemoteRequestError(401, "this cloud takes sync only from certified devices of its site: sign the request")
+    signed, cert, sig = outer.get("signed"), outer.get("cert"), outer.get("sig")
+    if (
+        outer.get("v") != 1
+        or not isinstance(signed, bytes)
+        or not isinstance(cert, bytes)
+        or not isinstance(sig, bytes)
+        or len(sig) != 64
+    ):
+        raise RemoteRequestError(401, "signed sync request has the wrong shape")
+    device_id, public_key = authenticate(cert, now)
+    try:
+        nacl.signing.VerifyKey(public_key).verify(SIGNED_SYNC_CONTEXT + signed, sig)
+    except (ValueError, nacl.exceptions.CryptoError) as exc:
+        raise RemoteRequestError(401, "sync request signature does not verify") from exc
+    inner = cbor2.loads(signed)  # signed by a certified device: well-formed CBOR of ours
+    ts = inner.get("ts") if isinstance(inner, dict) else None
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or abs(ts - now) > MAX_SYNC_SKEW:
+        raise RemoteRequestError(401, f"sync request timestamp is more than {MAX_SYNC_SKEW:g} s off the cloud's clock")
+    try:
+        request = CloudSyncRequest.decode(inner["req"])
+    except (WireError, KeyError, TypeError) as exc:
+        raise RemoteRequestError(400, f"signed sync request: {exc}") from exc
+    if request.node_id != device_id:
+        raise RemoteRequestError(403, f"device {device_id!r} may not sync as {request.node_id!r}")
+    return request
+
+
+SiteEntry = Callable[[bytes], "dict[str, str]"]
+"""`site_entry(entry)` keeps a site-signed revocation the cloud is handed (`POST
+/v1/site/entries`, the node API's route and body); raises `RemoteRequestError`(400)
+for anything else. The entry is its own credential: the site key signed it."""
+
 Certify = Callable[[str, bytes], "bytes | None"]
 """`certify(device_id, declared)` -> the device's public key if `declared` (from a
 session's `devices` map) is a certificate the service trusts for that device, else
@@ -578,6 +640,8 @@ class CloudService:
         wall_clock: Callable[[], float],
         certify: Certify | None = None,
         operator: OperatorConfig | None = None,
+        authenticate: Authenticate | None = None,
+        site_entry: SiteEntry | None = None,
     ) -> None:
         self.ledger = ledger
         self.operator = operator or OperatorConfig()
@@ -585,6 +649,8 @@ class CloudService:
         with ledger.read() as tx:
             self.site_configs.load(tx.site_configs())
         self._certify = certify
+        self._authenticate = authenticate
+        self.site_entry = site_entry
         self.replica = Replica(docs)
         self._key = signing_key
         self._trusted = {d: bytes(k) for d, k in (trusted_keys or {}).items()}
@@ -610,7 +676,10 @@ class CloudService:
             raise RemoteRequestError(415, f"Content-Encoding must be {CONTENT_ENCODING}")
         try:
             inflated = decompress(body, MAX_INFLATED)
-            request = CloudSyncRequest.decode(inflated)
+            if self._authenticate is not None:
+                request = open_signed_sync(inflated, self._authenticate, self._wall_clock())
+            else:
+                request = CloudSyncRequest.decode(inflated)
         except WireError as exc:
             raise RemoteRequestError(400, str(exc)) from exc
         node = request.node_id
@@ -938,6 +1007,22 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
     async def issuer(request: Request) -> Response:
         return JSONResponse({"issuer": resolve(request).issuer})
 
+    async def site_entries(request: Request) -> Response:
+        cloud = resolve(request)
+        if cloud.site_entry is None:
+            return _error(404, "this cloud trusts no site (meshnode cloud --site DIR)")
+        try:
+            body = await _read_body(request, 64 * 1024)
+            obj = json.loads(body)
+            entry = bytes.fromhex(obj["entry"]) if isinstance(obj, dict) and isinstance(obj.get("entry"), str) else b""
+            if not entry:
+                raise RemoteRequestError(400, 'body must be {"entry": HEX}, a site-signed revocation')
+            return JSONResponse(await trio.to_thread.run_sync(cloud.site_entry, entry), status_code=201)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested JSON
+            return _error(400, f'body must be {{"entry": HEX}}: {type(exc).__name__}')
+        except RemoteRequestError as exc:
+            return _error(exc.status, exc.message)
+
     async def healthz(request: Request) -> Response:
         try:
             await read(resolve(request).ledger.ping)
@@ -945,6 +1030,10 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             log.error("health check: database does not answer: %s", exc)
             return JSONResponse({"ok": False, "error": str(exc)}, status_code=503)
         return JSONResponse({"ok": True})
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, str(exc.detail))  # 404, 405: JSON like every other answer
 
     async def on_ledger_error(request: Request, exc: Exception) -> Response:
         log.error("%s %s failed in the database: %s", request.method, request.url.path, exc)
@@ -963,9 +1052,10 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             *pages.routes,
             Route("/metrics", metrics, methods=["GET"]),
             *ocpi_routes(resolve),
+            Route("/v1/site/entries", site_entries, methods=["POST"]),
         ],
         middleware=pages.middleware,
-        exception_handlers={LedgerError: on_ledger_error},
+        exception_handlers={LedgerError: on_ledger_error, HTTPException: on_http_error},
         lifespan=lifespan,
     )
 
@@ -998,6 +1088,8 @@ async def open_cloud(
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
     certify: Certify | None = None,
+    authenticate: Authenticate | None = None,
+    site_entry: SiteEntry | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
 ) -> AsyncIterator[CloudService]:
@@ -1024,6 +1116,8 @@ async def open_cloud(
             trusted_keys=trusted_keys,
             trust_document_keys=trust_document_keys,
             certify=certify,
+            authenticate=authenticate,
+            site_entry=site_entry,
             wall_clock=wall_clock,
             operator=operator,
         )
@@ -1039,6 +1133,8 @@ def create_cloud_app(
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
     certify: Certify | None = None,
+    authenticate: Authenticate | None = None,
+    site_entry: SiteEntry | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
 ) -> Starlette:
@@ -1056,6 +1152,8 @@ def create_cloud_app(
             trusted_keys=trusted_keys,
             trust_document_keys=trust_document_keys,
             certify=certify,
+            authenticate=authenticate,
+            site_entry=site_entry,
             wall_clock=wall_clock,
             operator=operator,
         ) as cloud:
@@ -1075,6 +1173,8 @@ async def serve_cloud(
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
     certify: Certify | None = None,
+    authenticate: Authenticate | None = None,
+    site_entry: SiteEntry | None = None,
     certfile: str | None = None,
     keyfile: str | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -1098,6 +1198,8 @@ async def serve_cloud(
         trusted_keys=trusted_keys,
         trust_document_keys=trust_document_keys,
         certify=certify,
+        authenticate=authenticate,
+        site_entry=site_entry,
         wall_clock=wall_clock,
         operator=operator,
     ) as cloud:
@@ -1106,6 +1208,7 @@ async def serve_cloud(
         config.accesslog = None
         config.errorlog = logging.getLogger("uplink.cloud.server")
         config.graceful_timeout = 0.5
+        config.backlog = BACKLOG
         if certfile is not None:
             config.certfile = certfile
             config.keyfile = keyfile
