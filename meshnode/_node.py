@@ -820,8 +820,8 @@ class Node:
             if send is not None:
                 await send(address, resource, payload)
             else:
-                # A transport without one-way sends (e.g. a sealing wrapper): a request
-                # whose answer nobody needs.
+                # A transport without one-way sends: a request whose answer nobody needs
+                # (the sealing wrapper has its own `send`: sealed NON pushes).
                 await self.transport.request(address, resource, payload, timeout=self.config.request_timeout)
         except (TransportError, ValueError) as exc:
             log.debug("push to %s failed: %s", address, exc)

@@ -1792,6 +1792,23 @@ class SealedTransport:
                 del self._peers[next(iter(self._peers))]
         return opened.body
 
+    async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
+        """A one-way, sealed POST (see ``Transport.send``): sealed as a request, so
+        the receiver opens it, checks sender, freshness and replay exactly as for
+        a request, and runs the handler; its (sealed) answer goes nowhere.
+
+        Over an inner transport without one-way sends it is a request whose
+        answer is not read (nor opened)."""
+        if resource in self.open_resources:
+            sealed = bytes(payload)
+        else:
+            sealed, _ = self.sealer.seal_request(resource, payload, self._clock(), to=self._peers.get(peer))
+        send = getattr(self.inner, "send", None)
+        if send is not None:
+            await send(peer, resource, sealed)
+        else:
+            await self.inner.request(peer, resource, sealed)
+
     def _sealed_handler(self, resource: str, method: str, handler: Handler) -> Handler:
         async def sealed(payload: bytes, remote: str) -> bytes:
             try:
