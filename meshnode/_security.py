@@ -1393,6 +1393,9 @@ class Sealer:
             :class:`SealedTransport` from its clock).
         accept_roles: certificate roles allowed to talk to us.
         max_senders: replay windows kept; idle ones are dropped first.
+        nonce: returns the 24-byte nonce of the next box; random by default. A
+            simulation passes a sequence drawn from its seed, so that a seeded
+            run seals the same bytes every time (never reuse a nonce in the field).
     """
 
     def __init__(
@@ -1407,8 +1410,10 @@ class Sealer:
         restart_tolerance: float = DEFAULT_RESTART_TOLERANCE,
         accept_roles: Sequence[str] = MESH_ROLES,
         max_senders: int = 4096,
+        nonce: Callable[[], bytes] | None = None,
     ) -> None:
         self.identity = identity
+        self._nonce = nonce
         self.node_id = identity.node_id
         self._site_key = _verify_key(site_public_key)
         self.revocations = revocations if revocations is not None else Revocations()
@@ -1502,7 +1507,9 @@ class Sealer:
         inner = _sign(self.identity.signing_key, _CTX_SEALED, _canonical(fields))
         if key_id is None or key_id not in self._keys or not self._usable(self._keys[key_id], now):
             key_id = self._sealing_key_id(now)
-        return SEALED_MAGIC + key_id + bytes(self._boxes[key_id].encrypt(inner)), ctr
+        box = self._boxes[key_id]
+        sealed = box.encrypt(inner) if self._nonce is None else box.encrypt(inner, self._nonce())
+        return SEALED_MAGIC + key_id + bytes(sealed), ctr
 
     def seal_request(
         self, resource: str, body: bytes, now: float, *, method: str = "POST", to: str | None = None
