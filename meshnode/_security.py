@@ -814,8 +814,12 @@ def issue_certificate(
     roles: Sequence[str] = ("charger",),
     valid_for: float = DEFAULT_CERT_VALIDITY,
     now: float,
+    serial: str | None = None,
 ) -> bytes:
     """Sign a certificate for ``node_id``'s key; returns its bytes.
+
+    ``serial``: random by default (a seeded simulation passes its own, so the
+    certificate, hence every sealed message, is the same every run).
 
     Raises:
         LocalSecurityError: no site key, bad id, key, roles or validity.
@@ -830,7 +834,8 @@ def issue_certificate(
         raise LocalSecurityError(f"roles must be some of {sorted(ROLES)}, got {list(roles)}")
     if not valid_for > 0:
         raise LocalSecurityError("valid_for must be a positive number of seconds")
-    cert = Certificate(node_id, public_key, roles, float(now + valid_for), secrets.token_hex(16), site.name, float(now))
+    serial = serial if serial is not None else secrets.token_hex(16)
+    cert = Certificate(node_id, public_key, roles, float(now + valid_for), serial, site.name, float(now))
     return _sign(key, _CTX_CERT, _canonical(cert._fields()))
 
 
