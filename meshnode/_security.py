@@ -1398,9 +1398,14 @@ class Sealer:
             :class:`SealedTransport` from its clock).
         accept_roles: certificate roles allowed to talk to us.
         max_senders: replay windows kept; idle ones are dropped first.
-        nonce: returns the 24-byte nonce of the next box; random by default. A
-            simulation passes a sequence drawn from its seed, so that a seeded
-            run seals the same bytes every time (never reuse a nonce in the field).
+        nonce: the 24-byte nonce of a box, from the signed bytes it seals;
+            random by default. A simulation derives it from its seed and those
+            bytes, so that a seeded run seals the same bytes every time.
+        counter: ``(now, resource, kind, channel) -> counter`` of the next
+            message (``channel``: the address it goes to or came from);
+            sequential by default. In a simulation, messages sealed at one
+            virtual instant are sealed in an order trio chooses, so it derives
+            each counter from the message's place instead (unique per channel).
     """
 
     def __init__(
@@ -1415,10 +1420,12 @@ class Sealer:
         restart_tolerance: float = DEFAULT_RESTART_TOLERANCE,
         accept_roles: Sequence[str] = MESH_ROLES,
         max_senders: int = 4096,
-        nonce: Callable[[], bytes] | None = None,
+        nonce: Callable[[bytes], bytes] | None = None,
+        counter: Callable[[float, str, int, str], int] | None = None,
     ) -> None:
         self.identity = identity
         self._nonce = nonce
+        self._counter = counter
         self.node_id = identity.node_id
         self._site_key = _verify_key(site_public_key)
         self.revocations = revocations if revocations is not None else Revocations()
@@ -1493,8 +1500,9 @@ class Sealer:
         to: str | None,
         re: int | None,
         key_id: bytes | None,
+        channel: str = "",
     ) -> tuple[bytes, int]:
-        ctr = self._next_ctr(now)
+        ctr = self._next_ctr(now) if self._counter is None else self._counter(now, resource, kind, channel)
         fields: dict[str, Any] = {
             "v": 1,
             "k": kind,
@@ -1513,15 +1521,23 @@ class Sealer:
         if key_id is None or key_id not in self._keys or not self._usable(self._keys[key_id], now):
             key_id = self._sealing_key_id(now)
         box = self._boxes[key_id]
-        sealed = box.encrypt(inner) if self._nonce is None else box.encrypt(inner, self._nonce())
+        sealed = box.encrypt(inner) if self._nonce is None else box.encrypt(inner, self._nonce(inner))
         return SEALED_MAGIC + key_id + bytes(sealed), ctr
 
     def seal_request(
-        self, resource: str, body: bytes, now: float, *, method: str = "POST", to: str | None = None
+        self,
+        resource: str,
+        body: bytes,
+        now: float,
+        *,
+        method: str = "POST",
+        to: str | None = None,
+        channel: str = "",
     ) -> tuple[bytes, int]:
         """Seal a request; returns the bytes to send and its counter (keep it
-        for :meth:`open_response`). ``to``: the recipient's node id, if known."""
-        return self._seal(REQUEST, resource, method, body, now, to=to, re=None, key_id=None)
+        for :meth:`open_response`). ``to``: the recipient's node id, if known;
+        ``channel``: its address (for the ``counter`` seam only)."""
+        return self._seal(REQUEST, resource, method, body, now, to=to, re=None, key_id=None, channel=channel)
 
     def seal_response(
         self,
@@ -1533,11 +1549,14 @@ class Sealer:
         method: str = "POST",
         to: str | None = None,
         key_id: bytes | None = None,
+        channel: str = "",
     ) -> bytes:
         """Seal the response to a request (``request_ctr`` from its
         :class:`Opened`; ``to`` its sender; ``key_id`` the key it came under,
         so a peer still on an older network key can read our answer)."""
-        return self._seal(RESPONSE, resource, method, body, now, to=to, re=request_ctr, key_id=key_id)[0]
+        return self._seal(RESPONSE, resource, method, body, now, to=to, re=request_ctr, key_id=key_id, channel=channel)[
+            0
+        ]
 
     # -- opening ----------------------------------------------------------------------
 
@@ -1772,7 +1791,7 @@ class SealedTransport:
         if resource in self.open_resources:
             return await self.inner.request(peer, resource, payload, method=method, timeout=timeout)
         sealed, ctr = self.sealer.seal_request(
-            resource, payload, self._clock(), method=method, to=self._peers.get(peer)
+            resource, payload, self._clock(), method=method, to=self._peers.get(peer), channel=peer
         )
         try:
             reply = await self.inner.request(peer, resource, sealed, method=method, timeout=timeout)
@@ -1814,7 +1833,9 @@ class SealedTransport:
         if resource in self.open_resources:
             sealed = bytes(payload)
         else:
-            sealed, _ = self.sealer.seal_request(resource, payload, self._clock(), to=self._peers.get(peer))
+            sealed, _ = self.sealer.seal_request(
+                resource, payload, self._clock(), to=self._peers.get(peer), channel=peer
+            )
         send = getattr(self.inner, "send", None)
         if send is not None:
             await send(peer, resource, sealed)
@@ -1830,7 +1851,14 @@ class SealedTransport:
                 raise  # the Dispatcher answers exc.code and logs it at WARNING
             body = await self._call(handler, opened, remote)
             return self.sealer.seal_response(
-                resource, body, opened.ctr, self._clock(), method=method, to=opened.sender_node_id, key_id=opened.key_id
+                resource,
+                body,
+                opened.ctr,
+                self._clock(),
+                method=method,
+                to=opened.sender_node_id,
+                key_id=opened.key_id,
+                channel=remote,
             )
 
         return sealed

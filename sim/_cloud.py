@@ -27,7 +27,7 @@ Two things keep a run reproducible, both through `uplink.open_cloud`'s seams
 from __future__ import annotations
 
 import hashlib
-import itertools
+import math
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -189,14 +189,45 @@ class SimSite:
         return cert.public_key if cert.node_id == device_id else None
 
     def sealer(self, identity: Identity, start: int, now: float) -> Sealer:
-        """A Sealer for one run (`start`) of a node; its nonces never repeat within the run."""
-        counter = itertools.count()
-        prefix = f"{self.seed}:nonce:{identity.node_id}:{start}:"
+        """A Sealer for one run (`start`) of a node whose bytes do not depend on the
+        order in which trio runs the tasks of one virtual instant: the nonce is a
+        function of the seed and the signed message, the counter of the instant
+        and the message's place (channel, resource, kind, its number among those)."""
+        prefix = f"{self.seed}:nonce:{identity.node_id}:{start}:".encode()
+        first = int(now * 1_000_000) << 8  # above every counter of an earlier run, as the default
+        channels: dict[str, _Channel] = {}
 
-        def nonce() -> bytes:
-            return hashlib.sha256(f"{prefix}{next(counter)}".encode()).digest()[:24]
+        def nonce(inner: bytes) -> bytes:
+            return hashlib.sha256(prefix + inner).digest()[:24]
 
-        return Sealer(identity, self.site.public_key, self.site.network_key, started=now, nonce=nonce)
+        def counter(now: float, resource: str, kind: int, channel: str) -> int:
+            c = channels.setdefault(channel, _Channel())
+            if now != c.instant:  # the places of the last instant are used up
+                c.instant, c.base, c.used = now, c.base + c.span, {}
+                c.span = 0
+            n = c.used.get((resource, kind), 0)
+            c.used[(resource, kind)] = n + 1
+            place = (_SEALED_RESOURCES.get(resource, len(_SEALED_RESOURCES)) * 2 + kind) + _PLACES * n
+            c.span = max(c.span, place + 1)
+            return first + c.base + place
+
+        return Sealer(identity, self.site.public_key, self.site.network_key, started=now, nonce=nonce, counter=counter)
+
+
+_SEALED_RESOURCES = {"/m/push": 0, "/m/state": 1, "/m/digest": 2, "/m/sync": 3}
+_PLACES = 2 * (len(_SEALED_RESOURCES) + 1)
+"""Places of a counter within one instant on one channel: (resource, kind), then
+the same again for a second message of a kind. Counters on a channel grow by the
+places an instant used, so the 64 counters of a replay window cover several
+instants of reordering, as the default (one per message) covers 64 messages."""
+
+
+@dataclass
+class _Channel:
+    instant: float = math.nan
+    base: int = 0
+    span: int = 0
+    used: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
