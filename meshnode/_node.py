@@ -96,7 +96,7 @@ from ._protocol import (
     SyncRequest,
     SyncResponse,
 )
-from .core import Action, Neighbour, Replicator, SendHello, SendPush, StartExchange, Tick, build_push
+from .core import Action, Neighbour, Replicator, SendHello, SendPush, StartExchange, SyncDocs, Tick, build_push
 from ._security import (
     Authorization,
     Identity,
@@ -748,6 +748,8 @@ class Node:
             nursery.start_soon(self._exchange, action.peer, action.address, request)
         elif isinstance(action, SendHello):
             nursery.start_soon(self._hello, action.address, self._hello_message().encode())
+        elif isinstance(action, SyncDocs):
+            nursery.start_soon(self._repair, action)
         elif isinstance(action, Tick):
             self.membership.tick(now)
             self._elect()
@@ -854,6 +856,18 @@ class Node:
         finally:
             if not done:  # cancelled: leave the engine consistent
                 self.engine.exchange_failed(peer, self.now())
+            self._wakeup.set()
+
+    async def _repair(self, action: SyncDocs) -> None:
+        """Sync the documents a push from this peer left a gap in, now (see `Replicator.gap`)."""
+        ok = False
+        try:
+            await self._sync_docs(action.peer, action.address, list(action.docs))
+            ok = True
+        except (TransportError, ProtocolError) as exc:
+            log.info("gap sync with %s failed: %s", action.peer, exc)
+        finally:
+            self.engine.repair_done(action.peer, self.now(), ok=ok)
             self._wakeup.set()
 
     def _exchange_failed(self, peer: str, address: str, exc: Exception) -> None:
@@ -1087,7 +1101,10 @@ class Node:
         if verified:
             for d, (heads, _) in push.docs.items():
                 doc = self.replica.docs.get(d)
-                if doc is not None and sorted(doc.get_heads()) == sorted(heads):
+                if doc is not None and _lacks(doc, heads):
+                    # Changes that build on some we lack: an earlier push was lost.
+                    self.engine.gap(push.sender, d)
+                elif doc is not None and sorted(doc.get_heads()) == sorted(heads):
                     self.engine.peer_has(push.sender, d, heads)
                     # The sender's targets got these heads too (from it, or from
                     # whoever it left them to): our next push to them starts there.
@@ -1198,6 +1215,13 @@ class _SyncReplicas:
                 node._archive_replica.receive(peer, doc_id, msg)
             return []
         return node.replica.receive(peer, doc_id, msg, validate=validate)
+
+
+def _lacks(doc: Any, heads: Sequence[bytes]) -> bool:
+    """Whether the document lacks one of these changes. `get_changes([h])` of a change
+    we hold never returns the root change (an ancestor of every change); for a hash we
+    do not hold, automerge returns the whole history, root included."""
+    return any(any(not c.deps for c in doc.get_changes([h])) for h in heads)
 
 
 def _entry_hash(doc_id: str, hh: bytes) -> int:

@@ -302,3 +302,76 @@ async def test_node_sync_a_document_the_peer_refuses_leaves_the_rest_of_the_batc
         assert "s-alien" not in b.replica.docs
         assert b.counters["sync_requests_refused"] >= 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_push_is_repaired_by_the_next_push_not_by_the_next_exchange(tmp_path, autojump_clock):
+    """b misses a push from a; a's next push builds on the lost change, so b syncs
+    that document with a at once (gap repair) instead of waiting for anti-entropy."""
+    import trio
+
+    from crdt import MemoryAdapter, open_doc_store
+    from meshnode._discovery import StaticDiscovery
+    from meshnode._node import Node, NodeConfig
+    from meshnode._transport import MemoryNetwork
+
+    class Lossy(MemoryNetwork):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop_next_push = False
+            self.syncs = 0
+
+        async def carry(self, src, dst, resource, payload, *, response):
+            if resource == "/m/sync" and not response:
+                self.syncs += 1
+            if resource == "/m/push" and self.drop_next_push:
+                self.drop_next_push = False
+                return False
+            return True
+
+    net = Lossy()
+    addr = {"n1": "10.0.0.1:5683", "n2": "10.0.0.2:5683"}
+    nodes = {}
+
+    async def run(name, other, task_status=trio.TASK_STATUS_IGNORED):
+        async with net.transport(addr[name]) as transport:
+            node = Node(
+                # Anti-entropy far apart: only the gap repair can bring the change in time.
+                NodeConfig(node_id=name, data_dir=tmp_path / name, seed=7, gossip_interval=60.0),
+                transport=transport,
+                discovery=StaticDiscovery([addr[other]]),
+                wall_clock=lambda: 1_800_000_000 + trio.current_time(),
+                store=functools.partial(open_doc_store, adapter=MemoryAdapter({})),
+            )
+            nodes[name] = node
+            async with trio.open_nursery() as inner:
+                await inner.start(node.serve)
+                task_status.started()
+                await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run, "n1", "n2")
+        await nursery.start(run, "n2", "n1")
+        a, b = nodes["n1"], nodes["n2"]
+        with trio.fail_after(30):
+            while "n2" not in a.neighbours or "n1" not in b.neighbours:
+                await trio.sleep(0.05)
+        sid = (await a.create_session("bay-1", 1, "TOKEN-1"))["session_id"]
+        with trio.fail_after(5):
+            while sid not in b.replica.docs:
+                await trio.sleep(0.05)
+        await trio.sleep(1.0)  # the initial exchanges are over
+        syncs = net.syncs
+        net.drop_next_push = True
+        lost = (await a.record_event(sid, "meter", 100))["event_id"]
+        await trio.sleep(1.0)  # a's push slot is free again
+
+        def held():
+            return {e["event_id"] for e in b.session_json(sid)["events"]}
+
+        assert not net.drop_next_push and lost not in held()
+        after = (await a.record_event(sid, "meter", 200))["event_id"]
+        with trio.fail_after(2):  # not the next exchange, 60 s +-20 % away
+            while not {lost, after} <= held():
+                await trio.sleep(0.05)
+        assert net.syncs > syncs
+        nursery.cancel_scope.cancel()

@@ -27,6 +27,11 @@ How a change travels (docs/protocol.md, protocol version 2)
   only when they differ does the I/O layer go on to the digest and Automerge
   sync. A lost push, a restart, a node that was away: all repaired here. A new
   neighbour gets an exchange at once.
+- Gap repair: a push whose changes build on changes we lack (an earlier push
+  from that peer was lost) leaves a gap; anti-entropy leaves a busy document to
+  the pushes, and with many neighbours the next exchange with that very peer is
+  far off, so the document is synced with that peer at once instead
+  (`SyncDocs`), at most one such sync per peer at a time.
 
 Invariants (checked by tests/test_core_replicator.py)
 ----------------------------------------------------
@@ -46,7 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from .messages import Action, SendHello, SendPush, StartExchange, Tick
+from .messages import Action, SendHello, SendPush, StartExchange, SyncDocs, Tick
 from .neighbours import Hellos, Neighbour, NeighbourTable, unit
 
 
@@ -95,6 +100,10 @@ class Replicator:
         """Neighbours owed an exchange at once (new, or restarted)."""
         self._fresh: set[str] = set()
         """Neighbours owed a catch-up push at once (new, or restarted)."""
+        self._gaps: dict[str, set[str]] = {}
+        """Per neighbour, documents its pushes left a gap in (to sync with it at once)."""
+        self._repairing: set[str] = set()
+        """Neighbours a gap sync runs with."""
 
     # --- inputs ----------------------------------------------------------------------
 
@@ -203,6 +212,17 @@ class Replicator:
         if n is not None:
             n.pending.update(d for d in doc_ids if d in self.heads)
 
+    def gap(self, node_id: str, doc_id: str) -> None:
+        """A push from this peer brought changes whose dependencies we lack."""
+        if node_id in self.table.peers and doc_id in self.heads:
+            self._gaps.setdefault(node_id, set()).add(doc_id)
+
+    def repair_done(self, node_id: str, now: float, *, ok: bool) -> None:
+        """The gap sync with this peer ended (a failure counts as a failed exchange)."""
+        self._repairing.discard(node_id)
+        if not ok:
+            self.table.failed(node_id, now)
+
     def exchange_done(
         self, node_id: str, now: float, *, in_sync: bool, slow: bool = False, unsynced: Iterable[str] = ()
     ) -> None:
@@ -247,6 +267,15 @@ class Replicator:
             for n in peers:
                 if n.pending:
                     actions.append(self._push(n, now))
+        for nid in sorted(self._gaps):
+            gapped = self.table.peers.get(nid)
+            if gapped is None:
+                del self._gaps[nid]
+            elif nid not in self._repairing and now >= gapped.retry_at:
+                docs = tuple(sorted(d for d in self._gaps.pop(nid) if d in self.heads))
+                if docs:
+                    self._repairing.add(nid)
+                    actions.append(SyncDocs(nid, gapped.address, docs))
         for nid in sorted(self._urgent):
             urgent = self.table.peers.get(nid)
             if urgent is not None and not urgent.exchanging and now >= urgent.retry_at:
@@ -290,6 +319,8 @@ class Replicator:
                 times.append(n.retry_at)
             if n.node_id in self._fresh and n.pending:
                 times.append(n.verified_at)
+            if n.node_id in self._gaps and n.node_id not in self._repairing:
+                times.append(n.retry_at)
         expiry = self.table.next_expiry()
         if expiry is not None:
             times.append(expiry)
