@@ -862,7 +862,15 @@ class Node:
         """Sync the documents a push from this peer left a gap in, now (see `Replicator.gap`)."""
         ok = False
         try:
-            await self._sync_docs(action.peer, action.address, list(action.docs))
+            # A gap the late push has closed meanwhile needs no sync.
+            docs = [
+                d
+                for d, heads in zip(action.docs, action.lacking or [()] * len(action.docs), strict=True)
+                if d in self.replica.docs and (not heads or _lacks(self.replica.docs[d], heads))
+            ]
+            if docs:
+                self.counters["gap_syncs"] = self.counters.get("gap_syncs", 0) + 1
+                await self._sync_docs(action.peer, action.address, docs)
             ok = True
         except (TransportError, ProtocolError) as exc:
             log.info("gap sync with %s failed: %s", action.peer, exc)
@@ -1103,7 +1111,7 @@ class Node:
                 doc = self.replica.docs.get(d)
                 if doc is not None and _lacks(doc, heads):
                     # Changes that build on some we lack: an earlier push was lost.
-                    self.engine.gap(push.sender, d)
+                    self.engine.gap(push.sender, d, heads, self.now())
                 elif doc is not None and sorted(doc.get_heads()) == sorted(heads):
                     self.engine.peer_has(push.sender, d, heads)
                     # The sender's targets got these heads too (from it, or from

@@ -97,28 +97,30 @@ def test_a_new_neighbour_gets_a_catch_up_push_at_once_even_mid_slot():
     assert pushes(e.poll(10.5)) == {"a": ("d1", "d2", "d3", "d4")}
 
 
-def test_a_gap_left_by_a_lost_push_is_synced_with_that_peer_at_once():
+def test_a_gap_left_by_a_lost_push_is_synced_with_that_peer_soon():
     e = with_peers("a", "b")
     e.changed("doc", H1, 10.0, source="a")
     e.poll(10.0)
     # The next push from a builds on a change that never arrived: sync doc with a
-    # now, not at the next exchange with a (and not with anyone else).
-    e.gap("a", "doc")
-    e.gap("a", "unknown-here")  # not one of ours: nothing to repair
-    assert e.next_deadline() is not None and e.next_deadline() <= 10.1
-    actions = e.poll(10.1)
-    assert [a for a in actions if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc",))]
+    # once gap_wait (0.2 s) has passed, not at the next exchange with a, nor with b.
+    e.gap("a", "doc", H2, 10.0)
+    e.gap("a", "unknown-here", H2, 10.0)  # not one of ours: nothing to repair
+    e.gap("a", "doc", H2, 10.1)  # a later push with the same gap does not restart the wait
+    assert not [a for a in e.poll(10.1) if isinstance(a, SyncDocs)]  # it may only be late
+    assert e.next_deadline() is not None and e.next_deadline() <= 10.2
+    actions = e.poll(10.2)
+    assert [a for a in actions if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc",), (H2,))]
     assert not [a for a in actions if isinstance(a, StartExchange)]
     # One at a time per peer: gaps found meanwhile wait for the end of this one.
     e.changed("doc2", H1, 10.2, source="a")
-    e.gap("a", "doc2")
-    assert not [a for a in e.poll(10.2) if isinstance(a, SyncDocs)]
-    e.repair_done("a", 10.3, ok=True)
-    assert [a for a in e.poll(10.3) if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc2",))]
+    e.gap("a", "doc2", H1, 10.2)
+    assert not [a for a in e.poll(10.5) if isinstance(a, SyncDocs)]
+    e.repair_done("a", 10.5, ok=True)
+    assert [a for a in e.poll(10.5) if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc2",), (H1,))]
     # A failed one backs the peer off like a failed exchange; a forgotten peer drops its gaps.
-    e.repair_done("a", 10.4, ok=False)
-    assert e.table.peers["a"].retry_at > 10.4
-    e.gap("a", "doc")
+    e.repair_done("a", 10.6, ok=False)
+    assert e.table.peers["a"].retry_at > 10.6
+    e.gap("a", "doc", H2, 10.6)
     e.discovery_gone("a", None)
     assert not [a for a in e.poll(20.0) if isinstance(a, SyncDocs)]
 

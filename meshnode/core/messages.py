@@ -52,6 +52,9 @@ class SyncDocs:
     peer: str
     address: str
     docs: tuple[str, ...]
+    lacking: tuple[tuple[bytes, ...], ...] = ()
+    """Per document, the heads of the push that found the gap: if the document holds
+    them all by now (the lost push was only late), the I/O layer leaves it out."""
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ How a change travels (docs/protocol.md, protocol version 2)
 - Gap repair: a push whose changes build on changes we lack (an earlier push
   from that peer was lost) leaves a gap; anti-entropy leaves a busy document to
   the pushes, and with many neighbours the next exchange with that very peer is
-  far off, so the document is synced with that peer at once instead
-  (`SyncDocs`), at most one such sync per peer at a time.
+  far off, so the document is synced with that peer instead (`SyncDocs`) once
+  `gap_wait` has passed without the gap closing (pushes of different sizes may
+  overtake each other), at most one such sync per peer at a time.
 
 Invariants (checked by tests/test_core_replicator.py)
 ----------------------------------------------------
@@ -78,6 +79,7 @@ class Replicator:
         salt: str = "",
         settle: float = 1.0,
         recent: float = 30.0,
+        gap_wait: float = 0.2,
     ) -> None:
         self.node_id = node_id
         self.push_interval = push_interval
@@ -100,8 +102,10 @@ class Replicator:
         """Neighbours owed an exchange at once (new, or restarted)."""
         self._fresh: set[str] = set()
         """Neighbours owed a catch-up push at once (new, or restarted)."""
-        self._gaps: dict[str, set[str]] = {}
-        """Per neighbour, documents its pushes left a gap in (to sync with it at once)."""
+        self.gap_wait = gap_wait
+        self._gaps: dict[str, dict[str, tuple[tuple[bytes, ...], float]]] = {}
+        """Per neighbour, documents its pushes left a gap in: the heads the push
+        announced, and when the gap was found."""
         self._repairing: set[str] = set()
         """Neighbours a gap sync runs with."""
 
@@ -212,10 +216,12 @@ class Replicator:
         if n is not None:
             n.pending.update(d for d in doc_ids if d in self.heads)
 
-    def gap(self, node_id: str, doc_id: str) -> None:
-        """A push from this peer brought changes whose dependencies we lack."""
+    def gap(self, node_id: str, doc_id: str, heads: Iterable[bytes], now: float) -> None:
+        """A push from this peer announcing `heads` brought changes whose dependencies we lack."""
         if node_id in self.table.peers and doc_id in self.heads:
-            self._gaps.setdefault(node_id, set()).add(doc_id)
+            gaps = self._gaps.setdefault(node_id, {})
+            since = gaps[doc_id][1] if doc_id in gaps else now
+            gaps[doc_id] = (tuple(heads), since)
 
     def repair_done(self, node_id: str, now: float, *, ok: bool) -> None:
         """The gap sync with this peer ended (a failure counts as a failed exchange)."""
@@ -272,10 +278,15 @@ class Replicator:
             if gapped is None:
                 del self._gaps[nid]
             elif nid not in self._repairing and now >= gapped.retry_at:
-                docs = tuple(sorted(d for d in self._gaps.pop(nid) if d in self.heads))
-                if docs:
+                gaps = self._gaps[nid]
+                due = sorted(d for d, (_, since) in gaps.items() if now >= since + self.gap_wait and d in self.heads)
+                for d in [d for d in gaps if d not in self.heads]:
+                    del gaps[d]
+                if due:
                     self._repairing.add(nid)
-                    actions.append(SyncDocs(nid, gapped.address, docs))
+                    actions.append(SyncDocs(nid, gapped.address, tuple(due), tuple(gaps.pop(d)[0] for d in due)))
+                if not gaps:
+                    del self._gaps[nid]
         for nid in sorted(self._urgent):
             urgent = self.table.peers.get(nid)
             if urgent is not None and not urgent.exchanging and now >= urgent.retry_at:
@@ -320,7 +331,8 @@ class Replicator:
             if n.node_id in self._fresh and n.pending:
                 times.append(n.verified_at)
             if n.node_id in self._gaps and n.node_id not in self._repairing:
-                times.append(n.retry_at)
+                first = min(since for _, since in self._gaps[n.node_id].values()) + self.gap_wait
+                times.append(max(n.retry_at, first))
         expiry = self.table.next_expiry()
         if expiry is not None:
             times.append(expiry)
