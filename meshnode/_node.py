@@ -866,7 +866,8 @@ class Node:
             docs = [
                 d
                 for d, heads in zip(action.docs, action.lacking or [()] * len(action.docs), strict=True)
-                if d in self.replica.docs and (not heads or _lacks(self.replica.docs[d], heads))
+                if d not in self.archived
+                and (d not in self.replica.docs or not heads or _lacks(self.replica.docs[d], heads))
             ]
             if docs:
                 self.counters["gap_syncs"] = self.counters.get("gap_syncs", 0) + 1
@@ -1108,8 +1109,10 @@ class Node:
             )
         if verified:
             for d, (heads, _) in push.docs.items():
+                if d in self.archived:
+                    continue
                 doc = self.replica.docs.get(d)
-                if doc is not None and _lacks(doc, heads):
+                if doc is None or _lacks(doc, heads):
                     # Changes that build on some we lack: an earlier push was lost.
                     self.engine.gap(push.sender, d, heads, self.now())
                 elif doc is not None and sorted(doc.get_heads()) == sorted(heads):

@@ -104,12 +104,14 @@ def test_a_gap_left_by_a_lost_push_is_synced_with_that_peer_soon():
     # The next push from a builds on a change that never arrived: sync doc with a
     # once gap_wait (0.2 s) has passed, not at the next exchange with a, nor with b.
     e.gap("a", "doc", H2, 10.0)
-    e.gap("a", "unknown-here", H2, 10.0)  # not one of ours: nothing to repair
+    e.gap("a", "new", H2, 10.0)  # one we do not hold yet: its first changes were lost
+    e.gap("a", "archived", H2, 10.0)
+    e.forget_doc("archived")  # left active gossip meanwhile: nothing to repair
     e.gap("a", "doc", H2, 10.1)  # a later push with the same gap does not restart the wait
     assert not [a for a in e.poll(10.1) if isinstance(a, SyncDocs)]  # it may only be late
     assert e.next_deadline() is not None and e.next_deadline() <= 10.2
     actions = e.poll(10.2)
-    assert [a for a in actions if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc",), (H2,))]
+    assert [a for a in actions if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc", "new"), (H2, H2))]
     assert not [a for a in actions if isinstance(a, StartExchange)]
     # One at a time per peer: gaps found meanwhile wait for the end of this one.
     e.changed("doc2", H1, 10.2, source="a")

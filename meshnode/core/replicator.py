@@ -186,6 +186,8 @@ class Replicator:
         """The document left active gossip (archived)."""
         self.heads.pop(doc_id, None)
         self.changed_at.pop(doc_id, None)
+        for gaps in self._gaps.values():
+            gaps.pop(doc_id, None)
         for n in self.table.peers.values():
             n.pending.discard(doc_id)
             n.unsynced.discard(doc_id)
@@ -217,8 +219,9 @@ class Replicator:
             n.pending.update(d for d in doc_ids if d in self.heads)
 
     def gap(self, node_id: str, doc_id: str, heads: Iterable[bytes], now: float) -> None:
-        """A push from this peer announcing `heads` brought changes whose dependencies we lack."""
-        if node_id in self.table.peers and doc_id in self.heads:
+        """A push from this peer announcing `heads` brought changes whose dependencies we
+        lack (for a document we do not hold yet: its first changes were lost)."""
+        if node_id in self.table.peers:
             gaps = self._gaps.setdefault(node_id, {})
             since = gaps[doc_id][1] if doc_id in gaps else now
             gaps[doc_id] = (tuple(heads), since)
@@ -279,9 +282,7 @@ class Replicator:
                 del self._gaps[nid]
             elif nid not in self._repairing and now >= gapped.retry_at:
                 gaps = self._gaps[nid]
-                due = sorted(d for d, (_, since) in gaps.items() if now >= since + self.gap_wait and d in self.heads)
-                for d in [d for d in gaps if d not in self.heads]:
-                    del gaps[d]
+                due = sorted(d for d, (_, since) in gaps.items() if now >= since + self.gap_wait)
                 if due:
                     self._repairing.add(nid)
                     actions.append(SyncDocs(nid, gapped.address, tuple(due), tuple(gaps.pop(d)[0] for d in due)))
