@@ -814,8 +814,12 @@ def issue_certificate(
     roles: Sequence[str] = ("charger",),
     valid_for: float = DEFAULT_CERT_VALIDITY,
     now: float,
+    serial: str | None = None,
 ) -> bytes:
     """Sign a certificate for ``node_id``'s key; returns its bytes.
+
+    ``serial``: random by default (a seeded simulation passes its own, so the
+    certificate, hence every sealed message, is the same every run).
 
     Raises:
         LocalSecurityError: no site key, bad id, key, roles or validity.
@@ -830,7 +834,8 @@ def issue_certificate(
         raise LocalSecurityError(f"roles must be some of {sorted(ROLES)}, got {list(roles)}")
     if not valid_for > 0:
         raise LocalSecurityError("valid_for must be a positive number of seconds")
-    cert = Certificate(node_id, public_key, roles, float(now + valid_for), secrets.token_hex(16), site.name, float(now))
+    serial = serial if serial is not None else secrets.token_hex(16)
+    cert = Certificate(node_id, public_key, roles, float(now + valid_for), serial, site.name, float(now))
     return _sign(key, _CTX_CERT, _canonical(cert._fields()))
 
 
@@ -1393,6 +1398,14 @@ class Sealer:
             :class:`SealedTransport` from its clock).
         accept_roles: certificate roles allowed to talk to us.
         max_senders: replay windows kept; idle ones are dropped first.
+        nonce: the 24-byte nonce of a box, from the signed bytes it seals;
+            random by default. A simulation derives it from its seed and those
+            bytes, so that a seeded run seals the same bytes every time.
+        counter: ``(now, resource, kind, channel) -> counter`` of the next
+            message (``channel``: the address it goes to or came from);
+            sequential by default. In a simulation, messages sealed at one
+            virtual instant are sealed in an order trio chooses, so it derives
+            each counter from the message's place instead (unique per channel).
     """
 
     def __init__(
@@ -1407,8 +1420,12 @@ class Sealer:
         restart_tolerance: float = DEFAULT_RESTART_TOLERANCE,
         accept_roles: Sequence[str] = MESH_ROLES,
         max_senders: int = 4096,
+        nonce: Callable[[bytes], bytes] | None = None,
+        counter: Callable[[float, str, int, str], int] | None = None,
     ) -> None:
         self.identity = identity
+        self._nonce = nonce
+        self._counter = counter
         self.node_id = identity.node_id
         self._site_key = _verify_key(site_public_key)
         self.revocations = revocations if revocations is not None else Revocations()
@@ -1483,8 +1500,9 @@ class Sealer:
         to: str | None,
         re: int | None,
         key_id: bytes | None,
+        channel: str = "",
     ) -> tuple[bytes, int]:
-        ctr = self._next_ctr(now)
+        ctr = self._next_ctr(now) if self._counter is None else self._counter(now, resource, kind, channel)
         fields: dict[str, Any] = {
             "v": 1,
             "k": kind,
@@ -1502,14 +1520,24 @@ class Sealer:
         inner = _sign(self.identity.signing_key, _CTX_SEALED, _canonical(fields))
         if key_id is None or key_id not in self._keys or not self._usable(self._keys[key_id], now):
             key_id = self._sealing_key_id(now)
-        return SEALED_MAGIC + key_id + bytes(self._boxes[key_id].encrypt(inner)), ctr
+        box = self._boxes[key_id]
+        sealed = box.encrypt(inner) if self._nonce is None else box.encrypt(inner, self._nonce(inner))
+        return SEALED_MAGIC + key_id + bytes(sealed), ctr
 
     def seal_request(
-        self, resource: str, body: bytes, now: float, *, method: str = "POST", to: str | None = None
+        self,
+        resource: str,
+        body: bytes,
+        now: float,
+        *,
+        method: str = "POST",
+        to: str | None = None,
+        channel: str = "",
     ) -> tuple[bytes, int]:
         """Seal a request; returns the bytes to send and its counter (keep it
-        for :meth:`open_response`). ``to``: the recipient's node id, if known."""
-        return self._seal(REQUEST, resource, method, body, now, to=to, re=None, key_id=None)
+        for :meth:`open_response`). ``to``: the recipient's node id, if known;
+        ``channel``: its address (for the ``counter`` seam only)."""
+        return self._seal(REQUEST, resource, method, body, now, to=to, re=None, key_id=None, channel=channel)
 
     def seal_response(
         self,
@@ -1521,11 +1549,14 @@ class Sealer:
         method: str = "POST",
         to: str | None = None,
         key_id: bytes | None = None,
+        channel: str = "",
     ) -> bytes:
         """Seal the response to a request (``request_ctr`` from its
         :class:`Opened`; ``to`` its sender; ``key_id`` the key it came under,
         so a peer still on an older network key can read our answer)."""
-        return self._seal(RESPONSE, resource, method, body, now, to=to, re=request_ctr, key_id=key_id)[0]
+        return self._seal(RESPONSE, resource, method, body, now, to=to, re=request_ctr, key_id=key_id, channel=channel)[
+            0
+        ]
 
     # -- opening ----------------------------------------------------------------------
 
@@ -1760,7 +1791,7 @@ class SealedTransport:
         if resource in self.open_resources:
             return await self.inner.request(peer, resource, payload, method=method, timeout=timeout)
         sealed, ctr = self.sealer.seal_request(
-            resource, payload, self._clock(), method=method, to=self._peers.get(peer)
+            resource, payload, self._clock(), method=method, to=self._peers.get(peer), channel=peer
         )
         try:
             reply = await self.inner.request(peer, resource, sealed, method=method, timeout=timeout)
@@ -1792,6 +1823,25 @@ class SealedTransport:
                 del self._peers[next(iter(self._peers))]
         return opened.body
 
+    async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
+        """A one-way, sealed POST (see ``Transport.send``): sealed as a request, so
+        the receiver opens it, checks sender, freshness and replay exactly as for
+        a request, and runs the handler; its (sealed) answer goes nowhere.
+
+        Over an inner transport without one-way sends it is a request whose
+        answer is not read (nor opened)."""
+        if resource in self.open_resources:
+            sealed = bytes(payload)
+        else:
+            sealed, _ = self.sealer.seal_request(
+                resource, payload, self._clock(), to=self._peers.get(peer), channel=peer
+            )
+        send = getattr(self.inner, "send", None)
+        if send is not None:
+            await send(peer, resource, sealed)
+        else:
+            await self.inner.request(peer, resource, sealed)
+
     def _sealed_handler(self, resource: str, method: str, handler: Handler) -> Handler:
         async def sealed(payload: bytes, remote: str) -> bytes:
             try:
@@ -1801,7 +1851,14 @@ class SealedTransport:
                 raise  # the Dispatcher answers exc.code and logs it at WARNING
             body = await self._call(handler, opened, remote)
             return self.sealer.seal_response(
-                resource, body, opened.ctr, self._clock(), method=method, to=opened.sender_node_id, key_id=opened.key_id
+                resource,
+                body,
+                opened.ctr,
+                self._clock(),
+                method=method,
+                to=opened.sender_node_id,
+                key_id=opened.key_id,
+                channel=remote,
             )
 
         return sealed

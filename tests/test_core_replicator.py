@@ -10,6 +10,7 @@ from meshnode.core import (
     SendHello,
     SendPush,
     StartExchange,
+    SyncDocs,
     Tick,
     build_push,
 )
@@ -71,6 +72,59 @@ def test_a_quiet_link_pushes_at_once_and_a_busy_one_batches():
     assert pushes(e.poll(10.2)) == {}
     assert e.next_deadline() == 10.3  # invariant 4: the deadline is when the batch goes
     assert pushes(e.poll(10.3)) == {"b": ("d2", "d3")}
+
+
+def test_a_new_neighbour_gets_a_catch_up_push_at_once_even_mid_slot():
+    e = with_peers("a")
+    e.changed("d1", H1, 10.0)
+    assert pushes(e.poll(10.0)) == {"a": ("d1",)}  # the slot is taken until 10.3
+    e.changed("d2", H1, 10.05)
+    e.hello_ok("b", "10.0.0.9:5683", 1, 10.1)  # a node that just booted
+    assert e.next_deadline() <= 10.1  # invariant 4: due now
+    actions = e.poll(10.1)
+    assert pushes(actions) == {"b": ("d1", "d2")}  # at once, not at 10.3; a waits for the slot
+    assert StartExchange("b", "10.0.0.9:5683") in actions
+    e.changed("d3", H2, 10.2)
+    assert pushes(e.poll(10.2)) == {}
+    assert e.next_deadline() == 10.3
+    assert pushes(e.poll(10.3)) == {"a": ("d2", "d3"), "b": ("d3",)}  # then the slot, as everyone
+    # Only once: a hello from a peer we know (same incarnation) is no catch-up.
+    e.changed("d4", H1, 10.4)
+    e.hello_ok("b", "10.0.0.9:5683", 1, 10.4)
+    assert pushes(e.poll(10.4)) == {}
+    # A restarted peer (new incarnation) is fresh again.
+    e.hello_ok("a", "10.0.0.1:5683", 2, 10.5)
+    assert pushes(e.poll(10.5)) == {"a": ("d1", "d2", "d3", "d4")}
+
+
+def test_a_gap_left_by_a_lost_push_is_synced_with_that_peer_soon():
+    e = with_peers("a", "b")
+    e.changed("doc", H1, 10.0, source="a")
+    e.poll(10.0)
+    # The next push from a builds on a change that never arrived: sync doc with a
+    # once gap_wait (0.2 s) has passed, not at the next exchange with a, nor with b.
+    e.gap("a", "doc", H2, 10.0)
+    e.gap("a", "new", H2, 10.0)  # one we do not hold yet: its first changes were lost
+    e.gap("a", "archived", H2, 10.0)
+    e.forget_doc("archived")  # left active gossip meanwhile: nothing to repair
+    e.gap("a", "doc", H2, 10.1)  # a later push with the same gap does not restart the wait
+    assert not [a for a in e.poll(10.1) if isinstance(a, SyncDocs)]  # it may only be late
+    assert e.next_deadline() is not None and e.next_deadline() <= 10.2
+    actions = e.poll(10.2)
+    assert [a for a in actions if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc", "new"), (H2, H2))]
+    assert not [a for a in actions if isinstance(a, StartExchange)]
+    # One at a time per peer: gaps found meanwhile wait for the end of this one.
+    e.changed("doc2", H1, 10.2, source="a")
+    e.gap("a", "doc2", H1, 10.2)
+    assert not [a for a in e.poll(10.5) if isinstance(a, SyncDocs)]
+    e.repair_done("a", 10.5, ok=True)
+    assert [a for a in e.poll(10.5) if isinstance(a, SyncDocs)] == [SyncDocs("a", "10.0.0.1:5683", ("doc2",), (H1,))]
+    # A failed one backs the peer off like a failed exchange; a forgotten peer drops its gaps.
+    e.repair_done("a", 10.6, ok=False)
+    assert e.table.peers["a"].retry_at > 10.6
+    e.gap("a", "doc", H2, 10.6)
+    e.discovery_gone("a", None)
+    assert not [a for a in e.poll(20.0) if isinstance(a, SyncDocs)]
 
 
 def test_no_push_to_the_source_its_targets_or_a_peer_that_has_our_heads():

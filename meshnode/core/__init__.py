@@ -7,7 +7,7 @@ moves bytes and sleeps until `Replicator.next_deadline()`.
 """
 
 from .changes import build_push, change_message
-from .messages import Action, SendHello, SendPush, StartExchange, Tick
+from .messages import Action, SendHello, SendPush, StartExchange, SyncDocs, Tick
 from .neighbours import Hellos, Neighbour, NeighbourTable
 from .replicator import Replicator
 
@@ -20,6 +20,7 @@ __all__ = [
     "SendHello",
     "SendPush",
     "StartExchange",
+    "SyncDocs",
     "Tick",
     "build_push",
     "change_message",

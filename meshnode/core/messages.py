@@ -44,10 +44,24 @@ class StartExchange:
 
 
 @dataclass(frozen=True)
+class SyncDocs:
+    """Run Automerge sync with `peer` for these documents now (POST /m/sync), without
+    the heads-hash and digest steps: a push from it left a gap here. Report the end
+    with `Replicator.repair_done`."""
+
+    peer: str
+    address: str
+    docs: tuple[str, ...]
+    lacking: tuple[tuple[bytes, ...], ...] = ()
+    """Per document, the heads of the push that found the gap: if the document holds
+    them all by now (the lost push was only late), the I/O layer leaves it out."""
+
+
+@dataclass(frozen=True)
 class Tick:
     """Housekeeping is due: membership heartbeat, election, retention."""
 
 
-Action = SendHello | SendPush | StartExchange | Tick
+Action = SendHello | SendPush | StartExchange | SyncDocs | Tick
 
-__all__ = ["Action", "SendHello", "SendPush", "StartExchange", "Tick"]
+__all__ = ["Action", "SendHello", "SendPush", "StartExchange", "SyncDocs", "Tick"]

@@ -17,18 +17,30 @@ How a change travels (docs/protocol.md, protocol version 2)
   pending (a link carries at most one push per interval, so under load changes
   batch and traffic stays bounded, while a quiet node adds no delay). A push is one-way (no response):
   the changes the peer lacks, computed from the heads we believe it holds.
+- A neighbour verified just now (new, or restarted) gets what changed lately in
+  a catch-up push at once, outside the slot: it is a push target from its first
+  hello, and a node that boots into a busy mesh does not wait for the slot
+  (glomers: a node booting last held the first changes 0.4 s after its hellos,
+  slot included; every change that took over 0.6 s was such a catch-up).
 - Anti-entropy: every `exchange_interval` one neighbour (the one we checked
   longest ago) gets an exchange: one small heads-hash and membership digest;
   only when they differ does the I/O layer go on to the digest and Automerge
   sync. A lost push, a restart, a node that was away: all repaired here. A new
   neighbour gets an exchange at once.
+- Gap repair: a push whose changes build on changes we lack (an earlier push
+  from that peer was lost) leaves a gap; anti-entropy leaves a busy document to
+  the pushes, and with many neighbours the next exchange with that very peer is
+  far off, so the document is synced with that peer instead (`SyncDocs`) once
+  `gap_wait` has passed without the gap closing (pushes of different sizes may
+  overtake each other), at most one such sync per peer at a time.
 
 Invariants (checked by tests/test_core_replicator.py)
 ----------------------------------------------------
 
 1. No action names a peer that is not in the neighbour table (verified hello).
-2. At most one push per neighbour per `push_interval`; at most one exchange per
-   neighbour at a time; none while it is backed off.
+2. At most one push per neighbour per `push_interval`, besides one catch-up push
+   to a freshly verified neighbour; at most one exchange per neighbour at a time;
+   none while it is backed off.
 3. A document is never pending for the peer it came from, nor for a peer whose
    known heads equal our heads.
 4. `next_deadline()` is the earliest time at which `poll` would return something
@@ -40,7 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from .messages import Action, SendHello, SendPush, StartExchange, Tick
+from .messages import Action, SendHello, SendPush, StartExchange, SyncDocs, Tick
 from .neighbours import Hellos, Neighbour, NeighbourTable, unit
 
 
@@ -67,6 +79,7 @@ class Replicator:
         salt: str = "",
         settle: float = 1.0,
         recent: float = 30.0,
+        gap_wait: float = 0.2,
     ) -> None:
         self.node_id = node_id
         self.push_interval = push_interval
@@ -87,6 +100,14 @@ class Replicator:
         self._last_flush = -math.inf
         self._urgent: set[str] = set()
         """Neighbours owed an exchange at once (new, or restarted)."""
+        self._fresh: set[str] = set()
+        """Neighbours owed a catch-up push at once (new, or restarted)."""
+        self.gap_wait = gap_wait
+        self._gaps: dict[str, dict[str, tuple[tuple[bytes, ...], float]]] = {}
+        """Per neighbour, documents its pushes left a gap in: the heads the push
+        announced, and when the gap was found."""
+        self._repairing: set[str] = set()
+        """Neighbours a gap sync runs with."""
 
     # --- inputs ----------------------------------------------------------------------
 
@@ -115,6 +136,7 @@ class Replicator:
         if fresh:
             n.unsynced = set(self.heads)
             self._urgent.add(node_id)
+            self._fresh.add(node_id)
             # What changed lately is likely news to it: push it now rather than
             # leave it to the (multi-round) sync of the first exchange.
             n.pending.update(d for d, t in self.changed_at.items() if now - t <= self.recent)
@@ -164,6 +186,8 @@ class Replicator:
         """The document left active gossip (archived)."""
         self.heads.pop(doc_id, None)
         self.changed_at.pop(doc_id, None)
+        for gaps in self._gaps.values():
+            gaps.pop(doc_id, None)
         for n in self.table.peers.values():
             n.pending.discard(doc_id)
             n.unsynced.discard(doc_id)
@@ -193,6 +217,20 @@ class Replicator:
         n = self.table.peers.get(node_id)
         if n is not None:
             n.pending.update(d for d in doc_ids if d in self.heads)
+
+    def gap(self, node_id: str, doc_id: str, heads: Iterable[bytes], now: float) -> None:
+        """A push from this peer announcing `heads` brought changes whose dependencies we
+        lack (for a document we do not hold yet: its first changes were lost)."""
+        if node_id in self.table.peers:
+            gaps = self._gaps.setdefault(node_id, {})
+            since = gaps[doc_id][1] if doc_id in gaps else now
+            gaps[doc_id] = (tuple(heads), since)
+
+    def repair_done(self, node_id: str, now: float, *, ok: bool) -> None:
+        """The gap sync with this peer ended (a failure counts as a failed exchange)."""
+        self._repairing.discard(node_id)
+        if not ok:
+            self.table.failed(node_id, now)
 
     def exchange_done(
         self, node_id: str, now: float, *, in_sync: bool, slow: bool = False, unsynced: Iterable[str] = ()
@@ -224,6 +262,11 @@ class Replicator:
         peers = self.table.live()
         known_addresses = {n.address for n in peers}
         actions.extend(SendHello(a) for a in self.hellos.due(now, known_addresses))
+        for nid in sorted(self._fresh):
+            self._fresh.discard(nid)
+            fresh = self.table.peers.get(nid)
+            if fresh is not None and fresh.pending:
+                actions.append(self._push(fresh, now))
         if now >= self._last_flush + self.push_interval and any(n.pending for n in peers):
             # One push slot for the node, not one per link: every neighbour that
             # lacks something gets it in the same instant, so a change reaches all
@@ -232,10 +275,19 @@ class Replicator:
             self._last_flush = now
             for n in peers:
                 if n.pending:
-                    n.last_push = now
-                    docs = tuple(sorted(n.pending))
-                    n.pending.clear()
-                    actions.append(SendPush(n.node_id, n.address, docs))
+                    actions.append(self._push(n, now))
+        for nid in sorted(self._gaps):
+            gapped = self.table.peers.get(nid)
+            if gapped is None:
+                del self._gaps[nid]
+            elif nid not in self._repairing and now >= gapped.retry_at:
+                gaps = self._gaps[nid]
+                due = sorted(d for d, (_, since) in gaps.items() if now >= since + self.gap_wait)
+                if due:
+                    self._repairing.add(nid)
+                    actions.append(SyncDocs(nid, gapped.address, tuple(due), tuple(gaps.pop(d)[0] for d in due)))
+                if not gaps:
+                    del self._gaps[nid]
         for nid in sorted(self._urgent):
             urgent = self.table.peers.get(nid)
             if urgent is not None and not urgent.exchanging and now >= urgent.retry_at:
@@ -258,6 +310,12 @@ class Replicator:
         self._draws += 1
         return interval * (0.8 + 0.4 * unit(f"{self.salt}:{what}:{self._draws}"))
 
+    def _push(self, n: Neighbour, now: float) -> SendPush:
+        n.last_push = now
+        docs = tuple(sorted(n.pending))
+        n.pending.clear()
+        return SendPush(n.node_id, n.address, docs)
+
     def _exchange(self, n: Neighbour, now: float) -> StartExchange:
         n.exchanging = True
         n.last_exchange = now
@@ -271,6 +329,11 @@ class Replicator:
         for n in self.table.peers.values():
             if n.node_id in self._urgent and not n.exchanging:
                 times.append(n.retry_at)
+            if n.node_id in self._fresh and n.pending:
+                times.append(n.verified_at)
+            if n.node_id in self._gaps and n.node_id not in self._repairing:
+                first = min(since for _, since in self._gaps[n.node_id].values()) + self.gap_wait
+                times.append(max(n.retry_at, first))
         expiry = self.table.next_expiry()
         if expiry is not None:
             times.append(expiry)
