@@ -386,12 +386,16 @@ def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
             return node.post("/v1/sessions", {"charger": "bay-1", "connector": 1, "id_token": token}).status_code
 
         assert start_status(n2, "FLEET-1") == 403  # unknown, and this site refuses unknown drivers
-        allowed = _cli("token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--http", n1.url)
+        allowed = _cli(
+            "token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--http", n1.url,
+            "--data-dir", str(tmp_path / "n1"),
+        )  # fmt: skip
         assert allowed.returncode == 0, allowed.stderr
         wait_until(lambda: start_status(n2, "FLEET-1") == 201, what="n2 to accept the allowed token")
         revoked = _cli(
-            "token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--revoke", "--http", n1.url
-        )
+            "token", "list", "--cloud-key", str(cloud_key_path), "--token-id", "FLEET-1", "--revoke", "--http", n1.url,
+            "--data-dir", str(tmp_path / "n1"),
+        )  # fmt: skip
         assert revoked.returncode == 0, revoked.stderr
         wait_until(lambda: start_status(n2, "FLEET-1") == 403, what="n2 to refuse the revoked token")
         assert start_status(n1, "FLEET-1") == 403
