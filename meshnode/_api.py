@@ -163,7 +163,11 @@ def build_app(node: Node) -> Starlette:
         return Response(data, media_type="application/octet-stream")
 
     async def status(request: Request) -> Response:
-        return JSONResponse(node.status_json())
+        out = node.status_json()
+        ocpp = getattr(node, "ocpp", None)  # set by meshnode.ocpp.serve_ocpp when OCPP is on
+        if ocpp is not None:
+            out["chargers"] = ocpp.status_json()
+        return JSONResponse(out)
 
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)

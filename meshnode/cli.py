@@ -31,6 +31,9 @@ RUN_DEFAULTS: dict[str, Any] = {
     "bind": "127.0.0.1",
     "coap_port": 5683,
     "http_port": 8080,
+    "ocpp_port": 9000,
+    "ocpp_certfile": None,
+    "ocpp_keyfile": None,
     "peer": [],
     "no_mdns": False,
     "site": "default",
@@ -66,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bind", metavar="ADDRESS", help="address for CoAP, mDNS and HTTP (default 127.0.0.1)")
     run.add_argument("--coap-port", type=int, help="CoAP UDP port (default 5683)")
     run.add_argument("--http-port", type=int, help="local HTTP API port (default 8080)")
+    run.add_argument(
+        "--ocpp-port",
+        type=int,
+        help="OCPP-J WebSocket port for chargers: ws://BIND:PORT/ocpp/ID (default 9000; 0 = off)",
+    )
+    run.add_argument(
+        "--ocpp-certfile", metavar="FILE", help="TLS certificate: chargers connect with wss:// (Profile 2)"
+    )
+    run.add_argument("--ocpp-keyfile", metavar="FILE", help="its private key")
     run.add_argument(
         "--peer", action="append", metavar="HOST:PORT", help="a static peer, in addition to mDNS (repeatable)"
     )
@@ -147,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--token-id", required=True)
     listing.add_argument("--revoke", action="store_true", help="revoke instead of allow")
     listing.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
+
+    charger = sub.add_parser("charger", help="register OCPP charge points on an enrolled site")
+    charger_sub = charger.add_subparsers(dest="charger_command", metavar="COMMAND")
+    charger_add = charger_sub.add_parser(
+        "add", help="register a charge point; prints its password (HTTP Basic, user = the id) once"
+    )
+    charger_add.add_argument("--site", default=".", metavar="DIR", help="the site's folder, with site.key (default .)")
+    charger_add.add_argument("--id", required=True, metavar="CP-ID", help="the charge point id (as in its OCPP URL)")
+    charger_add.add_argument("--http", metavar="URL", help="hand the registration to this node's API")
 
     status = sub.add_parser("status", help="show a node's status: peers, documents, sync state")
     status.add_argument(
@@ -236,6 +257,10 @@ def resolve_run_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("coap_port", "http_port"):
         if not isinstance(settings[key], int) or not 0 < settings[key] < 65536:
             raise ConfigError(f"{key.replace('_', '-')} must be a port number from 1 to 65535")
+    if not isinstance(settings["ocpp_port"], int) or not 0 <= settings["ocpp_port"] < 65536:
+        raise ConfigError("ocpp-port must be a port number from 1 to 65535, or 0 (no OCPP)")
+    if (settings["ocpp_certfile"] is None) != (settings["ocpp_keyfile"] is None):
+        raise ConfigError("ocpp-certfile and ocpp-keyfile go together")
     for key in ("retention", "probe_interval"):
         if not isinstance(settings[key], int | float) or settings[key] <= 0:
             raise ConfigError(f"{key.replace('_', '-')} must be a positive number of seconds")
@@ -330,6 +355,18 @@ async def run_node(settings: dict[str, Any]) -> None:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(node.serve)
                     await nursery.start(serve_api, node, settings["bind"], settings["http_port"])
+                    ocpp_url = None
+                    if settings["ocpp_port"]:
+                        from .ocpp import serve_ocpp, tls_context
+
+                        tls = None
+                        if settings["ocpp_certfile"]:
+                            tls = tls_context(settings["ocpp_certfile"], settings["ocpp_keyfile"])
+                        ocpp = await nursery.start(
+                            functools.partial(serve_ocpp, ssl_context=tls),
+                            node, settings["bind"], settings["ocpp_port"],
+                        )  # fmt: skip
+                        ocpp_url = ocpp.url
                     print(
                         json.dumps(
                             {
@@ -337,6 +374,7 @@ async def run_node(settings: dict[str, Any]) -> None:
                                 "node_id": node_id,
                                 "coap": transport.address,
                                 "http": f"http://{settings['bind']}:{settings['http_port']}",
+                                "ocpp": ocpp_url,
                                 "mdns": not settings["no_mdns"],
                                 "peers": settings["peer"],
                                 "enrolled": identity is not None,
@@ -416,6 +454,21 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             return _hand_to_node(args.http, grant)
         parser.parse_args(["site", "--help"])
         return 2
+    if args.command == "charger":
+        if args.charger_command != "add":
+            parser.parse_args(["charger", "--help"])
+            return 2
+        from .services.chargers import charger_entry, new_password
+
+        password = new_password()
+        entry = charger_entry(sec.load_site(Path(args.site)), args.id, password, now)
+        print(f"password {password}")
+        print(
+            f"charge point {args.id}: set this password in the charger (OCPP Security Profile 1, HTTP Basic, "
+            "user = the id); it is shown only now, the site config keeps a hash",
+            file=sys.stderr,
+        )
+        return _hand_to_node(args.http, entry)
     if args.command == "token":
         if args.token_command not in ("issue", "list"):
             parser.parse_args(["token", "--help"])
@@ -527,6 +580,13 @@ def show_status(url: str, as_json: bool) -> int:
             f"forwarder: {fwd['batches']} batches, {fwd['bytes_sent']} bytes sent, "
             f"{fwd['failures']} failures, {fwd['documents_waiting']} documents waiting"
         )
+    chargers = status.get("chargers")
+    if chargers:
+        print(f"{'charger':<20} {'ocpp':<10} {'state':<13} connectors")
+        for c in chargers:
+            conns = " ".join(f"{k}:{v['status']}" for k, v in sorted(c["connectors"].items()))
+            state = "connected" if c["connected"] else "disconnected"
+            print(f"{c['charger_id']:<20} {c['version'].removeprefix('ocpp'):<10} {state:<13} {conns or '-'}")
     peers = status.get("peers", [])
     if not peers:
         print("no peers known yet")
@@ -575,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             raise
         return 0
-    if args.command in ("site", "enroll", "token"):
+    if args.command in ("site", "enroll", "token", "charger"):
         from ._security import LocalSecurityError
 
         try:

@@ -176,6 +176,9 @@ class SessionService:
         meter_wh: int | None = None,
         driver_token: str | None = None,
         request_id: str | None = None,
+        ts_ms: int | None = None,
+        start_data: Mapping[str, Any] | None = None,
+        record_refused: bool = False,
     ) -> dict[str, Any]:
         """Start a session on this node: authorise it offline and start charging.
 
@@ -194,17 +197,17 @@ class SessionService:
             Conflict: `request_id` names a session that has since been archived.
         """
         if request_id is not None:
-            session_id = hashlib.sha256(f"{self.node_id}\0{charger}\0{connector}\0{request_id}".encode()).hexdigest()[
-                :32
-            ]
+            session_id = self.session_id_for(charger, connector, request_id)
             if session_id in self.replica.docs:
                 return {**self.session_json(session_id), "existing": True}
             if session_id in self._archived():
                 raise Conflict(f"request {request_id!r} started session {session_id} that is archived already")
         auth = self.site_config.authorize(id_token, driver_token)
-        if not auth.accepted:
+        if not auth.accepted and not record_refused:
             raise NotAuthorised(f"not authorised offline: {auth.reason}")
         auth_data: dict[str, Any] = {"id_token": id_token, "auth": auth.reason, "review": auth.review}
+        if not auth.accepted:
+            auth_data.update(review=True, refused=True)
         if auth.limits is not None:
             auth_data["limits"] = {"max_wh": auth.limits.max_wh, "max_minutes": auth.limits.max_minutes}
         if request_id is None:
@@ -213,16 +216,33 @@ class SessionService:
             session_id, site=self.site, charger=charger, connector=connector, id_token=id_token,
             tariff=self.tariff, created_by=self.node_id, actor=self._actor(session_id),
         )  # fmt: skip
-        ts = self._wall_ms()
+        ts = self._wall_ms() if ts_ms is None else ts_ms
         signer = self._signer()
         add_event(doc, signer.sign("authorize", session_id, ts, data=auth_data), public_key=self.declared_key)
-        add_event(doc, signer.sign("start", session_id, ts, meter_wh=meter_wh), public_key=self.declared_key)
+        start = signer.sign("start", session_id, ts, meter_wh=meter_wh, data=start_data)
+        add_event(doc, start, public_key=self.declared_key)
         changes = self.replica.add(session_id, doc)
         await self._commit(session_id, changes)
         return self.session_json(session_id)
 
-    async def record(self, session_id: str, type: str, meter_wh: int | None) -> dict[str, Any]:
+    def session_id_for(self, charger: str, connector: int, request_id: str) -> str:
+        """The id of the session `create(charger, connector, ..., request_id=request_id)` makes on this node."""
+        return hashlib.sha256(f"{self.node_id}\0{charger}\0{connector}\0{request_id}".encode()).hexdigest()[:32]
+
+    async def record(
+        self,
+        session_id: str,
+        type: str,
+        meter_wh: int | None,
+        *,
+        ts_ms: int | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Sign and append a meter/pause/resume/stop event. Durable on return.
+
+        `ts_ms` (default: now) is the time the reading was taken, as a charger
+        adapter reports it; `data` is kept in the event (signed meter values, the
+        charger's stop reason, the key that makes a replayed message a duplicate).
 
         Returns:
             The event (`crdt.summarize_event`).
@@ -248,9 +268,9 @@ class SessionService:
             )
         heads = doc.get_heads()
         doc.set_actor(self._actor(session_id))
-        now_ms = self._wall_ms()
+        now_ms = self._wall_ms() if ts_ms is None else ts_ms
         signer = self._signer()
-        event = signer.sign(type, session_id, now_ms, meter_wh=meter_wh)
+        event = signer.sign(type, session_id, now_ms, meter_wh=meter_wh, data=data)
         add_event(doc, event, public_key=self.declared_key)
         limit = limit_reached(view, type, meter_wh, now_ms)
         if limit is not None:

@@ -37,6 +37,7 @@ from .._security import (
     open_network_key_grant,
     verify_token_list_entry,
 )
+from .chargers import ENTRY_PREFIX, ChargerRegistration, is_charger_entry, verify_charger_entry
 from .errors import InvalidCommand
 
 log = logging.getLogger("meshnode.site_config")
@@ -97,7 +98,7 @@ class SiteConfigService:
         """Revocations and network-key grants in the site config take effect at once."""
         if self.identity is None or self.sealer is None:
             return
-        entries = self._entries(self.read(), "revocations")
+        entries = {k: v for k, v in self._entries(self.read(), "revocations").items() if not k.startswith(ENTRY_PREFIX)}
         self.sealer.revocations = Revocations.from_entries(entries, self.identity.site_public_key)
         for key, entry in sorted(entries.items()):
             if key.startswith("netkey:"):
@@ -108,6 +109,39 @@ class SiteConfigService:
                     continue
                 if grant is not None:
                     self.sealer.apply_grant(grant)
+
+    def _site(self) -> tuple[bytes, str]:
+        assert self.identity is not None
+        return self.identity.site_public_key, self.identity.site_name
+
+    def charger(self, charger_id: str) -> ChargerRegistration | None:
+        """The verified registration of a charge point, None if there is none (or it does not verify)."""
+        if self.identity is None:
+            return None
+        entry = self._entries(self.read(), "revocations").get(ENTRY_PREFIX + charger_id)
+        if entry is None:
+            return None
+        try:
+            reg = verify_charger_entry(entry, *self._site())
+        except BadSiteEntry as exc:
+            log.warning("site-config entry %s%s refused: %s", ENTRY_PREFIX, charger_id, exc)
+            return None
+        return reg if reg.charger_id == charger_id else None
+
+    def token_lists(self) -> tuple[list[str], list[str]]:
+        """The id tokens the site's lists allow and revoke (verified entries only; revoked
+        wins a tie, as in `authorize`): what a charger's local authorisation list holds."""
+        config = self.read()
+        allowed, revoked = [], []
+        for token in sorted(
+            set(self._entries(config, "id_tokens_allowed")) | set(self._entries(config, "id_tokens_revoked"))
+        ):
+            auth = self.authorize(token, None)
+            if auth.reason == "allowed_list":
+                allowed.append(token)
+            elif auth.reason == "revoked":
+                revoked.append(token)
+        return allowed, revoked
 
     def cloud_keys(self) -> list[bytes]:
         identity = self.identity
@@ -137,6 +171,10 @@ class SiteConfigService:
             InvalidCommand: the entry is not one this node can verify (nothing changed).
         """
         section, key = self.classify(entry)
+        if key.startswith(ENTRY_PREFIX):
+            current = self.charger(key[len(ENTRY_PREFIX) :])
+            if current is not None and current.ts > verify_charger_entry(entry, *self._site()).ts:
+                raise InvalidCommand(f"a newer registration of charger {key[len(ENTRY_PREFIX) :]!r} is in place")
         doc = self.replica.docs[SITE_CONFIG_ID]
         heads = doc.get_heads()
         doc.set_actor(self._actor(SITE_CONFIG_ID))
@@ -146,6 +184,12 @@ class SiteConfigService:
 
     def classify(self, entry: bytes) -> tuple[str, str]:
         """The (section, key) a verified entry goes to. Raises InvalidCommand otherwise."""
+        if self.identity is not None and is_charger_entry(entry):
+            try:
+                reg = verify_charger_entry(entry, *self._site())
+            except BadSiteEntry as exc:
+                raise InvalidCommand(f"charger registration refused: {exc}") from exc
+            return "revocations", ENTRY_PREFIX + reg.charger_id
         if self.identity is not None:
             try:
                 key = entry_key(entry)

@@ -1,0 +1,107 @@
+"""The node as the local OCPP-J central system (CSMS) for the chargers pointed at it.
+
+- `_server.py`: the WebSocket server (``/ocpp/{charge_point_id}``, subprotocols
+  ``ocpp1.6`` / ``ocpp2.0.1``), HTTP Basic authentication at the upgrade, frame and
+  rate limits, the CALLERROR rules, and `OcppServer.call` for commands to a charger.
+- `_bridge.py`: `OcppBridge`, the one path from any OCPP version into the session
+  documents (through `meshnode.services.SessionService`): authorisation, start /
+  meter / stop exactly once under offline replay, mesh-unique transaction ids,
+  charger and connector states.
+- `_v16.py`: OCPP 1.6J Core + Local Auth List Management (translation only).
+- `_v201.py` (when present): OCPP 2.0.1.
+
+`serve_ocpp(node, bind, port)` is what `meshnode run --ocpp-port` starts. docs/ocpp.md
+tells how to point a charger at its node and what is stored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ssl
+from typing import Any
+
+import trio
+
+from ._bridge import AuthStatus, ChargerState, OcppBridge, Reading, StartResult, content_key, derive_transaction_id
+from ._server import (
+    DEFAULT_PORT,
+    VERSIONS,
+    ChargerContext,
+    ChargerNotConnected,
+    OcppHandler,
+    OcppServer,
+    RateLimit,
+    register_version,
+)
+
+# Each version module registers itself with `register_version` when imported.
+from . import _v16  # noqa: E402
+
+try:  # the 2.0.1 handler is a separate module; a tree without it speaks 1.6 only
+    importlib.import_module(f"{__name__}._v201")
+except ModuleNotFoundError as exc:
+    if exc.name != f"{__name__}._v201":
+        raise
+
+
+def open_server(node: Any, *, ssl_context: ssl.SSLContext | None = None) -> OcppServer:
+    """An `OcppServer` wired to a node's session and site-config services (not serving yet)."""
+    bridge = OcppBridge(node.sessions, wall_clock=lambda: node.wall_clock())
+    return OcppServer(bridge, node.site_config, ssl_context=ssl_context)
+
+
+def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """The server side of OCPP Security Profile 2: TLS 1.2 or newer with the node's certificate.
+
+    Raises:
+        OSError / ssl.SSLError: the files cannot be read or do not match.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+async def serve_ocpp(
+    node: Any,
+    bind: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[OcppServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve OCPP for `node` on ``bind:port`` until cancelled; `task_status` gets the server.
+
+    The server is also set as ``node.ocpp`` so the HTTP API (`/v1/status`) and remote
+    commands find it. Needs the trio-asyncio loop `meshnode run` opens.
+    """
+    server = open_server(node, ssl_context=ssl_context)
+    node.ocpp = server
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, bind, port)
+            task_status.started(server)
+    finally:
+        node.ocpp = None
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "VERSIONS",
+    "AuthStatus",
+    "ChargerContext",
+    "ChargerNotConnected",
+    "ChargerState",
+    "OcppBridge",
+    "OcppHandler",
+    "OcppServer",
+    "RateLimit",
+    "Reading",
+    "StartResult",
+    "content_key",
+    "derive_transaction_id",
+    "open_server",
+    "register_version",
+    "serve_ocpp",
+    "tls_context",
+]

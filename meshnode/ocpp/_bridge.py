@@ -1,0 +1,543 @@
+"""The one path from OCPP into the node's session documents.
+
+Every OCPP version handler (`_v16.py`, `_v201.py`) only *translates*: it parses
+its version's messages and calls this bridge, which calls the same `SessionService`
+the HTTP API uses. So a session a charger runs over OCPP is signed, stored,
+replicated, folded and forwarded exactly like one started with `POST /v1/sessions`,
+and the rules below hold for every OCPP version at once.
+
+All methods are trio coroutines (the version handlers run on asyncio and reach them
+through trio-asyncio, see `_server.py`); the bridge does no network I/O and reads the
+clock only through the `wall_clock` it is given.
+
+Rules:
+
+1. **Authorisation** is the node's offline authorisation (`SiteConfigService.authorize`:
+   the allowed/revoked lists the cloud signed, then the unknown-id policy). Driver
+   tokens do not fit an OCPP id tag (20 characters in 1.6, 36 in 2.0.1) and are not
+   offered here. Result: `AuthStatus` (Accepted, Blocked, Expired, Invalid), which both
+   versions' idTagInfo / idTokenInfo carry.
+
+2. **Exactly once under offline replay.** A charger that lost its node queues its
+   transaction messages and sends them again on reconnect, with their original
+   timestamps; it also resends a message whose answer it lost. Each message becomes
+   at most one event:
+   - a start is keyed by what the charger said (charger, connector, id token, meter
+     start, timestamp, and the charger's transaction id where it chooses one, 2.0.1).
+     The key is written into the start event's data (`ocpp.start_key`), and the
+     session id is derived from it (`SessionService.create(request_id=...)`): a resent
+     start finds the session the first one made, on this node or, once replicated,
+     on any other (the bridge looks the key up among the sessions it holds);
+   - a meter reading or stop is keyed by its content (`ocpp.key` in the event's data:
+     a hash of the transaction, the timestamp, the readings); a message whose key is
+     already among the session's events changes nothing.
+   Events keep the charger's timestamps (clamped to be no earlier than the session's
+   last event and no later than now), so the fold orders replayed readings as they
+   were taken.
+
+3. **Mesh-unique transaction ids that survive restarts** (OCPP 1.6 wants an
+   integer from the central system). The id is *derived*, not counted: the first
+   31-bit value of SHA-256("ocpp-txid", session id, attempt) that no other session
+   this node knows uses with the same charger. The chosen id is written into the start
+   event (`ocpp.transaction_id`), so it is replicated with the session and any node,
+   after a restart or a failover, maps (charger, id) back to the session by reading
+   the documents: nothing needs to be allocated durably, and no node numbering is
+   needed. Two nodes that, while partitioned, start sessions for the *same charger*
+   could only collide with probability ~ 2^-31 per pair, and a charger talks to one
+   node at a time; across chargers ids may repeat and it does not matter, because every
+   lookup is by (charger, id). A 2.0.1 charger chooses its own (string) transaction id;
+   the bridge keeps that one (`transaction_ref`).
+
+4. **Bad or late input changes nothing and never stalls a charger.** A reading for an
+   unknown transaction, a reading after the stop, a reading below the last one: the
+   bridge logs it (WARNING) and answers as if stored, because an OCPP charger that
+   gets an error on a transaction message retries it forever and blocks its queue.
+
+5. **Charger state** (connected or not, its OCPP version, boot info, connector
+   states) is kept per node, in memory: it describes the chargers connected *here*,
+   for `/v1/status` and `meshnode status`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from crdt import SITE_CONFIG_ID, decode_event, heads_hash, read_session
+
+from ..services import Conflict, NotAuthorised, NotFound, ServiceError, SessionService
+
+log = logging.getLogger("meshnode.ocpp.bridge")
+
+TXID_MAX = 2**31 - 1
+"""OCPP 1.6 transactionId is a JSON integer; chargers keep it in a signed 32-bit int."""
+MAX_SIGNED_BYTES = 8 * 1024
+"""Signed meter values kept per event (an event is at most 16 KiB); beyond, only their hash."""
+FUTURE_SLACK_MS = 5 * 60_000
+"""A charger timestamp later than now by more than this is not believed (clock not set)."""
+LIVE_WINDOW_MS = 2 * 60_000
+"""A start whose timestamp is older than this is a replay: the charger charged already."""
+
+
+class AuthStatus(enum.StrEnum):
+    """The authorisation outcome, named as OCPP's idTagInfo/idTokenInfo status."""
+
+    ACCEPTED = "Accepted"
+    BLOCKED = "Blocked"
+    EXPIRED = "Expired"
+    INVALID = "Invalid"
+
+
+_REASON_STATUS = {
+    "revoked": AuthStatus.BLOCKED,
+    "token_expired": AuthStatus.EXPIRED,
+}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One meter reading, as a version handler parsed it.
+
+    Attributes:
+        ts_ms: when the charger took it (ms since the epoch).
+        energy_wh: the cumulative import register (Energy.Active.Import.Register) in Wh,
+            None when the sample carries no such value.
+        signed: the signed values of the sample as the charger sent them (OCMF,
+            EDL, ...: kept verbatim for the cloud and for calibration-law checks).
+        raw: the whole sampled values (for the content key, not stored).
+    """
+
+    ts_ms: int
+    energy_wh: int | None
+    signed: tuple[Mapping[str, Any], ...] = ()
+    raw: Any = None
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """What a version handler answers a start with."""
+
+    status: AuthStatus
+    transaction_id: int
+    """The integer id (1.6); 0 when no session was recorded."""
+    session_id: str | None
+    existing: bool = False
+
+
+@dataclass
+class ConnectorState:
+    status: str
+    error_code: str | None
+    ts_ms: int
+
+
+@dataclass
+class ChargerState:
+    """A charger as this node sees it."""
+
+    charger_id: str
+    version: str
+    connected: bool
+    since_ms: int
+    address: str | None = None
+    last_seen_ms: int = 0
+    boot: dict[str, Any] = field(default_factory=dict)
+    connectors: dict[int, ConnectorState] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "charger_id": self.charger_id,
+            "version": self.version,
+            "connected": self.connected,
+            "since_ms": self.since_ms,
+            "last_seen_ms": self.last_seen_ms,
+            "address": self.address,
+            "boot": dict(self.boot),
+            "connectors": {
+                str(k): {"status": c.status, "error_code": c.error_code, "ts_ms": c.ts_ms}
+                for k, c in sorted(self.connectors.items())
+            },
+        }
+
+
+def content_key(*parts: Any) -> str:
+    """A stable key of a message's content (canonical JSON, SHA-256, 32 hex digits)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def derive_transaction_id(session_id: str, attempt: int) -> int:
+    """The `attempt`-th candidate integer transaction id of a session (1 .. 2^31-1)."""
+    digest = hashlib.sha256(f"ocpp-txid\0{session_id}\0{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % TXID_MAX + 1
+
+
+class OcppBridge:
+    """Translates charger transactions into session commands; keeps charger states.
+
+    Args:
+        sessions: the node's session service (the same one the HTTP API uses).
+        wall_clock: seconds since the epoch.
+    """
+
+    def __init__(self, sessions: SessionService, *, wall_clock: Callable[[], float]) -> None:
+        self.sessions = sessions
+        self._wall_clock = wall_clock
+        self.chargers: dict[str, ChargerState] = {}
+        # (charger, transaction id) -> session id; (charger, start key) -> session id.
+        # Built from the documents (start events' data), so they survive restarts and
+        # cover sessions other nodes started; refreshed for documents not seen yet.
+        self._by_txid: dict[tuple[str, int], str] = {}
+        self._by_ref: dict[tuple[str, str], str] = {}
+        self._by_start_key: dict[tuple[str, str], str] = {}
+        self._scanned: set[str] = set()
+        self._locks: dict[str, trio.Lock] = {}
+        self._local_list: tuple[bytes, float, tuple[int, list[tuple[str, AuthStatus]]]] | None = None
+
+    def _now_ms(self) -> int:
+        return int(self._wall_clock() * 1000)
+
+    def _lock(self, charger: str) -> trio.Lock:
+        lock = self._locks.get(charger)
+        if lock is None:
+            lock = self._locks[charger] = trio.Lock()
+        return lock
+
+    # --- authorisation ------------------------------------------------------------------
+
+    def authorize(self, id_token: str) -> AuthStatus:
+        """The offline authorisation of an id token, as an OCPP status."""
+        auth = self.sessions.site_config.authorize(id_token, None)
+        if auth.accepted:
+            return AuthStatus.ACCEPTED
+        return _REASON_STATUS.get(auth.reason, AuthStatus.INVALID)
+
+    def local_list(self) -> tuple[int, list[tuple[str, AuthStatus]]]:
+        """The site's lists as a charger's local authorisation list: (version, entries).
+
+        The version is derived from the content (a charger compares versions to decide
+        whether to ask for a new list); it is a positive 31-bit integer.
+        """
+        doc = self.sessions.replica.docs.get(SITE_CONFIG_ID)
+        hh = heads_hash(doc.get_heads()) if doc is not None else b""
+        now = self._wall_clock()
+        # Recomputed when the site config changes (every entry's signature is checked),
+        # and once a minute (an entry's verdict can depend on the time).
+        if self._local_list is not None and self._local_list[0] == hh and now - self._local_list[1] < 60:
+            return self._local_list[2]
+        allowed, revoked = self.sessions.site_config.token_lists()
+        entries = [(t, AuthStatus.ACCEPTED) for t in allowed] + [(t, AuthStatus.BLOCKED) for t in revoked]
+        entries.sort()
+        version = int(content_key("local-list", entries)[:8], 16) % TXID_MAX + 1 if entries else 0
+        self._local_list = (hh, now, (version, entries))
+        return version, entries
+
+    # --- transactions -------------------------------------------------------------------
+
+    def _ts(self, ts_ms: int | None, floor_ms: int | None = None) -> int:
+        now = self._now_ms()
+        if ts_ms is None or ts_ms > now + FUTURE_SLACK_MS or ts_ms < 1_500_000_000_000:
+            ts_ms = now
+        if floor_ms is not None and ts_ms < floor_ms:
+            ts_ms = floor_ms
+        return ts_ms
+
+    def _scan(self) -> None:
+        """Index the OCPP transactions of documents not indexed yet (start events' data)."""
+        docs = self.sessions.replica.docs
+        for doc_id in list(docs):
+            if doc_id in self._scanned or doc_id == SITE_CONFIG_ID:
+                continue
+            self._scanned.add(doc_id)
+            try:
+                data = read_session(docs[doc_id])
+            except Exception:
+                continue
+            for blob in data.events.values():
+                try:
+                    body, _ = decode_event(blob)
+                except Exception:
+                    continue
+                if body.get("type") == "start":
+                    self._index(data.charger, body.get("data", {}).get("ocpp"), doc_id)
+
+    def _index(self, charger: str, ocpp: Any, session_id: str) -> None:
+        if not isinstance(ocpp, dict):
+            return
+        txid, ref, key = ocpp.get("transaction_id"), ocpp.get("transaction_ref"), ocpp.get("start_key")
+        if isinstance(txid, int):
+            self._by_txid.setdefault((charger, txid), session_id)
+        if isinstance(ref, str):
+            self._by_ref.setdefault((charger, ref), session_id)
+        if isinstance(key, str):
+            self._by_start_key.setdefault((charger, key), session_id)
+
+    def find(self, charger: str, transaction_id: int | None = None, transaction_ref: str | None = None) -> str | None:
+        """The session of a charger's transaction (by 1.6 integer id or 2.0.1 string id), or None."""
+        for _ in range(2):
+            if transaction_id is not None and (charger, transaction_id) in self._by_txid:
+                return self._by_txid[(charger, transaction_id)]
+            if transaction_ref is not None and (charger, transaction_ref) in self._by_ref:
+                return self._by_ref[(charger, transaction_ref)]
+            self._scan()
+        return None
+
+    def transaction_id_of(self, session_id: str) -> int | None:
+        """The integer transaction id of a session started over OCPP (for a remote stop)."""
+        self._scan()
+        for (_, txid), sid in self._by_txid.items():
+            if sid == session_id:
+                return txid
+        return None
+
+    async def start_transaction(
+        self,
+        charger: str,
+        connector: int,
+        id_token: str,
+        meter_start_wh: int | None,
+        ts_ms: int | None,
+        *,
+        transaction_ref: str | None = None,
+        reservation_id: int | None = None,
+    ) -> StartResult:
+        """A charger started a transaction: record the session (once).
+
+        A live start the offline authorisation refuses records nothing (the charger is
+        told Blocked/Invalid and does not charge). A replayed start (its timestamp older
+        than `LIVE_WINDOW_MS`) is recorded even when refused now, flagged for review:
+        the charger did charge, on its own authorisation, while its node was away.
+        """
+        async with self._lock(charger):
+            start_key = content_key("start", charger, connector, id_token, meter_start_wh, ts_ms, transaction_ref)
+            self._scan()
+            existing = self._by_start_key.get((charger, start_key))
+            if existing is None and transaction_ref is not None:
+                existing = self._by_ref.get((charger, transaction_ref))
+            if existing is not None:  # (also when archived since: a late replay adds nothing)
+                return StartResult(
+                    self.authorize(id_token), self.transaction_id_of(existing) or 0, existing, existing=True
+                )
+            status = self.authorize(id_token)
+            replay = ts_ms is not None and ts_ms < self._now_ms() - LIVE_WINDOW_MS
+            if status is not AuthStatus.ACCEPTED and not replay:
+                return StartResult(status, 0, None)
+            # The session id the service derives from (node, charger, connector, request id).
+            session_id = self.sessions.session_id_for(charger, connector, f"ocpp:{start_key}")
+            attempt = 0
+            txid = derive_transaction_id(session_id, attempt)
+            while (charger, txid) in self._by_txid and self._by_txid[(charger, txid)] != session_id:
+                attempt += 1
+                txid = derive_transaction_id(session_id, attempt)
+            ocpp: dict[str, Any] = {"transaction_id": txid, "start_key": start_key}
+            if transaction_ref is not None:
+                ocpp["transaction_ref"] = transaction_ref
+            if reservation_id is not None:
+                ocpp["reservation_id"] = reservation_id
+            try:
+                session = await self.sessions.create(
+                    charger,
+                    connector,
+                    id_token,
+                    meter_wh=meter_start_wh,
+                    request_id=f"ocpp:{start_key}",
+                    ts_ms=self._ts(ts_ms),
+                    start_data={"ocpp": ocpp},
+                    record_refused=replay,
+                )
+            except NotAuthorised:
+                return StartResult(status, 0, None)
+            except Conflict as exc:  # started before, archived since: nothing to add
+                log.warning("charger %s: start %s: %s", charger, start_key, exc.message)
+                return StartResult(status, txid, None, existing=True)
+            self._index(charger, ocpp, session_id)
+            return StartResult(status, txid, session_id, existing=bool(session.get("existing")))
+
+    async def meter(
+        self,
+        charger: str,
+        readings: Sequence[Reading],
+        *,
+        transaction_id: int | None = None,
+        transaction_ref: str | None = None,
+        connector: int | None = None,
+    ) -> int:
+        """Record meter readings of a transaction; returns how many became events.
+
+        Readings without an energy register are ignored (a power or voltage sample is not
+        a session event). Duplicates (same content key) and late or backwards readings
+        change nothing (rule 4).
+        """
+        async with self._lock(charger):
+            session_id = self.find(charger, transaction_id, transaction_ref)
+            if session_id is None:
+                if readings and (transaction_id is not None or transaction_ref is not None):
+                    log.warning(
+                        "charger %s: meter values for unknown transaction %s",
+                        charger,
+                        transaction_id or transaction_ref,
+                    )
+                return 0
+            recorded = 0
+            for reading in readings:
+                if reading.energy_wh is None:
+                    continue
+                key = content_key("meter", transaction_id, transaction_ref, reading.ts_ms, reading.raw)
+                if await self._record(
+                    charger, session_id, "meter", reading.energy_wh, reading.ts_ms, key, reading.signed
+                ):
+                    recorded += 1
+            return recorded
+
+    def must_stop(self, charger: str, transaction_id: int | None = None, transaction_ref: str | None = None) -> bool:
+        """Whether the node ended this transaction's session and the charger has not stopped it.
+
+        That happens when a session accepted offline with limits reaches them (the
+        session service appends the stop); the version handler then sends the charger a
+        remote stop, since the charger itself knows nothing of the limits.
+        """
+        session_id = self.find(charger, transaction_id, transaction_ref)
+        if session_id is None or session_id not in self.sessions.replica.docs:
+            return False
+        _, view = self.sessions.fold(session_id)
+        if view.state not in ("completed", "reconciled"):
+            return False
+        stops = [e for e in view.applied if e.record.type == "stop"]
+        return not any(isinstance(e.record.data.get("ocpp"), dict) for e in stops)
+
+    async def stop_transaction(
+        self,
+        charger: str,
+        meter_stop_wh: int | None,
+        ts_ms: int | None,
+        *,
+        transaction_id: int | None = None,
+        transaction_ref: str | None = None,
+        reason: str | None = None,
+        id_token: str | None = None,
+        readings: Sequence[Reading] = (),
+        signed: Sequence[Mapping[str, Any]] = (),
+    ) -> str | None:
+        """Record a transaction's end (after its `readings`, e.g. 1.6 transactionData).
+
+        Returns:
+            The session id, None for an unknown transaction (logged, answered as accepted).
+        """
+        await self.meter(charger, readings, transaction_id=transaction_id, transaction_ref=transaction_ref)
+        async with self._lock(charger):
+            session_id = self.find(charger, transaction_id, transaction_ref)
+            if session_id is None:
+                log.warning("charger %s: stop for unknown transaction %s", charger, transaction_id or transaction_ref)
+                return None
+            if meter_stop_wh is None:
+                _, view = self.sessions.fold(session_id)
+                meter_stop_wh = view.last_meter_wh if view.last_meter_wh is not None else 0
+            key = content_key("stop", transaction_id, transaction_ref, ts_ms, meter_stop_wh)
+            extra: dict[str, Any] = {}
+            if reason:
+                extra["reason"] = reason
+            if id_token:
+                extra["id_token"] = id_token
+            await self._record(charger, session_id, "stop", meter_stop_wh, ts_ms, key, tuple(signed), extra)
+            return session_id
+
+    async def _record(
+        self,
+        charger: str,
+        session_id: str,
+        type: str,
+        meter_wh: int,
+        ts_ms: int | None,
+        key: str,
+        signed: tuple[Mapping[str, Any], ...] = (),
+        extra: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Append one event unless its key is already in the session. True if appended."""
+        try:
+            _, view = self.sessions.fold(session_id)
+        except (KeyError, NotFound):
+            log.warning("charger %s: session %s is not on this node", charger, session_id)
+            return False
+        # The applied events, parsed and verified already by the (cached) fold: an event
+        # the fold did not apply was refused for its content, and a replay of it is
+        # refused again by the service's own checks.
+        for event in view.applied:
+            ocpp = event.record.data.get("ocpp")
+            if isinstance(ocpp, dict) and ocpp.get("key") == key:
+                return False
+        floor = view.applied[-1].record.ts if view.applied else None
+        ocpp_data: dict[str, Any] = {"key": key, **(extra or {})}
+        if signed:
+            ocpp_data["signed"] = _bounded_signed(signed)
+        try:
+            await self.sessions.record(
+                session_id, type, meter_wh, ts_ms=self._ts(ts_ms, floor), data={"ocpp": ocpp_data}
+            )
+        except ServiceError as exc:
+            log.warning("charger %s: %s on session %s not recorded: %s", charger, type, session_id, exc.message)
+            return False
+        return True
+
+    # --- charger states -----------------------------------------------------------------
+
+    def connected(self, charger: str, version: str, address: str | None) -> None:
+        now = self._now_ms()
+        state = self.chargers.get(charger)
+        if state is None:
+            state = self.chargers[charger] = ChargerState(charger, version, True, now)
+        state.version, state.connected, state.since_ms, state.address, state.last_seen_ms = (
+            version, True, now, address, now,
+        )  # fmt: skip
+
+    def disconnected(self, charger: str) -> None:
+        state = self.chargers.get(charger)
+        if state is not None:
+            state.connected = False
+            state.since_ms = self._now_ms()
+
+    def seen(self, charger: str) -> None:
+        state = self.chargers.get(charger)
+        if state is not None:
+            state.last_seen_ms = self._now_ms()
+
+    def booted(self, charger: str, info: Mapping[str, Any]) -> None:
+        state = self.chargers.get(charger)
+        if state is not None:
+            state.boot = {k: v for k, v in info.items() if isinstance(v, str | int | float) and v is not None}
+
+    def connector_status(
+        self, charger: str, connector: int, status: str, error_code: str | None, ts_ms: int | None
+    ) -> None:
+        state = self.chargers.get(charger)
+        if state is not None:
+            state.connectors[connector] = ConnectorState(status, error_code, self._ts(ts_ms))
+
+    def status_json(self) -> list[dict[str, Any]]:
+        """The chargers this node has seen, for `/v1/status` (`"chargers"`)."""
+        return [c.to_json() for _, c in sorted(self.chargers.items())]
+
+
+def _bounded_signed(signed: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Signed values as sent, unless together they exceed `MAX_SIGNED_BYTES`: then their hash."""
+    blob = json.dumps(list(signed), sort_keys=True, default=str)
+    if len(blob) <= MAX_SIGNED_BYTES:
+        return json.loads(blob)
+    return [{"sha256": hashlib.sha256(blob.encode()).hexdigest(), "bytes": len(blob), "truncated": True}]
+
+
+__all__ = [
+    "AuthStatus",
+    "ChargerState",
+    "OcppBridge",
+    "Reading",
+    "StartResult",
+    "content_key",
+    "derive_transaction_id",
+]
