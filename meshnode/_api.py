@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ._node import Node
+from .ocpp._remote import http_routes as remote_command_routes
 from .services import (
     API_EVENT_TYPES,
     Conflict,
@@ -186,6 +187,7 @@ def build_app(node: Node) -> Starlette:
             Route("/v1/sessions/{session_id}/automerge", get_automerge, methods=["GET"]),
             Route("/v1/status", status, methods=["GET"]),
             Route("/v1/site/entries", add_site_entry, methods=["POST"]),
+            *remote_command_routes(node),  # POST /v1/chargers/{id}/start, /v1/sessions/{id}/stop
         ],
         exception_handlers={ServiceError: on_service_error, HTTPException: on_http_error},
     )

@@ -12,9 +12,15 @@ machine, with or without multicast or a network):
   cloud but at an `UplinkProxy` in this process: a TCP relay that the demo can
   unplug like the 4G router of a charger (close its listener so new connections
   are refused, reset the live ones) and plug back in;
-- simulated chargers, trio tasks that drive each node's local HTTP API:
-  a session starts, reports its cumulative meter about every second, and stops
-  after a few seconds; randomness is seeded;
+- simulated chargers that speak OCPP to their node, the `ocpp` library's own
+  charge points (`meshnode._chargepoints`), OCPP 2.0.1 and 1.6J mixed, each
+  registered on the site with a password: a session starts (TransactionEvent
+  Started / StartTransaction), reports its cumulative meter about every second
+  (Updated / MeterValues), and stops after a few seconds (Ended /
+  StopTransaction); randomness is seeded. When the charging phase ends, the
+  sessions still open are stopped by the operator through *another* node's API
+  (`POST /v1/sessions/{id}/stop`): the node holding the charger's connection
+  sends it the remote stop over the mesh;
 - halfway through, the demo cuts the uplink of the current leader, so the other
   uplink node must take over (seen in `leader` of every node's `GET /v1/status`),
   and plugs it back in once the takeover has been seen.
@@ -61,11 +67,15 @@ from typing import IO, Any
 import cbor2
 import httpx
 import trio
+import trio_asyncio
 from automerge.core import Document
+from trio_asyncio import aio_as_trio
 
 from crdt import read_session
 
+from ._chargepoints import SimChargePoint
 from ._security import create_site, enroll
+from .services.chargers import charger_entry, new_password
 
 DEFAULT_NODES = 5
 DEFAULT_DURATION = 40.0
@@ -83,6 +93,8 @@ TAKEOVER_TIMEOUT = 20.0
 SESSION_SECONDS = (3.0, 8.0)
 IDLE_SECONDS = (0.5, 2.0)
 METER_STEP_WH = (50, 400)
+CHARGER_STOP_TIMEOUT = 15.0
+"""Seconds a charger has to end its transaction after accepting a remote stop."""
 
 
 class DemoError(Exception):
@@ -641,6 +653,12 @@ class Demo:
         self.sessions: list[SessionRecord] = []
         self.request_errors: Counter[str] = Counter()
         self.stops_unacknowledged = 0
+        self.ocpp_urls: list[str] = []
+        self.passwords: dict[str, str] = {}
+        self.charge_points: list[SimChargePoint] = []
+        self.open_transactions: dict[str, tuple[SimChargePoint, Any]] = {}
+        self.remote_stops = 0
+        self.charger_entries: list[bytes] = []
         self.statuses: list[dict[str, Any] | None] = []
         self.ledger_rows = 0
         self.leader: str | None = None
@@ -668,6 +686,7 @@ class Demo:
         cloud_port = common_free_port(["127.0.0.1"], socket.SOCK_STREAM)
         coap_port = common_free_port(self.hosts, socket.SOCK_DGRAM)
         http_port = common_free_port(self.hosts, socket.SOCK_STREAM, avoid=[cloud_port])
+        ocpp_port = common_free_port(self.hosts, socket.SOCK_STREAM, avoid=[cloud_port, http_port])
         self.cloud_url = f"http://127.0.0.1:{cloud_port}"
         for i in self.uplink_nodes:
             proxy = UplinkProxy("127.0.0.1", cloud_port)
@@ -676,7 +695,13 @@ class Demo:
         # The real thing: a site with its keys, every node enrolled (sealed mesh
         # traffic, certified device keys), and a cloud that trusts only that site.
         site_dir = self.workdir / "site"
-        create_site(site_dir, "demo-field", now=time.time())
+        site = create_site(site_dir, "demo-field", now=time.time())
+        # Every charge point registered on the site with its password (OCPP Security Profile 1).
+        for name in self.names:
+            for k in range(self.s.chargers):
+                charger = f"{name}-cp{k + 1}"
+                self.passwords[charger] = new_password()
+                self.charger_entries.append(charger_entry(site, charger, self.passwords[charger], time.time()))
         for name in self.names:
             enroll(site_dir, name, self.workdir / name, now=time.time())
         self.children.append(spawn_meshnode("cloud", [
@@ -688,6 +713,7 @@ class Demo:
             args = [
                 "run", "--node-id", name, "--data-dir", str(self.workdir / name), "--bind", host,
                 "--coap-port", str(coap_port), "--http-port", str(http_port), "--no-mdns",
+                "--ocpp-port", str(ocpp_port),
                 "--log-level", "warning",
             ]  # fmt: skip
             for j, other in enumerate(self.hosts):
@@ -697,6 +723,7 @@ class Demo:
                 args += ["--cloud-url", self.proxies[i].url, "--probe-interval", str(PROBE_INTERVAL)]
             self.children.append(spawn_meshnode(name, args, self.workdir))
             self.node_urls.append(f"http://{host}:{http_port}")
+            self.ocpp_urls.append(f"ws://{host}:{ocpp_port}/ocpp")
         self.statuses = [None] * self.s.nodes
 
     async def _wait_ready(self) -> None:
@@ -780,91 +807,129 @@ class Demo:
         with trio.move_on_after(seconds):
             await self._stopping.wait()
 
-    async def _post(self, url: str, body: dict[str, Any], what: str) -> dict[str, Any] | None:
-        try:
-            response = await self.http.post(url, json=body)
-        except httpx.HTTPError as exc:
-            self.request_errors[f"{what}: {type(exc).__name__}"] += 1
-            return None
-        if response.status_code != 201:
-            self.request_errors[f"{what}: HTTP {response.status_code}"] += 1
-            return {"_status": response.status_code, "_text": response.text}
-        return response.json()
+    def _version(self, node: int, k: int) -> str:
+        """Chargers alternate: OCPP 2.0.1 and 1.6 on every node (a mixed site)."""
+        return "2.0.1" if (node + k) % 2 == 0 else "1.6"
 
-    async def _start(
-        self, base: str, charger: str, id_token: str, meter: int, request_id: str
-    ) -> dict[str, Any] | None:
-        """Start a session, retrying a lost answer with the same request id."""
-        body = {"charger": charger, "connector": 1, "id_token": id_token, "meter_wh": meter, "request_id": request_id}
-        for _attempt in range(5):
+    async def _find_session(self, node: int, charger: str, id_token: str, start_meter: int) -> dict[str, Any] | None:
+        """The session a charger's start made on its node (a charger learns no session id over OCPP)."""
+        for _attempt in range(20):
             try:
-                response = await self.http.post(base + "/v1/sessions", json=body)
-            except httpx.HTTPError as exc:
-                self.request_errors[f"start: {type(exc).__name__}"] += 1
-                if self._stopping.is_set():
-                    return None
-                await self._pause(1.0)
-                continue
-            if response.status_code in (200, 201):
-                return response.json()
-            self.request_errors[f"start: HTTP {response.status_code}"] += 1
-            return {"_status": response.status_code, "_text": response.text}
+                listed = (await self._get(self.node_urls[node] + "/v1/sessions"))["sessions"]
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                self.request_errors[f"session lookup: {type(exc).__name__}"] += 1
+                listed = []
+            for s in listed:
+                events = s.get("events") or []
+                starts = [e for e in events if e.get("type") == "start"]
+                if (
+                    s.get("charger") == charger
+                    and s.get("id_token") == id_token
+                    and starts
+                    and starts[0].get("meter_wh") == start_meter
+                ):
+                    return dict(s)
+            await trio.sleep(0.25)
         return None
 
     async def _charger(self, node: int, k: int, watchers: trio.Nursery) -> None:
+        """One charge point on OCPP (the `ocpp` library's): connect, then sessions until the end.
+
+        A message is acknowledged when its CALLRESULT arrives (the node made it durable).
+        A transaction message that cannot be delivered is queued by the charger and
+        replayed on reconnect, as a real charger does; the demo waits (bounded) for the
+        start and the stop to be acknowledged.
+        """
         rng = random.Random(f"{self.s.seed}:{node}:{k}")
         charger = f"{self.names[node]}-cp{k + 1}"
-        base = self.node_urls[node]
+        version = self._version(node, k)
+        # Its own node first, then the next one (several CSMS URLs: docs/ocpp.md, failover).
+        urls = [self.ocpp_urls[node], self.ocpp_urls[(node + 1) % len(self.ocpp_urls)]]
+        cp = SimChargePoint(charger, urls, version=version, password=self.passwords[charger])
+        self.charge_points.append(cp)
         meter = rng.randrange(0, 1_000_000)
-        await self._pause(rng.uniform(0.0, 1.5))
-        starts = 0
-        while not self._stopping.is_set():
-            # One request id per start, kept across its retries: a start whose 201 was
-            # lost finds its session on the retry instead of making a second one.
-            starts += 1
-            request_id = f"{charger}-start-{starts}"
-            id_token = f"RFID-{rng.randrange(16**6):06X}"
-            created = await self._start(base, charger, id_token, meter, request_id)
-            if created is None or "_status" in created:
-                await self._pause(1.0)
-                continue
-            rec = SessionRecord(
-                created["session_id"],
-                node,
-                charger,
-                trio.current_time(),
-                meter,
-                [e["event_id"] for e in created.get("events", [])],
-            )
-            self.sessions.append(rec)
-            url = f"{base}/v1/sessions/{rec.session_id}/events"
-            end = trio.current_time() + rng.uniform(*SESSION_SECONDS)
-            while trio.current_time() < end and not self._stopping.is_set():
-                await self._pause(rng.uniform(0.8, 1.2))
-                meter += rng.randrange(*METER_STEP_WH)
-                reply = await self._post(url, {"type": "meter", "meter_wh": meter}, "meter")
-                if reply is not None and "_status" not in reply:
-                    rec.acked_events.append(reply["event"]["event_id"])
-            meter += rng.randrange(0, 60)
-            await self._stop_session(rec, url, meter)
-            if rec.stopped:
-                watchers.start_soon(self._watch_receipt, rec)
-            await self._pause(rng.uniform(*IDLE_SECONDS))
+        async with trio.open_nursery() as connection:
+            connection.start_soon(aio_as_trio(cp.serve))
+            with trio.move_on_after(STARTUP_TIMEOUT):
+                await aio_as_trio(cp.wait_connected)(STARTUP_TIMEOUT)
+            if not cp.connected:
+                self.request_errors[f"{version} connect: no connection"] += 1
+            await self._pause(rng.uniform(0.0, 1.5))
+            while not self._stopping.is_set():
+                id_token = f"RFID-{rng.randrange(16**6):06X}"
+                tx = await aio_as_trio(cp.start)(id_token, meter, evse=1)
+                if not await self._acked(cp, lambda: tx.started_acked):
+                    self.request_errors[f"{version} start: not acknowledged"] += 1
+                    break
+                found = await self._find_session(node, charger, id_token, meter)
+                if found is None:
+                    self.request_errors[f"{version} start: no session on the node"] += 1
+                    break
+                rec = SessionRecord(found["session_id"], node, charger, trio.current_time(), meter)
+                self.sessions.append(rec)
+                self.open_transactions[rec.session_id] = (cp, tx)
+                end = trio.current_time() + rng.uniform(*SESSION_SECONDS)
+                while trio.current_time() < end and not self._stopping.is_set() and not tx.ended:
+                    await self._pause(rng.uniform(0.8, 1.2))
+                    if tx.ended:
+                        break
+                    meter += rng.randrange(*METER_STEP_WH)
+                    await aio_as_trio(cp.meter)(tx, meter)
+                if self._stopping.is_set() and not tx.ended:
+                    # The operator stops the open sessions, through another node's API.
+                    await self._remote_stop(rec, tx)
+                if not tx.ended:
+                    meter += rng.randrange(0, 60)
+                    await aio_as_trio(cp.stop)(tx, meter)
+                await self._finish(rec, cp, tx, watchers)
+                meter = tx.meter
+                await self._pause(rng.uniform(*IDLE_SECONDS))
+            connection.cancel_scope.cancel()
 
-    async def _stop_session(self, rec: SessionRecord, url: str, meter: int) -> None:
-        """Stop with retries: a charger keeps trying until its node has the stop."""
-        for _attempt in range(5):
-            reply = await self._post(url, {"type": "stop", "meter_wh": meter}, "stop")
-            if reply is not None and "_status" not in reply:
-                rec.stopped_at = trio.current_time()
-                rec.stopped, rec.stop_meter = True, meter
-                rec.acked_events.append(reply["event"]["event_id"])
-                return
-            if reply is not None and reply["_status"] == 409 and "completed" in reply["_text"]:
-                rec.stopped, rec.stop_meter = True, meter  # an earlier attempt landed; its answer was lost
-                return
-            await trio.sleep(1.0)
-        self.stops_unacknowledged += 1
+    async def _acked(self, cp: SimChargePoint, done: Callable[[], bool], timeout: float = 30.0) -> bool:
+        """Until `done()` (an acknowledgement arrived), bounded."""
+        with trio.move_on_after(timeout):
+            while not done():
+                await trio.sleep(0.05)
+        return done()
+
+    async def _remote_stop(self, rec: SessionRecord, tx: Any) -> None:
+        """`POST /v1/sessions/{id}/stop` on another node than the charger's: the node holding
+        the charger's connection sends it the remote stop (over the mesh), and the
+        charger ends the transaction with its own Ended/StopTransaction."""
+        other = (rec.node + 1) % len(self.node_urls)
+        try:
+            response = await self.http.post(f"{self.node_urls[other]}/v1/sessions/{rec.session_id}/stop", json={})
+        except httpx.HTTPError as exc:
+            self.request_errors[f"remote stop: {type(exc).__name__}"] += 1
+            return
+        if response.status_code != 202:
+            self.request_errors[f"remote stop: HTTP {response.status_code}"] += 1
+            return
+        self.remote_stops += 1
+        with trio.move_on_after(CHARGER_STOP_TIMEOUT):
+            while not tx.ended:
+                await trio.sleep(0.05)
+
+    async def _finish(self, rec: SessionRecord, cp: SimChargePoint, tx: Any, watchers: trio.Nursery) -> None:
+        """After the stop: wait for its acknowledgement, then note what the node acknowledged."""
+        if not await self._acked(cp, lambda: tx.stop_acked):
+            self.stops_unacknowledged += 1
+            return
+        rec.stopped_at = trio.current_time()
+        rec.stopped, rec.stop_meter = True, tx.stop_meter
+        self.open_transactions.pop(rec.session_id, None)
+        for attempt in range(3):  # (a kept-alive connection the node closed fails once)
+            try:
+                session = await self._get(f"{self.node_urls[rec.node]}/v1/sessions/{rec.session_id}")
+            except (httpx.HTTPError, ValueError) as exc:
+                if attempt == 2:
+                    self.request_errors[f"session read: {type(exc).__name__}"] += 1
+                continue
+            # Every event the session holds now was acknowledged to the charger (a CALLRESULT each).
+            rec.acked_events = [e["event_id"] for e in session.get("events", [])]
+            break
+        watchers.start_soon(self._watch_receipt, rec)
 
     async def _watch_receipt(self, rec: SessionRecord) -> None:
         """Poll the charger's own node until the session shows `reconciled` there."""
@@ -954,6 +1019,7 @@ class Demo:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
         async with (
             httpx.AsyncClient(timeout=10.0, limits=limits, trust_env=False) as client,
+            trio_asyncio.open_loop(),  # the charge points are the `ocpp` library's (asyncio)
             trio.open_nursery() as background,
         ):
             self._client = client
@@ -967,6 +1033,7 @@ class Demo:
                 f"uplinks: {uplinks} (through cut-able proxies); data in {self.workdir}"
             )
             formed = await self._wait_for_mesh()
+            await self._register_chargers()
             self.t0 = trio.current_time()
             self.leader = agreed_leader(self._leaders())
             self.leader_history.append((0.0, self.leader or "-"))
@@ -1002,6 +1069,16 @@ class Demo:
                 raise DemoError(f"cannot read the final state from the cloud or a node: {exc!r}") from exc
             background.cancel_scope.cancel()
         return report
+
+    async def _register_chargers(self) -> None:
+        """Hand the chargers' registrations (signed site entries, as `meshnode charger add
+        --http` does) to node 1; the mesh replicates them, and a charger whose node has not
+        got its registration yet is refused (401) and tries again."""
+        url = self.node_urls[0]
+        for entry in self.charger_entries:
+            response = await self.http.post(url + "/v1/site/entries", json={"entry": entry.hex()})
+            if response.status_code not in (200, 201):
+                raise DemoError(f"{url} refused a charger registration: HTTP {response.status_code} {response.text}")
 
     async def _on_signals(self) -> None:
         """SIGTERM/SIGHUP end the demo like Ctrl-C, so the nodes are stopped and the temp dir removed."""
@@ -1122,6 +1199,9 @@ class Demo:
             "node_leader_changes": node_changes,
             "uplink_cut": self.cut_info,
             "forwarders": fwd,
+            "chargers_by_version": dict(Counter(f"ocpp{cp.version}" for cp in self.charge_points)),
+            "charger_connections": sum(cp.connections for cp in self.charge_points),
+            "remote_stops": self.remote_stops,
             "request_errors": dict(self.request_errors),
             "wall_s": round(wall, 1),
         }
@@ -1166,8 +1246,13 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"{r['raw_event_bytes']:,} of raw signed events" + (f" ({ratio:.2f} x)" if ratio else ""),
         f"  leader changes                  {r['leader_changes']} (polled, agreed by all nodes): {cut_text}",
     ]
+    versions = ", ".join(f"{n} on {v}" for v, n in sorted(r.get("chargers_by_version", {}).items()))
+    lines.append(
+        f"  chargers (OCPP)                 {versions or '-'}; {r.get('remote_stops', 0)} sessions stopped "
+        "remotely through another node's API"
+    )
     if r["request_errors"]:
-        lines.append(f"  API errors seen by chargers     {r['request_errors']}")
+        lines.append(f"  errors seen by chargers         {r['request_errors']}")
     lines.append("")
     if r["ok"]:
         lines.append(

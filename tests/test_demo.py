@@ -67,6 +67,10 @@ def test_demo_delivers_every_session_once_across_an_uplink_cut() -> None:
     # every one came back within the run.
     assert 0 < latency["p50"] <= latency["p95"] <= latency["max"] < report["wall_s"]
     assert report["cloud_bytes"] > 0 and report["raw_event_bytes"] > 0
+    # The chargers spoke OCPP, both versions, and the open sessions were stopped through
+    # another node's API (a remote stop carried over the mesh to the charger's node).
+    assert report["chargers_by_version"] == {"ocpp1.6": 3, "ocpp2.0.1": 3}
+    assert report["remote_stops"] >= 1
     assert "interrupted" not in proc.stderr
 
 
