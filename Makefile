@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
-DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace systemd
+DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace systemd prometheus
 
 .PHONY: FORCE demo test test-fast lint mutation bench clean install system-deps
 

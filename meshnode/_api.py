@@ -8,8 +8,9 @@ Routes and field names are fixed (other tools rely on them):
     GET  /v1/sessions/{session_id}          session
     GET  /v1/sessions/{session_id}/automerge   the saved Automerge document
     GET  /v1/status                         node, peers, documents, sync state
-    POST /v1/site/entries                   {"entry": hex} a signed revocation, network-key grant
-                                            or id-token list entry -> 201 (replicated to the mesh)
+    POST /v1/site/entries                   {"entry": hex} a signed revocation, network-key grant,
+                                            id-token list entry or tariff -> 201 (replicated to the mesh)
+    GET  /metrics                           Prometheus exposition (docs/metrics.md)
 
 `POST /v1/sessions` also takes an optional "driver_token" (a token the cloud signed,
 checked offline); a driver the offline policy refuses gets 403.
@@ -30,12 +31,14 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._metrics import NodeMetrics
 from ._node import Node
 from .ocpp._remote import http_routes as remote_command_routes
 from .services import (
@@ -170,6 +173,11 @@ def build_app(node: Node) -> Starlette:
             out["chargers"] = ocpp.status_json()
         return JSONResponse(out)
 
+    metrics = NodeMetrics(node)
+
+    async def get_metrics(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def on_service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
         return _error(status_of(exc), exc.message)
@@ -188,6 +196,7 @@ def build_app(node: Node) -> Starlette:
             Route("/v1/status", status, methods=["GET"]),
             Route("/v1/site/entries", add_site_entry, methods=["POST"]),
             *remote_command_routes(node),  # POST /v1/chargers/{id}/start, /v1/sessions/{id}/stop
+            Route("/metrics", get_metrics, methods=["GET"]),
         ],
         exception_handlers={ServiceError: on_service_error, HTTPException: on_http_error},
     )

@@ -38,6 +38,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "no_mdns": False,
     "site": "default",
     "log_level": "info",
+    "log_format": "text",
     "cloud_url": None,
     "retention": 3600.0,
     "probe_interval": 5.0,
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the uplink to the cloud is probed (default 5)",
     )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    run.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object per line (default text)")
     run.add_argument(
         "--insecure",
         action="store_true",
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     site_rotate.add_argument("--activate-in", type=float, default=600.0, metavar="SECONDS")
     site_rotate.add_argument("--retire-after", type=float, default=7 * 86400.0, metavar="SECONDS")
     site_rotate.add_argument("--http", metavar="URL", help="hand the grant to this node's API")
+    from ._operator import add_tariff_arguments
+
+    add_tariff_arguments(site_sub)
 
     enroll = sub.add_parser("enroll", help="enrol a node: its key and a certificate signed by the site key")
     enroll.add_argument("--node-id", required=True)
@@ -201,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--certfile", metavar="FILE", help="TLS certificate (serve HTTPS)")
     cloud.add_argument("--keyfile", metavar="FILE", help="TLS private key")
     cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    cloud.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
+    cloud.add_argument(
+        "--ocpi-token",
+        metavar="TOKEN",
+        help="serve the OCPI 2.2.1 CPO export (cdrs, sessions, tariffs) under /ocpi to clients presenting this "
+        "token; without it the OCPI routes answer 404",
+    )
     cloud.add_argument(
         "--site",
         metavar="DIR",
@@ -447,6 +459,10 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
                 Path(args.site), node_id=args.node_id, serial=args.serial, now=now, reason=args.reason
             )
             return _hand_to_node(args.http, entry)
+        if args.site_command == "tariff":
+            from ._operator import make_tariff
+
+            return _hand_to_node(args.http, make_tariff(args, now))
         if args.site_command == "rotate-network-key":
             _, grant = sec.site_rotate_network_key(
                 Path(args.site), now=now, activate_in=args.activate_in, retire_previous_after=args.retire_after
@@ -503,14 +519,19 @@ def run_cloud(args: argparse.Namespace) -> int:
     if args.db.lower().startswith("postgres") and importlib.util.find_spec("psycopg") is None:
         print("meshnode cloud: a PostgreSQL ledger needs psycopg: pip install 'meshnode[cloud]'", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from uplink import OperatorConfig
+
+    from ._operator import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
     trust: dict[str, Any] = {}
+    site_keys: dict[str, list[bytes]] = {}
     if args.site:
         from ._security import Certificate, load_site
 
-        site_public_key = load_site(Path(args.site)).public_key
+        site = load_site(Path(args.site))
+        site_public_key = site.public_key
+        site_keys[site.name] = [site_public_key]
 
         def certify(device_id: str, declared: bytes) -> bytes | None:
             try:
@@ -533,6 +554,7 @@ def run_cloud(args: argparse.Namespace) -> int:
                         key_path=args.key,
                         certfile=args.certfile,
                         keyfile=args.keyfile,
+                        operator=OperatorConfig(site_keys=site_keys, ocpi_token=args.ocpi_token),
                         **trust,
                     )
                 )
@@ -612,11 +634,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = resolve_run_settings(args)
         except ConfigError as exc:
             parser.error(str(exc))
-        logging.basicConfig(
-            level=settings["log_level"].upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        from ._operator import setup_logging
+
+        setup_logging(settings["log_level"], settings["log_format"])
         import trio
 
         try:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -68,6 +69,7 @@ import trio
 from automerge.core import Document
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -75,6 +77,7 @@ from starlette.routing import Route
 
 from crdt import (
     GENESIS_PREV,
+    SITE_CONFIG_ID,
     DocumentError,
     EventError,
     Keyring,
@@ -90,6 +93,9 @@ from crdt import (
 )
 
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
+from ._metrics import CloudMetrics
+from ._ocpi import ocpi_routes
+from ._tariffs import OperatorConfig, SiteConfigs, decide_price, split_site_config, with_site_config
 from ._wire import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -212,12 +218,15 @@ def make_receipt(
     heads: Iterable[bytes],
     issued_ts: int,
     signing_key: nacl.signing.SigningKey,
+    tariff: tuple[str, int] | None = None,
 ) -> bytes:
     """Build and sign a receipt; returns its canonical CBOR, as stored in the document.
 
     `heads` are the document's heads the cloud folded (sorted here), so anyone
-    can check which changes the billed amount covers. The signature is Ed25519
-    over `receipt_body` (every field but `sig`).
+    can check which changes the billed amount covers. `tariff` (id, version) names
+    the tariff that priced it (fields `tariff_id`, `tariff_version`). The signature is
+    Ed25519 over the canonical CBOR of every field but `sig` (`_signed_part`; for a
+    receipt without tariff fields that is `receipt_body`).
     """
     receipt: dict[str, Any] = {
         "session_id": session_id,
@@ -228,10 +237,20 @@ def make_receipt(
         "issued_ts": int(issued_ts),
         "issuer": bytes(signing_key.verify_key).hex(),
     }
-    receipt["sig"] = signing_key.sign(receipt_body(receipt)).signature
+    if tariff is not None:
+        receipt["tariff_id"], receipt["tariff_version"] = str(tariff[0]), int(tariff[1])
+    receipt["sig"] = signing_key.sign(_signed_part(receipt)).signature
     return cbor2.dumps(receipt, canonical=True)
 
 
+def _signed_part(receipt: Mapping[str, Any]) -> bytes:
+    """What a receipt's signature covers: every field but `sig` (== `receipt_body` without tariff fields)."""
+    if set(receipt) - {"sig"} == set(RECEIPT_FIELDS):
+        return receipt_body(receipt)
+    return cbor2.dumps({k: v for k, v in receipt.items() if k != "sig"}, canonical=True)
+
+
+_RECEIPT_TARIFF_FIELDS = {"tariff_id": str, "tariff_version": int}
 _RECEIPT_TYPES: Mapping[str, type | tuple[type, ...]] = {
     "session_id": str, "energy_wh": int, "cost_cents": int, "currency": str, "heads": list,
     "issued_ts": int, "issuer": str, "sig": bytes,
@@ -258,9 +277,14 @@ def verify_receipt(blob: bytes, issuer: bytes | str | None = None) -> dict[str, 
         receipt = cbor2.loads(blob)
     except Exception as exc:  # cbor2 raises several types on bad input
         raise ReceiptError(f"receipt is not CBOR: {exc}") from exc
-    if not isinstance(receipt, dict) or set(receipt) != {*RECEIPT_FIELDS, "sig"}:
-        raise ReceiptError(f"a receipt is a map of exactly {sorted({*RECEIPT_FIELDS, 'sig'})}")
-    for name, kind in _RECEIPT_TYPES.items():
+    base = {*RECEIPT_FIELDS, "sig"}
+    if not isinstance(receipt, dict) or set(receipt) not in (base, base | set(_RECEIPT_TARIFF_FIELDS)):
+        raise ReceiptError(
+            f"a receipt is a map of exactly {sorted(base)} (and optionally {sorted(_RECEIPT_TARIFF_FIELDS)})"
+        )
+    for name, kind in {**_RECEIPT_TYPES, **_RECEIPT_TARIFF_FIELDS}.items():
+        if name not in receipt:
+            continue
         if not isinstance(receipt[name], kind) or isinstance(receipt[name], bool):
             raise ReceiptError(f"receipt field {name!r} has type {type(receipt[name]).__name__}")
     if not all(isinstance(h, bytes) and len(h) == 32 for h in receipt["heads"]):
@@ -270,7 +294,7 @@ def verify_receipt(blob: bytes, issuer: bytes | str | None = None) -> dict[str, 
         raise ReceiptError(f"receipt was issued by {receipt['issuer']}, not {expected}")
     try:
         key = nacl.signing.VerifyKey(bytes.fromhex(receipt["issuer"]))
-        key.verify(receipt_body(receipt), receipt["sig"])
+        key.verify(_signed_part(receipt), receipt["sig"])
     except (ValueError, nacl.exceptions.CryptoError) as exc:
         raise ReceiptError(f"receipt signature does not verify: {exc}") from exc
     return receipt
@@ -552,8 +576,13 @@ class CloudService:
         trust_document_keys: bool,
         wall_clock: Callable[[], float],
         certify: Certify | None = None,
+        operator: OperatorConfig | None = None,
     ) -> None:
         self.ledger = ledger
+        self.operator = operator or OperatorConfig()
+        self.site_configs = SiteConfigs(self.operator.site_keys)
+        with ledger.read() as tx:
+            self.site_configs.load(tx.site_configs())
         self._certify = certify
         self.replica = Replica(docs)
         self._key = signing_key
@@ -563,6 +592,7 @@ class CloudService:
         self._wall_clock = wall_clock
         self._locks: dict[str, trio.Lock] = {}
         self.issuer = bytes(signing_key.verify_key).hex()
+        self.metrics = CloudMetrics(self)
         self.app = _build_app(lambda _request: self)
 
     # --- POST /v1/sync -------------------------------------------------------------
@@ -583,6 +613,8 @@ class CloudService:
         except WireError as exc:
             raise RemoteRequestError(400, str(exc)) from exc
         node = request.node_id
+        started = time.perf_counter()
+        request, site_msg = split_site_config(request)
         delta: Counter[str] = Counter({STAT_REQUESTS: 1, STAT_BYTES: len(body), STAT_BYTES_INFLATED: len(inflated)})
         # The responder side of `crdt.SyncSession`, the same exchange the forwarder runs.
         session = SyncSession(
@@ -590,10 +622,12 @@ class CloudService:
             validate=lambda doc_id, doc: _check_session(doc_id, doc),
             check_changed=lambda doc_id, doc: _check_session(doc_id, doc),
         )  # fmt: skip
-        async with self._locked(set(request.msgs) | set(request.reset)):
+        async with self._locked(set(request.msgs) | set(request.reset) | {f"{SITE_CONFIG_ID}:{request.site}"}):
             # Shielded: in-memory documents and the database must not part ways
             # half-way; every blocking call inside is bounded by the DB timeouts.
             with trio.CancelScope(shield=True):
+                site_saved = self.site_configs.saved(request.site) if site_msg else None
+                site = self.site_configs.on_request(request.site, node, *site_msg) if site_msg else None
                 applied = session.on_request(request.msgs, request.reset)
                 if applied.damaged:  # a message that made a session stop being one
                     await self._restore(node, {d: self.replica.docs[d] for d in applied.damaged}, set())
@@ -608,13 +642,27 @@ class CloudService:
                 changed = {d: self.replica.docs[d] for d, _ in applied.changes}
                 now = int(self._wall_clock() * 1000)
                 try:
-                    issued = await trio.to_thread.run_sync(self._commit, changed, delta, now)
+                    issued = await trio.to_thread.run_sync(
+                        self._commit,
+                        changed,
+                        delta,
+                        now,
+                        request.site if site and site.changed else None,
+                        list(request.msgs),
+                    )
                 except Exception:
-                    await self._restore(node, changed, applied.created)
+                    # Re-priced sessions may have had a receipt set in memory too.
+                    requested = {d: self.replica.docs[d] for d in request.msgs if d in self.replica.docs}
+                    await self._restore(node, {**requested, **changed}, applied.created)
+                    if site_msg:
+                        self.site_configs.restore(request.site, site_saved)
                     raise
                 for doc_id in issued:
                     log.info("issued receipt for session %r", doc_id)
                 replies = session.replies(request.msgs, errors)
+                if site is not None:
+                    errors, replies = with_site_config(site, errors, replies)
+                self.metrics.observe_sync(time.perf_counter() - started, len(changed))
         return compress(CloudSyncResponse(replies, errors).encode())
 
     @asynccontextmanager
@@ -648,9 +696,23 @@ class CloudService:
 
     # --- reconciliation (worker thread, inside one transaction) ---------------------
 
-    def _commit(self, changed: Mapping[str, Document], delta: Mapping[str, int], now: int) -> list[str]:
+    def _commit(
+        self,
+        changed: Mapping[str, Document],
+        delta: Mapping[str, int],
+        now: int,
+        site: str | None = None,
+        requested: Sequence[str] = (),
+    ) -> list[str]:
+        """Reconcile changed documents in one transaction; also save a site config the
+        request changed (`site`), and re-price requested sessions still unpriced."""
         issued = []
         with self.ledger.transaction() as tx:
+            if site is not None and (saved := self.site_configs.saved(site)) is not None:
+                tx.save_site_config(site, saved, now)
+            changed = dict(changed)
+            for doc_id in tx.unpriced(d for d in requested if d not in changed and d in self.replica.docs):
+                changed[doc_id] = self.replica.docs[doc_id]
             for doc_id, doc in sorted(changed.items()):
                 if self._reconcile(tx, doc_id, doc, now):
                     issued.append(doc_id)
@@ -712,13 +774,15 @@ class CloudService:
         tx.mark_applied(doc_id, view.event_ids)
 
         energy_wh = view.energy_wh
-        cost: int | None
-        currency: str | None
-        try:
-            cost, currency = session_cost(data.tariff, energy_wh)
-        except TariffError as exc:
-            cost, currency = None, data.tariff.get("currency") if isinstance(data.tariff.get("currency"), str) else None
-            conflicts.append(("tariff", INVALID_TARIFF, str(exc)))
+        applied = [(e.record.type, e.record.ts, e.record.meter_wh) for e in view.applied]
+        price = decide_price(
+            self.site_configs.tariffs(data.site), data.tariff, applied, energy_wh,
+            legacy=session_cost, legacy_error=TariffError,
+        )  # fmt: skip
+        cost, currency = price.cost_cents, price.currency
+        tariff_id, tariff_version, pricing = price.tariff_id, price.tariff_version, json.dumps(price.detail)
+        if price.conflict is not None:
+            conflicts.append(price.conflict)
 
         issued = False
         if data.receipt is not None and data.receipt != receipt:
@@ -730,6 +794,7 @@ class CloudService:
             # The receipt is final: the ledger keeps what it says.
             energy_wh, cost = row["energy_wh"], row["cost_cents"]  # type: ignore[index]
             currency = row["currency"]  # type: ignore[index]
+            tariff_id, tariff_version, pricing = row["tariff_id"], row["tariff_version"], row["pricing"]  # type: ignore[index]
             receipt_heads, receipt_ts = row["receipt_heads"], row["receipt_ts"]  # type: ignore[index]
             if data.receipt != receipt:
                 set_receipt(doc, receipt)
@@ -738,6 +803,7 @@ class CloudService:
             receipt = make_receipt(
                 session_id=doc_id, energy_wh=energy_wh, cost_cents=cost, currency=currency,
                 heads=heads, issued_ts=now, signing_key=self._key,
+                tariff=(tariff_id, tariff_version) if tariff_id is not None and tariff_version is not None else None,
             )  # fmt: skip
             set_receipt(doc, receipt)
             receipt_heads, receipt_ts = ",".join(h.hex() for h in heads), now
@@ -762,7 +828,8 @@ class CloudService:
             "id_token": data.id_token, "start_ts": view.started_ts, "stop_ts": view.stopped_ts,
             "energy_wh": energy_wh, "cost_cents": cost, "currency": currency, "state": state,
             "conflicts": tx.conflict_count(doc_id), "receipt_heads": receipt_heads, "receipt": receipt,
-            "receipt_ts": receipt_ts, "review": review, "first_seen": row["first_seen"] if row else now,
+            "receipt_ts": receipt_ts, "review": review, "tariff_id": tariff_id, "tariff_version": tariff_version,
+            "pricing": pricing, "first_seen": row["first_seen"] if row else now,
             "updated": now,
         })  # fmt: skip
         tx.save_document(doc_id, doc.save(), heads_hash(doc.get_heads()), now)
@@ -863,6 +930,10 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
     async def stats(request: Request) -> Response:
         return JSONResponse(await read(resolve(request).stats))
 
+    async def metrics(request: Request) -> Response:
+        registry = resolve(request).metrics.registry
+        return Response(await read(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
+
     async def issuer(request: Request) -> Response:
         return JSONResponse({"issuer": resolve(request).issuer})
 
@@ -887,6 +958,8 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             Route("/v1/stats", stats, methods=["GET"]),
             Route("/v1/issuer", issuer, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *ocpi_routes(resolve),
         ],
         exception_handlers={LedgerError: on_ledger_error},
         lifespan=lifespan,
@@ -922,6 +995,7 @@ async def open_cloud(
     trust_document_keys: bool = True,
     certify: Certify | None = None,
     wall_clock: Callable[[], float] = time.time,
+    operator: OperatorConfig | None = None,
 ) -> AsyncIterator[CloudService]:
     """Open the database, load every session document, and hand out the service.
 
@@ -947,6 +1021,7 @@ async def open_cloud(
             trust_document_keys=trust_document_keys,
             certify=certify,
             wall_clock=wall_clock,
+            operator=operator,
         )
     finally:
         with trio.CancelScope(shield=True):
@@ -961,6 +1036,7 @@ def create_cloud_app(
     trust_document_keys: bool = True,
     certify: Certify | None = None,
     wall_clock: Callable[[], float] = time.time,
+    operator: OperatorConfig | None = None,
 ) -> Starlette:
     """The service as a standalone ASGI app: its lifespan opens and closes the database.
 
@@ -977,6 +1053,7 @@ def create_cloud_app(
             trust_document_keys=trust_document_keys,
             certify=certify,
             wall_clock=wall_clock,
+            operator=operator,
         ) as cloud:
             app.state.cloud = cloud
             yield
@@ -997,6 +1074,7 @@ async def serve_cloud(
     certfile: str | None = None,
     keyfile: str | None = None,
     wall_clock: Callable[[], float] = time.time,
+    operator: OperatorConfig | None = None,
     task_status: trio.TaskStatus[Sequence[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the cloud with Hypercorn's trio worker until cancelled.
@@ -1017,6 +1095,7 @@ async def serve_cloud(
         trust_document_keys=trust_document_keys,
         certify=certify,
         wall_clock=wall_clock,
+        operator=operator,
     ) as cloud:
         config = HypercornConfig()
         config.bind = [f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"]

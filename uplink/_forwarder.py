@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import trio
 from automerge.core import Document
 
-from crdt import Replica, SessionView, SyncSession, read_session
+from crdt import SITE_CONFIG_ID, Replica, SessionView, SyncSession, heads_hash, read_session
 
 from ._probe import CloudClient, CloudRefused, UplinkError
 from ._wire import MAX_BATCH_BYTES, MAX_DOCS, CloudSyncRequest, WireError
@@ -311,6 +311,16 @@ class ForwardPlanner:
     def is_waiting(self, doc_id: str) -> bool:
         return doc_id in self._waiting
 
+    def confirm(self, doc_ids: Iterable[str]) -> None:
+        """These documents wait again, behind everything else, for a cheap confirmation."""
+        for doc_id in doc_ids:
+            if doc_id in self._known and doc_id not in self._waiting:
+                self._waiting[doc_id] = _Waiting(PRIORITY_METER, self._next_seq(), CONFIRM_SIZE)
+
+    def waiting(self) -> dict[str, int]:
+        """Every waiting document and its priority (for metrics)."""
+        return {doc_id: entry.priority for doc_id, entry in self._waiting.items()}
+
     @property
     def counters(self) -> ForwardCounters:
         return ForwardCounters(
@@ -403,6 +413,7 @@ class Forwarder:
         # Any other document starts its next exchange with a reset on both sides.
         self._established: set[str] = set()
         self._wakeup = trio.Event()
+        self._site_config_heads: bytes | None = None
 
     # --- node-facing ----------------------------------------------------------------------
 
@@ -437,6 +448,7 @@ class Forwarder:
             True when a batch completed (more may be waiting: call again); False when
             there was nothing to send, the planner is backing off, or the batch failed.
         """
+        self._note_site_config()
         batch = self.planner.next_batch(now)
         if not batch:
             return False
@@ -511,6 +523,35 @@ class Forwarder:
         )
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _note_site_config(self) -> None:
+        """The site config goes to the cloud too (its signed tariffs price the sessions).
+
+        Checked before each batch: the node tells the forwarder about session changes
+        only, and the config changes rarely. When it changes again later, every session
+        without a receipt waits for a (cheap) confirmation behind it, so sessions the
+        cloud could not price before come back with their receipts.
+        """
+        doc = self.replica.docs.get(SITE_CONFIG_ID)
+        if doc is None:
+            return
+        hh = heads_hash(doc.get_heads())
+        if hh == self._site_config_heads:
+            return
+        first = self._site_config_heads is None
+        self._site_config_heads = hh
+        self.planner.note_change(SITE_CONFIG_ID, PRIORITY_STATE, len(doc.save()))
+        if not first:
+            unreceipted = []
+            for doc_id, session_doc in sorted(self.replica.docs.items()):
+                if doc_id == SITE_CONFIG_ID or self.planner.is_waiting(doc_id):
+                    continue
+                try:
+                    if read_session(session_doc).receipt is None:
+                        unreceipted.append(doc_id)
+                except Exception:
+                    continue
+            self.planner.confirm(unreceipted)
 
     def _drop_states(self, docs: Iterable[str]) -> None:
         for doc_id in docs:

@@ -19,6 +19,7 @@ Tables (the schema is created on first open):
   the service detects it in code and keeps both.
 - `conflicts`: UNIQUE(session_id, event_id, kind), so data sent again adds nothing.
 - `devices`: the first public key each device declared (trust on first use).
+- `site_configs`: each site's site-config document (its signed tariffs), by site.
 - `stats`: named counters.
 
 Concurrency: one connection guarded by one lock. Every call is blocking and
@@ -87,6 +88,9 @@ _SCHEMA = (
         receipt       {blob},
         receipt_ts    BIGINT,
         review        TEXT,
+        tariff_id     TEXT,
+        tariff_version BIGINT,
+        pricing       TEXT,
         first_seen    BIGINT NOT NULL,
         updated       BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS events (
@@ -117,6 +121,10 @@ _SCHEMA = (
         public_key    {blob} NOT NULL,
         first_session TEXT NOT NULL,
         first_seen    BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS site_configs (
+        site        TEXT PRIMARY KEY,
+        data        {blob} NOT NULL,
+        updated     BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS stats (
         name   TEXT PRIMARY KEY,
         value  BIGINT NOT NULL)""",
@@ -125,7 +133,7 @@ _SCHEMA = (
 LEDGER_COLUMNS = (
     "session_id", "site", "charger", "connector", "id_token", "start_ts", "stop_ts", "energy_wh",
     "cost_cents", "currency", "state", "conflicts", "receipt_heads", "receipt", "receipt_ts",
-    "review", "first_seen", "updated",
+    "review", "tariff_id", "tariff_version", "pricing", "first_seen", "updated",
 )  # fmt: skip
 EVENT_COLUMNS = (
     "event_id", "device_id", "seq", "session_id", "type", "ts", "meter_wh", "chain_hash", "prev",
@@ -201,7 +209,12 @@ class Ledger:
     # Columns added after the first release: (table, column, type). A database made
     # by an older version gets them on open, so a restarted service never fails on
     # "no such column" (CREATE TABLE IF NOT EXISTS leaves an old table as it was).
-    _ADDED_COLUMNS = (("ledger", "review", "TEXT"),)
+    _ADDED_COLUMNS = (
+        ("ledger", "review", "TEXT"),
+        ("ledger", "tariff_id", "TEXT"),
+        ("ledger", "tariff_version", "BIGINT"),
+        ("ledger", "pricing", "TEXT"),
+    )
 
     def _migrate(self, tx: Any) -> None:
         for table, column, kind in self._ADDED_COLUMNS:
@@ -304,6 +317,30 @@ class Tx:
             "heads_hash = excluded.heads_hash, updated = excluded.updated",
             (session_id, data, heads_hash, now),
         )
+
+    # --- site configs (one Automerge document per site: its signed tariffs) -------
+
+    def site_configs(self) -> list[tuple[str, bytes]]:
+        return [(r["site"], r["data"]) for r in self.query("SELECT site, data FROM site_configs ORDER BY site")]
+
+    def save_site_config(self, site: str, data: bytes, now: int) -> None:
+        self.execute(
+            "INSERT INTO site_configs (site, data, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT (site) DO UPDATE SET data = excluded.data, updated = excluded.updated",
+            (site, data, now),
+        )
+
+    def unpriced(self, session_ids: Iterable[str]) -> list[str]:
+        """Of these sessions, those whose ledger row has no price and no receipt yet."""
+        ids = sorted(set(session_ids))
+        if not ids:
+            return []
+        rows = self.query(
+            f"SELECT session_id FROM ledger WHERE session_id IN ({self._in(ids)}) "
+            "AND cost_cents IS NULL AND receipt IS NULL",
+            ids,
+        )
+        return [r["session_id"] for r in rows]
 
     # --- devices -----------------------------------------------------------------
 

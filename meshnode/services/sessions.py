@@ -214,7 +214,8 @@ class SessionService:
             session_id = uuid.UUID(int=self._rng.getrandbits(128), version=4).hex
         doc = new_session_doc(
             session_id, site=self.site, charger=charger, connector=connector, id_token=id_token,
-            tariff=self.tariff, created_by=self.node_id, actor=self._actor(session_id),
+            tariff=self.site_config.tariff_snapshot() or self.tariff, created_by=self.node_id,
+            actor=self._actor(session_id),
         )  # fmt: skip
         ts = self._wall_ms() if ts_ms is None else ts_ms
         signer = self._signer()

@@ -7,7 +7,11 @@ takes *signed* entries:
 - revocations and network-key grants, signed by the site key (checked against the
   node's enrolment);
 - allowed / revoked id-token entries, signed by the cloud (checked against the
-  site's `cloud.pub`).
+  site's `cloud.pub`);
+- tariffs, signed by the site key (`uplink.make_tariff_entry`, `meshnode site tariff`),
+  in the `tariffs` map under `<id>@<version>`. A new session's tariff snapshot is the
+  site tariff valid at its start (`tariff_snapshot`); the cloud prices with the
+  verified entry it names (docs/cloud.md, "Tariffs").
 
 An entry this node cannot verify is refused with `InvalidCommand` and changes
 nothing. Entries take effect when they land, wherever they came from: the node
@@ -24,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from crdt import SITE_CONFIG_ID, Replica, read_site_config, site_config_put
+from uplink import TariffEntryError, is_tariff_entry, select_tariff, site_tariffs, verify_tariff_entry
 
 from .._security import (
     Authorization,
@@ -142,6 +147,18 @@ class SiteConfigService:
             elif auth.reason == "revoked":
                 revoked.append(token)
         return allowed, revoked
+    def tariffs(self) -> list[Any]:
+        """The site's tariffs that verify with the site key (every version); none when not enrolled."""
+        if self.identity is None:
+            return []
+        entries = self._entries(self.read(), "tariffs")
+        good, _ = site_tariffs(entries, self.identity.site_public_key, self.identity.site_name)
+        return good
+
+    def tariff_snapshot(self) -> dict[str, Any]:
+        """What a session starting now records as its tariff: the site tariff valid now, or {}."""
+        tariff = select_tariff(self.tariffs(), self._wall_clock())
+        return tariff.to_json() if tariff is not None else {}
 
     def cloud_keys(self) -> list[bytes]:
         identity = self.identity
@@ -190,6 +207,14 @@ class SiteConfigService:
             except BadSiteEntry as exc:
                 raise InvalidCommand(f"charger registration refused: {exc}") from exc
             return "revocations", ENTRY_PREFIX + reg.charger_id
+        if self.identity is not None and is_tariff_entry(entry):
+            try:
+                tariff = verify_tariff_entry(entry, self.identity.site_public_key)
+            except TariffEntryError as exc:
+                raise InvalidCommand(f"tariff refused: {exc}") from exc
+            if tariff.site != self.identity.site_name:
+                raise InvalidCommand(f"tariff refused: it is for site {tariff.site!r}, not {self.identity.site_name!r}")
+            return "tariffs", tariff.key
         if self.identity is not None:
             try:
                 key = entry_key(entry)
