@@ -19,6 +19,13 @@ Invariants of `fold`:
 3. Of two forked events, the one with the smaller `event_id` is applied, so every
    replica makes the same choice; the other is reported.
 4. Energy is the last applied cumulative meter reading minus the first.
+5. A reading is plausible: it rises from the previous applied reading by at most
+   what the session's maximum power delivers in the time between their timestamps
+   (`meter_plausibility`, plus `METER_SLACK_MS` for clocks and rounding). The maximum
+   is the one the `authorize` event states (`data.max_power_w`, the connector's
+   rating from the node's configuration, capped at `MAX_POWER_CEILING_W`), else
+   `DEFAULT_MAX_POWER_W`. An implausible reading (a register of 2**53 Wh a minute
+   after 0) is not applied and is reported as `implausible_meter`: it never bills.
 """
 
 from __future__ import annotations
@@ -56,6 +63,42 @@ FORK = "fork"
 BROKEN_CHAIN = "broken_chain"
 ILLEGAL_TRANSITION = "illegal_transition"
 METER_BACKWARDS = "meter_backwards"
+IMPLAUSIBLE_METER = "implausible_meter"
+
+DEFAULT_MAX_POWER_W = 350_000
+"""A connector's maximum power when its session does not say (the fastest public DC chargers)."""
+MAX_POWER_CEILING_W = 4_000_000
+"""The most a session's `authorize` event may claim (megawatt charging for trucks is 3.75 MW)."""
+METER_SLACK_MS = 60_000
+"""Time added to the gap between two readings before the bound applies (clock steps, meter lag)."""
+
+
+def session_max_power_w(authorize_data: Mapping[str, Any] | None) -> int:
+    """The maximum power a session may draw: its `authorize` event's `max_power_w` when that is
+    a positive integer (capped at MAX_POWER_CEILING_W), else DEFAULT_MAX_POWER_W."""
+    value = (authorize_data or {}).get("max_power_w")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return min(value, MAX_POWER_CEILING_W)
+    return DEFAULT_MAX_POWER_W
+
+
+def meter_plausibility(previous_wh: int, previous_ts: int, meter_wh: int, ts: int, max_power_w: int) -> str | None:
+    """Why a cumulative reading cannot follow the previous one, or None when it can.
+
+    Args:
+        previous_wh, previous_ts: the last applied reading and its timestamp (ms).
+        meter_wh, ts: the new reading and its timestamp (ms).
+        max_power_w: the session's maximum power (`session_max_power_w`).
+    """
+    rise = meter_wh - previous_wh
+    elapsed_ms = max(0, ts - previous_ts) + METER_SLACK_MS
+    allowed = max_power_w * elapsed_ms // 3_600_000
+    if rise > allowed:
+        return (
+            f"meter rose {rise} Wh in {max(0, ts - previous_ts) / 1000:g} s: more than {max_power_w} W "
+            f"allows ({allowed} Wh)"
+        )
+    return None
 
 
 @dataclass(frozen=True, order=True)
@@ -83,6 +126,8 @@ class SessionView:
     applied: tuple[SignedEvent, ...]
     conflicts: tuple[Conflict, ...] = field(default=())
     receipt_present: bool = False
+    max_power_w: int = DEFAULT_MAX_POWER_W
+    last_meter_ts: int | None = None
 
     @property
     def event_ids(self) -> tuple[str, ...]:
@@ -154,6 +199,8 @@ class SessionFold:
         self._state = "idle"
         self._first_meter: int | None = None
         self._last_meter: int | None = None
+        self._last_meter_ts: int | None = None
+        self._max_power_w = DEFAULT_MAX_POWER_W
         self._started: int | None = None
         self._stopped: int | None = None
         self._applied: list[SignedEvent] = []
@@ -269,9 +316,17 @@ class SessionFold:
                     Conflict(METER_BACKWARDS, r.event_id, f"meter {r.meter_wh} Wh after {self._last_meter} Wh")
                 )
                 continue
+            if r.meter_wh is not None and self._last_meter is not None and self._last_meter_ts is not None:
+                why = meter_plausibility(self._last_meter, self._last_meter_ts, r.meter_wh, r.ts, self._max_power_w)
+                if why is not None:
+                    self._conflicts.append(Conflict(IMPLAUSIBLE_METER, r.event_id, why))
+                    continue
+            if r.type == "authorize":
+                self._max_power_w = session_max_power_w(r.data)
             if r.meter_wh is not None:
                 self._first_meter = r.meter_wh if self._first_meter is None else self._first_meter
                 self._last_meter = r.meter_wh
+                self._last_meter_ts = r.ts
             if r.type == "start":
                 self._started = r.ts
             if target == "completed":
@@ -294,6 +349,8 @@ class SessionFold:
             applied=tuple(self._applied),
             conflicts=tuple(sorted(self._conflicts)),
             receipt_present=receipt_present,
+            max_power_w=self._max_power_w,
+            last_meter_ts=self._last_meter_ts,
         )
 
 

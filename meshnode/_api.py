@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ._metrics import NodeMetrics
+from ._apiauth import MAX_JSON_DEPTH, ApiGuard, ApiTokens, json_depth_ok
 from ._node import Node
 from .ocpp._remote import http_routes as remote_command_routes
 from .services import (
@@ -82,9 +83,15 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise _bad(413, f"request body is larger than {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a huge body is never held whole
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _bad(413, f"request body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not json_depth_ok(body):
+        raise _bad(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -171,6 +178,8 @@ def build_app(node: Node) -> Starlette:
         ocpp = getattr(node, "ocpp", None)  # set by meshnode.ocpp.serve_ocpp when OCPP is on
         if ocpp is not None:
             out["chargers"] = ocpp.status_json()
+        # An enrolled node's API takes tokens (serve_api); an --insecure one is open, and says so.
+        out.setdefault("security", {})["api"] = "open" if node.identity is None else "token"
         return JSONResponse(out)
 
     metrics = NodeMetrics(node)
@@ -202,13 +211,30 @@ def build_app(node: Node) -> Starlette:
     )
 
 
+BACKLOG = 2048
+"""Listen backlog: a site's chargers and tools connecting at once must not be reset
+(Hypercorn's default is 100; the kernel caps it at net.core.somaxconn)."""
+
+
 async def serve_api(
-    node: Node, bind: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    node: Node,
+    bind: str,
+    port: int,
+    *,
+    tokens: ApiTokens | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the node's HTTP API until cancelled."""
+    """Serve the node's HTTP API until cancelled.
+
+    Args:
+        tokens: the API tokens every `/v1` request must carry (`meshnode._apiauth`);
+            None serves an open API (only for `--insecure` nodes).
+    """
     config = HypercornConfig()
-    config.bind = [f"{bind}:{port}"]
+    config.bind = [f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("meshnode.api.server")
     config.graceful_timeout = 0.5
-    await hypercorn_serve(build_app(node), config, task_status=task_status)  # type: ignore[arg-type]
+    config.backlog = BACKLOG
+    app = ApiGuard(build_app(node), tokens=tokens, max_body=MAX_BODY)
+    await hypercorn_serve(app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -261,6 +261,8 @@ class Node:
             config.data_dir.mkdir(parents=True, exist_ok=True)
             self.signing_key = load_or_create_key(config.data_dir)
         self.signer = EventSigner(self.node_id, self.signing_key)
+        self.chain_base = 0
+        """The seq a fresh chain of this device starts after (see `meshnode._sitetrust.chain_base_at_enrolment`)."""
         self.keyring = Keyring({self.node_id: self.signer.public_key})
         self.store: AsyncDocStore | None = None
         self.replica = Replica()
@@ -299,6 +301,8 @@ class Node:
             self.forwarder = Forwarder(
                 self.replica, self.node_id, config.site, cloud, planner, self._persist_from_cloud
             )
+            if identity is not None:  # a cloud that trusts the site takes sync only from its devices
+                self.forwarder.sign_with(identity.signing_key, identity.certificate_bytes, wall_clock)
         self.archived: set[str] = set()
         # Retired sessions a peer still asks about are served from their archived
         # copy (read-only: nothing a peer sends is stored), so a node that was away
@@ -441,7 +445,8 @@ class Node:
                 continue  # not signed by our key: a forgery must not move our chain
             self.signer = EventSigner.resume(self.node_id, self.signing_key, [last])
             return
-        self.signer = EventSigner(self.node_id, self.signing_key)
+        # A fresh chain; a node re-enrolled under a new key starts past its old chain (issue 14).
+        self.signer = EventSigner(self.node_id, self.signing_key, seq=self.chain_base)
 
     def _route(self) -> None:
         t = self.transport

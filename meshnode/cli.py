@@ -15,6 +15,8 @@ import functools
 import importlib.util
 import json
 import logging
+import os
+import re
 import secrets
 import signal
 import sys
@@ -46,6 +48,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "unknown_token_policy": "accept_limited",
     "unknown_token_max_wh": None,
     "unknown_token_max_minutes": None,
+    "max_power_kw": 350.0,
+    "connector_max_power_kw": {},
 }
 
 
@@ -117,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--unknown-token-max-wh", type=int, metavar="WH", help="energy cap for such sessions")
     run.add_argument("--unknown-token-max-minutes", type=int, metavar="MIN", help="time cap for such sessions")
+    run.add_argument(
+        "--max-power-kw",
+        type=float,
+        metavar="KW",
+        help="the most a connector delivers (default 350); a meter reading that rises faster is refused "
+        "and, from a peer, filed as a conflict, never billed. Per connector: connector_max_power_kw in --config",
+    )
 
     site = sub.add_parser("site", help="create and manage a site: keys, revocations, network key")
     site_sub = site.add_subparsers(dest="site_command", metavar="SITE_COMMAND")
@@ -130,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--serial", help="revoke one certificate")
     site_revoke.add_argument("--reason", default="")
     site_revoke.add_argument("--http", metavar="URL", help="hand the entry to this node's API (it spreads from there)")
+    _add_token_options(site_revoke)
     site_rotate = site_sub.add_parser("rotate-network-key", help="make a new network key and grant it to every node")
     site_rotate.add_argument("--site", default=".", metavar="DIR")
     site_rotate.add_argument("--activate-in", type=float, default=600.0, metavar="SECONDS")
     site_rotate.add_argument("--retire-after", type=float, default=7 * 86400.0, metavar="SECONDS")
     site_rotate.add_argument("--http", metavar="URL", help="hand the grant to this node's API")
+    _add_token_options(site_rotate)
     from ._operator import add_tariff_arguments
 
     add_tariff_arguments(site_sub)
@@ -164,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--token-id", required=True)
     listing.add_argument("--revoke", action="store_true", help="revoke instead of allow")
     listing.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
+    _add_token_options(listing)
 
     charger = sub.add_parser("charger", help="register OCPP charge points on an enrolled site")
     charger_sub = charger.add_subparsers(dest="charger_command", metavar="COMMAND")
@@ -182,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node's HTTP API (default http://127.0.0.1:8080)",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_token_options(status)
 
     cloud = sub.add_parser(
         "cloud",
@@ -237,6 +252,32 @@ def build_parser() -> argparse.ArgumentParser:
     replica.add_argument("--sessions", type=int, default=4, help="sessions started on each replica (default 4)")
     replica.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     return parser
+
+
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    """--token / --data-dir: the credential for an enrolled node's API (docs/security.md)."""
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the node's API token (default: $MESHNODE_API_TOKEN, else read from --data-dir)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default="meshnode-data",
+        help="a node data dir on this host whose api.token to use (default ./meshnode-data)",
+    )
+
+
+def _api_headers(args: argparse.Namespace, *, write: bool) -> dict[str, str]:
+    """The Authorization header for a node's API, from --token, $MESHNODE_API_TOKEN or the data dir."""
+    from ._apiauth import read_token_file
+
+    token = getattr(args, "token", None) or os.environ.get("MESHNODE_API_TOKEN")
+    if not token and getattr(args, "data_dir", None):
+        data_dir = Path(args.data_dir)
+        token = read_token_file(data_dir, write=write) or read_token_file(data_dir, write=True)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class ConfigError(Exception):
@@ -332,6 +373,16 @@ async def run_node(settings: dict[str, Any]) -> None:
     else:
         node_id = identity.node_id
         settings["site"] = identity.site_name
+    from ._apiauth import ApiTokens
+
+    # An enrolled node's API takes tokens (kept in the data dir, 0600); an --insecure one is open.
+    tokens = ApiTokens.load_or_create(data_dir) if identity is not None else None
+    if tokens is None:
+        logging.getLogger("meshnode").warning(
+            "INSECURE: the HTTP API on %s:%s is open: anyone who reaches it can read and write sessions",
+            settings["bind"],
+            settings["http_port"],
+        )
     async with trio_asyncio.open_loop():
         async with open_coap_transport(settings["bind"], settings["coap_port"]) as coap:
             sealer = None
@@ -363,10 +414,20 @@ async def run_node(settings: dict[str, Any]) -> None:
                 identity=identity,
                 sealer=sealer,
             )
+            if identity is not None:
+                from ._sitetrust import read_chain_base
+
+                node.chain_base = read_chain_base(data_dir)
+            node.sessions.max_power_w = round(settings["max_power_kw"] * 1000)
+            node.sessions.connector_max_power_w = {
+                int(c): round(kw * 1000) for c, kw in settings["connector_max_power_kw"].items()
+            }
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(node.serve)
-                    await nursery.start(serve_api, node, settings["bind"], settings["http_port"])
+                    await nursery.start(
+                        functools.partial(serve_api, tokens=tokens), node, settings["bind"], settings["http_port"]
+                    )
                     ocpp_url = None
                     if settings["ocpp_port"]:
                         from .ocpp import serve_ocpp, tls_context
@@ -390,6 +451,8 @@ async def run_node(settings: dict[str, Any]) -> None:
                                 "mdns": not settings["no_mdns"],
                                 "peers": settings["peer"],
                                 "enrolled": identity is not None,
+                                "api": "token" if tokens is not None else "open",
+                                **({} if tokens is not None else {"insecure": True}),
                             }
                         ),
                         flush=True,
@@ -400,7 +463,7 @@ async def run_node(settings: dict[str, Any]) -> None:
                         break
 
 
-def _hand_to_node(url: str | None, entry: bytes) -> int:
+def _hand_to_node(url: str | None, entry: bytes, headers: dict[str, str] | None = None) -> int:
     """Print an entry (hex), and hand it to a node's API when asked."""
     print(entry.hex())
     if url is None:
@@ -413,7 +476,9 @@ def _hand_to_node(url: str | None, entry: bytes) -> int:
     import httpx
 
     try:
-        response = httpx.post(url.rstrip("/") + "/v1/site/entries", json={"entry": entry.hex()}, timeout=10.0)
+        response = httpx.post(
+            url.rstrip("/") + "/v1/site/entries", json={"entry": entry.hex()}, headers=headers, timeout=10.0
+        )
     except httpx.HTTPError as exc:
         print(f"cannot reach {url}: {exc}", file=sys.stderr)
         return 1
@@ -432,6 +497,8 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
 
     now = time.time()
     if args.command == "enroll":
+        from ._sitetrust import chain_base_at_enrolment, write_chain_base
+
         path = sec.enroll(
             Path(args.site),
             args.node_id,
@@ -440,6 +507,11 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             valid_for=args.valid_days * 86400,
             now=now,
         )
+        node_key = sec.load_or_create_node_key(Path(args.data_dir))
+        base = chain_base_at_enrolment(Path(args.site), args.node_id, bytes(node_key.verify_key))
+        if base:
+            write_chain_base(Path(args.data_dir), base)
+            print(f"{args.node_id} had another key before (a wiped node?): its new events start a new chain")
         print(
             f"enrolled {args.node_id} in {args.data_dir} (certificate {path}); "
             f"start it with: meshnode run --data-dir {args.data_dir}"
@@ -458,16 +530,16 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             _, entry = sec.site_revoke(
                 Path(args.site), node_id=args.node_id, serial=args.serial, now=now, reason=args.reason
             )
-            return _hand_to_node(args.http, entry)
+            return _hand_to_node(args.http, entry, _api_headers(args, write=True))
         if args.site_command == "tariff":
             from ._operator import make_tariff
 
-            return _hand_to_node(args.http, make_tariff(args, now))
+            return _hand_to_node(args.http, make_tariff(args, now), _api_headers(args, write=True))
         if args.site_command == "rotate-network-key":
             _, grant = sec.site_rotate_network_key(
                 Path(args.site), now=now, activate_in=args.activate_in, retire_previous_after=args.retire_after
             )
-            return _hand_to_node(args.http, grant)
+            return _hand_to_node(args.http, grant, _api_headers(args, write=True))
         parser.parse_args(["site", "--help"])
         return 2
     if args.command == "charger":
@@ -506,7 +578,7 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             )
             return 0
         entry = sec.signed_token_list_entry(key, args.token_id, not args.revoke, now)
-        return _hand_to_node(args.http, entry)
+        return _hand_to_node(args.http, entry, _api_headers(args, write=True))
     return 2
 
 
@@ -519,28 +591,20 @@ def run_cloud(args: argparse.Namespace) -> int:
     if args.db.lower().startswith("postgres") and importlib.util.find_spec("psycopg") is None:
         print("meshnode cloud: a PostgreSQL ledger needs psycopg: pip install 'meshnode[cloud]'", file=sys.stderr)
         return 1
-    from uplink import OperatorConfig
-
-    from ._operator import setup_logging
-
-    setup_logging(args.log_level, args.log_format)
+    _setup_logging(args.log_level, args.log_format)
     trust: dict[str, Any] = {}
     site_keys: dict[str, list[bytes]] = {}
     if args.site:
-        from ._security import Certificate, load_site
+        from ._sitetrust import SiteTrust
 
-        site = load_site(Path(args.site))
-        site_public_key = site.public_key
-        site_keys[site.name] = [site_public_key]
-
-        def certify(device_id: str, declared: bytes) -> bytes | None:
-            try:
-                cert = Certificate.decode(declared, site_public_key)
-            except Exception:
-                return None
-            return cert.public_key if cert.node_id == device_id else None
-
-        trust = {"certify": certify, "trust_document_keys": False}
+        # Only certified, unrevoked devices of the site may sync, and only their events count.
+        site_trust = SiteTrust(Path(args.site))
+        site_keys[_site_name(Path(args.site))] = [site_trust.public_key]  # site tariffs verify with it
+        trust = {
+            "certify": site_trust.certify,
+            "authenticate": site_trust.authenticate,
+            "trust_document_keys": False,
+        }
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -558,7 +622,10 @@ def run_cloud(args: argparse.Namespace) -> int:
                         **trust,
                     )
                 )
-                print(json.dumps({"ready": True, "urls": urls, "db": args.db}), flush=True)
+                ready = {"ready": True, "urls": urls, "db": redact(args.db), "site": args.site}
+                if not args.site:
+                    ready["insecure"] = "no --site: any client may sync, device keys are trusted on first use"
+                print(json.dumps(ready), flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
@@ -566,16 +633,23 @@ def run_cloud(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except (OSError, LedgerError) as exc:
-        print(f"meshnode cloud: {exc}", file=sys.stderr)
+        print(f"meshnode cloud: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 
 
-def show_status(url: str, as_json: bool) -> int:
+def show_status(url: str, as_json: bool, headers: dict[str, str] | None = None) -> int:
     import httpx
 
     try:
-        response = httpx.get(url.rstrip("/") + "/v1/status", timeout=5.0)
+        response = httpx.get(url.rstrip("/") + "/v1/status", headers=headers, timeout=5.0)
+        if response.status_code == 401:
+            print(
+                f"meshnode status: {url} wants a token: run on the node's host with --data-dir DIR "
+                "(it reads DIR/api-read.token), or pass --token TOKEN",
+                file=sys.stderr,
+            )
+            return 1
         response.raise_for_status()
         status = response.json()
     except httpx.HTTPError as exc:
@@ -623,37 +697,122 @@ def show_status(url: str, as_json: bool) -> int:
     return 0
 
 
+_SECRET_PATTERNS = (
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),  # scheme://user:PASSWORD@
+    (re.compile(r"(\bpassword\s*=\s*)\S+", re.IGNORECASE), r"\1***"),  # libpq key=value strings
+    (re.compile(r"(\bBearer\s+)\S+"), r"\1***"),
+    (re.compile(r"(\baccess_token=)[^&\s]+"), r"\1***"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with passwords in URLs and connection strings, and API tokens, replaced by ***."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) never carry a password or a token: wraps the format's own
+    formatter (text or JSON) and redacts what it writes."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._inner.format(record))
+
+
+def _site_name(site_dir: Path) -> str:
+    """The site's name from its site.toml (the cloud's copy of the site folder needs site.pub and site.toml)."""
+    try:
+        with open(site_dir / "site.toml", "rb") as f:
+            name = tomllib.load(f).get("name")
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {site_dir / 'site.toml'} ({exc}): copy the site folder's site.toml there") from exc
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{site_dir / 'site.toml'} has no site name")
+    return name
+
+
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    """Text or JSON lines on stderr (`--log-format`), never carrying a password or a token."""
+    from ._operator import setup_logging
+
+    setup_logging(level, log_format)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RedactingFormatter(handler.formatter))
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, as trio's nurseries raise them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error to show in one line when `exc` is one a user can fix (a port in use, a bad
+    address or URL, an unreachable database, a missing site...), else None (a bug: traceback)."""
+    from ._apiauth import TokenFileError
+    from ._security import LocalSecurityError
+
+    expected: list[type[BaseException]] = [OSError, ConfigError, LocalSecurityError, TokenFileError]
+    for module, names in (("uplink._ledger", ("LedgerError",)), ("uplink._cloud", ("CloudKeyError",))):
+        loaded = sys.modules.get(module)
+        expected += [getattr(loaded, n) for n in names if loaded is not None]
+    node = sys.modules.get("meshnode._node")
+    if node is not None:
+        expected.append(node.NodeError)
+    leaves = [leaf for leaf in _leaves(exc) if not isinstance(leaf, KeyboardInterrupt)]
+    # A wrapper raised "from" an OSError (a transport that cannot bind) is the OSError's story.
+    wanted = [leaf for leaf in leaves if isinstance(leaf, tuple(expected)) or isinstance(leaf.__cause__, OSError)]
+    return wanted[0] if wanted and len(wanted) == len(leaves) else None
+
+
+_HINTS = {
+    98: "another process (another meshnode?) listens there: pick another port, or stop it",
+    99: "that address is not one of this host's: check --bind",
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    errno = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and errno in _HINTS:
+        text = f"{text} ({_HINTS[errno]})"
+    return redact(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `meshnode` command. A start-up error a user can fix ends as one line on stderr
+    (exit 2 for settings, 1 otherwise), however deep in trio's task groups it was raised."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        shown = _user_error(exc)
+        if shown is None:
+            raise
+        name = " ".join(x for x in (args.command, getattr(args, "site_command", None)) if x)
+        print(f"meshnode {name}: {_one_line(shown)}", file=sys.stderr)
+        return 2 if isinstance(shown, ConfigError) else 1
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "run":
-        try:
-            settings = resolve_run_settings(args)
-        except ConfigError as exc:
-            parser.error(str(exc))
-        from ._operator import setup_logging
-
-        setup_logging(settings["log_level"], settings["log_format"])
+        settings = resolve_run_settings(args)
+        _setup_logging(settings["log_level"], settings["log_format"])
         import trio
 
-        try:
-            trio.run(run_node, settings)
-        except ConfigError as exc:
-            print(f"meshnode run: {exc}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"meshnode run: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            from ._security import LocalSecurityError
-
-            if isinstance(exc, LocalSecurityError):
-                print(f"meshnode run: {exc}", file=sys.stderr)
-                return 1
-            raise
+        trio.run(run_node, settings)  # errors a user can fix end as one line (main)
         return 0
     if args.command in ("site", "enroll", "token", "charger"):
         from ._security import LocalSecurityError
@@ -666,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cloud":
         return run_cloud(args)
     if args.command == "status":
-        return show_status(args.http, args.json)
+        return show_status(args.http, args.json, _api_headers(args, write=False))
     if args.command == "demo":
         from ._demo import run_from_args
 

@@ -100,13 +100,19 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The operator token of an enrolled node (its data dir's api.token); none for --insecure."""
+        token = self.data_dir / "api.token"
+        return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+
     def get(self, path: str) -> Any:
-        r = httpx.get(self.url + path, timeout=10.0)
+        r = httpx.get(self.url + path, headers=self.headers, timeout=10.0)
         r.raise_for_status()
         return r.json()
 
     def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=10.0)
+        return httpx.post(self.url + path, json=body, headers=self.headers, timeout=10.0)
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition") -> None:

@@ -908,15 +908,26 @@ def sync_as_peer(bind: str, target: str, docs: dict[str, Document], sender: str 
     return trio.run(main)
 
 
-def sync_as_leader(cloud: CloudProcess, docs: dict[str, Document], node: str = "fake-leader") -> dict[str, str]:
-    """Play a site's leader: push `docs` straight to the cloud's POST /v1/sync. Returns its per-document errors."""
+def sync_as_leader(
+    cloud: CloudProcess, docs: dict[str, Document], node: str = "fake-leader", credential: Any = None
+) -> dict[str, str]:
+    """Play a site's leader: push `docs` straight to the cloud's POST /v1/sync. Returns its per-document errors.
+    With a `credential` (`uplink.DeviceCredential`), requests are signed as `node` (a cloud with --site wants that)."""
+    from uplink import SignedSyncRequest
+
     replica, ids, errors = Replica(docs), sorted(docs), {}
     with httpx.Client(base_url=cloud.url, timeout=10.0) as client:
         for round_ in range(12):
             msgs = {d: replica.generate("cloud", d) for d in ids}
             if round_ and all(m is None for m in msgs.values()):
                 return errors
-            body = compress(CloudSyncRequest(node, "default", msgs, tuple(ids) if round_ == 0 else ()).encode())
+            reset = tuple(ids) if round_ == 0 else ()
+            request = (
+                SignedSyncRequest(node, "default", msgs, reset, credential=credential, ts=time.time())
+                if credential is not None
+                else CloudSyncRequest(node, "default", msgs, reset)
+            )
+            body = compress(request.encode())
             r = client.post(
                 "/v1/sync", content=body, headers={"Content-Encoding": "deflate", "Content-Type": "application/cbor"}
             )
@@ -1295,7 +1306,10 @@ def test_cloud_with_site_bills_only_devices_certified_by_its_site(rig: Rig) -> N
     raw_key = session("charger-7", raw, bytes(raw.verify_key))  # a key declared without a certificate
     borrowed = session("charger-5", keys["charger-1"], certs["charger-1"])  # our site's certificate, another id
     docs = dict([enrolled, stranger, raw_key, borrowed])
-    assert sync_as_leader(cloud, docs) == {}
+    from uplink import DeviceCredential
+
+    gateway = DeviceCredential(keys["charger-1"], certs["charger-1"])  # the site's own device forwards
+    assert sync_as_leader(cloud, docs, node="charger-1", credential=gateway) == {}
 
     ledger = cloud.ledger()
     assert set(ledger) == set(docs)

@@ -71,6 +71,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -92,6 +93,7 @@ from crdt import (
     verify_event,
 )
 
+from ._forwarder import SIGNED_SYNC_CONTEXT
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
 from ._ocpi import ocpi_routes
@@ -113,6 +115,8 @@ from ._wire import (
 log = logging.getLogger("uplink.cloud")
 
 DEFAULT_PORT = 8700
+BACKLOG = 2048
+"""Listen backlog (Hypercorn's default, 100, resets connections under a burst)."""
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 """Largest compressed request body accepted (413 above it); inflation is bounded by MAX_INFLATED."""
 
@@ -391,6 +395,59 @@ def check_chains(new: Iterable[ChainLink], stored: Iterable[ChainLink]) -> list[
     return verdicts
 
 
+Authenticate = Callable[[bytes, float], "tuple[str, bytes]"]
+"""`authenticate(certificate, now)` -> (device_id, public key) when `certificate` is one
+the service trusts to forward for the site: signed by the site key, not revoked, a
+role that may forward. Raises `RemoteRequestError` (401/403) otherwise. Supplied by the
+caller like `Certify` (`meshnode cloud --site DIR`)."""
+
+MAX_SYNC_SKEW = 900.0
+"""Seconds a signed sync request's timestamp may be off the cloud's clock. A request is
+idempotent (Automerge sync), so a replay inside the window costs work, not money."""
+
+
+def open_signed_sync(inflated: bytes, authenticate: Authenticate, now: float) -> CloudSyncRequest:
+    """Check a signed sync request (`uplink.SignedSyncRequest`) and return the request inside.
+
+    Raises:
+        RemoteRequestError: 401 when nothing proves a device of the site sent it
+            (unsigned, malformed, unknown or forged certificate, bad signature, stale
+            timestamp); 403 when a certified device may not do this (revoked, role,
+            or the request speaks for another node); 400 for a bad inner request.
+    """
+    try:
+        outer = cbor2.loads(inflated)
+    except Exception as exc:  # cbor2 raises several types on bad input
+        raise RemoteRequestError(400, f"sync request is not valid CBOR: {exc}") from exc
+    if not isinstance(outer, dict) or "signed" not in outer:
+        raise RemoteRequestError(401, "this cloud takes sync only from certified devices of its site: sign the request")
+    signed, cert, sig = outer.get("signed"), outer.get("cert"), outer.get("sig")
+    if (
+        outer.get("v") != 1
+        or not isinstance(signed, bytes)
+        or not isinstance(cert, bytes)
+        or not isinstance(sig, bytes)
+        or len(sig) != 64
+    ):
+        raise RemoteRequestError(401, "signed sync request has the wrong shape")
+    device_id, public_key = authenticate(cert, now)
+    try:
+        nacl.signing.VerifyKey(public_key).verify(SIGNED_SYNC_CONTEXT + signed, sig)
+    except (ValueError, nacl.exceptions.CryptoError) as exc:
+        raise RemoteRequestError(401, "sync request signature does not verify") from exc
+    inner = cbor2.loads(signed)  # signed by a certified device: well-formed CBOR of ours
+    ts = inner.get("ts") if isinstance(inner, dict) else None
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or abs(ts - now) > MAX_SYNC_SKEW:
+        raise RemoteRequestError(401, f"sync request timestamp is more than {MAX_SYNC_SKEW:g} s off the cloud's clock")
+    try:
+        request = CloudSyncRequest.decode(inner["req"])
+    except (WireError, KeyError, TypeError) as exc:
+        raise RemoteRequestError(400, f"signed sync request: {exc}") from exc
+    if request.node_id != device_id:
+        raise RemoteRequestError(403, f"device {device_id!r} may not sync as {request.node_id!r}")
+    return request
+
+
 Certify = Callable[[str, bytes], "bytes | None"]
 """`certify(device_id, declared)` -> the device's public key if `declared` (from a
 session's `devices` map) is a certificate the service trusts for that device, else
@@ -577,6 +634,7 @@ class CloudService:
         wall_clock: Callable[[], float],
         certify: Certify | None = None,
         operator: OperatorConfig | None = None,
+        authenticate: Authenticate | None = None,
     ) -> None:
         self.ledger = ledger
         self.operator = operator or OperatorConfig()
@@ -584,6 +642,7 @@ class CloudService:
         with ledger.read() as tx:
             self.site_configs.load(tx.site_configs())
         self._certify = certify
+        self._authenticate = authenticate
         self.replica = Replica(docs)
         self._key = signing_key
         self._trusted = {d: bytes(k) for d, k in (trusted_keys or {}).items()}
@@ -609,7 +668,10 @@ class CloudService:
             raise RemoteRequestError(415, f"Content-Encoding must be {CONTENT_ENCODING}")
         try:
             inflated = decompress(body, MAX_INFLATED)
-            request = CloudSyncRequest.decode(inflated)
+            if self._authenticate is not None:
+                request = open_signed_sync(inflated, self._authenticate, self._wall_clock())
+            else:
+                request = CloudSyncRequest.decode(inflated)
         except WireError as exc:
             raise RemoteRequestError(400, str(exc)) from exc
         node = request.node_id
@@ -945,6 +1007,10 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             return JSONResponse({"ok": False, "error": str(exc)}, status_code=503)
         return JSONResponse({"ok": True})
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, str(exc.detail))  # 404, 405: JSON like every other answer
+
     async def on_ledger_error(request: Request, exc: Exception) -> Response:
         log.error("%s %s failed in the database: %s", request.method, request.url.path, exc)
         return _error(503, f"database failure: {exc}")
@@ -961,7 +1027,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             Route("/metrics", metrics, methods=["GET"]),
             *ocpi_routes(resolve),
         ],
-        exception_handlers={LedgerError: on_ledger_error},
+        exception_handlers={LedgerError: on_ledger_error, HTTPException: on_http_error},
         lifespan=lifespan,
     )
 
@@ -994,6 +1060,7 @@ async def open_cloud(
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
     certify: Certify | None = None,
+    authenticate: Authenticate | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
 ) -> AsyncIterator[CloudService]:
@@ -1020,6 +1087,7 @@ async def open_cloud(
             trusted_keys=trusted_keys,
             trust_document_keys=trust_document_keys,
             certify=certify,
+            authenticate=authenticate,
             wall_clock=wall_clock,
             operator=operator,
         )
@@ -1035,6 +1103,7 @@ def create_cloud_app(
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
     certify: Certify | None = None,
+    authenticate: Authenticate | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
 ) -> Starlette:
@@ -1052,6 +1121,7 @@ def create_cloud_app(
             trusted_keys=trusted_keys,
             trust_document_keys=trust_document_keys,
             certify=certify,
+            authenticate=authenticate,
             wall_clock=wall_clock,
             operator=operator,
         ) as cloud:
@@ -1071,6 +1141,7 @@ async def serve_cloud(
     trusted_keys: Mapping[str, bytes] | None = None,
     trust_document_keys: bool = True,
     certify: Certify | None = None,
+    authenticate: Authenticate | None = None,
     certfile: str | None = None,
     keyfile: str | None = None,
     wall_clock: Callable[[], float] = time.time,
@@ -1094,6 +1165,7 @@ async def serve_cloud(
         trusted_keys=trusted_keys,
         trust_document_keys=trust_document_keys,
         certify=certify,
+        authenticate=authenticate,
         wall_clock=wall_clock,
         operator=operator,
     ) as cloud:
@@ -1102,6 +1174,7 @@ async def serve_cloud(
         config.accesslog = None
         config.errorlog = logging.getLogger("uplink.cloud.server")
         config.graceful_timeout = 0.5
+        config.backlog = BACKLOG
         if certfile is not None:
             config.certfile = certfile
             config.keyfile = keyfile

@@ -40,9 +40,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import cbor2
+import nacl.signing
 import trio
 from automerge.core import Document
 
@@ -348,6 +351,47 @@ class ForwardPlanner:
         self._handed.clear()
 
 
+# --- signed requests -----------------------------------------------------------------------
+
+SIGNED_SYNC_CONTEXT = b"meshnode/cloud-sync/v1\x00"
+"""Domain separation for the signature over a sync request (no other signed thing verifies as one)."""
+
+
+@dataclass(frozen=True)
+class DeviceCredential:
+    """What a node signs its sync requests with: its device key and the certificate that
+    vouches for it (bytes the cloud checks against the site key; opaque here)."""
+
+    signing_key: nacl.signing.SigningKey = field(repr=False)
+    certificate: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SignedSyncRequest(CloudSyncRequest):
+    """A sync request signed by the sending node's device key.
+
+    On the wire (inside the deflated body, in place of the plain request)::
+
+        {"v": 1, "signed": CBOR {"ts": seconds, "req": the plain request's CBOR},
+         "cert": the node's certificate, "sig": Ed25519(SIGNED_SYNC_CONTEXT || signed)}
+
+    The cloud checks the certificate against the site key and the site's
+    revocations, the signature with the certificate's key, `ts` against its clock,
+    and that the request's `node` is the certificate's node (docs/security.md).
+    """
+
+    credential: DeviceCredential | None = field(default=None, repr=False)
+    ts: float = 0.0
+
+    def encode(self) -> bytes:
+        plain = super().encode()
+        if self.credential is None:
+            return plain
+        signed = cbor2.dumps({"ts": float(self.ts), "req": plain}, canonical=True)
+        sig = self.credential.signing_key.sign(SIGNED_SYNC_CONTEXT + signed).signature
+        return cbor2.dumps({"v": 1, "signed": signed, "cert": self.credential.certificate, "sig": sig}, canonical=True)
+
+
 # --- the I/O side ------------------------------------------------------------------------
 
 
@@ -414,6 +458,16 @@ class Forwarder:
         self._established: set[str] = set()
         self._wakeup = trio.Event()
         self._site_config_heads: bytes | None = None
+        self._credential: DeviceCredential | None = None
+        self._wall_clock: Callable[[], float] = time.time
+
+    def sign_with(
+        self, signing_key: nacl.signing.SigningKey, certificate: bytes, wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        """Sign every sync request with this node's device key from now on (`SignedSyncRequest`):
+        a cloud that trusts a site accepts sync only from the site's certified devices."""
+        self._credential = DeviceCredential(signing_key, bytes(certificate))
+        self._wall_clock = wall_clock
 
     # --- node-facing ----------------------------------------------------------------------
 
@@ -500,7 +554,11 @@ class Forwarder:
         )  # fmt: skip
         session.begin(docs, reset=reset)  # the caller has dropped our states already
         while (step := session.next_request()) is not None:
-            request = CloudSyncRequest(self.node_id, self.site, step.msgs, step.reset)
+            request: CloudSyncRequest = CloudSyncRequest(self.node_id, self.site, step.msgs, step.reset)
+            if self._credential is not None:
+                request = SignedSyncRequest(
+                    self.node_id, self.site, step.msgs, step.reset, credential=self._credential, ts=self._wall_clock()
+                )
             response, sent = await self.client.sync(request, self.timeout)
             self.planner.note_sent(sent)
             applied = session.on_reply(response.msgs, response.errors)

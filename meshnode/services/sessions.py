@@ -30,6 +30,7 @@ import cbor2
 from automerge.core import Document
 
 from crdt import (
+    DEFAULT_MAX_POWER_W,
     SITE_CONFIG_ID,
     TRANSITIONS,
     EventSigner,
@@ -40,6 +41,7 @@ from crdt import (
     SessionView,
     add_event,
     heads_hash,
+    meter_plausibility,
     new_session_doc,
     read_session,
     session_keyring,
@@ -155,6 +157,10 @@ class SessionService:
         # Certificates found in documents, checked once (a pure function of the bytes
         # and our site key): every session of a device declares the same one.
         self._certificates: dict[bytes, Certificate | None] = {}
+        # The most a connector can deliver (W): written into each session's authorize event,
+        # so every replica and the cloud judge its readings by the same bound (crdt fold rule 5).
+        self.max_power_w = DEFAULT_MAX_POWER_W
+        self.connector_max_power_w: dict[int, int] = {}
 
     def _wall_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -208,6 +214,7 @@ class SessionService:
         auth_data: dict[str, Any] = {"id_token": id_token, "auth": auth.reason, "review": auth.review}
         if not auth.accepted:
             auth_data.update(review=True, refused=True)
+        auth_data["max_power_w"] = self.connector_max_power_w.get(connector, self.max_power_w)
         if auth.limits is not None:
             auth_data["limits"] = {"max_wh": auth.limits.max_wh, "max_minutes": auth.limits.max_minutes}
         if request_id is None:
@@ -267,9 +274,13 @@ class SessionService:
             raise Conflict(
                 f"meter_wh {meter_wh} is below the last reading {view.last_meter_wh}: the register is cumulative"
             )
+        now_ms = self._wall_ms() if ts_ms is None else ts_ms  # a charger's replay carries its own time
+        if meter_wh is not None and view.last_meter_wh is not None and view.last_meter_ts is not None:
+            why = meter_plausibility(view.last_meter_wh, view.last_meter_ts, meter_wh, now_ms, view.max_power_w)
+            if why is not None:
+                raise Conflict(f"implausible meter_wh {meter_wh}: {why}")
         heads = doc.get_heads()
         doc.set_actor(self._actor(session_id))
-        now_ms = self._wall_ms() if ts_ms is None else ts_ms
         signer = self._signer()
         event = signer.sign(type, session_id, now_ms, meter_wh=meter_wh, data=data)
         add_event(doc, event, public_key=self.declared_key)

@@ -47,6 +47,10 @@ from .errors import InvalidCommand
 
 log = logging.getLogger("meshnode.site_config")
 
+DEFAULT_UNKNOWN_TOKEN_LIMITS = Limits(max_wh=30_000, max_minutes=240)
+"""What a driver the site's lists do not know may charge offline under `accept_limited`
+when the node sets no limits: 30 kWh or 4 hours, whichever comes first."""
+
 Commit = Callable[[str, list[tuple[bytes, bytes]]], Awaitable[None]]
 """Make a document's new changes durable, then tell the mesh (the node's local-write path)."""
 
@@ -85,6 +89,8 @@ class SiteConfigService:
         self._commit = commit
         self._wall_clock = wall_clock
         self.unknown_token_policy = unknown_token_policy
+        if unknown_token_policy == "accept_limited" and unknown_token_limits is None:
+            unknown_token_limits = DEFAULT_UNKNOWN_TOKEN_LIMITS  # never unbounded by default
         self.unknown_token_limits = unknown_token_limits
 
     def read(self) -> dict[str, Any]:
