@@ -39,6 +39,11 @@ Rules, and why:
    one message is always sent, so a single large document still moves.
 5. A reply about a document we did not ask about is ignored and reported
    (`Applied.unexpected`): a peer cannot make us adopt what we did not request.
+6. The responder answers at most `max_bytes` of messages too (`replies(...,
+   max_bytes=)`): it stops generating at the cap, so what it left out was never
+   generated and is not lost. Both sides use the same cap: a reply that reaches
+   it keeps every document of the request in the exchange for one more request,
+   so the left-out ones get their turn (the round limit still bounds it all).
 
 The responder side is one step per request: `on_request` applies the messages
 (resetting the states the initiator asked to reset), `replies` produces the answers
@@ -65,7 +70,7 @@ their own wire types)::
     session.check(request.msgs)                   # InvalidSyncMessage: refuse it whole
     applied = session.on_request(request.msgs, request.reset)
     await store(applied.changes)
-    return SyncResponse(session.replies(request.msgs, applied.errors), applied.errors)
+    return SyncResponse(session.replies(request.msgs, applied.errors, max_bytes=256 * 1024), applied.errors)
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from automerge.core import Document
 
@@ -122,6 +127,27 @@ Validate = Callable[[str, Document], Any]
 """Checks a document: (doc id, document); raises to refuse it."""
 
 
+class _Book(Protocol):
+    def reset(self, peer: str, doc_id: str) -> None: ...
+
+
+class SyncReplica(Protocol):
+    """What a `SyncSession` works on: a `Replica`, or a view that routes some
+    documents elsewhere (the node sends archived ones to a read-only copy)."""
+
+    @property
+    def docs(self) -> Mapping[str, Document]: ...
+
+    @property
+    def book(self) -> _Book: ...
+
+    def generate(self, peer: str, doc_id: str) -> bytes | None: ...
+
+    def receive(
+        self, peer: str, doc_id: str, data: bytes, *, validate: Callable[[Document], None] | None = None
+    ) -> Changes: ...
+
+
 class SyncSession:
     """Both sides of an Automerge sync exchange with one peer over a batch of documents.
 
@@ -139,7 +165,7 @@ class SyncSession:
 
     def __init__(
         self,
-        replica: Replica,
+        replica: SyncReplica | Replica,
         peer: str,
         *,
         max_rounds: int = DEFAULT_MAX_ROUNDS,
@@ -162,6 +188,7 @@ class SyncSession:
         self._held: dict[str, bytes] = {}
         self._reset: tuple[str, ...] = ()
         self._sent: dict[str, bytes | None] | None = None
+        self._truncated = False
         self._done = True
 
     # --- initiator ----------------------------------------------------------------------
@@ -181,6 +208,7 @@ class SyncSession:
         self._pending = list(self.docs)
         self._held = {}
         self._sent = None
+        self._truncated = False
         self.refused = {}
         self.rounds = 0
         self._done = not self.docs
@@ -205,7 +233,7 @@ class SyncSession:
             msgs[doc_id] = msg
             size += len(msg) if msg is not None else 0
         first = self.rounds == 0
-        if not first and not self._held and all(m is None for m in msgs.values()):
+        if not first and not self._held and not self._truncated and all(m is None for m in msgs.values()):
             self._done = True  # rule 1: nobody had anything to say
             self._pending = []
             return None
@@ -231,9 +259,13 @@ class SyncSession:
         self._apply(wanted, applied)
         for doc_id, error in applied.errors.items():
             self.refused.setdefault(doc_id, f"bad sync message from the peer: {error}")
+        # A reply that reached the byte cap may have left documents out (the responder
+        # stops generating there, rule 6): they stay for the next request.
+        self._truncated = sum(len(m) for m in msgs.values() if m is not None) >= self.max_bytes
         self._pending = [
             d for d in self._pending
-            if d not in self.refused and (d in self._held or sent.get(d) is not None or d in msgs)
+            if d not in self.refused
+            and (d in self._held or sent.get(d) is not None or d in msgs or (self._truncated and d in sent))
         ]  # fmt: skip
         if not self._pending:
             self._done = True
@@ -287,15 +319,28 @@ class SyncSession:
         self._apply(msgs, applied)
         return applied
 
-    def replies(self, doc_ids: Iterable[str], errors: Mapping[str, str] | None = None) -> dict[str, bytes]:
-        """Our answer: the next message for every requested document not refused (None left out)."""
+    def replies(
+        self, doc_ids: Iterable[str], errors: Mapping[str, str] | None = None, *, max_bytes: int | None = None
+    ) -> dict[str, bytes]:
+        """Our answer: the next message for every requested document not refused (None left out).
+
+        Args:
+            max_bytes: stop generating once the answer holds this many bytes of
+                messages (a message generated counts as sent in its sync state, so
+                none is generated and then dropped); the documents left out get
+                theirs with the initiator's next request. One message always goes.
+        """
         out: dict[str, bytes] = {}
+        size = 0
         for doc_id in sorted(doc_ids):
             if errors and doc_id in errors:
                 continue
+            if max_bytes is not None and size >= max_bytes:
+                break
             msg = self.replica.generate(self.peer, doc_id)
             if msg is not None:
                 out[doc_id] = msg
+                size += len(msg)
         return out
 
     # --- both -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ._discovery import (
 )
 from ._membership import MemberRecord, Membership, PeerState, choose_gossip_targets, elect_leader
 from ._node import Node, NodeConfig, NodeError
+from ._security import Certificate, Identity, SealedTransport, Sealer, Site, issue_certificate
 from ._transport import (
     BadRequest,
     MemoryNetwork,
@@ -32,9 +33,11 @@ from .services import Conflict, InvalidCommand, NotAuthorised, NotFound, Service
 
 __all__ = [
     "BadRequest",
+    "Certificate",
     "Conflict",
     "Discovery",
     "DiscoveryEvent",
+    "Identity",
     "InvalidCommand",
     "MemberRecord",
     "Membership",
@@ -52,12 +55,16 @@ __all__ = [
     "PeerUnreachable",
     "RemoteRefused",
     "RequestTimeout",
+    "SealedTransport",
+    "Sealer",
     "ServiceError",
+    "Site",
     "StaticDiscovery",
     "Transport",
     "TransportError",
     "__version__",
     "choose_gossip_targets",
     "elect_leader",
+    "issue_certificate",
     "parse_peer_address",
 ]

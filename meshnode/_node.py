@@ -33,7 +33,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,8 @@ from crdt import (
     EventSigner,
     Replica,
     InvalidSyncMessage,
+    Applied,
+    SyncSession,
     Keyring,
     SessionData,
     SessionView,
@@ -308,6 +310,7 @@ class Node:
         # copy (read-only: nothing a peer sends is stored), so a node that was away
         # when the receipt came still gets it, and then retires the session too.
         self._archive_replica = Replica()
+        self._sync_replicas = _SyncReplicas(self)
         self._actor_salt = ""
         self._receipt_ts: dict[str, int] = {}
         # Session and site-config commands (domain errors, no HTTP codes), wired to this node.
@@ -829,8 +832,8 @@ class Node:
             if send is not None:
                 await send(address, resource, payload)
             else:
-                # A transport without one-way sends (e.g. a sealing wrapper): a request
-                # whose answer nobody needs.
+                # A transport without one-way sends: a request whose answer nobody needs
+                # (the sealing wrapper has its own `send`: sealed NON pushes).
                 await self.transport.request(address, resource, payload, timeout=self.config.request_timeout)
         except (TransportError, ValueError) as exc:
             log.debug("push to %s failed: %s", address, exc)
@@ -901,38 +904,56 @@ class Node:
             for start in range(0, len(doc_ids), SYNC_BATCH_DOCS):
                 await self._sync_batch(peer, address, doc_ids[start : start + SYNC_BATCH_DOCS])
 
+    def _sync_session(self, peer: str) -> SyncSession:
+        """Both sides of node-to-node sync are a `crdt.SyncSession` on the live documents
+        (archived ones routed to the read-only archive copy, see `_SyncReplicas`)."""
+        return SyncSession(
+            self._sync_replicas,
+            peer,
+            max_rounds=self.config.max_sync_rounds,
+            max_bytes=MAX_BATCH_BYTES,
+            validate=functools.partial(_check_document, self.config.site),
+        )
+
     async def _sync_batch(self, peer: str, address: str, docs: list[str]) -> None:
-        book = self.replica.book
-        for d in docs:
-            book.reset(peer, d)
-        pending = list(docs)
-        first = True
+        """One exchange, the initiator's side: each request has its own deadline (and
+        tells the peer how long we wait, `ttl`), each request carries at most
+        MAX_BATCH_BYTES of messages, changes are stored before the next request."""
+        session = self._sync_session(peer)
+        session.begin(docs, reset=True)
         ttl_ms = int(self.config.request_timeout * 1000)
         try:
-            for _ in range(self.config.max_sync_rounds):
-                msgs = {d: self.replica.generate(peer, d) for d in pending}
-                if not first and all(m is None for m in msgs.values()):
-                    break
-                request = SyncRequest(self.node_id, msgs, tuple(docs) if first else (), ttl_ms)
+            while (step := session.next_request()) is not None:
+                request = SyncRequest(self.node_id, step.msgs, step.reset, ttl_ms)
                 payload = await self.transport.request(
                     address, "/m/sync", request.encode(), timeout=self.config.request_timeout
                 )
                 reply = SyncResponse.decode(payload)
-                first = False
                 for d, error in reply.errors.items():
-                    book.reset(peer, d)
                     log.warning("peer %s refused our sync message for %s: %s", peer, d, error)
-                await self._apply_messages(peer, reply.msgs, source=peer)
                 # A document the peer refused leaves this exchange (anti-entropy retries it later).
-                pending = [d for d in pending if d not in reply.errors and (msgs.get(d) is not None or d in reply.msgs)]
-                if not pending:
-                    break
-            else:
-                log.info("sync with %s not finished after %d rounds", peer, self.config.max_sync_rounds)
+                applied = session.on_reply(reply.msgs, reply.errors)
+                await self._store_applied(applied, source=peer, refused_by_peer=reply.errors)
         except BaseException:
-            for d in docs:
-                book.reset(peer, d)
+            session.abort()
             raise
+        if session.unsettled:
+            log.info("sync with %s not finished after %d rounds", peer, self.config.max_sync_rounds)
+
+    async def _store_applied(
+        self, applied: Applied, *, source: str, refused_by_peer: Mapping[str, str] | None = None
+    ) -> None:
+        """Count what we refused, make new changes durable, then tell the engine."""
+        for d, error in applied.errors.items():
+            if refused_by_peer is None or d not in refused_by_peer:
+                self.counters["sync_requests_refused"] += 1
+                log.warning("refused sync message from %s for %s: %s", source, d, error)
+        if applied.changes:
+            assert self.store is not None
+            await self.store.write_many(applied.changes)
+            self.counters["changes_received"] += sum(len(c) for _, c in applied.changes)
+            for d, c in applied.changes:
+                self._changed(d, source=source, size=sum(len(b) for _, b in c))
 
     def _archived_copy(self, doc_id: str) -> bool:
         """Load an archived document into the read-only archive replica; False if it is gone."""
@@ -1111,22 +1132,22 @@ class Node:
         return DigestResponse(tuple(buckets), bucket_entries(mine, buckets)).encode()
 
     async def _on_sync(self, payload: bytes, remote: str) -> bytes:
+        """One exchange, the responder's side (`crdt.SyncSession`): refuse the request
+        whole before anything changes if a message does not parse; give up, changing
+        nothing, when the requester's `ttl` passes before our turn; answer at most
+        MAX_BATCH_BYTES of messages."""
         self._check_ready()
         request = SyncRequest.decode(payload)
         if request.sender == self.node_id:
             raise BadRequest("request claims to come from this node's own id")
         self._check_sender(request.sender)
-        # Refuse the whole request, before changing anything, if a message does not parse.
-        for d, m in request.msgs.items():
-            if m is not None:
-                try:
-                    decode_sync_message(m)
-                except InvalidSyncMessage as exc:
-                    self.counters["sync_requests_refused"] += 1
-                    raise ProtocolError(f"sync message for {d!r}: {exc}") from exc
+        session = self._sync_session(request.sender)
+        try:
+            session.check(request.msgs)
+        except InvalidSyncMessage as exc:
+            self.counters["sync_requests_refused"] += 1
+            raise ProtocolError(str(exc)) from exc
         self._sender(request.sender, remote, introduce=False)
-        for d in request.reset:
-            self.replica.book.reset(request.sender, d)
         # The requester waits `ttl`: work it can no longer use is not started (the
         # apply itself is not cut short: its changes are stored before anything else).
         ttl = request.ttl_ms / 1000 if request.ttl_ms is not None else self.config.request_timeout
@@ -1134,29 +1155,58 @@ class Node:
             await self._receive_lock.acquire()
         if waiting.cancelled_caught:
             self.counters["sync_requests_abandoned"] = self.counters.get("sync_requests_abandoned", 0) + 1
-            for d in request.msgs:
-                self.replica.book.reset(request.sender, d)
+            for d in {*request.msgs, *request.reset}:
+                self._sync_replicas.book.reset(request.sender, d)
             raise NotReady("overloaded: the requester's deadline passed before its turn")
         try:
             with trio.CancelScope(shield=True):
-                errors = await self._apply_messages(request.sender, request.msgs, source=request.sender)
+                applied = session.on_request(request.msgs, request.reset)
+                await self._store_applied(applied, source=request.sender)
         finally:
             self._receive_lock.release()
-        replies = {}
-        size = 0
-        for d in request.msgs:
-            if d in errors:
-                continue
-            if size >= MAX_BATCH_BYTES:
-                break  # byte cap: the rest waits for the requester's next round or exchange
-            if d in self.archived:
-                m = self._archive_replica.generate(request.sender, d) if self._archived_copy(d) else None
-            else:
-                m = self.replica.generate(request.sender, d)
-            if m is not None:
-                replies[d] = m
-                size += len(m)
-        return SyncResponse(replies, errors).encode()
+        # Byte cap: the rest waits for the requester's next round or exchange.
+        replies = session.replies(request.msgs, applied.errors, max_bytes=MAX_BATCH_BYTES)
+        return SyncResponse(replies, applied.errors).encode()
+
+
+class _SyncBook:
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def reset(self, peer: str, doc_id: str) -> None:
+        self._node.replica.book.reset(peer, doc_id)
+        self._node._archive_replica.book.reset(peer, doc_id)
+
+
+class _SyncReplicas:
+    """What node-to-node `SyncSession`s work on: the node's live documents, with the
+    archived ones routed to the read-only archive copy (loaded on demand): a peer
+    that still syncs one is answered from it, and what it sends about one is
+    applied there, never stored."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.book = _SyncBook(node)
+
+    @property
+    def docs(self) -> dict[str, Any]:
+        return self._node.replica.docs
+
+    def generate(self, peer: str, doc_id: str) -> bytes | None:
+        node = self._node
+        if doc_id in node.archived:
+            return node._archive_replica.generate(peer, doc_id) if node._archived_copy(doc_id) else None
+        return node.replica.generate(peer, doc_id)
+
+    def receive(
+        self, peer: str, doc_id: str, msg: bytes, *, validate: Callable[[Any], Any] | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        node = self._node
+        if doc_id in node.archived:
+            if node._archived_copy(doc_id):
+                node._archive_replica.receive(peer, doc_id, msg)
+            return []
+        return node.replica.receive(peer, doc_id, msg, validate=validate)
 
 
 def _entry_hash(doc_id: str, hh: bytes) -> int:

@@ -814,8 +814,12 @@ def issue_certificate(
     roles: Sequence[str] = ("charger",),
     valid_for: float = DEFAULT_CERT_VALIDITY,
     now: float,
+    serial: str | None = None,
 ) -> bytes:
     """Sign a certificate for ``node_id``'s key; returns its bytes.
+
+    ``serial``: random by default (a seeded simulation passes its own, so the
+    certificate, hence every sealed message, is the same every run).
 
     Raises:
         LocalSecurityError: no site key, bad id, key, roles or validity.
@@ -830,7 +834,8 @@ def issue_certificate(
         raise LocalSecurityError(f"roles must be some of {sorted(ROLES)}, got {list(roles)}")
     if not valid_for > 0:
         raise LocalSecurityError("valid_for must be a positive number of seconds")
-    cert = Certificate(node_id, public_key, roles, float(now + valid_for), secrets.token_hex(16), site.name, float(now))
+    serial = serial if serial is not None else secrets.token_hex(16)
+    cert = Certificate(node_id, public_key, roles, float(now + valid_for), serial, site.name, float(now))
     return _sign(key, _CTX_CERT, _canonical(cert._fields()))
 
 
@@ -1393,6 +1398,9 @@ class Sealer:
             :class:`SealedTransport` from its clock).
         accept_roles: certificate roles allowed to talk to us.
         max_senders: replay windows kept; idle ones are dropped first.
+        nonce: returns the 24-byte nonce of the next box; random by default. A
+            simulation passes a sequence drawn from its seed, so that a seeded
+            run seals the same bytes every time (never reuse a nonce in the field).
     """
 
     def __init__(
@@ -1407,8 +1415,10 @@ class Sealer:
         restart_tolerance: float = DEFAULT_RESTART_TOLERANCE,
         accept_roles: Sequence[str] = MESH_ROLES,
         max_senders: int = 4096,
+        nonce: Callable[[], bytes] | None = None,
     ) -> None:
         self.identity = identity
+        self._nonce = nonce
         self.node_id = identity.node_id
         self._site_key = _verify_key(site_public_key)
         self.revocations = revocations if revocations is not None else Revocations()
@@ -1502,7 +1512,9 @@ class Sealer:
         inner = _sign(self.identity.signing_key, _CTX_SEALED, _canonical(fields))
         if key_id is None or key_id not in self._keys or not self._usable(self._keys[key_id], now):
             key_id = self._sealing_key_id(now)
-        return SEALED_MAGIC + key_id + bytes(self._boxes[key_id].encrypt(inner)), ctr
+        box = self._boxes[key_id]
+        sealed = box.encrypt(inner) if self._nonce is None else box.encrypt(inner, self._nonce())
+        return SEALED_MAGIC + key_id + bytes(sealed), ctr
 
     def seal_request(
         self, resource: str, body: bytes, now: float, *, method: str = "POST", to: str | None = None
@@ -1791,6 +1803,23 @@ class SealedTransport:
             if len(self._peers) > self._max_peers:
                 del self._peers[next(iter(self._peers))]
         return opened.body
+
+    async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
+        """A one-way, sealed POST (see ``Transport.send``): sealed as a request, so
+        the receiver opens it, checks sender, freshness and replay exactly as for
+        a request, and runs the handler; its (sealed) answer goes nowhere.
+
+        Over an inner transport without one-way sends it is a request whose
+        answer is not read (nor opened)."""
+        if resource in self.open_resources:
+            sealed = bytes(payload)
+        else:
+            sealed, _ = self.sealer.seal_request(resource, payload, self._clock(), to=self._peers.get(peer))
+        send = getattr(self.inner, "send", None)
+        if send is not None:
+            await send(peer, resource, sealed)
+        else:
+            await self.inner.request(peer, resource, sealed)
 
     def _sealed_handler(self, resource: str, method: str, handler: Handler) -> Handler:
         async def sealed(payload: bytes, remote: str) -> bytes:

@@ -17,7 +17,7 @@ if _MISSING:
         name=_MISSING[0],
     )
 
-from ._cloud import CLOUD_URL, ClockGate, SimCloud, UplinkSchedule, UplinkTransport, open_sim_cloud
+from ._cloud import CLOUD_URL, SimCloud, UplinkSchedule, UplinkTransport, open_sim_cloud
 from ._metrics import Metrics, percentile
 from ._network import Link, SimNetwork, TrafficCounters
 from ._runner import EPOCH, RunResult, Simulation
@@ -35,7 +35,7 @@ from ._scenario import (
 from ._topology import build_topology, node_names
 
 __all__ = [
-    "CLOUD_URL", "EPOCH", "ClockGate", "Dist", "Link", "LinkSpec", "Metrics", "RunResult", "Scenario",
+    "CLOUD_URL", "EPOCH", "Dist", "Link", "LinkSpec", "Metrics", "RunResult", "Scenario",
     "ScenarioError", "SimCloud", "SimNetwork", "Simulation", "TrafficCounters", "UplinkSchedule",
     "UplinkTransport", "apply_overrides", "build_topology", "load_raw", "load_scenario", "node_names",
     "open_sim_cloud", "parse_dist", "parse_scenario", "percentile",

@@ -7,41 +7,39 @@ time, raises `httpx.ConnectError` while the node's uplink is down (per its
 over the real `uplink.CloudService` app. The service keeps its ledger in an
 in-memory SQLite database.
 
-Three things keep a run reproducible:
+Two things keep a run reproducible, both through `uplink.open_cloud`'s seams
+(nothing inside the service is patched):
 
-- **Threads.** The service does its database work in worker threads
-  (`trio.to_thread.run_sync`). Under `MockClock(autojump_threshold=0)` virtual
-  time jumps to the next timer as soon as every task is blocked, and a task
-  waiting for a thread counts as blocked: the answer would come back at a
-  virtual time that depends on how fast the thread ran. `ClockGate` holds the
-  clock while any call into the service is in flight (it sets the clock's
-  `autojump_threshold` to infinity and back, MockClock's public knob), so a
-  request is served in zero virtual time, whatever the machine's speed.
-- **Keys.** The service's receipt key is derived from the seed.
-- **Actors.** The service writes receipts into documents with each document's
-  Automerge actor, which `Replica` creates at random. `DeterministicActors`
-  gives every document the service adopts an actor derived from the seed and
-  the document id instead; otherwise the receipt changes' hashes (and with them
-  Automerge's Bloom filters, hence how many sync rounds a node needs) would
-  differ from run to run.
+- **Blocking work runs inline** (`run_sync=`). The service does its database
+  work through `run_sync`, a worker thread by default. Under
+  `MockClock(autojump_threshold=0)` virtual time jumps to the next timer as soon
+  as every task is blocked, and a task waiting for a thread counts as blocked:
+  the answer would come back at a virtual time that depends on how fast the
+  thread ran. Run inline in the trio thread, a request is served in zero
+  virtual time, whatever the machine's speed.
+- **Keys and actors come from the seed.** The service's receipt key is derived
+  from the seed, and so is the Automerge actor it writes each document's
+  receipt with (`actor_for=`); with random actors the receipt changes' hashes
+  (and with them Automerge's Bloom filters, hence how many sync rounds a node
+  needs) would differ from run to run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-import math
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import nacl.signing
 import trio
-import trio.testing
 
+from meshnode import Certificate, Identity, Sealer, Site, issue_certificate
 from uplink import CloudClient
 from uplink import CloudService, open_cloud
 
@@ -50,39 +48,6 @@ from ._scenario import Dist, UplinkSpec
 log = logging.getLogger("sim.cloud")
 
 CLOUD_URL = "http://cloud.sim"
-
-
-class ClockGate:
-    """Holds a MockClock's virtual time while work runs outside the trio thread."""
-
-    def __init__(self, clock: trio.testing.MockClock) -> None:
-        self._clock = clock
-        self._held = 0
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        self._held += 1
-        self._clock.autojump_threshold = math.inf
-        try:
-            yield
-        finally:
-            self._held -= 1
-            if not self._held:
-                self._clock.autojump_threshold = 0
-
-
-class DeterministicActors(dict):  # type: ignore[type-arg]
-    """The service's `replica.docs`: every document stored in it gets an actor from the seed."""
-
-    def __init__(self, seed: int, docs: dict[str, Any]) -> None:
-        super().__init__()
-        self._seed = seed
-        for doc_id, doc in docs.items():
-            self[doc_id] = doc
-
-    def __setitem__(self, doc_id: str, doc: Any) -> None:
-        doc.set_actor(hashlib.sha256(f"{self._seed}:cloud:{doc_id}".encode()).digest()[:16])
-        super().__setitem__(doc_id, doc)
 
 
 @dataclass
@@ -164,9 +129,8 @@ class UplinkTransport(httpx.AsyncBaseTransport):
         if not self._schedule.up(trio.current_time()):
             counters.refused_down += 1
             raise httpx.ConnectError("uplink went down (simulated)", request=request)
-        with self._cloud.gate.hold():
-            response = await self._asgi.handle_async_request(request)
-            content = b"".join([chunk async for chunk in response.aiter_raw()])  # still encoded
+        response = await self._asgi.handle_async_request(request)
+        content = b"".join([chunk async for chunk in response.aiter_raw()])  # still encoded
         counters.bytes_down += len(content)
         await trio.sleep(self._delay("down", content))
         if not self._schedule.up(trio.current_time()):
@@ -177,9 +141,8 @@ class UplinkTransport(httpx.AsyncBaseTransport):
 class SimCloud:
     """The reference cloud service, opened for one run."""
 
-    def __init__(self, service: CloudService, gate: ClockGate, seed: int) -> None:
+    def __init__(self, service: CloudService, seed: int) -> None:
         self.service = service
-        self.gate = gate
         self.seed = seed
         self.counters = CloudCounters()
 
@@ -188,15 +151,71 @@ class SimCloud:
         return CloudClient(CLOUD_URL, transport=UplinkTransport(self, node_id, schedule, latency))
 
 
+class SimSite:
+    """An enrolled site in-process (scenario `sealed = true`): the site key, the
+    network key, every node's certificate and its Sealer's nonces derive from the
+    seed, so a sealed run seals the same bytes every time (`meshnode`'s seams:
+    `issue_certificate(serial=)`, `Sealer(nonce=)`); nothing is written to disk."""
+
+    def __init__(self, seed: int, name: str, now: float) -> None:
+        key = nacl.signing.SigningKey(hashlib.sha256(f"{seed}:site-key".encode()).digest())
+        network_key = hashlib.sha256(f"{seed}:network-key".encode()).digest()
+        self.seed = seed
+        self.now = now
+        self.site = Site(name, key, bytes(key.verify_key), network_key, now)
+
+    def identity(self, node_id: str, device_key: nacl.signing.SigningKey) -> Identity:
+        """The node's enrolment: a certificate for its device key, as `meshnode enroll` gives."""
+        serial = hashlib.sha256(f"{self.seed}:serial:{node_id}:{bytes(device_key.verify_key).hex()}".encode())
+        cert = issue_certificate(
+            self.site, node_id, bytes(device_key.verify_key), now=self.now, serial=serial.hexdigest()[:32]
+        )
+        return Identity(
+            node_id,
+            device_key,
+            Certificate.decode(cert, self.site.public_key),
+            cert,
+            self.site.public_key,
+            self.site.network_key,
+            self.site.name,
+        )
+
+    def certify(self, device_id: str, declared: bytes) -> bytes | None:
+        """The cloud's trust in this site's certificates (as `meshnode cloud --site`)."""
+        try:
+            cert = Certificate.decode(declared, self.site.public_key)
+        except Exception:  # noqa: BLE001 - not a certificate of this site: not trusted
+            return None
+        return cert.public_key if cert.node_id == device_id else None
+
+    def sealer(self, identity: Identity, start: int, now: float) -> Sealer:
+        """A Sealer for one run (`start`) of a node; its nonces never repeat within the run."""
+        counter = itertools.count()
+        prefix = f"{self.seed}:nonce:{identity.node_id}:{start}:"
+
+        def nonce() -> bytes:
+            return hashlib.sha256(f"{prefix}{next(counter)}".encode()).digest()[:24]
+
+        return Sealer(identity, self.site.public_key, self.site.network_key, started=now, nonce=nonce)
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """The service's `run_sync` in the simulator: blocking work in the trio thread."""
+    return fn(*args)
+
+
 @asynccontextmanager
-async def open_sim_cloud(seed: int, gate: ClockGate, wall_clock: Callable[[], float]) -> AsyncIterator[SimCloud]:
+async def open_sim_cloud(
+    seed: int, wall_clock: Callable[[], float], *, site: SimSite | None = None
+) -> AsyncIterator[SimCloud]:
+    """The cloud for one run; for an enrolled site it trusts that site's certificates only."""
     key = nacl.signing.SigningKey(hashlib.sha256(f"{seed}:cloud-key".encode()).digest())
-    with gate.hold():
-        cm = open_cloud("sqlite:///:memory:", signing_key=key, wall_clock=wall_clock)
-        service = await cm.__aenter__()
-    try:
-        service.replica.docs = DeterministicActors(seed, service.replica.docs)
-        yield SimCloud(service, gate, seed)
-    finally:
-        with gate.hold(), trio.CancelScope(shield=True):
-            await cm.__aexit__(None, None, None)
+    trust: dict[str, Any] = {} if site is None else {"certify": site.certify, "trust_document_keys": False}
+
+    def actor_for(doc_id: str) -> bytes:
+        return hashlib.sha256(f"{seed}:cloud:{doc_id}".encode()).digest()[:16]
+
+    async with open_cloud(
+        "sqlite:///:memory:", signing_key=key, wall_clock=wall_clock, run_sync=_inline, actor_for=actor_for, **trust
+    ) as service:
+        yield SimCloud(service, seed)

@@ -52,10 +52,10 @@ import trio.testing
 
 from crdt import AsyncDocStore, DocStore, MemoryAdapter, StorageKey, open_doc_store
 from meshnode import MemoryDiscoveryHub
-from meshnode import Node, NodeConfig
+from meshnode import Node, NodeConfig, SealedTransport
 from meshnode.services import ServiceError
 
-from ._cloud import CLOUD_URL, ClockGate, SimCloud, UplinkSchedule, open_sim_cloud
+from ._cloud import CLOUD_URL, SimCloud, SimSite, UplinkSchedule, open_sim_cloud
 from ._metrics import Metrics, holds, receipt_of, rounded
 from ._network import SimNetwork
 from ._scenario import Dist, LinkSpec, Scenario, ScenarioError
@@ -186,6 +186,7 @@ class Simulation:
         self.net: SimNetwork | None = None
         self.hub: MemoryDiscoveryHub | None = None
         self.cloud: SimCloud | None = None
+        self.site = SimSite(seed, scenario.site, EPOCH) if scenario.sealed else None
         self.clock: trio.testing.MockClock | None = None
         self._nursery: trio.Nursery | None = None
         self._open_sessions = 0
@@ -247,7 +248,6 @@ class Simulation:
     async def _main(self, workdir: Path) -> dict[str, Any]:
         sc = self.scenario
         assert self.clock is not None
-        gate = ClockGate(self.clock)
         for i, node_id in enumerate(self.ids, 1):
             self.slots[node_id] = NodeSlot(node_id, i, address_of(i), workdir / node_id)
         overrides: dict[tuple[str, str], LinkSpec] = {}
@@ -270,7 +270,7 @@ class Simulation:
             slot.uplink_latency = uplink_spec.latency or sc.uplink_latency
         try:
             if self.uplink_ids:
-                async with open_sim_cloud(self.seed, gate, self._wall) as cloud:
+                async with open_sim_cloud(self.seed, self._wall, site=self.site) as cloud:
                     self.cloud = cloud
                     return await self._simulate()
             return await self._simulate()
@@ -375,7 +375,9 @@ class Simulation:
         try:
             with trio.CancelScope() as scope:
                 slot.scope = scope
-                async with self.net.transport(slot.address) as transport:
+                async with self.net.transport(slot.address) as inner_transport:
+                    device_key = nacl.signing.SigningKey(self._secret(slot, "node.key"))
+                    transport, identity, sealer = self._sealed(slot, inner_transport, device_key)
                     cloud = None
                     if slot.uplink is not None and self.cloud is not None:
                         assert slot.uplink_latency is not None
@@ -384,7 +386,7 @@ class Simulation:
                         self._config(slot), transport=transport,
                         discovery=self.hub.discovery(slot.node_id, slot.address),
                         wall_clock=self._wall, cloud=cloud, store=functools.partial(self._open_store, slot),
-                        device_key=nacl.signing.SigningKey(self._secret(slot, "node.key")),
+                        device_key=device_key, identity=identity, sealer=sealer,
                     )  # fmt: skip
                     node.change_listeners.append(functools.partial(self._on_change, slot))
                     async with trio.open_nursery() as inner:
@@ -401,6 +403,14 @@ class Simulation:
                 self.metrics.node_down(slot.node_id, trio.current_time())
             slot.node = None
             slot.stopped.set()
+
+    def _sealed(self, slot: NodeSlot, transport: Any, device_key: nacl.signing.SigningKey) -> tuple[Any, Any, Any]:
+        """`sealed = true`: the node is enrolled in the seeded site and seals its traffic."""
+        if self.site is None:
+            return transport, None, None
+        identity = self.site.identity(slot.node_id, device_key)
+        sealer = self.site.sealer(identity, slot.starts, self._wall())
+        return SealedTransport(transport, sealer, clock=self._wall), identity, sealer
 
     def _on_change(self, slot: NodeSlot, doc_id: str) -> None:
         if slot.running and slot.node is not None:

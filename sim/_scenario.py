@@ -238,6 +238,8 @@ class Scenario:
     churn: ChurnSpec | None
     partitions: tuple[PartitionSpec, ...]
     joins: tuple[JoinSpec, ...]
+    sealed: bool = False
+    """An enrolled site: every node has a certificate and seals its traffic (keys from the seed)."""
     base_dir: Path = field(default=Path("."))
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -251,7 +253,7 @@ NODE_KEYS = {
 
 TOPOLOGY_KINDS = ("full", "line", "ring", "grid", "star", "geometric", "clusters", "edgelist")
 _TOP_KEYS = {"name", "description", "site", "duration", "drain", "sample_interval", "topology", "network",
-             "node", "uplink", "workload", "faults"}  # fmt: skip
+             "node", "uplink", "workload", "faults", "sealed"}  # fmt: skip
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -431,8 +433,15 @@ def parse_scenario(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Scenar
         duration=duration, drain=drain, sample_interval=sample, topology=topology, network=network,
         links=tuple(links), node=node, uplink_nodes=uplink_nodes, uplink_default=default_uplink,
         uplink_latency=uplink_latency, uplinks=uplinks, workload=workload, crashes=tuple(crashes), churn=churn,
-        partitions=tuple(partitions), joins=tuple(joins), base_dir=base_dir, raw=raw,
+        partitions=tuple(partitions), joins=tuple(joins), base_dir=base_dir, raw=raw, sealed=_sealed(raw),
     )  # fmt: skip
+
+
+def _sealed(raw: Mapping[str, Any]) -> bool:
+    sealed = raw.get("sealed", False)
+    if not isinstance(sealed, bool):
+        raise ScenarioError(f"sealed: true or false, got {sealed!r}")
+    return sealed
 
 
 def parse_value(text: str) -> Any:

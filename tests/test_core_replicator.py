@@ -73,6 +73,29 @@ def test_a_quiet_link_pushes_at_once_and_a_busy_one_batches():
     assert pushes(e.poll(10.3)) == {"b": ("d2", "d3")}
 
 
+def test_a_new_neighbour_gets_a_catch_up_push_at_once_even_mid_slot():
+    e = with_peers("a")
+    e.changed("d1", H1, 10.0)
+    assert pushes(e.poll(10.0)) == {"a": ("d1",)}  # the slot is taken until 10.3
+    e.changed("d2", H1, 10.05)
+    e.hello_ok("b", "10.0.0.9:5683", 1, 10.1)  # a node that just booted
+    assert e.next_deadline() <= 10.1  # invariant 4: due now
+    actions = e.poll(10.1)
+    assert pushes(actions) == {"b": ("d1", "d2")}  # at once, not at 10.3; a waits for the slot
+    assert StartExchange("b", "10.0.0.9:5683") in actions
+    e.changed("d3", H2, 10.2)
+    assert pushes(e.poll(10.2)) == {}
+    assert e.next_deadline() == 10.3
+    assert pushes(e.poll(10.3)) == {"a": ("d2", "d3"), "b": ("d3",)}  # then the slot, as everyone
+    # Only once: a hello from a peer we know (same incarnation) is no catch-up.
+    e.changed("d4", H1, 10.4)
+    e.hello_ok("b", "10.0.0.9:5683", 1, 10.4)
+    assert pushes(e.poll(10.4)) == {}
+    # A restarted peer (new incarnation) is fresh again.
+    e.hello_ok("a", "10.0.0.1:5683", 2, 10.5)
+    assert pushes(e.poll(10.5)) == {"a": ("d1", "d2", "d3", "d4")}
+
+
 def test_no_push_to_the_source_its_targets_or_a_peer_that_has_our_heads():
     e = with_peers("a", "b", "c", "d")
     e.told_targets("a", ["b", "me"])  # a pushes to b itself

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from crdt import (
@@ -146,3 +148,157 @@ def test_another_documents_history_is_not_grafted_on(signer):
     with pytest.raises(InvalidSyncMessage, match="unrelated history"):
         a.receive("b", "s", b.generate("a", "s"))
     assert a.docs["s"].get_heads() == heads
+
+
+# --------------------------------------------------------------------------
+# The node path: node-to-node sync is a crdt.SyncSession on both sides
+
+
+class _RecordingNetwork:
+    """Builds a MemoryNetwork that records the size of every /m/sync message."""
+
+    @staticmethod
+    def make():
+        from meshnode._transport import MemoryNetwork
+
+        class Net(MemoryNetwork):
+            def __init__(self) -> None:
+                super().__init__()
+                self.sizes: list[tuple[bool, int]] = []
+
+            async def carry(self, src, dst, resource, payload, *, response):
+                if resource == "/m/sync":
+                    self.sizes.append((response, len(payload)))
+                return True
+
+        return Net()
+
+
+class _Pair:
+    """Two nodes on a MemoryNetwork that know nothing of each other (no gossip, no
+    anti-entropy): the test runs the sync exchange itself."""
+
+    def __init__(self, tmp_path, nursery):
+        self.tmp_path, self.nursery = tmp_path, nursery
+        self.net = _RecordingNetwork.make()
+        self.nodes = {}
+
+    @staticmethod
+    def address(name):
+        return f"10.0.0.{int(name[1:])}:5683"
+
+    async def start(self, name):
+        import trio
+
+        from crdt import MemoryAdapter, open_doc_store
+        from meshnode._discovery import StaticDiscovery
+        from meshnode._node import Node, NodeConfig
+
+        holder = {}
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            async with self.net.transport(self.address(name)) as transport:
+                node = Node(
+                    NodeConfig(node_id=name, data_dir=self.tmp_path / name, seed=7, request_timeout=2.0),
+                    transport=transport,
+                    discovery=StaticDiscovery([]),
+                    wall_clock=lambda: 1_800_000_000 + trio.current_time(),
+                    store=functools.partial(open_doc_store, adapter=MemoryAdapter({})),
+                )
+                holder["node"] = node
+                async with trio.open_nursery() as inner:
+                    await inner.start(node.serve)
+                    task_status.started()
+                    await trio.sleep_forever()
+
+        await self.nursery.start(run)
+        self.nodes[name] = holder["node"]
+        return holder["node"]
+
+
+async def _sessions(node, n, readings=6):
+    out = []
+    for i in range(n):
+        sid = (await node.create_session(f"bay-{node.node_id}-{i}", 1, f"TOKEN-{i}"))["session_id"]
+        for r in range(readings):
+            await node.record_event(sid, "meter", 100 * (r + 1))
+        out.append(sid)
+    return out
+
+
+async def test_node_sync_moves_documents_both_ways_in_byte_bounded_requests_and_responses(
+    tmp_path, autojump_clock, monkeypatch
+):
+    import trio
+
+    import meshnode._node as node_module
+
+    cap = 6000
+    monkeypatch.setattr(node_module, "MAX_BATCH_BYTES", cap)
+    async with trio.open_nursery() as nursery:
+        pair = _Pair(tmp_path, nursery)
+        a, b = await pair.start("n1"), await pair.start("n2")
+        mine, theirs = await _sessions(a, 8), await _sessions(b, 8)
+        docs = sorted(mine + theirs)
+        await a._sync_docs("n2", pair.address("n2"), docs)
+        for d in docs:
+            assert d in a.replica.docs and d in b.replica.docs, d
+            assert sorted(a.replica.docs[d].get_heads()) == sorted(b.replica.docs[d].get_heads())
+        # Both directions carried more than one cap's worth, so the cap split them...
+        requests = [s for r, s in pair.net.sizes if not r]
+        responses = [s for r, s in pair.net.sizes if r]
+        assert sum(requests) > 2 * cap and sum(responses) > 2 * cap
+        # ...and no message went far past it (one sync message may exceed it alone).
+        largest = max(len(a.replica.docs[d].save()) for d in docs)
+        assert max(requests + responses) < cap + 2 * largest
+        # What arrived was stored and announced as received.
+        assert a.counters["changes_received"] > 0 and b.counters["changes_received"] > 0
+        assert set(theirs) <= set(await a.store.load_all()) and set(mine) <= set(await b.store.load_all())
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_sync_responder_gives_up_when_the_requesters_ttl_passes_before_its_turn(tmp_path, autojump_clock):
+    import trio
+
+    from meshnode._transport import TransportError
+
+    async with trio.open_nursery() as nursery:
+        pair = _Pair(tmp_path, nursery)
+        a, b = await pair.start("n1"), await pair.start("n2")
+        mine = await _sessions(a, 2)
+        # b is busy applying something else for longer than a waits: a's request
+        # times out (or meets b's 5.03), and b, once a's ttl has passed, gives up.
+        await b._receive_lock.acquire()
+        with pytest.raises(TransportError):
+            await a._sync_docs("n2", pair.address("n2"), mine)
+        with trio.fail_after(5):
+            while b.counters.get("sync_requests_abandoned") != 1:
+                await trio.sleep(0.01)
+        assert not set(mine) & set(b.replica.docs)  # nothing applied
+        # The initiator dropped the sync states of the batch: the next exchange starts
+        # afresh and brings everything.
+        b._receive_lock.release()
+        await a._sync_docs("n2", pair.address("n2"), mine)
+        assert set(mine) <= set(b.replica.docs)
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_sync_a_document_the_peer_refuses_leaves_the_rest_of_the_batch_alone(tmp_path, autojump_clock):
+    import trio
+
+    from crdt import new_session_doc
+
+    async with trio.open_nursery() as nursery:
+        pair = _Pair(tmp_path, nursery)
+        a, b = await pair.start("n1"), await pair.start("n2")
+        good = await _sessions(a, 2)
+        # A document stored under another session's id: b's validator refuses it,
+        # the rest of the batch goes on.
+        alien = new_session_doc("s-other", site="default", charger="c", connector=1, id_token="t", tariff={},
+                                created_by="n1")  # fmt: skip
+        a.replica.add("s-alien", alien)
+        await a._sync_docs("n2", pair.address("n2"), sorted([*good, "s-alien"]))
+        assert set(good) <= set(b.replica.docs)
+        assert "s-alien" not in b.replica.docs
+        assert b.counters["sync_requests_refused"] >= 1
+        nursery.cancel_scope.cancel()

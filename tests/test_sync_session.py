@@ -40,6 +40,7 @@ def exchange(
     *,
     reset: bool = False,
     tamper=None,
+    reply_cap: int | None = None,
     **limits,
 ) -> tuple[SyncSession, list[dict]]:
     """Run one exchange from `mine` (peer id "a") to `theirs` (peer id "b"); returns the requests sent."""
@@ -50,7 +51,7 @@ def exchange(
         requests.append(step.msgs)
         responder = SyncSession(theirs, "a", validate=_check, check_changed=_check)
         applied = responder.on_request(step.msgs, step.reset)
-        msgs = responder.replies(step.msgs, applied.errors)
+        msgs = responder.replies(step.msgs, applied.errors, max_bytes=reply_cap)
         errors = dict(applied.errors)
         if tamper is not None:
             msgs, errors = tamper(msgs, errors)
@@ -149,6 +150,36 @@ def test_the_byte_cap_splits_requests_and_loses_nothing():
         sizes = [len(m) for m in msgs.values() if m is not None]
         assert sum(sizes) <= cap or len(sizes) == 1
     assert len(requests) > 3  # it did have to split
+
+
+def test_the_responders_byte_cap_splits_replies_and_loses_nothing():
+    # The responder holds everything, the initiator nothing: every reply is capped,
+    # and the documents it left out stay in the exchange until they had their turn.
+    a, b = Replica(), Replica()
+    docs = [f"s{i:02d}" for i in range(12)]
+    for d in docs:
+        b.add(d, _session(d, events=4))
+    one = sum(len(c.bytes) for c in b.docs["s00"].get_changes([]))  # about one document's message
+    cap = 3 * one
+    sizes: list[int] = []
+
+    def measure(msgs, errors):
+        sizes.append(sum(len(m) for m in msgs.values()))
+        return msgs, errors
+
+    session, requests = exchange(a, b, docs, max_bytes=cap, reply_cap=cap, max_rounds=50, tamper=measure)
+    assert session.synced == tuple(docs)
+    for d in docs:
+        assert a.docs[d].get_heads() == b.docs[d].get_heads()
+    assert max(sizes) < cap + 2 * one  # the cap is checked before each message
+    assert len(requests) > 3  # it did have to split
+
+
+def test_a_reply_under_the_cap_still_ends_the_exchange():
+    a, b = Replica(), Replica()
+    b.add("s1", _session("s1"))
+    session, requests = exchange(a, b, ["s1"], max_bytes=10**6, reply_cap=10**6)
+    assert session.synced == ("s1",) and len(requests) <= 3
 
 
 def test_a_message_larger_than_the_cap_still_goes():

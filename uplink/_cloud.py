@@ -55,7 +55,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -614,6 +614,14 @@ def load_or_create_cloud_key(path: str | os.PathLike[str]) -> nacl.signing.Signi
 # --- the service -------------------------------------------------------------------
 
 
+RunSync = Callable[..., Awaitable[Any]]
+"""Runs blocking work: `await run_sync(fn, *args)` returns `fn(*args)`."""
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
 class CloudService:
     """The reconciliation service over an open ledger. Get one from `open_cloud`.
 
@@ -635,6 +643,8 @@ class CloudService:
         certify: Certify | None = None,
         operator: OperatorConfig | None = None,
         authenticate: Authenticate | None = None,
+        run_sync: RunSync | None = None,
+        actor_for: Callable[[str], bytes] | None = None,
     ) -> None:
         self.ledger = ledger
         self.operator = operator or OperatorConfig()
@@ -643,6 +653,8 @@ class CloudService:
             self.site_configs.load(tx.site_configs())
         self._certify = certify
         self._authenticate = authenticate
+        self.run_sync: RunSync = run_sync or _in_thread
+        self._actor_for = actor_for
         self.replica = Replica(docs)
         self._key = signing_key
         self._trusted = {d: bytes(k) for d, k in (trusted_keys or {}).items()}
@@ -704,7 +716,7 @@ class CloudService:
                 changed = {d: self.replica.docs[d] for d, _ in applied.changes}
                 now = int(self._wall_clock() * 1000)
                 try:
-                    issued = await trio.to_thread.run_sync(
+                    issued = await self.run_sync(
                         self._commit,
                         changed,
                         delta,
@@ -743,7 +755,7 @@ class CloudService:
                 self.replica.docs.pop(doc_id, None)
                 continue
             try:
-                saved = await trio.to_thread.run_sync(self._load_saved, doc_id)
+                saved = await self.run_sync(self._load_saved, doc_id)
             except LedgerError as exc:
                 log.error("cannot reload %r after a failure (%s); dropping it from memory", doc_id, exc)
                 saved = None
@@ -780,6 +792,13 @@ class CloudService:
                     issued.append(doc_id)
             tx.add_stats(delta)
         return issued
+
+    def _write_receipt(self, doc_id: str, doc: Document, receipt: bytes) -> None:
+        """The one change the service authors in a document; with `actor_for` its
+        actor is the seam's, not a random one (a seeded simulation stays reproducible)."""
+        if self._actor_for is not None:
+            doc.set_actor(self._actor_for(doc_id))
+        set_receipt(doc, receipt)
 
     def _reconcile(self, tx: Tx, doc_id: str, doc: Document, now: int) -> bool:
         """Store a session document and everything derived from it; True if a receipt was issued."""
@@ -859,7 +878,7 @@ class CloudService:
             tariff_id, tariff_version, pricing = row["tariff_id"], row["tariff_version"], row["pricing"]  # type: ignore[index]
             receipt_heads, receipt_ts = row["receipt_heads"], row["receipt_ts"]  # type: ignore[index]
             if data.receipt != receipt:
-                set_receipt(doc, receipt)
+                self._write_receipt(doc_id, doc, receipt)
         elif view.state == "completed" and cost is not None and currency is not None:
             heads = sorted(doc.get_heads())
             receipt = make_receipt(
@@ -867,7 +886,7 @@ class CloudService:
                 heads=heads, issued_ts=now, signing_key=self._key,
                 tariff=(tariff_id, tariff_version) if tariff_id is not None and tariff_version is not None else None,
             )  # fmt: skip
-            set_receipt(doc, receipt)
+            self._write_receipt(doc_id, doc, receipt)
             receipt_heads, receipt_ts = ",".join(h.hex() for h in heads), now
             issued = True
         else:
@@ -971,26 +990,26 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             return _error(500, f"internal error: {type(exc).__name__}")
         return Response(reply, media_type=CONTENT_TYPE, headers={"Content-Encoding": CONTENT_ENCODING})
 
-    async def read(fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args)
+    async def read(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
+        return await resolve(request).run_sync(fn, *args)
 
     async def list_sessions(request: Request) -> Response:
         site = request.query_params.get("site")
-        return JSONResponse({"sessions": await read(resolve(request).sessions, site)})
+        return JSONResponse({"sessions": await read(request, resolve(request).sessions, site)})
 
     async def get_session(request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        found = await read(resolve(request).session, session_id)
+        found = await read(request, resolve(request).session, session_id)
         if found is None:
             return _error(404, f"no session {session_id!r}")
         return JSONResponse(found)
 
     async def list_conflicts(request: Request) -> Response:
         session_id = request.query_params.get("session_id")
-        return JSONResponse({"conflicts": await read(resolve(request).conflicts, session_id)})
+        return JSONResponse({"conflicts": await read(request, resolve(request).conflicts, session_id)})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(await read(resolve(request).stats))
+        return JSONResponse(await read(request, resolve(request).stats))
 
     async def metrics(request: Request) -> Response:
         registry = resolve(request).metrics.registry
@@ -1001,7 +1020,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
 
     async def healthz(request: Request) -> Response:
         try:
-            await read(resolve(request).ledger.ping)
+            await read(request, resolve(request).ledger.ping)
         except LedgerError as exc:
             log.error("health check: database does not answer: %s", exc)
             return JSONResponse({"ok": False, "error": str(exc)}, status_code=503)
@@ -1063,6 +1082,8 @@ async def open_cloud(
     authenticate: Authenticate | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
+    run_sync: RunSync | None = None,
+    actor_for: Callable[[str], bytes] | None = None,
 ) -> AsyncIterator[CloudService]:
     """Open the database, load every session document, and hand out the service.
 
@@ -1073,12 +1094,18 @@ async def open_cloud(
         trust_document_keys: also accept keys that devices declare in session
             documents (pinned on first use), for sites without enrolment.
         wall_clock: seconds since the epoch, for `first_seen` and receipts.
+        run_sync: runs the blocking database work, `await run_sync(fn, *args)`;
+            a worker thread by default (a simulator under virtual time runs it
+            inline, so no thread lets the clock jump while it works).
+        actor_for: the Automerge actor the service writes receipts with, per
+            document id (random by default).
 
     Raises:
         LedgerError: the database cannot be opened or holds a broken document.
         LedgerUrlError: the URL is not sqlite:/// or postgresql://.
     """
-    ledger, docs = await trio.to_thread.run_sync(_open_ledger, db_url)
+    run = run_sync or _in_thread
+    ledger, docs = await run(_open_ledger, db_url)
     try:
         yield CloudService(
             ledger,
@@ -1090,10 +1117,12 @@ async def open_cloud(
             authenticate=authenticate,
             wall_clock=wall_clock,
             operator=operator,
+            run_sync=run,
+            actor_for=actor_for,
         )
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(ledger.close)
+            await run(ledger.close)
 
 
 def create_cloud_app(
