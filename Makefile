@@ -3,13 +3,15 @@
 # into .venv, and the Debian packages the tests use with apt-get: a PostgreSQL server,
 # nftables and iproute2 (the field suite's network namespaces and packet loss),
 # util-linux (setpriv), strace (durability at the system-call level), systemd
-# (systemd-analyze verifies the node's service unit).
+# (systemd-analyze verifies the node's service unit), chromium and chromium-driver (the
+# operator pages are tested in a real browser, through Selenium), prometheus (scrapes the
+# metrics of a real node and cloud in a test).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-installed
-DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace systemd prometheus
+DEBIAN_PACKAGES := postgresql nftables iproute2 util-linux strace systemd prometheus chromium chromium-driver
 
 .PHONY: FORCE demo test test-fast lint mutation bench clean install system-deps
 

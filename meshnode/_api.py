@@ -50,6 +50,7 @@ from .services import (
     NotFound,
     ServiceError,
 )
+from .web import page_routes
 
 log = logging.getLogger("meshnode.api")
 
@@ -206,6 +207,7 @@ def build_app(node: Node) -> Starlette:
             Route("/v1/site/entries", add_site_entry, methods=["POST"]),
             *remote_command_routes(node),  # POST /v1/chargers/{id}/start, /v1/sessions/{id}/stop
             Route("/metrics", get_metrics, methods=["GET"]),
+            *page_routes(node),  # the operator page: GET /, /assets, /v1/page/... (meshnode/web)
         ],
         exception_handlers={ServiceError: on_service_error, HTTPException: on_http_error},
     )

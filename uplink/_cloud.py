@@ -94,6 +94,7 @@ from crdt import (
 )
 
 from ._forwarder import SIGNED_SYNC_CONTEXT
+from ._cloud_web import cloud_pages
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
 from ._ocpi import ocpi_routes
@@ -1034,6 +1035,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
         log.error("%s %s failed in the database: %s", request.method, request.url.path, exc)
         return _error(503, f"database failure: {exc}")
 
+    pages = cloud_pages(resolve)  # the operator page: GET /, /assets, /v1/page/..., /v1/reviews
     return Starlette(
         routes=[
             Route(SYNC_PATH, sync, methods=["POST"]),
@@ -1045,7 +1047,9 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *ocpi_routes(resolve),
+            *pages.routes,
         ],
+        middleware=pages.middleware,
         exception_handlers={LedgerError: on_ledger_error, HTTPException: on_http_error},
         lifespan=lifespan,
     )

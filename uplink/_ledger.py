@@ -21,6 +21,8 @@ Tables (the schema is created on first open):
 - `devices`: the first public key each device declared (trust on first use).
 - `site_configs`: each site's site-config document (its signed tariffs), by site.
 - `stats`: named counters.
+- `reviews`: an operator's decisions (`approve` / `reject`) on sessions flagged for
+  review, one row per decision, never updated: the latest row is the standing one.
 
 Concurrency: one connection guarded by one lock. Every call is blocking and
 meant to run in a worker thread (`trio.to_thread.run_sync`); a transaction holds
@@ -128,6 +130,13 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS stats (
         name   TEXT PRIMARY KEY,
         value  BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS reviews (
+        session_id  TEXT NOT NULL,
+        decision    TEXT NOT NULL,
+        reviewer    TEXT NOT NULL,
+        note        TEXT NOT NULL,
+        decided_ts  BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS reviews_session ON reviews (session_id, decided_ts)",
 )
 
 LEDGER_COLUMNS = (
@@ -439,6 +448,24 @@ class Tx:
             f"INSERT INTO ledger ({cols}) VALUES ({self._in(LEDGER_COLUMNS)}) "
             f"ON CONFLICT (session_id) DO UPDATE SET {updates}",
             [row[c] for c in LEDGER_COLUMNS],
+        )
+
+    # --- reviews (the operator's decisions on flagged sessions) -------------------
+
+    def add_review(self, session_id: str, decision: str, reviewer: str, note: str, now: int) -> None:
+        """Record one decision; earlier ones stay (the history is the audit trail)."""
+        self.execute(
+            "INSERT INTO reviews (session_id, decision, reviewer, note, decided_ts) VALUES (?, ?, ?, ?, ?)",
+            (session_id, decision, reviewer, note, now),
+        )
+
+    def reviews(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        """Decisions, oldest first (of one session, or all)."""
+        where, params = ("WHERE session_id = ?", (session_id,)) if session_id is not None else ("", ())
+        return self.query(
+            f"SELECT session_id, decision, reviewer, note, decided_ts FROM reviews {where} "
+            "ORDER BY decided_ts, session_id, decision",
+            params,
         )
 
     # --- stats -------------------------------------------------------------------
