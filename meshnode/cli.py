@@ -591,6 +591,8 @@ def run_cloud(args: argparse.Namespace) -> int:
     if args.db.lower().startswith("postgres") and importlib.util.find_spec("psycopg") is None:
         print("meshnode cloud: a PostgreSQL ledger needs psycopg: pip install 'meshnode[cloud]'", file=sys.stderr)
         return 1
+    from uplink import OperatorConfig
+
     _setup_logging(args.log_level, args.log_format)
     trust: dict[str, Any] = {}
     site_keys: dict[str, list[bytes]] = {}
@@ -730,7 +732,9 @@ def _site_name(site_dir: Path) -> str:
         with open(site_dir / "site.toml", "rb") as f:
             name = tomllib.load(f).get("name")
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {site_dir / 'site.toml'} ({exc}): copy the site folder's site.toml there") from exc
+        raise ConfigError(
+            f"cannot read {site_dir / 'site.toml'} ({exc}): copy the site folder's site.toml there"
+        ) from exc
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{site_dir / 'site.toml'} has no site name")
     return name

@@ -153,6 +153,7 @@ class SiteConfigService:
             elif auth.reason == "revoked":
                 revoked.append(token)
         return allowed, revoked
+
     def tariffs(self) -> list[Any]:
         """The site's tariffs that verify with the site key (every version); none when not enrolled."""
         if self.identity is None:
