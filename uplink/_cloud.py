@@ -1014,7 +1014,7 @@ def _build_app(resolve: Callable[[Request], CloudService], lifespan: Any = None)
 
     async def metrics(request: Request) -> Response:
         registry = resolve(request).metrics.registry
-        return Response(await read(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await read(request, generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
     async def issuer(request: Request) -> Response:
         return JSONResponse({"issuer": resolve(request).issuer})
