@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio_asyncio
 import websockets
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as V16ChargePoint
@@ -43,6 +46,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def iso(ms: float) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def arun(fn: Any) -> Any:
+    """Run a charge point's asyncio code to completion from a (sync) test.
+
+    On a trio-asyncio loop, not `asyncio.run`: once trio-asyncio is imported (the suite
+    imports the node), it replaces `asyncio.get_running_loop`, and some callbacks of a
+    plain asyncio loop (websockets' TLS `connection_made`) then find no loop.
+    """
+
+    async def main() -> Any:
+        async with trio_asyncio.open_loop():
+            return await trio_asyncio.aio_as_trio(fn)()
+
+    return trio.run(main)
 
 
 def now_ms() -> int:
@@ -92,8 +110,12 @@ class Connected:
         return self.cp
 
     async def __aexit__(self, *exc: Any) -> None:
-        self.task.cancel()
         await self.ws.close()
+        self.task.cancel()
+        try:  # it may have ended already: the node called while we closed
+            await self.task
+        except (asyncio.CancelledError, websockets.ConnectionClosed):
+            pass
 
 
 def sessions(node: NodeProcess) -> list[dict[str, Any]]:
@@ -169,7 +191,7 @@ def test_a_full_session_over_ocpp16(tmp_path):
                 assert "CP-1" in shown.stdout and "connected" in shown.stdout and "2:Finishing" in shown.stdout
                 return started.transaction_id
 
-        txid = asyncio.run(run())
+        txid = arun(run)
         (session,) = sessions(node)
         assert (session["charger"], session["connector"], session["id_token"]) == ("CP-1", 2, "RFID-1")
         assert session["state"] == "completed" and session["energy_wh"] == 2500
@@ -204,7 +226,7 @@ def test_offline_replay_is_recorded_exactly_once_also_after_a_restart(tmp_path):
                 )
                 return started.transaction_id
 
-        txid = asyncio.run(online_start())  # ... and then the charger loses its node
+        txid = arun(online_start)  # ... and then the charger loses its node
 
         async def replay() -> list[int]:
             txids = []
@@ -226,7 +248,7 @@ def test_offline_replay_is_recorded_exactly_once_also_after_a_restart(tmp_path):
                     )
             return txids
 
-        first_txids = asyncio.run(replay())
+        first_txids = arun(replay)
         assert first_txids[0] == first_txids[1] != txid
 
         def check() -> None:
@@ -256,7 +278,7 @@ def test_offline_replay_is_recorded_exactly_once_also_after_a_restart(tmp_path):
                 )
                 return again.transaction_id
 
-        assert asyncio.run(after_restart()) == first_txids[0]
+        assert arun(after_restart) == first_txids[0]
         check()
 
         async def stop_while_connected() -> int:
@@ -264,7 +286,7 @@ def test_offline_replay_is_recorded_exactly_once_also_after_a_restart(tmp_path):
                 await cp.call(call.Heartbeat())
                 return await asyncio.to_thread(node.stop)
 
-        assert asyncio.run(stop_while_connected()) == 0  # a connected charger does not hold the node up
+        assert arun(stop_while_connected) == 0  # a connected charger does not hold the node up
     finally:
         node.kill()
 
@@ -289,6 +311,9 @@ def test_an_enrolled_site_admits_registered_chargers_only(tmp_path):
     enroll(site_dir, "n1", tmp_path / "n1", now=time.time())
     node = start_node(tmp_path, "n1", "127.0.14.13", insecure=False, extra=["--unknown-token-policy", "refuse"])
     try:
+        for bad in (["--site", str(tmp_path / "no-site")], ["--site", str(site_dir), "--id", "a/b"]):
+            refused = _cli("charger", "add", "--id", "CP-X", *bad)
+            assert refused.returncode == 1 and "password" not in refused.stdout, refused
         added = _cli("charger", "add", "--site", str(site_dir), "--id", "CP-1", "--http", node.url)
         assert added.returncode == 0, added.stderr
         password = added.stdout.splitlines()[0].removeprefix("password ")
@@ -327,14 +352,14 @@ def test_an_enrolled_site_admits_registered_chargers_only(tmp_path):
                 assert answers == ["Accepted", "Blocked", "Invalid"]
                 return cp
 
-        cp = asyncio.run(run())
+        cp = arun(run)
         assert cp.local_list == {"RFID-OK": "Accepted", "RFID-GONE": "Blocked"} and cp.local_list_version > 0
         assert [c["charger_id"] for c in node.get("/v1/status")["chargers"]] == ["CP-1"]  # refused ones left no trace
         # Registering again replaces the password.
         again = _cli("charger", "add", "--site", str(site_dir), "--id", "CP-1", "--http", node.url)
         new_password = again.stdout.splitlines()[0].removeprefix("password ")
-        assert asyncio.run(upgrade_status("CP-1", **basic("CP-1", password))) == 401
-        assert asyncio.run(upgrade_status("CP-1", **basic("CP-1", new_password))) == 101
+        assert arun(functools.partial(upgrade_status, "CP-1", **basic("CP-1", password))) == 401
+        assert arun(functools.partial(upgrade_status, "CP-1", **basic("CP-1", new_password))) == 101
     finally:
         node.kill()
 
@@ -368,7 +393,7 @@ def test_bad_input_over_a_real_node_changes_nothing(tmp_path):
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
                 return out
 
-        answers = asyncio.run(run())
+        answers = arun(run)
         assert [a[:3] for a in answers[:4]] == [
             [4, "-1", "FormationViolation"], [4, "a", "NotImplemented"],
             [4, "b", "OccurenceConstraintViolation"], [4, "c", "TypeConstraintViolation"],
@@ -423,7 +448,7 @@ def test_security_profile_2_tls_then_basic_auth(tmp_path):
                 boot = await cp.call(call.BootNotification(charge_point_model="M1", charge_point_vendor="V"))
                 assert boot.status == "Accepted"
 
-        asyncio.run(run())
+        arun(run)
         assert node.get("/v1/status")["chargers"][0]["charger_id"] == "CP-1"
     finally:
         node.kill()

@@ -8,15 +8,23 @@
    (answers lost), each still becomes exactly one event, in timestamp order; a
    transaction that ran entirely offline becomes one session.
 3. A transaction started before authorisation (cable plugged in) becomes a session
-   when the idToken arrives, with the Started register as its start.
-4. Bad input: not JSON, unknown action, known but unhandled action, type and
-   required-field violations get their CALLERROR, the connection stays, nothing
-   is stored; an oversize frame closes the connection; the node keeps serving.
+   when the idToken arrives, with the Started register as its start; a free-vend
+   station's NoAuthorization token is recorded; one never authorised makes none.
+4. A session accepted offline with an energy limit is ended by the node, which sends
+   the station RequestStopTransaction; the station's Ended then adds nothing.
+5. Bad input: not JSON, unknown action, known but unhandled action, type, required
+   field, enum, length, unprintable token and negative register violations get their
+   CALLERROR, the connection stays, nothing is stored; an oversize frame closes the
+   connection; the node keeps serving.
 
-5. In-process (two central systems on one loop, one replica, as two nodes that have
-   replicated the session): RequestStart/RequestStopTransaction, GetLocalListVersion,
-   SendLocalList and SetNetworkProfile reach a station; the profile the node gave is
-   where the station goes when its node dies, and its transaction goes on there.
+In-process (two central systems on one trio-asyncio loop, as two nodes):
+
+6. RequestStart/RequestStopTransaction, GetLocalListVersion, SendLocalList and
+   SetNetworkProfile reach a station; the profile the node gave is where the station
+   goes when its node dies, and its transaction goes on there (one shared replica).
+7. Failover before replication (two replicas): the new node refuses the station's
+   Updated/Ended (InternalError) until the session document arrives; the station
+   sends them again, and they are recorded once.
 
 Plus the pure 2.0.1 meter parsing (units, multipliers, measurands, phases) and the
 local list payload against the 2.0.1 schema.
@@ -57,6 +65,7 @@ def _types(session):
     return [e["type"] for e in session["events"]]
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_a_201_session_shows_in_the_api_with_evse_token_and_energy(node: OcppNode):
     async def scenario():
         cp = SimChargePoint("CS-201-A", [node.ocpp_url])
@@ -83,6 +92,7 @@ def test_a_201_session_shows_in_the_api_with_evse_token_and_energy(node: OcppNod
     assert node.charger("CS-201-A")["connected"] is False
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_offline_replay_twice_is_exactly_once_in_timestamp_order(node: OcppNode):
     t0 = time.time()
 
@@ -126,6 +136,7 @@ def test_offline_replay_twice_is_exactly_once_in_timestamp_order(node: OcppNode)
     )  # fmt: skip
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node: OcppNode):
     async def scenario():
         cp = SimChargePoint("CS-201-C", [node.ocpp_url])
@@ -150,6 +161,16 @@ def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node
                 event_type="Ended", timestamp=iso(), trigger_reason="EVDeparted", seq_no=2,
                 meter_value=mv(3500), **{"transaction_info": {"transaction_id": ref, "stopped_reason": "EVDisconnected"}},
             ))  # fmt: skip
+            # A free-vend station (no authorisation) records its session under the type's name.
+            await cp.call(call201.TransactionEvent(
+                event_type="Started", timestamp=iso(), trigger_reason="CablePluggedIn", seq_no=5,
+                evse={"id": 2}, transaction_info={"transaction_id": "tx-free"}, meter_value=mv(40),
+                id_token={"id_token": "", "type": "NoAuthorization"},
+            ))  # fmt: skip
+            await cp.call(call201.TransactionEvent(
+                event_type="Ended", timestamp=iso(), trigger_reason="EVDeparted", seq_no=6,
+                transaction_info={"transaction_id": "tx-free"}, meter_value=mv(90),
+            ))  # fmt: skip
             # Plugged in and out, never authorised: no session.
             await cp.call(call201.TransactionEvent(
                 event_type="Started", timestamp=iso(), trigger_reason="CablePluggedIn", seq_no=3,
@@ -161,11 +182,15 @@ def test_a_transaction_started_on_plug_in_becomes_a_session_when_authorised(node
             ))  # fmt: skip
 
     asyncio.run(scenario())
-    [s] = node.sessions("CS-201-C")
+    s, free = sorted(node.sessions("CS-201-C"), key=lambda x: x["connector"])
     assert (s["id_token"], s["connector"], s["state"], s["energy_wh"]) == ("RFID-0C1", 1, "completed", 500)
     assert _types(s) == ["authorize", "start", "meter", "stop"]
+    assert (free["id_token"], free["connector"], free["state"], free["energy_wh"]) == (
+        "NoAuthorization", 2, "completed", 50,
+    )  # fmt: skip
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_a_session_at_its_offline_limit_is_stopped_at_the_station(tmp_path):
     [node] = start_nodes(tmp_path, 1, peered=False, extra=["--unknown-token-max-wh", "500"])
     try:
@@ -205,6 +230,7 @@ async def _raw(url: str, frames: list[str | bytes]) -> list[object]:
     return out
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 def test_bad_input_gets_its_callerror_and_nothing_is_stored(node: OcppNode):
     url = node.ocpp_url + "/CS-201-BAD"
     good_tx = {
@@ -314,6 +340,7 @@ async def two_servers(rig_a, rig_b):
         outer.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 async def test_node_commands_and_failover_through_a_network_profile():
     """RequestStart/Stop, GetLocalListVersion, SendLocalList, SetNetworkProfile reach a
     station; the profile the node gave it is where it goes when its node dies, and its
@@ -368,6 +395,7 @@ def test_the_local_list_payload_is_valid_2_0_1():
     _validate_payload(empty, "2.0.1")  # (an empty list must be left out: minItems 1)
 
 
+@pytest.mark.slow  # real sockets (and a node process)
 async def test_a_reading_for_a_transaction_still_replicating_is_refused_until_its_start_arrives():
     """Failover before replication: node 2 does not know the transaction yet; it refuses
     the station's Updated/Ended (InternalError), the station sends them again (2.0.1

@@ -276,3 +276,21 @@ async def test_a_session_ended_at_its_offline_limit_must_be_stopped_at_the_charg
     await rig.bridge.stop_transaction("CP-1", 1700, NOW_MS - 3000, transaction_id=txid, reason="Remote")
     assert rig.commits == commits and rig.sessions.session_json(started.session_id)["energy_wh"] == 600
     assert not rig.bridge.must_stop("CP-1", txid + 1)
+
+
+async def test_a_driver_token_authorises_where_the_policy_refuses_and_its_limits_are_kept():
+    from meshnode._security import issue_driver_token
+
+    cloud = nacl.signing.SigningKey(b"c" * 32)
+    identity = SimpleNamespace(
+        site_public_key=_site().public_key, site_name="site", cloud_public_key=bytes(cloud.verify_key)
+    )
+    rig = Rig(policy="refuse", identity=identity)
+    token = issue_driver_token(cloud, "DRV-1", max_wh=3000, max_minutes=None, not_after=NOW + 3600)
+    assert rig.bridge.authorize("DRV-1") is AuthStatus.INVALID
+    assert rig.bridge.authorize("DRV-1", token) is AuthStatus.ACCEPTED
+    assert rig.bridge.authorize("OTHER", token) is AuthStatus.INVALID  # a token for another id
+    started = await rig.bridge.start_transaction("CP-1", 1, "DRV-1", 0, NOW_MS, driver_token=token)
+    assert started.status is AuthStatus.ACCEPTED
+    auth = rig.events(started.session_id)[0]["data"]
+    assert auth["auth"] == "driver_token" and auth["limits"] == {"max_wh": 3000, "max_minutes": None}

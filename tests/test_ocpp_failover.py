@@ -26,6 +26,8 @@ from .ocpp_helpers import OcppNode, eventually, start_nodes, wait_peers
 from .procs import free_port, wait_until
 from .test_e2e_uplink import CloudProcess, receipts_issued
 
+pytestmark = pytest.mark.slow  # real node and cloud processes
+
 
 @pytest.fixture
 def rig(tmp_path):

@@ -8,6 +8,9 @@
   mesh (`/m/ocpp/command`), the chargers start and stop real transactions, and
   the sessions show on both nodes. A charger connected nowhere gets 404, a stop
   of a finished session 409, and bad bodies 400.
+- `POST /v1/chargers/{id}/network-profile` on node 2 gives a 2.0.1 station node 2's
+  URL (SetNetworkProfile through node 1); when node 1 is SIGKILLed the station goes
+  there and its transaction ends there. A 1.6 charger gets 409 (no profiles in 1.6).
 - On an enrolled site the forwarded command travels sealed; an unsealed one from
   outside the site is refused (4.01) before any handler runs.
 """
@@ -80,6 +83,9 @@ def test_routing_is_bounded():
         CommandRequest("n1", Command("start", "cp\n", id_token="t")).encode(),
         CommandRequest("n1", Command("start", "cp", id_token="t", evse=0)).encode(),
         CommandRequest("n1", Command("start", "x" * 200, id_token="t")).encode(),
+        CommandRequest("n1", Command("profile", "cp", url="ws://n2:9000/ocpp/")).encode(),  # no slot
+        CommandRequest("n1", Command("profile", "cp", slot=1, url="file:///etc/passwd")).encode(),
+        CommandRequest("n1", Command("profile", "cp", slot=16, url="ws://n2:9000/ocpp/")).encode(),
         b"\xa1" + b"\x61a" + b"\x59\x10\x00" + b"0" * 4096,  # oversize
     ],
 )
@@ -89,8 +95,13 @@ def test_a_bad_command_request_is_refused(payload):
 
 
 def test_command_request_round_trip():
-    req = CommandRequest("n1", Command("stop", "CP-1", transaction_id="abc", session_id="s1"))
-    assert CommandRequest.decode(req.encode()) == req
+    for command in (
+        Command("stop", "CP-1", transaction_id="abc", session_id="s1"),
+        Command("start", "CP-1", id_token="T", evse=2),
+        Command("profile", "CP-1", slot=1, url="wss://10.0.0.3:9000/ocpp/"),
+    ):
+        req = CommandRequest("n1", command)
+        assert CommandRequest.decode(req.encode()) == req
 
 
 # --- end to end ----------------------------------------------------------------------------
@@ -111,6 +122,7 @@ def _post(node: OcppNode, path: str, body: object) -> httpx.Response:
     return httpx.post(node.url + path, json=body, timeout=30.0)
 
 
+@pytest.mark.slow  # real node processes
 def test_remote_start_and_stop_from_another_nodes_api(two: list[OcppNode]):
     n1, n2 = two
 
@@ -168,6 +180,44 @@ def test_remote_start_and_stop_from_another_nodes_api(two: list[OcppNode]):
         )
 
 
+@pytest.mark.slow  # real node processes
+def test_a_network_profile_sent_through_another_nodes_api_is_where_the_station_fails_over_to(two: list[OcppNode]):
+    n1, n2 = two
+
+    async def scenario() -> None:
+        st = SimChargePoint("CS-NP", [n1.ocpp_url])
+        cp = SimChargePoint("CP-NP16", [n1.ocpp_url], version="1.6")
+        async with running(st, cp):
+            body = {"slot": 1, "url": n2.ocpp_url + "/"}
+            r = await in_thread(_post, n2, "/v1/chargers/CS-NP/network-profile", body)
+            assert r.status_code == 202 and r.json()["node"] == "n1", r.text
+            assert st.urls == [n1.ocpp_url, n2.ocpp_url]
+            r = await in_thread(_post, n2, "/v1/chargers/CP-NP16/network-profile", body)
+            assert r.status_code == 409 and "1.6" in r.json()["error"]  # 1.6 has no network profiles
+            for bad in ({"slot": 1, "url": "http://x/"}, {"slot": 99, "url": body["url"]}, {"url": body["url"]}):
+                assert (await in_thread(_post, n2, "/v1/chargers/CS-NP/network-profile", bad)).status_code == 400
+            tx = await st.start("RFID-NP", 100)
+            await st.meter(tx, 150)
+            await eventually(
+                lambda: [e["meter_wh"] for e in n2.sessions("CS-NP")[0]["events"]][-1:] == [150], what="replication"
+            )
+            n1.kill()
+            async with asyncio.timeout(30):
+                while st.connected_url != n2.ocpp_url:
+                    await asyncio.sleep(0.05)
+            await st.meter(tx, 250)
+            await st.stop(tx, 400)
+            await st.settle()
+            assert tx.stop_acked and st.errors == []
+
+    asyncio.run(scenario())
+    [s] = n2.sessions("CS-NP")
+    assert (s["state"], s["energy_wh"], [e["device_id"] for e in s["events"]]) == (
+        "completed", 300, ["n1", "n1", "n1", "n2", "n2"],
+    )  # fmt: skip
+
+
+@pytest.mark.slow  # real node processes
 def test_remote_commands_that_cannot_be_carried_out(two: list[OcppNode]):
     n1, n2 = two
     r = _post(n2, "/v1/chargers/CP-NOWHERE/start", {"id_token": "RFID-1"})
@@ -185,6 +235,7 @@ def test_remote_commands_that_cannot_be_carried_out(two: list[OcppNode]):
     assert n1.get("/v1/status")["node_id"] == "n1" and n2.get("/v1/status")["node_id"] == "n2"
 
 
+@pytest.mark.slow  # real node processes
 def test_on_an_enrolled_site_remote_commands_travel_sealed_and_unsealed_ones_are_refused(tmp_path):
     """Both nodes enrolled: the forwarded start is sealed (and works); a plain CoAP
     request to /m/ocpp/command from outside the site is refused and reaches no charger."""

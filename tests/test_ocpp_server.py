@@ -167,6 +167,28 @@ def test_the_rate_limit_is_a_token_bucket():
     assert limit.delay(10.0) == pytest.approx(0.1)
 
 
+async def test_logins_beyond_the_upgrade_rate_get_503_before_any_work():
+    rig = Rig()
+    async with serving(rig, upgrades=RateLimit(rate=0.5, burst=3.0)) as (server, url):
+
+        async def status_of() -> int:
+            try:
+                async with websockets.connect(url + "CP-1", subprotocols=["ocpp1.6"]):
+                    return 101
+            except websockets.InvalidStatus as exc:
+                return exc.response.status_code
+
+        statuses = [await aio(status_of)() for _ in range(6)]
+    assert statuses[:3] == [101, 101, 101] and 503 in statuses[3:]
+    assert server.counters["refused"] == statuses.count(503)
+
+
+def test_a_refused_token_is_not_taken():
+    limit = RateLimit(rate=1.0, burst=1.0)
+    assert limit.try_take(0.0) and not limit.try_take(0.0) and not limit.try_take(0.5)
+    assert limit.try_take(1.0)  # one second refilled one token: the refusals took none
+
+
 async def test_a_flooding_charger_is_slowed_to_its_rate_and_others_are_served_meanwhile():
     rig = Rig()
     rate, burst, n = 40.0, 10.0, 70

@@ -10,8 +10,16 @@
 - `_v16.py`: OCPP 1.6J Core + Local Auth List Management (translation only).
 - `_v201.py` (when present): OCPP 2.0.1.
 
-`serve_ocpp(node, bind, port)` is what `meshnode run --ocpp-port` starts. docs/ocpp.md
-tells how to point a charger at its node and what is stored.
+`serve_ocpp(node, bind, port, ssl_context=...)` is what `meshnode run --ocpp-port`
+starts (`tls_context` for `--ocpp-certfile/--ocpp-keyfile`, Security Profile 2); it sets
+``node.ocpp`` to the `OcppServer`, which the HTTP API reads for `/v1/status` and which
+remote commands use (`OcppServer.call`, `_v16.V16Commands`). docs/ocpp.md tells how to
+point a charger at its node and what is stored.
+
+A new version plugs in with one line in its module, ``register_version("ocpp2.0.1",
+V201Handler)``, where the handler subclasses `OcppHandler` (CALLERROR rules, schema
+codes) and the library's ChargePoint of that version, and translates into `OcppBridge`
+calls (`transaction_ref=` for a charger-chosen transaction id).
 """
 
 from __future__ import annotations

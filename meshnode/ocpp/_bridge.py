@@ -13,9 +13,10 @@ clock only through the `wall_clock` it is given.
 Rules:
 
 1. **Authorisation** is the node's offline authorisation (`SiteConfigService.authorize`:
-   the allowed/revoked lists the cloud signed, then the unknown-id policy). Driver
-   tokens do not fit an OCPP id tag (20 characters in 1.6, 36 in 2.0.1) and are not
-   offered here. Result: `AuthStatus` (Accepted, Blocked, Expired, Invalid), which both
+   the allowed/revoked lists the cloud signed, then the unknown-id policy). A driver
+   token (cloud-signed, several hundred characters) does not fit an OCPP id tag (20
+   characters in 1.6, 36 in 2.0.1); `authorize`/`start_transaction` take one for a
+   front end that can carry it. Result: `AuthStatus` (Accepted, Blocked, Expired, Invalid), which both
    versions' idTagInfo / idTokenInfo carry.
 
 2. **Exactly once under offline replay.** A charger that lost its node queues its
@@ -53,7 +54,11 @@ Rules:
    bridge logs it (WARNING) and answers as if stored, because an OCPP charger that
    gets an error on a transaction message retries it forever and blocks its queue.
 
-5. **Charger state** (connected or not, its OCPP version, boot info, connector
+5. **Limits.** A session accepted offline with limits is stopped by the session
+   service when a reading reaches them; `must_stop` tells the version handler to send
+   the charger a remote stop.
+
+6. **Charger state** (connected or not, its OCPP version, boot info, connector
    states) is kept per node, in memory: it describes the chargers connected *here*,
    for `/v1/status` and `meshnode status`.
 """
@@ -212,9 +217,10 @@ class OcppBridge:
 
     # --- authorisation ------------------------------------------------------------------
 
-    def authorize(self, id_token: str) -> AuthStatus:
-        """The offline authorisation of an id token, as an OCPP status."""
-        auth = self.sessions.site_config.authorize(id_token, None)
+    def authorize(self, id_token: str, driver_token: str | None = None) -> AuthStatus:
+        """The offline authorisation of an id token (and a cloud-signed driver token, for a
+        front end that can carry one), as an OCPP status."""
+        auth = self.sessions.site_config.authorize(id_token, driver_token)
         if auth.accepted:
             return AuthStatus.ACCEPTED
         return _REASON_STATUS.get(auth.reason, AuthStatus.INVALID)
@@ -307,6 +313,7 @@ class OcppBridge:
         *,
         transaction_ref: str | None = None,
         reservation_id: int | None = None,
+        driver_token: str | None = None,
     ) -> StartResult:
         """A charger started a transaction: record the session (once).
 
@@ -323,9 +330,12 @@ class OcppBridge:
                 existing = self._by_ref.get((charger, transaction_ref))
             if existing is not None:  # (also when archived since: a late replay adds nothing)
                 return StartResult(
-                    self.authorize(id_token), self.transaction_id_of(existing) or 0, existing, existing=True
+                    self.authorize(id_token, driver_token),
+                    self.transaction_id_of(existing) or 0,
+                    existing,
+                    existing=True,
                 )
-            status = self.authorize(id_token)
+            status = self.authorize(id_token, driver_token)
             replay = ts_ms is not None and ts_ms < self._now_ms() - LIVE_WINDOW_MS
             if status is not AuthStatus.ACCEPTED and not replay:
                 return StartResult(status, 0, None)
@@ -347,6 +357,7 @@ class OcppBridge:
                     connector,
                     id_token,
                     meter_wh=meter_start_wh,
+                    driver_token=driver_token,
                     request_id=f"ocpp:{start_key}",
                     ts_ms=self._ts(ts_ms),
                     start_data={"ocpp": ocpp},

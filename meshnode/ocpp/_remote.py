@@ -59,10 +59,13 @@ the charger (which has its own, shorter, deadline: `CHARGER_TIMEOUT`)."""
 CHARGER_TIMEOUT = 8.0
 """Seconds a charger has to answer a remote start or stop."""
 MAX_TEXT = 128
+MAX_URL = 256
+MAX_SLOT = 15
+"""Highest network-profile slot a command may set (stations have a few)."""
 MAX_PAYLOAD = 2048
 
 Outcome = Literal["accepted", "rejected", "absent", "unreachable"]
-Kind = Literal["start", "stop"]
+Kind = Literal["start", "stop", "profile"]
 
 
 class CommandError(Exception):
@@ -76,6 +79,8 @@ class Command:
     `start`: `id_token` (and an optional `evse`, None: the charger chooses).
     `stop`: `transaction_id` (the charger's own id as OCPP names it: 2.0.1's
     string, 1.6's integer as text) and the session it belongs to.
+    `profile` (2.0.1 only): SetNetworkProfile, `url` of another central system (node)
+    in connection `slot`.
     """
 
     kind: Kind
@@ -84,6 +89,8 @@ class Command:
     evse: int | None = None
     transaction_id: str | None = None
     session_id: str | None = None
+    slot: int | None = None
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,11 @@ class CommandRequest:
     def encode(self) -> bytes:
         c = self.command
         body: dict[str, Any] = {"from": self.sender, "kind": c.kind, "cp": c.charger}
-        for key, value in (("tok", c.id_token), ("evse", c.evse), ("tx", c.transaction_id), ("sid", c.session_id)):
+        fields = (
+            ("tok", c.id_token), ("evse", c.evse), ("tx", c.transaction_id), ("sid", c.session_id),
+            ("slot", c.slot), ("url", c.url),
+        )  # fmt: skip
+        for key, value in fields:
             if value is not None:
                 body[key] = value
         return cbor2.dumps(body)
@@ -110,8 +121,11 @@ class CommandRequest:
         if not isinstance(obj, dict):
             raise CommandError("command must be a CBOR map")
         kind = obj.get("kind")
-        if kind not in ("start", "stop"):
-            raise CommandError("command kind must be 'start' or 'stop'")
+        if kind not in ("start", "stop", "profile"):
+            raise CommandError("command kind must be 'start', 'stop' or 'profile'")
+        slot = obj.get("slot")
+        if slot is not None and (not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= MAX_SLOT):
+            raise CommandError(f"command slot must be an integer from 0 to {MAX_SLOT}")
         evse = obj.get("evse")
         if evse is not None and (not isinstance(evse, int) or isinstance(evse, bool) or not 0 < evse <= 1000):
             raise CommandError("command evse must be an integer from 1 to 1000")
@@ -122,11 +136,15 @@ class CommandRequest:
             evse=evse,
             transaction_id=_text(obj.get("tx"), "tx", optional=True),
             session_id=_text(obj.get("sid"), "sid", optional=True),
+            slot=slot,
+            url=check_url(obj.get("url"), optional=True),
         )
         if kind == "start" and command.id_token is None:
             raise CommandError("a start command needs tok (the id token)")
         if kind == "stop" and command.transaction_id is None:
             raise CommandError("a stop command needs tx (the transaction id)")
+        if kind == "profile" and (command.slot is None or command.url is None):
+            raise CommandError("a profile command needs slot and url")
         return cls(_text(obj.get("from"), "from"), command)
 
 
@@ -158,6 +176,21 @@ class CommandReply:
             detail=detail[:200] if isinstance(detail, str) else "",
             transaction_id=_text(obj.get("tx"), "tx", optional=True),
         )
+
+
+def check_url(value: Any, *, optional: bool = False) -> Any:
+    """A central system's URL for a network profile: ws:// or wss://, printable, bounded."""
+    if value is None and optional:
+        return None
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_URL
+        or not value.isprintable()
+        or " " in value
+        or not value.startswith(("ws://", "wss://"))
+    ):
+        raise CommandError(f"url must be a ws:// or wss:// URL of at most {MAX_URL} characters")
+    return value
 
 
 def _text(value: Any, what: str, *, optional: bool = False) -> Any:
@@ -391,6 +424,16 @@ class ConnectionExecutor:
                             await V16Commands(server).remote_start(command.charger, command.id_token, command.evse),
                             None,
                         )
+                elif command.kind == "profile":
+                    assert command.slot is not None and command.url is not None
+                    if not v201:
+                        return CommandReply(
+                            "rejected", self.node_id, "OCPP 1.6 has no network profiles: give the charger several URLs"
+                        )
+                    status, tx = (
+                        await V201Commands(server).set_network_profile(command.charger, command.slot, command.url),
+                        None,
+                    )
                 else:
                     assert command.transaction_id is not None
                     if v201:
@@ -451,6 +494,7 @@ def http_routes(node: Any) -> list[Any]:
 
         POST /v1/chargers/{charger_id}/start   {"id_token", "evse"?} -> 202 {"outcome", "node", ...}
         POST /v1/sessions/{session_id}/stop    {}                    -> 202 {"outcome", "node", ...}
+        POST /v1/chargers/{charger_id}/network-profile  {"slot", "url"} -> 202 (2.0.1 SetNetworkProfile)
 
     202 means the charger accepted (the session starts or stops when it sends its
     TransactionEvent / Start/StopTransaction, as any session does); 409 the charger
@@ -504,6 +548,21 @@ def http_routes(node: Any) -> list[Any]:
         reply = await node.remote_commands.run(Command("start", charger, id_token=token, evse=evse))
         return answer(reply, charger=charger)
 
+    async def profile(request: HttpRequest) -> Response:
+        obj = await body_of(request)
+        if isinstance(obj, Response):
+            return obj
+        charger, slot = request.path_params["charger_id"], obj.get("slot")
+        try:
+            _text(charger, "charger id")
+            url = check_url(obj.get("url"))
+        except CommandError as exc:
+            return bad(str(exc))
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= MAX_SLOT:
+            return bad(f"'slot' must be an integer from 0 to {MAX_SLOT}")
+        reply = await node.remote_commands.run(Command("profile", charger, slot=slot, url=url))
+        return answer(reply, charger=charger)
+
     async def stop(request: HttpRequest) -> Response:
         obj = await body_of(request)
         if isinstance(obj, Response):
@@ -526,6 +585,7 @@ def http_routes(node: Any) -> list[Any]:
     return [
         Route("/v1/chargers/{charger_id}/start", start, methods=["POST"]),
         Route("/v1/sessions/{session_id}/stop", stop, methods=["POST"]),
+        Route("/v1/chargers/{charger_id}/network-profile", profile, methods=["POST"]),
     ]
 
 

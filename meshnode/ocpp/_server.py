@@ -18,7 +18,8 @@ A charge point connects to ``ws://BIND:PORT/ocpp/{charge_point_id}`` (`meshnode 
   bucket (`RateLimit`), so a flooding charger is slowed down to `rate` messages a
   second (its frames wait in the socket: TCP pushes back), not served faster at the
   expense of the others; unsolicited CALLRESULTs are dropped; at most `max_chargers`
-  connections; a second connection with the same charge point id replaces the first;
+  connections, at most `upgrades` logins a second (503 beyond); a second connection
+  with the same charge point id replaces the first;
 - **answers bad frames with the right CALLERROR** and keeps the connection
   (`OcppHandler.route_message`): not JSON / not an OCPP array -> FormationViolation
   (1.6; FormatViolation in 2.0.1), an action the version does not know ->
@@ -142,6 +143,13 @@ class RateLimit:
         self._last = now
         self._tokens -= 1.0
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def try_take(self, now: float) -> bool:
+        """Take a token if one is there (True); refuse without taking one (False)."""
+        if self.delay(now) > 0:
+            self._tokens += 1.0
+            return False
+        return True
 
 
 class RateLimitedConnection:
@@ -466,6 +474,8 @@ class OcppServer:
         max_chargers: connections served at once.
         ssl_context: serve ``wss://`` (OCPP Security Profile 2: TLS, then the same HTTP
             Basic login) instead of ``ws://``.
+        upgrades: how many WebSocket upgrades (logins) the node takes a second, from
+            anyone: beyond it, 503 before any work (a password check costs an scrypt).
     """
 
     def __init__(
@@ -478,6 +488,7 @@ class OcppServer:
         burst: float = 100.0,
         max_chargers: int = 512,
         ssl_context: ssl.SSLContext | None = None,
+        upgrades: RateLimit | None = None,
     ) -> None:
         self.bridge = bridge
         self.auth = Authenticator(site_config)
@@ -486,6 +497,7 @@ class OcppServer:
         self.burst = burst
         self.max_chargers = max_chargers
         self.ssl_context = ssl_context
+        self.upgrades = upgrades or RateLimit(rate=20.0, burst=50.0)
         self.handlers: dict[str, OcppHandler] = {}
         self.address: tuple[str, int] | None = None
         self.counters = {"refused": 0, "connections": 0}
@@ -564,6 +576,9 @@ class OcppServer:
     # asyncio side ---------------------------------------------------------------------
 
     async def _upgrade(self, connection: Any, request: Any) -> Any:
+        if not self.upgrades.try_take(asyncio.get_running_loop().time()):
+            self.counters["refused"] += 1
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connection attempts, retry later\n")
         charger_id = charger_id_from_path(request.path)
         if charger_id is None:
             self.counters["refused"] += 1

@@ -93,6 +93,19 @@ def _id_token_info(status: AuthStatus) -> dict[str, Any]:
     return {"status": status.value}
 
 
+def _token_text(token: Any) -> str | None:
+    """The id token a session records: the idToken, or for a station without
+    authorisation (type NoAuthorization, idToken "") the type itself, so a free-vend
+    station's sessions are recorded (under the site's unknown-id policy) rather than
+    refused. Unprintable: PropertyConstraintViolation."""
+    if not token:
+        return None
+    text, kind = token.get("id_token"), token.get("type")
+    if text == "" and kind == "NoAuthorization":
+        return "NoAuthorization"
+    return check_token(text, "idToken")
+
+
 def readings_of(meter_value: Any) -> list[Reading]:
     """Bridge readings from a 2.0.1 ``meterValue`` list (already schema-checked).
 
@@ -196,7 +209,8 @@ class V201Handler(OcppHandler, V201ChargePoint):
 
     @on(Action.authorize)
     def on_authorize(self, id_token: dict[str, Any], **kwargs: Any) -> Any:
-        token = check_token(id_token["id_token"], "idToken")
+        token = _token_text(id_token)
+        assert token is not None
         return call_result.Authorize(id_token_info=_id_token_info(self.bridge.authorize(token)))
 
     @on(Action.meter_values)
@@ -257,8 +271,7 @@ class V201Handler(OcppHandler, V201ChargePoint):
         ref = check_token(transaction_info["transaction_id"], "transactionId")
         ts = parse_time(timestamp)
         readings = readings_of(kwargs.get("meter_value"))
-        token = kwargs.get("id_token")
-        id_token = check_token(token["id_token"], "idToken") if token else None
+        id_token = _token_text(kwargs.get("id_token"))
         evse = (kwargs.get("evse") or {}).get("id")
         status: AuthStatus | None = None
         log.debug("station %s: %s %s seq %d offline %s", self.id, event_type, ref, seq_no, kwargs.get("offline"))

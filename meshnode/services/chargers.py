@@ -34,6 +34,7 @@ import nacl.signing
 from .._security import (
     MAX_ENTRY_BYTES,
     BadSiteEntry,
+    LocalSecurityError,
     Site,
     _canonical,
     _check_id,
@@ -46,6 +47,9 @@ from .._security import (
 _CTX_CHARGER = b"meshnode/charger-registration/v1\x00"
 ENTRY_PREFIX = "charger:"
 """Key prefix of registrations in the site config's `revocations` map."""
+
+MAX_CHARGER_ID = 48
+"""OCPP 2.0.1's limit on a charging station's identity (1.6 chargers fit it too)."""
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 """scrypt cost: about 16 MiB and a few tens of ms per check (a login, not a message)."""
@@ -84,6 +88,11 @@ def charger_entry(site: Site, charger_id: str, password: str, now: float) -> byt
     """
     key: nacl.signing.SigningKey = site.require_signing_key()
     _check_id(charger_id, "charge point id")
+    if len(charger_id) > MAX_CHARGER_ID or "/" in charger_id or ":" in charger_id:
+        raise LocalSecurityError(
+            f"a charge point id is at most {MAX_CHARGER_ID} characters without '/' or ':' "
+            f"(it is the last part of the charger's URL and the HTTP Basic user), got {charger_id!r}"
+        )
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
     body: dict[str, Any] = {
