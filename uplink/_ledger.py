@@ -27,8 +27,14 @@ Tables (the schema is created on first open):
 Concurrency: one connection guarded by one lock. Every call is blocking and
 meant to run in a worker thread (`trio.to_thread.run_sync`); a transaction holds
 the lock from BEGIN to COMMIT, so transactions of this process never interleave
-and the service's cross-session chain checks see a consistent table. One
-service process per database: the service keeps the documents in memory too.
+and the service's cross-session chain checks see a consistent table.
+
+Several service processes on one PostgreSQL database: a transaction first takes
+`lock_keys` (advisory transaction locks, one per session and device it touches,
+in one global order), so two processes never reconcile the same session or
+device at once; on SQLite, `BEGIN IMMEDIATE` already serialises every writer of
+the file. Each process keeps documents in memory and merges what another one
+stored (`document_heads`, `document`) inside the locked transaction.
 
 Durability: SQLite runs in WAL mode with `synchronous=FULL`, so COMMIT returns
 after the data reached the disk; PostgreSQL commits durably by default.
@@ -36,6 +42,7 @@ after the data reached the disk; PostgreSQL commits durably by default.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -309,6 +316,34 @@ class Tx:
     def _in(self, values: Sequence[Any]) -> str:
         return ", ".join("?" for _ in values)
 
+    # --- several processes on one database ------------------------------------------
+
+    def lock_keys(self, keys: Iterable[str]) -> None:
+        """Hold these keys until the transaction ends, against every other process.
+
+        PostgreSQL: `pg_advisory_xact_lock` on a 64-bit hash of each key, taken
+        in ascending order (every transaction takes all its keys first, in the
+        same order, so two never wait on each other in a cycle; a hash collision
+        only serialises a little more). SQLite: nothing to do, `BEGIN IMMEDIATE`
+        already holds the whole file.
+        """
+        if self._dialect.name != "postgresql":
+            return
+        for lock in sorted({lock_id(k) for k in keys}):
+            self.execute("SELECT pg_advisory_xact_lock(?)", (lock,))
+
+    def document_heads(self, session_ids: Iterable[str]) -> dict[str, bytes]:
+        """The stored `heads_hash` of these sessions' documents (those stored)."""
+        ids = sorted(set(session_ids))
+        out: dict[str, bytes] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            rows = self.query(
+                f"SELECT session_id, heads_hash FROM documents WHERE session_id IN ({self._in(part)})", part
+            )
+            out.update((r["session_id"], r["heads_hash"]) for r in rows)
+        return out
+
     # --- documents ---------------------------------------------------------------
 
     def documents(self) -> list[tuple[str, bytes]]:
@@ -486,6 +521,11 @@ class Tx:
             "(SELECT count(*) FROM ledger WHERE receipt IS NOT NULL) AS receipts"
         )[0]
         return {**counters, **{k: int(v) for k, v in counts.items()}}
+
+
+def lock_id(key: str) -> int:
+    """A signed 64-bit number for a lock key (PostgreSQL's advisory lock space)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def _plain(value: Any) -> Any:
