@@ -415,15 +415,21 @@ class Tx:
 
     def events_at(self, slots: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:
         """Every stored event in the given (device_id, seq) slots, whatever its status."""
+        # One range query per device (a session's events are consecutive in their
+        # device's chain), filtered here to the slots asked for.
+        wanted = set(slots)
+        ranges: dict[str, tuple[int, int]] = {}
+        for device_id, seq in wanted:
+            low, high = ranges.get(device_id, (seq, seq))
+            ranges[device_id] = (min(low, seq), max(high, seq))
         out: list[dict[str, Any]] = []
-        for device_id, seq in sorted(set(slots)):
-            out.extend(
-                self.query(
-                    "SELECT event_id, device_id, seq, session_id, chain_hash, prev, status FROM events "
-                    "WHERE device_id = ? AND seq = ?",
-                    (device_id, seq),
-                )
+        for device_id, (low, high) in sorted(ranges.items()):
+            rows = self.query(
+                "SELECT event_id, device_id, seq, session_id, chain_hash, prev, status FROM events "
+                "WHERE device_id = ? AND seq BETWEEN ? AND ? ORDER BY seq, event_id",
+                (device_id, low, high),
             )
+            out.extend(r for r in rows if (r["device_id"], r["seq"]) in wanted)
         return out
 
     def insert_events(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -441,8 +447,16 @@ class Tx:
         )
 
     def mark_applied(self, session_id: str, applied: Iterable[str]) -> None:
-        self.execute("UPDATE events SET applied = 0 WHERE session_id = ?", (session_id,))
-        self.executemany("UPDATE events SET applied = 1 WHERE event_id = ?", [(e,) for e in sorted(applied)])
+        ids = sorted(set(applied))
+        if not ids or len(ids) > 500:
+            self.execute("UPDATE events SET applied = 0 WHERE session_id = ?", (session_id,))
+            self.executemany("UPDATE events SET applied = 1 WHERE event_id = ?", [(e,) for e in ids])
+            return
+        self.execute(  # one statement: this session's applied events 1, the rest 0
+            f"UPDATE events SET applied = CASE WHEN event_id IN ({self._in(ids)}) THEN 1 ELSE 0 END "
+            "WHERE session_id = ?",
+            (*ids, session_id),
+        )
 
     # --- conflicts ---------------------------------------------------------------
 
