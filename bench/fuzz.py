@@ -10,7 +10,12 @@ target, so coverage feedback spans them all) and prints one JSON object:
   ``incarnation_refutations`` (member records about the node that made it
   raise its incarnation, SWIM's refutation: counted, not a failure);
 - ``rss_start_mb``, ``rss_after_warmup_mb`` (after the first tenth of the
-  inputs) and ``rss_end_mb`` of the fuzzing process;
+  inputs), ``rss_end_mb`` of the fuzzing process and ``rss_series`` (50 samples);
+- ``libfuzzer``: libFuzzer's last status line (corpus entries and bytes it
+  holds in memory, coverage features, its RSS), so native growth can be told
+  from the Python heap's;
+- with ``--tracemalloc``, ``python_heap``: the traced Python heap at the
+  warm-up and at the end, and the allocation sites that grew most;
 - ``failures`` and ``examples`` (hex inputs) if anything failed.
 
 The target is 0 crashes, 0 documents changed, and RSS after the warm-up that
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,11 +38,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def libfuzzer_status(log: str) -> dict[str, str | int]:
+    """libFuzzer's own last status line: its corpus (entries, bytes held in memory), coverage, RSS."""
+    lines = [line for line in log.splitlines() if line.startswith("#") and " corp: " in line]
+    if not lines:
+        return {}
+    last = lines[-1]
+    fields = dict(re.findall(r"(\w+): (\S+)", last))
+    entries, _, size = fields.get("corp", "/").partition("/")
+    return {
+        "line": last.strip(),
+        "corpus_entries": int(entries) if entries.isdigit() else 0,
+        "corpus_size": size,
+        "features": fields.get("ft", ""),
+        "rss": fields.get("rss", ""),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=1_000_000)
     parser.add_argument("--target", default=None)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tracemalloc", action="store_true", help="also report what the Python heap grew by")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshnode-fuzz-bench-") as tmp:
         out = Path(tmp) / "report.json"
@@ -53,6 +77,8 @@ def main() -> None:
         ]
         if args.target:
             cmd += ["--target", args.target]
+        if args.tracemalloc:
+            cmd += ["--tracemalloc"]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         log = Path(tmp) / "libfuzzer.log"
@@ -63,6 +89,7 @@ def main() -> None:
             raise SystemExit(f"fuzzing process ended with {proc.returncode} before its report")
         report = json.loads(out.read_text())
         report["exit_code"] = proc.returncode
+        report["libfuzzer"] = libfuzzer_status(log.read_text(errors="replace"))
         print(json.dumps(report, indent=2))
 
 

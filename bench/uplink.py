@@ -36,7 +36,10 @@ with its share) sends them with `uplink.CloudClient.sync`, the forwarder's own
 client: `--ingest-batch` documents per request, Automerge sync rounds per batch
 until neither side has anything to say (so every receipt is back). Ingest rate =
 sessions / wall time from the first request to the last receipt; the cloud's
-stats must then show every session once, with its receipt.
+stats must then show every session once, with its receipt. `--ingest-postgres
+URL` runs it on PostgreSQL (a fresh database per row, created on that server),
+and `--ingest-instances N` starts N cloud processes on that one database (the
+same key), leaders spread over them round-robin.
 """
 
 from __future__ import annotations
@@ -111,13 +114,24 @@ async def start_children(children: list[Child]) -> None:
             nursery.start_soon(one)
 
 
-def spawn_cloud(workdir: Path, name: str) -> tuple[Child, str]:
+def spawn_cloud(workdir: Path, name: str, db: str | None = None) -> tuple[Child, str]:
+    """A `meshnode cloud` on a fresh SQLite file, or on `db` (shared by instances, with one key)."""
     port = common_free_port(["127.0.0.1"], socket.SOCK_STREAM)
     child = spawn_meshnode(name, [
-        "cloud", "--db", f"sqlite:///{workdir / (name + '.db')}", "--bind", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning",
+        "cloud", "--db", db or f"sqlite:///{workdir / (name + '.db')}", "--bind", "127.0.0.1", "--port", str(port),
+        "--key", str(workdir / "cloud.key"), "--log-level", "warning",
     ], workdir)  # fmt: skip
     return child, f"http://127.0.0.1:{port}"
+
+
+def fresh_postgres_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE `name` (dropped first if present) on the server of `server_url`; its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 async def get_json(client: httpx.AsyncClient, url: str) -> Any:
@@ -356,16 +370,24 @@ async def ingest_phase(args: argparse.Namespace, workdir: Path, children: list[C
     for leaders in args.ingest_leaders:
         log(f"ingest: building {args.ingest_sessions} completed sessions for {leaders} leader(s)")
         docs, raw = build_sessions(args.ingest_sessions, args.meters, args.devices, args.seed + leaders)
-        cloud, url = spawn_cloud(workdir, f"cloud-ingest-{leaders}")
-        children.append(cloud)
-        await start_children([cloud])
+        db = None
+        if args.ingest_postgres:
+            db = fresh_postgres_database(args.ingest_postgres, f"bench_ingest_{leaders}")
+        clouds = [spawn_cloud(workdir, f"cloud-ingest-{leaders}-{k + 1}", db) for k in range(args.ingest_instances)]
+        if db is not None:  # the first creates the schema alone, then the others start
+            children.append(clouds[0][0])
+            await start_children([clouds[0][0]])
+        children.extend(c for c, _ in clouds[1 if db else 0 :])
+        await start_children([c for c, _ in clouds[1 if db else 0 :]])
+        url = clouds[0][1]
         ids = sorted(docs)
         shares = [{d: docs[d] for d in ids[i::leaders]} for i in range(leaders)]
         counters = {"requests": 0, "bytes": 0}
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for i, share in enumerate(shares):
-                nursery.start_soon(one_leader, url, f"leader-{i + 1}", share, args.ingest_batch, counters)
+                target = clouds[i % len(clouds)][1]  # leaders spread over the instances
+                nursery.start_soon(one_leader, target, f"leader-{i + 1}", share, args.ingest_batch, counters)
         elapsed = time.perf_counter() - t0
         async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client:
             stats = await get_json(client, url + "/v1/stats")
@@ -373,12 +395,14 @@ async def ingest_phase(args: argparse.Namespace, workdir: Path, children: list[C
             raise DemoError(
                 f"after ingest the cloud holds {stats}, expected {len(docs)} sessions and receipts, no conflicts"
             )
-        stop_children([cloud])
-        children.remove(cloud)
+        stop_children([c for c, _ in clouds])
+        for c, _ in clouds:
+            children.remove(c)
         rate = len(docs) / elapsed
         log(f"ingest: {leaders} leader(s): {len(docs)} sessions in {elapsed:.2f} s = {rate:.1f} sessions/s")
         results.append({
-            "leaders": leaders, "sessions": len(docs), "batch_docs": args.ingest_batch, "seconds": round(elapsed, 3),
+            "leaders": leaders, "instances": len(clouds), "database": "postgresql" if db else "sqlite",
+            "sessions": len(docs), "batch_docs": args.ingest_batch, "seconds": round(elapsed, 3),
             "sessions_per_s": round(rate, 1), "requests": counters["requests"],
             "bytes_per_session": round(counters["bytes"] / len(docs), 1),
             "raw_event_bytes_per_session": round(raw / len(docs), 1),
@@ -408,7 +432,8 @@ async def run(args: argparse.Namespace, workdir: Path, children: list[Child]) ->
         "receipt bytes: deltas of the cloud's /v1/stats over the phase (bytes_received = deflated request bodies; "
         "responses, HTTP headers and probes excluded) and of the leader's forwarder bytes_sent, per session; "
         "raw_event_bytes = sum of the signed event CBOR sizes in each session document.",
-        "ingest: cloud alone over HTTP on loopback, fresh SQLite per row, sessions built with crdt beforehand "
+        f"ingest: {args.ingest_instances} cloud instance(s) alone over HTTP on loopback, "
+        f"{'a fresh PostgreSQL database' if args.ingest_postgres else 'fresh SQLite'} per row, sessions built with crdt beforehand "
         f"(authorize, start, {args.meters} meters, stop; {args.devices} charger keys, valid chains), sent with "
         f"uplink.CloudClient in batches of {args.ingest_batch} documents, Automerge sync rounds until every "
         "receipt is back; leaders > 1 run in parallel (as separate sites would), splitting the sessions. "
@@ -449,6 +474,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated numbers of leaders sending in parallel, one run each (default 1,4)",
     )
     p.add_argument(
+        "--ingest-postgres",
+        default=None,
+        help="ingest on PostgreSQL: the URL of a server's database to connect to; the benchmark creates (and "
+        "drops first) one database per row there (default: SQLite files)",
+    )
+    p.add_argument(
+        "--ingest-instances",
+        type=int,
+        default=1,
+        help="meshnode cloud processes sharing the ingest database, leaders spread over them (default 1; more "
+        "than 1 needs --ingest-postgres)",
+    )
+    p.add_argument(
         "--devices", type=int, default=10, help="charger keys the ingest sessions are signed with (default 10)"
     )
     p.add_argument("--base-address", default="127.0.0.40", help="address of node 1 (default 127.0.0.40)")
@@ -464,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--nodes must be at least 2")
     if min(args.ingest_leaders, default=1) < 1 or args.ingest_batch < 1 or args.devices < 1 or args.meters < 0:
         p.error("--ingest-leaders, --ingest-batch and --devices must be at least 1, --meters at least 0")
+    if args.ingest_instances < 1 or (args.ingest_instances > 1 and not args.ingest_postgres):
+        p.error("--ingest-instances must be at least 1, and more than 1 needs --ingest-postgres")
     if args.poll_interval <= 0 or args.timeout <= 0 or args.settle < 0:
         p.error("--poll-interval and --timeout must be positive, --settle not negative")
     return args

@@ -377,6 +377,8 @@ class Tally:
     rss_start: int = 0
     rss_after_warmup: int = 0
     rss_end: int = 0
+    rss_series: list[tuple[int, float]] = field(default_factory=list)  # (inputs, RSS MB)
+    heap: dict[str, Any] = field(default_factory=dict)  # --tracemalloc: what the Python heap grew by
     started: float = field(default_factory=time.monotonic)
 
     def record(self, target: str, data: bytes, outcome: Outcome) -> None:
@@ -404,6 +406,8 @@ class Tally:
             "rss_start_mb": round(self.rss_start / 2**20, 1),
             "rss_after_warmup_mb": round(self.rss_after_warmup / 2**20, 1),
             "rss_end_mb": round(self.rss_end / 2**20, 1),
+            "rss_series": self.rss_series,
+            **({"python_heap": self.heap} if self.heap else {}),
             "seconds": round(time.monotonic() - self.started, 1),
         }
 
@@ -461,7 +465,33 @@ class Runner:
         self._thread.join(30)
 
 
-def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int) -> None:
+def heap_growth(before: Any, after: Any, top: int = 15) -> dict[str, Any]:
+    """What the Python heap (tracemalloc) grew by between two snapshots: the
+    total and the allocation sites that grew most. RSS growth beyond this total
+    is native memory: libFuzzer's corpus and coverage tables, or the allocator's."""
+    import tracemalloc
+
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    before, after = before.filter_traces(keep), after.filter_traces(keep)
+    stats = after.compare_to(before, "traceback")
+    total_before = sum(s.size for s in before.statistics("filename"))
+    total_after = sum(s.size for s in after.statistics("filename"))
+    return {
+        "traced_mb_at_warmup": round(total_before / 2**20, 2),
+        "traced_mb_at_end": round(total_after / 2**20, 2),
+        "top_growth": [
+            {
+                "kb": round(s.size_diff / 1024, 1),
+                "blocks": s.count_diff,
+                "where": [f"{f.filename.rsplit('/site-packages/', 1)[-1]}:{f.lineno}" for f in s.traceback][-6:],
+            }
+            for s in stats[:top]
+            if s.size_diff > 0
+        ],
+    }
+
+
+def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int, trace: bool = False) -> None:
     logging.basicConfig(level=logging.CRITICAL)  # refusals are expected by the thousand
     workdir = Path(tempfile.mkdtemp(prefix="meshnode-fuzz-"))
     runner = Runner(workdir)
@@ -471,9 +501,20 @@ def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int) -> Non
         raise SystemExit(f"no target {only!r}; have {[t.name for t in runner.targets]}")
     tally = Tally(rss_start=rss_bytes())
     warmup = max(1, inputs // 10)
+    every = max(1, inputs // 50)
+    snapshots: list[Any] = []
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start(8)
 
     def finish() -> None:
         tally.rss_end = rss_bytes()
+        tally.rss_series.append((tally.inputs, round(tally.rss_end / 2**20, 1)))
+        if snapshots:
+            import tracemalloc
+
+            tally.heap = heap_growth(snapshots[0], tracemalloc.take_snapshot())
         result = tally.report([t.name for t in targets])
         text = json.dumps(result, indent=2)
         if json_path:
@@ -488,6 +529,12 @@ def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int) -> Non
         tally.record(target.name, data[1:], outcome)
         if tally.inputs == warmup:
             tally.rss_after_warmup = rss_bytes()
+            if trace:
+                import tracemalloc
+
+                snapshots.append(tracemalloc.take_snapshot())
+        if tally.inputs % every == 0:
+            tally.rss_series.append((tally.inputs, round(rss_bytes() / 2**20, 1)))
         if tally.inputs >= inputs:
             finish()
         elif json_path and tally.inputs % 20_000 == 0:  # a long run reports as it goes
@@ -522,6 +569,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the Python heap (slower): report what grew between the warm-up and the end",
+    )
     args = parser.parse_args()
     if args.list:
         runner = Runner(Path(tempfile.mkdtemp(prefix="meshnode-fuzz-")))
@@ -529,7 +581,7 @@ def main() -> None:
         print(json.dumps([t.name for t in runner.targets]))
         runner.stop()
         return
-    fuzz(args.inputs, args.target, args.json, args.seed)
+    fuzz(args.inputs, args.target, args.json, args.seed, trace=args.tracemalloc)
 
 
 if __name__ == "__main__":

@@ -472,3 +472,130 @@ async def test_an_orphaned_aiocoap_backlog_is_repaired_not_fatal() -> None:
             assert manager._repaired_backlogs == 1
             assert probe.remote not in manager._backlogs or any(r == probe.remote for r, _ in manager._active_exchanges)
             assert await a.request(b.address, "/m/hello", b"again") == b"again"
+
+
+# --------------------------------------------------------------------------
+# Overload: work its requester gave up on is not done
+
+
+class StoreGate:
+    """Holds the node's store commits while closed (a slow disk, seen through the store seam)."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+        self.open.set()
+        self.waiting = 0
+
+    def close(self) -> None:
+        self.open = trio.Event()
+
+    async def passed(self) -> None:
+        self.waiting += 1
+        try:
+            await self.open.wait()
+        finally:
+            self.waiting -= 1
+
+
+def _history_of_a_new_session(session_id: str, site: str) -> bytes:
+    """A sync message carrying the whole history of a session document the node has not seen."""
+    from automerge.core import Document, SyncState
+
+    from crdt import new_session_doc
+
+    doc = new_session_doc(
+        session_id,
+        site=site,
+        charger="charger-9",
+        connector=1,
+        id_token="TOKEN-9",
+        tariff={"currency": "EUR", "per_kwh_cents": 30},
+        created_by="charger-z",
+        actor=bytes(range(16)),
+    )
+    state = SyncState()
+    doc.receive_sync_message(state, Document().generate_sync_message(SyncState()))
+    message = doc.generate_sync_message(state)
+    assert message is not None
+    return message.encode()
+
+
+async def test_a_sync_request_whose_requester_gave_up_is_refused_and_not_applied(tmp_path) -> None:
+    """Issue 10, item 3: under overload a server must not do work nobody waits for.
+
+    Request A carries a new session; the node's store commit for it is held
+    (a slow disk), so A holds the node's receive lock. Request B, from another
+    peer, carries another new session and says its requester waits 0.4 s
+    (`ttl`). B must be answered 5.03 near its ttl, while A still holds the
+    lock, and after the commit goes through B's document must not be there:
+    the server dropped the work, the requester will ask again. Without the
+    ttl check B waits for the lock and is applied for nobody.
+    """
+    from contextlib import asynccontextmanager
+
+    from crdt import open_doc_store
+    from meshnode._discovery import StaticDiscovery
+    from meshnode._node import Node, NodeConfig
+    from meshnode._protocol import SyncRequest
+    from meshnode._transport import RemoteRefused
+
+    gate = StoreGate()
+
+    @asynccontextmanager
+    async def gated_store():  # type: ignore[no-untyped-def]
+        async with open_doc_store(tmp_path / "store.db", inline=True) as store:
+            commit = store.write_many
+
+            async def write_many(items):  # type: ignore[no-untyped-def]
+                await gate.passed()
+                await commit(items)
+
+            store.write_many = write_many  # type: ignore[method-assign]
+            yield store
+
+    node_at, client_at = "127.0.13.1", "127.0.13.2"
+    async with trio_asyncio.open_loop():
+        async with (
+            open_coap_transport(node_at, free_port(node_at)) as server,
+            open_coap_transport(client_at, free_port(client_at)) as client,
+        ):
+            node = Node(
+                NodeConfig(node_id="charger-a", data_dir=tmp_path, seed=3),
+                transport=server,
+                discovery=StaticDiscovery([]),
+                store=gated_store,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.serve)
+                site = node.config.site
+                a_id, b_id = "a" * 32, "b" * 32
+                a = SyncRequest("peer-a", {a_id: _history_of_a_new_session(a_id, site)}).encode()
+                b = SyncRequest("peer-b", {b_id: _history_of_a_new_session(b_id, site)}, ttl_ms=400).encode()
+                answered_a = trio.Event()
+
+                async def send_a() -> None:
+                    await client.request(server.address, "/m/sync", a, timeout=30)
+                    answered_a.set()
+
+                gate.close()
+                nursery.start_soon(send_a)
+                try:  # the commit runs shielded: a failed assertion must still let it finish
+                    with trio.fail_after(10):
+                        while gate.waiting == 0:  # A is in its commit, holding the receive lock
+                            await trio.sleep(0.01)
+                    t0 = trio.current_time()
+                    with pytest.raises(RemoteRefused) as refused:
+                        await client.request(server.address, "/m/sync", b, timeout=3)
+                    assert refused.value.code == "5.03", refused.value
+                    assert trio.current_time() - t0 < 2.0  # near its ttl, not when the lock came free
+                    assert gate.waiting == 1 and not answered_a.is_set()  # A still held: B gave up first
+                finally:
+                    gate.open.set()
+                with trio.fail_after(10):
+                    await answered_a.wait()
+                    while server._dispatcher.in_flight:  # every handler has returned
+                        await trio.sleep(0.01)
+                assert a_id in node.replica.docs
+                assert b_id not in node.replica.docs, "the abandoned request was applied after its requester gave up"
+                assert node.counters.get("sync_requests_abandoned") == 1
+                nursery.cancel_scope.cancel()

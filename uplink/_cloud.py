@@ -33,7 +33,9 @@ Idempotence: Automerge sync applies a change once, events and conflicts are
 keyed by content, receipts by session; ingestion of a document is serialised by
 a per-document `trio.Lock` and every database transaction by the ledger's lock.
 So a re-sent batch, a second leader, or two leaders racing change nothing the
-second time. One service process per database (the documents live in memory).
+second time. Several service processes may share one PostgreSQL database: a
+transaction locks its sessions and devices in the database and merges the
+stored documents first (`CloudService._catch_up`).
 
 Stats: `duplicates_rejected` counts sync messages that carried changes (a
 non-empty change list) and applied cleanly yet added no change to the document:
@@ -552,6 +554,11 @@ def _peek_device(blob: bytes) -> str | None:
         return None
 
 
+def _session_devices(data: Any) -> set[str]:
+    """Devices a session names: declared keys and the signers of its events."""
+    return set(data.devices) | {d for b in data.events.values() if (d := _peek_device(b))}
+
+
 def _valid_events(session_id: str, events: Mapping[str, bytes], keyring: Keyring) -> list[SignedEvent]:
     """Events that verify, are stored under their own id and belong to this session."""
     out = []
@@ -670,6 +677,9 @@ class CloudService:
         self._trust_document_keys = trust_document_keys
         self._wall_clock = wall_clock
         self._locks: dict[str, trio.Lock] = {}
+        # heads_hash of each document as this process last stored or loaded it: a stored
+        # document with other heads was written by another process (see `_catch_up`).
+        self._known_heads: dict[str, bytes] = self.replica.heads_hashes()
         self.issuer = bytes(signing_key.verify_key).hex()
         self.metrics = CloudMetrics(self)
         self.app = _build_app(lambda _request: self)
@@ -790,6 +800,7 @@ class CloudService:
         request changed (`site`), and re-price requested sessions still unpriced."""
         issued = []
         with self.ledger.transaction() as tx:
+            changed = self._catch_up(tx, dict(changed), requested)
             if site is not None and (saved := self.site_configs.saved(site)) is not None:
                 tx.save_site_config(site, saved, now)
             changed = dict(changed)
@@ -800,6 +811,30 @@ class CloudService:
                     issued.append(doc_id)
             tx.add_stats(delta)
         return issued
+
+    def _catch_up(self, tx: Tx, changed: dict[str, Document], requested: Sequence[str]) -> dict[str, Document]:
+        """Make this transaction the only one reconciling these sessions, in any process,
+        and start it from what the database holds.
+
+        Several instances may share one database. First every session the request
+        names and every device of the changed documents is locked (`Tx.lock_keys`,
+        until COMMIT). Then a stored document this process did not write itself
+        (its stored heads are not the ones it last saw) is merged into the one in
+        memory: a receipt another instance issued is then in the document and in
+        the ledger row, and is reused, never issued again.
+        """
+        if self.ledger.backend == "postgresql":
+            docs = {d: self.replica.docs[d] for d in {*changed, *requested} if d in self.replica.docs}
+            devices = {d for doc in docs.values() for d in _session_devices(read_session(doc))}
+            tx.lock_keys([f"session:{d}" for d in docs] + [f"device:{d}" for d in devices])
+        for doc_id, stored in tx.document_heads(changed).items():
+            if stored == self._known_heads.get(doc_id) or stored == heads_hash(changed[doc_id].get_heads()):
+                continue
+            blob = tx.document(doc_id)
+            if blob is not None:
+                changed[doc_id].merge(Document.load(blob))
+                self._known_heads[doc_id] = stored
+        return changed
 
     def _write_receipt(self, doc_id: str, doc: Document, receipt: bytes) -> None:
         """The one change the service authors in a document; with `actor_for` its
@@ -813,7 +848,7 @@ class CloudService:
         data = read_session(doc)
         conflicts: list[tuple[str, str, str]] = []
 
-        devices = set(data.devices) | {d for b in data.events.values() if (d := _peek_device(b))}
+        devices = _session_devices(data)
         declared = {d: k for d, k in data.devices.items() if len(k) == 32}
         trusted = self._trusted
         if self._certify is not None:
@@ -858,7 +893,9 @@ class CloudService:
         billed = {r["event_id"]: r["data"] for r in tx.session_events(doc_id) if r["status"] == OK}
         removed = [e for e in billed if e not in data.events]
         conflicts += [(e, EVENT_REMOVED, "event is no longer in the document; still billed") for e in removed]
-        view = fold(doc_id, billed, keys.keyring)
+        # The fold is pure: when the billed events are exactly the document's, its
+        # result is the fold of everything, already computed.
+        view = everything if billed == data.events else fold(doc_id, billed, keys.keyring)
         conflicts += [(c.event_id, c.kind, c.detail) for c in view.conflicts]
         tx.mark_applied(doc_id, view.event_ids)
 
@@ -921,7 +958,9 @@ class CloudService:
             "pricing": pricing, "first_seen": row["first_seen"] if row else now,
             "updated": now,
         })  # fmt: skip
-        tx.save_document(doc_id, doc.save(), heads_hash(doc.get_heads()), now)
+        saved_heads = heads_hash(doc.get_heads())
+        tx.save_document(doc_id, doc.save(), saved_heads, now)
+        self._known_heads[doc_id] = saved_heads
         return issued
 
     # --- reads -----------------------------------------------------------------------

@@ -27,8 +27,14 @@ Tables (the schema is created on first open):
 Concurrency: one connection guarded by one lock. Every call is blocking and
 meant to run in a worker thread (`trio.to_thread.run_sync`); a transaction holds
 the lock from BEGIN to COMMIT, so transactions of this process never interleave
-and the service's cross-session chain checks see a consistent table. One
-service process per database: the service keeps the documents in memory too.
+and the service's cross-session chain checks see a consistent table.
+
+Several service processes on one PostgreSQL database: a transaction first takes
+`lock_keys` (advisory transaction locks, one per session and device it touches,
+in one global order), so two processes never reconcile the same session or
+device at once; on SQLite, `BEGIN IMMEDIATE` already serialises every writer of
+the file. Each process keeps documents in memory and merges what another one
+stored (`document_heads`, `document`) inside the locked transaction.
 
 Durability: SQLite runs in WAL mode with `synchronous=FULL`, so COMMIT returns
 after the data reached the disk; PostgreSQL commits durably by default.
@@ -36,6 +42,7 @@ after the data reached the disk; PostgreSQL commits durably by default.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -309,6 +316,34 @@ class Tx:
     def _in(self, values: Sequence[Any]) -> str:
         return ", ".join("?" for _ in values)
 
+    # --- several processes on one database ------------------------------------------
+
+    def lock_keys(self, keys: Iterable[str]) -> None:
+        """Hold these keys until the transaction ends, against every other process.
+
+        PostgreSQL: `pg_advisory_xact_lock` on a 64-bit hash of each key, taken
+        in ascending order (every transaction takes all its keys first, in the
+        same order, so two never wait on each other in a cycle; a hash collision
+        only serialises a little more). SQLite: nothing to do, `BEGIN IMMEDIATE`
+        already holds the whole file.
+        """
+        if self._dialect.name != "postgresql":
+            return
+        for lock in sorted({lock_id(k) for k in keys}):
+            self.execute("SELECT pg_advisory_xact_lock(?)", (lock,))
+
+    def document_heads(self, session_ids: Iterable[str]) -> dict[str, bytes]:
+        """The stored `heads_hash` of these sessions' documents (those stored)."""
+        ids = sorted(set(session_ids))
+        out: dict[str, bytes] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            rows = self.query(
+                f"SELECT session_id, heads_hash FROM documents WHERE session_id IN ({self._in(part)})", part
+            )
+            out.update((r["session_id"], r["heads_hash"]) for r in rows)
+        return out
+
     # --- documents ---------------------------------------------------------------
 
     def documents(self) -> list[tuple[str, bytes]]:
@@ -380,15 +415,21 @@ class Tx:
 
     def events_at(self, slots: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:
         """Every stored event in the given (device_id, seq) slots, whatever its status."""
+        # One range query per device (a session's events are consecutive in their
+        # device's chain), filtered here to the slots asked for.
+        wanted = set(slots)
+        ranges: dict[str, tuple[int, int]] = {}
+        for device_id, seq in wanted:
+            low, high = ranges.get(device_id, (seq, seq))
+            ranges[device_id] = (min(low, seq), max(high, seq))
         out: list[dict[str, Any]] = []
-        for device_id, seq in sorted(set(slots)):
-            out.extend(
-                self.query(
-                    "SELECT event_id, device_id, seq, session_id, chain_hash, prev, status FROM events "
-                    "WHERE device_id = ? AND seq = ?",
-                    (device_id, seq),
-                )
+        for device_id, (low, high) in sorted(ranges.items()):
+            rows = self.query(
+                "SELECT event_id, device_id, seq, session_id, chain_hash, prev, status FROM events "
+                "WHERE device_id = ? AND seq BETWEEN ? AND ? ORDER BY seq, event_id",
+                (device_id, low, high),
             )
+            out.extend(r for r in rows if (r["device_id"], r["seq"]) in wanted)
         return out
 
     def insert_events(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -406,8 +447,16 @@ class Tx:
         )
 
     def mark_applied(self, session_id: str, applied: Iterable[str]) -> None:
-        self.execute("UPDATE events SET applied = 0 WHERE session_id = ?", (session_id,))
-        self.executemany("UPDATE events SET applied = 1 WHERE event_id = ?", [(e,) for e in sorted(applied)])
+        ids = sorted(set(applied))
+        if not ids or len(ids) > 500:
+            self.execute("UPDATE events SET applied = 0 WHERE session_id = ?", (session_id,))
+            self.executemany("UPDATE events SET applied = 1 WHERE event_id = ?", [(e,) for e in ids])
+            return
+        self.execute(  # one statement: this session's applied events 1, the rest 0
+            f"UPDATE events SET applied = CASE WHEN event_id IN ({self._in(ids)}) THEN 1 ELSE 0 END "
+            "WHERE session_id = ?",
+            (*ids, session_id),
+        )
 
     # --- conflicts ---------------------------------------------------------------
 
@@ -486,6 +535,11 @@ class Tx:
             "(SELECT count(*) FROM ledger WHERE receipt IS NOT NULL) AS receipts"
         )[0]
         return {**counters, **{k: int(v) for k, v in counts.items()}}
+
+
+def lock_id(key: str) -> int:
+    """A signed 64-bit number for a lock key (PostgreSQL's advisory lock space)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def _plain(value: Any) -> Any:

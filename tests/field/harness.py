@@ -98,6 +98,7 @@ class Proc:
         self.restart_at: float | None = None
         self.kills = 0
         self.ready_after_s: list[float] = []  # start to ready line, per start
+        self.absent: list[list[float | None]] = []  # [killed or exited, ready again] (for the receipt figures)
         self.cpu_s = 0.0  # user + system CPU of its runs that the harness ended (a crashed run is gone from /proc)
 
     @property
@@ -140,6 +141,8 @@ class Proc:
                 if info.get("ready") is True:
                     self.ready, self.ready_info = True, info
                     self.ready_after_s.append(round(self.clock() - self.started_at, 1))
+                    if self.absent and self.absent[-1][1] is None:
+                        self.absent[-1][1] = self.clock()
         return self.ready
 
     def _account_cpu(self) -> None:
@@ -160,6 +163,7 @@ class Proc:
             self.popen.kill()
             self.popen.wait()
             self.kills += 1
+            self.absent.append([self.clock(), None])
         self.ready = False
 
     def terminate(self, timeout: float = 20.0) -> int | None:
@@ -183,6 +187,7 @@ class Proc:
             return None
         code = self.popen.returncode
         self.held_down = True
+        self.absent.append([self.clock(), None])
         tail, exception = last_error(self.log_path)
         self.crashes.append(
             {
@@ -535,6 +540,7 @@ class FieldRun:
         self.timeline: list[str] = []
         self.anomalies: list[str] = []
         self.faulted: dict[str, str] = {}  # node -> what is being done to it
+        self.isolated_at: dict[str, list[list[float | None]]] = {}  # node -> [isolated, rejoined]
         self.heal_t: float | None = None
         self.converged_t: float | None = None
         self.converge_why = ""
@@ -759,6 +765,7 @@ class FieldRun:
         if f.kind == "isolate":
             self.faulted[node] = "isolated"
             self.net.isolate(node)
+            self.isolated_at.setdefault(node, []).append([self.clock(), None])
             self.mark(f"{node} ({f.target}) isolated for {f.duration:g} s")
             return [(f.duration, lambda: self._rejoin(node))]
         if f.kind == "uplink":
@@ -786,6 +793,7 @@ class FieldRun:
 
     def _rejoin(self, node: str) -> None:
         self.net.rejoin(node)
+        self._rejoined(node)
         self.faulted.pop(node, None)
         self.mark(f"{node} rejoined the LAN")
 
@@ -794,7 +802,14 @@ class FieldRun:
         self.faulted.pop(node, None)
         self.mark(f"{node}'s uplink restored")
 
+    def _rejoined(self, node: str) -> None:
+        for window in self.isolated_at.get(node, []):
+            if window[1] is None:
+                window[1] = self.clock()
+
     def heal(self) -> None:
+        for node in self.net.isolated:
+            self._rejoined(node)
         self.net.heal()
         for name, what in list(self.faulted.items()):
             if what == "killed":
@@ -1011,15 +1026,14 @@ class FieldRun:
         failures += self.anomalies
 
         # Figures.
-        spreads, stop_to_all = [], []
-        stops = {a.session_id: a.stop_acked_at for a in acked if a.stop_acked_at is not None}
-        for sid in rows:
-            seen = [m.reconciled_at.get(sid) for m in self.monitors.values()]
-            if None in seen or not seen:
-                continue
-            spreads.append(max(seen) - min(seen))  # type: ignore[type-var,operator]
-            if stops.get(sid) is not None:
-                stop_to_all.append(max(seen) - stops[sid])  # type: ignore[type-var,operator]
+        stops = {a.session_id: a.stop_acked_at for a in acked if a.session_id and a.stop_acked_at is not None}
+        absent = {
+            name: [(w[0] or 0.0, w[1]) for w in self.nodes[name].absent + self.isolated_at.get(name, [])]
+            for name in self.names
+        }
+        receipts = receipt_figures(
+            {name: m.reconciled_at for name, m in self.monitors.items()}, list(rows), stops, absent, self.clock()
+        )
         latencies = sorted(x for c in self.chargers.values() for x in c.latencies)
         outcomes: Counter[str] = Counter()
         for c in self.chargers.values():
@@ -1051,8 +1065,7 @@ class FieldRun:
             "leader_after_heal": self.agreed_leader(),
             "leaders_at_end": self.leaders_now(),
             "leader_changes": leader_changes,
-            "receipt_spread_s": _percentiles(spreads),
-            "stop_to_receipt_on_every_node_s": _percentiles(stop_to_all),
+            **receipts,
             "api": {
                 "outcomes": dict(sorted(outcomes.items())),
                 "latency_s": _percentiles(latencies),
@@ -1274,6 +1287,70 @@ def audit_nodes(
     if receipts:
         out.append(f"{len(receipts)} receipts on nodes differ from the ledger's, or are missing: {receipts[:10]}")
     return out
+
+
+def receipt_figures(
+    seen: dict[str, dict[str, float]],
+    sessions: list[str],
+    stops: dict[str, float],
+    absent: dict[str, list[tuple[float, float | None]]],
+    now: float,
+) -> dict[str, Any]:
+    """How long receipts took to reach every node, and why the slow ones were slow.
+
+    `seen`: node -> session -> when its monitor first saw the session reconciled;
+    `stops`: when each session's stop was acknowledged; `absent`: per node, the
+    windows it could not hear the mesh (killed or exited until ready again,
+    isolated until it rejoined; an open window lasts until `now`).
+
+    Besides the spread (first node to last) and stop-to-every-node over all
+    sessions, the same figures over the sessions whose receipt window met no
+    absent node (`..._all_present_s`): what the mesh takes under loss alone. The
+    ten slowest sessions list the last node and whether it was absent meanwhile.
+    """
+    spreads, stop_to_all, spreads_present, stop_present = [], [], [], []
+    slowest: list[tuple[float, dict[str, Any]]] = []
+
+    def was_absent(node: str, start: float, end: float) -> bool:
+        return any(a < end and (b if b is not None else now) > start for a, b in absent.get(node, []))
+
+    for sid in sessions:
+        times = {node: got.get(sid) for node, got in seen.items()}
+        if not times or None in times.values():
+            continue
+        at = {node: t for node, t in times.items() if t is not None}
+        first, last = min(at.values()), max(at.values())
+        last_node = max(at, key=lambda n: at[n])
+        stop = stops.get(sid)
+        start = stop if stop is not None else first
+        present = not any(was_absent(node, start, last) for node in at)
+        spreads.append(last - first)
+        if present:
+            spreads_present.append(last - first)
+        if stop is not None:
+            stop_to_all.append(last - stop)
+            if present:
+                stop_present.append(last - stop)
+        slowest.append(
+            (
+                last - start,
+                {
+                    "session": sid[:8],
+                    "stop_t": None if stop is None else round(stop, 1),
+                    "first": f"{min(at, key=lambda n: at[n])} at {first:.1f}",
+                    "last": f"{last_node} at {last:.1f}",
+                    "absent_meanwhile": sorted(node for node in at if was_absent(node, start, last)),
+                },
+            )
+        )
+    slowest.sort(key=lambda x: -x[0])
+    return {
+        "receipt_spread_s": _percentiles(spreads),
+        "stop_to_receipt_on_every_node_s": _percentiles(stop_to_all),
+        "receipt_spread_all_present_s": _percentiles(spreads_present),
+        "stop_to_receipt_all_present_s": _percentiles(stop_present),
+        "receipt_slowest": [entry for _, entry in slowest[:10]],
+    }
 
 
 def _percentiles(values: Iterable[float]) -> dict[str, float | int | None]:

@@ -1,6 +1,7 @@
 """The field suite's network: one namespace per host, a bridge between them, a cloud behind two uplinks.
 
-Layout (every name starts with ``fld``; ``TAG`` is ``fld<pid of the harness>``)::
+Layout (every namespace name starts with ``PREFIX``, ``field`` unless ``MESHNODE_FIELD_PREFIX`` says
+otherwise; ``TAG`` is ``PREFIX<pid of the harness>``; interfaces, inside the namespaces, are ``fld...``)::
 
     TAG-hub    bridge fldbr, one port fldpK per node             (no address: a switch)
     TAG-nK     fldm  10.78.0.K/24   -- veth --  fldpK in TAG-hub (the site LAN)
@@ -45,7 +46,11 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-PREFIX = "fld"
+# Namespace names start with PREFIX (interfaces live inside the namespaces, so their short `fld...`
+# names never meet another run's). Set MESHNODE_FIELD_PREFIX to keep concurrent users apart.
+PREFIX = os.environ.get("MESHNODE_FIELD_PREFIX", "field")
+if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", PREFIX):
+    raise ValueError(f"MESHNODE_FIELD_PREFIX {PREFIX!r}: lower-case letters and digits, at most 16")
 LAN = "10.78.0"
 CLOUD_ADDRESS = "10.78.200.1"
 CLONE_NEWNET = 0x40000000

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .harness import Attempt, audit_ledger, audit_nodes
+from .harness import Attempt, audit_ledger, audit_nodes, receipt_figures
 
 
 def sid(a: Attempt) -> str:
@@ -199,3 +199,21 @@ def test_an_acknowledged_event_missing_on_the_node_that_acknowledged_it_is_not_d
     views = nodes_for(attempts, rows)
     views["n2"][sid(attempts[0])]["events"].pop()  # only a replica behind: not a durability failure
     assert not any("not durable" in f for f in audit_nodes(attempts, views, rows))
+
+
+def test_receipt_figures_tell_a_slow_mesh_from_a_node_that_was_away() -> None:
+    seen = {
+        "n1": {"a": 10.0, "b": 20.0, "c": 30.0},
+        "n2": {"a": 12.0, "b": 80.0, "c": 31.0},  # n2 was isolated from 40 to 75: b waited for it
+        "n3": {"a": 30.0, "b": 21.0},  # c never reached n3: not counted
+    }
+    stops = {"a": 5.0, "b": 15.0, "c": 25.0}
+    out = receipt_figures(seen, ["a", "b", "c"], stops, {"n2": [(40.0, 75.0)], "n3": [(200.0, None)]}, 300.0)
+    assert out["receipt_spread_s"]["n"] == 2
+    assert out["receipt_spread_s"]["max"] == 60.0  # b: 20 -> 80
+    assert out["receipt_spread_all_present_s"] == {"n": 1, "p50": 20.0, "p95": 20.0, "max": 20.0}  # a only
+    assert out["stop_to_receipt_all_present_s"]["max"] == 25.0
+    slowest = out["receipt_slowest"]
+    assert [s["session"] for s in slowest] == ["b", "a"]
+    assert slowest[0]["last"] == "n2 at 80.0" and slowest[0]["absent_meanwhile"] == ["n2"]
+    assert slowest[1]["absent_meanwhile"] == []
