@@ -211,7 +211,13 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients adding sessions")
     p.add_argument("--mesh", type=int, default=10, help="nodes in the idle mesh (default 10; 0 skips it)")
     p.add_argument("--idle-seconds", type=float, default=20.0, help="CPU measurement window (default 20)")
-    p.add_argument("--settle", type=float, default=3.0, help="idle seconds before each measurement (default 3)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=20.0,
+        help="idle seconds before each measurement (default 20: an idle node's anti-entropy backs off "
+        "from 1 s to 8 s over its first quiet exchanges, about 15 s; measure the idle state, not the way in)",
+    )
     p.add_argument("--base-address", default="127.0.14.10", help="first loopback address (default 127.0.14.10)")
     p.add_argument("--coap-port", type=int, default=25683)
     p.add_argument("--http-port", type=int, default=28080)

@@ -76,11 +76,14 @@ R9. Delta gossip (memberlist's ``TransmitLimitedQueue``): ``piggyback`` returns
     our own record, then queued updates, then heartbeat refreshes, within a
     caller's ``limit``. ``merge`` queues what is news: a new member, a record
     whose incarnation, score, leader, address or version changed, a peer back from
-    DEAD or forgotten (back from SUSPECT is a refresh: it was live everywhere). A queued update is sent at most
+    forgotten (back from SUSPECT or DEAD is a refresh, see ``merge``). A queued
+    update is sent at most
     ``retransmit_mult * ceil(log10(N + 1))`` times (N: live members with us), least
     sent and then newest first; a newer update of the same node replaces it. A
-    heartbeat-only advance is a refresh: passed on once, with room left.
-    ``digest`` hashes what the election and the verdicts read (no heartbeats), so
+    heartbeat-only advance is a refresh: passed on ``refresh_sends`` times, with
+    room left, those of nodes that may lead first.
+    ``digest`` hashes what the election reads (the live members, their
+    incarnations, claims and score classes; no heartbeats, no ALIVE/SUSPECT), so
     idle peers compare 12 bytes and exchange ``records_for_gossip`` only when
     they differ.
 R10. No work twice: records are checked once, when built or parsed (our own
@@ -118,8 +121,11 @@ Invariants (numbered; tests check each)
 Defaults, and why
 -----------------
 
-- Heartbeat every 1 s (the caller's tick) matches the gossip period of DESIGN.md,
-  so each gossip round carries a fresh heartbeat.
+- Heartbeat every 1 s (the caller's tick, or ``heartbeat_period`` when the record is
+  sent) matches the gossip period of DESIGN.md, so each gossip round carries a fresh
+  heartbeat.
+- ``refresh_sends = 1`` here; the node passes 6 (docs/membership.md, "Delta gossip"):
+  a heartbeat passed on once travels as a single random walk.
 - ``suspect_after = 5.0`` (DESIGN.md): five heartbeat periods. Heartbeats travel
   several gossip hops, so a distant node sees a peer's heartbeat advance in
   irregular steps; five seconds without any advance tolerates a few lost
@@ -434,17 +440,18 @@ class MemberView(NamedTuple):
 
 
 _LIVE = (PeerState.ALIVE, PeerState.SUSPECT)
-_STATE_CODE = {PeerState.ALIVE: b"A", PeerState.SUSPECT: b"S"}
 
 
 _DIGEST_MOD = 2**128
 
 
-def _digest_row(record: MemberRecord, state: PeerState | None, threshold: int, bucket_size: int) -> int:
+def _digest_row(record: MemberRecord, threshold: int, bucket_size: int) -> int:
+    # One live member's term (R9). Not its ALIVE/SUSPECT verdict: SUSPECT is live for
+    # the election and for gossip, and it begins at different moments on different
+    # nodes (heartbeats travel hops), so hashing it made idle neighbours differ all the time.
     node_id = record.node_id.encode()
     h = hashlib.blake2b(digest_size=16)
     h.update(len(node_id).to_bytes(1, "big") + node_id + record.incarnation.to_bytes(8, "big"))
-    h.update(_STATE_CODE[state])  # type: ignore[index]
     h.update(b"L" if record.leader == record.node_id else b"-")
     h.update(b"E" if record.uplink_score >= threshold else b"-")
     h.update((record.uplink_score // bucket_size).to_bytes(1, "big"))
@@ -509,6 +516,13 @@ class Membership:
         threshold: the election's default lowest score that may lead (R7).
         bucket_size: the election's default score class width (R7); the digest
             carries scores at this granularity.
+        heartbeat_period: if set, ``piggyback`` raises our heartbeat itself when
+            the last raise is at least this old, so a caller whose ticks are
+            rarer than its heartbeat period (an idle node) still sends a
+            heartbeat that is at most one period old.
+        refresh_sends: how many times a peer's heartbeat advance is passed on
+            (R9). Once, a heartbeat travels as a random walk that dies where it
+            meets a copy; a few times, as an epidemic.
 
     Raises:
         ValueError: the timeouts are not ``0 < suspect_after < dead_after`` and
@@ -525,6 +539,8 @@ class Membership:
         retransmit_mult: int = DEFAULT_RETRANSMIT_MULT,
         threshold: int = DEFAULT_THRESHOLD,
         bucket_size: int = DEFAULT_BUCKET_SIZE,
+        heartbeat_period: float | None = None,
+        refresh_sends: int = 1,
     ) -> None:
         if not isinstance(self_record, MemberRecord):
             raise TypeError(f"self_record must be a MemberRecord, got {type(self_record).__name__}")
@@ -537,7 +553,14 @@ class Membership:
         if type(bucket_size) is not int or bucket_size < 1:
             raise ValueError(f"bucket_size must be an int >= 1, got {bucket_size!r}")
         _check_counter("threshold", threshold, 101)
+        if heartbeat_period is not None and not (0 < heartbeat_period and math.isfinite(heartbeat_period)):
+            raise ValueError(f"heartbeat_period must be a positive number or None, got {heartbeat_period!r}")
         self._self = self_record
+        self.heartbeat_period = heartbeat_period
+        if type(refresh_sends) is not int or refresh_sends < 1:
+            raise ValueError(f"refresh_sends must be an int >= 1, got {refresh_sends!r}")
+        self.refresh_sends = refresh_sends
+        self._beat_at = -math.inf
         self.suspect_after = float(suspect_after)
         self.dead_after = float(dead_after)
         self.forget_after = float(forget_after)
@@ -560,7 +583,8 @@ class Membership:
         self._queue: dict[str, list[int]] = {}
         self._qheap: list[tuple[int, int, str]] = []
         self._seq = 0
-        self._fresh: dict[str, None] = {}
+        self._fresh: dict[str, int] = {}  # node id -> sends left of its latest heartbeat
+        self._fresh_first: dict[str, int] = {}  # refreshes of nodes that may lead: sent first
 
     # -- our own record --------------------------------------------------------
 
@@ -592,6 +616,7 @@ class Membership:
     def tick(self, now: float) -> MemberRecord:
         """Raise our heartbeat (call once per heartbeat period) and return our new record."""
         self._advance(now)
+        self._beat_at = now
         return self._bump()
 
     def set_uplink_score(self, score: int) -> MemberRecord:
@@ -688,10 +713,15 @@ class Membership:
                 entry.last_changed = now
                 if was is not PeerState.ALIVE:
                     self._seen(entry, now)
-                    if was is not PeerState.SUSPECT:
-                        self._enqueue(node_id)  # back from DEAD or forgotten: news (R9)
+                    if was is None:
+                        self._enqueue(node_id)  # back from forgotten: news (R9)
                     elif node_id not in self._queue:
-                        self._fresh[node_id] = None  # SUSPECT is still live everywhere: a refresh
+                        # Back from SUSPECT or DEAD: a refresh (R9). A DEAD verdict is
+                        # mostly our own timeout on a far node whose heartbeats came
+                        # slowly while others held it live; as news, each such flip
+                        # took 12-16 sends of every holder, crowded the heartbeats out
+                        # and caused more flips (bench/sim.py, 50 nodes).
+                        self._refresh(record)
             if (
                 record.incarnation != old.incarnation
                 or record.uplink_score != old.uplink_score
@@ -703,10 +733,19 @@ class Membership:
                     self._enqueue(node_id)
                     self._set_row(entry)
             elif newer and node_id not in self._queue and entry.state in _LIVE:
-                self._fresh[node_id] = None
+                self._refresh(record)
             if entry.state in _LIVE:
                 self._live[bisect.bisect_left(self._live_ids, node_id)] = record
         return sorted(changed)
+
+    def _refresh(self, record: MemberRecord) -> None:
+        # R9: a heartbeat advance to pass on `refresh_sends` times. Nodes that may lead
+        # (eligible, or claiming) go first: the election reads their liveness, and a
+        # refresh budget too small for the whole view must not let a leader look DEAD.
+        if record.uplink_score >= self.threshold or record.leader == record.node_id:
+            self._fresh_first[record.node_id] = self.refresh_sends
+        else:
+            self._fresh[record.node_id] = self.refresh_sends
 
     def _enqueue(self, node_id: str) -> None:
         # R9: a newer update about a node replaces the queued one (memberlist's
@@ -714,6 +753,7 @@ class Membership:
         self._seq += 1
         self._queue[node_id] = [0, self._seq]
         self._fresh.pop(node_id, None)
+        self._fresh_first.pop(node_id, None)
         # The queue's order lives in a heap of (times sent, -sequence, id), like
         # memberlist's btree; replaced or dropped updates leave stale items behind,
         # skipped when popped, and the heap is rebuilt when they pile up.
@@ -831,16 +871,18 @@ class Membership:
             del self._live[pos]
             self._queue.pop(node_id, None)  # R4: the dead are not gossiped
             self._fresh.pop(node_id, None)
+            self._fresh_first.pop(node_id, None)
         elif is_live and not was_live:
             pos = bisect.bisect_left(self._live_ids, node_id)
             self._live_ids.insert(pos, node_id)
             self._live.insert(pos, entry.record)
-        self._set_row(entry)
+        if was_live != is_live:
+            self._set_row(entry)  # ALIVE <-> SUSPECT leaves the digest as it is (R9)
 
     def _set_row(self, entry: _Entry) -> None:
         # The digest is a sum of one hash per live member, so one member's change
         # costs one hash, not a pass over the view (R10).
-        # Lazily: a peer that flips ALIVE/SUSPECT many times between two digests is hashed once.
+        # Lazily: a peer that flips live/DEAD many times between two digests is hashed once.
         self._rows_stale.add(entry.record.node_id)
         self._version += 1
 
@@ -923,11 +965,11 @@ class Membership:
 
         First our own record (its heartbeat current), then queued updates (a new
         member, a changed incarnation, score, leader or address, a peer back from
-        DEAD or forgotten), least sent first and newest first among equals, each
+        forgotten), least sent first and newest first among equals, each
         counted and dropped after ``retransmit_limit`` sends; then, with room
         left, heartbeat refreshes: peers whose heartbeat advanced since we last
-        passed their record on, longest waiting first, each passed on once per
-        advance. The refreshes are what keeps a gossip-style failure detector
+        passed their record on, those that may lead (eligible or claiming) first,
+        then longest waiting first, each passed on once per advance. The refreshes are what keeps a gossip-style failure detector
         alive beyond direct neighbours; the queue is what makes a change reach
         everyone in O(log N) rounds.
 
@@ -936,6 +978,8 @@ class Membership:
         """
         if type(limit) is not int or limit < 1:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        if self.heartbeat_period is not None and now >= self._beat_at + self.heartbeat_period:
+            self.tick(now)  # a lazy heartbeat: raised when it is sent, not on a timer (R6)
         self._advance(now)
         out = [self._self]
         if limit == 1:
@@ -957,13 +1001,17 @@ class Membership:
                 else:
                     again.append((slot[0], neg_seq, node_id))
                 self._fresh.pop(node_id, None)
+                self._fresh_first.pop(node_id, None)
             for item in again:
                 heapq.heappush(qheap, item)
-        if len(out) < limit and self._fresh:
-            taken = list(itertools.islice(self._fresh, limit - len(out)))
-            for node_id in taken:
-                del self._fresh[node_id]
-                out.append(peers[node_id].record)
+        for fresh in (self._fresh_first, self._fresh):
+            if len(out) < limit and fresh:
+                taken = list(itertools.islice(fresh, limit - len(out)))
+                for node_id in taken:
+                    left = fresh.pop(node_id) - 1
+                    if left > 0:
+                        fresh[node_id] = left  # again, after those waiting longer
+                    out.append(peers[node_id].record)
         return tuple(out)
 
     def pending_updates(self) -> int:
@@ -974,23 +1022,22 @@ class Membership:
         """A 12-byte summary of what the election and membership read (R9).
 
         Over ourselves and every ALIVE or SUSPECT peer, one BLAKE2b row per member,
-        ``(node_id, incarnation, ALIVE/SUSPECT, claims to lead, eligible, score //
-        bucket_size)``, summed (so a change costs one row) and hashed once more. Heartbeats are left out, so two idle peers with the same
-        members, verdicts and claims have the same digest and need exchange nothing
-        more; when digests differ, ``records_for_gossip`` settles it.
+        ``(node_id, incarnation, claims to lead, eligible, score // bucket_size)``,
+        summed (so a change costs one row) and hashed once more. Heartbeats and the
+        ALIVE/SUSPECT distinction are left out (both are live), so two idle peers
+        with the same live members and claims have the same digest and need
+        exchange nothing more; when digests differ, a larger piggyback settles it.
         """
         self._advance(now)
         total = self._digest_sum
         for node_id in self._rows_stale:
             entry = self._peers[node_id]
-            row = (
-                _digest_row(entry.record, entry.state, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
-            )
+            row = _digest_row(entry.record, self.threshold, self.bucket_size) if entry.state in _LIVE else 0
             total += row - entry.row
             entry.row = row
         self._rows_stale.clear()
         self._digest_sum = total % _DIGEST_MOD
-        own = _digest_row(self._self, PeerState.ALIVE, self.threshold, self.bucket_size)
+        own = _digest_row(self._self, self.threshold, self.bucket_size)
         total = (self._digest_sum + own) % _DIGEST_MOD
         return hashlib.blake2b(total.to_bytes(16, "big"), digest_size=DIGEST_SIZE).digest()
 

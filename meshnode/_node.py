@@ -97,6 +97,7 @@ from ._protocol import (
     SyncResponse,
 )
 from .core import Action, Neighbour, Replicator, SendHello, SendPush, StartExchange, SyncDocs, Tick, build_push
+from .core.neighbours import Cadence
 from ._security import (
     Authorization,
     Identity,
@@ -151,6 +152,9 @@ class NodeConfig:
     data_dir: Path
     site: str = "default"
     gossip_interval: float = 1.0
+    idle_interval: float = 8.0
+    """Anti-entropy backs off to this period while every exchange finds the peer in
+    agreement, and returns to `gossip_interval` when one does not (`Cadence`)."""
     fanout: int = 3
     suspect_after: float = 5.0
     dead_after: float = 15.0
@@ -277,6 +281,7 @@ class Node:
             ttl=config.neighbour_ttl,
             salt=f"{seed}:{config.node_id}",
         )
+        self._cadence = Cadence(config.gossip_interval, max(config.gossip_interval, config.idle_interval))
         self._wakeup = trio.Event()
         self._ready = False
         self._ticking = False
@@ -372,6 +377,8 @@ class Node:
                 suspect_after=self.config.suspect_after,
                 dead_after=self.config.dead_after,
                 threshold=self.config.leader_threshold,
+                heartbeat_period=self.config.gossip_interval,
+                refresh_sends=6,
             )
             self.archived = set(store.sync.archived_ids())
             if SITE_CONFIG_ID not in self.replica.docs:
@@ -529,6 +536,7 @@ class Node:
         else:
             self._track(doc_id, before[2] if before else None, size)
         self._note_heads(doc_id, source=source, notify=True)
+        self._pace(quiet=False)
         for listener in self.change_listeners:
             listener(doc_id)
 
@@ -590,6 +598,16 @@ class Node:
             self.membership.set_uplink_score(score)
             for discovery in self.discoveries:
                 discovery.update_fields({"up": str(score)})
+
+    def _pace(self, *, quiet: bool) -> None:
+        """Anti-entropy and the housekeeping tick back off while exchanges find the mesh in
+        agreement, and return to `gossip_interval` when something differs (`Cadence`).
+        The heartbeat is raised when it is sent (`Membership(heartbeat_period=)`), and the
+        election re-runs here too, so a rarer tick delays neither."""
+        interval = self._cadence.quiet() if quiet else self._cadence.busy()
+        self.engine.exchange_interval = self.engine.tick_interval = interval
+        if self.membership is not None:
+            self._elect()
 
     def _elect(self) -> None:
         assert self.membership is not None
@@ -753,7 +771,9 @@ class Node:
         if isinstance(action, SendPush):
             self._push(action, nursery)
         elif isinstance(action, StartExchange):
-            request = StateRequest(self.node_id, self.heads_hash(), self.membership.digest(now), self._piggyback())
+            # An idle exchange is rare (`Cadence`): it carries as many records as a full answer.
+            records = self.membership.piggyback(now, MAX_VIEW_RECORDS)
+            request = StateRequest(self.node_id, self.heads_hash(), self.membership.digest(now), records)
             nursery.start_soon(self._exchange, action.peer, action.address, request)
         elif isinstance(action, SendHello):
             nursery.start_soon(self._hello, action.address, self._hello_message().encode())
@@ -762,7 +782,7 @@ class Node:
         elif isinstance(action, Tick):
             self.membership.tick(now)
             self._elect()
-            if not self._ticking:
+            if not self._ticking and self._receipt_ts:  # nothing to retire: no task
                 self._ticking = True
                 nursery.start_soon(self._retire_task)
 
@@ -855,8 +875,11 @@ class Node:
             self._observed(peer)
             slow = self.now() - started > self.config.request_timeout / 2
             differ: set[str] = set()
+            agree = reply.members_digest == self.membership.digest(self.now())
             if reply.heads_hash != self.heads_hash():
+                agree = False
                 differ = await self._anti_entropy(peer, address)
+            self._pace(quiet=agree and not differ)
             self.engine.exchange_done(peer, self.now(), in_sync=not differ, slow=slow, unsynced=differ)
             done = True
         except (TransportError, ProtocolError) as exc:
@@ -1142,6 +1165,8 @@ class Node:
             self.membership.merge(request.records, self.now())
         now = self.now()
         digest = self.membership.digest(now)
+        if digest != request.members_digest or request.heads_hash != self.heads_hash():
+            self._pace(quiet=False)
         if digest != request.members_digest:
             # Views differ: a larger piggyback (queued updates first, then fresh
             # heartbeats), not the whole view: in a 200-node mesh whole views made

@@ -38,6 +38,8 @@ from typing import Any
 
 from automerge.core import ROOT, ScalarType
 
+from meshnode import PeerState
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default), or None for no values."""
@@ -265,6 +267,27 @@ class Metrics:
     def sample_leaders(self, now: float) -> int:
         """Feed what every running node believes to ``self.leaders``; the distinct leaders."""
         return self.leaders.observe({n: getattr(node, "leader", None) for n, node in self.running.items()}, now)
+
+    def sample_membership(self, now: float) -> tuple[float, float]:
+        """How well the failure detector keeps up: over every running node, the share of the
+        other running nodes it holds live (ALIVE or SUSPECT) and the share it holds ALIVE.
+        A share below 1 is a false verdict (the peer runs): DEAD drops it from the election."""
+        running = set(self.running)
+        others = len(running) - 1
+        if others <= 0:
+            return (1.0, 1.0)
+        live = alive = 0
+        for node_id, node in sorted(self.running.items()):
+            membership = getattr(node, "membership", None)
+            if membership is None:
+                continue
+            for record in membership.live_peers(now):
+                if record.node_id in running and record.node_id != node_id:
+                    live += 1
+                    if membership.state(record.node_id, now) is PeerState.ALIVE:
+                        alive += 1
+        pairs = len(running) * others
+        return (live / pairs, alive / pairs)
 
     # --- results -------------------------------------------------------------------
 

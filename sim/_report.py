@@ -28,7 +28,7 @@ from ._runner import RunResult  # noqa: E402
 TIMESERIES_COLUMNS = (
     "t", "nodes_running", "messages", "bytes", "messages_per_s", "bytes_per_s", "lost", "undeliverable",
     "cloud_requests", "cloud_bytes", "events", "sessions", "changes_pending", "receipts", "leader", "leaders",
-    "partitioned",
+    "partitioned", "members_live", "members_alive",
 )  # fmt: skip
 
 

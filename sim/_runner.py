@@ -68,6 +68,9 @@ EPOCH = 1_800_000_000.0
 
 SAMPLE_EARLY = 1e-6
 
+MEMBERSHIP_WARMUP_S = 60.0
+"""Samples before this virtual time are left out of the membership figures (start-up)."""
+
 BOOT_S = 1.0
 """A node starts serving up to this many seconds after it is powered (see `_boot_time`)."""
 
@@ -658,6 +661,7 @@ class Simulation:
             self._leader_seen = leader
         # What the nodes believed, node by node (a majority's leader hid splits and flips).
         distinct = self.metrics.sample_leaders(now)
+        live_share, alive_share = self.metrics.sample_membership(trio.current_time())
         self.leader_changes = self.metrics.leaders.changes
         self.leaders_max = self.metrics.leaders.distinct_max
         cloud = self.cloud.counters if self.cloud is not None else None
@@ -676,12 +680,30 @@ class Simulation:
             "leader": leader or "",
             "leaders": distinct,
             "partitioned": int(self.net._group is not None),
+            "members_live": round(live_share, 4),
+            "members_alive": round(alive_share, 4),
         }
         self.samples.append(Sample(now, values))
         if self._progress is not None:
             self._progress(now, self.scenario.duration, values)
 
     # --- results -----------------------------------------------------------------------
+
+    def _membership_summary(self) -> dict[str, Any]:
+        """The failure detector's accuracy over the samples after the first minute (start-up):
+        the mean and lowest share of running peers that running nodes held live, and ALIVE."""
+        rows = [s.values for s in self.samples if s.t >= MEMBERSHIP_WARMUP_S and "members_live" in s.values]
+        if not rows:
+            return {"samples": 0}
+        live = [r["members_live"] for r in rows]
+        alive = [r["members_alive"] for r in rows]
+        return {
+            "samples": len(rows),
+            "live_mean": round(sum(live) / len(live), 4),
+            "live_min": min(live),
+            "alive_mean": round(sum(alive) / len(alive), 4),
+            "alive_min": min(alive),
+        }
 
     def _summary(self) -> dict[str, Any]:
         assert self.net is not None
@@ -759,6 +781,7 @@ class Simulation:
             }
             if self.cloud is not None
             else None,
+            "membership": self._membership_summary(),
             "leader_changes": self.leader_changes,
             "leaders_at_once_max": self.leaders_max,
             "leader_split_samples": self.metrics.leaders.split_samples,

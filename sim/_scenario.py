@@ -247,7 +247,7 @@ class Scenario:
 NODE_KEYS = {
     "gossip_interval": float, "fanout": int, "suspect_after": float, "dead_after": float,
     "request_timeout": float, "max_sync_rounds": int, "probe_interval": float, "leader_threshold": int,
-    "retention": float, "push_interval": float, "neighbour_ttl": float,
+    "retention": float, "push_interval": float, "neighbour_ttl": float, "idle_interval": float,
 }  # fmt: skip
 """NodeConfig fields a scenario may set in [node] (everything else the simulator decides)."""
 

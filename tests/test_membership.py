@@ -850,7 +850,6 @@ def test_cached_verdicts_equal_a_fresh_evaluation_after_any_sequence(ops: list[t
             (
                 rec.node_id,
                 rec.incarnation,
-                st_,
                 rec.leader == rec.node_id,
                 rec.uplink_score >= 50,
                 rec.uplink_score // 20,
@@ -978,11 +977,16 @@ def test_what_merge_queues_news_only() -> None:
         assert m.pending_updates() == 1, change
         for _ in range(10):
             m.piggyback(1.0, 5)
-    # Back from SUSPECT: a refresh (it was live for everyone); back from DEAD: news.
+    # Back from SUSPECT or DEAD: a refresh (mostly our own timeout on a far node);
+    # back from forgotten: news.
     m.merge([rec("a", 2, 49, 11, leader="a", address="10.0.0.9:5683", version="9")], 7.0)
     assert m.pending_updates() == 0
     assert m.piggyback(7.0, 5)[1:] == (rec("a", 2, 49, 11, leader="a", address="10.0.0.9:5683", version="9"),)
     m.merge([rec("a", 2, 50, 11, leader="a", address="10.0.0.9:5683", version="9")], 30.0)
+    assert m.pending_updates() == 0
+    assert m.piggyback(30.0, 5)[1:] == (rec("a", 2, 50, 11, leader="a", address="10.0.0.9:5683", version="9"),)
+    assert m.state("a", 400.0) is PeerState.DEAD and "a" not in {r.record.node_id for r in m.view(400.0)}
+    m.merge([rec("a", 2, 51, 11, leader="a", address="10.0.0.9:5683", version="9")], 400.0)
     assert m.pending_updates() == 1
 
 
@@ -1035,16 +1039,36 @@ def test_digest_covers_members_incarnations_claims_and_score_buckets_but_not_hea
         assert _digest_of(changed) != d, changed
 
 
-def test_digest_carries_suspicion_and_follows_time() -> None:
+def test_digest_follows_liveness_not_suspicion() -> None:
+    """SUSPECT is live (election, gossip) and begins at different moments on different
+    nodes: two idle neighbours that differ only in it must not look different."""
     m = membership(incarnation=1)
-    m.merge([rec("a", 1, 1)], 0.0)
+    m.merge([rec("a", 1, 1, 90)], 0.0)
     alive = m.digest(1.0)
-    suspect = m.digest(5.0)
-    assert suspect != alive
-    m.merge([rec("a", 1, 2)], 6.0)
+    assert m.state("a", 5.0) is PeerState.SUSPECT
+    assert m.digest(5.0) == alive
+    m.merge([rec("a", 1, 2, 90)], 6.0)
     assert m.digest(6.0) == alive
     assert m.digest(21.0) != alive  # DEAD: gone from the digest, as from gossip
     assert m.digest(21.0) == Membership(rec(SELF, 1, 0)).digest(21.0)
+
+
+def test_refreshes_of_nodes_that_may_lead_go_first() -> None:
+    """R9: with a budget too small for every refresh, eligible and claiming nodes'
+    heartbeats are passed on before the others' (the election reads their liveness)."""
+    m = membership(incarnation=1)
+    low = [rec(f"p{i:02d}", 1, 1, 0) for i in range(10)]
+    uplink = rec("up", 1, 1, 90)
+    claimant = rec("zz", 1, 1, 60, leader="zz")
+    m.merge([*low, uplink, claimant], 0.0)
+    while m.pending_updates():  # drain the news (first sight) so only refreshes are left
+        m.piggyback(0.0, 32)
+    m.merge([replace(r, heartbeat=2) for r in low], 1.0)  # the ordinary ones advance first
+    m.merge([replace(uplink, heartbeat=2), replace(claimant, heartbeat=2)], 1.0)
+    out = m.piggyback(1.0, 4)
+    assert [r.node_id for r in out] == [SELF, "up", "zz", "p00"]
+    rest = m.piggyback(1.0, 32)
+    assert [r.node_id for r in rest[1:]] == [f"p{i:02d}" for i in range(1, 10)]  # each advance once
 
 
 # --- election agreement (R7, R8; issue 10 items 4 and 7) ----------------------------------
@@ -1222,3 +1246,39 @@ def test_the_queue_stays_bounded_when_nothing_is_piggybacked() -> None:
     assert m.pending_updates() == 8
     assert len(m._qheap) <= 2 * 8 + 65
     assert [r.node_id for r in m.piggyback(20.0, 3)] == [SELF, "p4", "a"]  # newest first (hb 1999: p4 after a)
+
+
+def test_a_lazy_heartbeat_is_raised_when_sent_at_most_once_per_period() -> None:
+    """An idle node ticks rarely; its record, when sent, still carries a heartbeat at most
+    one period old, and sending often raises it no more than once per period."""
+    m = membership(incarnation=1, heartbeat_period=1.0)
+    first = m.piggyback(0.0, 4)[0]
+    assert first.heartbeat == 1
+    assert m.piggyback(0.5, 4)[0] == first  # within the period: the same record
+    assert m.piggyback(1.0, 4)[0].heartbeat == 2
+    m.tick(1.5)  # a tick counts as a raise
+    assert m.piggyback(2.0, 4)[0].heartbeat == 3
+    assert m.piggyback(9.0, 4)[0].heartbeat == 4  # one raise however long the silence
+    plain = membership(incarnation=1)
+    assert plain.piggyback(9.0, 4)[0].heartbeat == 0  # without a period: ticks only
+
+
+@pytest.mark.parametrize("period", [0.0, -1.0, math.inf, math.nan])
+def test_a_bad_heartbeat_period_is_refused(period: float) -> None:
+    with pytest.raises(ValueError, match="heartbeat_period"):
+        membership(heartbeat_period=period)
+
+
+def test_a_refresh_is_passed_on_refresh_sends_times_round_robin() -> None:
+    """R9 with ``refresh_sends``: each advance goes out that many times, the longest
+    waiting first, so a heartbeat spreads as an epidemic rather than a single walk."""
+    m = membership(incarnation=1, refresh_sends=2)
+    m.merge([rec("a", 1, 1), rec("b", 1, 1)], 0.0)
+    while m.pending_updates():
+        m.piggyback(0.0, 8)
+    m.merge([rec("a", 1, 2), rec("b", 1, 2)], 1.0)
+    sent = [r.node_id for _ in range(4) for r in m.piggyback(1.0, 2)[1:]]
+    assert sent == ["a", "b", "a", "b"]
+    assert m.piggyback(1.0, 8) == (m.self_record,)
+    with pytest.raises(ValueError, match="refresh_sends"):
+        membership(refresh_sends=0)

@@ -18,6 +18,7 @@ N3. A peer that fails (timeout, refusal) or answers slowly is backed off: the
     simulator, never drawn from a shared random stream).
 N4. A peer whose incarnation changes (it restarted) loses what we believed it
     holds: its known heads start empty.
+N5. Anti-entropy backs off while the mesh agrees (`Cadence`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,36 @@ class NeighbourTable:
         return min((n.last_heard + self.ttl for n in self.peers.values()), default=None)
 
 
+class Cadence:
+    """How often anti-entropy runs (N5): `base` while something differs, slower while all agree.
+
+    N5. An exchange that finds the peer in agreement (same heads-hash, same
+        membership digest) is *quiet*; each quiet exchange doubles the interval up
+        to `idle`. Anything that differs (an exchange that finds a difference, a
+        change, a new neighbour, membership news) is *busy* and brings it back
+        to `base` at once. An idle mesh thus exchanges one small heads-hash and
+        digest per node every `idle` seconds, and a mesh with something to
+        settle checks as often as before.
+    """
+
+    def __init__(self, base: float, idle: float) -> None:
+        if not (0 < base <= idle and math.isfinite(idle)):
+            raise ValueError(f"need 0 < base <= idle (finite), got {base!r}, {idle!r}")
+        self.base = base
+        self.idle = idle
+        self.interval = base
+
+    def quiet(self) -> float:
+        """An exchange found nothing to do: back off (N5). Returns the new interval."""
+        self.interval = min(self.idle, self.interval * 2.0)
+        return self.interval
+
+    def busy(self) -> float:
+        """Something differs or changed: back to `base` (N5). Returns the new interval."""
+        self.interval = self.base
+        return self.interval
+
+
 @dataclass
 class _Greeting:
     due: float
@@ -220,4 +251,4 @@ class Hellos:
         return min(times, default=None)
 
 
-__all__ = ["Hellos", "Neighbour", "NeighbourTable", "unit"]
+__all__ = ["Cadence", "Hellos", "Neighbour", "NeighbourTable", "unit"]
