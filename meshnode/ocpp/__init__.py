@@ -30,7 +30,16 @@ from typing import Any
 
 import trio
 
-from ._bridge import AuthStatus, ChargerState, OcppBridge, Reading, StartResult, content_key, derive_transaction_id
+from ._bridge import (
+    AuthStatus,
+    ChargerState,
+    HeldMessages,
+    OcppBridge,
+    Reading,
+    StartResult,
+    content_key,
+    derive_transaction_id,
+)
 from ._server import (
     DEFAULT_PORT,
     VERSIONS,
@@ -85,12 +94,19 @@ async def serve_ocpp(
     """
     server = open_server(node, ssl_context=ssl_context)
     node.ocpp = server
+    # Documents arriving by replication may be the sessions of held 1.6 messages (bridge rule 6).
+    listeners = getattr(node, "change_listeners", None)
+    if listeners is not None:
+        listeners.append(server.bridge.document_changed)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(server.bridge.serve_held)
             await nursery.start(server.serve, bind, port)
             task_status.started(server)
     finally:
         node.ocpp = None
+        if listeners is not None:
+            listeners.remove(server.bridge.document_changed)
 
 
 __all__ = [
@@ -100,6 +116,7 @@ __all__ = [
     "ChargerContext",
     "ChargerNotConnected",
     "ChargerState",
+    "HeldMessages",
     "OcppBridge",
     "OcppHandler",
     "OcppServer",
