@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ._node import Node
-from .ocpp._remote import http_routes as remote_command_routes
+from .ocpp import remote_command_routes
 from .services import (
     API_EVENT_TYPES,
     Conflict,
