@@ -62,6 +62,18 @@ async def exchange(url: str, frames: list[str | bytes], *, subprotocols=("ocpp1.
     return out
 
 
+async def stopped(task: asyncio.Task[Any], ws: Any) -> None:
+    """Close a charge point's connection and wait for its reader to end: a reader left
+    behind, answering a node's CALL on the closed connection, fails with ConnectionClosed,
+    which trio-asyncio raises in the test's loop after the test."""
+    await ws.close()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, websockets.ConnectionClosed):
+        pass
+
+
 def heartbeat(uid: str = "hb") -> str:
     return json.dumps([2, uid, "Heartbeat", {}])
 
@@ -313,7 +325,7 @@ async def test_commands_reach_a_connected_charger_and_its_answers_come_back():
                 await cp.call(call.Heartbeat())
                 connected.set()
                 await trio_asyncio.trio_as_aio(done.wait)()
-                task.cancel()
+                await stopped(task, ws)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(aio(charger))
@@ -367,7 +379,7 @@ async def test_the_charger_is_told_to_stop_when_its_session_reaches_its_offline_
                     if any(a == "RemoteStopTransaction" for a, _ in cp.received):
                         break
                     await asyncio.sleep(0.05)
-                task.cancel()
+                await stopped(task, ws)
                 return [(a, kw) for a, kw in cp.received if a == "RemoteStopTransaction"] + [
                     ("started", {"transaction_id": started.transaction_id})
                 ]

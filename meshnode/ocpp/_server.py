@@ -222,6 +222,19 @@ class OcppHandler(ChargePoint):
         self.context = context
         self.bridge = context.bridge
         self.errors_sent = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a call to the charger beside the reader (a remote stop, a local list sync); it
+        ends with the connection (`cancel_tasks`), not after its answer timeout."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
     def _code(self, exc: OCPPError) -> str:
         return self.ERROR_CODES.get(exc.code, exc.code)
@@ -616,6 +629,7 @@ class OcppServer:
         except Exception as exc:  # ConnectionClosed (any kind) ends the charger's session here
             log.info("charger %s disconnected: %s", charger_id, exc)
         finally:
+            handler.cancel_tasks()
             if self.handlers.get(charger_id) is handler:
                 del self.handlers[charger_id]
                 self.bridge.disconnected(charger_id)
