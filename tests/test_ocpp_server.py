@@ -391,3 +391,27 @@ async def test_the_charger_is_told_to_stop_when_its_session_reaches_its_offline_
     ]
     (sid,) = rig.session_docs()
     assert rig.sessions.session_json(sid)["state"] == "completed"
+
+
+async def test_an_ocpp_port_in_use_is_one_oserror_naming_it():
+    """`meshnode run` reports start-up OSErrors in one line: serve_ocpp must raise one
+    (not trio's exception group around it), saying which port."""
+    import socket
+    from types import SimpleNamespace
+
+    from meshnode.ocpp import serve_ocpp
+
+    rig = Rig()
+    node = SimpleNamespace(
+        sessions=rig.sessions, site_config=rig.site_config, wall_clock=lambda: rig.clock, change_listeners=[]
+    )
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with trio_asyncio.open_loop():
+            with pytest.raises(OSError, match=rf"cannot serve OCPP on {HOST}:{port}: ") as raised:
+                with trio.fail_after(10):  # (were it serving, it would serve until cancelled)
+                    await serve_ocpp(node, HOST, port)
+    assert not isinstance(raised.value, BaseExceptionGroup)
+    assert node.change_listeners == [] and node.ocpp is None

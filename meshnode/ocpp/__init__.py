@@ -51,6 +51,7 @@ from ._server import (
     OcppServer,
     RateLimit,
     register_version,
+    reraise_sole_oserror,
 )
 
 # Each version module registers itself with `register_version` when imported.
@@ -102,10 +103,11 @@ async def serve_ocpp(
     if listeners is not None:
         listeners.append(server.bridge.document_changed)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.bridge.serve_held)
-            await nursery.start(server.serve, bind, port)
-            task_status.started(server)
+        with reraise_sole_oserror():  # a port in use: one OSError, as the CLI reports it
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.bridge.serve_held)
+                await nursery.start(server.serve, bind, port)
+                task_status.started(server)
     finally:
         node.ocpp = None
         if listeners is not None:
