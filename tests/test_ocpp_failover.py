@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow  # real node and cloud processes
 
 @pytest.fixture
 def rig(tmp_path):
-    host = "127.0.15.9"
+    host = "127.0.14.9"
     cloud = CloudProcess(
         host, free_port(host), f"sqlite:///{tmp_path}/cloud.db", tmp_path / "cloud.key", tmp_path / "cloud.log",
         extra=["--log-level", "info"],
