@@ -53,6 +53,7 @@ Rules:
    unknown transaction, a reading after the stop, a reading below the last one: the
    bridge logs it (WARNING) and answers as if stored, because an OCPP charger that
    gets an error on a transaction message retries it forever and blocks its queue.
+   (A 1.6 reading or stop of an unknown transaction is held as well: rule 6.)
 
 5. **Limits.** A session accepted offline with limits is stopped by the session
    service when a reading reaches them; `must_stop` tells the version handler to send
