@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/ocpp_remote.py --rounds 20
 
-Two `meshnode run` processes (static peers, `--insecure`, loopback 127.0.15.x); one
+Two `meshnode run` processes (static peers, `--insecure`, loopback 127.0.14.x); one
 OCPP 2.0.1 station (the `ocpp` library's) connected to node 1. Each round sends
 `POST /v1/chargers/{id}/start` then `POST /v1/sessions/{id}/stop` to node 1 (the
 station's node: executed locally) or to node 2 (one mesh hop over CoAP to node 1,

@@ -48,7 +48,7 @@ from starlette.routing import Route
 from ._metrics import NodeMetrics
 from ._apiauth import MAX_JSON_DEPTH, ApiGuard, ApiTokens, json_depth_ok
 from ._node import Node
-from .ocpp._remote import http_routes as remote_command_routes
+from .ocpp import remote_command_routes
 from .services import (
     API_EVENT_TYPES,
     Conflict,

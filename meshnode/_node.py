@@ -353,7 +353,7 @@ class Node:
         # peer never takes "4.04 /m/sync" from a node that is starting (issue 10).
         self._route()
         # Remote start/stop of chargers wherever in the mesh they are connected (/m/ocpp/command).
-        from .ocpp._remote import install as install_remote_commands  # late: meshnode.ocpp imports services
+        from .ocpp import install_remote_commands  # late: meshnode.ocpp imports services
 
         self.remote_commands = install_remote_commands(self)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .procs import NodeProcess, free_port, wait_until
 
-HOSTS = [f"127.0.15.{i}" for i in range(1, 8)]
+HOSTS = [f"127.0.14.{i}" for i in range(1, 8)]
 """Loopback addresses of these tests."""
 
 

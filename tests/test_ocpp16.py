@@ -386,12 +386,24 @@ def test_bad_input_over_a_real_node_changes_nothing(tmp_path):
                     json.dumps([2, "d", "Heartbeat", {}]),
                 ):
                     await ws.send(frame)
-                    out.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+                    out.append(await answer(ws))
                 with pytest.raises(websockets.ConnectionClosed) as closed:
                     await ws.send(json.dumps([2, "e", "DataTransfer", {"vendorId": "v", "data": "x" * 100_000}]))
-                    await asyncio.wait_for(ws.recv(), 10)
+                    while True:  # nothing but the node's own calls before the close
+                        assert await answer(ws) is None
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
                 return out
+
+        node_calls: list[str] = []
+
+        async def answer(ws: Any) -> Any:
+            """The next answer to one of our frames; the node's own CALLs (after a Heartbeat it
+            asks for the local list version, when it likes) are noted and not answered."""
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg[0] != 2:
+                    return msg
+                node_calls.append(msg[2])
 
         answers = arun(run)
         assert [a[:3] for a in answers[:4]] == [
@@ -399,6 +411,7 @@ def test_bad_input_over_a_real_node_changes_nothing(tmp_path):
             [4, "b", "OccurenceConstraintViolation"], [4, "c", "TypeConstraintViolation"],
         ]  # fmt: skip
         assert answers[4][0] == 3
+        assert set(node_calls) <= {"GetLocalListVersion"}, node_calls
         assert sessions(node) == []
         assert node.get("/v1/status")["documents"] == 0
     finally:
@@ -452,3 +465,46 @@ def test_security_profile_2_tls_then_basic_auth(tmp_path):
         assert node.get("/v1/status")["chargers"][0]["charger_id"] == "CP-1"
     finally:
         node.kill()
+
+
+@pytest.mark.slow  # real sockets
+async def test_a_16_stop_after_failover_before_replication_is_held_until_the_session_arrives():
+    """In-process, two central systems as two nodes (two replicas, nothing replicates by
+    itself): node 1 accepts a 1.6 StartTransaction and dies before its document left.
+    The charger fails over to node 2 and meters and stops there: node 2 acknowledges
+    (1.6 has no "later") and holds them; when the document arrives (the node's change
+    hook), they are recorded in timestamp order, once each."""
+    from meshnode._chargepoints import SimChargePoint
+
+    from .test_ocpp201 import two_servers
+    from .test_ocpp_bridge import Rig
+
+    rig_a, rig_b = Rig(node_id="n1"), Rig(node_id="n2")
+    async with two_servers(rig_a, rig_b) as ([(_, scope_a), _], [base_a, base_b]):
+        cp = SimChargePoint("CP-LATE", [base_a, base_b], version="1.6")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rig_b.bridge.serve_held)
+            nursery.start_soon(trio_asyncio.aio_as_trio(cp.serve))
+            await trio_asyncio.aio_as_trio(cp.wait_connected)()
+            tx = await trio_asyncio.aio_as_trio(cp.start)("TAG-LATE", 1000)
+            assert tx.started_acked
+            scope_a.cancel()  # node 1 dies before its document reached node 2
+            with trio.fail_after(20):
+                while cp.connected_url != base_b:
+                    await trio.sleep(0.05)
+            await trio_asyncio.aio_as_trio(cp.meter)(tx, 1300)
+            await trio_asyncio.aio_as_trio(cp.stop)(tx, 1600)
+            await trio_asyncio.aio_as_trio(cp.settle)()
+            assert tx.stop_acked and cp.refusals == 0 and cp.errors == []  # acknowledged: the charger moves on
+            assert rig_b.session_docs() == [] and len(rig_b.bridge.held) == 1
+            [sid] = rig_a.session_docs()
+            rig_b.replica.docs[sid] = rig_a.replica.docs[sid].fork()  # the document arrives, as replication brings it
+            rig_b.bridge.document_changed(sid)  # what Node._changed tells its change listeners
+            with trio.fail_after(20):
+                while rig_b.bridge.held:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert [(e["type"], e["device_id"], e["meter_wh"]) for e in rig_b.events(sid)] == [
+        ("authorize", "n1", None), ("start", "n1", 1000), ("meter", "n2", 1300), ("stop", "n2", 1600),
+    ]  # fmt: skip
+    assert rig_b.sessions.session_json(sid)["energy_wh"] == 600

@@ -331,7 +331,7 @@ async def two_servers(rig_a, rig_b):
 
             async def run(server=server, scope=scope, task_status=trio.TASK_STATUS_IGNORED):
                 with scope:
-                    await server.serve("127.0.15.20", 0, task_status=task_status)
+                    await server.serve("127.0.14.20", 0, task_status=task_status)
 
             host, port = await outer.start(run)
             scopes.append((server, scope))

@@ -294,3 +294,71 @@ async def test_a_driver_token_authorises_where_the_policy_refuses_and_its_limits
     assert started.status is AuthStatus.ACCEPTED
     auth = rig.events(started.session_id)[0]["data"]
     assert auth["auth"] == "driver_token" and auth["limits"] == {"max_wh": 3000, "max_minutes": None}
+
+
+async def test_a_16_stop_for_a_session_still_replicating_is_held_and_applied_once_in_order():
+    """Failover before replication (1.6): node 1 accepted the start and died before its
+    document left; the charger's readings and stop reach node 2, which acknowledges them
+    (1.6 has no "later") and holds them. When the document arrives, they are recorded in
+    timestamp order, once each, however often the charger also resent them."""
+    rig_a, rig_b = Rig(node_id="n1"), Rig(node_id="n2")  # two replicas: nothing replicates by itself
+    t0 = NOW_MS - 600_000
+    started = await rig_a.bridge.start_transaction("CP-1", 1, "TAG", 1000, t0)
+    txid, sid = started.transaction_id, started.session_id
+    # Node 2 gets them out of order and twice (answers lost, queue replayed).
+    for _ in range(2):
+        assert await rig_b.bridge.meter("CP-1", [reading(t0 + 2000, 1600)], transaction_id=txid) == 0
+        assert await rig_b.bridge.meter("CP-1", [reading(t0 + 1000, 1300)], transaction_id=txid) == 0
+        assert await rig_b.bridge.stop_transaction("CP-1", 1900, t0 + 3000, transaction_id=txid) is None
+    assert rig_b.commits == [] and rig_b.session_docs() == [] and ("CP-1", txid) in rig_b.bridge.held
+    rig_b.bridge.document_changed("some-other-doc")
+    assert await rig_b.bridge.apply_held() == 0 and ("CP-1", txid) in rig_b.bridge.held  # not this one yet
+    rig_b.replica.docs[sid] = rig_a.replica.docs[sid].fork()  # the document arrives, as replication brings it
+    rig_b.bridge.document_changed(sid)
+    assert await rig_b.bridge.apply_held() == 3
+    assert await rig_b.bridge.apply_held() == 0 and len(rig_b.bridge.held) == 0
+    # The charger's resends after the arrival change nothing either.
+    await rig_b.bridge.meter("CP-1", [reading(t0 + 1000, 1300)], transaction_id=txid)
+    await rig_b.bridge.stop_transaction("CP-1", 1900, t0 + 3000, transaction_id=txid)
+    assert [(e["type"], e["device_id"], e["meter_wh"], e["ts"]) for e in rig_b.events(sid)] == [
+        ("authorize", "n1", None, t0), ("start", "n1", 1000, t0),
+        ("meter", "n2", 1300, t0 + 1000), ("meter", "n2", 1600, t0 + 2000), ("stop", "n2", 1900, t0 + 3000),
+    ]  # fmt: skip
+    session = rig_b.sessions.session_json(sid)
+    assert session["state"] == "completed" and session["energy_wh"] == 900
+
+
+async def test_the_hook_wakes_the_held_messages_task_when_the_document_arrives():
+    import trio
+
+    rig_a, rig_b = Rig(node_id="n1"), Rig(node_id="n2")
+    started = await rig_a.bridge.start_transaction("CP-1", 1, "TAG", 0, NOW_MS - 60_000)
+    await rig_b.bridge.stop_transaction("CP-1", 500, NOW_MS - 1000, transaction_id=started.transaction_id)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig_b.bridge.serve_held)
+        rig_b.replica.docs[started.session_id] = rig_a.replica.docs[started.session_id].fork()
+        rig_b.bridge.document_changed(started.session_id)
+        with trio.fail_after(5):
+            while rig_b.bridge.held:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert rig_b.sessions.session_json(started.session_id)["energy_wh"] == 500
+
+
+def test_held_messages_are_bounded_in_count_bytes_and_age():
+    from meshnode.ocpp import HeldMessages
+
+    held = HeldMessages(max_transactions=2, max_readings=3, max_bytes=100, max_age_ms=1000)
+    stop = {"meter_stop_wh": 9, "ts_ms": 9, "signed": ()}
+    assert held.hold_reading(("CP-1", 1), "a", reading(5, 50), 0) and held.hold_reading(
+        ("CP-1", 2), "b", reading(5, 5), 0
+    )
+    assert not held.hold_reading(("CP-2", 3), "c", reading(5, 5), 0)  # a third transaction
+    assert not held.hold_stop(("CP-2", 3), "s", stop, 0) and len(held) == 2
+    for ts in (4, 1, 3, 2):  # beyond 3 readings the earliest go
+        held.hold_reading(("CP-1", 1), f"r{ts}", reading(ts, ts), 10)
+    assert held.hold_stop(("CP-1", 1), "s", stop, 10)
+    assert not held.hold_reading(("CP-1", 1), "big", reading(6, 6, [{"value": "x" * 200}]), 10)  # over the bytes
+    readings, kept = held.take(("CP-1", 1))
+    assert [r.ts_ms for _, r in readings] == [3, 4, 5] and kept == ("s", stop) and held.bytes == 0
+    assert held.expire(1001) == [("CP-1", 2)] and len(held) == 0

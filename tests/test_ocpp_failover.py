@@ -11,6 +11,10 @@ transaction id, 1.6 by the integer id node 1 derived) and appends to the same
 session. The cloud bills each session exactly once, for Ended/Stop - Started/Start.
 Node 1 then restarts on its data and converges on the same documents: still one
 bill each.
+
+And the case where node 1 dies before the session left it: node 2 acknowledges and holds
+a 1.6 charger's readings and stop until node 1 returns and the document arrives (the
+node's change hook), then records them once, in order (bridge rule 6).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pytest
 
 from meshnode._chargepoints import SimChargePoint, running
 
-from .ocpp_helpers import OcppNode, eventually, start_nodes, wait_peers
+from .ocpp_helpers import HOSTS, OcppNode, eventually, start_nodes, wait_peers
 from .procs import free_port, wait_until
 from .test_e2e_uplink import CloudProcess, receipts_issued
 
@@ -31,7 +35,7 @@ pytestmark = pytest.mark.slow  # real node and cloud processes
 
 @pytest.fixture
 def rig(tmp_path):
-    host = "127.0.15.9"
+    host = "127.0.14.9"
     cloud = CloudProcess(
         host, free_port(host), f"sqlite:///{tmp_path}/cloud.db", tmp_path / "cloud.key", tmp_path / "cloud.log",
         extra=["--log-level", "info"],
@@ -119,3 +123,49 @@ def test_open_transactions_fail_over_to_another_node_and_are_billed_once(rig):
         assert (row["state"], row["energy_wh"]) == ("reconciled", stop - start)
     issued = receipts_issued(cloud)
     assert all(issued[i] == 1 for i in ids), issued
+
+
+def test_a_16_stop_sent_while_its_session_was_only_on_the_dead_node_is_applied_when_it_returns(tmp_path):
+    """Real processes, no cloud: node 1 accepts a 1.6 StartTransaction and is SIGKILLed
+    before any other node holds the session (node 2 is not even running yet). The charger
+    fails over to node 2 and meters and stops there: acknowledged and held. When node 1
+    comes back on its data, the document replicates to node 2, which records the held
+    reading and stop, once each and in order: the session is completed on node 2."""
+    n1 = OcppNode("n1", HOSTS[0], tmp_path / "n1")
+    n2 = OcppNode("n2", HOSTS[1], tmp_path / "n2")
+    n1.peers, n2.peers = [n2.coap], [n1.coap]
+    n1.start()
+    try:
+
+        async def scenario() -> None:
+            cp = SimChargePoint("CP-HELD-16", [n1.ocpp_url, n2.ocpp_url], version="1.6")
+            async with running(cp):
+                assert cp.connected_url == n1.ocpp_url
+                tx = await cp.start("RFID-HELD", 5_000, evse=1)
+                assert tx.started_acked
+                n1.kill()  # before node 2 ever saw the session
+                await asyncio.to_thread(n2.start)
+                await cp.wait_connected()
+                assert cp.connected_url == n2.ocpp_url
+                await cp.meter(tx, 5_400)
+                await cp.stop(tx, 5_900)
+                await cp.settle()
+                assert tx.stop_acked and not cp.queue and cp.errors == []
+
+        asyncio.run(scenario())
+        assert n2.sessions() == []  # held, not recorded: node 2 has no session to record them in
+        n1.start()
+
+        def completed() -> bool:
+            got = n2.sessions("CP-HELD-16")
+            return len(got) == 1 and got[0]["state"] in ("completed", "reconciled")
+
+        wait_until(completed, 60, what="node 2 to apply the held reading and stop")
+        [s] = n2.sessions("CP-HELD-16")
+        assert s["energy_wh"] == 900
+        assert [(e["type"], e["device_id"], e["meter_wh"]) for e in s["events"]] == [
+            ("authorize", "n1", None), ("start", "n1", 5_000), ("meter", "n2", 5_400), ("stop", "n2", 5_900),
+        ]  # fmt: skip
+    finally:
+        n1.kill()
+        n2.kill()

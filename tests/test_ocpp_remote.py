@@ -275,7 +275,7 @@ def test_on_an_enrolled_site_remote_commands_travel_sealed_and_unsealed_ones_are
                 assert len(st.remote_starts) == 1
 
                 async def unsealed() -> str:
-                    bind = "127.0.15.30"
+                    bind = "127.0.14.30"
                     async with trio_asyncio.open_loop(), open_coap_transport(bind, free_port(bind)) as transport:
                         forged = CommandRequest("n2", Command("start", "CS-SEALED", id_token="RFID-X")).encode()
                         try:

@@ -62,6 +62,18 @@ async def exchange(url: str, frames: list[str | bytes], *, subprotocols=("ocpp1.
     return out
 
 
+async def stopped(task: asyncio.Task[Any], ws: Any) -> None:
+    """Close a charge point's connection and wait for its reader to end: a reader left
+    behind, answering a node's CALL on the closed connection, fails with ConnectionClosed,
+    which trio-asyncio raises in the test's loop after the test."""
+    await ws.close()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, websockets.ConnectionClosed):
+        pass
+
+
 def heartbeat(uid: str = "hb") -> str:
     return json.dumps([2, uid, "Heartbeat", {}])
 
@@ -313,7 +325,7 @@ async def test_commands_reach_a_connected_charger_and_its_answers_come_back():
                 await cp.call(call.Heartbeat())
                 connected.set()
                 await trio_asyncio.trio_as_aio(done.wait)()
-                task.cancel()
+                await stopped(task, ws)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(aio(charger))
@@ -367,7 +379,7 @@ async def test_the_charger_is_told_to_stop_when_its_session_reaches_its_offline_
                     if any(a == "RemoteStopTransaction" for a, _ in cp.received):
                         break
                     await asyncio.sleep(0.05)
-                task.cancel()
+                await stopped(task, ws)
                 return [(a, kw) for a, kw in cp.received if a == "RemoteStopTransaction"] + [
                     ("started", {"transaction_id": started.transaction_id})
                 ]
@@ -379,3 +391,27 @@ async def test_the_charger_is_told_to_stop_when_its_session_reaches_its_offline_
     ]
     (sid,) = rig.session_docs()
     assert rig.sessions.session_json(sid)["state"] == "completed"
+
+
+async def test_an_ocpp_port_in_use_is_one_oserror_naming_it():
+    """`meshnode run` reports start-up OSErrors in one line: serve_ocpp must raise one
+    (not trio's exception group around it), saying which port."""
+    import socket
+    from types import SimpleNamespace
+
+    from meshnode.ocpp import serve_ocpp
+
+    rig = Rig()
+    node = SimpleNamespace(
+        sessions=rig.sessions, site_config=rig.site_config, wall_clock=lambda: rig.clock, change_listeners=[]
+    )
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with trio_asyncio.open_loop():
+            with pytest.raises(OSError, match=rf"cannot serve OCPP on {HOST}:{port}: ") as raised:
+                with trio.fail_after(10):  # (were it serving, it would serve until cancelled)
+                    await serve_ocpp(node, HOST, port)
+    assert not isinstance(raised.value, BaseExceptionGroup)
+    assert node.change_listeners == [] and node.ocpp is None

@@ -8,12 +8,15 @@
   meter / stop exactly once under offline replay, mesh-unique transaction ids,
   charger and connector states.
 - `_v16.py`: OCPP 1.6J Core + Local Auth List Management (translation only).
-- `_v201.py` (when present): OCPP 2.0.1.
+- `_v201.py`: OCPP 2.0.1.
+- `_remote.py`: remote commands (start/stop/network profile) carried to the node a
+  charger is connected to; `install_remote_commands(node)` (the node) and
+  `remote_command_routes(node)` (the HTTP API) are its public entry points.
 
 `serve_ocpp(node, bind, port, ssl_context=...)` is what `meshnode run --ocpp-port`
 starts (`tls_context` for `--ocpp-certfile/--ocpp-keyfile`, Security Profile 2); it sets
 ``node.ocpp`` to the `OcppServer`, which the HTTP API reads for `/v1/status` and which
-remote commands use (`OcppServer.call`, `_v16.V16Commands`). docs/ocpp.md tells how to
+remote commands use (`OcppServer.call`, `V16Commands`, `V201Commands`). docs/ocpp.md tells how to
 point a charger at its node and what is stored.
 
 A new version plugs in with one line in its module, ``register_version("ocpp2.0.1",
@@ -24,13 +27,21 @@ calls (`transaction_ref=` for a charger-chosen transaction id).
 
 from __future__ import annotations
 
-import importlib
 import ssl
 from typing import Any
 
 import trio
 
-from ._bridge import AuthStatus, ChargerState, OcppBridge, Reading, StartResult, content_key, derive_transaction_id
+from ._bridge import (
+    AuthStatus,
+    ChargerState,
+    HeldMessages,
+    OcppBridge,
+    Reading,
+    StartResult,
+    content_key,
+    derive_transaction_id,
+)
 from ._server import (
     DEFAULT_PORT,
     VERSIONS,
@@ -40,16 +51,18 @@ from ._server import (
     OcppServer,
     RateLimit,
     register_version,
+    reraise_sole_oserror,
 )
 
 # Each version module registers itself with `register_version` when imported.
-from . import _v16  # noqa: E402
+from ._v16 import V16Commands  # noqa: E402
+from ._v201 import V201Commands  # noqa: E402
 
-try:  # the 2.0.1 handler is a separate module; a tree without it speaks 1.6 only
-    importlib.import_module(f"{__name__}._v201")
-except ModuleNotFoundError as exc:
-    if exc.name != f"{__name__}._v201":
-        raise
+# Remote start/stop wherever in the mesh a charger is connected: the node installs the
+# `/m/ocpp/command` route (`install_remote_commands`), the HTTP API adds its routes.
+from ._remote import CommandError, RemoteCommands  # noqa: E402
+from ._remote import http_routes as remote_command_routes  # noqa: E402
+from ._remote import install as install_remote_commands  # noqa: E402
 
 
 def open_server(node: Any, *, ssl_context: ssl.SSLContext | None = None) -> OcppServer:
@@ -85,12 +98,20 @@ async def serve_ocpp(
     """
     server = open_server(node, ssl_context=ssl_context)
     node.ocpp = server
+    # Documents arriving by replication may be the sessions of held 1.6 messages (bridge rule 6).
+    listeners = getattr(node, "change_listeners", None)
+    if listeners is not None:
+        listeners.append(server.bridge.document_changed)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, bind, port)
-            task_status.started(server)
+        with reraise_sole_oserror():  # a port in use: one OSError, as the CLI reports it
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.bridge.serve_held)
+                await nursery.start(server.serve, bind, port)
+                task_status.started(server)
     finally:
         node.ocpp = None
+        if listeners is not None:
+            listeners.remove(server.bridge.document_changed)
 
 
 __all__ = [
@@ -100,16 +121,23 @@ __all__ = [
     "ChargerContext",
     "ChargerNotConnected",
     "ChargerState",
+    "CommandError",
+    "HeldMessages",
     "OcppBridge",
     "OcppHandler",
     "OcppServer",
     "RateLimit",
+    "RemoteCommands",
     "Reading",
     "StartResult",
+    "V16Commands",
+    "V201Commands",
     "content_key",
     "derive_transaction_id",
+    "install_remote_commands",
     "open_server",
     "register_version",
+    "remote_command_routes",
     "serve_ocpp",
     "tls_context",
 ]

@@ -53,12 +53,32 @@ Rules:
    unknown transaction, a reading after the stop, a reading below the last one: the
    bridge logs it (WARNING) and answers as if stored, because an OCPP charger that
    gets an error on a transaction message retries it forever and blocks its queue.
+   (A 1.6 reading or stop of an unknown transaction is held as well: rule 6.)
 
 5. **Limits.** A session accepted offline with limits is stopped by the session
    service when a reading reaches them; `must_stop` tells the version handler to send
    the charger a remote stop.
 
-6. **Charger state** (connected or not, its OCPP version, boot info, connector
+6. **A 1.6 transaction this node does not know yet is held, not dropped.** When a
+   node dies after accepting a 1.6 StartTransaction and before the session document
+   reached any other node, the charger fails over and sends that transaction's
+   MeterValues and StopTransaction to a node that has never seen it. 1.6 gives the
+   central system no way to say "later" (a CALLERROR makes the charger resend the
+   message forever and blocks its queue), so the node acknowledges them and *holds*
+   them (`HeldMessages`), keyed by (charger, transactionId). When the session
+   document arrives (the node's change hook calls `document_changed`; `serve_held`
+   applies), the held readings and stop are recorded through the same keyed path as
+   live ones, in timestamp order, so each becomes exactly one event however often the
+   charger also resent it. The hold is in memory and bounded (`HELD_*`): a count of
+   transactions, readings per transaction (the latest are kept; the stop always),
+   bytes of signed data, and an age. In memory because it only matters in a double
+   fault (the first node died before replicating *and* this one restarts before the
+   first comes back), and a durable hold would need a second kind of store; bounded
+   because a charger, on an open site any charger, chooses the transaction ids.
+   2.0.1 does not need it: it refuses such messages (InternalError) and the station
+   resends them (E04).
+
+7. **Charger state** (connected or not, its OCPP version, boot info, connector
    states) is kept per node, in memory: it describes the chargers connected *here*,
    for `/v1/status` and `meshnode status`.
 """
@@ -89,6 +109,16 @@ FUTURE_SLACK_MS = 5 * 60_000
 """A charger timestamp later than now by more than this is not believed (clock not set)."""
 LIVE_WINDOW_MS = 2 * 60_000
 """A start whose timestamp is older than this is a replay: the charger charged already."""
+HELD_TRANSACTIONS = 1000
+"""Unknown 1.6 transactions whose messages a node holds at once (rule 6); beyond, dropped."""
+HELD_READINGS = 1440
+"""Readings held per transaction: a day of one a minute. Beyond, the earliest are dropped
+(the latest register is what the energy is computed from); the stop is always kept."""
+HELD_BYTES = 16 * 1024 * 1024
+"""Signed meter data held in all, at most; a reading beyond it is dropped (logged)."""
+HELD_MAX_AGE_MS = 7 * 24 * 3_600_000
+"""How long a held transaction waits for its session document (the node that started it
+must come back, and it may need a repair)."""
 
 
 class AuthStatus(enum.StrEnum):
@@ -184,6 +214,114 @@ def derive_transaction_id(session_id: str, attempt: int) -> int:
     return int.from_bytes(digest[:4], "big") % TXID_MAX + 1
 
 
+@dataclass
+class _Held:
+    """A transaction's held messages: readings (by content key) and its stop, if sent."""
+
+    since_ms: int
+    readings: dict[str, Reading] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    stop: tuple[str, dict[str, Any]] | None = None
+
+
+class HeldMessages:
+    """The 1.6 messages of transactions not known here yet (rule 6). Sans-IO: `now_ms` is
+    passed in; expiry happens on every `hold`, so nothing needs a timer.
+
+    Args:
+        max_transactions, max_readings, max_bytes, max_age_ms: the bounds (`HELD_*`).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_transactions: int = HELD_TRANSACTIONS,
+        max_readings: int = HELD_READINGS,
+        max_bytes: int = HELD_BYTES,
+        max_age_ms: int = HELD_MAX_AGE_MS,
+    ) -> None:
+        self.max_transactions = max_transactions
+        self.max_readings = max_readings
+        self.max_bytes = max_bytes
+        self.max_age_ms = max_age_ms
+        self._held: dict[tuple[str, int], _Held] = {}
+        self.bytes = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._held
+
+    def keys(self) -> list[tuple[str, int]]:
+        return list(self._held)
+
+    def chargers(self) -> set[str]:
+        return {charger for charger, _ in self._held}
+
+    def _entry(self, key: tuple[str, int], now_ms: int) -> _Held | None:
+        self.expire(now_ms)
+        entry = self._held.get(key)
+        if entry is None:
+            if len(self._held) >= self.max_transactions:
+                self.dropped += 1
+                log.warning("charger %s: transaction %d not held: %d held already", key[0], key[1], len(self._held))
+                return None
+            entry = self._held[key] = _Held(now_ms)
+        return entry
+
+    def hold_reading(self, key: tuple[str, int], content: str, reading: Reading, now_ms: int) -> bool:
+        """Hold one reading (`content`: its content key; a resent one is held once)."""
+        entry = self._entry(key, now_ms)
+        if entry is None:
+            return False
+        if content in entry.readings:
+            return True
+        signed = tuple(_bounded_signed(reading.signed)) if reading.signed else ()
+        size = len(json.dumps(list(signed), default=str)) if signed else 0
+        if self.bytes + size > self.max_bytes:
+            self.dropped += 1
+            log.warning("charger %s: reading of transaction %d not held: %d bytes held", key[0], key[1], self.bytes)
+            return False
+        entry.readings[content] = Reading(reading.ts_ms, reading.energy_wh, signed)  # (no raw: keyed already)
+        entry.sizes[content] = size
+        self.bytes += size
+        while len(entry.readings) > self.max_readings:
+            earliest = min(entry.readings, key=lambda k: (entry.readings[k].ts_ms, k))
+            del entry.readings[earliest]
+            self.bytes -= entry.sizes.pop(earliest)
+            self.dropped += 1
+        return True
+
+    def hold_stop(self, key: tuple[str, int], content: str, stop: dict[str, Any], now_ms: int) -> bool:
+        """Hold a transaction's stop (the first one sent is kept: a resend is the same)."""
+        entry = self._entry(key, now_ms)
+        if entry is None:
+            return False
+        if entry.stop is None:  # (its signed values at most MAX_SIGNED_BYTES, as they will be stored)
+            entry.stop = (content, {**stop, "signed": tuple(_bounded_signed(stop["signed"])) if stop["signed"] else ()})
+        return True
+
+    def take(self, key: tuple[str, int]) -> tuple[list[tuple[str, Reading]], tuple[str, dict[str, Any]] | None]:
+        """Remove and return a transaction's held readings (in timestamp order) and stop."""
+        entry = self._held.pop(key, None)
+        if entry is None:
+            return [], None
+        self.bytes -= sum(entry.sizes.values())
+        readings = sorted(entry.readings.items(), key=lambda kv: (kv[1].ts_ms, kv[0]))
+        return readings, entry.stop
+
+    def expire(self, now_ms: int) -> list[tuple[str, int]]:
+        """Drop transactions held longer than `max_age_ms`; returns their keys."""
+        gone = [k for k, e in self._held.items() if now_ms - e.since_ms > self.max_age_ms]
+        for key in gone:
+            readings, stop = self.take(key)
+            self.dropped += len(readings) + (stop is not None)
+            log.warning("charger %s: held messages of transaction %d expired, its session never arrived", *key)
+        return gone
+
+
 class OcppBridge:
     """Translates charger transactions into session commands; keeps charger states.
 
@@ -205,6 +343,9 @@ class OcppBridge:
         self._scanned: set[str] = set()
         self._locks: dict[str, trio.Lock] = {}
         self._local_list: tuple[bytes, float, tuple[int, list[tuple[str, AuthStatus]]]] | None = None
+        self.held = HeldMessages()
+        self._arrived: set[str] = set()
+        self._wake = trio.Event()
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -386,26 +527,42 @@ class OcppBridge:
         a session event). Duplicates (same content key) and late or backwards readings
         change nothing (rule 4).
         """
+        keyed = [
+            (content_key("meter", transaction_id, transaction_ref, r.ts_ms, r.raw), r)
+            for r in readings
+            if r.energy_wh is not None
+        ]
         async with self._lock(charger):
             session_id = self.find(charger, transaction_id, transaction_ref)
             if session_id is None:
-                if readings and (transaction_id is not None or transaction_ref is not None):
+                if self._holds(transaction_id, transaction_ref):
+                    assert transaction_id is not None
+                    for key, reading in keyed:
+                        self.held.hold_reading((charger, transaction_id), key, reading, self._now_ms())
+                    if keyed:
+                        log.info("charger %s: readings of unknown transaction %d held", charger, transaction_id)
+                elif readings and (transaction_id is not None or transaction_ref is not None):
                     log.warning(
                         "charger %s: meter values for unknown transaction %s",
                         charger,
                         transaction_id or transaction_ref,
                     )
                 return 0
-            recorded = 0
-            for reading in readings:
-                if reading.energy_wh is None:
-                    continue
-                key = content_key("meter", transaction_id, transaction_ref, reading.ts_ms, reading.raw)
-                if await self._record(
-                    charger, session_id, "meter", reading.energy_wh, reading.ts_ms, key, reading.signed
-                ):
-                    recorded += 1
-            return recorded
+            return await self._meter_locked(charger, session_id, keyed)
+
+    @staticmethod
+    def _holds(transaction_id: int | None, transaction_ref: str | None) -> bool:
+        """Whether messages of an unknown transaction are held (rule 6): 1.6 ids only (0 is
+        what a refused start was answered with: never a session)."""
+        return transaction_ref is None and transaction_id is not None and 0 < transaction_id <= TXID_MAX
+
+    async def _meter_locked(self, charger: str, session_id: str, keyed: Sequence[tuple[str, Reading]]) -> int:
+        recorded = 0
+        for key, reading in keyed:
+            assert reading.energy_wh is not None
+            if await self._record(charger, session_id, "meter", reading.energy_wh, reading.ts_ms, key, reading.signed):
+                recorded += 1
+        return recorded
 
     def must_stop(self, charger: str, transaction_id: int | None = None, transaction_ref: str | None = None) -> bool:
         """Whether the node ended this transaction's session and the charger has not stopped it.
@@ -442,22 +599,98 @@ class OcppBridge:
             The session id, None for an unknown transaction (logged, answered as accepted).
         """
         await self.meter(charger, readings, transaction_id=transaction_id, transaction_ref=transaction_ref)
+        stop: dict[str, Any] = {
+            "meter_stop_wh": meter_stop_wh,
+            "ts_ms": ts_ms,
+            "transaction_id": transaction_id,
+            "transaction_ref": transaction_ref,
+            "reason": reason,
+            "id_token": id_token,
+            "signed": tuple(signed),
+        }
         async with self._lock(charger):
             session_id = self.find(charger, transaction_id, transaction_ref)
             if session_id is None:
+                if self._holds(transaction_id, transaction_ref):
+                    assert transaction_id is not None
+                    key = content_key("stop", transaction_id, transaction_ref, ts_ms, meter_stop_wh)
+                    if self.held.hold_stop((charger, transaction_id), key, stop, self._now_ms()):
+                        log.info("charger %s: stop of unknown transaction %d held", charger, transaction_id)
+                    return None
                 log.warning("charger %s: stop for unknown transaction %s", charger, transaction_id or transaction_ref)
                 return None
-            if meter_stop_wh is None:
-                _, view = self.sessions.fold(session_id)
-                meter_stop_wh = view.last_meter_wh if view.last_meter_wh is not None else 0
-            key = content_key("stop", transaction_id, transaction_ref, ts_ms, meter_stop_wh)
-            extra: dict[str, Any] = {}
-            if reason:
-                extra["reason"] = reason
-            if id_token:
-                extra["id_token"] = id_token
-            await self._record(charger, session_id, "stop", meter_stop_wh, ts_ms, key, tuple(signed), extra)
+            await self._stop_locked(charger, session_id, **stop)
             return session_id
+
+    async def _stop_locked(
+        self,
+        charger: str,
+        session_id: str,
+        *,
+        meter_stop_wh: int | None,
+        ts_ms: int | None,
+        transaction_id: int | None,
+        transaction_ref: str | None,
+        reason: str | None,
+        id_token: str | None,
+        signed: tuple[Mapping[str, Any], ...],
+    ) -> bool:
+        if meter_stop_wh is None:
+            _, view = self.sessions.fold(session_id)
+            meter_stop_wh = view.last_meter_wh if view.last_meter_wh is not None else 0
+        key = content_key("stop", transaction_id, transaction_ref, ts_ms, meter_stop_wh)
+        extra: dict[str, Any] = {}
+        if reason:
+            extra["reason"] = reason
+        if id_token:
+            extra["id_token"] = id_token
+        return await self._record(charger, session_id, "stop", meter_stop_wh, ts_ms, key, signed, extra)
+
+    # --- held messages (rule 6) ---------------------------------------------------------
+
+    def document_changed(self, doc_id: str) -> None:
+        """The node's change hook (`Node.change_listeners`): a document arrived or changed.
+
+        While messages are held, the document is indexed again (it may carry a start it
+        did not carry when first seen) and `serve_held` is woken to apply what it can.
+        """
+        if not len(self.held) or doc_id == SITE_CONFIG_ID:
+            return
+        self._scanned.discard(doc_id)
+        self._wake.set()
+
+    async def serve_held(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Apply held messages whenever a document arrives, until cancelled."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.apply_held()
+
+    async def apply_held(self) -> int:
+        """Record the held messages of every transaction whose session is now known here, in
+        timestamp order (readings, then the stop), each through its content key, so once.
+
+        Returns:
+            How many events were appended.
+        """
+        self.held.expire(self._now_ms())
+        self._scan()
+        appended = 0
+        for charger, txid in self.held.keys():
+            async with self._lock(charger):
+                session_id = self._by_txid.get((charger, txid))
+                if session_id is None:
+                    continue
+                readings, stop = self.held.take((charger, txid))
+                log.info(
+                    "charger %s: transaction %d arrived: %d held readings%s",
+                    charger, txid, len(readings), " and its stop" if stop else "",
+                )  # fmt: skip
+                appended += await self._meter_locked(charger, session_id, readings)
+                if stop is not None and await self._stop_locked(charger, session_id, **stop[1]):
+                    appended += 1
+        return appended
 
     async def _record(
         self,
@@ -546,6 +779,7 @@ def _bounded_signed(signed: Sequence[Mapping[str, Any]]) -> list[Any]:
 __all__ = [
     "AuthStatus",
     "ChargerState",
+    "HeldMessages",
     "OcppBridge",
     "Reading",
     "StartResult",

@@ -46,15 +46,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import math
+import os
 import ssl
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -222,6 +224,19 @@ class OcppHandler(ChargePoint):
         self.context = context
         self.bridge = context.bridge
         self.errors_sent = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a call to the charger beside the reader (a remote stop, a local list sync); it
+        ends with the connection (`cancel_tasks`), not after its answer timeout."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
     def _code(self, exc: OCPPError) -> str:
         return self.ERROR_CODES.get(exc.code, exc.code)
@@ -517,30 +532,39 @@ class OcppServer:
             from websockets.asyncio.server import serve
 
             subprotocols = sorted(VERSIONS, key=_subprotocol_order, reverse=True)
-            async with serve(
-                self._connection,
-                bind,
-                port,
-                subprotocols=subprotocols,  # type: ignore[arg-type]
-                process_request=self._upgrade,
-                max_size=self.max_frame,
-                max_queue=4,
-                ping_interval=60,
-                ping_timeout=60,
-                server_header=None,
-                ssl=self.ssl_context,
-            ) as server:
+            try:
+                opened = serve(
+                    self._connection,
+                    bind,
+                    port,
+                    subprotocols=subprotocols,  # type: ignore[arg-type]
+                    process_request=self._upgrade,
+                    max_size=self.max_frame,
+                    max_queue=4,
+                    ping_interval=60,
+                    ping_timeout=60,
+                    server_header=None,
+                    ssl=self.ssl_context,
+                )
+                server = await opened.__aenter__()
+            except OSError as exc:  # the port is taken, the address is not ours: one clear line
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise OSError(exc.errno, f"cannot serve OCPP on {bind}:{port}: {why}") from exc
+            try:
                 sock = next(iter(server.sockets))
                 self.address = sock.getsockname()[:2]
                 started.set()
                 await asyncio.Future()
+            finally:
+                await opened.__aexit__(None, None, None)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio_asyncio.aio_as_trio(aio_serve))
-            await started.wait()
-            assert self.address is not None
-            log.info("OCPP central system on %s{id} (%s)", self.url, ", ".join(VERSIONS))
-            task_status.started(self.address)
+        with reraise_sole_oserror():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio_asyncio.aio_as_trio(aio_serve))
+                await started.wait()
+                assert self.address is not None
+                log.info("OCPP central system on %s{id} (%s)", self.url, ", ".join(VERSIONS))
+                task_status.started(self.address)
 
     @property
     def url(self) -> str:
@@ -616,9 +640,31 @@ class OcppServer:
         except Exception as exc:  # ConnectionClosed (any kind) ends the charger's session here
             log.info("charger %s disconnected: %s", charger_id, exc)
         finally:
+            handler.cancel_tasks()
             if self.handlers.get(charger_id) is handler:
                 del self.handlers[charger_id]
                 self.bridge.disconnected(charger_id)
+
+
+@contextlib.contextmanager
+def reraise_sole_oserror() -> Iterator[None]:
+    """An exception group (trio's nurseries wrap what their tasks raise) whose only error is
+    an OSError is raised as that OSError: `meshnode run` reports an OCPP port it cannot bind
+    in one line, like its other start-up errors, instead of a traceback."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        pending: list[BaseException] = [group]
+        while pending:
+            exc = pending.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                pending.extend(exc.exceptions)
+            else:
+                leaves.append(exc)
+        if len(leaves) == 1 and isinstance(leaves[0], OSError):
+            raise leaves[0] from None
+        raise
 
 
 def _peer(connection: Any) -> str | None:

@@ -172,7 +172,7 @@ class V16Handler(OcppHandler, V16ChargePoint):
     def after_meter_values(self, connector_id: int, meter_value: list[Any], **kwargs: Any) -> None:
         transaction_id = kwargs.get("transaction_id")
         if transaction_id is not None and self.bridge.must_stop(self.id, transaction_id):
-            asyncio.ensure_future(self._remote_stop(transaction_id))
+            self.spawn(self._remote_stop(transaction_id))
 
     async def _remote_stop(self, transaction_id: int) -> None:
         """The session reached the limits it was accepted with offline: ask the charger to stop."""
@@ -227,7 +227,7 @@ class V16Handler(OcppHandler, V16ChargePoint):
         version, _ = self.bridge.local_list()
         if version == self.list_version_sent or (self._list_sync is not None and not self._list_sync.done()):
             return
-        self._list_sync = asyncio.ensure_future(self._sync_local_list())
+        self._list_sync = self.spawn(self._sync_local_list())
 
     async def _sync_local_list(self) -> None:
         """Send the site's lists when the charger's local list differs (errors are logged)."""

@@ -355,7 +355,7 @@ class V201Handler(OcppHandler, V201ChargePoint):
     def after_transaction_event(self, event_type: str, transaction_info: dict[str, Any], **kwargs: Any) -> None:
         ref = transaction_info["transaction_id"]
         if event_type != "Ended" and self.bridge.must_stop(self.id, transaction_ref=ref):
-            asyncio.ensure_future(self._request_stop(ref))
+            self.spawn(self._request_stop(ref))
 
     async def _request_stop(self, ref: str) -> None:
         """The session reached the limits it was accepted with offline: ask the station to stop."""
@@ -371,7 +371,7 @@ class V201Handler(OcppHandler, V201ChargePoint):
         version, _ = self.bridge.local_list()
         if version == self.list_version_sent or (self._list_sync is not None and not self._list_sync.done()):
             return
-        self._list_sync = asyncio.ensure_future(self._sync_local_list())
+        self._list_sync = self.spawn(self._sync_local_list())
 
     async def _sync_local_list(self) -> None:
         """Send the site's lists when the station's local list differs (errors are logged)."""
