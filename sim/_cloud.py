@@ -41,7 +41,7 @@ import trio
 
 from meshnode import Certificate, Identity, Sealer, Site, issue_certificate
 from uplink import CloudClient
-from uplink import CloudService, open_cloud
+from uplink import CloudService, RemoteRequestError, open_cloud
 
 from ._scenario import Dist, UplinkSpec
 
@@ -188,6 +188,19 @@ class SimSite:
             return None
         return cert.public_key if cert.node_id == device_id else None
 
+    def authenticate(self, certificate: bytes, now: float) -> tuple[str, bytes]:
+        """Who may sync with the cloud (as `meshnode cloud --site`): a device with a valid
+        certificate of this site and a mesh role. The simulator revokes no one."""
+        try:
+            cert = Certificate.decode(certificate, self.site.public_key)
+        except Exception as exc:  # noqa: BLE001 - not a certificate of this site
+            raise RemoteRequestError(401, "the request's certificate is not one this site issued") from exc
+        if now > cert.not_after:
+            raise RemoteRequestError(403, f"the certificate of {cert.node_id!r} has expired")
+        if not set(cert.roles) & {"charger", "gateway"}:
+            raise RemoteRequestError(403, f"role {list(cert.roles)} may not forward sessions")
+        return cert.node_id, cert.public_key
+
     def sealer(self, identity: Identity, start: int, now: float) -> Sealer:
         """A Sealer for one run (`start`) of a node whose bytes do not depend on the
         order in which trio runs the tasks of one virtual instant: the nonce is a
@@ -241,7 +254,11 @@ async def open_sim_cloud(
 ) -> AsyncIterator[SimCloud]:
     """The cloud for one run; for an enrolled site it trusts that site's certificates only."""
     key = nacl.signing.SigningKey(hashlib.sha256(f"{seed}:cloud-key".encode()).digest())
-    trust: dict[str, Any] = {} if site is None else {"certify": site.certify, "trust_document_keys": False}
+    trust: dict[str, Any] = (
+        {}
+        if site is None
+        else {"certify": site.certify, "authenticate": site.authenticate, "trust_document_keys": False}
+    )
 
     def actor_for(doc_id: str) -> bytes:
         return hashlib.sha256(f"{seed}:cloud:{doc_id}".encode()).digest()[:16]
