@@ -1,6 +1,6 @@
 """Meter values through one node: throughput and latency with 10 OCPP 1.6 chargers.
 
-    PYTHONPATH=. .venv/bin/python bench/ocpp.py --chargers 10 --readings 30
+    PYTHONPATH=. .venv/bin/python bench/ocpp_meter.py --chargers 10 --readings 30
 
 One `meshnode run` process (`--insecure`, loopback 127.0.14.x, tests/ocpp_helpers.py);
 `--chargers` charge points (the `ocpp` library's, `meshnode/_chargepoints.py`) each
