@@ -34,7 +34,7 @@ def _timestamp(text: str) -> float:
     return when.timestamp()
 
 
-def add_tariff_arguments(site_sub: Any) -> None:
+def add_tariff_arguments(site_sub: Any) -> Any:
     tariff = site_sub.add_parser(
         "tariff",
         help="sign a tariff with the site key; it travels in the site config and prices sessions in the cloud",
@@ -53,6 +53,7 @@ def add_tariff_arguments(site_sub: Any) -> None:
     tariff.add_argument("--valid-from", type=_timestamp, metavar="ISO8601", help="default: now")
     tariff.add_argument("--valid-to", type=_timestamp, metavar="ISO8601", help="default: open-ended")
     tariff.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
+    return tariff
 
 
 def make_tariff(args: argparse.Namespace, now: float) -> bytes:

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--issuer", metavar="HEX", help="the cloud's public key in hex (GET CLOUD/v1/issuer)")
     from ._operator import add_tariff_arguments
 
-    add_tariff_arguments(site_sub)
+    _add_token_options(add_tariff_arguments(site_sub))
 
     enroll = sub.add_parser(
         "enroll",
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     charger_add.add_argument("--site", default=".", metavar="DIR", help="the site's folder, with site.key (default .)")
     charger_add.add_argument("--id", required=True, metavar="CP-ID", help="the charge point id (as in its OCPP URL)")
     charger_add.add_argument("--http", metavar="URL", help="hand the registration to this node's API")
+    _add_token_options(charger_add)
 
     status = sub.add_parser(
         "status",
@@ -667,7 +668,7 @@ def run_security_command(parser: argparse.ArgumentParser, args: argparse.Namespa
             "user = the id); it is shown only now, the site config keeps a hash",
             file=sys.stderr,
         )
-        return _hand_to_node(args.http, entry)
+        return _hand_to_node(args.http, entry, _api_headers(args, write=True))
     if args.command == "token":
         if args.token_command not in ("issue", "list"):
             parser.parse_args(["token", "--help"])

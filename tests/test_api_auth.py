@@ -56,6 +56,7 @@ def every_v1_route() -> list[tuple[str, str]]:
 
     class NoNode:
         identity = None
+        change_listeners: list = []  # the page and the metrics subscribe to changes
 
     out = []
     for route in build_app(NoNode()).routes:  # type: ignore[arg-type]

@@ -314,7 +314,18 @@ def test_an_enrolled_site_admits_registered_chargers_only(tmp_path):
         for bad in (["--site", str(tmp_path / "no-site")], ["--site", str(site_dir), "--id", "a/b"]):
             refused = _cli("charger", "add", "--id", "CP-X", *bad)
             assert refused.returncode == 1 and "password" not in refused.stdout, refused
-        added = _cli("charger", "add", "--site", str(site_dir), "--id", "CP-1", "--http", node.url)
+        added = _cli(
+            "charger",
+            "add",
+            "--site",
+            str(site_dir),
+            "--id",
+            "CP-1",
+            "--http",
+            node.url,
+            "--data-dir",
+            str(tmp_path / "n1"),
+        )
         assert added.returncode == 0, added.stderr
         password = added.stdout.splitlines()[0].removeprefix("password ")
         assert len(password) >= 20
@@ -356,7 +367,18 @@ def test_an_enrolled_site_admits_registered_chargers_only(tmp_path):
         assert cp.local_list == {"RFID-OK": "Accepted", "RFID-GONE": "Blocked"} and cp.local_list_version > 0
         assert [c["charger_id"] for c in node.get("/v1/status")["chargers"]] == ["CP-1"]  # refused ones left no trace
         # Registering again replaces the password.
-        again = _cli("charger", "add", "--site", str(site_dir), "--id", "CP-1", "--http", node.url)
+        again = _cli(
+            "charger",
+            "add",
+            "--site",
+            str(site_dir),
+            "--id",
+            "CP-1",
+            "--http",
+            node.url,
+            "--data-dir",
+            str(tmp_path / "n1"),
+        )
         new_password = again.stdout.splitlines()[0].removeprefix("password ")
         assert arun(functools.partial(upgrade_status, "CP-1", **basic("CP-1", password))) == 401
         assert arun(functools.partial(upgrade_status, "CP-1", **basic("CP-1", new_password))) == 101
@@ -435,7 +457,18 @@ def test_security_profile_2_tls_then_basic_auth(tmp_path):
     certs = ["--ocpp-certfile", str(TLS_DIR / "node.crt"), "--ocpp-keyfile", str(TLS_DIR / "node.key")]
     node = start_node(tmp_path, "n1", "127.0.14.15", insecure=False, extra=certs)
     try:
-        added = _cli("charger", "add", "--site", str(site_dir), "--id", "CP-1", "--http", node.url)
+        added = _cli(
+            "charger",
+            "add",
+            "--site",
+            str(site_dir),
+            "--id",
+            "CP-1",
+            "--http",
+            node.url,
+            "--data-dir",
+            str(tmp_path / "n1"),
+        )
         password = added.stdout.splitlines()[0].removeprefix("password ")
         wss = node.ocpp_url.replace("ws://", "wss://")  # type: ignore[attr-defined]
         trust = ssl.create_default_context(cafile=str(TLS_DIR / "node.crt"))

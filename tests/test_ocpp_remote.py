@@ -119,7 +119,7 @@ def two(tmp_path):
 
 
 def _post(node: OcppNode, path: str, body: object) -> httpx.Response:
-    return httpx.post(node.url + path, json=body, timeout=30.0)
+    return httpx.post(node.url + path, json=body, headers=node.headers, timeout=30.0)  # the token if enrolled
 
 
 @pytest.mark.slow  # real node processes

@@ -311,7 +311,7 @@ def test_a_tariff_set_on_a_node_prices_its_sessions_in_the_cloud(tmp_path: Path)
         node.start()
         made = subprocess.run(
             [sys.executable, "-m", "meshnode.cli", "site", "tariff", "--site", str(site_dir), "--id", "std",
-             "--energy", "0.50", "--valid-from", "2020-01-01", "--http", node.url],
+             "--energy", "0.50", "--valid-from", "2020-01-01", "--http", node.url, "--data-dir", str(tmp_path / "n1")],
             capture_output=True, text=True, cwd=REPO, timeout=60,
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
