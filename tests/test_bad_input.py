@@ -7,8 +7,8 @@ called directly, but the promise is about the wire: aiocoap's block-wise
 reassembly, the site's early 4.13, the dispatcher's mapping of exceptions to
 codes and the trio-asyncio bridge all sit between a datagram and a handler, and
 any of them could turn a peer's mistake into a 5.00, a silence or a dead node.
-So every test here runs a real `Node` on a real CoAP transport (127.0.11.2) and
-talks to it from a second CoAP transport (127.0.11.3), as a peer would.
+So every test here runs a real `Node` on a real CoAP transport (127.0.13.32) and
+talks to it from a second CoAP transport (127.0.13.33), as a peer would.
 
 Each bad request must be answered with the exact 4.xx code the protocol gives it
 (docs/protocol.md), the node must answer a valid request right after it, and no
@@ -55,9 +55,9 @@ from meshnode._protocol import (
 )
 from meshnode._transport import RemoteRefused, TransportError
 
-NODE_HOST = "127.0.11.2"
-CLIENT_HOST = "127.0.11.3"
-GARBAGE_HOST = "127.0.11.4"
+NODE_HOST = "127.0.13.32"
+CLIENT_HOST = "127.0.13.33"
+GARBAGE_HOST = "127.0.13.34"
 NODE_ID = "charger-a"
 PEER_ID = "peer-b"
 
