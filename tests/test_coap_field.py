@@ -641,11 +641,11 @@ async def test_a_block_wise_answer_slower_than_the_timeout_completes_while_each_
             relays.cancel_scope.cancel()
 
 
-async def test_a_peer_that_keeps_talking_but_never_answers_is_given_up_at_the_cap() -> None:
-    """The progress deadline is bounded: a peer that acknowledges the request
-    (an empty ACK, then silence while its handler is stuck) and keeps sending
-    us its own requests makes ours last at most PROGRESS_CAP * timeout; a
-    silent peer still fails at `timeout`."""
+async def test_a_peer_that_keeps_answering_but_never_this_request_is_given_up_at_the_cap() -> None:
+    """The progress deadline is bounded: a peer that answers our other requests
+    all along, but never this one (its handler is stuck), makes it last at most
+    PROGRESS_CAP * timeout; its own requests to us are no progress (the request
+    fails at `timeout` then); a silent peer still fails at `timeout`."""
     from meshnode._coap import PROGRESS_CAP
     from meshnode._transport import RequestTimeout
 
@@ -668,13 +668,24 @@ async def test_a_peer_that_keeps_talking_but_never_answers_is_given_up_at_the_ca
             a.route("/m/stuck", stuck)
             b.route("/m/echo", echo)
 
-            async def chatter() -> None:  # a keeps talking to b
-                while True:
-                    await a.request(b.address, "/m/echo", b"hi", timeout=1)
-                    await trio.sleep(0.1)
+            a.route("/m/echo", echo)
+            timeout = 0.2
 
-            nursery.start_soon(chatter)
-            timeout = 0.4
+            async def chatter(sender: object, to: str) -> None:
+                while True:
+                    await sender.request(to, "/m/echo", b"hi", timeout=1)  # type: ignore[attr-defined]
+                    await trio.sleep(0.05)
+
+            # a keeps sending b requests: not an answer to b, so no progress.
+            async with trio.open_nursery() as talk:
+                talk.start_soon(chatter, a, b.address)
+                start = trio.current_time()
+                with pytest.raises(RequestTimeout):
+                    await b.request(a.address, "/m/stuck", b"x", timeout=timeout)
+                assert trio.current_time() - start < 4 * timeout + 0.5
+                talk.cancel_scope.cancel()
+            # b's other requests keep being answered by a: progress, up to the cap.
+            nursery.start_soon(chatter, b, a.address)
             start = trio.current_time()
             with pytest.raises(RequestTimeout, match="not in full"):
                 await b.request(a.address, "/m/stuck", b"x", timeout=timeout)
