@@ -933,12 +933,27 @@ def _stop_sending_abandoned(manager: Any) -> None:
             entry = exchanges.pop(key, None)
             if entry is not None:
                 entry[1].cancel()  # the retransmission timer
-                if remote in manager._backlogs:
-                    manager._continue_backlog(remote)
+                # Not now: cancel runs inside aiocoap's own dispatch (an ICMP error
+                # read while sending fails every request to that peer in a loop),
+                # and sending the next message from here re-entered the UDP send
+                # ("send was reentered in a single task") and aiocoap's backlog
+                # walk (KeyError). The next loop turn is outside all of that.
+                manager.loop.call_soon(_continue_backlog_later, manager, remote)
 
         return cancel
 
     manager.send_message = send_message
+
+
+def _continue_backlog_later(manager: Any, remote: Any) -> None:
+    """Send the next message queued for `remote` if no exchange with it is active
+    (what aiocoap does when an exchange ends), unless someone already did."""
+    exchanges = manager._active_exchanges
+    if exchanges is None or remote not in manager._backlogs:  # shut down, or nothing queued
+        return
+    if any(r == remote for r, _ in exchanges):
+        return
+    manager._continue_backlog(remote)
 
 
 class _BoundedTimeoutDict(TimeoutDict):  # type: ignore[misc]

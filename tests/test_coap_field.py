@@ -669,7 +669,7 @@ async def test_a_peer_that_keeps_answering_but_never_this_request_is_given_up_at
             b.route("/m/echo", echo)
 
             a.route("/m/echo", echo)
-            timeout = 0.2
+            timeout = 0.5
 
             async def chatter(sender: object, to: str) -> None:
                 while True:
@@ -682,7 +682,7 @@ async def test_a_peer_that_keeps_answering_but_never_this_request_is_given_up_at
                 start = trio.current_time()
                 with pytest.raises(RequestTimeout):
                     await b.request(a.address, "/m/stuck", b"x", timeout=timeout)
-                assert trio.current_time() - start < 4 * timeout + 0.5
+                assert trio.current_time() - start < PROGRESS_CAP * timeout / 2  # far from the cap
                 talk.cancel_scope.cancel()
             # b's other requests keep being answered by a: progress, up to the cap.
             nursery.start_soon(chatter, b, a.address)
@@ -690,7 +690,7 @@ async def test_a_peer_that_keeps_answering_but_never_this_request_is_given_up_at
             with pytest.raises(RequestTimeout, match="not in full"):
                 await b.request(a.address, "/m/stuck", b"x", timeout=timeout)
             took = trio.current_time() - start
-            assert PROGRESS_CAP * timeout <= took < PROGRESS_CAP * timeout + 1.0, took
+            assert PROGRESS_CAP * timeout <= took < PROGRESS_CAP * timeout + 2.0, took
             nursery.cancel_scope.cancel()
             release.set()
             silent_at = "127.0.13.13"
@@ -698,3 +698,36 @@ async def test_a_peer_that_keeps_answering_but_never_this_request_is_given_up_at
             with pytest.raises(RequestTimeout):
                 await b.request(f"{silent_at}:{free_port(silent_at)}", "/m/echo", b"x", timeout=timeout)
             assert timeout <= trio.current_time() - start < timeout + 0.5
+
+
+async def test_requests_queued_for_a_peer_whose_port_is_closed_fail_without_reentering_aiocoap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Field run: an ICMP "port unreachable" read while sending fails every
+    request to that peer in one loop inside aiocoap; cancelling one of them
+    sent the next queued message from inside that loop, which re-entered the
+    UDP send ("send was reentered in a single task", an AssertionError) and
+    aiocoap's backlog walk (KeyError): errors on the node's event loop, and
+    requests orphaned. Here 20 requests at once to a closed port all fail as
+    unreachable, and nothing reaches the loop's error handler."""
+    from meshnode._transport import PeerUnreachable
+
+    caplog.set_level(logging.ERROR)
+    at = "127.0.13.41"
+    async with trio_asyncio.open_loop(), open_coap_transport(at, free_port(at)) as client:
+        closed = f"127.0.13.42:{free_port('127.0.13.42')}"
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await client.request(closed, "/m/x", b"y" * (1 + i % 3 * 900), timeout=2)
+                outcomes.append("answered")
+            except TransportError as exc:
+                outcomes.append(type(exc).__name__)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+        assert outcomes == [PeerUnreachable.__name__] * 20
+        assert client.loop_errors == 0
+    assert not [r.getMessage()[:200] for r in caplog.records if "reentered" in r.getMessage()]
