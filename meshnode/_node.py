@@ -1120,7 +1120,7 @@ class Node:
                 except InvalidSyncMessage as exc:
                     self.counters["sync_requests_refused"] += 1
                     raise ProtocolError(f"sync message for {d!r}: {exc}") from exc
-        self._sender(request.sender, remote, introduce=False)
+        verified = self._sender(request.sender, remote, introduce=False)
         for d in request.reset:
             self.replica.book.reset(request.sender, d)
         # The requester waits `ttl`: work it can no longer use is not started (the
@@ -1152,6 +1152,13 @@ class Node:
             if m is not None:
                 replies[d] = m
                 size += len(m)
+        # No lasting sync state for an unverified sender, nor for a document we do
+        # not hold (refused, or only named): one state per claimed id and document
+        # piled up under bad input (the fuzz run's RSS growth, issue 10 item 5). A
+        # real peer not verified yet syncs from scratch each round.
+        for d in request.msgs:
+            if not verified or (d not in self.replica.docs and d not in self.archived):
+                self.replica.book.reset(request.sender, d)
         return SyncResponse(replies, errors).encode()
 
 

@@ -654,3 +654,22 @@ async def test_garbage_datagrams_do_not_stop_the_node(tmp_path: Path) -> None:
             await trio.sleep(0.1)
         assert (await rig.hello()).node_id == NODE_ID
         assert rig.snapshot() == before
+
+
+async def test_sync_requests_from_unverified_senders_leave_no_sync_state(tmp_path: Path) -> None:
+    """Issue 10 item 5, seen again in the long fuzz run (RSS growing ~6 B per
+    input over 800,000 inputs): every /m/sync request kept an Automerge sync
+    state per (claimed sender, document), also for senders never verified and
+    for documents the node does not hold, so bad input grew memory without
+    bound. Here 40 requests from 40 unverified ids (20 about our session, 20
+    about documents we do not have) are answered and leave no state behind."""
+    async with open_rig(tmp_path) as rig:
+        before = len(rig.node.replica.book._states)
+        opening, _ = foreign_sync_messages()
+        for i in range(20):
+            request = SyncRequest(f"stranger-{i}", {rig.session_id: own_first_message(rig)})
+            SyncResponse.decode(await rig.request("/m/sync", request.encode()))
+            request = SyncRequest(f"other-{i}", {f"{i:032x}": opening})
+            await rig.request("/m/sync", request.encode())
+        assert len(rig.node.replica.book._states) == before
+        await rig.hello()
