@@ -342,6 +342,25 @@ def cloud_target(cloud: Any) -> Target:
     return Target("http:cloud", one, seeds)
 
 
+VICTIMS: dict[str, Node] = {}
+"""The fuzzed nodes, for the sizes of their per-peer state in the report."""
+
+
+def victim_state() -> dict[str, dict[str, int]]:
+    """Sizes of the per-peer and per-document state each fuzzed node keeps: what
+    bad input must not grow without bound (reported at the end of a run)."""
+    return {
+        name: {
+            "documents": len(node.replica.docs),
+            "sync_states": len(node.replica.book._states),
+            "neighbours": len(node.neighbours),
+            "reported": len(node._reported),
+            "sync_locks": len(node._sync_locks),
+        }
+        for name, node in VICTIMS.items()
+    }
+
+
 @asynccontextmanager
 async def open_targets(workdir: Path) -> AsyncIterator[list[Target]]:
     (workdir / "plain").mkdir()
@@ -353,6 +372,7 @@ async def open_targets(workdir: Path) -> AsyncIterator[list[Target]]:
             f"sqlite:///{workdir / 'cloud.db'}", signing_key=CLOUD_KEY, wall_clock=lambda: 1_700_000_000.0
         ) as cloud,
     ):
+        VICTIMS.update(plain=victim, sealed=sealed_victim)
         yield [
             *coap_targets(victim, transport, net.recorded),
             *coap_targets(sealed_victim, sealed_transport, sealed_net.recorded, prefix="coap-sealed"),
@@ -379,6 +399,7 @@ class Tally:
     rss_end: int = 0
     rss_series: list[tuple[int, float]] = field(default_factory=list)  # (inputs, RSS MB)
     heap: dict[str, Any] = field(default_factory=dict)  # --tracemalloc: what the Python heap grew by
+    victims: dict[str, dict[str, int]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     def record(self, target: str, data: bytes, outcome: Outcome) -> None:
@@ -408,6 +429,7 @@ class Tally:
             "rss_end_mb": round(self.rss_end / 2**20, 1),
             "rss_series": self.rss_series,
             **({"python_heap": self.heap} if self.heap else {}),
+            "victim_state": self.victims,
             "seconds": round(time.monotonic() - self.started, 1),
         }
 
@@ -511,6 +533,7 @@ def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int, trace:
     def finish() -> None:
         tally.rss_end = rss_bytes()
         tally.rss_series.append((tally.inputs, round(tally.rss_end / 2**20, 1)))
+        tally.victims = victim_state()
         if snapshots:
             import tracemalloc
 

@@ -2,7 +2,7 @@
 
 The conformance suite (test_transport.py) runs on free high ports, where
 aiocoap always writes the port into a peer's address; these tests bind the
-default port 5683 (on 127.0.15.x, addresses no other test uses) and put real
+default port 5683 (on 127.0.13.x, addresses no other test uses) and put real
 UDP loss between real transports, which is where the field saw crashes.
 """
 
@@ -26,7 +26,7 @@ from meshnode._transport import (
 
 from .procs import NodeProcess, free_port, wait_until
 
-A, B = "127.0.15.1", "127.0.15.2"
+A, B = "127.0.13.21", "127.0.13.22"
 DEFAULT_PORT = 5683
 
 
@@ -220,7 +220,7 @@ async def test_requests_given_up_under_loss_and_delay_never_raise_inside_aiocoap
     requester-side peer address, since aiocoap sends one CON at a time per
     peer) time out right about when their answers arrive."""
     relays_n, delay = 16, 0.1
-    server_at, client_at = ("127.0.15.3", DEFAULT_PORT), "127.0.15.6"
+    server_at, client_at = ("127.0.13.23", DEFAULT_PORT), "127.0.13.26"
     rng = random.Random(7)
     caplog.set_level(logging.WARNING)
     async with trio_asyncio.open_loop():  # noqa: SIM117 (the loop must be open before the transports)
@@ -237,10 +237,10 @@ async def test_requests_given_up_under_loss_and_delay_never_raise_inside_aiocoap
             fronts = []
             for k in range(relays_n):
                 relay = LossyRelay(
-                    ("127.0.15.4", 5700 + k), ("127.0.15.5", 5700 + k), server_at, loss=0.2, delay=delay, seed=k
+                    ("127.0.13.24", 5700 + k), ("127.0.13.25", 5700 + k), server_at, loss=0.2, delay=delay, seed=k
                 )
                 await relays.start(relay.serve)
-                fronts.append(f"127.0.15.4:{5700 + k}")
+                fronts.append(f"127.0.13.24:{5700 + k}")
             outcomes: list[str] = []
 
             async def one(i: int) -> None:
@@ -390,7 +390,11 @@ async def test_a_flood_of_bad_datagrams_leaves_bounded_state_and_few_log_lines(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     keys = {(r.name, str(r.msg).split(" (and ")[0][:40]) for r in warnings}
     windows = int(elapsed / interval) + 1
-    assert 0 < len(warnings) <= len(keys) * windows < n / 100, [r.getMessage()[:120] for r in warnings[:20]]
+    # Bounded by keys x windows (on a loaded machine the flood takes longer and
+    # spans more windows, so that product is not itself the bound), and far
+    # fewer lines than bad datagrams.
+    assert 0 < len(warnings) <= len(keys) * windows, [r.getMessage()[:120] for r in warnings[:20]]
+    assert len(warnings) < n / 100, [r.getMessage()[:120] for r in warnings[:20]]
     assert any("more like it" in r.getMessage() for r in warnings)
 
 
@@ -599,3 +603,131 @@ async def test_a_sync_request_whose_requester_gave_up_is_refused_and_not_applied
                 assert b_id not in node.replica.docs, "the abandoned request was applied after its requester gave up"
                 assert node.counters.get("sync_requests_abandoned") == 1
                 nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------
+# Deadlines on progress: a slow peer that keeps answering is waited for
+
+
+async def test_a_block_wise_answer_slower_than_the_timeout_completes_while_each_block_comes_in_time() -> None:
+    """Field run, seed 1 at load 24: round trips near a second at 0 % loss made
+    every request of a few 1 KiB blocks overrun its fixed 3 s deadline; the
+    late answers were dropped and the mesh never converged after the heal.
+    Here every answer is held 0.25 s on its way back (a slow host) and the
+    answer is 8 blocks, about 2 s in all: a request with `timeout=0.8` must
+    complete, since each block comes within 0.8 s of the last."""
+    server_at, client_at = ("127.0.13.7", free_port("127.0.13.7")), "127.0.13.8"
+    front, back = ("127.0.13.9", free_port("127.0.13.9")), ("127.0.13.10", free_port("127.0.13.10"))
+    async with trio_asyncio.open_loop():  # noqa: SIM117 (the loop must be open before the transports)
+        async with (
+            open_coap_transport(*server_at) as server,
+            open_coap_transport(client_at, free_port(client_at)) as client,
+            trio.open_nursery() as relays,
+        ):
+            answer = bytes(range(256)) * 32  # 8 KiB: 8 Block2 round trips
+
+            async def big(payload: bytes, remote: str) -> bytes:
+                return answer
+
+            server.route("/m/big", big)
+            relay = LossyRelay(front, back, server_at, loss=0.0, delay=0.25, seed=1)
+            await relays.start(relay.serve)
+            start = trio.current_time()
+            got = await client.request(f"{front[0]}:{front[1]}", "/m/big", b"", timeout=0.8)
+            took = trio.current_time() - start
+            assert got == answer
+            assert took > 0.8, took  # it did outlive its timeout: the blocks kept it going
+            assert client.extended == 1
+            relays.cancel_scope.cancel()
+
+
+async def test_a_peer_that_keeps_answering_but_never_this_request_is_given_up_at_the_cap() -> None:
+    """The progress deadline is bounded: a peer that answers our other requests
+    all along, but never this one (its handler is stuck), makes it last at most
+    PROGRESS_CAP * timeout; its own requests to us are no progress (the request
+    fails at `timeout` then); a silent peer still fails at `timeout`."""
+    from meshnode._coap import PROGRESS_CAP
+    from meshnode._transport import RequestTimeout
+
+    a_at, b_at = "127.0.13.11", "127.0.13.12"
+    async with trio_asyncio.open_loop():  # noqa: SIM117 (the loop must be open before the transports)
+        async with (
+            open_coap_transport(a_at, free_port(a_at), handler_timeout=30) as a,
+            open_coap_transport(b_at, free_port(b_at)) as b,
+            trio.open_nursery() as nursery,
+        ):
+            release = trio.Event()
+
+            async def stuck(payload: bytes, remote: str) -> bytes:
+                await release.wait()
+                return b"late"
+
+            async def echo(payload: bytes, remote: str) -> bytes:
+                return payload
+
+            a.route("/m/stuck", stuck)
+            b.route("/m/echo", echo)
+
+            a.route("/m/echo", echo)
+            timeout = 0.5
+
+            async def chatter(sender: object, to: str) -> None:
+                while True:
+                    await sender.request(to, "/m/echo", b"hi", timeout=1)  # type: ignore[attr-defined]
+                    await trio.sleep(0.05)
+
+            # a keeps sending b requests: not an answer to b, so no progress.
+            async with trio.open_nursery() as talk:
+                talk.start_soon(chatter, a, b.address)
+                start = trio.current_time()
+                with pytest.raises(RequestTimeout):
+                    await b.request(a.address, "/m/stuck", b"x", timeout=timeout)
+                assert trio.current_time() - start < PROGRESS_CAP * timeout / 2  # far from the cap
+                talk.cancel_scope.cancel()
+            # b's other requests keep being answered by a: progress, up to the cap.
+            nursery.start_soon(chatter, b, a.address)
+            start = trio.current_time()
+            with pytest.raises(RequestTimeout, match="not in full"):
+                await b.request(a.address, "/m/stuck", b"x", timeout=timeout)
+            took = trio.current_time() - start
+            assert PROGRESS_CAP * timeout <= took < PROGRESS_CAP * timeout + 2.0, took
+            nursery.cancel_scope.cancel()
+            release.set()
+            silent_at = "127.0.13.13"
+            start = trio.current_time()
+            with pytest.raises(RequestTimeout):
+                await b.request(f"{silent_at}:{free_port(silent_at)}", "/m/echo", b"x", timeout=timeout)
+            assert timeout <= trio.current_time() - start < timeout + 0.5
+
+
+async def test_requests_queued_for_a_peer_whose_port_is_closed_fail_without_reentering_aiocoap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Field run: an ICMP "port unreachable" read while sending fails every
+    request to that peer in one loop inside aiocoap; cancelling one of them
+    sent the next queued message from inside that loop, which re-entered the
+    UDP send ("send was reentered in a single task", an AssertionError) and
+    aiocoap's backlog walk (KeyError): errors on the node's event loop, and
+    requests orphaned. Here 20 requests at once to a closed port all fail as
+    unreachable, and nothing reaches the loop's error handler."""
+    from meshnode._transport import PeerUnreachable
+
+    caplog.set_level(logging.ERROR)
+    at = "127.0.13.41"
+    async with trio_asyncio.open_loop(), open_coap_transport(at, free_port(at)) as client:
+        closed = f"127.0.13.42:{free_port('127.0.13.42')}"
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await client.request(closed, "/m/x", b"y" * (1 + i % 3 * 900), timeout=2)
+                outcomes.append("answered")
+            except TransportError as exc:
+                outcomes.append(type(exc).__name__)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+        assert outcomes == [PeerUnreachable.__name__] * 20
+        assert client.loop_errors == 0
+    assert not [r.getMessage()[:200] for r in caplog.records if "reentered" in r.getMessage()]
