@@ -330,7 +330,8 @@ def test_an_enrolled_site_admits_registered_chargers_only(tmp_path):
         password = added.stdout.splitlines()[0].removeprefix("password ")
         assert len(password) >= 20
         for tag, revoke in (("RFID-OK", False), ("RFID-GONE", True)):
-            args = ["token", "list", "--cloud-key", str(cloud_key_path), "--token-id", tag, "--http", node.url]
+            args = ["token", "list", "--cloud-key", str(cloud_key_path), "--token-id", tag, "--http", node.url,
+                    "--data-dir", str(tmp_path / "n1")]  # fmt: skip
             assert _cli(*args, *(["--revoke"] if revoke else [])).returncode == 0
 
         def basic(user: str, pw: str) -> dict[str, Any]:

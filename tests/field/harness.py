@@ -50,6 +50,8 @@ from typing import Any
 
 import httpx
 
+from meshnode._apiauth import DataDirTokens
+
 from . import netns
 from .netns import CLOUD_ADDRESS, Network
 
@@ -66,9 +68,18 @@ class FieldFailure(Exception):
     """The run could not go on (the site did not come up, a command failed); the message says why."""
 
 
+_NODE_DIRS: dict[str, Path] = {}
+"""Each enrolled node's address -> its data dir, whose api.token the clients present."""
+
+
 def _client() -> httpx.Client:
     # No keep-alive: a node killed and restarted must not leave the client a dead connection.
-    return httpx.Client(timeout=HTTP_TIMEOUT_S, limits=httpx.Limits(max_keepalive_connections=0))
+    # Enrolled nodes want their operator token on every /v1 request (docs/security.md).
+    return httpx.Client(
+        timeout=HTTP_TIMEOUT_S,
+        limits=httpx.Limits(max_keepalive_connections=0),
+        auth=DataDirTokens(dict(_NODE_DIRS)),
+    )
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -610,6 +621,7 @@ class FieldRun:
             self.clock,
         )
         for name in self.names:
+            _NODE_DIRS[self.net.address(name)] = self.workdir / name
             argv = ["run", "--data-dir", str(self.workdir / name), "--bind", self.net.address(name)]
             if name in self.uplink_names:
                 argv += ["--cloud-url", CLOUD_URL]
