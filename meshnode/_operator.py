@@ -42,7 +42,7 @@ def add_tariff_arguments(site_sub: Any) -> Any:
         "key. A new version of the same --id replaces the old one from its --valid-from on; the cloud prices a "
         "session with the tariff valid at its start. Hand the printed entry to a node (--http).",
     )
-    tariff.add_argument("--site", default=".", metavar="DIR")
+    tariff.add_argument("--site", default=".", metavar="DIR", help="the site's folder, with site.key (default .)")
     tariff.add_argument("--id", dest="tariff_id", default="default", help="tariff id (default 'default')")
     tariff.add_argument("--version", dest="tariff_version", type=int, default=1, help="version, from 1 (default 1)")
     tariff.add_argument("--currency", default="EUR", help="ISO 4217 code (default EUR)")

@@ -203,5 +203,5 @@ def test_log_format_comes_from_the_flag_or_the_config_file(tmp_path: Path):
     assert resolve_run_settings(parse(["run", "--config", str(config), "--log-format", "text"]))["log_format"] == "text"
     assert resolve_run_settings(parse(["run"]))["log_format"] == "text"
     config.write_text('log_format = "yaml"\n')
-    with pytest.raises(ConfigError, match="log-format must be text or json"):
+    with pytest.raises(ConfigError, match="log_format = .yaml. is not valid: it must be text or json"):
         resolve_run_settings(parse(["run", "--config", str(config)]))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sim._sweep import parse_params, sweep
+from tests.procs import free_port
 
 SCENARIO = Path(__file__).resolve().parent.parent / "sim" / "scenarios" / "line10.toml"
 # A small grid with real work in it: sessions start and meter within the run, under loss.
@@ -36,29 +37,52 @@ def serial_table(tmp_path_factory: pytest.TempPathFactory) -> str:
     return table
 
 
+def _sweep_cli(out: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """`meshsim sweep` as a user runs it, in its own process: Dask's event loop must not share a
+    process whose asyncio policy trio-asyncio has replaced (earlier tests in this one)."""
+    args = [sys.executable, "-m", "sim.cli", "sweep", str(SCENARIO), *(a for p in PARAMS for a in ("--param", p))]
+    return subprocess.run(
+        [*args, "--seeds", "2", "--out", str(out), *extra], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_a_local_two_worker_cluster_gives_the_serial_table(tmp_path: Path, serial_table: str) -> None:
-    lines: list[str] = []
-    table = sweep(SCENARIO, parse_params(PARAMS), 2, tmp_path, jobs=2, report=lines.append, progress=False)
-    assert table.read_text() == serial_table
-    assert "a local Dask cluster of 2 worker processes" in lines[0]
+    out = _sweep_cli(tmp_path, "--jobs", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "on a local Dask cluster of 2 worker processes" in out.stderr
+    assert (tmp_path / "sweep.csv").read_text() == serial_table
     # every run's own files were written by the client from the workers' results
     assert len(list(tmp_path.glob("*/seed-*/summary.json"))) == 4
 
 
 def test_a_running_scheduler_gives_the_serial_table(tmp_path: Path, serial_table: str) -> None:
-    """`--scheduler tcp://...`: the runs go to a cluster started elsewhere (here: in this test)."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
-        address = cluster.scheduler_address
-        assert address.startswith("tcp://127.0.0.1:")
-        out = subprocess.run(
-            [sys.executable, "-m", "sim.cli", "sweep", str(SCENARIO), *(a for p in PARAMS for a in ("--param", p)),
-             "--seeds", "2", "--out", str(tmp_path), "--scheduler", address],
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+    """`--scheduler tcp://...`: the runs go to a cluster started elsewhere, here by the `dask` CLI
+    (a scheduler and a worker process with two single-threaded workers), as docs/sim.md shows."""
+    port = free_port("127.0.0.1")
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2", "--nthreads", "1",
+         "--no-dashboard", "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out = _sweep_cli(tmp_path, "--scheduler", address)
+    finally:
+        for proc in (worker, scheduler):
+            proc.terminate()
+        for proc in (worker, scheduler):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"the Dask cluster at {address}" in out.stderr
+    assert f"on the Dask cluster at {address}" in out.stderr
     assert "4/4" in out.stderr  # the progress bar reached the end
     assert (tmp_path / "sweep.csv").read_text() == serial_table
     assert out.stdout == serial_table
