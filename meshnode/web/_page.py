@@ -1,7 +1,8 @@
 """The node's operator page: `GET /`, its assets, a JSON snapshot and a server-sent event stream.
 
     GET /                     the page (HTML; static, holds no data)
-    GET /assets/{file}        its CSS and JavaScript (package data, `meshnode/web/static/`)
+    GET /assets/{file}        its CSS and JavaScript (package data: `meshnode/web/static/`, and the
+                              CSS and helper script shared with the cloud's page, `uplink/static/`)
     GET /v1/page/snapshot     what the page shows, as JSON
     GET /v1/page/events       the same, as server-sent events (`event: snapshot`), pushed on change
 
@@ -415,7 +416,9 @@ def page_routes(node: Node, *, wall_clock: Callable[[], float] = time.time) -> l
 
     return [
         Route("/", page, methods=["GET"]),
-        Mount("/assets", app=StaticFiles(directory=_static_dir()), name="assets"),
+        # The page's own files, then the CSS and helper script it shares with the cloud's page,
+        # kept once in uplink's package data (uplink is below meshnode; the cloud cannot reach ours).
+        Mount("/assets", app=StaticFiles(directory=_static_dir(), packages=[("uplink", "static")]), name="assets"),
         Route("/v1/page/snapshot", snapshot, methods=["GET"]),
         Route("/v1/page/events", events, methods=["GET"]),
     ]
