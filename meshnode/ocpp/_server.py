@@ -77,7 +77,7 @@ from ocpp.exceptions import NotImplementedError as OcppNotImplemented
 from ocpp.messages import Call, CallError, MessageType, get_validator, unpack
 
 from ..services import SiteConfigService
-from ._bridge import OcppBridge
+from ._bridge import AuthStatus, OcppBridge
 
 log = logging.getLogger("meshnode.ocpp")
 
@@ -225,6 +225,11 @@ class OcppHandler(ChargePoint):
         self.bridge = context.bridge
         self.errors_sent = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.list_version_sent: int | None = None
+        self._list_sync: asyncio.Task[None] | None = None
+
+    def _now(self) -> str:
+        return format_time(self.bridge._now_ms())
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a call to the charger beside the reader (a remote stop, a local list sync); it
@@ -237,6 +242,39 @@ class OcppHandler(ChargePoint):
     def cancel_tasks(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+    # --- local list (both versions; the subclass spells the two calls) -------------------
+
+    async def _local_list_version(self) -> int:
+        """Ask the charger for its local list's version (GetLocalListVersion)."""
+        raise NotImplementedError
+
+    async def _send_local_list(self, version: int, entries: list[tuple[str, AuthStatus]]) -> str:
+        """Send a full SendLocalList; return the charger's status."""
+        raise NotImplementedError
+
+    def _sync_local_list_soon(self) -> None:
+        version, _ = self.bridge.local_list()
+        if version == self.list_version_sent or (self._list_sync is not None and not self._list_sync.done()):
+            return
+        self._list_sync = self.spawn(self._sync_local_list())
+
+    async def _sync_local_list(self) -> None:
+        """Send the site's lists when the charger's local list differs (errors are logged).
+
+        A refusal is logged and not retried at every heartbeat: the next change of the
+        site's lists (a new version) is tried again.
+        """
+        try:
+            version, entries = self.bridge.local_list()
+            if await self._local_list_version() != version:
+                status = await self._send_local_list(version, entries)
+                if status != "Accepted":
+                    log.info("charger %s: SendLocalList %s", self.id, status)
+            self.list_version_sent = version
+        except Exception as exc:  # a charger without the feature answers NotSupported; or it left
+            log.info("charger %s: local list not updated: %s", self.id, exc)
+            self.list_version_sent = self.bridge.local_list()[0]
 
     def _code(self, exc: OCPPError) -> str:
         return self.ERROR_CODES.get(exc.code, exc.code)

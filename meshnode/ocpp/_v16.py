@@ -24,7 +24,6 @@ transaction ids) is the bridge's. The 1.6 specifics handled here:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -41,7 +40,6 @@ from ._server import (
     OcppServer,
     check_token,
     check_wh,
-    format_time,
     parse_time,
     register_version,
 )
@@ -104,11 +102,6 @@ class V16Handler(OcppHandler, V16ChargePoint):
 
     def __init__(self, charger_id: str, connection: Any, context: ChargerContext) -> None:
         super().__init__(charger_id, connection, context)
-        self.list_version_sent: int | None = None
-        self._list_sync: asyncio.Task[None] | None = None
-
-    def _now(self) -> str:
-        return format_time(self.bridge._now_ms())
 
     @on(Action.boot_notification)
     def on_boot_notification(self, charge_point_vendor: str, charge_point_model: str, **kwargs: Any) -> Any:
@@ -223,29 +216,13 @@ class V16Handler(OcppHandler, V16ChargePoint):
 
     # --- local list -----------------------------------------------------------------
 
-    def _sync_local_list_soon(self) -> None:
-        version, _ = self.bridge.local_list()
-        if version == self.list_version_sent or (self._list_sync is not None and not self._list_sync.done()):
-            return
-        self._list_sync = self.spawn(self._sync_local_list())
+    async def _local_list_version(self) -> int:
+        answer = await self.call(call.GetLocalListVersion(), suppress=False)
+        return int(answer.list_version)
 
-    async def _sync_local_list(self) -> None:
-        """Send the site's lists when the charger's local list differs (errors are logged)."""
-        try:
-            version, entries = self.bridge.local_list()
-            have = await self.call(call.GetLocalListVersion(), suppress=False)
-            if have.list_version == version:
-                self.list_version_sent = version
-                return
-            answer = await self.call(call.SendLocalList(**local_list_payload(version, entries)), suppress=False)
-            if answer.status == "Accepted":
-                self.list_version_sent = version
-            else:
-                log.info("charger %s: SendLocalList %s", self.id, answer.status)
-                self.list_version_sent = version  # do not retry every heartbeat
-        except Exception as exc:  # a charger without the feature answers NotSupported; or it left
-            log.info("charger %s: local list not updated: %s", self.id, exc)
-            self.list_version_sent = self.bridge.local_list()[0]
+    async def _send_local_list(self, version: int, entries: list[tuple[str, AuthStatus]]) -> str:
+        answer = await self.call(call.SendLocalList(**local_list_payload(version, entries)), suppress=False)
+        return str(answer.status)
 
 
 def local_list_payload(version: int, entries: list[tuple[str, AuthStatus]]) -> dict[str, Any]:

@@ -50,7 +50,6 @@ exactly once under replay, transaction ids) is the bridge's (`_bridge.py`). The
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -72,7 +71,6 @@ from ._server import (
     OcppServer,
     check_token,
     check_wh,
-    format_time,
     parse_time,
     register_version,
 )
@@ -171,13 +169,8 @@ class V201Handler(OcppHandler, V201ChargePoint):
 
     def __init__(self, charger_id: str, connection: Any, context: ChargerContext) -> None:
         super().__init__(charger_id, connection, context)
-        self.list_version_sent: int | None = None
-        self._list_sync: asyncio.Task[None] | None = None
         self._unauthorised: OrderedDict[str, _Unauthorised] = OrderedDict()
         self._refused: OrderedDict[str, None] = OrderedDict()
-
-    def _now(self) -> str:
-        return format_time(self.bridge._now_ms())
 
     # --- provisioning, availability -----------------------------------------------------
 
@@ -367,25 +360,13 @@ class V201Handler(OcppHandler, V201ChargePoint):
 
     # --- local list -----------------------------------------------------------------
 
-    def _sync_local_list_soon(self) -> None:
-        version, _ = self.bridge.local_list()
-        if version == self.list_version_sent or (self._list_sync is not None and not self._list_sync.done()):
-            return
-        self._list_sync = self.spawn(self._sync_local_list())
+    async def _local_list_version(self) -> int:
+        answer = await self.call(call.GetLocalListVersion(), suppress=False)
+        return int(answer.version_number)
 
-    async def _sync_local_list(self) -> None:
-        """Send the site's lists when the station's local list differs (errors are logged)."""
-        try:
-            version, entries = self.bridge.local_list()
-            have = await self.call(call.GetLocalListVersion(), suppress=False)
-            if have.version_number != version:
-                answer = await self.call(call.SendLocalList(**local_list_payload(version, entries)), suppress=False)
-                if answer.status != "Accepted":
-                    log.info("station %s: SendLocalList %s", self.id, answer.status)
-            self.list_version_sent = version
-        except Exception as exc:  # a station without the feature answers NotSupported; or it left
-            log.info("station %s: local list not updated: %s", self.id, exc)
-            self.list_version_sent = self.bridge.local_list()[0]
+    async def _send_local_list(self, version: int, entries: list[tuple[str, AuthStatus]]) -> str:
+        answer = await self.call(call.SendLocalList(**local_list_payload(version, entries)), suppress=False)
+        return str(answer.status)
 
 
 def local_list_payload(version: int, entries: list[tuple[str, AuthStatus]]) -> dict[str, Any]:
