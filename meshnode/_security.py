@@ -202,6 +202,7 @@ __all__ = [
     "load_or_create_node_key",
     "load_or_create_store_key",
     "load_site",
+    "read_site_name",
     "network_key_id",
     "open_network_key_grant",
     "revoke",
@@ -683,6 +684,25 @@ def create_site(site_dir: Path, name: str, *, now: float | None = None) -> Site:
     return Site(name, signing_key, bytes(signing_key.verify_key), network_key, float(created), site_dir)
 
 
+def _site_name(meta: Mapping[str, Any], site_dir: Path) -> str:
+    name = meta.get("name")
+    if not isinstance(name, str) or not _is_text(name):
+        raise LocalSecurityError(f"{site_dir / SITE_TOML} has no valid name")
+    return name
+
+
+def read_site_name(site_dir: Path) -> str:
+    """The site's name from ``site.toml`` alone (the cloud's copy of a site folder holds
+    ``site.pub`` and ``site.toml``, no secret).
+
+    Raises:
+        LocalSecurityError: the file is missing, damaged or has no valid name.
+    """
+    site_dir = Path(site_dir)
+    hint = f"copy the site's {SITE_TOML} into {site_dir} (meshnode site init writes it)"
+    return _site_name(_read_toml(site_dir / SITE_TOML, hint), site_dir)
+
+
 def load_site(site_dir: Path) -> Site:
     """Read a site directory written by :func:`create_site`.
 
@@ -692,9 +712,7 @@ def load_site(site_dir: Path) -> Site:
     site_dir = Path(site_dir)
     hint = _site_hint(site_dir)
     meta = _read_toml(site_dir / SITE_TOML, hint)
-    name = meta.get("name")
-    if not isinstance(name, str) or not _is_text(name):
-        raise LocalSecurityError(f"{site_dir / SITE_TOML} has no valid name")
+    name = _site_name(meta, site_dir)
     public_key = _read_key_file(site_dir / SITE_PUB, "site public key", hint, secret=False)
     network_key = _read_key_file(site_dir / NETWORK_KEY, "network key", hint, secret=True)
     signing_key = None

@@ -709,11 +709,12 @@ def run_cloud(args: argparse.Namespace) -> int:
     trust: dict[str, Any] = {}
     site_keys: dict[str, list[bytes]] = {}
     if args.site:
+        from ._security import read_site_name
         from ._sitetrust import SiteTrust
 
         # Only certified, unrevoked devices of the site may sync, and only their events count.
         site_trust = SiteTrust(Path(args.site))
-        site_keys[_site_name(Path(args.site))] = [site_trust.public_key]  # site tariffs verify with it
+        site_keys[read_site_name(Path(args.site))] = [site_trust.public_key]  # site tariffs verify with it
         trust = {
             "certify": site_trust.certify,
             "authenticate": site_trust.authenticate,
@@ -841,20 +842,6 @@ class _RedactingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(self._inner.format(record))
-
-
-def _site_name(site_dir: Path) -> str:
-    """The site's name from its site.toml (the cloud's copy of the site folder needs site.pub and site.toml)."""
-    try:
-        with open(site_dir / "site.toml", "rb") as f:
-            name = tomllib.load(f).get("name")
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(
-            f"cannot read {site_dir / 'site.toml'} ({exc}): copy the site folder's site.toml there"
-        ) from exc
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{site_dir / 'site.toml'} has no site name")
-    return name
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
