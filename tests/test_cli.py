@@ -75,3 +75,26 @@ def test_status_of_a_node_that_is_not_running():
     result = run_cli("status", "--http", "http://127.0.0.1:9")
     assert result.returncode == 1
     assert "Is the node running" in result.stderr
+
+
+def test_cloud_with_an_incomplete_site_folder_says_what_to_copy(tmp_path):
+    """The cloud's copy of a site folder needs site.pub and site.toml: each missing file is
+    one line that names it, and nothing starts (no database is created)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    db = tmp_path / "ledger.db"
+    missing_pub = run_cli("cloud", "--site", str(site), "--port", "0", "--db", str(db))
+    assert missing_pub.returncode == 1
+    assert "site.pub" in missing_pub.stderr and "Traceback" not in missing_pub.stderr
+    (site / "site.pub").write_bytes(bytes(range(32)))
+    missing_toml = run_cli("cloud", "--site", str(site), "--port", "0", "--db", str(db))
+    assert missing_toml.returncode == 1
+    last = missing_toml.stderr.strip().splitlines()[-1]
+    assert (
+        last
+        == f"meshnode cloud: {site / 'site.toml'} not found: copy the site's site.toml into {site} (meshnode site init writes it)"
+    )
+    (site / "site.toml").write_text("created = 1.0\n")
+    no_name = run_cli("cloud", "--site", str(site), "--port", "0", "--db", str(db))
+    assert no_name.returncode == 1 and "has no valid name" in no_name.stderr
+    assert not db.exists()
