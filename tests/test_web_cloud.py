@@ -17,7 +17,7 @@ import trio
 from automerge.core import Document
 
 from crdt import add_event
-from uplink._cloud_web import SiteContacts, is_flagged, overview
+from uplink._cloud_web import SiteContacts, is_flagged, overview, review_kinds
 from uplink._ledger import Ledger
 
 from .conftest import make_signer
@@ -131,10 +131,14 @@ def sqlite_url_(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/cloud.db"
 
 
-def test_flagged_means_an_unknown_driver_or_conflicts() -> None:
-    assert is_flagged({"review": "unknown_accepted", "conflicts": 0})
-    assert is_flagged({"review": None, "conflicts": 2})
-    assert not is_flagged({"review": None, "conflicts": 0})
+def test_flagged_means_an_unknown_driver_conflicts_or_no_tariff() -> None:
+    assert review_kinds({"review": "unknown_accepted", "conflicts": 0, "cost_cents": 1}) == ["review"]
+    assert review_kinds({"review": None, "conflicts": 2, "cost_cents": 1}) == ["conflicts"]
+    assert not is_flagged({"review": None, "conflicts": 0, "cost_cents": 1, "state": "reconciled"})
+    # Completed and unpriced (the site had no tariff valid at its start): a person looks at it.
+    assert review_kinds({"review": None, "conflicts": 0, "cost_cents": None, "state": "reconciled"}) == ["no_tariff"]
+    assert review_kinds({"review": None, "conflicts": 0, "cost_cents": None, "state": "completed"}) == ["no_tariff"]
+    assert not is_flagged({"review": None, "conflicts": 0, "cost_cents": None, "state": "charging"})
 
 
 def test_the_overview_takes_the_latest_decision_and_remembers_contacts() -> None:

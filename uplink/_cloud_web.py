@@ -6,9 +6,11 @@
     GET  /v1/reviews                   every recorded decision, oldest first
     POST /v1/reviews/{session_id}      {"decision": "approve" | "reject", "reviewer"?, "note"?} -> 201
 
-Flagged for review: a session a node let an unknown driver charge on its offline
-policy (the ledger's `review` column, set from the authorize event), or one with
-conflicts. A decision is a row in the ledger's `reviews` table, never changed
+Flagged for review (`review_kinds`): a session a node let an unknown driver charge on
+its offline policy (kind `review`: the ledger's `review` column, set from the authorize
+event), one with conflicts (`conflicts`), or a completed session that no tariff priced
+(`no_tariff`: its row has no price; it stops being flagged once a tariff valid at its
+start prices it, see `uplink/_tariffs.py`). A decision is a row in the ledger's `reviews` table, never changed
 afterwards; the latest decision of a session is its standing one, and a later
 one (a person changing their mind) is recorded beside it. Deciding changes no
 billing: the ledger row and the receipt are the cloud's, the decision is the
@@ -39,6 +41,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._tariffs import NO_TARIFF
 from ._wire import MAX_INFLATED, SYNC_PATH, CloudSyncRequest, WireError, decompress
 
 if TYPE_CHECKING:
@@ -134,9 +137,32 @@ class TrackContacts:
 # --- the overview (pure: rows in, page data out) ---------------------------------------
 
 
+def review_kinds(row: Mapping[str, Any]) -> list[str]:
+    """Why a session waits for a person: `review` (an unknown driver let in offline),
+    `conflicts`, `no_tariff` (completed, and no tariff priced it). Empty: not flagged.
+    The same rule as the `meshnode_cloud_reviews_pending` gauge (`_metrics.py`)."""
+    kinds = []
+    if row.get("review"):
+        kinds.append("review")
+    if int(row.get("conflicts") or 0) > 0:
+        kinds.append("conflicts")
+    if row.get("cost_cents") is None and row.get("state") in ("completed", "reconciled"):
+        kinds.append(NO_TARIFF)
+    return kinds
+
+
 def is_flagged(row: Mapping[str, Any]) -> bool:
-    """A session waits for a person: an unknown driver let in offline, or conflicts."""
-    return bool(row.get("review")) or int(row.get("conflicts") or 0) > 0
+    """A session waits for a person (`review_kinds`)."""
+    return bool(review_kinds(row))
+
+
+def _reasons(row: Mapping[str, Any], kinds: list[str]) -> list[str]:
+    text = {
+        "review": lambda: f"unknown driver ({row['review']})",
+        "conflicts": lambda: f"{row['conflicts']} conflict(s)",
+        NO_TARIFF: lambda: "no tariff: unpriced",
+    }
+    return [text[k]() for k in kinds]
 
 
 def overview(
@@ -175,17 +201,11 @@ def overview(
 
     flagged = []
     for row in rows:
-        if not is_flagged(row):
+        kinds = review_kinds(row)
+        if not kinds:
             continue
         decision = latest.get(row["session_id"])
-        flagged.append(
-            {
-                **_ledger_json(row),
-                "reasons": ([f"unknown driver ({row['review']})"] if row.get("review") else [])
-                + ([f"{row['conflicts']} conflict(s)"] if int(row.get("conflicts") or 0) else []),
-                "decision": decision,
-            }
-        )
+        flagged.append({**_ledger_json(row), "kinds": kinds, "reasons": _reasons(row, kinds), "decision": decision})
     flagged.sort(key=lambda f: (f["decision"] is not None, -(f["updated"] or 0), f["session_id"]))
     recent = sorted(rows, key=lambda r: (-(r["updated"] or 0), r["session_id"]))[:MAX_LEDGER_ROWS]
     return {
@@ -201,7 +221,8 @@ def overview(
 
 def _ledger_json(row: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("session_id", "site", "charger", "connector", "id_token", "start_ts", "stop_ts", "energy_wh",
-            "cost_cents", "currency", "state", "conflicts", "review", "receipt_ts", "first_seen", "updated")  # fmt: skip
+            "cost_cents", "currency", "tariff_id", "tariff_version", "state", "conflicts", "review", "receipt_ts",
+            "first_seen", "updated")  # fmt: skip
     return {k: row.get(k) for k in keys} | {"reconciled": row.get("receipt") is not None}
 
 
