@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import cbor2
 import trio
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -127,11 +128,31 @@ class TrackContacts:
 
         await self.app(scope, tee, watch)
         if status == 200 and size <= MAX_SYNC_PEEK:
-            try:
-                request = CloudSyncRequest.decode(decompress(b"".join(chunks), MAX_INFLATED))
-            except WireError:
-                return  # the service accepted it, so this does not happen; never fail the request
-            self.contacts.note(request.site, request.node_id, int(self.wall_clock() * 1000))
+            request = peek_sync_request(b"".join(chunks))
+            if request is not None:  # the service accepted it, so it reads; never fail the request
+                self.contacts.note(request.site, request.node_id, int(self.wall_clock() * 1000))
+
+
+def peek_sync_request(body: bytes) -> CloudSyncRequest | None:
+    """The plain request inside a sync body the service has accepted: a `CloudSyncRequest`,
+    or the `req` of a `SignedSyncRequest` (what every enrolled leader sends to a cloud run
+    with `--site`; the service checked its signature, this only reads it). None if neither."""
+    try:
+        inflated = decompress(body, MAX_INFLATED)
+        try:
+            return CloudSyncRequest.decode(inflated)
+        except WireError:
+            outer = cbor2.loads(inflated)
+            signed = (
+                cbor2.loads(outer["signed"])
+                if isinstance(outer, dict) and isinstance(outer.get("signed"), bytes)
+                else None
+            )
+            if isinstance(signed, dict) and isinstance(signed.get("req"), bytes):
+                return CloudSyncRequest.decode(signed["req"])
+    except Exception:  # cbor2 and the wire decoder raise several types on bad input
+        return None
+    return None
 
 
 # --- the overview (pure: rows in, page data out) ---------------------------------------
