@@ -771,17 +771,19 @@ class CloudService:
         request changed (`site`), and re-price requested sessions still unpriced."""
         issued = []
         with self.ledger.transaction() as tx:
-            changed = self._catch_up(tx, dict(changed), requested)
+            changed = dict(changed)
+            if site is not None and self.site_configs.tariffs(site):
+                # The site's tariffs may have changed: price its unpriced sessions again
+                # (locked and caught up with the rest, in case another instance holds them).
+                for doc_id in tx.unpriced_of_site(site, MAX_REPRICE):
+                    if doc_id not in changed and doc_id in self.replica.docs:
+                        changed[doc_id] = self.replica.docs[doc_id]
+            changed = self._catch_up(tx, changed, requested)
             if site is not None and (saved := self.site_configs.saved(site)) is not None:
                 tx.save_site_config(site, saved, now)
             changed = dict(changed)
             for doc_id in tx.unpriced(d for d in requested if d not in changed and d in self.replica.docs):
                 changed[doc_id] = self.replica.docs[doc_id]
-            if site is not None and self.site_configs.tariffs(site):
-                # The site's tariffs may have changed: price its unpriced sessions again.
-                for doc_id in tx.unpriced_of_site(site, MAX_REPRICE):
-                    if doc_id not in changed and doc_id in self.replica.docs:
-                        changed[doc_id] = self.replica.docs[doc_id]
             for doc_id, doc in sorted(changed.items()):
                 if self._reconcile(tx, doc_id, doc, now):
                     issued.append(doc_id)
