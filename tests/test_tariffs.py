@@ -29,7 +29,7 @@ from uplink import (
     verify_tariff_entry,
 )
 from uplink._cloud import verify_receipt
-from uplink._tariffs import OperatorConfig, Tariff, charge_end_ts
+from uplink._tariffs import NO_TARIFF, OperatorConfig, Tariff, charge_end_ts, decide_price
 
 from .conftest import make_signer
 from .test_cloud import CLOUD_KEY, Leader, asgi_cloud, new_doc, put
@@ -133,6 +133,19 @@ def test_energy_time_and_idle_add_up_and_round_half_up_once():
     # Idle within the grace costs nothing.
     within = price_session(t, energy_wh=0, start_ms=0, charge_end_ms=0, stop_ms=600_000)
     assert within.idle_cents == 0 and within.total_cents == 0
+
+
+def test_the_cloud_prices_only_with_a_site_tariff_valid_at_the_start():
+    events = [("authorize", 0, None), ("start", 1_000_000, 0), ("stop", 1_000_000 + 3_600_000, 2_000)]
+    legacy = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 50}  # an unsigned price map: ignored
+    for tariffs, why in (([], "no tariff the cloud can verify"), ([tariff(valid_from=2000)], "valid at the session")):
+        got = decide_price(tariffs, legacy, events, 2_000)
+        assert (got.cost_cents, got.currency, got.tariff_id, got.tariff_version) == (None, None, None, None)
+        assert got.detail["status"] == "unpriced" and got.detail["kind"] == NO_TARIFF and why in got.detail["reason"]
+    both = [tariff("std", 1, valid_from=0), tariff("promo", 1, valid_from=500, energy="0.20")]
+    assert decide_price(both, {}, events, 2_000).tariff_id == "promo"  # valid from the latest date
+    named = decide_price(both, {"tariff_id": "std"}, events, 2_000)  # what the node showed the driver
+    assert (named.tariff_id, named.tariff_version, named.cost_cents, named.currency) == ("std", 1, 78, "EUR")
 
 
 def test_charging_ends_at_the_last_reading_that_rose():
