@@ -74,10 +74,14 @@ from trio_asyncio import aio_as_trio
 from crdt import read_session
 
 from ._chargepoints import SimChargePoint
+from ._operator import make_tariff, parse_tariff_args
 from ._security import create_site, enroll
 from .services.chargers import charger_entry, new_password
 
 DEFAULT_NODES = 5
+DEMO_TARIFF = ["--id", "demo", "--currency", "EUR", "--energy", "0.39", "--time", "0.60"]
+"""The site tariff the demo signs at start (`meshnode site tariff` arguments, valid from
+then on): EUR 0.39 per kWh and 0.60 per hour of charging."""
 DEFAULT_DURATION = 40.0
 DEFAULT_CHARGERS = 2
 DEFAULT_DRAIN_TIMEOUT = 60.0
@@ -609,6 +613,38 @@ def check_ledger(
     )  # fmt: skip
 
 
+def billing_summary(sessions: Sequence[SessionRecord], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the ledger billed for the demo's sessions: energy, money per currency, the
+    tariffs used, and how many completed sessions no tariff priced."""
+    started = {s.session_id for s in sessions}
+    mine = [r for r in rows if str(r["session_id"]) in started]
+    money: Counter[str] = Counter()
+    tariffs: Counter[str] = Counter()
+    unpriced = 0
+    for row in mine:
+        if row.get("cost_cents") is None or row.get("currency") is None:
+            unpriced += row.get("state") in ("completed", "reconciled")
+            continue
+        money[str(row["currency"])] += int(row["cost_cents"])
+        tariffs[f"{row.get('tariff_id')} v{row.get('tariff_version')}"] += 1
+    return {
+        "energy_wh": sum(int(r.get("energy_wh") or 0) for r in mine),
+        "cents": dict(money),
+        "tariffs": dict(tariffs),
+        "priced": sum(tariffs.values()),
+        "unpriced": unpriced,
+    }
+
+
+def _billed_text(b: Mapping[str, Any]) -> str:
+    money = ", ".join(f"{cur} {cents / 100:.2f}" for cur, cents in sorted((b.get("cents") or {}).items())) or "nothing"
+    tariffs = ", ".join(f"{n} x {t}" for t, n in sorted((b.get("tariffs") or {}).items())) or "no tariff"
+    return (
+        f"{(b.get('energy_wh') or 0) / 1000:.3f} kWh for {money} ({b.get('priced', 0)} sessions priced: {tariffs}; "
+        f"{b.get('unpriced', 0)} unpriced)"
+    )
+
+
 def agreed_leader(leaders: Sequence[str | None]) -> str | None:
     """The leader every node names, or None while they disagree (or some are unknown)."""
     if not leaders or any(x is None for x in leaders) or len(set(leaders)) != 1:
@@ -659,6 +695,7 @@ class Demo:
         self.open_transactions: dict[str, tuple[SimChargePoint, Any]] = {}
         self.remote_stops = 0
         self.charger_entries: list[bytes] = []
+        self.tariff_entry = b""
         self.statuses: list[dict[str, Any] | None] = []
         self.ledger_rows = 0
         self.leader: str | None = None
@@ -696,6 +733,9 @@ class Demo:
         # traffic, certified device keys), and a cloud that trusts only that site.
         site_dir = self.workdir / "site"
         site = create_site(site_dir, "demo-field", now=time.time())
+        # The site's prices: signed as `meshnode site tariff --site DIR ...` signs them,
+        # handed to a node with the chargers' registrations (`_register_chargers`).
+        self.tariff_entry = make_tariff(parse_tariff_args(["--site", str(site_dir), *DEMO_TARIFF]), time.time())
         # Every charge point registered on the site with its password (OCPP Security Profile 1).
         for name in self.names:
             for k in range(self.s.chargers):
@@ -1077,11 +1117,12 @@ class Demo:
         return report
 
     async def _register_chargers(self) -> None:
-        """Hand the chargers' registrations (signed site entries, as `meshnode charger add
-        --http` does) to node 1; the mesh replicates them, and a charger whose node has not
-        got its registration yet is refused (401) and tries again."""
+        """Hand the site's tariff and the chargers' registrations (signed site entries, as
+        `meshnode site tariff --http` and `meshnode charger add --http` do) to node 1; the
+        mesh replicates them, and a charger whose node has not got its registration yet is
+        refused (401) and tries again. The tariff goes first: sessions snapshot it."""
         url = self.node_urls[0]
-        for entry in self.charger_entries:
+        for entry in [self.tariff_entry, *self.charger_entries]:
             response = await self.http.post(url + "/v1/site/entries", json={"entry": entry.hex()})
             if response.status_code not in (200, 201):
                 raise DemoError(f"{url} refused a charger registration: HTTP {response.status_code} {response.text}")
@@ -1149,6 +1190,9 @@ class Demo:
             failures.append(f"{self.stops_unacknowledged} stops were never acknowledged by their node")
         if not self.sessions:
             failures.append("no session could be started")
+        billing = billing_summary(self.sessions, rows)
+        if billing["unpriced"]:
+            failures.append(f"{billing['unpriced']} sessions unpriced in the ledger though the site signed a tariff")
         node_changes = {
             n: (s.get("leader_changes") if s else None) for n, s in zip(self.names, self.statuses, strict=True)
         }
@@ -1174,6 +1218,7 @@ class Demo:
             "lost_events": check.lost_events,
             "events_acknowledged": sum(len(s.acked_events) for s in self.sessions),
             "energy_mismatches": len(check.energy_mismatches),
+            "billing": billing,
             "conflicts": len(conflicts),
             "conflict_kinds": dict(Counter(str(c.get("kind")) for c in conflicts)),
             "receipt_latency_s": {
@@ -1246,6 +1291,7 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"  lost                            {r['lost']} ({r['lost_events']} of {r['events_acknowledged']} "
         "acknowledged events missing)",
         f"  conflicts                       {r['conflicts']}" + (f" {r['conflict_kinds']}" if r["conflicts"] else ""),
+        f"  billed                          {_billed_text(r.get('billing') or {})}",
         f"  stop -> receipt on its node     median {sec(lat['p50'])}, p95 {sec(lat['p95'])}, "
         f"max {sec(lat['max'])} ({lat['n']} sessions)",
         f"  bytes to the cloud              {r['cloud_bytes']:,} (sync bodies, deflated) against "

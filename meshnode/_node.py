@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,6 @@ PUSH_STATE = "push:"
 """Prefix of the sync-state keys used for one pushed message each."""
 ARCHIVE_CACHE = 256
 """Archived documents kept loaded to serve peers that still sync them."""
-DEFAULT_TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}
 
 
 class NodeError(Exception):
@@ -188,7 +187,6 @@ class NodeConfig:
     review in the cloud), like OCPP's AllowOfflineTxForUnknownId."""
     unknown_token_max_wh: int | None = None
     unknown_token_max_minutes: int | None = None
-    tariff: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TARIFF))
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -340,7 +338,6 @@ class Node:
         self.sessions = SessionService(
             node_id=self.node_id,
             site=config.site,
-            tariff=config.tariff,
             replica=self.replica,
             site_config=self.site_config,
             signer=lambda: self.signer,

@@ -4,7 +4,9 @@ Kept apart from `cli.py` so the command line gains a line per feature, not a scr
 
 - `meshnode site tariff`: sign a tariff with the site key (`uplink.make_tariff_entry`)
   and hand it to a node, like a revocation; it travels in the site config to every
-  node and, through the leader, to the cloud, which prices sessions with it.
+  node and, through the leader, to the cloud, which prices sessions with it. There
+  is no built-in price: a session no site tariff covers is billed unpriced (energy,
+  no money) and priced if a tariff valid at its start arrives later (docs/cloud.md).
 - `--log-format json`: one JSON object per log line (`JsonFormatter`), for log
   collectors; `text` (the default) is the human format.
 """
@@ -54,6 +56,14 @@ def add_tariff_arguments(site_sub: Any) -> Any:
     tariff.add_argument("--valid-to", type=_timestamp, metavar="ISO8601", help="default: open-ended")
     tariff.add_argument("--http", metavar="URL", help="hand the entry to this node's API")
     return tariff
+
+
+def parse_tariff_args(argv: list[str]) -> argparse.Namespace:
+    """`meshnode site tariff ARGV...` parsed by the command's own parser (for `meshnode demo`,
+    which signs its site's tariff through the same path as the command)."""
+    parser = argparse.ArgumentParser(prog="meshnode site")
+    add_tariff_arguments(parser.add_subparsers(dest="site_command"))
+    return parser.parse_args(["tariff", *argv])
 
 
 def make_tariff(args: argparse.Namespace, now: float) -> bytes:

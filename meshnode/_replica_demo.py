@@ -41,7 +41,7 @@ def run_replica_demo(
                     charger=f"{n}-charger",
                     connector=1 + k % 2,
                     id_token=f"TOKEN-{rng.randrange(1000, 9999)}",
-                    tariff={"currency": "EUR", "per_kwh_cents": 39},
+                    tariff={},
                     created_by=n,
                 ),
             )

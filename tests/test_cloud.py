@@ -41,7 +41,6 @@ from uplink._cloud import (
     ChainLink,
     CloudKeyError,
     ReceiptError,
-    TariffError,
     check_chains,
     create_cloud_app,
     default_key_path,
@@ -49,7 +48,6 @@ from uplink._cloud import (
     make_receipt,
     open_cloud,
     serve_cloud,
-    session_cost,
     sync_message_carries_changes,
     verify_receipt,
 )
@@ -59,7 +57,8 @@ from uplink._wire import MAX_INFLATED, CloudSyncRequest, CloudSyncResponse, comp
 from .conftest import make_signer
 from .pg import pg_server, pg_url  # noqa: F401  (fixtures)
 
-TARIFF = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 50}
+TARIFF: Mapping[str, Any] = {}
+"""No tariff: these tests bill energy (unpriced); prices are tests/test_tariffs.py's."""
 CLOUD_KEY = nacl.signing.SigningKey(b"cloud".ljust(32, b"\0"))
 CLOUD = "cloud"  # the leader's name for the cloud as a sync peer
 
@@ -220,19 +219,19 @@ async def test_completed_session_is_billed_once_and_gets_a_receipt_over_http(db_
     rows = by_id(sessions)
     assert set(rows) == {"s-1", "s-2"}
     s1 = rows["s-1"]
-    assert (s1["energy_wh"], s1["cost_cents"], s1["currency"]) == (3200, 175, "EUR")  # 39 * 3.2 = 124.8 -> 125, + 50
+    # The site has no tariff: energy billed, no money (docs/cloud.md, "Tariffs").
+    assert (s1["energy_wh"], s1["cost_cents"], s1["currency"], s1["tariff_id"]) == (3200, None, None, None)
     assert (s1["state"], s1["conflicts"], s1["start_ts"], s1["stop_ts"]) == ("reconciled", 0, 1001, 1003)
     assert (s1["site"], s1["charger"], s1["connector"], s1["id_token"]) == ("field", "c1", 1, "tok")
     s2 = rows["s-2"]
-    assert (s2["state"], s2["energy_wh"], s2["cost_cents"], s2["receipt"]) == ("charging", 700, 77, None)
+    assert (s2["state"], s2["energy_wh"], s2["cost_cents"], s2["receipt"]) == ("charging", 700, None, None)
 
     # The receipt travelled back in a response and sits in the leader's replica.
     blob = receipt_of(leader.replica.docs["s-1"])
     assert blob is not None and blob.hex() == s1["receipt"]
     receipt = verify_receipt(blob, cloud_key.verify_key.encode())
-    assert (receipt["session_id"], receipt["energy_wh"], receipt["cost_cents"], receipt["currency"]) == (
-        "s-1", 3200, 175, "EUR",
-    )  # fmt: skip
+    assert (receipt["session_id"], receipt["energy_wh"], receipt["priced"]) == ("s-1", 3200, False)
+    assert "cost_cents" not in receipt and "currency" not in receipt and "tariff_id" not in receipt
     assert [h.hex() for h in receipt["heads"]] == s1["receipt_heads"]
     _, view = fold_session(leader.replica.docs["s-1"], Keyring(), trust_document_keys=True)
     assert view.state == "reconciled"
@@ -326,7 +325,7 @@ async def test_restart_keeps_everything_and_a_reset_leader_resyncs_without_dupli
         put(fresh.replica.docs["s-2"], signer, "stop", "s-2", 9002, 600)
         await fresh.sync(client)
         rows = by_id((await client.get("/v1/sessions")).json())
-    assert (rows["s-2"]["state"], rows["s-2"]["energy_wh"], rows["s-2"]["cost_cents"]) == ("reconciled", 500, 70)
+    assert (rows["s-2"]["state"], rows["s-2"]["energy_wh"], rows["s-2"]["cost_cents"]) == ("reconciled", 500, None)
     assert receipt_of(fresh.replica.docs["s-2"]) is not None
 
 
@@ -349,7 +348,7 @@ async def test_forged_event_is_a_conflict_and_never_billed(db_url: str) -> None:
         await leader.sync(client)
         detail = (await client.get("/v1/sessions/s-f")).json()
     row = detail["session"]
-    assert (row["energy_wh"], row["cost_cents"], row["state"], row["conflicts"]) == (1000, 89, "reconciled", 1)
+    assert (row["energy_wh"], row["cost_cents"], row["state"], row["conflicts"]) == (1000, None, "reconciled", 1)
     [conflict] = detail["conflicts"]
     assert (conflict["event_id"], conflict["kind"]) == (forged.event_id, "invalid_event")
     assert "bad_signature" in conflict["detail"]
@@ -447,7 +446,7 @@ async def test_events_after_the_receipt_are_kept_but_not_billed(sqlite_url: str)
         await leader.sync(client)
         detail = (await client.get("/v1/sessions/s-1")).json()
     row = detail["session"]
-    assert (row["energy_wh"], row["cost_cents"], row["state"]) == (1000, 89, "reconciled")
+    assert (row["energy_wh"], row["cost_cents"], row["state"]) == (1000, None, "reconciled")
     assert {e["event_id"]: e["status"] for e in detail["events"]}[late] == LATE
     assert [(c["event_id"], c["kind"]) for c in detail["conflicts"]] == [(late, LATE)]
     assert receipt_of(leader.replica.docs["s-1"]) == receipt
@@ -514,7 +513,7 @@ async def test_foreign_receipts_are_replaced_by_the_ledgers(sqlite_url: str) -> 
     async with asgi_cloud(sqlite_url) as (_, client):
         await leader.sync(client)
         genuine = receipt_of(leader.replica.docs["s-1"])
-        assert verify_receipt(genuine, CLOUD_KEY.verify_key.encode())["cost_cents"] == 175  # type: ignore[arg-type]
+        assert verify_receipt(genuine, CLOUD_KEY.verify_key.encode())["energy_wh"] == 3200  # type: ignore[arg-type]
         set_receipt(leader.replica.docs["s-1"], b"overwritten later")
         await leader.sync(client)
         _, conflicts, stats = await state(client)
@@ -522,20 +521,32 @@ async def test_foreign_receipts_are_replaced_by_the_ledgers(sqlite_url: str) -> 
     assert [c["kind"] for c in conflicts["conflicts"]] == ["foreign_receipt", "foreign_receipt"]
 
 
-async def test_invalid_tariff_gets_a_row_and_a_conflict_but_no_receipt(sqlite_url: str) -> None:
+async def test_a_price_written_in_the_document_is_never_used(sqlite_url: str) -> None:
+    """A session document's `tariff` map is a node's unsigned note: whatever price it
+    holds, the cloud bills the energy and no money unless a site tariff prices it."""
     signer = make_signer("charger-1")
-    doc = new_doc("s-t", tariff={"currency": "EUR", "per_kwh_cents": "free"})
-    put(doc, signer, "authorize", "s-t", 1)
-    put(doc, signer, "stop", "s-t", 2)
-    leader = Leader("node-a", {"s-t": doc})
+    docs = {}
+    for sid, tariff in (("s-legacy", {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 50}),
+                        ("s-junk", {"currency": "EUR", "per_kwh_cents": "free"})):  # fmt: skip
+        doc = docs[sid] = new_doc(sid, tariff=tariff)
+        put(doc, signer, "authorize", sid, 1)
+        put(doc, signer, "start", sid, 2, 0)
+        put(doc, signer, "stop", sid, 3, 2000)
+    leader = Leader("node-a", docs)
     async with asgi_cloud(sqlite_url) as (_, client):
         await leader.sync(client)
-        detail = (await client.get("/v1/sessions/s-t")).json()
-    assert (detail["session"]["state"], detail["session"]["cost_cents"], detail["session"]["receipt"]) == (
-        "completed", None, None,
-    )  # fmt: skip
-    assert [c["kind"] for c in detail["conflicts"]] == ["invalid_tariff"]
-    assert receipt_of(leader.replica.docs["s-t"]) is None
+        for sid in docs:
+            detail = (await client.get(f"/v1/sessions/{sid}")).json()
+            row = detail["session"]
+            assert (row["state"], row["energy_wh"], row["cost_cents"], row["currency"]) == (
+                "reconciled",
+                2000,
+                None,
+                None,
+            )
+            assert (row["tariff_id"], row["tariff_version"]) == (None, None) and detail["conflicts"] == []
+            receipt = verify_receipt(receipt_of(leader.replica.docs[sid]), CLOUD_KEY.verify_key.encode())  # type: ignore[arg-type]
+            assert receipt["priced"] is False and "cost_cents" not in receipt and receipt["energy_wh"] == 2000
 
 
 # --- bad input -----------------------------------------------------------------------
@@ -701,32 +712,6 @@ async def test_create_cloud_app_opens_the_database_in_its_lifespan(sqlite_url: s
 # --- pure parts ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("tariff", "energy", "cost"),
-    [
-        (TARIFF, 3200, 175),
-        (TARIFF, 1500, 109),  # 58.5 rounds half-up to 59
-        ({"currency": "EUR", "per_kwh_cents": 1}, 500, 1),  # 0.5 -> 1
-        ({"currency": "EUR", "per_kwh_cents": 1}, 499, 0),
-        ({"currency": "EUR", "per_kwh_cents": 0.15}, 10_000, 2),  # 1.5 exactly, not 1.4999...
-        ({"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 0}, 0, 0),
-    ],
-)
-def test_session_cost_rounds_half_up(tariff: Mapping[str, Any], energy: int, cost: int) -> None:
-    assert session_cost(tariff, energy) == (cost, "EUR")
-
-
-@pytest.mark.parametrize(
-    "tariff",
-    [{}, {"per_kwh_cents": 39}, {"currency": "EUR"}, {"currency": "EUR", "per_kwh_cents": -1},
-     {"currency": "EUR", "per_kwh_cents": True}, {"currency": "EUR", "per_kwh_cents": float("nan")},
-     {"currency": "EUR", "per_kwh_cents": 1, "per_session_cents": "x"}],
-)  # fmt: skip
-def test_session_cost_refuses_bad_tariffs(tariff: Mapping[str, Any]) -> None:
-    with pytest.raises(TariffError):
-        session_cost(tariff, 1000)
-
-
 def test_receipts_verify_and_detect_tampering() -> None:
     blob = make_receipt(
         session_id="s", energy_wh=10, cost_cents=1, currency="EUR", heads=[bytes(32)], issued_ts=5,
@@ -743,6 +728,21 @@ def test_receipts_verify_and_detect_tampering() -> None:
     for bad in (b"\xff", cbor2.dumps([1]), cbor2.dumps({"session_id": "s"})):
         with pytest.raises(ReceiptError):
             verify_receipt(bad)
+
+
+def test_an_unpriced_receipt_carries_no_money_and_cannot_be_given_some() -> None:
+    blob = make_receipt(
+        session_id="s", energy_wh=10, cost_cents=None, currency=None, heads=[bytes(32)], issued_ts=5,
+        signing_key=CLOUD_KEY, tariff=("std", 1),
+    )  # fmt: skip
+    receipt = verify_receipt(blob, CLOUD_KEY.verify_key.encode())
+    assert receipt["priced"] is False and receipt["energy_wh"] == 10
+    assert not {"cost_cents", "currency", "tariff_id", "tariff_version"} & set(receipt)
+    signed = {k: v for k, v in cbor2.loads(blob).items() if k != "sig"}
+    for forged in ({**signed, "cost_cents": 0}, {**signed, "priced": True}):
+        forged["sig"] = CLOUD_KEY.sign(cbor2.dumps(forged, canonical=True)).signature  # even signed: wrong shape
+        with pytest.raises(ReceiptError, match="priced|exactly"):
+            verify_receipt(cbor2.dumps(forged, canonical=True))
 
 
 def _link(event_id: str, seq: int, prev: bytes, chain: bytes, status: str = OK, device: str = "d") -> ChainLink:

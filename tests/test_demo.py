@@ -30,6 +30,7 @@ from meshnode._demo import (
     UplinkProxy,
     agreed_leader,
     check_ledger,
+    format_report,
     main,
     percentile,
     run_demo,
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_delivers_every_session_once_across_an_uplink_cut() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "meshnode._demo", "--nodes", "3", "--duration", "12", "--json",
-         "--base-address", "127.0.16.120"],
+         "--base-address", "127.0.12.120"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env=dict(os.environ),
     )  # fmt: skip
     assert proc.stdout.strip(), f"no report; stderr:\n{proc.stderr[-3000:]}"
@@ -59,6 +60,10 @@ def test_demo_delivers_every_session_once_across_an_uplink_cut() -> None:
     assert report["cloud_receipts_issued"] == report["cloud_receipts"] == report["sessions_started"]  # one each
     assert report["energy_mismatches"] == 0
     assert report["conflicts"] == 0
+    # The demo signed its site's tariff at start: every session is priced by it.
+    billing = report["billing"]
+    assert billing["unpriced"] == 0 and billing["tariffs"] == {"demo v1": report["sessions_started"]}
+    assert billing["cents"]["EUR"] > 0 and billing["energy_wh"] > 0
     assert report["leader_changes"] >= 1, report["leader_history"]
     assert report["uplink_cut"]["new_leader"] != report["uplink_cut"]["node"]
     latency = report["receipt_latency_s"]
@@ -153,6 +158,11 @@ def _rec(sid: str, events: list[str], start: int = 100, stop: int | None = 400) 
 
 def _row(sid: str, state: str = "reconciled", energy: int = 300) -> dict[str, Any]:
     return {"session_id": sid, "state": state, "energy_wh": energy}
+
+
+def _priced(sid: str, energy: int) -> dict[str, Any]:
+    """A ledger row's price under the demo's tariff (0.39 per kWh)."""
+    return {"cost_cents": round(energy * 39 / 1000), "currency": "EUR", "tariff_id": "demo", "tariff_version": 1}
 
 
 def _receipt(sid: str, energy: int = 300, issued_ts: int = 1000) -> dict[str, Any]:
@@ -274,7 +284,8 @@ class FakeSite:
         assert rec.stop_meter is not None
         energy = rec.stop_meter - rec.start_meter if energy is None else energy
         receipt = _receipt(rec.session_id, energy)
-        self.rows.append({**_row(rec.session_id, energy=energy), "receipt": _ledger_receipt(receipt)})
+        row = {**_row(rec.session_id, energy=energy), **_priced(rec.session_id, energy)}
+        self.rows.append({**row, "receipt": _ledger_receipt(receipt)})
         self.events[rec.session_id] = _ok(*rec.acked_events)
         if on_nodes:
             for view in self.views:
@@ -370,6 +381,19 @@ def test_report_fails_on_energy_other_than_metered() -> None:
     site.rows[1]["energy_wh"] = 251  # the row only; the receipts say 250
     report = _report(site, sessions)
     assert report["ok"] is False and report["energy_mismatches"] == 1
+
+
+def test_report_sums_the_bill_and_fails_on_an_unpriced_session() -> None:
+    site, sessions = _two_billed_sessions()
+    report = _report(site, sessions)
+    assert report["billing"] == {
+        "energy_wh": 550, "cents": {"EUR": 12 + 10}, "tariffs": {"demo v1": 2}, "priced": 2, "unpriced": 0,
+    }  # fmt: skip
+    assert "0.550 kWh for EUR 0.22 (2 sessions priced: 2 x demo v1; 0 unpriced)" in format_report(report)
+    site.rows[1].update(cost_cents=None, currency=None, tariff_id=None, tariff_version=None)  # no tariff reached it
+    report = _report(site, sessions)
+    assert report["ok"] is False and report["billing"]["unpriced"] == 1
+    assert any("1 sessions unpriced" in f for f in report["failures"])
 
 
 def test_report_fails_on_any_conflict_in_the_cloud() -> None:

@@ -10,6 +10,7 @@ leader through the sync API with a site tariff, as in tests/test_tariffs.py.
 from __future__ import annotations
 
 import base64
+import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import httpx
 import jsonschema
 import pytest
 
-from crdt import SITE_CONFIG_ID
+from crdt import SITE_CONFIG_ID, site_config_put
 from uplink._tariffs import OperatorConfig
 
 from .conftest import make_signer
@@ -252,7 +253,7 @@ async def test_cdrs_page_with_link_and_counts_and_filter_on_last_updated(tmp_pat
         # The server caps the page size and says so.
         big = await client.get("/ocpi/2.2.1/cdrs?limit=5000", headers=AUTH)
         assert big.headers["X-Limit"] == "100" and len(big.json()["data"]) == 5 and "Link" not in big.headers
-        # date_from inclusive, date_to exclusive, on last_updated (the receipt's time).
+        # date_from inclusive, date_to exclusive, on last_updated (the row's last change: here the receipt).
         first = big.json()["data"]
         window = await client.get(
             "/ocpi/2.2.1/cdrs",
@@ -309,6 +310,36 @@ async def test_sessions_and_tariffs_modules_validate(tmp_path: Path):
         assert {c["type"] for c in tariffs[0]["elements"][0]["price_components"]} == {"ENERGY", "TIME", "PARKING_TIME"}
 
 
+async def test_an_unpriced_session_has_no_cdr_until_a_tariff_valid_at_its_start_prices_it(tmp_path: Path):
+    """OCPI needs `total_cost`: no CDR for a session no tariff priced (it is still a Session,
+    without `total_cost`). The tariff that prices it later gives it a CDR, dated then."""
+    clock = Clock()
+    async with asgi_cloud(f"sqlite:///{tmp_path}/c.db", operator=OPERATOR, wall_clock=clock) as (_, client):
+        leader = Leader("node-a", {SITE_CONFIG_ID: site_config(), "s1": session("s1")})  # a site without tariffs
+        await leader.sync(client)
+        receipted = clock.now
+        r = await client.get("/ocpi/2.2.1/cdrs", headers=AUTH)
+        assert check(r.json(), {"type": "array", "items": CDR}) == [] and r.headers["X-Total-Count"] == "0"
+        [unpriced] = check(
+            (await client.get("/ocpi/2.2.1/sessions", headers=AUTH)).json(), {"type": "array", "items": SESSION}
+        )
+        assert unpriced["status"] == "COMPLETED" and unpriced["kwh"] == 10.0 and "total_cost" not in unpriced
+        assert check((await client.get("/ocpi/2.2.1/tariffs", headers=AUTH)).json(), {"type": "array"}) == []
+        clock.now += 3600
+        config = leader.replica.docs[SITE_CONFIG_ID]
+        site_config_put(config, "tariffs", "std@1", entry())  # valid from a day before the session
+        await leader.sync(client)
+        [cdr] = check((await client.get("/ocpi/2.2.1/cdrs", headers=AUTH)).json(), {"type": "array", "items": CDR})
+        assert cdr["id"] == "s1" and cdr["total_cost"] == {"excl_vat": 8.1} and cdr["tariffs"][0]["id"] == "std-1"
+        # Dated when it was priced, so a finance team that pulled up to then gets it next time.
+        since = await client.get("/ocpi/2.2.1/cdrs", params={"date_from": cdr["last_updated"]}, headers=AUTH)
+        assert [c["id"] for c in since.json()["data"]] == ["s1"] and cdr["last_updated"] > ocpi_time(receipted)
+
+
+def ocpi_time(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def test_the_schemas_catch_what_the_spec_forbids():
     """The schemas must be able to fail: a too-long id, a missing total_cost, a wrong enum, a bad DateTime."""
     good = {
@@ -348,7 +379,7 @@ def test_meshnode_cloud_serves_ocpi_only_with_a_token(tmp_path: Path):
 
     from .procs import free_port
 
-    host = "127.0.17.30"
+    host = "127.0.12.30"
     repo = Path(__file__).resolve().parent.parent
     for how in ("flag", "env", "none"):
         port = free_port(host)

@@ -61,7 +61,7 @@ class Rig:
             wall_clock=lambda: self.clock, unknown_token_policy=policy, unknown_token_limits=limits,
         )  # fmt: skip
         self.sessions = SessionService(
-            node_id="n1", site="site", tariff={"currency": "EUR", "per_kwh_cents": 39}, replica=self.replica,
+            node_id="n1", site="site", replica=self.replica,
             site_config=self.site_config, signer=lambda: self.signer,
             keyring=Keyring({"n1": self.signer.public_key}), identity=None, actor=lambda d: b"a" * 16,
             rng=random.Random(1), wall_clock=lambda: self.clock, commit=commit,

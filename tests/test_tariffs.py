@@ -6,6 +6,7 @@ sessions, over the cloud's real app (httpx ASGI transport), as tests/test_cloud.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from decimal import Decimal
@@ -28,7 +29,7 @@ from uplink import (
     verify_tariff_entry,
 )
 from uplink._cloud import verify_receipt
-from uplink._tariffs import OperatorConfig, Tariff, charge_end_ts
+from uplink._tariffs import NO_TARIFF, OperatorConfig, Tariff, charge_end_ts, decide_price
 
 from .conftest import make_signer
 from .test_cloud import CLOUD_KEY, Leader, asgi_cloud, new_doc, put
@@ -134,6 +135,19 @@ def test_energy_time_and_idle_add_up_and_round_half_up_once():
     assert within.idle_cents == 0 and within.total_cents == 0
 
 
+def test_the_cloud_prices_only_with_a_site_tariff_valid_at_the_start():
+    events = [("authorize", 0, None), ("start", 1_000_000, 0), ("stop", 1_000_000 + 3_600_000, 2_000)]
+    legacy = {"currency": "EUR", "per_kwh_cents": 39, "per_session_cents": 50}  # an unsigned price map: ignored
+    for tariffs, why in (([], "no tariff the cloud can verify"), ([tariff(valid_from=2000)], "valid at the session")):
+        got = decide_price(tariffs, legacy, events, 2_000)
+        assert (got.cost_cents, got.currency, got.tariff_id, got.tariff_version) == (None, None, None, None)
+        assert got.detail["status"] == "unpriced" and got.detail["kind"] == NO_TARIFF and why in got.detail["reason"]
+    both = [tariff("std", 1, valid_from=0), tariff("promo", 1, valid_from=500, energy="0.20")]
+    assert decide_price(both, {}, events, 2_000).tariff_id == "promo"  # valid from the latest date
+    named = decide_price(both, {"tariff_id": "std"}, events, 2_000)  # what the node showed the driver
+    assert (named.tariff_id, named.tariff_version, named.cost_cents, named.currency) == ("std", 1, 78, "EUR")
+
+
 def test_charging_ends_at_the_last_reading_that_rose():
     events = [("authorize", 0, None), ("start", 10, 100), ("meter", 20, 500), ("meter", 30, 900),
               ("meter", 40, 900), ("stop", 50, 900)]  # fmt: skip
@@ -236,25 +250,38 @@ async def test_the_cloud_prices_with_the_site_tariff_and_the_receipt_names_it(tm
         assert [t.key for t in cloud.site_configs.tariffs("field")] == ["std@1"]
 
 
-async def test_a_site_without_a_valid_tariff_is_unpriced_then_priced_when_one_arrives(tmp_path: Path):
+async def test_a_site_without_a_valid_tariff_bills_energy_unpriced_then_a_backdated_tariff_prices_it(tmp_path: Path):
+    """No tariff valid at the start: a receipt without money, a row without a price,
+    flagged `no_tariff`; a tariff signed later prices it only if valid at its start."""
     docs = {SITE_CONFIG_ID: site_config(entry(valid_from=T0 + 86400)), "s1": session("s1")}
     async with asgi_cloud(f"sqlite:///{tmp_path}/c.db", operator=OPERATOR) as (cloud, client):
         leader = Leader("node-a", docs)
         await leader.sync(client)
         row = (await client.get("/v1/sessions/s1")).json()["session"]
-        assert row["cost_cents"] is None and row["tariff_id"] is None and row["receipt"] is None
-        assert row["state"] == "completed" and "not valid" not in row["pricing"] and "unpriced" in row["pricing"]
-        assert read_session(leader.replica.docs["s1"]).receipt is None
-        metrics = (await client.get("/metrics")).text
-        assert "meshnode_cloud_reviews_pending 1.0" in metrics
-        # The site publishes a tariff valid at the session's start; the leader sends the
-        # config and asks about the session again: the cloud prices it and the reply carries the receipt.
+        assert (row["cost_cents"], row["currency"], row["tariff_id"], row["energy_wh"]) == (None, None, None, 10_000)
+        assert row["state"] == "reconciled" and json.loads(row["pricing"])["kind"] == "no_tariff"
+        receipt = verify_receipt(read_session(leader.replica.docs["s1"]).receipt, CLOUD_KEY.verify_key.encode())
+        assert receipt["priced"] is False and receipt["energy_wh"] == 10_000 and "cost_cents" not in receipt
+        overview = (await client.get("/v1/page/overview")).json()
+        assert [(f["session_id"], f["kinds"]) for f in overview["flagged"]] == [("s1", ["no_tariff"])]
+        assert "meshnode_cloud_reviews_pending 1.0" in (await client.get("/metrics")).text
         config = leader.replica.docs[SITE_CONFIG_ID]
-        site_config_put(config, "tariffs", "std@2", entry(version=2, valid_from=T0 - 60))
+        # A tariff that starts after the session does not price it.
+        site_config_put(config, "tariffs", "std@2", entry(version=2, valid_from=T0 + 60))
+        await leader.sync(client)
+        assert (await client.get("/v1/sessions/s1")).json()["session"]["cost_cents"] is None
+        # One valid at the session's start (signed later, back-dated by the operator) does.
+        site_config_put(config, "tariffs", "std@3", entry(version=3, valid_from=T0 - 60))
         await leader.sync(client)
         row = (await client.get("/v1/sessions/s1")).json()["session"]
-        assert (row["cost_cents"], row["tariff_version"], row["state"]) == (810, 2, "reconciled")
-        assert verify_receipt(read_session(leader.replica.docs["s1"]).receipt)["tariff_version"] == 2
+        assert (row["cost_cents"], row["currency"], row["tariff_id"], row["tariff_version"]) == (810, "EUR", "std", 3)
+        assert row["state"] == "reconciled" and json.loads(row["pricing"])["priced_after_receipt"] == T0 * 1000
+        # The receipt stays the one issued (one per session, ever); the review flag goes.
+        assert read_session(leader.replica.docs["s1"]).receipt == bytes.fromhex(row["receipt"])
+        assert verify_receipt(bytes.fromhex(row["receipt"]))["priced"] is False
+        assert (await client.get("/v1/page/overview")).json()["flagged"] == []
+        assert "meshnode_cloud_reviews_pending 0.0" in (await client.get("/metrics")).text
+        assert (await client.get("/v1/stats")).json()["receipts"] == 1
 
 
 async def test_without_the_site_key_the_cloud_uses_no_site_tariff(tmp_path: Path):
@@ -262,7 +289,7 @@ async def test_without_the_site_key_the_cloud_uses_no_site_tariff(tmp_path: Path
     async with asgi_cloud(f"sqlite:///{tmp_path}/c.db") as (cloud, client):
         await Leader("node-a", docs).sync(client)
         row = (await client.get("/v1/sessions/s1")).json()["session"]
-        assert row["cost_cents"] is None and "cannot verify" in row["pricing"]
+        assert row["cost_cents"] is None and "no tariff the cloud can verify" in row["pricing"]
         assert cloud.site_configs.rejected("field") == ["std@1: the cloud has no key for site 'field'"]
 
 
@@ -297,7 +324,7 @@ def test_a_tariff_set_on_a_node_prices_its_sessions_in_the_cloud(tmp_path: Path)
     site_dir = tmp_path / "site"
     create_site(site_dir, "field", now=time.time())
     enroll(site_dir, "n1", tmp_path / "n1", now=time.time())
-    host_cloud, host_node = "127.0.17.20", "127.0.17.21"
+    host_cloud, host_node = "127.0.12.20", "127.0.12.21"
     cloud = CloudProcess(
         host_cloud, free_port(host_cloud), f"sqlite:///{tmp_path}/c.db", tmp_path / "c.key", tmp_path / "c.log",
         extra=["--site", str(site_dir)],

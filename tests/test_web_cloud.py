@@ -1,33 +1,38 @@
 """The cloud's operator page (`uplink/_cloud_web.py`): reviews recorded in the ledger, the overview, a real browser.
 
 The review table runs on SQLite and a real PostgreSQL server (`tests/pg.py`). The
-browser test runs `meshnode cloud` as a process, plays a site's leader over real
-HTTP, and approves a flagged session in Chromium (see tests/test_web_node.py for
+browser test runs `meshnode cloud --site` as a process, plays the site's enrolled
+leader over real HTTP (signed sync requests, a signed site tariff in the site
+config), and approves a flagged session in Chromium (see tests/test_web_node.py for
 the browser and the screenshot option).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import trio
 from automerge.core import Document
 
-from crdt import add_event
-from uplink._cloud_web import SiteContacts, is_flagged, overview
+from crdt import SITE_CONFIG_ID, EventSigner, Replica, add_event, new_session_doc, new_site_config, site_config_put
+from meshnode._security import create_site, enroll, load_or_create_node_key
+from uplink import DeviceCredential, SignedSyncRequest, make_tariff_entry
+from uplink._cloud_web import SiteContacts, is_flagged, overview, peek_sync_request, review_kinds
 from uplink._ledger import Ledger
+from uplink._wire import CloudSyncRequest, CloudSyncResponse, compress
 
 from .conftest import make_signer
 from .pg import pg_server, pg_url  # noqa: F401  (fixtures)
 from .procs import free_port
 from .test_cloud import Leader, asgi_cloud, completed, db_url, new_doc, put  # noqa: F401  (db_url: a fixture)
 from .test_e2e_uplink import CloudProcess
+from .test_tariffs import OPERATOR, entry, site_config
 from .test_web_node import PHONE, browser, by_css, screenshot, wait_for  # noqa: F401  (browser: a fixture)
 
-HOST = "127.0.16.10"
+HOST = "127.0.12.10"
 
 
 def walk_in(session_id: str = "s-walk") -> Document:
@@ -74,8 +79,10 @@ def test_reviews_are_recorded_and_kept_across_a_reopen(db_url: str) -> None:  # 
 
 
 async def test_approve_and_reject_are_recorded_and_bad_requests_change_nothing(db_url: str) -> None:  # noqa: F811
-    async with asgi_cloud(db_url) as (cloud, client):
-        await Leader("node-a", site_docs()).sync(client)
+    # The site has a tariff (valid always), so only the walk-in waits for a person.
+    docs = {SITE_CONFIG_ID: site_config(entry(valid_from=None)), **site_docs()}
+    async with asgi_cloud(db_url, operator=OPERATOR) as (cloud, client):
+        await Leader("node-a", docs).sync(client)
         page = (await client.get("/v1/page/overview")).json()
         assert [f["session_id"] for f in page["flagged"]] == ["s-walk"] and page["pending_reviews"] == 1
         assert page["flagged"][0]["reasons"] == ["unknown driver (unknown_accepted)"]
@@ -131,10 +138,14 @@ def sqlite_url_(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/cloud.db"
 
 
-def test_flagged_means_an_unknown_driver_or_conflicts() -> None:
-    assert is_flagged({"review": "unknown_accepted", "conflicts": 0})
-    assert is_flagged({"review": None, "conflicts": 2})
-    assert not is_flagged({"review": None, "conflicts": 0})
+def test_flagged_means_an_unknown_driver_conflicts_or_no_tariff() -> None:
+    assert review_kinds({"review": "unknown_accepted", "conflicts": 0, "cost_cents": 1}) == ["review"]
+    assert review_kinds({"review": None, "conflicts": 2, "cost_cents": 1}) == ["conflicts"]
+    assert not is_flagged({"review": None, "conflicts": 0, "cost_cents": 1, "state": "reconciled"})
+    # Completed and unpriced (the site had no tariff valid at its start): a person looks at it.
+    assert review_kinds({"review": None, "conflicts": 0, "cost_cents": None, "state": "reconciled"}) == ["no_tariff"]
+    assert review_kinds({"review": None, "conflicts": 0, "cost_cents": None, "state": "completed"}) == ["no_tariff"]
+    assert not is_flagged({"review": None, "conflicts": 0, "cost_cents": None, "state": "charging"})
 
 
 def test_the_overview_takes_the_latest_decision_and_remembers_contacts() -> None:
@@ -164,25 +175,95 @@ def test_the_overview_takes_the_latest_decision_and_remembers_contacts() -> None
 # --- a real browser on a real cloud process ------------------------------------------
 
 
-async def _play_leader(url: str, docs: dict[str, Document]) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        await Leader("node-a", docs).sync(client)
+def signed_site(tmp_path: Path, now: float) -> tuple[Path, DeviceCredential, dict[str, Document]]:
+    """Site "field" with its gateway node-a, and what node-a's leader holds: the site
+    config with a tariff (EUR 0.39/kWh, 1.20/h, valid from an hour ago) and three
+    sessions signed by node-a: a walk-in (an unknown driver let in offline), a known
+    driver, and one that ran before the tariff was valid (unpriced)."""
+    site_dir = tmp_path / "site"
+    site = create_site(site_dir, "field", now=now)
+    enroll(site_dir, "node-a", tmp_path / "node-a", roles=("gateway",), now=now)
+    cred = DeviceCredential(
+        load_or_create_node_key(tmp_path / "node-a"), (tmp_path / "node-a" / "node.cert").read_bytes()
+    )
+    config = new_site_config("field")
+    tariff = make_tariff_entry(
+        site.require_signing_key(), site="field", tariff_id="std", version=1, currency="EUR", energy_per_kwh="0.39",
+        time_per_hour="1.20", valid_from=now - 3600, now=now - 3600,
+    )  # fmt: skip
+    site_config_put(config, "tariffs", "std@1", tariff)
+    signer = EventSigner("node-a", cred.signing_key)
+    t = int(now * 1000)
+    docs: dict[str, Document] = {SITE_CONFIG_ID: config}
+    plan = [
+        ("s-early", "c3", t - 7_200_000, {"auth": "allowed_list"}, 5_400),  # before the tariff
+        ("s-walk", "c1", t - 1_800_000, {"auth": "unknown_accepted", "review": True}, 900),
+        ("s-known", "c2", t - 1_200_000, {"auth": "allowed_list"}, 3_200),
+    ]
+    for sid, charger, ts, auth, wh in plan:
+        doc = docs[sid] = new_session_doc(
+            sid, site="field", charger=charger, connector=1, id_token="tok", tariff={}, created_by="node-a"
+        )
+        for kind, at, meter, data in (("authorize", ts, None, auth), ("start", ts + 1, 0, None),
+                                      ("stop", ts + 900_000, wh, None)):  # fmt: skip
+            add_event(doc, signer.sign(kind, sid, at, meter_wh=meter, data=data), public_key=cred.certificate)
+    return site_dir, cred, docs
+
+
+def _play_signed_leader(url: str, docs: dict[str, Document], cred: DeviceCredential) -> None:
+    """node-a's forwarder in short: signed sync rounds until neither side has more to say."""
+    replica, ids = Replica(dict(docs)), sorted(docs)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for round_ in range(12):
+            msgs = {d: replica.generate("cloud", d) for d in ids}
+            if round_ and all(m is None for m in msgs.values()):
+                return
+            request = SignedSyncRequest("node-a", "field", msgs, (), credential=cred, ts=time.time())
+            r = client.post("/v1/sync", content=compress(request.encode()), headers={"Content-Encoding": "deflate"})
+            assert r.status_code == 200, r.text
+            reply = CloudSyncResponse.decode(r.content)
+            assert reply.errors == {}
+            for d, m in reply.msgs.items():
+                replica.receive("cloud", d, m)
+    raise AssertionError("sync did not settle")
+
+
+def test_the_contact_tracker_reads_signed_requests_too() -> None:
+    """A cloud run with --site takes only signed requests: the page must still learn the leader."""
+    import nacl.signing
+
+    plain = CloudSyncRequest("node-a", "field", {"s": None})
+    cred = DeviceCredential(nacl.signing.SigningKey(bytes(32)), b"cert")
+    signed = SignedSyncRequest("node-a", "field", {"s": None}, (), credential=cred, ts=1.0)
+    for body in (compress(plain.encode()), compress(signed.encode())):
+        got = peek_sync_request(body)
+        assert got is not None and (got.node_id, got.site) == ("node-a", "field")
+    assert peek_sync_request(b"garbage") is None and peek_sync_request(compress(b"\xa1\x66signed\x40")) is None
 
 
 @pytest.mark.slow  # real processes (and a browser)
 def test_an_operator_approves_a_flagged_session_in_the_browser(tmp_path: Path, browser: Any) -> None:  # noqa: F811
+    site_dir, cred, docs = signed_site(tmp_path, time.time())
     cloud = CloudProcess(
-        HOST, free_port(HOST), f"sqlite:///{tmp_path}/cloud.db", tmp_path / "cloud.key", tmp_path / "cloud.log"
-    )
+        HOST, free_port(HOST), f"sqlite:///{tmp_path}/cloud.db", tmp_path / "cloud.key", tmp_path / "cloud.log",
+        extra=["--site", str(site_dir)],
+    )  # fmt: skip
     cloud.start()
     try:
-        trio.run(_play_leader, cloud.url, site_docs())
+        _play_signed_leader(cloud.url, docs, cred)
+        rows = {r["session_id"]: r for r in httpx.get(cloud.url + "/v1/sessions", timeout=10).json()["sessions"]}
+        # 0.39 * 0.9 kWh + 1.20 * 0.25 h = 0.351 + 0.30 -> 65 cents; 0.39 * 3.2 + 0.30 = 1.548 -> 155.
+        assert {s: (r["cost_cents"], r["tariff_id"]) for s, r in rows.items()} == {
+            "s-walk": (65, "std"), "s-known": (155, "std"), "s-early": (None, None),
+        }  # fmt: skip
         browser.get(cloud.url + "/")
         card = '#flagged .card[data-session="s-walk"]'
         wait_for(browser, lambda d: by_css(d, card), what="the flagged session")
         assert by_css(browser, card)[0].get_attribute("data-decision") == "pending"
-        assert "unknown driver" in by_css(browser, card)[0].text
+        assert "unknown driver" in by_css(browser, card)[0].text and "0.65 EUR" in by_css(browser, card)[0].text
         assert not by_css(browser, '#flagged .card[data-session="s-known"]')
+        early = '#flagged .card[data-session="s-early"]'
+        assert "no tariff" in by_css(browser, early)[0].text
         wait_for(
             browser,
             lambda d: "node-a" in by_css(d, '#sites .card[data-site="field"]')[0].text,
@@ -197,7 +278,7 @@ def test_an_operator_approves_a_flagged_session_in_the_browser(tmp_path: Path, b
             browser, lambda d: by_css(d, card)[0].get_attribute("data-decision") == "approve", what="the decision shown"
         )
         assert "by Ana" in by_css(browser, card)[0].text
-        assert "0 to review" in by_css(browser, "#pending")[0].text
+        assert "1 to review" in by_css(browser, "#pending")[0].text  # s-early waits for its tariff
 
         recorded = httpx.get(cloud.url + "/v1/reviews", timeout=10).json()["reviews"]
         assert [(r["session_id"], r["decision"], r["reviewer"], r["note"]) for r in recorded] == [
@@ -218,12 +299,14 @@ def test_an_operator_approves_a_flagged_session_in_the_browser(tmp_path: Path, b
 async def test_sessions_with_conflicts_are_flagged_too(sqlite_url_: str) -> None:
     # One device, two sessions, each starting the device's chain at seq 1 (two signers, one key): a fork.
     docs = {
+        SITE_CONFIG_ID: site_config(entry(valid_from=None)),  # priced: only the conflicts flag them
         "s-a": completed("s-a", make_signer("charger-1"), ts=1000),
         "s-b": completed("s-b", make_signer("charger-1"), ts=2000),
     }
-    async with asgi_cloud(sqlite_url_) as (_, client):
+    async with asgi_cloud(sqlite_url_, operator=OPERATOR) as (_, client):
         await Leader("node-a", docs).sync(client)
         page = (await client.get("/v1/page/overview")).json()
     flagged = {f["session_id"]: f for f in page["flagged"]}
-    assert flagged and all(f["reasons"][-1].endswith("conflict(s)") and f["conflicts"] > 0 for f in flagged.values())
+    assert flagged and all(f["kinds"] == ["conflicts"] and f["conflicts"] > 0 for f in flagged.values())
+    assert all(f["reasons"][-1].endswith("conflict(s)") for f in flagged.values())
     assert page["pending_reviews"] == len(flagged)

@@ -30,7 +30,7 @@ from ._probe import (
     serve_probe,
 )
 from ._tariffs import (
-    SNAPSHOT_ID,
+    NO_TARIFF,
     OperatorConfig,
     Priced,
     Tariff,
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
         CloudService,
         ReceiptError,
         RemoteRequestError,
-        TariffError,
         check_chains,
         create_cloud_app,
         default_key_path,
@@ -71,7 +70,6 @@ if TYPE_CHECKING:
         make_receipt,
         open_cloud,
         serve_cloud,
-        session_cost,
         verify_receipt,
     )
     from ._ledger import Ledger, LedgerError, LedgerUrlError
@@ -82,9 +80,9 @@ _LAZY = {
     **dict.fromkeys(
         (
             "DEFAULT_PORT", "ChainLink", "ChainVerdict", "CloudError", "CloudKeyError", "CloudService",
-            "ReceiptError", "RemoteRequestError", "TariffError", "check_chains", "create_cloud_app",
+            "ReceiptError", "RemoteRequestError", "check_chains", "create_cloud_app",
             "default_key_path", "load_or_create_cloud_key", "make_receipt", "open_cloud", "serve_cloud",
-            "session_cost", "verify_receipt",
+            "verify_receipt",
         ),
         "._cloud",
     ),
@@ -107,9 +105,9 @@ __all__ = [
     "CLOUD_PEER",
     "DEFAULT_PORT",
     "MAX_BATCH_BYTES",
+    "NO_TARIFF",
     "PRIORITY_METER",
     "PRIORITY_STATE",
-    "SNAPSHOT_ID",
     "SIGNED_SYNC_CONTEXT",
     "SYNC_PATH",
     "ChainLink",
@@ -134,7 +132,6 @@ __all__ = [
     "ReceiptError",
     "RemoteRequestError",
     "SignedSyncRequest",
-    "TariffError",
     "OperatorConfig",
     "Priced",
     "Tariff",
@@ -162,6 +159,5 @@ __all__ = [
     "serve_cloud",
     "serve_forwarder",
     "serve_probe",
-    "session_cost",
     "verify_receipt",
 ]  # fmt: skip

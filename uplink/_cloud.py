@@ -21,9 +21,12 @@ document a request changed, in one database transaction *before* replying:
 3. Billing folds only the accepted events (stored bytes, so an event deleted
    from the document later still counts and is reported `event_removed`):
    forged or chain-broken events never contribute energy or cost. Cost comes
-   from the session's tariff snapshot (`session_cost`).
-4. A completed session with a valid tariff gets one receipt, signed with the
-   cloud's Ed25519 key, written into the document with `crdt.set_receipt`.
+   from the site's signed tariff valid at the session's start (`_tariffs.py`);
+   without one the session is unpriced, never priced from a built-in number.
+4. A completed session gets one receipt, signed with the cloud's Ed25519 key,
+   written into the document with `crdt.set_receipt`; an unpriced one's receipt
+   carries the energy and `priced: false`, no money. When the site's tariffs
+   change, its unpriced sessions are priced again (the ledger row, not the receipt).
    The ledger holds the only receipt a session ever gets: a document that
    lost it, or carries another one, gets the ledger's back (`foreign_receipt`).
    After the receipt the billed amount is final; events that arrive later are
@@ -42,7 +45,7 @@ non-empty change list) and applied cleanly yet added no change to the document:
 all of it was already held (a re-sent batch, a stale sync state). Requests
 refused as a whole (4xx) are not counted anywhere. See docs/cloud.md.
 
-Pure decisions (`session_cost`, `make_receipt`, `verify_receipt`,
+Pure decisions (`make_receipt`, `verify_receipt`,
 `check_chains`, `session_keys`, `sync_message_carries_changes`) take values and
 return values; the trio and HTTP glue around them is thin.
 """
@@ -60,7 +63,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,9 @@ DEFAULT_PORT = 8700
 BACKLOG = 2048
 """Listen backlog (Hypercorn's default, 100, resets connections under a burst)."""
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_REPRICE = 2000
+"""Unpriced sessions of a site priced again in the transaction that changes its config
+(oldest first; the rest at its next config change): bounds that transaction."""
 """Largest compressed request body accepted (413 above it); inflation is bounded by MAX_INFLATED."""
 
 # Event status in the `events` table.
@@ -132,7 +137,6 @@ _ACCEPTED = (OK, LATE)
 
 # Conflict kinds the cloud adds to the fold's own (see docs/data-model.md).
 KEY_MISMATCH = "key_mismatch"
-INVALID_TARIFF = "invalid_tariff"
 FOREIGN_RECEIPT = "foreign_receipt"
 EVENT_REMOVED = "event_removed"
 _FOLD_INPUT_KINDS = ("invalid_event", "wrong_session")
@@ -167,10 +171,6 @@ class CloudKeyError(CloudError):
     """The cloud's key file cannot be read or written (a local configuration problem)."""
 
 
-class TariffError(ValueError):
-    """A session's tariff snapshot cannot price it."""
-
-
 class ReceiptError(ValueError):
     """A receipt does not parse or does not verify."""
 
@@ -178,50 +178,12 @@ class ReceiptError(ValueError):
 # --- pure decisions ----------------------------------------------------------------
 
 
-def session_cost(tariff: Mapping[str, Any], energy_wh: int) -> tuple[int, str]:
-    """Price a session from its tariff snapshot.
-
-    cost = per_kwh_cents * energy_wh / 1000, rounded half-up to whole cents,
-    + per_session_cents (0 when absent). Decimal arithmetic on the decimal
-    spelling of each number, so 0.5 cent rounds up whatever binary floats do.
-
-    Returns:
-        (cost_cents, currency)
-
-    Raises:
-        TariffError: no currency, or a price that is not a non-negative number.
-    """
-    currency = tariff.get("currency")
-    if not isinstance(currency, str) or not currency:
-        raise TariffError("tariff has no currency")
-    per_kwh = _price(tariff, "per_kwh_cents", required=True)
-    per_session = _price(tariff, "per_session_cents", required=False)
-    energy = (per_kwh * Decimal(energy_wh) / Decimal(1000)).quantize(Decimal(1), rounding=ROUND_HALF_UP)
-    fixed = per_session.quantize(Decimal(1), rounding=ROUND_HALF_UP)
-    return int(energy + fixed), currency
-
-
-def _price(tariff: Mapping[str, Any], key: str, *, required: bool) -> Decimal:
-    value = tariff.get(key)
-    if value is None and not required:
-        return Decimal(0)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TariffError(f"tariff {key} must be a number, got {value!r}")
-    try:
-        number = Decimal(str(value))
-    except InvalidOperation as exc:
-        raise TariffError(f"tariff {key} is not a number: {value!r}") from exc
-    if not number.is_finite() or number < 0:
-        raise TariffError(f"tariff {key} must be a non-negative number, got {value!r}")
-    return number
-
-
 def make_receipt(
     *,
     session_id: str,
     energy_wh: int,
-    cost_cents: int,
-    currency: str,
+    cost_cents: int | None,
+    currency: str | None,
     heads: Iterable[bytes],
     issued_ts: int,
     signing_key: nacl.signing.SigningKey,
@@ -231,20 +193,24 @@ def make_receipt(
 
     `heads` are the document's heads the cloud folded (sorted here), so anyone
     can check which changes the billed amount covers. `tariff` (id, version) names
-    the tariff that priced it (fields `tariff_id`, `tariff_version`). The signature is
+    the tariff that priced it (fields `tariff_id`, `tariff_version`). An unpriced
+    session (`cost_cents` None) gets a receipt without `cost_cents` and `currency`,
+    with `priced: false`: it bills the energy and no money. The signature is
     Ed25519 over the canonical CBOR of every field but `sig` (`_signed_part`; for a
     receipt without tariff fields that is `receipt_body`).
     """
     receipt: dict[str, Any] = {
         "session_id": session_id,
         "energy_wh": int(energy_wh),
-        "cost_cents": int(cost_cents),
-        "currency": currency,
         "heads": sorted(bytes(h) for h in heads),
         "issued_ts": int(issued_ts),
         "issuer": bytes(signing_key.verify_key).hex(),
     }
-    if tariff is not None:
+    if cost_cents is None or currency is None:
+        receipt["priced"] = False
+    else:
+        receipt["cost_cents"], receipt["currency"] = int(cost_cents), currency
+    if tariff is not None and "priced" not in receipt:
         receipt["tariff_id"], receipt["tariff_version"] = str(tariff[0]), int(tariff[1])
     receipt["sig"] = signing_key.sign(_signed_part(receipt)).signature
     return cbor2.dumps(receipt, canonical=True)
@@ -258,6 +224,7 @@ def _signed_part(receipt: Mapping[str, Any]) -> bytes:
 
 
 _RECEIPT_TARIFF_FIELDS = {"tariff_id": str, "tariff_version": int}
+_RECEIPT_PRICE_FIELDS = ("cost_cents", "currency")
 _RECEIPT_TYPES: Mapping[str, type | tuple[type, ...]] = {
     "session_id": str, "energy_wh": int, "cost_cents": int, "currency": str, "heads": list,
     "issued_ts": int, "issuer": str, "sig": bytes,
@@ -285,10 +252,14 @@ def verify_receipt(blob: bytes, issuer: bytes | str | None = None) -> dict[str, 
     except Exception as exc:  # cbor2 raises several types on bad input
         raise ReceiptError(f"receipt is not CBOR: {exc}") from exc
     base = {*RECEIPT_FIELDS, "sig"}
-    if not isinstance(receipt, dict) or set(receipt) not in (base, base | set(_RECEIPT_TARIFF_FIELDS)):
+    unpriced = (base - set(_RECEIPT_PRICE_FIELDS)) | {"priced"}
+    if not isinstance(receipt, dict) or set(receipt) not in (base, base | set(_RECEIPT_TARIFF_FIELDS), unpriced):
         raise ReceiptError(
-            f"a receipt is a map of exactly {sorted(base)} (and optionally {sorted(_RECEIPT_TARIFF_FIELDS)})"
+            f"a receipt is a map of exactly {sorted(base)} (and optionally {sorted(_RECEIPT_TARIFF_FIELDS)}), "
+            f"or of {sorted(unpriced)} for an unpriced session"
         )
+    if "priced" in receipt and receipt["priced"] is not False:
+        raise ReceiptError("receipt field 'priced' is only ever false")
     for name, kind in {**_RECEIPT_TYPES, **_RECEIPT_TARIFF_FIELDS}.items():
         if name not in receipt:
             continue
@@ -800,7 +771,14 @@ class CloudService:
         request changed (`site`), and re-price requested sessions still unpriced."""
         issued = []
         with self.ledger.transaction() as tx:
-            changed = self._catch_up(tx, dict(changed), requested)
+            changed = dict(changed)
+            if site is not None and self.site_configs.tariffs(site):
+                # The site's tariffs may have changed: price its unpriced sessions again
+                # (locked and caught up with the rest, in case another instance holds them).
+                for doc_id in tx.unpriced_of_site(site, MAX_REPRICE):
+                    if doc_id not in changed and doc_id in self.replica.docs:
+                        changed[doc_id] = self.replica.docs[doc_id]
+            changed = self._catch_up(tx, changed, requested)
             if site is not None and (saved := self.site_configs.saved(site)) is not None:
                 tx.save_site_config(site, saved, now)
             changed = dict(changed)
@@ -901,14 +879,10 @@ class CloudService:
 
         energy_wh = view.energy_wh
         applied = [(e.record.type, e.record.ts, e.record.meter_wh) for e in view.applied]
-        price = decide_price(
-            self.site_configs.tariffs(data.site), data.tariff, applied, energy_wh,
-            legacy=session_cost, legacy_error=TariffError,
-        )  # fmt: skip
+        billed_wh = row["energy_wh"] if receipt is not None and row is not None else energy_wh
+        price = decide_price(self.site_configs.tariffs(data.site), data.tariff, applied, billed_wh)
         cost, currency = price.cost_cents, price.currency
         tariff_id, tariff_version, pricing = price.tariff_id, price.tariff_version, json.dumps(price.detail)
-        if price.conflict is not None:
-            conflicts.append(price.conflict)
 
         issued = False
         if data.receipt is not None and data.receipt != receipt:
@@ -917,14 +891,20 @@ class CloudService:
             detail = f"document carries a receipt the cloud did not issue; {what}"
             conflicts.append((f"receipt:{digest}", FOREIGN_RECEIPT, detail))
         if receipt is not None:
-            # The receipt is final: the ledger keeps what it says.
-            energy_wh, cost = row["energy_wh"], row["cost_cents"]  # type: ignore[index]
-            currency = row["currency"]  # type: ignore[index]
-            tariff_id, tariff_version, pricing = row["tariff_id"], row["tariff_version"], row["pricing"]  # type: ignore[index]
-            receipt_heads, receipt_ts = row["receipt_heads"], row["receipt_ts"]  # type: ignore[index]
+            # The receipt is final: the ledger keeps what it says. A session receipted
+            # unpriced is priced when a tariff valid at its start reaches the cloud
+            # (the receipt's energy, the billed events' times; the receipt stays).
+            assert row is not None
+            if row["cost_cents"] is None and cost is not None:
+                pricing = json.dumps({**price.detail, "priced_after_receipt": now})
+            else:
+                cost, currency, pricing = row["cost_cents"], row["currency"], row["pricing"]
+                tariff_id, tariff_version = row["tariff_id"], row["tariff_version"]
+            energy_wh = row["energy_wh"]
+            receipt_heads, receipt_ts = row["receipt_heads"], row["receipt_ts"]
             if data.receipt != receipt:
                 self._write_receipt(doc_id, doc, receipt)
-        elif view.state == "completed" and cost is not None and currency is not None:
+        elif view.state == "completed":
             heads = sorted(doc.get_heads())
             receipt = make_receipt(
                 session_id=doc_id, energy_wh=energy_wh, cost_cents=cost, currency=currency,

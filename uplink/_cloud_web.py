@@ -6,9 +6,11 @@
     GET  /v1/reviews                   every recorded decision, oldest first
     POST /v1/reviews/{session_id}      {"decision": "approve" | "reject", "reviewer"?, "note"?} -> 201
 
-Flagged for review: a session a node let an unknown driver charge on its offline
-policy (the ledger's `review` column, set from the authorize event), or one with
-conflicts. A decision is a row in the ledger's `reviews` table, never changed
+Flagged for review (`review_kinds`): a session a node let an unknown driver charge on
+its offline policy (kind `review`: the ledger's `review` column, set from the authorize
+event), one with conflicts (`conflicts`), or a completed session that no tariff priced
+(`no_tariff`: its row has no price; it stops being flagged once a tariff valid at its
+start prices it, see `uplink/_tariffs.py`). A decision is a row in the ledger's `reviews` table, never changed
 afterwards; the latest decision of a session is its standing one, and a later
 one (a person changing their mind) is recorded beside it. Deciding changes no
 billing: the ledger row and the receipt are the cloud's, the decision is the
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import cbor2
 import trio
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -39,6 +42,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._tariffs import NO_TARIFF
 from ._wire import MAX_INFLATED, SYNC_PATH, CloudSyncRequest, WireError, decompress
 
 if TYPE_CHECKING:
@@ -124,19 +128,62 @@ class TrackContacts:
 
         await self.app(scope, tee, watch)
         if status == 200 and size <= MAX_SYNC_PEEK:
-            try:
-                request = CloudSyncRequest.decode(decompress(b"".join(chunks), MAX_INFLATED))
-            except WireError:
-                return  # the service accepted it, so this does not happen; never fail the request
-            self.contacts.note(request.site, request.node_id, int(self.wall_clock() * 1000))
+            request = peek_sync_request(b"".join(chunks))
+            if request is not None:  # the service accepted it, so it reads; never fail the request
+                self.contacts.note(request.site, request.node_id, int(self.wall_clock() * 1000))
+
+
+def peek_sync_request(body: bytes) -> CloudSyncRequest | None:
+    """The plain request inside a sync body the service has accepted: a `CloudSyncRequest`,
+    or the `req` of a `SignedSyncRequest` (what every enrolled leader sends to a cloud run
+    with `--site`; the service checked its signature, this only reads it). None if neither."""
+    try:
+        inflated = decompress(body, MAX_INFLATED)
+        try:
+            return CloudSyncRequest.decode(inflated)
+        except WireError:
+            outer = cbor2.loads(inflated)
+            signed = (
+                cbor2.loads(outer["signed"])
+                if isinstance(outer, dict) and isinstance(outer.get("signed"), bytes)
+                else None
+            )
+            if isinstance(signed, dict) and isinstance(signed.get("req"), bytes):
+                return CloudSyncRequest.decode(signed["req"])
+    except Exception:  # cbor2 and the wire decoder raise several types on bad input
+        return None
+    return None
 
 
 # --- the overview (pure: rows in, page data out) ---------------------------------------
 
 
+def review_kinds(row: Mapping[str, Any]) -> list[str]:
+    """Why a session waits for a person: `review` (an unknown driver let in offline),
+    `conflicts`, `no_tariff` (completed, and no tariff priced it). Empty: not flagged.
+    The same rule as the `meshnode_cloud_reviews_pending` gauge (`_metrics.py`)."""
+    kinds = []
+    if row.get("review"):
+        kinds.append("review")
+    if int(row.get("conflicts") or 0) > 0:
+        kinds.append("conflicts")
+    if row.get("cost_cents") is None and row.get("state") in ("completed", "reconciled"):
+        kinds.append(NO_TARIFF)
+    return kinds
+
+
 def is_flagged(row: Mapping[str, Any]) -> bool:
-    """A session waits for a person: an unknown driver let in offline, or conflicts."""
-    return bool(row.get("review")) or int(row.get("conflicts") or 0) > 0
+    """A session waits for a person (`review_kinds`)."""
+    return bool(review_kinds(row))
+
+
+def _reasons(row: Mapping[str, Any], kinds: list[str]) -> list[str]:
+    text = {
+        "review": lambda: f"unknown driver ({row['review']})",
+        "conflicts": lambda: f"{row['conflicts']} conflict(s)",
+        NO_TARIFF: lambda: "no tariff: unpriced",
+    }
+    return [text[k]() for k in kinds]
 
 
 def overview(
@@ -175,17 +222,11 @@ def overview(
 
     flagged = []
     for row in rows:
-        if not is_flagged(row):
+        kinds = review_kinds(row)
+        if not kinds:
             continue
         decision = latest.get(row["session_id"])
-        flagged.append(
-            {
-                **_ledger_json(row),
-                "reasons": ([f"unknown driver ({row['review']})"] if row.get("review") else [])
-                + ([f"{row['conflicts']} conflict(s)"] if int(row.get("conflicts") or 0) else []),
-                "decision": decision,
-            }
-        )
+        flagged.append({**_ledger_json(row), "kinds": kinds, "reasons": _reasons(row, kinds), "decision": decision})
     flagged.sort(key=lambda f: (f["decision"] is not None, -(f["updated"] or 0), f["session_id"]))
     recent = sorted(rows, key=lambda r: (-(r["updated"] or 0), r["session_id"]))[:MAX_LEDGER_ROWS]
     return {
@@ -201,7 +242,8 @@ def overview(
 
 def _ledger_json(row: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("session_id", "site", "charger", "connector", "id_token", "start_ts", "stop_ts", "energy_wh",
-            "cost_cents", "currency", "state", "conflicts", "review", "receipt_ts", "first_seen", "updated")  # fmt: skip
+            "cost_cents", "currency", "tariff_id", "tariff_version", "state", "conflicts", "review", "receipt_ts",
+            "first_seen", "updated")  # fmt: skip
     return {k: row.get(k) for k in keys} | {"reconciled": row.get("receipt") is not None}
 
 

@@ -386,6 +386,15 @@ class Tx:
         )
         return [r["session_id"] for r in rows]
 
+    def unpriced_of_site(self, site: str, limit: int) -> list[str]:
+        """A site's completed sessions that have no price (receipted or not), oldest start first."""
+        rows = self.query(
+            "SELECT session_id FROM ledger WHERE site = ? AND cost_cents IS NULL "
+            "AND state IN ('completed', 'reconciled') ORDER BY start_ts, session_id LIMIT ?",
+            (site, int(limit)),
+        )
+        return [r["session_id"] for r in rows]
+
     # --- devices -----------------------------------------------------------------
 
     def device_keys(self, device_ids: Iterable[str]) -> dict[str, bytes]:

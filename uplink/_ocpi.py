@@ -18,7 +18,13 @@ What the ledger does not know, a CPO must still send (OCPI fields of cardinality
 the location's address, city, country and coordinates, the connector's standard,
 format and power type. They come from `OperatorConfig.ocpi_locations` per site; the
 defaults are documented placeholders (docs/ocpi.md). One CDR per ledger session that
-has a receipt and a price; unpriced sessions have none until they are priced.
+has a receipt and a price. An unpriced session (no site tariff valid at its start) has
+no CDR: OCPI requires `total_cost`, and the cloud never invents one. When a tariff
+that covers its start reaches the cloud, the session is priced and its CDR appears,
+with `last_updated` the time it was priced (a CDR's `last_updated`, and the date
+filter of `cdrs`, is its ledger row's last change: the receipt, or that pricing).
+The `sessions` module lists every session, priced or not (`total_cost` only when
+priced).
 
 The object builders are pure functions of ledger rows and tariffs; the routes only
 read the ledger in a worker thread and page.
@@ -43,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._tariffs import SNAPSHOT_ID, Tariff
+from ._tariffs import Tariff
 
 if TYPE_CHECKING:
     from ._cloud import CloudService
@@ -191,7 +197,7 @@ def _periods(row: Mapping[str, Any], detail: Mapping[str, Any], tariff_id: str |
 
 
 def _site_tariff(row: Mapping[str, Any], tariffs: Mapping[tuple[str, int], Tariff]) -> Tariff | None:
-    if row.get("tariff_id") in (None, SNAPSHOT_ID):
+    if row.get("tariff_id") is None or row.get("tariff_version") is None:
         return None
     return tariffs.get((row["tariff_id"], int(row["tariff_version"])))
 
@@ -233,7 +239,7 @@ def cdr_object(party: Party, row: Mapping[str, Any], tariffs: Mapping[tuple[str,
         "total_cost": _price(row["cost_cents"]),
         "total_energy": row["energy_wh"] / 1000,
         "total_time": _hours(max(0, stop - start) / 1000),
-        "last_updated": ocpi_datetime(row["receipt_ts"]),
+        "last_updated": ocpi_datetime(row["updated"]),
     }
     if detail.get("source") == "site":
         cdr["total_energy_cost"] = _price(detail["energy_cents"])
@@ -286,7 +292,7 @@ def _page(
     """One page of (module's rows, total matching), ordered by (last_updated, id)."""
     from ._ledger import LEDGER_COLUMNS
 
-    stamp = "receipt_ts" if module == "cdrs" else "updated"
+    stamp = "updated"
     where = [_CDR_WHERE] if module == "cdrs" else ["1 = 1"]
     params: list[Any] = []
     if since is not None:

@@ -27,8 +27,18 @@ Which tariff prices a session (`select_tariff`): among the site's verified
 tariffs valid at the session's start (`valid_from <= start < valid_to`), the one
 the session's snapshot names (`tariff_id`, what the node showed the driver) if it
 is among them, else the one that became valid last, then the highest version.
-No valid tariff: the session is *unpriced* (the cloud says so; it never invents a
-price). Minor units are hundredths of the currency (cents).
+No valid tariff: the session is *unpriced* (`NO_TARIFF`; the cloud says so; it never
+invents a price, and there is no built-in one). Minor units are hundredths of the
+currency (cents).
+
+Unpriced sessions (`decide_price`): the cloud still bills their energy, once, and
+issues their receipt, which carries no money (`priced: false`, no `cost_cents`, no
+`currency`); the ledger row has `cost_cents = null` and is flagged for review
+(`no_tariff`). When the site's tariffs change at the cloud, every unpriced session of
+the site is priced again by the same rule, from the tariff valid at *its start*: a
+tariff signed later prices earlier sessions only if its `valid_from` says so (the
+default of `meshnode site tariff` is the moment it is signed). The receipt stays as
+issued (one per session, ever); the ledger row and the OCPI CDR carry the price.
 
 Pure functions and a sans-IO holder of the cloud's site configs: no clock, no I/O. `uplink` cannot import `meshnode`, so the
 signing format lives here and the node's site-config service imports it.
@@ -57,8 +67,6 @@ MAX_ENTRY_BYTES = 4096
 MAX_ID_LEN = 25  # an OCPI Tariff.id is CiString(36): "<id>-<version>" must fit
 MAX_PRICE = Decimal(10000)
 PRICE_FIELDS = ("energy_per_kwh", "time_per_hour", "idle_per_hour")
-SNAPSHOT_ID = "snapshot"
-"""The tariff id recorded for a session priced from its own snapshot (no site tariff)."""
 
 
 class TariffEntryError(ValueError):
@@ -458,6 +466,8 @@ class SiteConfigs:
 # --- the cloud's pricing decision ---------------------------------------------------------
 
 UNPRICED = "unpriced"
+NO_TARIFF = "no_tariff"
+"""The review kind of a completed session that no tariff priced."""
 
 
 @dataclass(frozen=True)
@@ -466,9 +476,8 @@ class PriceDecision:
 
     Attributes:
         cost_cents, currency: the price, or None when the session is unpriced.
-        tariff_id, tariff_version: the tariff used (`SNAPSHOT_ID`, 0 for the snapshot).
+        tariff_id, tariff_version: the site tariff used, or None.
         detail: JSON-able account (status, source, components, or why unpriced).
-        conflict: (event_id, kind, detail) to record, or None.
     """
 
     cost_cents: int | None
@@ -476,7 +485,10 @@ class PriceDecision:
     tariff_id: str | None
     tariff_version: int | None
     detail: dict[str, Any]
-    conflict: tuple[str, str, str] | None = None
+
+
+def _unpriced(reason: str) -> PriceDecision:
+    return PriceDecision(None, None, None, None, {"status": UNPRICED, "kind": NO_TARIFF, "reason": reason})
 
 
 def decide_price(
@@ -484,60 +496,38 @@ def decide_price(
     snapshot: Mapping[str, Any],
     events: Sequence[tuple[str, int, int | None]],
     energy_wh: int,
-    *,
-    legacy: Any,
-    legacy_error: type[Exception],
 ) -> PriceDecision:
-    """The cloud's pricing rule, in order:
-
-    1. The site has verified tariffs: the one `select_tariff` picks for the session's
-       start prices it; none valid then means *unpriced* (the snapshot is not used:
-       it is unsigned, and the site has said what its prices are).
-    2. The site has none: the session's own snapshot, if it is a complete
-       `{currency, per_kwh_cents[, per_session_cents]}` map (`legacy(snapshot, energy_wh)`),
-       recorded as tariff `snapshot` version 0. A snapshot that is there but cannot
-       price is an `invalid_tariff` conflict.
-    3. Otherwise *unpriced*: no price is invented; the row waits (no receipt) and is
-       re-priced when the site's tariffs reach the cloud.
+    """The cloud's pricing rule: the site's verified tariff that `select_tariff` picks
+    for the session's start prices it (preferring the one the session's snapshot names,
+    what the node showed the driver). No verified tariff valid at the start: *unpriced*,
+    with the reason. Nothing else prices a session: the snapshot is unsigned (a node
+    wrote it), so its own numbers are never used, and there is no default price.
 
     Args:
+        tariffs: the site's verified tariffs (`SiteConfigs.tariffs`).
+        snapshot: the session document's `tariff` map.
         events: (type, ts ms, meter_wh) of the applied events in fold order.
-        legacy, legacy_error: the snapshot pricer and the error it raises.
     """
     start = next((ts for kind, ts, _ in events if kind == "start"), events[0][1] if events else None)
     stop = next((ts for kind, ts, _ in events if kind == "stop"), events[-1][1] if events else None)
-    if tariffs:
-        if start is None:
-            return PriceDecision(None, None, None, None, {"status": UNPRICED, "reason": "no events yet"})
-        wanted = snapshot.get("tariff_id") if isinstance(snapshot.get("tariff_id"), str) else None
-        tariff = select_tariff(tariffs, start / 1000, wanted)
-        if tariff is None:
-            reason = "no tariff of the site is valid at the session's start"
-            return PriceDecision(None, None, None, None, {"status": UNPRICED, "reason": reason})
-        end = charge_end_ts(events)
-        priced = price_session(
-            tariff,
-            energy_wh=energy_wh,
-            start_ms=start,
-            charge_end_ms=end if end is not None else start,
-            stop_ms=stop if stop is not None else start,
-        )
-        detail = {"status": "priced", "source": "site", **dataclasses.asdict(priced)}
-        return PriceDecision(priced.total_cents, priced.currency, tariff.tariff_id, tariff.version, detail)
-    if isinstance(snapshot.get("tariff_id"), str):
-        reason = f"the session names site tariff {snapshot['tariff_id']!r}, which the cloud cannot verify"
-        return PriceDecision(None, None, None, None, {"status": UNPRICED, "reason": reason})
-    if snapshot:
-        try:
-            cost, currency = legacy(snapshot, energy_wh)
-        except legacy_error as exc:
-            currency = snapshot.get("currency") if isinstance(snapshot.get("currency"), str) else None
-            detail = {"status": UNPRICED, "reason": f"invalid tariff snapshot: {exc}"}
-            return PriceDecision(None, currency, None, None, detail, ("tariff", "invalid_tariff", str(exc)))
-        detail = {"status": "priced", "source": SNAPSHOT_ID, "energy_wh": energy_wh, "total_cents": cost}
-        return PriceDecision(cost, currency, SNAPSHOT_ID, 0, detail)
-    reason = "the site has no tariff the cloud can verify and the session carries no price"
-    return PriceDecision(None, None, None, None, {"status": UNPRICED, "reason": reason})
+    if not tariffs:
+        return _unpriced("the site has no tariff the cloud can verify")
+    if start is None:
+        return _unpriced("no events yet")
+    wanted = snapshot.get("tariff_id") if isinstance(snapshot.get("tariff_id"), str) else None
+    tariff = select_tariff(tariffs, start / 1000, wanted)
+    if tariff is None:
+        return _unpriced("no tariff of the site is valid at the session's start")
+    end = charge_end_ts(events)
+    priced = price_session(
+        tariff,
+        energy_wh=energy_wh,
+        start_ms=start,
+        charge_end_ms=end if end is not None else start,
+        stop_ms=stop if stop is not None else start,
+    )
+    detail = {"status": "priced", "source": "site", **dataclasses.asdict(priced)}
+    return PriceDecision(priced.total_cents, priced.currency, tariff.tariff_id, tariff.version, detail)
 
 
 def split_site_config(request: CloudSyncRequest) -> tuple[CloudSyncRequest, tuple[bytes | None, bool] | None]:

@@ -108,7 +108,6 @@ class SessionService:
 
     Args:
         node_id, site: this node and its site (written into new documents).
-        tariff: the tariff snapshot a new session carries.
         replica: the node's documents.
         site_config: the offline authorisation decision.
         signer: the node's current event signer (it is replaced when the node resumes
@@ -128,7 +127,6 @@ class SessionService:
         *,
         node_id: str,
         site: str,
-        tariff: Mapping[str, Any],
         replica: Replica,
         site_config: SiteConfigService,
         signer: Callable[[], EventSigner],
@@ -143,7 +141,6 @@ class SessionService:
         self.node_id = node_id
         self._archived = archived
         self.site = site
-        self.tariff = tariff
         self.replica = replica
         self.site_config = site_config
         self._signer = signer
@@ -221,7 +218,7 @@ class SessionService:
             session_id = uuid.UUID(int=self._rng.getrandbits(128), version=4).hex
         doc = new_session_doc(
             session_id, site=self.site, charger=charger, connector=connector, id_token=id_token,
-            tariff=self.site_config.tariff_snapshot() or self.tariff, created_by=self.node_id,
+            tariff=self.site_config.tariff_snapshot(), created_by=self.node_id,
             actor=self._actor(session_id),
         )  # fmt: skip
         ts = self._wall_ms() if ts_ms is None else ts_ms
