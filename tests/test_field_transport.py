@@ -21,6 +21,7 @@ async def test_the_watch_measures_a_late_loop_and_says_so_once_per_period(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(coap, "WATCH_REPORT", 1.0)
+    monkeypatch.setattr(coap, "WATCH_IDLE", 0.1)  # no request in progress here
     caplog.set_level(logging.INFO, logger="meshnode.coap")
     async with trio_asyncio.open_loop(), open_coap_transport(A, free_port(A)) as t:
         await trio.sleep(1.2)
