@@ -589,10 +589,7 @@ class CoapTransport:
                 self.stats.errors += 1
                 if waiting.extended:
                     self.extended += 1
-                raise RequestTimeout(
-                    f"{what}: no answer within {timeout} s"
-                    + (f" (the peer answered, but not in full within {waiting.cap:g} s)" if waiting.extended else "")
-                )
+                raise RequestTimeout(f"{what}: no answer within {timeout} s" + waiting.why(trio.current_time()))
         except (aiocoap.error.Error, OSError) as exc:
             self.stats.errors += 1
             raise translate_error(exc, what) from exc
@@ -1070,6 +1067,14 @@ class _Waiting:
         self.cap = timeout * PROGRESS_CAP
         self.scope = trio.CancelScope(deadline=start + timeout)
         self.extended = False
+
+    def why(self, now: float) -> str:
+        """What the timeout message adds: whether the peer had answered, and which bound ended it."""
+        if not self.extended:
+            return ""
+        if self.scope.deadline >= self.start + self.cap:
+            return f" (the peer answered, but not in full within {self.cap:g} s)"
+        return f" (the peer answered, then nothing for {self.timeout:g} s; {now - self.start:.1f} s in all)"
 
     def progress(self, now: float) -> None:
         deadline = min(now + self.timeout, self.start + self.cap)
