@@ -20,12 +20,20 @@ each), seconds to converge after the heal, receipt spread (first node to last)
 and stop-to-receipt-on-every-node p50/p95, API outcomes, and `failures`: every
 broken guarantee. Exit status 0 only when `failures` is empty. The logs stay in
 the printed work dir when the run fails (or with --keep). Needs root.
+
+The run's processes share the machine with whatever else runs on it. With the
+kernel's autogroup scheduling (`/proc/sys/kernel/sched_autogroup_enabled`),
+each session is one scheduling group and other sessions' `nice` does not give
+way to this one: `--autogroup-nice -10` sets the nice of this run's group
+(start it in a session of its own: `setsid python bench/field.py ...`). The
+JSON records the group, its nice and the CPU pressure over the run (`host`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -52,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--converge-timeout", type=float, default=300.0)
     parser.add_argument("--short", action="store_true", help="the test's short schedule instead of a seeded one")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data dirs) after a pass too")
+    parser.add_argument(
+        "--autogroup-nice",
+        type=int,
+        default=None,
+        help="set the nice of this process's autogroup (its session) first, e.g. -10 (see above)",
+    )
     args = parser.parse_args(argv)
+    if args.autogroup_nice is not None:
+        Path("/proc/self/autogroup").write_text(f"{args.autogroup_nice}\n")
+    pressure_before = _cpu_pressure_total()
     problem = missing_requirements()
     if problem:
         print(f"bench/field.py: {problem}", file=sys.stderr)
@@ -88,12 +105,37 @@ def main(argv: list[str] | None = None) -> int:
     for e in report["exits"]:
         print(f"==== {e['process']} exited by itself (code {e['code']}):\n{e.pop('log_tail')}", file=sys.stderr)
     report["duration_s"] = args.duration
+    report["host"] = _host(pressure_before, report.get("wall_s"))
     print(json.dumps(report, indent=1))
     if report["passed"] and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"logs and data dirs kept in {workdir}", file=sys.stderr)
     return 0 if report["passed"] else 1
+
+
+def _cpu_pressure_total() -> int | None:
+    """Microseconds some runnable task waited for a CPU, since boot (PSI), or None."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+    return int(some.rpartition("total=")[2])
+
+
+def _host(pressure_before: int | None, wall_s: float | None) -> dict[str, object]:
+    """What the run competed with: cores, the autogroup and its nice, the CPU pressure."""
+    out: dict[str, object] = {"cpus": os.cpu_count()}
+    try:
+        out["autogroup"] = Path("/proc/self/autogroup").read_text().strip()
+        out["autogroup_enabled"] = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        pass
+    after = _cpu_pressure_total()
+    if pressure_before is not None and after is not None and wall_s:
+        out["cpu_pressure_some_pct"] = round(100 * (after - pressure_before) / 1e6 / wall_s, 1)
+    out["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
+    return out
 
 
 if __name__ == "__main__":

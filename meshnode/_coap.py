@@ -515,10 +515,15 @@ class CoapTransport:
         """Requests that failed inside aiocoap's own bookkeeping (see `_repair_backlog`)."""
         self._waiting: dict[tuple[str, int], set[_Waiting]] = {}
         """Requests in progress by peer (host, port): a datagram from the peer moves their deadlines."""
+        self.loop_late_max = 0.0
+        """Most seconds the asyncio loop ran a due callback late (`_Watch`)."""
+        self.backlog_max = 0
+        """Longest per-peer backlog of aiocoap's confirmable messages seen (`_Watch`)."""
         self.extended = 0
         """Requests that outlived their ``timeout`` because the peer kept answering."""
         self._recent: _RecentMessages | None = None
         self._route_resources: list[_RouteResource] = []
+        self._watch: _Watch | None = None
 
     def routes(self) -> list[tuple[str, str]]:
         """Every routed (path, method); see :meth:`Router.routes`."""
@@ -584,10 +589,7 @@ class CoapTransport:
                 self.stats.errors += 1
                 if waiting.extended:
                     self.extended += 1
-                raise RequestTimeout(
-                    f"{what}: no answer within {timeout} s"
-                    + (f" (the peer answered, but not in full within {waiting.cap:g} s)" if waiting.extended else "")
-                )
+                raise RequestTimeout(f"{what}: no answer within {timeout} s" + waiting.why(trio.current_time()))
         except (aiocoap.error.Error, OSError) as exc:
             self.stats.errors += 1
             raise translate_error(exc, what) from exc
@@ -682,6 +684,7 @@ class CoapTransport:
             (interface,) = self._context.request_interfaces
             self._recent = _bound_deduplication(interface.token_interface)
             _stop_sending_abandoned(interface.token_interface)
+            self._watch = _Watch(self._loop, interface.token_interface, self)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio_asyncio.aio_as_trio(self._context.shutdown, loop=self._loop)()
@@ -694,6 +697,8 @@ class CoapTransport:
         """Stop: refuse new work, cancel handlers and requests in flight, wait
         for them, then shut the aiocoap context (closing the socket)."""
         self._closed = True
+        if self._watch is not None:
+            self._watch.stop()
         self._handlers.cancel_all()
         self._requests.cancel_all()
         await self._handlers.wait_idle()
@@ -983,6 +988,74 @@ def _bound_blockwise(resource: aiocoap.resource.Resource, timeout: float) -> Non
     cache._completes = _BoundedTimeoutDict(timeout, BLOCK2_CACHE_MAX)
 
 
+WATCH_PERIOD = 0.5
+"""Seconds between two looks of the transport's watch (`_Watch`) while requests
+are in progress; `WATCH_IDLE` while none is (each look costs a timer of the
+trio-asyncio loop: at 0.1 s the watch alone was 0.5 % of a core, twice an idle
+node's whole cost)."""
+WATCH_IDLE = 5.0
+WATCH_REPORT = 30.0
+"""Seconds between two of its summary lines (only when something was late or queued)."""
+
+
+class _Watch:
+    """Measures what the peers of a slow mesh wait for, and logs it at a bounded rate.
+
+    Every `WATCH_PERIOD` (`WATCH_IDLE` while no request is in progress) it notes
+    how late the asyncio loop ran the callback (a loop that runs late answers
+    late: a peer retransmits after 0.5 s), and the
+    largest per-peer backlog of aiocoap's confirmable messages (NSTART = 1: one
+    exchange per peer at a time, the rest wait). Every `WATCH_REPORT` seconds in
+    which the loop ran over 0.25 s late or a backlog held over 8 messages, one
+    INFO line: the p50, p95 and worst lateness, the longest backlog and the
+    requests waiting. The figures are also kept on the transport (`loop_late_max`,
+    `backlog_max`) for tests.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, manager: Any, transport: CoapTransport) -> None:
+        self._loop, self._manager, self._transport = loop, manager, transport
+        self._lates: list[float] = []
+        self._backlog_max = 0
+        self._since = loop.time()
+        self._due = self._since + WATCH_PERIOD
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._due, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        late = max(0.0, now - self._due)
+        self._lates.append(late)
+        backlogs = getattr(self._manager, "_backlogs", None) or {}
+        longest = max((len(b) for b in backlogs.values()), default=0)
+        self._backlog_max = max(self._backlog_max, longest)
+        self._transport.loop_late_max = max(self._transport.loop_late_max, late)
+        self._transport.backlog_max = max(self._transport.backlog_max, longest)
+        if now - self._since >= WATCH_REPORT:
+            lates = sorted(self._lates)
+            worst = lates[-1] if lates else 0.0
+            if worst > 0.25 or self._backlog_max > 8:
+                log.info(
+                    "transport watch over %.0f s: loop late p50 %.3f s, p95 %.3f s, max %.3f s; "
+                    "longest aiocoap backlog %d; requests waiting %d to %d peers; %d extended so far",
+                    now - self._since,
+                    lates[len(lates) // 2],
+                    lates[int(len(lates) * 0.95)],
+                    worst,
+                    self._backlog_max,
+                    sum(len(w) for w in self._transport._waiting.values()),
+                    len(self._transport._waiting),
+                    self._transport.extended,
+                )
+            self._lates, self._backlog_max, self._since = [], 0, now
+        busy = bool(self._transport._waiting) or bool(backlogs)
+        self._due = now + (WATCH_PERIOD if busy else WATCH_IDLE)
+        self._handle = self._loop.call_at(self._due, self._tick)
+
+
 class _Waiting:
     """The deadline of one request in progress: `timeout` after the last datagram
     from its peer, at most `PROGRESS_CAP` * `timeout` after the start."""
@@ -994,6 +1067,14 @@ class _Waiting:
         self.cap = timeout * PROGRESS_CAP
         self.scope = trio.CancelScope(deadline=start + timeout)
         self.extended = False
+
+    def why(self, now: float) -> str:
+        """What the timeout message adds: whether the peer had answered, and which bound ended it."""
+        if not self.extended:
+            return ""
+        if self.scope.deadline >= self.start + self.cap:
+            return f" (the peer answered, but not in full within {self.cap:g} s)"
+        return f" (the peer answered, then nothing for {self.timeout:g} s; {now - self.start:.1f} s in all)"
 
     def progress(self, now: float) -> None:
         deadline = min(now + self.timeout, self.start + self.cap)

@@ -959,7 +959,9 @@ class Node:
             self._sync_replicas,
             peer,
             max_rounds=self.config.max_sync_rounds,
-            max_bytes=MAX_BATCH_BYTES,
+            # Both sides cap a message batch alike (crdt rule 6): requests are as many
+            # lock-step blocks as answers, and a capped answer reads as capped.
+            max_bytes=min(MAX_BATCH_BYTES, SYNC_REPLY_BYTES),
             validate=functools.partial(_check_document, self.config.site),
         )
 

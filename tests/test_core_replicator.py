@@ -176,6 +176,27 @@ def test_slow_answers_back_off_too():
     assert e.table.peers["a"].retry_at > 3.0
 
 
+def test_a_slow_but_live_peer_is_backed_off_not_forgotten():
+    # N3: late answers are answers. Counted as failures, three of them and one
+    # lost exchange forgot a loaded peer like a dead one (field suite).
+    e = with_peers("a")
+    t = 3.0
+    for _ in range(5):
+        e.exchange_done("a", t, in_sync=True, slow=True)
+        assert e.table.peers["a"].retry_at > t
+        t += 10.0
+    assert e.table.peers["a"].retry_at - (t - 10.0) <= 8.0  # slow backoff has its own, lower cap
+    assert not e.exchange_failed("a", t)
+    assert not e.exchange_failed("a", t + 1)
+    assert "a" in e.table.peers
+    # A slow answer ends a run of failures; failures in a row still forget it.
+    e.exchange_done("a", t + 2, in_sync=True, slow=True)
+    assert not e.exchange_failed("a", t + 3)
+    assert not e.exchange_failed("a", t + 4)
+    assert e.exchange_failed("a", t + 5)
+    assert "a" not in e.table.peers
+
+
 def test_silent_peers_are_forgotten_after_the_ttl():
     e = with_peers("a", now=0.0)
     e.heard("a", 30.0)

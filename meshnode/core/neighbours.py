@@ -15,7 +15,12 @@ N2. A peer is forgotten `ttl` seconds after we last heard from it (any message),
 N3. A peer that fails (timeout, refusal) or answers slowly is backed off: the
     next exchange with it waits `base * 2**failures` seconds (up to `max_backoff`),
     scaled by a jitter fixed by the pair and the count (reproducible in the
-    simulator, never drawn from a shared random stream).
+    simulator, never drawn from a shared random stream). A slow answer is an
+    answer: it backs the peer off (`base * 2**slow`, at most `max_slow_backoff`)
+    but is not a failure, so it never counts towards forgetting the peer (N2)
+    and ends a run of failures. Counted as failures, a loaded but live peer was
+    forgotten like a dead one (field suite: two slow answers and one lost
+    exchange), and came back only after a new hello.
 N4. A peer whose incarnation changes (it restarted) loses what we believed it
     holds: its known heads start empty.
 N5. Anti-entropy backs off while the mesh agrees (`Cadence`).
@@ -43,6 +48,9 @@ class Neighbour:
     verified_at: float
     last_heard: float
     failures: int = 0
+    """Exchanges in a row that failed (N2, N3)."""
+    slow: int = 0
+    """Answers in a row that came late (N3: backoff only)."""
     retry_at: float = -math.inf
     """No exchange with this peer before this time (N3)."""
     last_exchange: float = -math.inf
@@ -62,12 +70,20 @@ class NeighbourTable:
     """Verified direct peers (N1-N4). Every method takes `now`; nothing reads a clock."""
 
     def __init__(
-        self, *, ttl: float, max_failures: int = 3, base_backoff: float = 1.0, max_backoff: float = 30.0, salt: str = ""
+        self,
+        *,
+        ttl: float,
+        max_failures: int = 3,
+        base_backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        max_slow_backoff: float = 8.0,
+        salt: str = "",
     ) -> None:
         self.ttl = ttl
         self.max_failures = max_failures
         self.base_backoff = base_backoff
         self.max_backoff = max_backoff
+        self.max_slow_backoff = max_slow_backoff
         self.salt = salt
         self.peers: dict[str, Neighbour] = {}
 
@@ -85,6 +101,7 @@ class NeighbourTable:
         n.address = address
         n.last_heard = max(n.last_heard, now)
         n.failures = 0
+        n.slow = 0
         n.retry_at = -math.inf
         return n, fresh
 
@@ -98,12 +115,15 @@ class NeighbourTable:
         n = self.heard(node_id, now)
         if n is None:
             return
+        n.failures = 0  # it answered: not dead (N2)
         if slow:
             # N3: an overloaded peer answers, but late: give it room before the next one.
-            n.failures = min(n.failures + 1, 10)
-            n.retry_at = now + self._backoff(n)
+            n.slow = min(n.slow + 1, 10)
+            n.retry_at = now + self._jitter(n, "slow", n.slow) * min(
+                self.max_slow_backoff, self.base_backoff * 2.0 ** min(n.slow, 6)
+            )
         else:
-            n.failures = 0
+            n.slow = 0
             n.retry_at = -math.inf
 
     def failed(self, node_id: str, now: float) -> bool:
@@ -119,8 +139,10 @@ class NeighbourTable:
         return False
 
     def _backoff(self, n: Neighbour) -> float:
-        jitter = 0.5 + 0.5 * unit(f"{self.salt}:{n.node_id}:{n.failures}")
-        return jitter * min(self.max_backoff, self.base_backoff * 2.0 ** min(n.failures, 6))
+        return self._jitter(n, "", n.failures) * min(self.max_backoff, self.base_backoff * 2.0 ** min(n.failures, 6))
+
+    def _jitter(self, n: Neighbour, what: str, count: int) -> float:
+        return 0.5 + 0.5 * unit(f"{self.salt}:{n.node_id}:{what}{count}")
 
     def forget(self, node_id: str) -> bool:
         return self.peers.pop(node_id, None) is not None
