@@ -48,6 +48,39 @@ print(json.dumps(sorted(m for m in sys.modules if m in {NOT_FOR_A_NODE!r} or m.s
     assert json.loads(proc.stdout) == []
 
 
+# What `meshnode run` does before it serves: it builds the whole command line (every
+# subcommand's flags, the demo's among them), then imports the node, its transport, its API and
+# (on by default) the OCPP central system.
+NODE_STARTUP = (
+    NODE_IMPORTS
+    + """
+meshnode.cli.build_parser().parse_args(["run", "--insecure", "--no-mdns"])
+import meshnode.ocpp
+"""
+)
+
+# What a node never runs: besides the cloud and the simulator, the demo's simulated chargers
+# (an OCPP client on websockets) and the in-process replica demo.
+NOT_AT_NODE_STARTUP = (
+    *NOT_FOR_A_NODE,
+    "meshnode._chargepoints",
+    "meshnode._replica_demo",
+    "websockets.asyncio.client",
+)
+
+
+def test_a_node_starting_up_loads_none_of_what_only_the_demo_cloud_or_simulator_run() -> None:
+    proc = run_python(
+        NODE_STARTUP
+        + f"""
+import json, sys
+print(json.dumps(sorted(m for m in sys.modules if m in {NOT_AT_NODE_STARTUP!r} or m.split(".")[0] in {NOT_FOR_A_NODE!r})))
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
 def test_the_cloud_names_are_still_exported_by_uplink() -> None:
     proc = run_python("""
 import sys, uplink
