@@ -81,6 +81,35 @@ print(json.dumps(sorted(m for m in sys.modules if m in {NOT_AT_NODE_STARTUP!r} o
     assert json.loads(proc.stdout) == []
 
 
+def test_a_node_without_ocpp_loads_no_ocpp_library_nor_websocket_server() -> None:
+    # `--ocpp-port 0`: the API's remote-command routes and the node's /m/ocpp/command route
+    # are still there (a charger may be connected to another node); the central system is not.
+    proc = run_python(
+        NODE_IMPORTS
+        + """
+meshnode.cli.build_parser().parse_args(["run", "--insecure", "--ocpp-port", "0"])
+from meshnode.ocpp import install_remote_commands, remote_command_routes
+import json, sys
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("ocpp", "websockets") or m.startswith("meshnode.ocpp._v") or m == "meshnode.ocpp._server")))
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_the_ocpp_central_system_is_loaded_whole_when_it_is_used() -> None:
+    proc = run_python("""
+import sys
+import meshnode.ocpp as ocpp
+assert "meshnode.ocpp._server" not in sys.modules
+print(sorted(ocpp.VERSIONS), ocpp.OcppServer.__module__, ocpp.V16Commands.__module__, ocpp.V201Commands.__module__)
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "['ocpp1.6',", "'ocpp2.0.1']", "meshnode.ocpp._server", "meshnode.ocpp._v16", "meshnode.ocpp._v201"
+    ]  # fmt: skip
+
+
 def test_the_cloud_names_are_still_exported_by_uplink() -> None:
     proc = run_python("""
 import sys, uplink
