@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import select
 import shutil
 import signal
@@ -126,6 +127,7 @@ def start_nodes(n: int, args: argparse.Namespace, directory: str) -> list[NodePr
                 "--no-mdns",
                 "--log-level",
                 args.node_log_level,
+                *getattr(args, "node_extra_args", ()),
             ]
             for j, other in enumerate(hosts):
                 if j != i:
@@ -192,6 +194,25 @@ def stop_nodes(nodes: list[NodeProc]) -> None:
             node.proc.wait()
         if node.proc.stdout is not None:
             node.proc.stdout.close()
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def nodes_cpu(nodes: list[NodeProc]) -> float:
+    return sum(cpu_seconds(n.proc.pid) for n in nodes)
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def check_alive(nodes: list[NodeProc]) -> None:
@@ -372,7 +393,9 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
 
         # Idle: nothing written, nothing polled.
         idle_before, t0 = transport_sum(await statuses(client, nodes)), time.perf_counter()
+        idle_cpu0 = nodes_cpu(nodes)
         await trio.sleep(args.idle_seconds)
+        idle_cpu = nodes_cpu(nodes) - idle_cpu0
         idle_after, t1 = transport_sum(await statuses(client, nodes)), time.perf_counter()
         idle = delta(idle_before, idle_after)
         idle_s = t1 - t0
@@ -383,6 +406,7 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         # Measured phase.
         results: list[EventResult] = []
         before, p0 = transport_sum(await statuses(client, nodes)), time.perf_counter()
+        cpu0, own0 = nodes_cpu(nodes), own_cpu()
         consecutive_missing = 0
         for k in range(args.events):
             check_alive(nodes)
@@ -406,6 +430,7 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
                 done = [x.latency_s for x in results if x.latency_s is not None]
                 log(f"  {k + 1}/{args.events} events, p50 so far {percentile(done, 0.5) * 1000:.1f} ms")
         await trio.sleep(args.settle)  # let the trailing sync rounds of the last event finish
+        cpu, own = nodes_cpu(nodes) - cpu0, own_cpu() - own0
         after, p1 = transport_sum(await statuses(client, nodes)), time.perf_counter()
         final = await statuses(client, nodes)
 
@@ -435,6 +460,10 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         "coap_requests_per_event_net_of_idle": round(net_requests / max(written, 1), 2),
         "coap_bytes_per_event_net_of_idle": round(net_bytes / max(written, 1), 1),
         "coap_errors_in_phase": phase["errors"],
+        "node_cpu_s_per_event": round(cpu / max(written, 1), 3),
+        "node_cpu_s_per_event_net_of_idle": round((cpu - idle_cpu / idle_s * phase_s) / max(written, 1), 3),
+        "bench_cpu_s_per_event": round(own / max(written, 1), 3),
+        "idle_cpu_pct_per_node": round(100 * idle_cpu / idle_s / n, 2),
         "idle_requests_per_node_per_s": round(idle_req_rate / n, 2),
         "idle_bytes_per_node_per_s": round(idle_byte_rate / n, 1),
         "idle_seconds": round(idle_s, 2),
@@ -473,6 +502,23 @@ def run_size(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str, 
             log(f"  node logs kept in {directory}")
 
 
+def add_node_arguments(p: argparse.ArgumentParser, *, base_address: str, startup_timeout: float) -> None:
+    """Where the node processes listen and how long they may take to start (also bench/footprint.py's)."""
+    p.add_argument(
+        "--base-address",
+        default=base_address,
+        help=f"address of node 0; node i binds the address + i (default {base_address})",
+    )
+    p.add_argument("--coap-port", type=int, default=25683, help="CoAP UDP port of every node (default 25683)")
+    p.add_argument("--http-port", type=int, default=28080, help="HTTP port of every node (default 28080)")
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=startup_timeout,
+        help=f"seconds for the nodes to start and the mesh to form (default {startup_timeout:g})",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(
@@ -496,13 +542,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("BENCH_MESH_WRITER", "random"),
         help="which node each event is POSTed to (default random: any node, all hold the session)",
     )
-    p.add_argument(
-        "--base-address",
-        default="127.0.0.10",
-        help="address of node 0; node i binds the address + i (default 127.0.0.10)",
-    )
-    p.add_argument("--coap-port", type=int, default=25683, help="CoAP UDP port of every node (default 25683)")
-    p.add_argument("--http-port", type=int, default=28080, help="HTTP port of every node (default 28080)")
+    add_node_arguments(p, base_address="127.0.0.10", startup_timeout=30.0)
     p.add_argument("--poll-interval", type=float, default=0.005, help="seconds between polls of a node (default 0.005)")
     p.add_argument(
         "--event-timeout",
@@ -513,12 +553,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-seconds", type=float, default=3.0, help="length of the idle measurement (default 3)")
     p.add_argument(
         "--settle", type=float, default=0.5, help="pause before the idle phase and after the last event (default 0.5 s)"
-    )
-    p.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=30.0,
-        help="seconds for the nodes to start and the mesh to form (default 30)",
     )
     p.add_argument("--seed", type=int, default=1, help="seed for the choice of writer (default 1)")
     p.add_argument(
@@ -585,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
         "nothing written and nothing polled, divided by nodes and seconds (protocol v2: one /m/state "
         "heads-hash exchange per node per second with piggybacked membership records).",
         "The *_transport_delta fields hold the raw summed deltas of all five transport counters.",
+        "node_cpu_s_per_event: user + system CPU seconds of all node processes (/proc/PID/stat) over the "
+        "measured phase, divided by the events written; it includes answering the benchmark's polls (each "
+        "folds and serialises the session) and the background of the phase (*_net_of_idle subtracts the idle "
+        "rate). bench_cpu_s_per_event: the benchmark's own CPU (HTTP client, polling). idle_cpu_pct_per_node: "
+        "CPU of the idle phase as a percentage of one core, per node. Latency that CPU figures cannot explain "
+        "is waiting (timers, slots, scheduling on a busy machine).",
     ]
     print(json.dumps({"benchmark": "mesh", "results": results, "notes": notes}, indent=2))
     return 0

@@ -62,7 +62,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import cbor2
 import httpx
@@ -73,10 +73,12 @@ from trio_asyncio import aio_as_trio
 
 from crdt import read_session
 
-from ._chargepoints import SimChargePoint
 from ._operator import make_tariff, parse_tariff_args
 from ._security import create_site, enroll
 from .services.chargers import charger_entry, new_password
+
+if TYPE_CHECKING:
+    from ._chargepoints import SimChargePoint
 
 DEFAULT_NODES = 5
 DEMO_TARIFF = ["--id", "demo", "--currency", "EUR", "--energy", "0.39", "--time", "0.60"]
@@ -891,6 +893,8 @@ class Demo:
         version = self._version(node, k)
         # Its own node first, then the next one (several CSMS URLs: docs/ocpp.md, failover).
         urls = [self.ocpp_urls[node], self.ocpp_urls[(node + 1) % len(self.ocpp_urls)]]
+        from ._chargepoints import SimChargePoint  # late: `meshnode run` parses the demo's flags only
+
         cp = SimChargePoint(charger, urls, version=version, password=self.passwords[charger])
         self.charge_points.append(cp)
         meter = rng.randrange(0, 1_000_000)

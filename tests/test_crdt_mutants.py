@@ -11,7 +11,7 @@ from __future__ import annotations
 import cbor2
 import nacl.signing
 import pytest
-from automerge.core import ROOT, Document, ObjType, ScalarType
+from automerge.core import ROOT, Document, Message, ObjType, ScalarType
 
 from crdt import (
     GENESIS_PREV,
@@ -20,16 +20,20 @@ from crdt import (
     BrokenChain,
     DocumentError,
     EventSigner,
+    InvalidSyncMessage,
     Keyring,
     LocalError,
     MalformedEvent,
     MissingField,
+    Replica,
     SyncBook,
     UnknownKey,
+    add_event,
     add_note,
     bucket_of,
     check_link,
     decode_event,
+    decode_sync_message,
     differing_buckets,
     fold,
     heads_hash,
@@ -44,6 +48,7 @@ from crdt import (
     verify_event,
 )
 from crdt._events import _content_id
+from crdt._sync import check_sync_message
 from crdt._fold import (
     BROKEN_CHAIN,
     FORK,
@@ -484,3 +489,206 @@ def test_the_sync_book_forgets_exactly_what_it_is_told():
     book.forget_peer("p2")
     assert book.state("p2", "d1") is not states[("p2", "d1")]
     assert book.state("p1", "d1") is kept
+
+
+# --------------------------------------------------------------------------
+# crdt/_sync.py: what a peer's sync message may do. The checks in front of Automerge read
+# LEB128 numbers and Bloom-filter headers; a refused message resets the sync state of that
+# (peer, document) only; a new document is adopted only whole, with one root, and validated.
+
+
+def _uleb(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _carrying(*changes: bytes) -> bytes:
+    """A sync message (no heads, no need, no have) that carries these raw changes."""
+    return b"\x42\x00\x00\x00" + _uleb(len(changes)) + b"".join(_uleb(len(c)) + c for c in changes)
+
+
+def _with_bloom(bloom: bytes) -> bytes:
+    """A sync message with one `have` entry (no last-sync hashes) holding this Bloom filter."""
+    return b"\x42\x00\x00\x01\x00" + _uleb(len(bloom)) + bloom + b"\x00"
+
+
+def _bloom(entries: int, bits_per_entry: int, probes: int, size: int | None = None) -> bytes:
+    if size is None:
+        size = (entries * bits_per_entry + 7) // 8
+    return _uleb(entries) + _uleb(bits_per_entry) + _uleb(probes) + bytes(size)
+
+
+def _session(doc_id: str) -> Document:
+    return new_session_doc(doc_id, site="x", charger="c", connector=1, id_token="t", tariff={}, created_by="n")
+
+
+@pytest.mark.parametrize("count", [0, 1, 127, 128, 300, 16_384])
+def test_the_change_count_of_a_sync_message_is_read_whatever_its_length(count):
+    assert check_sync_message(_carrying(*[b""] * count)) == count
+
+
+def test_a_leb128_number_may_take_ten_bytes_but_not_eleven():
+    ten = b"\x80" * 9 + b"\x00"  # zero, written long: still a 64-bit number
+    assert check_sync_message(b"\x42" + ten + b"\x00\x00\x00") == 0
+    with pytest.raises(InvalidSyncMessage, match="^sync message: truncated or overlong LEB128 number$"):
+        check_sync_message(b"\x42" + b"\x80" * 10 + b"\x00" + b"\x00\x00\x00")
+    with pytest.raises(InvalidSyncMessage, match="^sync message: truncated or overlong LEB128 number$"):
+        check_sync_message(b"\x42\x00\x00\x00\x80")  # a number cut off by the end
+    with pytest.raises(InvalidSyncMessage, match="^sync message: a field runs past the end$"):
+        check_sync_message(b"\x42\x00\x00\x00\x01\x05abcd")  # a change one byte short
+
+
+@pytest.mark.parametrize(
+    "bloom",
+    [
+        b"",  # no filter at all
+        _bloom(0, 0, 0),  # an empty filter
+        _bloom(1, 10, 7),  # what Automerge itself sends
+        _bloom(1, 8, 1),
+        _bloom(3, 3, 64),
+        _bloom(2, 1, 7),
+    ],
+    ids=["none", "empty", "automerge", "one-byte", "max-probes", "one-bit"],
+)
+def test_sound_bloom_filters_pass(bloom):
+    assert check_sync_message(_with_bloom(bloom)) == 0
+
+
+@pytest.mark.parametrize(
+    "bloom,message",
+    [
+        (_bloom(1, 0, 7), "Bloom filter with 0 bits per entry and 7 probes"),
+        (_bloom(1, 10, 0), "Bloom filter with 10 bits per entry and 0 probes"),
+        (_bloom(1, 10, 65), "Bloom filter with 10 bits per entry and 65 probes"),
+        (_bloom(1, 8, 7, size=2), "Bloom filter size does not match its entries"),
+        (_bloom(1, 8, 7, size=0), "Bloom filter size does not match its entries"),
+        (_bloom(2, 10, 7, size=2), "Bloom filter size does not match its entries"),
+    ],
+    ids=["zero-bits", "zero-probes", "too-many-probes", "too-long", "too-short", "rounded-down"],
+)
+def test_bloom_filters_that_would_crash_or_exhaust_automerge_are_refused(bloom, message):
+    with pytest.raises(InvalidSyncMessage, match=f"^sync message: {message}$"):
+        check_sync_message(_with_bloom(bloom))
+
+
+@pytest.mark.parametrize("data", [bytearray(b"\x42\x00\x00\x00\x00"), "42000000", None, b""])
+def test_a_sync_message_is_non_empty_bytes(data):
+    with pytest.raises(InvalidSyncMessage, match="^a sync message is non-empty bytes$"):
+        decode_sync_message(data)
+
+
+def test_a_message_automerge_cannot_parse_is_refused_with_its_reason():
+    ten = b"\x80" * 9 + b"\x00"  # our reader takes a long zero; Automerge's does not
+    with pytest.raises(InvalidSyncMessage, match="^not an Automerge sync message: .+"):
+        decode_sync_message(b"\x42" + ten + b"\x00\x00\x00")
+
+
+def test_changes_that_arrive_before_their_dependencies_wait_for_them():
+    source = _session("s")
+    add_event(source, A.sign("authorize", "s", 1))
+    first, second = source.get_changes([])
+    replica = Replica()
+    assert replica.receive("peer", "s", _carrying(second.bytes)) == []
+    assert "s" not in replica.docs  # not a document yet: its root change has not come
+    stored = replica.receive("peer", "s", _carrying(first.bytes))
+    assert sorted(stored) == sorted([(first.hash, first.bytes), (second.hash, second.bytes)])
+    assert replica.docs["s"].get_heads() == source.get_heads()
+
+
+def test_a_refused_new_document_resets_that_peers_state_for_it_only():
+    replica = Replica()
+    replica.add("other", _session("other"))
+    kept = {key: replica.book.state(*key) for key in [("p", "other"), ("q", "s")]}
+    poisoned = replica.book.state("p", "s")
+    with pytest.raises(InvalidSyncMessage, match="^sync message for 's' does not apply: .+"):
+        replica.receive("p", "s", _carrying(b"\x01\x02\x03"))
+    assert "s" not in replica.docs
+    assert replica.book.state("p", "s") is not poisoned
+    assert all(replica.book.state(*key) is state for key, state in kept.items())
+
+
+def test_a_new_document_with_two_roots_is_refused_and_the_sync_starts_afresh():
+    twice = _session("s")
+    twice.merge(_session("s"))  # two creations under one id: two root changes
+    holder, newcomer = Replica({"s": twice}), Replica()
+    holder.receive("newcomer", "s", newcomer.generate("holder", "s"))
+    state = newcomer.book.state("holder", "s")
+    with pytest.raises(
+        InvalidSyncMessage, match="^new document 's' is not acceptable: a document has exactly one root change$"
+    ):
+        newcomer.receive("holder", "s", holder.generate("newcomer", "s"))
+    assert "s" not in newcomer.docs
+    assert newcomer.book.state("holder", "s") is not state
+
+
+def test_the_validator_sees_the_whole_new_document_and_its_refusal_resets_the_state():
+    source = _session("s")
+    add_event(source, A.sign("authorize", "s", 1))
+    seen = []
+
+    def refuse(doc: Document) -> None:
+        seen.append(doc.get_heads())
+        raise DocumentError("not for this site")
+
+    holder, newcomer = Replica({"s": source}), Replica()
+    holder.receive("newcomer", "s", newcomer.generate("holder", "s"))
+    state = newcomer.book.state("holder", "s")
+    with pytest.raises(InvalidSyncMessage, match="^new document 's' is not acceptable: not for this site$"):
+        newcomer.receive("holder", "s", holder.generate("newcomer", "s"), validate=refuse)
+    assert seen == [source.get_heads()]
+    assert "s" not in newcomer.docs and newcomer.book.state("holder", "s") is not state
+    # Accepted, it is stored whole: every change, for the caller to make durable.
+    holder.book.reset("newcomer", "s")
+    holder.receive("newcomer", "s", newcomer.generate("holder", "s"))
+    stored = newcomer.receive("holder", "s", holder.generate("newcomer", "s"), validate=lambda doc: None)
+    assert sorted(stored) == sorted((c.hash, c.bytes) for c in source.get_changes([]))
+
+
+def test_a_known_document_returns_only_the_new_changes():
+    source = _session("s")
+    holder, follower = Replica({"s": source}), Replica()
+    follower.receive("holder", "s", _carrying(*(c.bytes for c in source.get_changes([]))))
+    before = source.get_heads()
+    add_event(source, A.sign("authorize", "s", 1))
+    (new,) = source.get_changes(before)
+    assert follower.receive("holder", "s", _carrying(new.bytes)) == [(new.hash, new.bytes)]
+    assert follower.changes_since("s", before) == [(new.hash, new.bytes)]
+    assert holder.heads_hashes(["s", "absent"]) == {"s": heads_hash(source.get_heads())}
+
+
+def test_a_poisoned_sync_state_is_replaced_not_fatal():
+    replica = Replica()
+    replica.add("s", _session("s"))
+    other = replica.book.state("q", "s")
+    state = replica.book.state("p", "s")
+    # The state Automerge's next generate_sync_message panics on (check_sync_message now
+    # refuses the message that leaves it so): whatever poisons a state, the node goes on.
+    replica.docs["s"].receive_sync_message(state, Message.decode(bytes.fromhex("42000001000301000100")))
+    message = replica.generate("p", "s")
+    assert message is not None and decode_sync_message(message)
+    assert replica.book.state("p", "s") is not state and replica.book.state("q", "s") is other
+
+
+def test_adding_a_document_twice_is_refused():
+    replica = Replica()
+    assert [h for h, _ in replica.add("s", _session("s"))] == [c.hash for c in replica.docs["s"].get_changes([])]
+    with pytest.raises(LocalError, match="^document 's' already exists$"):
+        replica.add("s", _session("s"))
+
+
+def test_an_interrupt_is_not_mistaken_for_a_bad_message():
+    class Interrupted:
+        """A document whose engine call is cut short by Ctrl-C, not by a peer's bytes."""
+
+        def generate_sync_message(self, state: object) -> None:
+            raise KeyboardInterrupt
+
+    replica = Replica({"s": Interrupted()})  # type: ignore[dict-item]
+    state = replica.book.state("p", "s")
+    with pytest.raises(KeyboardInterrupt):
+        replica.generate("p", "s")
+    assert replica.book.state("p", "s") is state  # nothing reset: it was not the peer's doing

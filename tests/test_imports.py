@@ -48,6 +48,68 @@ print(json.dumps(sorted(m for m in sys.modules if m in {NOT_FOR_A_NODE!r} or m.s
     assert json.loads(proc.stdout) == []
 
 
+# What `meshnode run` does before it serves: it builds the whole command line (every
+# subcommand's flags, the demo's among them), then imports the node, its transport, its API and
+# (on by default) the OCPP central system.
+NODE_STARTUP = (
+    NODE_IMPORTS
+    + """
+meshnode.cli.build_parser().parse_args(["run", "--insecure", "--no-mdns"])
+import meshnode.ocpp
+"""
+)
+
+# What a node never runs: besides the cloud and the simulator, the demo's simulated chargers
+# (an OCPP client on websockets) and the in-process replica demo.
+NOT_AT_NODE_STARTUP = (
+    *NOT_FOR_A_NODE,
+    "meshnode._chargepoints",
+    "meshnode._replica_demo",
+    "websockets.asyncio.client",
+)
+
+
+def test_a_node_starting_up_loads_none_of_what_only_the_demo_cloud_or_simulator_run() -> None:
+    proc = run_python(
+        NODE_STARTUP
+        + f"""
+import json, sys
+print(json.dumps(sorted(m for m in sys.modules if m in {NOT_AT_NODE_STARTUP!r} or m.split(".")[0] in {NOT_FOR_A_NODE!r})))
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_a_node_without_ocpp_loads_no_ocpp_library_nor_websocket_server() -> None:
+    # `--ocpp-port 0`: the API's remote-command routes and the node's /m/ocpp/command route
+    # are still there (a charger may be connected to another node); the central system is not.
+    proc = run_python(
+        NODE_IMPORTS
+        + """
+meshnode.cli.build_parser().parse_args(["run", "--insecure", "--ocpp-port", "0"])
+from meshnode.ocpp import install_remote_commands, remote_command_routes
+import json, sys
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("ocpp", "websockets") or m.startswith("meshnode.ocpp._v") or m == "meshnode.ocpp._server")))
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_the_ocpp_central_system_is_loaded_whole_when_it_is_used() -> None:
+    proc = run_python("""
+import sys
+import meshnode.ocpp as ocpp
+assert "meshnode.ocpp._server" not in sys.modules
+print(sorted(ocpp.VERSIONS), ocpp.OcppServer.__module__, ocpp.V16Commands.__module__, ocpp.V201Commands.__module__)
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "['ocpp1.6',", "'ocpp2.0.1']", "meshnode.ocpp._server", "meshnode.ocpp._v16", "meshnode.ocpp._v201"
+    ]  # fmt: skip
+
+
 def test_the_cloud_names_are_still_exported_by_uplink() -> None:
     proc = run_python("""
 import sys, uplink

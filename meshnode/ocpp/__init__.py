@@ -28,7 +28,7 @@ calls (`transaction_ref=` for a charger-chosen transaction id).
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -42,21 +42,48 @@ from ._bridge import (
     content_key,
     derive_transaction_id,
 )
-from ._server import (
-    DEFAULT_PORT,
-    VERSIONS,
-    ChargerContext,
-    ChargerNotConnected,
-    OcppHandler,
-    OcppServer,
-    RateLimit,
-    register_version,
-    reraise_sole_oserror,
+
+# The central system itself (the WebSocket server, the `ocpp` library's message classes and
+# schema validation, a module per version) is imported on first use: by `open_server`, or when
+# one of its names is read from this package. A node run with `--ocpp-port 0` never loads it.
+if TYPE_CHECKING:
+    from ._server import (
+        DEFAULT_PORT,
+        VERSIONS,
+        ChargerContext,
+        ChargerNotConnected,
+        OcppHandler,
+        OcppServer,
+        RateLimit,
+        register_version,
+        reraise_sole_oserror,
+    )
+    from ._v16 import V16Commands
+    from ._v201 import V201Commands
+
+_SERVER_NAMES = frozenset(
+    {
+        "DEFAULT_PORT",
+        "VERSIONS",
+        "ChargerContext",
+        "ChargerNotConnected",
+        "OcppHandler",
+        "OcppServer",
+        "RateLimit",
+        "register_version",
+        "reraise_sole_oserror",
+    }
 )
 
-# Each version module registers itself with `register_version` when imported.
-from ._v16 import V16Commands  # noqa: E402
-from ._v201 import V201Commands  # noqa: E402
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVER_NAMES or name in ("V16Commands", "V201Commands"):
+        # Each version module registers itself with `register_version` when imported.
+        from . import _server, _v16, _v201
+
+        return getattr(_v16 if name == "V16Commands" else _v201 if name == "V201Commands" else _server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Remote start/stop wherever in the mesh a charger is connected: the node installs the
 # `/m/ocpp/command` route (`install_remote_commands`), the HTTP API adds its routes.
@@ -67,6 +94,9 @@ from ._remote import install as install_remote_commands  # noqa: E402
 
 def open_server(node: Any, *, ssl_context: ssl.SSLContext | None = None) -> OcppServer:
     """An `OcppServer` wired to a node's session and site-config services (not serving yet)."""
+    from . import _v16, _v201  # noqa: F401  (each registers its version)
+    from ._server import OcppServer
+
     bridge = OcppBridge(node.sessions, wall_clock=lambda: node.wall_clock())
     return OcppServer(bridge, node.site_config, ssl_context=ssl_context)
 
@@ -96,6 +126,8 @@ async def serve_ocpp(
     The server is also set as ``node.ocpp`` so the HTTP API (`/v1/status`) and remote
     commands find it. Needs the trio-asyncio loop `meshnode run` opens.
     """
+    from ._server import reraise_sole_oserror
+
     server = open_server(node, ssl_context=ssl_context)
     node.ocpp = server
     # Documents arriving by replication may be the sessions of held 1.6 messages (bridge rule 6).
