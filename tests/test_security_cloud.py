@@ -287,12 +287,16 @@ def test_a_revocation_handed_to_the_cloud_takes_effect(site: Path) -> None:
         with httpx.Client(transport=httpx.HTTPTransport(local_address=ATTACKER), timeout=10.0) as client:
             forged = site_revoke(site / "other", node_id="gw-1", now=time.time())[1]  # another site's entry
             r = client.post(cloud.url + "/v1/site/entries", json={"entry": forged.hex()})
+            assert r.status_code == 401, r.text  # no operator token: not even read
+            operator = cloud.headers()
+            r = client.post(cloud.url + "/v1/site/entries", json={"entry": forged.hex()}, headers=operator)
             assert r.status_code == 400, r.text
-            assert client.post(cloud.url + "/v1/site/entries", content=b"[" * 60_000).status_code == 400
+            r = client.post(cloud.url + "/v1/site/entries", content=b"[" * 60_000, headers=operator)
+            assert r.status_code == 400
         assert post_sync(cloud.url, "gw-1", {sid: doc}, gw).status_code == 200  # nothing revoked yet
         handed = subprocess.run(
             [sys.executable, "-m", "meshnode.cli", "site", "revoke", "--site", str(site / "site"), "--node-id", "gw-1",
-             "--http", cloud.url],
+             "--http", cloud.url, "--data-dir", str(site)],  # the cloud's folder: its api.token
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert handed.returncode == 0, handed.stderr

@@ -95,7 +95,9 @@ from crdt import (
     verify_event,
 )
 
+from ._apiauth import ApiTokens
 from ._cloud_web import cloud_pages
+from ._cloudauth import guard_cloud
 from ._forwarder import SIGNED_SYNC_CONTEXT
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
@@ -1205,11 +1207,13 @@ def create_cloud_app(
     site_entry: SiteEntry | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
+    api_tokens: ApiTokens | None = None,
 ) -> Starlette:
     """The service as a standalone ASGI app: its lifespan opens and closes the database.
 
     For running under an ASGI server that drives lifespan events; in-process
     users (tests, the demo, the simulator) use `open_cloud` or `serve_cloud`.
+    `api_tokens`: the operator's tokens (`uplink/_cloudauth.py`); None: open.
     """
 
     @asynccontextmanager
@@ -1228,7 +1232,9 @@ def create_cloud_app(
             app.state.cloud = cloud
             yield
 
-    return _build_app(lambda request: request.app.state.cloud, lifespan=lifespan)
+    app = _build_app(lambda request: request.app.state.cloud, lifespan=lifespan)
+    guard_cloud(app, api_tokens)
+    return app
 
 
 async def serve_cloud(
@@ -1247,6 +1253,7 @@ async def serve_cloud(
     keyfile: str | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
+    api_tokens: ApiTokens | None = None,
     task_status: trio.TaskStatus[Sequence[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the cloud with Hypercorn's trio worker until cancelled.
@@ -1257,6 +1264,8 @@ async def serve_cloud(
         signing_key: the receipt key; when None it is loaded from `key_path`
             (default: `default_key_path(db_url)`), created on first start.
         certfile, keyfile: PEM files to serve HTTPS instead of HTTP.
+        api_tokens: the tokens every route but sync, OCPI, the probe and the page's
+            files wants (`uplink/_cloudauth.py`); None serves them open (a lab cloud).
     """
     if signing_key is None:
         signing_key = load_or_create_cloud_key(key_path or default_key_path(db_url))
@@ -1280,5 +1289,6 @@ async def serve_cloud(
         if certfile is not None:
             config.certfile = certfile
             config.keyfile = keyfile
+        guard_cloud(cloud.app, api_tokens)
         log.info("cloud service on %s:%s, issuer %s", bind, port, cloud.issuer)
         await hypercorn_serve(cloud.app, config, task_status=task_status)  # type: ignore[arg-type]
