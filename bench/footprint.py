@@ -93,7 +93,7 @@ async def add_sessions(node: mesh.NodeProc, count: int, concurrency: int) -> flo
             for i in jobs:
                 r = await client.post(
                     f"{node.http}/v1/sessions",
-                    json={"charger": f"cp-{i % 50}", "connector": 1 + i % 2, "id_token": f"tag-{i}"},
+                    json={"charger": f"cp-{i % 50}", "connector": 1 + i % 2, "id_token": f"tag-{i}", "meter_wh": 0},
                 )
                 r.raise_for_status()
                 session_id = r.json()["session_id"]
