@@ -97,7 +97,7 @@ from crdt import (
 
 from ._apiauth import ApiTokens
 from ._cloud_web import cloud_pages
-from ._cloudauth import guard_cloud
+from ._cloudauth import SeenRequests, guard_cloud
 from ._forwarder import SIGNED_SYNC_CONTEXT
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
@@ -408,10 +408,13 @@ caller like `Certify` (`meshnode cloud --site DIR`)."""
 
 MAX_SYNC_SKEW = 900.0
 """Seconds a signed sync request's timestamp may be off the cloud's clock. A request is
-idempotent (Automerge sync), so a replay inside the window costs work, not money."""
+idempotent (Automerge sync), so a replay inside the window could cost work, not money;
+the service refuses it anyway (409: `SeenRequests`, uplink/_cloudauth.py)."""
 
 
-def open_signed_sync(inflated: bytes, authenticate: Authenticate, now: float) -> CloudSyncRequest:
+def open_signed_sync(
+    inflated: bytes, authenticate: Authenticate, now: float, seen: SeenRequests | None = None
+) -> CloudSyncRequest:
     """Check a signed sync request (`uplink.SignedSyncRequest`) and return the request inside.
 
     Raises:
@@ -450,6 +453,8 @@ def open_signed_sync(inflated: bytes, authenticate: Authenticate, now: float) ->
         raise RemoteRequestError(400, f"signed sync request: {exc}") from exc
     if request.node_id != device_id:
         raise RemoteRequestError(403, f"device {device_id!r} may not sync as {request.node_id!r}")
+    if seen is not None and not seen.first_sight(sig, float(ts), now):  # uplink/_cloudauth.py
+        raise RemoteRequestError(409, "this signed sync request was taken before: a replay changes nothing")
     return request
 
 
@@ -669,6 +674,7 @@ class CloudService:
             self.site_configs.load(tx.site_configs())
         self._certify = certify
         self._authenticate = authenticate
+        self._seen = SeenRequests(MAX_SYNC_SKEW)  # signed requests already taken (replays)
         self.site_entry = site_entry
         self.run_sync: RunSync = run_sync or _in_thread
         self._actor_for = actor_for
@@ -701,7 +707,7 @@ class CloudService:
         try:
             inflated = decompress(body, MAX_INFLATED)
             if self._authenticate is not None:
-                request = open_signed_sync(inflated, self._authenticate, self._wall_clock())
+                request = open_signed_sync(inflated, self._authenticate, self._wall_clock(), self._seen)
             else:
                 request = CloudSyncRequest.decode(inflated)
         except WireError as exc:

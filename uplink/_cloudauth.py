@@ -29,6 +29,7 @@ open for reading as it is for sync, and its ready line says so (``"api": "open"`
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,45 @@ def guard_cloud(app: Any, tokens: ApiTokens | None) -> None:
         ApiGuard, tokens=tokens, max_body=None, protected=needs_token, where="api.token beside cloud.key",
         realm="meshnode-cloud",
     )  # fmt: skip
+
+
+class SeenRequests:
+    """Signed sync requests the cloud has taken, by signature, while their timestamp is valid.
+
+    A signed sync request (`uplink.SignedSyncRequest`) carries its time, and the cloud
+    takes it only within `window` seconds of its clock (`MAX_SYNC_SKEW`). Inside that
+    window, the same bytes sent again (a captured request replayed) would change no
+    ledger row, document, conflict or receipt (Automerge sync applies a change once),
+    but would still count as a request in the stats and metrics, reset the cloud's sync
+    state for its documents (work for the real leader) and show its node as the site's
+    leader, just now, on the page. So the cloud remembers each signature it took until
+    the timestamp check alone would refuse it, and refuses the same signature again.
+    A forwarder signs every request afresh (a new timestamp), so it never sends one twice.
+
+    Bounded: only certified devices with valid signatures add entries (about one per
+    forwarded batch); past `limit` the oldest are forgotten. Kept in memory, per process:
+    several cloud instances behind one address each refuse only what they saw themselves.
+    """
+
+    def __init__(self, window: float, limit: int = 100_000) -> None:
+        self.window = window
+        self.limit = limit
+        self._expiry: dict[bytes, float] = {}  # signature digest -> when the ts check takes over
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def first_sight(self, sig: bytes, ts: float, now: float) -> bool:
+        """True the first time a valid request's signature is seen; False for a replay."""
+        while self._expiry:  # oldest first (insertion order): what the clock check refuses now
+            oldest = next(iter(self._expiry))
+            if self._expiry[oldest] >= now:
+                break
+            del self._expiry[oldest]
+        key = hashlib.sha256(sig).digest()
+        if key in self._expiry:
+            return False
+        while len(self._expiry) >= self.limit:  # full: forget the oldest
+            del self._expiry[next(iter(self._expiry))]
+        self._expiry[key] = ts + self.window
+        return True
