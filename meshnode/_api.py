@@ -17,7 +17,7 @@ energy is the last reading minus the first, so a session started without one wou
 billed from its first "meter" event and lose what was charged before it ("meter 1500,
 stop 1700" billed 200 Wh, issue 14); a create without it is a 400 that says so. (OCPP
 starts go through the bridge: 1.6's StartTransaction always has meterStart; a 2.0.1
-transaction without a start reading starts at its first sampled value, docs/ocpp.md.)
+transaction without a start reading starts at its first sampled value.)
 It takes an optional "driver_token" (a token the cloud signed, checked offline; a driver
 the offline policy refuses gets 403) and an optional "request_id" (a retried start finds
 its session: 200).
