@@ -164,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--node-id", help="revoke every certificate of this node issued so far")
     who.add_argument("--serial", help="revoke one certificate")
     site_revoke.add_argument("--reason", default="", help="a note kept in the entry (e.g. 'stolen')")
-    site_revoke.add_argument("--http", metavar="URL", help="hand the entry to this node's API (it spreads from there)")
+    site_revoke.add_argument(
+        "--http",
+        metavar="URL",
+        help="hand the entry to this node's API (it spreads from there), or to the cloud's (--token: its api.token)",
+    )
     _add_token_options(site_revoke)
     site_rotate = site_sub.add_parser(
         "rotate-network-key",
