@@ -116,7 +116,7 @@ async def add_sessions(node: mesh.NodeProc, count: int, concurrency: int) -> tup
             for i in jobs:
                 created = await post(
                     f"{node.http}/v1/sessions",
-                    {"charger": f"cp-{i % 50}", "connector": 1 + i % 2, "id_token": f"tag-{i}"},
+                    {"charger": f"cp-{i % 50}", "connector": 1 + i % 2, "id_token": f"tag-{i}", "meter_wh": 0},
                 )
                 await post(
                     f"{node.http}/v1/sessions/{created['session_id']}/events", {"type": "meter", "meter_wh": 1000 + i}

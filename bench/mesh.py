@@ -382,7 +382,8 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         log(f"  mesh formed {formed_s:.2f} s after all nodes were ready")
 
         r = await client.post(
-            f"{nodes[0].http}/v1/sessions", json={"charger": "bench-charger", "connector": 1, "id_token": "bench-token"}
+            f"{nodes[0].http}/v1/sessions",
+            json={"charger": "bench-charger", "connector": 1, "id_token": "bench-token", "meter_wh": 0},
         )
         if r.status_code != 201:
             raise RuntimeError(f"POST /v1/sessions on node 0 answered {r.status_code}: {r.text}")

@@ -12,11 +12,15 @@ Routes and field names are fixed (other tools rely on them):
                                             id-token list entry or tariff -> 201 (replicated to the mesh)
     GET  /metrics                           Prometheus exposition (docs/metrics.md)
 
-`POST /v1/sessions` takes "meter_wh", the charger's cumulative register at the start
-(optional, but energy is the last reading minus the first one the session has: without
-it, the first "meter" event is the start), an optional "driver_token" (a token the
-cloud signed, checked offline; a driver the offline policy refuses gets 403) and an
-optional "request_id" (a retried start finds its session: 200).
+`POST /v1/sessions` requires "meter_wh", the charger's cumulative register at the start:
+energy is the last reading minus the first, so a session started without one would be
+billed from its first "meter" event and lose what was charged before it ("meter 1500,
+stop 1700" billed 200 Wh, issue 14); a create without it is a 400 that says so. (OCPP
+starts go through the bridge: 1.6's StartTransaction always has meterStart; a 2.0.1
+transaction without a start reading starts at its first sampled value.)
+It takes an optional "driver_token" (a token the cloud signed, checked offline; a driver
+the offline policy refuses gets 403) and an optional "request_id" (a retried start finds
+its session: 200).
 
 Every route under /v1 of an enrolled node wants `Authorization: Bearer TOKEN`
 (`meshnode._apiauth`: 401 without, 403 for a write with the read-only token); the
@@ -125,6 +129,17 @@ def _int(obj: dict[str, Any], key: str, *, required: bool, low: int, high: int) 
     return value
 
 
+def _start_meter(obj: dict[str, Any]) -> int:
+    """A create's "meter_wh": required, so that energy is billed from the start (see the module docstring)."""
+    if obj.get("meter_wh") is None:
+        raise _bad(
+            400,
+            "'meter_wh' is required: the charger's cumulative meter register at the start, in Wh "
+            "(energy is billed from it; without it the energy before the first reading would be lost)",
+        )
+    return _int(obj, "meter_wh", required=True, low=0, high=2**53)  # type: ignore[return-value]
+
+
 def _optional_text(obj: dict[str, Any], key: str, limit: int) -> str | None:
     value = obj.get(key)
     if value is None:
@@ -143,7 +158,7 @@ def build_app(node: Node) -> Starlette:
             _text(obj, "charger"),
             _int(obj, "connector", required=True, low=0, high=1000),  # type: ignore[arg-type]
             _text(obj, "id_token"),
-            meter_wh=_int(obj, "meter_wh", required=False, low=0, high=2**53),
+            meter_wh=_start_meter(obj),
             driver_token=_optional_text(obj, "driver_token", 4096),
             request_id=_optional_text(obj, "request_id", 128),
         )

@@ -783,10 +783,12 @@ class Demo:
     # -- HTTP helpers --
 
     def _tokens(self) -> httpx.Auth:
-        """The enrolled nodes' API tokens (each node writes its own at start)."""
+        """The enrolled nodes' API tokens (each node writes its own at start), and the cloud's
+        (beside its key, next to its database: the work dir)."""
         from ._apiauth import DataDirTokens
 
-        return DataDirTokens({host: self.workdir / name for name, host in zip(self.names, self.hosts, strict=True)})
+        dirs = {host: self.workdir / name for name, host in zip(self.names, self.hosts, strict=True)}
+        return DataDirTokens({**dirs, self.cloud_url.removeprefix("http://"): self.workdir})
 
     @property
     def http(self) -> httpx.AsyncClient:

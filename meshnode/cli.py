@@ -164,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--node-id", help="revoke every certificate of this node issued so far")
     who.add_argument("--serial", help="revoke one certificate")
     site_revoke.add_argument("--reason", default="", help="a note kept in the entry (e.g. 'stolen')")
-    site_revoke.add_argument("--http", metavar="URL", help="hand the entry to this node's API (it spreads from there)")
+    site_revoke.add_argument(
+        "--http",
+        metavar="URL",
+        help="hand the entry to this node's API (it spreads from there), or to the cloud's (--token: its api.token)",
+    )
     _add_token_options(site_revoke)
     site_rotate = site_sub.add_parser(
         "rotate-network-key",
@@ -312,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the site's folder (site.pub, entries/; never site.key): sync only from its certified, unrevoked "
         "devices, bill only their events. Without it the cloud is open (labs): anyone may sync, and keys "
-        "that devices declare are trusted on first use",
+        "that devices declare are trusted on first use. With it every other route but the health probe, the "
+        "issuer key and OCPI wants a token: api.token (read and write) or api-read.token (read only), kept "
+        "beside the cloud's key (made on first start, 0600)",
     )
 
     demo = sub.add_parser(
@@ -721,6 +727,10 @@ def run_cloud(args: argparse.Namespace) -> int:
             "site_entry": site_trust.add_entry,
             "trust_document_keys": False,
         }
+        # A cloud that serves a site wants the operator's token on its reads and writes (uplink/_cloudauth.py).
+        from uplink import default_key_path, load_cloud_tokens
+
+        trust["api_tokens"] = load_cloud_tokens(args.key or default_key_path(args.db))
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -741,8 +751,15 @@ def run_cloud(args: argparse.Namespace) -> int:
                     )
                 )
                 ready = {"ready": True, "urls": urls, "db": redact(args.db), "site": args.site}
-                if not args.site:
-                    ready["insecure"] = "no --site: any client may sync, device keys are trusted on first use"
+                ready["api"] = "token" if args.site else "open"
+                if args.site:
+                    from uplink import cloud_token_dir, default_key_path
+
+                    ready["tokens"] = str(cloud_token_dir(args.key or default_key_path(args.db)))
+                else:
+                    ready["insecure"] = (
+                        "no --site: any client may sync and read the ledger, device keys are trusted on first use"
+                    )
                 print(json.dumps(ready), flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()

@@ -123,7 +123,7 @@ def test_two_meshnode_processes_on_the_default_port_survive_restarts(default_por
     one, two = default_port_pair()
 
     def open_session(node: NodeProcess, tag: str) -> str:
-        r = node.post("/v1/sessions", {"charger": tag, "connector": 1, "id_token": "T"})
+        r = node.post("/v1/sessions", {"charger": tag, "connector": 1, "id_token": "T", "meter_wh": 0})
         assert r.status_code == 201, r.text
         return r.json()["session_id"]
 

@@ -53,13 +53,15 @@ def holds(node: NodeProcess, session_id: str, event_ids: set[str]) -> bool:
 def test_line_of_four_with_static_peers_converges(cluster):
     nodes = cluster(4, lambda i, n: [j for j in (i - 1, i + 1) if 0 <= j < n])
     first, last = nodes[0], nodes[-1]
-    r = first.post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "TOKEN-A"})
+    r = first.post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "TOKEN-A", "meter_wh": 500})
     assert r.status_code == 201
     sid = r.json()["session_id"]
     for wh in (500, 1200):
         assert first.post(f"/v1/sessions/{sid}/events", {"type": "meter", "meter_wh": wh}).status_code == 201
     assert first.post(f"/v1/sessions/{sid}/events", {"type": "stop", "meter_wh": 2000}).status_code == 201
-    other = last.post("/v1/sessions", {"charger": "c4", "connector": 2, "id_token": "TOKEN-B"}).json()["session_id"]
+    other = last.post("/v1/sessions", {"charger": "c4", "connector": 2, "id_token": "TOKEN-B", "meter_wh": 0}).json()[
+        "session_id"
+    ]
 
     def converged() -> bool:
         for node in nodes:
@@ -87,7 +89,7 @@ def test_sigkilled_node_restarts_and_catches_up(cluster):
     acked: dict[str, set[str]] = {}
     sessions: dict[str, NodeProcess] = {}
     for w in writers:
-        r = w.post("/v1/sessions", {"charger": w.name, "connector": 1, "id_token": "T"})
+        r = w.post("/v1/sessions", {"charger": w.name, "connector": 1, "id_token": "T", "meter_wh": 0})
         sid = r.json()["session_id"]
         sessions[sid] = w
         acked[sid] = {e["event_id"] for e in r.json()["events"]}
@@ -133,7 +135,7 @@ def test_three_nodes_find_each_other_by_mdns_alone(cluster):
         timeout=60,
         what="every node to see the other two through mDNS",
     )
-    r = nodes[0].post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "TOKEN-M"})
+    r = nodes[0].post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "TOKEN-M", "meter_wh": 100})
     sid = r.json()["session_id"]
     for wh in (100, 900, 1600):
         nodes[0].post(f"/v1/sessions/{sid}/events", {"type": "meter", "meter_wh": wh})

@@ -138,8 +138,13 @@ class CloudProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def headers(self) -> dict[str, str]:
+        """The cloud's operator token, kept beside its key by a cloud with --site (none otherwise)."""
+        token = self.key.parent / "api.token"
+        return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+
     def get(self, path: str, **params: str) -> Any:
-        r = httpx.get(self.url + path, params=params, timeout=10.0)
+        r = httpx.get(self.url + path, params=params, headers=self.headers(), timeout=10.0)
         r.raise_for_status()
         return r.json()
 

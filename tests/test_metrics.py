@@ -61,7 +61,9 @@ async def test_node_metrics_follow_sessions_and_each_node_has_its_own_registry(t
             assert before[("meshnode_peers_alive", ())] == 0
             assert before[("meshnode_leader_changes_total", ())] == 0
             assert ("meshnode_reconcile_seconds_count", ()) in before
-            created = await one.post("/v1/sessions", json={"charger": "c1", "connector": 1, "id_token": "T"})
+            created = await one.post(
+                "/v1/sessions", json={"charger": "c1", "connector": 1, "id_token": "T", "meter_wh": 0}
+            )
             assert created.status_code == 201
             sid = created.json()["session_id"]
             await one.post(f"/v1/sessions/{sid}/events", json={"type": "meter", "meter_wh": 50})
@@ -178,9 +180,9 @@ async def test_queued_changes_unsent_events_and_coap_codes_move(tmp_path: Path, 
             before = samples((await api.get("/metrics")).text)
             assert before[("meshnode_queued_changes", (("priority", "state"),))] == 0
             assert before[("meshnode_unsent_events", ())] == 0
-            sid = (await api.post("/v1/sessions", json={"charger": "c", "connector": 1, "id_token": "T"})).json()[
-                "session_id"
-            ]
+            sid = (
+                await api.post("/v1/sessions", json={"charger": "c", "connector": 1, "id_token": "T", "meter_wh": 0})
+            ).json()["session_id"]
             await api.post(f"/v1/sessions/{sid}/events", json={"type": "meter", "meter_wh": 10})
             await trio.sleep(3)
             after = samples((await api.get("/metrics")).text)

@@ -228,7 +228,7 @@ def test_remote_commands_that_cannot_be_carried_out(two: list[OcppNode]):
     r = httpx.post(n2.url + "/v1/chargers/CP-1/start", content=b"{not json", timeout=10)
     assert r.status_code == 400
     # A session started through the JSON API has no charger transaction to stop remotely.
-    made = n1.post("/v1/sessions", {"charger": "api-cp", "connector": 1, "id_token": "RFID-9"})
+    made = n1.post("/v1/sessions", {"charger": "api-cp", "connector": 1, "id_token": "RFID-9", "meter_wh": 0})
     assert made.status_code == 201
     assert _post(n1, f"/v1/sessions/{made.json()['session_id']}/stop", {}).status_code == 409
     # Both nodes keep serving, and a bad mesh request changed nothing.

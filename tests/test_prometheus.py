@@ -1,10 +1,12 @@
 """A real Prometheus server (Debian's `prometheus`) scrapes a real node and a real cloud.
 
-Everything runs as separate processes on loopback (127.0.17.x): `meshnode cloud`,
-`meshnode run` with `--cloud-url` (it leads and forwards), and the `prometheus` binary
+Everything runs as separate processes on loopback (127.0.17.x): `meshnode cloud --site`,
+an enrolled `meshnode run` with `--cloud-url` (it leads and forwards), and the `prometheus` binary
 started directly with a temporary config and TSDB (never as a service). The test
 records a session on the node, then asks Prometheus's HTTP query API until the node's
-and the cloud's series appear with the values the session implies.
+and the cloud's series appear with the values the session implies. The cloud's
+`/metrics` wants a token: Prometheus reads the cloud's read-only token from its file
+(`authorization: credentials_file`, docs/metrics.md); a job without it is down (401).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ scrape_configs:
     static_configs:
       - targets: ["{node}"]
   - job_name: meshnode-cloud
+    authorization:
+      credentials_file: {token_file}
+    static_configs:
+      - targets: ["{cloud}"]
+  - job_name: meshnode-cloud-without-token
     static_configs:
       - targets: ["{cloud}"]
 """
@@ -85,15 +92,24 @@ class PrometheusProcess:
 
 
 def test_prometheus_scrapes_a_node_and_the_cloud(tmp_path: Path) -> None:
+    import time
+
+    from meshnode._security import create_site, enroll
+
+    create_site(tmp_path / "site", "field", now=time.time())
+    enroll(tmp_path / "site", "n1", tmp_path / "n1", now=time.time())
+    (tmp_path / "cloud").mkdir()
     cloud_port = free_port(HOST_CLOUD)
     cloud = CloudProcess(
-        HOST_CLOUD, cloud_port, f"sqlite:///{tmp_path}/cloud.db", tmp_path / "cloud.key", tmp_path / "cloud.log"
-    )
+        HOST_CLOUD, cloud_port, f"sqlite:///{tmp_path}/cloud/cloud.db", tmp_path / "cloud" / "cloud.key",
+        tmp_path / "cloud.log", extra=["--site", str(tmp_path / "site")],
+    )  # fmt: skip
     node = NodeProcess(
         "n1", HOST_NODE, tmp_path / "n1", coap_port=free_port(HOST_NODE), http_port=free_port(HOST_NODE),
-        extra=["--cloud-url", cloud.url, "--probe-interval", "0.5"],
+        extra=["--cloud-url", cloud.url, "--probe-interval", "0.5"], insecure=False,
     )  # fmt: skip
-    prom = PrometheusProcess(tmp_path, {"node": f"{HOST_NODE}:{node.http_port}", "cloud": f"{HOST_CLOUD}:{cloud_port}"})
+    targets = {"node": f"{HOST_NODE}:{node.http_port}", "cloud": f"{HOST_CLOUD}:{cloud_port}"}
+    prom = PrometheusProcess(tmp_path, {**targets, "token_file": str(tmp_path / "cloud" / "api-read.token")})
     try:
         cloud.start()
         node.start()
@@ -106,10 +122,11 @@ def test_prometheus_scrapes_a_node_and_the_cloud(tmp_path: Path) -> None:
         wait_until(lambda: node.get(f"/v1/sessions/{sid}")["state"] == "reconciled", 90, what="receipt on the node")
 
         def scraped() -> bool:
-            up = prom.query("up")
-            return len(up) == 2 and all(r["value"][1] == "1" for r in up)
+            up = {r["metric"]["job"]: r["value"][1] for r in prom.query("up")}
+            return up == {"meshnode": "1", "meshnode-cloud": "1", "meshnode-cloud-without-token": "0"}
 
-        wait_until(scraped, 60, 0.5, what="both targets up in Prometheus")
+        # With the cloud's read-only token the cloud is up; the same target without it is down.
+        wait_until(scraped, 60, 0.5, what="node and cloud up in Prometheus, the job without a token down")
         wait_until(lambda: prom.value('meshnode_sessions{state="reconciled"}') == 1, 60, 0.5, what="node series")
         wait_until(lambda: prom.value("meshnode_cloud_ledger_rows") == 1, 60, 0.5, what="cloud ledger rows")
         wait_until(lambda: (prom.value("meshnode_cloud_receipts") or 0) == 1, 60, 0.5, what="cloud receipts")

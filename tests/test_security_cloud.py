@@ -208,7 +208,7 @@ def test_nested_cbor_errors_and_backlog(site: Path, cloud: CloudProcess) -> None
         r = client.post(cloud.url + "/v1/sync", content=nested, headers={"Content-Encoding": "deflate"})
         assert r.status_code in (400, 401) and "error" in r.json(), r.text
         for method, path, code in (("GET", "/v1/nothing-here", 404), ("DELETE", "/v1/sync", 405)):
-            r = client.request(method, cloud.url + path)
+            r = client.request(method, cloud.url + path, headers=cloud.headers())  # past the token check
             assert r.status_code == code and r.headers["content-type"] == "application/json", r.text
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
     assert listen_backlog(CLOUD, cloud.port) == min(2048, somaxconn)
@@ -287,12 +287,16 @@ def test_a_revocation_handed_to_the_cloud_takes_effect(site: Path) -> None:
         with httpx.Client(transport=httpx.HTTPTransport(local_address=ATTACKER), timeout=10.0) as client:
             forged = site_revoke(site / "other", node_id="gw-1", now=time.time())[1]  # another site's entry
             r = client.post(cloud.url + "/v1/site/entries", json={"entry": forged.hex()})
+            assert r.status_code == 401, r.text  # no operator token: not even read
+            operator = cloud.headers()
+            r = client.post(cloud.url + "/v1/site/entries", json={"entry": forged.hex()}, headers=operator)
             assert r.status_code == 400, r.text
-            assert client.post(cloud.url + "/v1/site/entries", content=b"[" * 60_000).status_code == 400
+            r = client.post(cloud.url + "/v1/site/entries", content=b"[" * 60_000, headers=operator)
+            assert r.status_code == 400
         assert post_sync(cloud.url, "gw-1", {sid: doc}, gw).status_code == 200  # nothing revoked yet
         handed = subprocess.run(
             [sys.executable, "-m", "meshnode.cli", "site", "revoke", "--site", str(site / "site"), "--node-id", "gw-1",
-             "--http", cloud.url],
+             "--http", cloud.url, "--data-dir", str(site)],  # the cloud's folder: its api.token
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert handed.returncode == 0, handed.stderr
@@ -300,3 +304,39 @@ def test_a_revocation_handed_to_the_cloud_takes_effect(site: Path) -> None:
         assert r.status_code == 403 and "revoked" in r.json()["error"]
     finally:
         cloud.kill()
+
+
+def test_a_replayed_signed_request_is_refused_and_changes_nothing(site: Path, cloud: CloudProcess) -> None:
+    """A request captured on the wire and sent again inside the 15-minute window: 409, and the
+    stats, the page's site contact and the ledger stay as they were."""
+    sid, doc = forged_session()
+    replica = Replica({sid: doc})
+    request = SignedSyncRequest(
+        "gw-1", "field-a", {sid: replica.generate("cloud", sid)}, (sid,), credential=credential(site / "gw-1"),
+        ts=time.time(),
+    )  # fmt: skip
+    captured = compress(request.encode())
+    headers = {"Content-Encoding": "deflate", "Content-Type": "application/cbor"}
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=ATTACKER), timeout=10.0) as client:
+        assert client.post(cloud.url + "/v1/sync", content=captured, headers=headers).status_code == 200
+        before = (cloud.get("/v1/stats"), cloud.ledger(), cloud.get("/v1/page/overview")["sites"])
+        for _ in range(3):
+            r = client.post(cloud.url + "/v1/sync", content=captured, headers=headers)
+            assert r.status_code == 409 and "replay" in r.json()["error"], r.text
+    after = (cloud.get("/v1/stats"), cloud.ledger(), cloud.get("/v1/page/overview")["sites"])
+    assert after == before
+    # The device itself goes on: each request it sends is signed afresh.
+    assert post_sync(cloud.url, "gw-1", {sid: doc}, credential(site / "gw-1")).status_code == 200
+
+
+def test_the_replay_memory_forgets_what_the_clock_check_refuses_and_stays_bounded() -> None:
+    from uplink._cloudauth import SeenRequests
+
+    seen = SeenRequests(window=900, limit=3)
+    assert seen.first_sight(b"a", ts=1000, now=1000) and not seen.first_sight(b"a", ts=1000, now=1899)
+    assert len(seen) == 1
+    assert seen.first_sight(b"b", ts=1900, now=1901) and len(seen) == 1  # "a" expired with its window
+    for sig in (b"c", b"d", b"e"):
+        assert seen.first_sight(sig, ts=1900, now=1901)
+    assert len(seen) == 3  # bounded: "b", the oldest, was forgotten for "e"
+    assert not seen.first_sight(b"e", ts=1900, now=1902) and not seen.first_sight(b"c", ts=1900, now=1902)

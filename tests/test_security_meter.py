@@ -134,3 +134,42 @@ def test_the_cloud_bills_nothing_for_an_implausible_reading_a_device_signed(tmp_
         assert kinds == [IMPLAUSIBLE_METER]
     finally:
         cloud.kill()
+
+
+async def test_a_session_cannot_start_over_the_api_without_its_start_reading(tmp_path: Path, autojump_clock) -> None:
+    """Issue 14, trap 3: created without `meter_wh`, "meter 1500, stop 1700" billed 200 Wh
+    (energy before the first reading was lost). The API now wants the start reading."""
+    import httpx
+    import trio
+
+    from meshnode._api import build_app
+    from meshnode._discovery import StaticDiscovery
+    from meshnode._node import Node, NodeConfig
+    from meshnode._transport import MemoryNetwork
+
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery, net.transport("10.0.0.1:5683") as transport:
+        node = Node(
+            NodeConfig(node_id="n1", data_dir=tmp_path / "n1", seed=7),
+            transport=transport, discovery=StaticDiscovery([]), wall_clock=lambda: T0 / 1000 + trio.current_time(),
+        )  # fmt: skip
+        await nursery.start(node.serve)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(node)), base_url="http://n") as api:
+            start = {"charger": "bay-1", "connector": 1, "id_token": "D1"}
+            for body in (start, {**start, "meter_wh": None}):
+                r = await api.post("/v1/sessions", json=body)
+                assert r.status_code == 400, r.text
+                assert "'meter_wh' is required" in r.json()["error"] and "start" in r.json()["error"]
+            for bad in ("1500", -1, 1.5, True, HUGE + 1):
+                assert (await api.post("/v1/sessions", json={**start, "meter_wh": bad})).status_code == 400, bad
+            assert (await api.get("/v1/sessions")).json() == {"sessions": []}  # nothing was started
+            # With the start reading, the issue's readings bill what the charger delivered since it.
+            r = await api.post("/v1/sessions", json={**start, "meter_wh": 1_000})
+            assert r.status_code == 201, r.text
+            sid = r.json()["session_id"]
+            for kind, meter in (("meter", 1_500), ("stop", 1_700)):
+                await trio.sleep(60)
+                assert (await api.post(f"/v1/sessions/{sid}/events", json={"type": kind, "meter_wh": meter})).is_success
+            session = (await api.get(f"/v1/sessions/{sid}")).json()
+            assert (session["state"], session["energy_wh"]) == ("completed", 700)
+        nursery.cancel_scope.cancel()

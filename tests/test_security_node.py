@@ -383,7 +383,9 @@ def test_token_lists_through_the_http_api_and_no_key_in_logs_or_data(tmp_path):
         n1, n2 = nodes["n1"], nodes["n2"]
 
         def start_status(node: NodeProcess, token: str) -> int:
-            return node.post("/v1/sessions", {"charger": "bay-1", "connector": 1, "id_token": token}).status_code
+            return node.post(
+                "/v1/sessions", {"charger": "bay-1", "connector": 1, "id_token": token, "meter_wh": 0}
+            ).status_code
 
         assert start_status(n2, "FLEET-1") == 403  # unknown, and this site refuses unknown drivers
         allowed = _cli(

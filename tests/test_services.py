@@ -173,7 +173,9 @@ async def test_the_api_answers_service_errors_with_their_codes(tmp_path: Path, a
             async def post(path: str, body: object) -> httpx.Response:
                 return await client.post(path, json=body)
 
-            refused = await post("/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "WALK-IN"})
+            refused = await post(
+                "/v1/sessions", {"charger": "c1", "connector": 1, "id_token": "WALK-IN", "meter_wh": 0}
+            )
             assert (refused.status_code, refused.json()) == (403, {"error": "not authorised offline: unknown_refused"})
             missing = await client.get("/v1/sessions/nope")
             assert missing.status_code == 404 and "no session" in missing.json()["error"]
@@ -183,7 +185,9 @@ async def test_the_api_answers_service_errors_with_their_codes(tmp_path: Path, a
             # Refused before any service sees it: not JSON, wrong field types.
             garbage = await client.post("/v1/sessions", content=b"{nope")
             assert garbage.status_code == 400 and "not valid JSON" in garbage.json()["error"]
-            assert (await post("/v1/sessions", {"charger": "c1", "connector": "x", "id_token": "T"})).status_code == 400
+            assert (
+                await post("/v1/sessions", {"charger": "c1", "connector": "x", "id_token": "T", "meter_wh": 0})
+            ).status_code == 400
         nursery.cancel_scope.cancel()
 
 
@@ -197,7 +201,9 @@ async def test_the_api_maps_a_conflict_to_409(tmp_path: Path, autojump_clock):
         await nursery.start(node.serve)
         app = httpx.ASGITransport(app=build_app(node))
         async with httpx.AsyncClient(transport=app, base_url="http://node") as client:
-            created = await client.post("/v1/sessions", json={"charger": "c1", "connector": 1, "id_token": "T"})
+            created = await client.post(
+                "/v1/sessions", json={"charger": "c1", "connector": 1, "id_token": "T", "meter_wh": 0}
+            )
             assert created.status_code == 201
             sid = created.json()["session_id"]
             ok = await client.post(f"/v1/sessions/{sid}/events", json={"type": "meter", "meter_wh": 50})

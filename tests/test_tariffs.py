@@ -354,7 +354,7 @@ def test_a_tariff_set_on_a_node_prices_its_sessions_in_the_cloud(tmp_path: Path)
         assert (row["cost_cents"], row["currency"], row["tariff_id"], row["tariff_version"]) == (100, "EUR", "std", 1)
         receipt = verify_receipt(bytes.fromhex(row["receipt"]), cloud.get("/v1/issuer")["issuer"])
         assert (receipt["tariff_id"], receipt["tariff_version"], receipt["cost_cents"]) == ("std", 1, 100)
-        assert httpx.get(cloud.url + "/metrics", timeout=10).status_code == 200
+        assert httpx.get(cloud.url + "/metrics", headers=cloud.headers(), timeout=10).status_code == 200
     finally:
         node.kill()
         cloud.kill()

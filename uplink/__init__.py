@@ -5,6 +5,22 @@ This package imports `crdt` only, never `meshnode` or `sim`.
 
 from typing import TYPE_CHECKING
 
+from ._apiauth import (
+    API_READ_TOKEN,
+    API_TOKEN,
+    MAX_JSON_DEPTH,
+    READ,
+    READ_METHODS,
+    WRITE,
+    ApiGuard,
+    ApiTokens,
+    BodyTooLarge,
+    DataDirTokens,
+    TokenFileError,
+    json_depth_ok,
+    read_token_file,
+)
+from ._cloudauth import cloud_token_dir, load_cloud_tokens
 from ._forwarder import (
     CLOUD_PEER,
     PRIORITY_METER,
@@ -102,6 +118,21 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "API_READ_TOKEN",
+    "API_TOKEN",
+    "MAX_JSON_DEPTH",
+    "READ",
+    "READ_METHODS",
+    "WRITE",
+    "ApiGuard",
+    "ApiTokens",
+    "BodyTooLarge",
+    "DataDirTokens",
+    "TokenFileError",
+    "json_depth_ok",
+    "read_token_file",
+    "cloud_token_dir",
+    "load_cloud_tokens",
     "CLOUD_PEER",
     "DEFAULT_PORT",
     "MAX_BATCH_BYTES",

@@ -97,7 +97,9 @@ from crdt import (
     verify_event,
 )
 
+from ._apiauth import ApiTokens
 from ._cloud_web import cloud_pages
+from ._cloudauth import SeenRequests, guard_cloud
 from ._forwarder import SIGNED_SYNC_CONTEXT
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
@@ -377,10 +379,13 @@ caller like `Certify` (`meshnode cloud --site DIR`)."""
 
 MAX_SYNC_SKEW = 900.0
 """Seconds a signed sync request's timestamp may be off the cloud's clock. A request is
-idempotent (Automerge sync), so a replay inside the window costs work, not money."""
+idempotent (Automerge sync), so a replay inside the window could cost work, not money;
+the service refuses it anyway (409: `SeenRequests`, uplink/_cloudauth.py)."""
 
 
-def open_signed_sync(inflated: bytes, authenticate: Authenticate, now: float) -> CloudSyncRequest:
+def open_signed_sync(
+    inflated: bytes, authenticate: Authenticate, now: float, seen: SeenRequests | None = None
+) -> CloudSyncRequest:
     """Check a signed sync request (`uplink.SignedSyncRequest`) and return the request inside.
 
     Raises:
@@ -419,6 +424,8 @@ def open_signed_sync(inflated: bytes, authenticate: Authenticate, now: float) ->
         raise RemoteRequestError(400, f"signed sync request: {exc}") from exc
     if request.node_id != device_id:
         raise RemoteRequestError(403, f"device {device_id!r} may not sync as {request.node_id!r}")
+    if seen is not None and not seen.first_sight(sig, float(ts), now):  # uplink/_cloudauth.py
+        raise RemoteRequestError(409, "this signed sync request was taken before: a replay changes nothing")
     return request
 
 
@@ -638,6 +645,7 @@ class CloudService:
             self.site_configs.load(tx.site_configs())
         self._certify = certify
         self._authenticate = authenticate
+        self._seen = SeenRequests(MAX_SYNC_SKEW)  # signed requests already taken (replays)
         self.site_entry = site_entry
         self.run_sync: RunSync = run_sync or _in_thread
         self._actor_for = actor_for
@@ -670,7 +678,7 @@ class CloudService:
         try:
             inflated = decompress(body, MAX_INFLATED)
             if self._authenticate is not None:
-                request = open_signed_sync(inflated, self._authenticate, self._wall_clock())
+                request = open_signed_sync(inflated, self._authenticate, self._wall_clock(), self._seen)
             else:
                 request = CloudSyncRequest.decode(inflated)
         except WireError as exc:
@@ -1185,11 +1193,13 @@ def create_cloud_app(
     site_entry: SiteEntry | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
+    api_tokens: ApiTokens | None = None,
 ) -> Starlette:
     """The service as a standalone ASGI app: its lifespan opens and closes the database.
 
     For running under an ASGI server that drives lifespan events; in-process
     users (tests, the demo, the simulator) use `open_cloud` or `serve_cloud`.
+    `api_tokens`: the operator's tokens (`uplink/_cloudauth.py`); None: open.
     """
 
     @asynccontextmanager
@@ -1208,7 +1218,9 @@ def create_cloud_app(
             app.state.cloud = cloud
             yield
 
-    return _build_app(lambda request: request.app.state.cloud, lifespan=lifespan)
+    app = _build_app(lambda request: request.app.state.cloud, lifespan=lifespan)
+    guard_cloud(app, api_tokens)
+    return app
 
 
 async def serve_cloud(
@@ -1227,6 +1239,7 @@ async def serve_cloud(
     keyfile: str | None = None,
     wall_clock: Callable[[], float] = time.time,
     operator: OperatorConfig | None = None,
+    api_tokens: ApiTokens | None = None,
     task_status: trio.TaskStatus[Sequence[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the cloud with Hypercorn's trio worker until cancelled.
@@ -1237,6 +1250,8 @@ async def serve_cloud(
         signing_key: the receipt key; when None it is loaded from `key_path`
             (default: `default_key_path(db_url)`), created on first start.
         certfile, keyfile: PEM files to serve HTTPS instead of HTTP.
+        api_tokens: the tokens every route but sync, OCPI, the probe and the page's
+            files wants (`uplink/_cloudauth.py`); None serves them open (a lab cloud).
     """
     if signing_key is None:
         signing_key = load_or_create_cloud_key(key_path or default_key_path(db_url))
@@ -1260,5 +1275,6 @@ async def serve_cloud(
         if certfile is not None:
             config.certfile = certfile
             config.keyfile = keyfile
+        guard_cloud(cloud.app, api_tokens)
         log.info("cloud service on %s:%s, issuer %s", bind, port, cloud.issuer)
         await hypercorn_serve(cloud.app, config, task_status=task_status)  # type: ignore[arg-type]

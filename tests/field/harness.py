@@ -605,6 +605,7 @@ class FieldRun:
             ]
         )
         (self.workdir / "cloud").mkdir()
+        _NODE_DIRS[CLOUD_ADDRESS] = self.workdir / "cloud"  # the cloud's api.token sits beside its key
         self.cloud = Proc(
             "cloud",
             self.net.cloud_ns,
