@@ -251,12 +251,13 @@ def test_an_operator_approves_a_flagged_session_in_the_browser(tmp_path: Path, b
     cloud.start()
     try:
         _play_signed_leader(cloud.url, docs, cred)
-        rows = {r["session_id"]: r for r in httpx.get(cloud.url + "/v1/sessions", timeout=10).json()["sessions"]}
+        rows = {r["session_id"]: r for r in cloud.get("/v1/sessions")["sessions"]}
         # 0.39 * 0.9 kWh + 1.20 * 0.25 h = 0.351 + 0.30 -> 65 cents; 0.39 * 3.2 + 0.30 = 1.548 -> 155.
         assert {s: (r["cost_cents"], r["tariff_id"]) for s, r in rows.items()} == {
             "s-walk": (65, "std"), "s-known": (155, "std"), "s-early": (None, None),
         }  # fmt: skip
-        browser.get(cloud.url + "/")
+        write_token = (tmp_path / "api.token").read_text().strip()  # a cloud with --site asks for it
+        browser.get(cloud.url + f"/?token={write_token}")
         card = '#flagged .card[data-session="s-walk"]'
         wait_for(browser, lambda d: by_css(d, card), what="the flagged session")
         assert by_css(browser, card)[0].get_attribute("data-decision") == "pending"
@@ -280,7 +281,7 @@ def test_an_operator_approves_a_flagged_session_in_the_browser(tmp_path: Path, b
         assert "by Ana" in by_css(browser, card)[0].text
         assert "1 to review" in by_css(browser, "#pending")[0].text  # s-early waits for its tariff
 
-        recorded = httpx.get(cloud.url + "/v1/reviews", timeout=10).json()["reviews"]
+        recorded = cloud.get("/v1/reviews")["reviews"]
         assert [(r["session_id"], r["decision"], r["reviewer"], r["note"]) for r in recorded] == [
             ("s-walk", "approve", "Ana", "walk-in, paid at the desk")
         ]
@@ -291,7 +292,7 @@ def test_an_operator_approves_a_flagged_session_in_the_browser(tmp_path: Path, b
     # The decision is in the database, not only in the process: a restarted cloud still has it.
     cloud.start()
     try:
-        assert httpx.get(cloud.url + "/v1/reviews", timeout=10).json()["reviews"][0]["reviewer"] == "Ana"
+        assert cloud.get("/v1/reviews")["reviews"][0]["reviewer"] == "Ana"
     finally:
         cloud.kill()
 
