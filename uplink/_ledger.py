@@ -50,8 +50,11 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from .migrations import Migrated
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +147,12 @@ class Ledger:
             except psycopg.Error as exc:
                 raise LedgerError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
-            self.schema = self._migrate(target, migrate)
+            self.schema: Migrated = self._migrate(target, migrate)
         except BaseException:
             self._conn.close()
             raise
 
-    def _migrate(self, target: str, migrate: bool) -> Any:
+    def _migrate(self, target: str, migrate: bool) -> Migrated:
         """Bring the schema to this release's revision (`uplink.migrations`), or with
         `migrate=False` only check that it is there. Returns what was done (`Migrated`)."""
         try:
