@@ -299,10 +299,18 @@ def test_a_new_database_gets_the_schema_the_old_ddl_made(
     assert schema(db_url) == old_schema(db_url, tmp_path, pg_of(request, db_url))
 
 
-def test_an_in_memory_sqlite_ledger_is_migrated_on_its_own_connection() -> None:
+def test_an_in_memory_sqlite_ledger_gets_the_schema_of_a_migrated_file(tmp_path: Path) -> None:
+    """In-memory ledgers start as a copy of one this process migrated (no file, no other connection)."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Ledger(url).close()
+    with raw(url) as conn:
+        expected = run(conn, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
     ledger = Ledger("sqlite:///:memory:")
     try:
         assert ledger.schema.after == "0002"
+        with ledger.read() as tx:
+            got = [tuple(r.values()) for r in tx.query("SELECT type, name, sql FROM sqlite_master ORDER BY name")]
+            assert got == expected and tx.query("SELECT version_num FROM alembic_version") == [{"version_num": "0002"}]
         with ledger.transaction() as tx:
             tx.add_review("s-1", "approve", "ops", "", 7)
             tx.add_stats({"syncs": 2})
@@ -545,16 +553,19 @@ def test_processes_opening_one_sqlite_file_at_once_migrate_it_once(tmp_path: Pat
     assert Counter(map(tuple, results)) == {("0002", "0002"): 3, (None, "0002"): 1}, results
 
 
-def test_in_memory_ledgers_opened_at_once_by_threads_each_get_the_whole_schema() -> None:
-    """alembic's `op` is one per process, and in-memory databases share no lock: the
-    simulator's clouds on Dask worker threads would interleave their migrations in it."""
+def test_ledgers_of_different_databases_opened_at_once_by_threads_each_get_the_whole_schema(
+    tmp_path: Path,
+) -> None:
+    """alembic's `op` is one per process, and two databases share no lock: ledgers opened
+    at once by threads of one process (a test, Dask worker threads) would interleave their
+    migrations in it."""
     count, rounds = 4, 3
     failures: list[BaseException] = []
 
-    def one(barrier: threading.Barrier) -> None:
+    def one(barrier: threading.Barrier, url: str) -> None:
         barrier.wait()
         try:
-            ledger = Ledger("sqlite:///:memory:")
+            ledger = Ledger(url)
             try:
                 with ledger.transaction() as tx:
                     tx.add_review("s-1", "approve", "ops", "", 1)
@@ -566,7 +577,8 @@ def test_in_memory_ledgers_opened_at_once_by_threads_each_get_the_whole_schema()
 
     for _round in range(rounds):
         barrier = threading.Barrier(count)
-        threads = [threading.Thread(target=one, args=(barrier,)) for _ in range(count)]
+        urls = [f"sqlite:///{tmp_path / f'{_round}-{i}.db'}" for i in range(count - 1)] + ["sqlite:///:memory:"]
+        threads = [threading.Thread(target=one, args=(barrier, url)) for url in urls]
         for t in threads:
             t.start()
         for t in threads:

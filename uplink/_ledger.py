@@ -177,7 +177,9 @@ class Ledger:
             *self._errors,
         )
         try:
-            if migrate:
+            if migrate and target == ":memory:" and self.backend == "sqlite":
+                done = migrations.upgrade_in_memory(self._conn)
+            elif migrate:
                 done = migrations.upgrade(engine)
             else:
                 revision = migrations.current(engine)

@@ -26,6 +26,7 @@ migrated with a privileged one.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -54,6 +55,7 @@ LOCK_TIMEOUT_S = 120
 # alembic's `op` and `context` are module-wide proxies: one migration at a time in a process
 # (two ledgers opened at once by two threads); other processes are kept out by `_locked`.
 _IN_PROCESS = threading.Lock()
+_in_memory_head: sqlite3.Connection | None = None  # see upgrade_in_memory
 # An execution option of this module's SQLite engine: begin a plain (deferred) transaction.
 _READ_ONLY = "ledger_read_only"
 
@@ -77,17 +79,21 @@ def config() -> Config:
     return cfg
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(config())  # reads every revision file: once per process
+
+
 def head() -> str:
     """The newest revision this release knows."""
-    found = ScriptDirectory.from_config(config()).get_current_head()
+    found = _scripts().get_current_head()
     assert found is not None, "the ledger has revisions"
     return found
 
 
 def history() -> list[tuple[str, str]]:
     """Every revision, oldest first: (id, first line of its description)."""
-    scripts = ScriptDirectory.from_config(config())
-    return [(s.revision, (s.doc or "").strip()) for s in reversed(list(scripts.walk_revisions()))]
+    return [(s.revision, (s.doc or "").strip()) for s in reversed(list(_scripts().walk_revisions()))]
 
 
 def sqlite_engine(conn: sqlite3.Connection) -> sa.Engine:
@@ -138,13 +144,32 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> Migrated:
     before = current(engine)
     if before == target:  # the usual start: nothing to change, no lock, no DDL
         return Migrated(before, before)
-    with _IN_PROCESS, _locked(engine) as connection:
+    with _IN_PROCESS:
+        return _upgrade_locked(engine, revision)
+
+
+def _upgrade_locked(engine: sa.Engine, revision: str) -> Migrated:
+    with _locked(engine) as connection:
         before = MigrationContext.configure(connection).get_current_revision()  # again, under the lock
         cfg = config()
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
         after = MigrationContext.configure(connection).get_current_revision()
     return Migrated(before, after)
+
+
+def upgrade_in_memory(conn: sqlite3.Connection) -> Migrated:
+    """Give a new in-memory SQLite database the newest schema: a copy (SQLite's backup) of one
+    this process migrated to the head with `upgrade` the first time, so the simulator's and
+    the tests' many short-lived ledgers do not each run every revision."""
+    global _in_memory_head
+    with _IN_PROCESS:
+        if _in_memory_head is None:
+            template = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            _upgrade_locked(sqlite_engine(template), "head")
+            _in_memory_head = template
+        _in_memory_head.backup(conn)
+    return Migrated(None, head())
 
 
 def downgrade(engine: sa.Engine, revision: str) -> Migrated:
@@ -171,4 +196,5 @@ __all__ = [
     "postgresql_engine",
     "sqlite_engine",
     "upgrade",
+    "upgrade_in_memory",
 ]
