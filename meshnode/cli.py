@@ -3,7 +3,7 @@
 meshnode run [--config FILE] [--node-id ID] [--data-dir DIR] [--bind ADDRESS]
              [--coap-port N] [--http-port N] [--peer HOST:PORT ...] [--no-mdns]
 meshnode status [--http URL] [--json]
-meshnode cloud [--db URL] [--bind ADDRESS] [--port N]
+meshnode cloud [migrate] [--db URL] [--bind ADDRESS] [--port N]
 meshnode demo [--nodes N] [--duration SECONDS] [--json] [--seed N] [--chargers N] [--keep] ...
 meshnode replica-demo [--replicas N] [--sessions N] [--seed N]
 """
@@ -284,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the cloud reconciliation service: it receives the mesh's session documents from "
         "the elected leader, verifies and folds them, keeps a ledger with one row per session, and writes "
         "a signed receipt back into each completed session.",
+    )
+    cloud.add_argument(
+        "action",
+        nargs="?",
+        choices=["serve", "migrate"],
+        default="serve",
+        help="serve (the default; it first brings the database schema to this release, which is safe with "
+        "several instances starting at once), or migrate: only bring the schema up to date, then exit",
     )
     cloud.add_argument(
         "--db",
@@ -712,6 +720,8 @@ def run_cloud(args: argparse.Namespace) -> int:
     from uplink import OperatorConfig
 
     _setup_logging(args.log_level, args.log_format)
+    if args.action == "migrate":
+        return _cloud_migrate(args.db)
     trust: dict[str, Any] = {}
     site_keys: dict[str, list[bytes]] = {}
     if args.site:
@@ -770,6 +780,20 @@ def run_cloud(args: argparse.Namespace) -> int:
     except (OSError, LedgerError) as exc:
         print(f"meshnode cloud: {_one_line(exc)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cloud_migrate(db: str) -> int:
+    """`meshnode cloud migrate`: bring the ledger's schema to this release (alembic), print what was done."""
+    from uplink import Ledger, LedgerError
+
+    try:
+        ledger = Ledger(db)
+    except LedgerError as exc:
+        print(f"meshnode cloud migrate: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    ledger.close()
+    print(json.dumps({"db": redact(db), "from": ledger.schema.before, "to": ledger.schema.after}), flush=True)
     return 0
 
 

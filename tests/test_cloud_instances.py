@@ -157,3 +157,63 @@ async def test_two_instances_on_one_postgresql_issue_one_receipt_per_session(pg_
     finally:
         for cloud in clouds:
             cloud.kill()
+
+
+START_HOSTS = ("127.0.14.1", "127.0.14.2")
+
+
+def test_two_instances_starting_at_once_on_a_new_postgresql_migrate_it_once(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """Two `meshnode cloud` processes start on an empty database at the same moment: both are
+    inside their schema upgrade at once (the test holds the migration lock until both wait on
+    it), one migrates, the other finds the schema done, and both serve on their first start
+    (no retry: a start that failed is a failure here)."""
+    import subprocess
+    import sys
+    import time
+
+    import psycopg
+
+    from uplink import load_or_create_cloud_key, migrations
+
+    from .test_e2e_uplink import REPO, _ready_line
+
+    key = tmp_path / "cloud.key"
+    load_or_create_cloud_key(key)  # the key is shared; this test is about the schema
+    clouds = [
+        CloudProcess(host, free_port(host), pg_url, key, tmp_path / f"start-{i}.log")
+        for i, host in enumerate(START_HOSTS)
+    ]
+
+    def waiting(conn: psycopg.Connection[Any]) -> int:
+        query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        row = conn.execute(query).fetchone()
+        return int(row[0]) if row else 0
+
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrations.MIGRATION_LOCK,))
+        try:
+            for cloud in clouds:
+                command = [sys.executable, "-m", "meshnode.cli", "cloud", "--db", pg_url]
+                command += ["--bind", cloud.host, "--port", str(cloud.port), "--key", str(key)]
+                with open(cloud.log_path, "a") as log:
+                    cloud.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+            deadline = time.monotonic() + 90
+            while waiting(holder) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert waiting(holder) == 2, "both instances wait for the migration lock"
+            holder.execute("SELECT pg_advisory_unlock(%s)", (migrations.MIGRATION_LOCK,))
+            for cloud in clouds:
+                assert cloud.proc is not None
+                line = _ready_line(cloud.proc, 90)
+                assert line, f"{cloud.host} did not start; log:\n{cloud.log_path.read_text()[-3000:]}"
+            migrated = [
+                cloud.host
+                for cloud in clouds
+                if "database schema migrated from revision none to 0002" in cloud.log_path.read_text()
+            ]
+            assert len(migrated) == 1, migrated
+            for cloud in clouds:
+                assert cloud.get("/v1/stats")["sessions"] == 0
+        finally:
+            for cloud in clouds:
+                cloud.kill()

@@ -1216,14 +1216,14 @@ def test_cloud_restarted_on_a_database_of_the_previous_schema_migrates_it(rig: R
 
     The database here is what the service created before the ledger gained its
     `review` column (commit 7b025b4), with a session billed by that version. The
-    new service brings the schema up to date on start (`Ledger._migrate`): it
+    new service brings the schema up to date on start (`uplink/migrations`): it
     starts, keeps the old row, and writes the new column. (Serving 503 "no such
     column: review" on every request, what happened before the migration existed,
     stalls every site's forwarding; refusing to start would need an operator.)
     """
     import sqlite3
 
-    from uplink._ledger import _SCHEMA
+    from .test_migrations import LAST_DDL_BEFORE_MIGRATIONS as _SCHEMA
 
     db = rig.tmp / "old.db"
     with sqlite3.connect(db) as conn:

@@ -3,11 +3,11 @@
 The reconciliation service (`_cloud.py`) decides; this module only stores and
 fetches rows. Both back ends run the same SQL text: statements are written with
 `?` placeholders and SQL that SQLite (>= 3.24) and PostgreSQL both accept
-(`ON CONFLICT ... DO NOTHING / DO UPDATE`, `excluded.`); the only differences —
-the placeholder style and the byte-string column type — are handled in
-`_Dialect`, in one place.
+(`ON CONFLICT ... DO NOTHING / DO UPDATE`, `excluded.`); the only difference —
+the placeholder style — is handled in `_Dialect`, in one place.
 
-Tables (the schema is created on first open):
+Tables (made and changed by the alembic revisions in `uplink/migrations/`,
+which `Ledger(db_url)` applies on open: see that package's note):
 
 - `documents`: the saved Automerge document of every session (`session_id` PK).
 - `ledger`: exactly one row per session (`session_id` PK): what is billed.
@@ -43,14 +43,20 @@ after the data reached the disk; PostgreSQL commits durably by default.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from .migrations import Migrated
+
+log = logging.getLogger(__name__)
 
 
 class LedgerError(Exception):
@@ -64,87 +70,14 @@ class LedgerUrlError(LedgerError):
 @dataclass(frozen=True)
 class _Dialect:
     name: str
-    blob: str
 
     def sql(self, text: str) -> str:
         """Adapt a statement written with `?` placeholders (no statement has a literal '?')."""
         return text if self.name == "sqlite" else text.replace("?", "%s")
 
 
-_SQLITE = _Dialect("sqlite", "BLOB")
-_POSTGRES = _Dialect("postgresql", "BYTEA")
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS documents (
-        session_id  TEXT PRIMARY KEY,
-        data        {blob} NOT NULL,
-        heads_hash  {blob} NOT NULL,
-        updated     BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS ledger (
-        session_id    TEXT PRIMARY KEY,
-        site          TEXT NOT NULL,
-        charger       TEXT NOT NULL,
-        connector     BIGINT NOT NULL,
-        id_token      TEXT NOT NULL,
-        start_ts      BIGINT,
-        stop_ts       BIGINT,
-        energy_wh     BIGINT NOT NULL,
-        cost_cents    BIGINT,
-        currency      TEXT,
-        state         TEXT NOT NULL,
-        conflicts     BIGINT NOT NULL,
-        receipt_heads TEXT,
-        receipt       {blob},
-        receipt_ts    BIGINT,
-        review        TEXT,
-        tariff_id     TEXT,
-        tariff_version BIGINT,
-        pricing       TEXT,
-        first_seen    BIGINT NOT NULL,
-        updated       BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS events (
-        event_id    TEXT PRIMARY KEY,
-        device_id   TEXT NOT NULL,
-        seq         BIGINT NOT NULL,
-        session_id  TEXT NOT NULL,
-        type        TEXT NOT NULL,
-        ts          BIGINT NOT NULL,
-        meter_wh    BIGINT,
-        chain_hash  {blob} NOT NULL,
-        prev        {blob} NOT NULL,
-        data        {blob} NOT NULL,
-        status      TEXT NOT NULL,
-        applied     INTEGER NOT NULL DEFAULT 0,
-        first_seen  BIGINT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS events_slot ON events (device_id, seq)",
-    "CREATE INDEX IF NOT EXISTS events_session ON events (session_id)",
-    """CREATE TABLE IF NOT EXISTS conflicts (
-        session_id  TEXT NOT NULL,
-        event_id    TEXT NOT NULL,
-        kind        TEXT NOT NULL,
-        detail      TEXT NOT NULL,
-        first_seen  BIGINT NOT NULL,
-        UNIQUE (session_id, event_id, kind))""",
-    """CREATE TABLE IF NOT EXISTS devices (
-        device_id     TEXT PRIMARY KEY,
-        public_key    {blob} NOT NULL,
-        first_session TEXT NOT NULL,
-        first_seen    BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS site_configs (
-        site        TEXT PRIMARY KEY,
-        data        {blob} NOT NULL,
-        updated     BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS stats (
-        name   TEXT PRIMARY KEY,
-        value  BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS reviews (
-        session_id  TEXT NOT NULL,
-        decision    TEXT NOT NULL,
-        reviewer    TEXT NOT NULL,
-        note        TEXT NOT NULL,
-        decided_ts  BIGINT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS reviews_session ON reviews (session_id, decided_ts)",
-)
+_SQLITE = _Dialect("sqlite")
+_POSTGRES = _Dialect("postgresql")
 
 LEDGER_COLUMNS = (
     "session_id", "site", "charger", "connector", "id_token", "start_ts", "stop_ts", "energy_wh",
@@ -185,7 +118,7 @@ class Ledger:
     queries and `transaction()` for writes; both hold the connection's lock.
     """
 
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, *, migrate: bool = True) -> None:
         backend, target = parse_db_url(db_url)
         self.backend = backend
         self._lock = threading.Lock()
@@ -214,32 +147,56 @@ class Ledger:
             except psycopg.Error as exc:
                 raise LedgerError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
-            with self.transaction() as tx:
-                for statement in _SCHEMA:
-                    tx.execute(statement.format(blob=self._dialect.blob))
-                self._migrate(tx)
+            self.schema: Migrated = self._migrate(target, migrate)
         except BaseException:
             self._conn.close()
             raise
 
-    # Columns added after the first release: (table, column, type). A database made
-    # by an older version gets them on open, so a restarted service never fails on
-    # "no such column" (CREATE TABLE IF NOT EXISTS leaves an old table as it was).
-    _ADDED_COLUMNS = (
-        ("ledger", "review", "TEXT"),
-        ("ledger", "tariff_id", "TEXT"),
-        ("ledger", "tariff_version", "BIGINT"),
-        ("ledger", "pricing", "TEXT"),
-    )
+    def _migrate(self, target: str, migrate: bool) -> Migrated:
+        """Bring the schema to this release's revision (`uplink.migrations`), or with
+        `migrate=False` only check that it is there. Returns what was done (`Migrated`)."""
+        try:
+            import alembic.util
+            import sqlalchemy.exc
 
-    def _migrate(self, tx: Any) -> None:
-        for table, column, kind in self._ADDED_COLUMNS:
-            if self._dialect.name == "sqlite":
-                present = {row["name"] for row in tx.query(f"PRAGMA table_info({table})")}
-                if column not in present:
-                    tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            from . import migrations
+        except ImportError as exc:
+            raise LedgerError(
+                f"the cloud's ledger needs alembic and SQLAlchemy for its schema migrations ({exc}): "
+                "pip install 'meshnode[cloud]'"
+            ) from exc
+        if self.backend == "sqlite":
+            engine = migrations.sqlite_engine(self._conn)  # the ledger's own connection, left open
+        else:
+            import psycopg
+
+            engine = migrations.postgresql_engine(lambda: psycopg.connect(target, connect_timeout=10))
+        errors: tuple[type[BaseException], ...] = (
+            sqlalchemy.exc.SQLAlchemyError,
+            alembic.util.CommandError,
+            *self._errors,
+        )
+        try:
+            if migrate and target == ":memory:" and self.backend == "sqlite":
+                done = migrations.upgrade_in_memory(self._conn)
+            elif migrate:
+                done = migrations.upgrade(engine)
             else:
-                tx.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                revision = migrations.current(engine)
+                done = migrations.Migrated(revision, revision)
+                if done.after != migrations.head():
+                    raise LedgerError(
+                        f"the database schema is at revision {done.after or 'none'}, this release needs "
+                        f"{migrations.head()}: run `meshnode cloud migrate --db URL`"
+                    )
+        except errors as exc:
+            raise LedgerError(f"migrating the database schema failed: {exc}") from exc
+        finally:
+            if self.backend != "sqlite":
+                engine.dispose()
+        if done.changed:
+            log.info("database schema migrated from revision %s to %s", done.before or "none", done.after)
+        return done
 
     def close(self) -> None:
         with self._lock:
