@@ -26,7 +26,9 @@ from meshnode._node import Node, NodeConfig
 from meshnode._security import Identity, SealedTransport, Sealer
 """
 
-NOT_FOR_A_NODE = ("uplink._cloud", "uplink._ledger", "psycopg", "matplotlib", "numpy", "networkx", "sim")
+NOT_FOR_A_NODE = (
+    "uplink._cloud", "uplink._ledger", "psycopg", "sqlalchemy", "alembic", "matplotlib", "numpy", "networkx", "sim"
+)  # fmt: skip
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
