@@ -17,9 +17,21 @@ import sqlite3
 from typing import Any
 
 import nacl.signing
+import pytest
 from automerge.core import ROOT, Document, ScalarType
 
-from crdt import EVENT_CACHE, GENESIS_PREV, EventSigner, add_event, read_session
+from crdt import (
+    EVENT_CACHE,
+    GENESIS_PREV,
+    BadSignature,
+    EventCache,
+    EventError,
+    EventSigner,
+    Keyring,
+    Replica,
+    add_event,
+    read_session,
+)
 from uplink._cloud import BROKEN_CHAIN, FORK, OK, verify_receipt
 from uplink._wire import CloudSyncRequest, CloudSyncResponse, decompress
 
@@ -250,3 +262,38 @@ async def test_re_pricing_a_session_that_did_not_change_saves_no_document(tmp_pa
         again = dict(db.execute("SELECT session_id, updated FROM ledger").fetchall())
     assert [r[0] for r in saved] == sorted(docs)
     assert all(again[d] > priced[d] for d in docs)  # reconciled again (re-priced), yet not re-saved
+
+
+# --- the crdt parts the ingest path leans on ----------------------------------------------
+
+
+def test_the_event_cache_parses_once_for_the_peek_and_the_signature_check() -> None:
+    signer = make_signer("charger-1")
+    event = signer.sign("authorize", "s-1", 10)
+    cache = EventCache()
+    assert cache.parse(event.encoded).record == event.record  # who signed it, before any key is trusted
+    assert cache.verify(event.encoded, Keyring({"charger-1": signer.public_key})).chain_hash == event.chain_hash
+    assert cache.verify(event.encoded, Keyring({"charger-1": signer.public_key})) is not None
+    assert (cache.parses, cache.verifications, cache.hits) == (1, 1, 1)
+    with pytest.raises(BadSignature):
+        cache.verify(event.encoded, Keyring({"charger-1": make_signer("charger-2").public_key}))
+    with pytest.raises(EventError):
+        cache.parse(b"\xa1\x61a\x01")
+    assert (cache.parses, cache.verifications) == (2, 2)
+
+
+def test_a_replica_without_change_bytes_reports_the_same_changes_without_their_bytes() -> None:
+    doc = completed("s-1", make_signer("charger-1"))
+    full, lean = Replica(), Replica(change_bytes=False)
+    sender = Replica({"s-1": doc})
+    for receiver in (full, lean):
+        msg = sender.generate(f"r{id(receiver)}", "s-1")
+        assert msg is not None
+        receiver.receive("sender", "s-1", msg)
+        sender.receive(f"r{id(receiver)}", "s-1", receiver.generate("sender", "s-1") or b"")
+        msg = sender.generate(f"r{id(receiver)}", "s-1")
+        assert msg is not None
+        receiver.changes = receiver.receive("sender", "s-1", msg)  # type: ignore[attr-defined]
+    assert [h for h, _ in lean.changes] == [h for h, _ in full.changes] and full.changes  # type: ignore[attr-defined]
+    assert all(b for _, b in full.changes) and not any(b for _, b in lean.changes)  # type: ignore[attr-defined]
+    assert lean.docs["s-1"].get_heads() == full.docs["s-1"].get_heads() == doc.get_heads()
