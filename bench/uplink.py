@@ -395,15 +395,14 @@ async def ingest_phase(args: argparse.Namespace, workdir: Path, children: list[C
         db = None
         if args.ingest_postgres:
             db = fresh_postgres_database(args.ingest_postgres, f"bench_ingest_{leaders}")
-        clouds = [
-            spawn_cloud(workdir, f"cloud-ingest-{leaders}-{k + 1}", db, args.ingest_bind)
-            for k in range(args.ingest_instances)
-        ]
-        if db is not None:  # the first creates the schema alone, then the others start
-            children.append(clouds[0][0])
-            await start_children([clouds[0][0]])
-        children.extend(c for c, _ in clouds[1 if db else 0 :])
-        await start_children([c for c, _ in clouds[1 if db else 0 :]])
+        # The first instance creates the schema alone; the others are spawned once it is ready.
+        clouds = [spawn_cloud(workdir, f"cloud-ingest-{leaders}-1", db, args.ingest_bind)]
+        children.append(clouds[0][0])
+        await start_children([clouds[0][0]])
+        for k in range(1, args.ingest_instances):
+            clouds.append(spawn_cloud(workdir, f"cloud-ingest-{leaders}-{k + 1}", db, args.ingest_bind))
+            children.append(clouds[-1][0])
+        await start_children([c for c, _ in clouds[1:]])
         url = clouds[0][1]
         ids = sorted(docs)
         shares = [{d: docs[d] for d in ids[i::leaders]} for i in range(leaders)]
