@@ -114,14 +114,23 @@ async def start_children(children: list[Child]) -> None:
             nursery.start_soon(one)
 
 
-def spawn_cloud(workdir: Path, name: str, db: str | None = None) -> tuple[Child, str]:
+def spawn_cloud(workdir: Path, name: str, db: str | None = None, bind: str = "127.0.0.1") -> tuple[Child, str]:
     """A `meshnode cloud` on a fresh SQLite file, or on `db` (shared by instances, with one key)."""
-    port = common_free_port(["127.0.0.1"], socket.SOCK_STREAM)
+    port = common_free_port([bind], socket.SOCK_STREAM)
     child = spawn_meshnode(name, [
-        "cloud", "--db", db or f"sqlite:///{workdir / (name + '.db')}", "--bind", "127.0.0.1", "--port", str(port),
+        "cloud", "--db", db or f"sqlite:///{workdir / (name + '.db')}", "--bind", bind, "--port", str(port),
         "--key", str(workdir / "cloud.key"), "--log-level", "warning",
     ], workdir)  # fmt: skip
-    return child, f"http://127.0.0.1:{port}"
+    return child, f"http://{bind}:{port}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc), 0.0 if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_postgres_database(server_url: str, name: str) -> str:
@@ -336,20 +345,33 @@ def build_sessions(count: int, meters: int, devices: int, seed: int) -> tuple[di
 
 
 async def one_leader(
-    cloud_url: str, node_id: str, docs: dict[str, Document], batch: int, counters: dict[str, int]
+    cloud_url: str,
+    node_id: str,
+    docs: dict[str, Document],
+    batch: int,
+    counters: dict[str, int],
+    latencies: dict[str, list[float]],
 ) -> None:
-    """Send `docs` like a leader's forwarder: batches of sync rounds until every receipt is back."""
+    """Send `docs` like a leader's forwarder: batches of sync rounds until every receipt is back.
+
+    `latencies["request"]` gets the time of each request (one sync round: POST to reply),
+    `latencies["exchange"]` that of each batch's whole exchange (every round until settled).
+    """
     replica = Replica(docs)
     client = CloudClient(cloud_url)
     try:
         ids = sorted(docs)
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
+            t_exchange = time.perf_counter()
             for _round in range(12):
                 msgs = {d: m for d in chunk if (m := replica.generate(CLOUD_PEER, d)) is not None}
                 if not msgs:
+                    latencies["exchange"].append(time.perf_counter() - t_exchange)
                     break
+                t_request = time.perf_counter()
                 reply, size = await client.sync(CloudSyncRequest(node_id, "bench", msgs), timeout=60.0)
+                latencies["request"].append(time.perf_counter() - t_request)
                 counters["requests"] += 1
                 counters["bytes"] += size
                 if reply.errors:
@@ -373,22 +395,31 @@ async def ingest_phase(args: argparse.Namespace, workdir: Path, children: list[C
         db = None
         if args.ingest_postgres:
             db = fresh_postgres_database(args.ingest_postgres, f"bench_ingest_{leaders}")
-        clouds = [spawn_cloud(workdir, f"cloud-ingest-{leaders}-{k + 1}", db) for k in range(args.ingest_instances)]
-        if db is not None:  # the first creates the schema alone, then the others start
-            children.append(clouds[0][0])
-            await start_children([clouds[0][0]])
-        children.extend(c for c, _ in clouds[1 if db else 0 :])
-        await start_children([c for c, _ in clouds[1 if db else 0 :]])
+        # The first instance creates the schema alone; the others are spawned once it is ready.
+        clouds = [spawn_cloud(workdir, f"cloud-ingest-{leaders}-1", db, args.ingest_bind)]
+        children.append(clouds[0][0])
+        await start_children([clouds[0][0]])
+        for k in range(1, args.ingest_instances):
+            clouds.append(spawn_cloud(workdir, f"cloud-ingest-{leaders}-{k + 1}", db, args.ingest_bind))
+            children.append(clouds[-1][0])
+        await start_children([c for c, _ in clouds[1:]])
         url = clouds[0][1]
         ids = sorted(docs)
         shares = [{d: docs[d] for d in ids[i::leaders]} for i in range(leaders)]
         counters = {"requests": 0, "bytes": 0}
+        latencies: dict[str, list[float]] = {"request": [], "exchange": []}
+        load0 = os.getloadavg()
+        cpu0 = [cpu_seconds(c.proc.pid) for c, _ in clouds]
+        client_cpu0 = time.process_time()
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for i, share in enumerate(shares):
                 target = clouds[i % len(clouds)][1]  # leaders spread over the instances
-                nursery.start_soon(one_leader, target, f"leader-{i + 1}", share, args.ingest_batch, counters)
+                nursery.start_soon(one_leader, target, f"leader-{i + 1}", share, args.ingest_batch, counters, latencies)
         elapsed = time.perf_counter() - t0
+        client_cpu = time.process_time() - client_cpu0
+        cloud_cpu = sum(cpu_seconds(c.proc.pid) - before for (c, _), before in zip(clouds, cpu0, strict=True))
+        load1 = os.getloadavg()
         async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client:
             stats = await get_json(client, url + "/v1/stats")
         if stats["sessions"] != len(docs) or stats["receipts"] != len(docs) or stats["conflicts"]:
@@ -399,7 +430,10 @@ async def ingest_phase(args: argparse.Namespace, workdir: Path, children: list[C
         for c, _ in clouds:
             children.remove(c)
         rate = len(docs) / elapsed
-        log(f"ingest: {leaders} leader(s): {len(docs)} sessions in {elapsed:.2f} s = {rate:.1f} sessions/s")
+        log(
+            f"ingest: {leaders} leader(s): {len(docs)} sessions in {elapsed:.2f} s = {rate:.1f} sessions/s, "
+            f"cloud CPU {1000 * cloud_cpu / len(docs):.2f} ms/session, load {load0[0]:.2f}"
+        )
         results.append({
             "leaders": leaders, "instances": len(clouds), "database": "postgresql" if db else "sqlite",
             "sessions": len(docs), "batch_docs": args.ingest_batch, "seconds": round(elapsed, 3),
@@ -407,11 +441,87 @@ async def ingest_phase(args: argparse.Namespace, workdir: Path, children: list[C
             "bytes_per_session": round(counters["bytes"] / len(docs), 1),
             "raw_event_bytes_per_session": round(raw / len(docs), 1),
             "bytes_per_raw_event_byte": round(counters["bytes"] / raw, 3),
+            "sync_request_s": summary(latencies["request"]), "sync_exchange_s": summary(latencies["exchange"]),
+            "cloud_cpu_s": round(cloud_cpu, 2), "cloud_cpu_ms_per_session": round(1000 * cloud_cpu / len(docs), 3),
+            "client_cpu_ms_per_session": round(1000 * client_cpu / len(docs), 3),
+            "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in load1],
         })  # fmt: skip
     return results
 
 
 # --- main ----------------------------------------------------------------------------------------
+
+
+async def inprocess_phase(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The cloud's `handle_sync` called in this process, no HTTP, the reconciliation run inline.
+
+    Times and CPU are counted only inside `handle_sync` (the leader's side is not); with
+    `--profile FILE` cProfile records exactly that and writes its stats to FILE.
+    """
+    import cProfile
+    import pstats
+
+    from uplink import CloudSyncResponse
+    from uplink._cloud import open_cloud
+    from uplink._wire import compress, decompress
+
+    async def inline(fn: Any, *a: Any) -> Any:
+        return fn(*a)
+
+    docs, _raw = build_sessions(args.ingest_sessions, args.meters, args.devices, args.seed)
+    db = (
+        fresh_postgres_database(args.ingest_postgres, "bench_ingest_inprocess")
+        if args.ingest_postgres
+        else f"sqlite:///{workdir / 'inprocess.db'}"
+    )
+    # CPU time, not wall time: on a shared machine a wall-clock profile charges the
+    # time this process waited for a CPU to whatever it happened to be running.
+    profiler = cProfile.Profile(time.process_time) if args.profile else None
+    cloud_wall = cloud_cpu = 0.0
+    requests: list[float] = []
+    key = nacl.signing.SigningKey(bytes(32))
+    async with open_cloud(db, signing_key=key, run_sync=inline) as cloud:
+        replica = Replica(docs)
+        ids = sorted(docs)
+        for start in range(0, len(ids), args.ingest_batch):
+            chunk = ids[start : start + args.ingest_batch]
+            for _round in range(12):
+                msgs = {d: m for d in chunk if (m := replica.generate(CLOUD_PEER, d)) is not None}
+                if not msgs:
+                    break
+                body = compress(CloudSyncRequest("leader-1", "bench", msgs).encode())
+                c0, t0 = time.process_time(), time.perf_counter()
+                if profiler is not None:
+                    profiler.enable()
+                answer = await cloud.handle_sync(body, "deflate")
+                if profiler is not None:
+                    profiler.disable()
+                requests.append(time.perf_counter() - t0)
+                cloud_wall += requests[-1]
+                cloud_cpu += time.process_time() - c0
+                reply = CloudSyncResponse.decode(decompress(answer))
+                if reply.errors:
+                    raise DemoError(f"the cloud refused documents: {dict(list(reply.errors.items())[:3])}")
+                for d, msg in reply.msgs.items():
+                    replica.receive(CLOUD_PEER, d, msg)
+            else:
+                raise DemoError("sync of a batch did not settle within 12 rounds")
+        stats = cloud.stats()
+    if stats["sessions"] != len(docs) or stats["receipts"] != len(docs) or stats["conflicts"]:
+        raise DemoError(f"after ingest the cloud holds {stats}, expected {len(docs)} sessions and receipts")
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+    n = len(docs)
+    log(
+        f"in process: {n} sessions, {n / cloud_wall:.1f} sessions/s of handle_sync, {1000 * cloud_cpu / n:.2f} ms CPU each"
+    )
+    return {
+        "database": "postgresql" if args.ingest_postgres else "sqlite", "sessions": n,
+        "batch_docs": args.ingest_batch, "requests": len(requests), "handle_sync_s": round(cloud_wall, 3),
+        "sessions_per_s": round(n / cloud_wall, 1), "cpu_ms_per_session": round(1000 * cloud_cpu / n, 3),
+        "sync_request_s": summary(requests), "profiled": bool(profiler), "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }  # fmt: skip
 
 
 async def run(args: argparse.Namespace, workdir: Path, children: list[Child]) -> dict[str, Any]:
@@ -420,7 +530,9 @@ async def run(args: argparse.Namespace, workdir: Path, children: list[Child]) ->
         out["receipt"] = await receipt_phase(args, workdir, children)
         stop_children(children)
         children.clear()
-    if args.ingest_sessions > 0:
+    if args.ingest_sessions > 0 and args.ingest_inprocess:
+        out["ingest_inprocess"] = await inprocess_phase(args, workdir)
+    elif args.ingest_sessions > 0:
         out["ingest"] = await ingest_phase(args, workdir, children)
     out["notes"] = [
         f"receipt: real processes on loopback: a meshnode cloud (SQLite) and {args.nodes} meshnode run nodes, full "
@@ -488,6 +600,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--devices", type=int, default=10, help="charger keys the ingest sessions are signed with (default 10)"
+    )
+    p.add_argument(
+        "--ingest-inprocess",
+        action="store_true",
+        help="ingest by calling the cloud's handle_sync in this process (no HTTP, reconciliation inline; "
+        "times and CPU counted inside handle_sync only) instead of cloud processes",
+    )
+    p.add_argument(
+        "--profile", metavar="FILE", default=None, help="with --ingest-inprocess: cProfile handle_sync into FILE"
+    )
+    p.add_argument(
+        "--ingest-bind", default="127.0.0.1", help="loopback address the ingest clouds listen on (default 127.0.0.1)"
     )
     p.add_argument("--base-address", default="127.0.0.40", help="address of node 1 (default 127.0.0.40)")
     p.add_argument("--startup-timeout", type=float, default=30.0, help="seconds for the mesh to form (default 30)")

@@ -271,6 +271,10 @@ def decode_event(blob: bytes) -> tuple[dict[str, Any], bytes]:
     return obj, signature
 
 
+_Entry = tuple[SignedEvent, bytes, set[bytes], set[bytes]]
+"""A cached event: (parsed event, its signed bytes, keys it verified under, keys it failed under)."""
+
+
 class EventCache:
     """Events already parsed and signatures already checked, so each is done once per process.
 
@@ -278,23 +282,26 @@ class EventCache:
     for the signature check, the device's public key: a blob whose signature was
     checked under a key is not checked again under that key, whether it passed or
     failed. A different signature over the same content is different bytes, so it
-    is checked on its own. Entries are evicted oldest-used first beyond
-    `max_entries`; `max_entries=0` keeps nothing (every call verifies: the cost
-    before the cache, for benchmarks). Thread-safe: the cloud folds in worker
-    threads.
+    is checked on its own. `parse` alone (shape and content id, no signature) is
+    remembered too, so a caller that only needs to know who signed an event (the
+    cloud, before it knows which keys to trust) does not decode it a second time.
+    Entries are evicted oldest-used first beyond `max_entries`; `max_entries=0`
+    keeps nothing (every call verifies: the cost before the cache, for
+    benchmarks). Thread-safe: the cloud folds in worker threads.
 
     Attributes:
         verifications: Ed25519 checks done through this cache.
         hits: checks answered from the cache.
+        parses: events decoded through this cache (each blob once while it is kept).
     """
 
     def __init__(self, max_entries: int = 16384) -> None:
         self.max_entries = max_entries
         self.verifications = 0
         self.hits = 0
+        self.parses = 0
         self._lock = threading.Lock()
-        # blob -> (parsed event, keys it verified under, keys it failed under)
-        self._entries: OrderedDict[bytes, tuple[SignedEvent, set[bytes], set[bytes]]] = OrderedDict()
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -303,20 +310,31 @@ class EventCache:
         with self._lock:
             self._entries.clear()
 
-    def verify(self, blob: bytes, keyring: Keyring) -> SignedEvent:
-        """`verify_event` without the chain check, remembering the outcome."""
-        blob = bytes(blob)
+    def _entry(self, blob: bytes) -> _Entry:
         with self._lock:
             entry = self._entries.get(blob)
             if entry is not None:
                 self._entries.move_to_end(blob)
-        if entry is None:
-            event = _parse(blob)
-            entry = (event, set(), set())
-        event, good, bad = entry
+                return entry
+        self.parses += 1
+        event, content = _parse(blob)
+        entry = (event, content, set(), set())
+        self._remember(blob, entry)
+        return entry
+
+    def parse(self, blob: bytes) -> SignedEvent:
+        """The event in `blob`, shape and content id checked, its signature NOT checked.
+
+        Raises:
+            MalformedEvent, MissingField: as `decode_event`.
+        """
+        return self._entry(bytes(blob))[0]
+
+    def verify(self, blob: bytes, keyring: Keyring) -> SignedEvent:
+        """`verify_event` without the chain check, remembering the outcome."""
+        event, content, good, bad = self._entry(bytes(blob))
         public_key = keyring.public_key(event.record.device_id)
         if public_key is None:
-            self._remember(blob, entry)
             raise UnknownKey(f"device {event.record.device_id!r} is not in the keyring", event_id=event.event_id)
         if public_key in good:
             self.hits += 1
@@ -324,12 +342,11 @@ class EventCache:
         if public_key not in bad:
             self.verifications += 1
             try:
-                nacl.signing.VerifyKey(public_key).verify(_canonical(event.record.to_map()), event.signature)
+                nacl.signing.VerifyKey(public_key).verify(content, event.signature)
             except nacl.exceptions.BadSignatureError:
                 bad.add(public_key)
             else:
                 good.add(public_key)
-            self._remember(blob, entry)
         else:
             self.hits += 1
         if public_key in bad:
@@ -339,7 +356,7 @@ class EventCache:
             )
         return event
 
-    def _remember(self, blob: bytes, entry: tuple[SignedEvent, set[bytes], set[bytes]]) -> None:
+    def _remember(self, blob: bytes, entry: _Entry) -> None:
         if self.max_entries <= 0:
             return
         with self._lock:
@@ -353,11 +370,12 @@ EVENT_CACHE = EventCache()
 """The process's cache (see `EventCache`); `verify_event` and the fold use it by default."""
 
 
-def _parse(blob: bytes) -> SignedEvent:
-    """Shape and content-id checks, no signature check."""
+def _parse(blob: bytes) -> tuple[SignedEvent, bytes]:
+    """Shape and content-id checks, no signature check; also the signed bytes (the
+    canonical record, which the chain hash covers too), so they are encoded once."""
     body, signature = decode_event(blob)
     content = _canonical(body)
-    return SignedEvent(_record_from(body), signature, blob, hashlib.sha256(content).digest())
+    return SignedEvent(_record_from(body), signature, blob, hashlib.sha256(content).digest()), content
 
 
 def verify_event(

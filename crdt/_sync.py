@@ -224,11 +224,19 @@ class Replica:
     It decides nothing about *when* to sync or *with whom*; it turns sync messages
     into new changes (returned so the caller can store them durably before it
     acknowledges anything) and produces the next message for a peer.
+
+    Args:
+        change_bytes: False for a holder that persists whole documents, never their
+            changes (the cloud): `receive` then returns each new change with its hash
+            and *empty* bytes. Encoding every change of a new document costs more
+            than Automerge applying it; a holder that only needs to know which
+            documents changed skips it.
     """
 
-    def __init__(self, docs: Mapping[str, Document] | None = None) -> None:
+    def __init__(self, docs: Mapping[str, Document] | None = None, *, change_bytes: bool = True) -> None:
         self.docs: dict[str, Document] = dict(docs or {})
         self.book = SyncBook()
+        self.change_bytes = change_bytes
         # Documents we are receiving for the first time, not yet adopted.
         self._incoming: dict[str, Document] = {}
 
@@ -318,5 +326,10 @@ class Replica:
                 self.book.reset(peer, doc_id)
                 raise InvalidSyncMessage(f"new document {doc_id!r} is not acceptable: {exc}") from exc
             self.docs[doc_id] = target
-            return [(c.hash, c.bytes) for c in target.get_changes([])]
-        return [(c.hash, c.bytes) for c in target.get_changes(before)]
+            return self._listed(target, [])
+        return self._listed(target, before)
+
+    def _listed(self, doc: Document, since: list[bytes]) -> list[tuple[bytes, bytes]]:
+        if self.change_bytes:
+            return [(c.hash, c.bytes) for c in doc.get_changes(since)]
+        return [(c.hash, b"") for c in doc.get_changes(since)]

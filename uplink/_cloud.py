@@ -52,8 +52,7 @@ return values; the trio and HTTP glue around them is thin.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import functools
 import json
 import logging
 import os
@@ -62,7 +61,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,30 +79,38 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crdt import (
-    GENESIS_PREV,
     SITE_CONFIG_ID,
-    DocumentError,
-    EventError,
+    SessionData,
     Keyring,
     Replica,
-    SignedEvent,
     SyncSession,
-    decode_event,
-    fold,
     heads_hash,
-    read_session,
     set_receipt,
-    verify_event,
 )
 
 from ._apiauth import ApiTokens
 from ._cloud_web import cloud_pages
 from ._cloudauth import SeenRequests, guard_cloud
 from ._forwarder import SIGNED_SYNC_CONTEXT
+from ._ingest import IngestRules, SessionReader, reconcile_batch, session_devices
+from ._ingest import (  # noqa: F401  (the pure decisions of ingestion, long imported from this module)
+    BROKEN_CHAIN,
+    EVENT_REMOVED,
+    FOREIGN_RECEIPT,
+    FORK,
+    KEY_MISMATCH,
+    LATE,
+    OK,
+    ChainLink,
+    ChainVerdict,
+    SessionKeys,
+    check_chains,
+    session_keys,
+)
 from ._ledger import Ledger, LedgerError, Tx, parse_db_url
 from ._metrics import CloudMetrics
 from ._ocpi import ocpi_routes
-from ._tariffs import OperatorConfig, SiteConfigs, decide_price, split_site_config, with_site_config
+from ._tariffs import OperatorConfig, PriceDecision, SiteConfigs, decide_price, split_site_config, with_site_config
 from ._wire import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -129,19 +135,6 @@ MAX_REPRICE = 2000
 """Unpriced sessions of a site priced again in the transaction that changes its config
 (oldest first; the rest at its next config change): bounds that transaction."""
 """Largest compressed request body accepted (413 above it); inflation is bounded by MAX_INFLATED."""
-
-# Event status in the `events` table.
-OK = "ok"
-LATE = "late"
-FORK = "fork"
-BROKEN_CHAIN = "broken_chain"
-_ACCEPTED = (OK, LATE)
-
-# Conflict kinds the cloud adds to the fold's own (see docs/data-model.md).
-KEY_MISMATCH = "key_mismatch"
-FOREIGN_RECEIPT = "foreign_receipt"
-EVENT_REMOVED = "event_removed"
-_FOLD_INPUT_KINDS = ("invalid_event", "wrong_session")
 
 # Counters kept in the `stats` table.
 STAT_REQUESTS = "requests"
@@ -280,97 +273,6 @@ def verify_receipt(blob: bytes, issuer: bytes | str | None = None) -> dict[str, 
     return receipt
 
 
-@dataclass(frozen=True)
-class ChainLink:
-    """An event as the cross-session chain check sees it."""
-
-    event_id: str
-    device_id: str
-    seq: int
-    prev: bytes
-    chain_hash: bytes
-    session_id: str
-    status: str = OK
-
-    @classmethod
-    def of(cls, event: SignedEvent) -> ChainLink:
-        r = event.record
-        return cls(r.event_id, r.device_id, r.seq, r.prev, event.chain_hash, r.session_id)
-
-
-@dataclass(frozen=True)
-class ChainVerdict:
-    event_id: str
-    status: str  # OK, FORK or BROKEN_CHAIN
-    detail: str = ""
-
-
-def check_chains(new: Iterable[ChainLink], stored: Iterable[ChainLink]) -> list[ChainVerdict]:
-    """Decide where new events stand in their devices' chains, across sessions.
-
-    Args:
-        new: events the cloud has not stored yet.
-        stored: stored events (with their status) in every slot (device, seq)
-            next to or at a new event's: seq - 1, seq, seq + 1.
-
-    Rules, applied to new events in (device, seq, event_id) order so that a
-    batch decides the same way whatever order it arrived in, and each decided
-    event counts for the next:
-
-    1. A slot that already holds an accepted event (`ok` or `late`) with another
-       id: `fork`. Inside one batch the smaller event_id wins, as in the fold.
-    2. seq 1 whose `prev` is not zeros, or a `prev` that is not the chain hash
-       of the accepted event at seq - 1: `broken_chain`.
-    3. No accepted event at seq - 1 but a refused one whose chain hash is `prev`:
-       it extends a refused event, `broken_chain`.
-    4. The accepted event at seq + 1 does not point at this one: `broken_chain`
-       (the newcomer loses; what was accepted, and perhaps billed, stays).
-    5. Otherwise `ok`. A link whose neighbour is unknown cannot be checked yet;
-       it is checked when the neighbour arrives (rule 4 or 2).
-    """
-    slots: dict[tuple[str, int], list[ChainLink]] = {}
-    for link in stored:
-        slots.setdefault((link.device_id, link.seq), []).append(link)
-    verdicts: list[ChainVerdict] = []
-    for link in sorted(new, key=lambda e: (e.device_id, e.seq, e.event_id)):
-        device, seq = link.device_id, link.seq
-
-        def accepted(s: int) -> ChainLink | None:
-            return next((e for e in slots.get((device, s), []) if e.status in _ACCEPTED), None)
-
-        here, before, after = accepted(seq), accepted(seq - 1), accepted(seq + 1)
-        refused_before = [e for e in slots.get((device, seq - 1), []) if e.status not in _ACCEPTED]
-        if here is not None and here.event_id != link.event_id:
-            verdict = ChainVerdict(
-                link.event_id, FORK,
-                f"device {device!r} seq {seq} is already event {here.event_id} (session {here.session_id!r})",
-            )  # fmt: skip
-        elif seq == 1 and link.prev != GENESIS_PREV:
-            verdict = ChainVerdict(link.event_id, BROKEN_CHAIN, f"device {device!r} seq 1 must have a zero prev")
-        elif before is not None and link.prev != before.chain_hash:
-            verdict = ChainVerdict(
-                link.event_id, BROKEN_CHAIN,
-                f"prev is not the hash of device {device!r} seq {seq - 1}, event {before.event_id} "
-                f"(session {before.session_id!r})",
-            )  # fmt: skip
-        elif before is None and (parent := next((e for e in refused_before if e.chain_hash == link.prev), None)):
-            verdict = ChainVerdict(
-                link.event_id, BROKEN_CHAIN, f"extends event {parent.event_id}, which was refused ({parent.status})"
-            )
-        elif after is not None and after.prev != link.chain_hash:
-            verdict = ChainVerdict(
-                link.event_id, BROKEN_CHAIN,
-                f"device {device!r} seq {seq + 1}, event {after.event_id} (session {after.session_id!r}), "
-                "stored earlier, does not point at this event",
-            )  # fmt: skip
-        else:
-            verdict = ChainVerdict(link.event_id, OK)
-        verdicts.append(verdict)
-        decided = dataclasses.replace(link, status=verdict.status)
-        slots.setdefault((device, seq), []).append(decided)
-    return verdicts
-
-
 Authenticate = Callable[[bytes, float], "tuple[str, bytes]"]
 """`authenticate(certificate, now)` -> (device_id, public key) when `certificate` is one
 the service trusts to forward for the site: signed by the site key, not revoked, a
@@ -441,44 +343,6 @@ None. The caller supplies it (the cloud cannot import `meshnode`, where
 certificates live); `meshnode cloud --site DIR` builds it from the site's key."""
 
 
-@dataclass(frozen=True)
-class SessionKeys:
-    keyring: Keyring
-    new_pins: Mapping[str, bytes] = field(default_factory=dict)
-    mismatches: tuple[tuple[str, str], ...] = ()
-
-
-def session_keys(
-    trusted: Mapping[str, bytes],
-    pinned: Mapping[str, bytes],
-    declared: Mapping[str, bytes],
-    *,
-    trust_document_keys: bool,
-) -> SessionKeys:
-    """The keyring a session's events are verified with.
-
-    `trusted` (configured) keys always win. With `trust_document_keys`, a key
-    a document declares is used for a device that has no trusted or pinned key
-    yet, and pinned (trust on first use); a declaration that disagrees with the
-    trusted or pinned key is ignored and reported. Without it, declared and
-    pinned keys are ignored: only configured keys count.
-    """
-    keys: dict[str, bytes] = {}
-    pins: dict[str, bytes] = {}
-    mismatches: list[tuple[str, str]] = []
-    if trust_document_keys:
-        for device_id, key in sorted(declared.items()):
-            known = trusted.get(device_id, pinned.get(device_id))
-            if known is None:
-                keys[device_id] = pins[device_id] = key
-            elif known != key:
-                source = "configured" if device_id in trusted else "first declared"
-                mismatches.append((device_id, f"document declares a key for {device_id!r} other than the {source} one"))
-        keys.update(pinned)
-    keys.update(trusted)
-    return SessionKeys(Keyring(keys), pins, tuple(mismatches))
-
-
 def sync_message_carries_changes(data: bytes) -> bool:
     """Whether an Automerge sync message carries at least one change.
 
@@ -516,38 +380,6 @@ def _leb128(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if not byte & 0x80 or shift > 63:
             return value, pos
-
-
-def _check_session(doc_id: str, doc: Document) -> None:
-    """Refuse a document that is not a session, or that names another session."""
-    data = read_session(doc)
-    if data.session_id != doc_id:
-        raise DocumentError(f"document {doc_id!r} says it is session {data.session_id!r}")
-
-
-def _peek_device(blob: bytes) -> str | None:
-    try:
-        return str(decode_event(blob)[0]["device_id"])
-    except EventError:
-        return None
-
-
-def _session_devices(data: Any) -> set[str]:
-    """Devices a session names: declared keys and the signers of its events."""
-    return set(data.devices) | {d for b in data.events.values() if (d := _peek_device(b))}
-
-
-def _valid_events(session_id: str, events: Mapping[str, bytes], keyring: Keyring) -> list[SignedEvent]:
-    """Events that verify, are stored under their own id and belong to this session."""
-    out = []
-    for key, blob in sorted(events.items()):
-        try:
-            event = verify_event(blob, keyring)
-        except EventError:
-            continue  # reported by the fold as invalid_event
-        if event.event_id == key and event.record.session_id == session_id:
-            out.append(event)
-    return out
 
 
 # --- keys --------------------------------------------------------------------------
@@ -649,7 +481,7 @@ class CloudService:
         self.site_entry = site_entry
         self.run_sync: RunSync = run_sync or _in_thread
         self._actor_for = actor_for
-        self.replica = Replica(docs)
+        self.replica = Replica(docs, change_bytes=False)  # the cloud saves documents, not changes
         self._key = signing_key
         self._trusted = {d: bytes(k) for d, k in (trusted_keys or {}).items()}
         Keyring(self._trusted)  # raises LocalError now for a key that is not 32 bytes
@@ -688,11 +520,8 @@ class CloudService:
         request, site_msg = split_site_config(request)
         delta: Counter[str] = Counter({STAT_REQUESTS: 1, STAT_BYTES: len(body), STAT_BYTES_INFLATED: len(inflated)})
         # The responder side of `crdt.SyncSession`, the same exchange the forwarder runs.
-        session = SyncSession(
-            self.replica, node,
-            validate=lambda doc_id, doc: _check_session(doc_id, doc),
-            check_changed=lambda doc_id, doc: _check_session(doc_id, doc),
-        )  # fmt: skip
+        reader = SessionReader()  # each session read once per version in this request
+        session = SyncSession(self.replica, node, validate=reader.check, check_changed=reader.check)
         async with self._locked(set(request.msgs) | set(request.reset) | {f"{SITE_CONFIG_ID}:{request.site}"}):
             # Shielded: in-memory documents and the database must not part ways
             # half-way; every blocking call inside is bounded by the DB timeouts.
@@ -720,6 +549,7 @@ class CloudService:
                         now,
                         request.site if site and site.changed else None,
                         list(request.msgs),
+                        reader,
                     )
                 except Exception:
                     # Re-priced sessions may have had a receipt set in memory too.
@@ -774,10 +604,12 @@ class CloudService:
         now: int,
         site: str | None = None,
         requested: Sequence[str] = (),
+        reader: SessionReader | None = None,
     ) -> list[str]:
         """Reconcile changed documents in one transaction; also save a site config the
-        request changed (`site`), and re-price requested sessions still unpriced."""
-        issued = []
+        request changed (`site`), and re-price requested sessions still unpriced.
+        The reconciliation is one batch for all of them (`_ingest.reconcile_batch`)."""
+        read = reader or SessionReader()
         with self.ledger.transaction() as tx:
             changed = dict(changed)
             if site is not None and self.site_configs.tariffs(site):
@@ -786,19 +618,33 @@ class CloudService:
                 for doc_id in tx.unpriced_of_site(site, MAX_REPRICE):
                     if doc_id not in changed and doc_id in self.replica.docs:
                         changed[doc_id] = self.replica.docs[doc_id]
-            changed = self._catch_up(tx, changed, requested)
+            changed = self._catch_up(tx, changed, requested, read)
             if site is not None and (saved := self.site_configs.saved(site)) is not None:
                 tx.save_site_config(site, saved, now)
             changed = dict(changed)
             for doc_id in tx.unpriced(d for d in requested if d not in changed and d in self.replica.docs):
                 changed[doc_id] = self.replica.docs[doc_id]
-            for doc_id, doc in sorted(changed.items()):
-                if self._reconcile(tx, doc_id, doc, now):
-                    issued.append(doc_id)
+            outcome = reconcile_batch(tx, changed, now, self._ingest_rules(), read, self._known_heads)
             tx.add_stats(delta)
-        return issued
+        self._known_heads.update(outcome.saved)
+        return outcome.issued
 
-    def _catch_up(self, tx: Tx, changed: dict[str, Document], requested: Sequence[str]) -> dict[str, Document]:
+    def _ingest_rules(self) -> IngestRules:
+        def price(data: SessionData, applied: Sequence[tuple[str, int, int | None]], energy_wh: int) -> PriceDecision:
+            return decide_price(self.site_configs.tariffs(data.site), data.tariff, applied, energy_wh)
+
+        return IngestRules(
+            trusted=self._trusted,
+            certify=self._certify,
+            trust_document_keys=self._trust_document_keys,
+            price=price,
+            issue=functools.partial(make_receipt, signing_key=self._key),
+            write_receipt=self._write_receipt,
+        )
+
+    def _catch_up(
+        self, tx: Tx, changed: dict[str, Document], requested: Sequence[str], read: SessionReader
+    ) -> dict[str, Document]:
         """Make this transaction the only one reconciling these sessions, in any process,
         and start it from what the database holds.
 
@@ -811,7 +657,7 @@ class CloudService:
         """
         if self.ledger.backend == "postgresql":
             docs = {d: self.replica.docs[d] for d in {*changed, *requested} if d in self.replica.docs}
-            devices = {d for doc in docs.values() for d in _session_devices(read_session(doc))}
+            devices = {d for doc_id, doc in docs.items() for d in session_devices(read(doc_id, doc))}
             tx.lock_keys([f"session:{d}" for d in docs] + [f"device:{d}" for d in devices])
         for doc_id, stored in tx.document_heads(changed).items():
             if stored == self._known_heads.get(doc_id) or stored == heads_hash(changed[doc_id].get_heads()):
@@ -828,128 +674,6 @@ class CloudService:
         if self._actor_for is not None:
             doc.set_actor(self._actor_for(doc_id))
         set_receipt(doc, receipt)
-
-    def _reconcile(self, tx: Tx, doc_id: str, doc: Document, now: int) -> bool:
-        """Store a session document and everything derived from it; True if a receipt was issued."""
-        data = read_session(doc)
-        conflicts: list[tuple[str, str, str]] = []
-
-        devices = _session_devices(data)
-        declared = {d: k for d, k in data.devices.items() if len(k) == 32}
-        trusted = self._trusted
-        if self._certify is not None:
-            # Devices that present a certificate from the site we trust.
-            certified = {d: k for d, blob in sorted(data.devices.items()) if (k := self._certify(d, blob)) is not None}
-            trusted = {**certified, **self._trusted}
-        keys = session_keys(trusted, tx.device_keys(devices), declared, trust_document_keys=self._trust_document_keys)
-        tx.pin_devices(keys.new_pins, doc_id, now)
-        conflicts += [(f"device:{d}", KEY_MISMATCH, detail) for d, detail in keys.mismatches]
-
-        # Events that do not verify or belong elsewhere: reported by the fold of everything.
-        everything = fold(doc_id, data.events, keys.keyring)
-        conflicts += [(c.event_id, c.kind, c.detail) for c in everything.conflicts if c.kind in _FOLD_INPUT_KINDS]
-
-        row = tx.ledger_row(doc_id)
-        receipt: bytes | None = row["receipt"] if row else None
-        valid = _valid_events(doc_id, data.events, keys.keyring)
-        known = tx.event_status(e.event_id for e in valid)
-        new = [e for e in valid if e.event_id not in known]
-        if new:
-            slots = {(e.record.device_id, e.record.seq + d) for e in new for d in (-1, 0, 1)}
-            columns = ("event_id", "device_id", "seq", "prev", "chain_hash", "session_id", "status")
-            stored = [ChainLink(*(r[c] for c in columns)) for r in tx.events_at(slots)]
-            verdicts = {v.event_id: v for v in check_chains([ChainLink.of(e) for e in new], stored)}
-            rows = []
-            for event in new:
-                verdict = verdicts[event.event_id]
-                status = verdict.status
-                if status != OK:
-                    conflicts.append((event.event_id, status, verdict.detail))
-                elif receipt is not None:
-                    status = LATE
-                    conflicts.append((event.event_id, LATE, "arrived after the session's receipt; not billed"))
-                r = event.record
-                rows.append({
-                    "event_id": r.event_id, "device_id": r.device_id, "seq": r.seq, "session_id": r.session_id,
-                    "type": r.type, "ts": r.ts, "meter_wh": r.meter_wh, "chain_hash": event.chain_hash,
-                    "prev": r.prev, "data": event.encoded, "status": status, "first_seen": now,
-                })  # fmt: skip
-            tx.insert_events(rows)
-
-        billed = {r["event_id"]: r["data"] for r in tx.session_events(doc_id) if r["status"] == OK}
-        removed = [e for e in billed if e not in data.events]
-        conflicts += [(e, EVENT_REMOVED, "event is no longer in the document; still billed") for e in removed]
-        # The fold is pure: when the billed events are exactly the document's, its
-        # result is the fold of everything, already computed.
-        view = everything if billed == data.events else fold(doc_id, billed, keys.keyring)
-        conflicts += [(c.event_id, c.kind, c.detail) for c in view.conflicts]
-        tx.mark_applied(doc_id, view.event_ids)
-
-        energy_wh = view.energy_wh
-        applied = [(e.record.type, e.record.ts, e.record.meter_wh) for e in view.applied]
-        billed_wh = row["energy_wh"] if receipt is not None and row is not None else energy_wh
-        price = decide_price(self.site_configs.tariffs(data.site), data.tariff, applied, billed_wh)
-        cost, currency = price.cost_cents, price.currency
-        tariff_id, tariff_version, pricing = price.tariff_id, price.tariff_version, json.dumps(price.detail)
-
-        issued = False
-        if data.receipt is not None and data.receipt != receipt:
-            digest = hashlib.sha256(data.receipt).hexdigest()[:16]
-            what = "replaced by the cloud's receipt" if receipt is not None else "the cloud issued none"
-            detail = f"document carries a receipt the cloud did not issue; {what}"
-            conflicts.append((f"receipt:{digest}", FOREIGN_RECEIPT, detail))
-        if receipt is not None:
-            # The receipt is final: the ledger keeps what it says. A session receipted
-            # unpriced is priced when a tariff valid at its start reaches the cloud
-            # (the receipt's energy, the billed events' times; the receipt stays).
-            assert row is not None
-            if row["cost_cents"] is None and cost is not None:
-                pricing = json.dumps({**price.detail, "priced_after_receipt": now})
-            else:
-                cost, currency, pricing = row["cost_cents"], row["currency"], row["pricing"]
-                tariff_id, tariff_version = row["tariff_id"], row["tariff_version"]
-            energy_wh = row["energy_wh"]
-            receipt_heads, receipt_ts = row["receipt_heads"], row["receipt_ts"]
-            if data.receipt != receipt:
-                self._write_receipt(doc_id, doc, receipt)
-        elif view.state == "completed":
-            heads = sorted(doc.get_heads())
-            receipt = make_receipt(
-                session_id=doc_id, energy_wh=energy_wh, cost_cents=cost, currency=currency,
-                heads=heads, issued_ts=now, signing_key=self._key,
-                tariff=(tariff_id, tariff_version) if tariff_id is not None and tariff_version is not None else None,
-            )  # fmt: skip
-            self._write_receipt(doc_id, doc, receipt)
-            receipt_heads, receipt_ts = ",".join(h.hex() for h in heads), now
-            issued = True
-        else:
-            receipt_heads, receipt_ts = None, None
-
-        tx.add_conflicts([(doc_id, *c) for c in conflicts], now)
-        state = "reconciled" if receipt is not None and view.state == "completed" else view.state
-        # A node that let a driver charge offline on its site's policy for unknown id
-        # tokens says so in the authorize event; such sessions wait for a person.
-        review = next(
-            (
-                str(e.record.data.get("auth") or "offline")
-                for e in view.applied
-                if e.record.type == "authorize" and e.record.data.get("review") is True
-            ),
-            None,
-        )
-        tx.upsert_ledger({
-            "session_id": doc_id, "site": data.site, "charger": data.charger, "connector": data.connector,
-            "id_token": data.id_token, "start_ts": view.started_ts, "stop_ts": view.stopped_ts,
-            "energy_wh": energy_wh, "cost_cents": cost, "currency": currency, "state": state,
-            "conflicts": tx.conflict_count(doc_id), "receipt_heads": receipt_heads, "receipt": receipt,
-            "receipt_ts": receipt_ts, "review": review, "tariff_id": tariff_id, "tariff_version": tariff_version,
-            "pricing": pricing, "first_seen": row["first_seen"] if row else now,
-            "updated": now,
-        })  # fmt: skip
-        saved_heads = heads_hash(doc.get_heads())
-        tx.save_document(doc_id, doc.save(), saved_heads, now)
-        self._known_heads[doc_id] = saved_heads
-        return issued
 
     # --- reads -----------------------------------------------------------------------
 

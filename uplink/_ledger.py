@@ -286,8 +286,11 @@ class Tx:
         """
         if self._dialect.name != "postgresql":
             return
-        for lock in sorted({lock_id(k) for k in keys}):
-            self.execute("SELECT pg_advisory_xact_lock(?)", (lock,))
+        locks = sorted({lock_id(k) for k in keys})
+        if locks:
+            # One statement: unnest yields the sorted array in order, and the locks are
+            # taken row by row in that order (one round trip instead of one per key).
+            self.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(?::bigint[]) AS k", (locks,))
 
     def document_heads(self, session_ids: Iterable[str]) -> dict[str, bytes]:
         """The stored `heads_hash` of these sessions' documents (those stored)."""
@@ -381,21 +384,24 @@ class Tx:
 
     def events_at(self, slots: Iterable[tuple[str, int]]) -> list[dict[str, Any]]:
         """Every stored event in the given (device_id, seq) slots, whatever its status."""
-        # One range query per device (a session's events are consecutive in their
-        # device's chain), filtered here to the slots asked for.
+        # One seq range per device (a session's events are consecutive in their
+        # device's chain), all devices in one statement, filtered here to the slots asked for.
         wanted = set(slots)
         ranges: dict[str, tuple[int, int]] = {}
         for device_id, seq in wanted:
             low, high = ranges.get(device_id, (seq, seq))
             ranges[device_id] = (min(low, seq), max(high, seq))
+        devices = sorted(ranges.items())
         out: list[dict[str, Any]] = []
-        for device_id, (low, high) in sorted(ranges.items()):
+        for start in range(0, len(devices), 150):
+            part = devices[start : start + 150]
+            where = " OR ".join("(device_id = ? AND seq BETWEEN ? AND ?)" for _ in part)
             rows = self.query(
-                "SELECT event_id, device_id, seq, session_id, chain_hash, prev, status FROM events "
-                "WHERE device_id = ? AND seq BETWEEN ? AND ? ORDER BY seq, event_id",
-                (device_id, low, high),
+                f"SELECT event_id, device_id, seq, session_id, chain_hash, prev, status FROM events WHERE {where}",
+                [v for device_id, (low, high) in part for v in (device_id, low, high)],
             )
             out.extend(r for r in rows if (r["device_id"], r["seq"]) in wanted)
+        out.sort(key=lambda r: (r["device_id"], r["seq"], r["event_id"]))
         return out
 
     def insert_events(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -422,6 +428,86 @@ class Tx:
             f"UPDATE events SET applied = CASE WHEN event_id IN ({self._in(ids)}) THEN 1 ELSE 0 END "
             "WHERE session_id = ?",
             (*ids, session_id),
+        )
+
+    # --- a batch of sessions at once (the ingest path, `_ingest.py`) -------------
+
+    def _chunks(self, values: Iterable[Any], size: int = 500) -> Iterator[list[Any]]:
+        ordered = sorted(set(values))
+        for start in range(0, len(ordered), size):
+            yield ordered[start : start + size]
+
+    def ledger_rows_of(self, session_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The ledger rows of these sessions (those that have one), by session id."""
+        out: dict[str, dict[str, Any]] = {}
+        for part in self._chunks(session_ids):
+            rows = self.query(
+                f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger WHERE session_id IN ({self._in(part)})", part
+            )
+            out.update((r["session_id"], r) for r in rows)
+        return out
+
+    def events_of(self, session_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        """The stored events of these sessions: event_id, status, applied and data, by session id."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for part in self._chunks(session_ids):
+            rows = self.query(
+                f"SELECT session_id, event_id, status, applied, data FROM events WHERE session_id IN ({self._in(part)}) "
+                "ORDER BY session_id, event_id",
+                part,
+            )
+            for r in rows:
+                out.setdefault(r["session_id"], []).append(r)
+        return out
+
+    def pin_devices_of(self, rows: Iterable[tuple[str, bytes, str, int]]) -> None:
+        """Pin (device_id, public_key, first_session, now); a device pinned before keeps its key."""
+        self.executemany(
+            "INSERT INTO devices (device_id, public_key, first_session, first_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device_id) DO NOTHING",
+            rows,
+        )
+
+    def insert_event_rows(self, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """Insert events given as rows of `columns` (a subset of the table's); known ids are left alone."""
+        self.executemany(
+            f"INSERT INTO events ({', '.join(columns)}) VALUES ({self._in(columns)}) ON CONFLICT (event_id) DO NOTHING",
+            rows,
+        )
+
+    def set_applied(self, rows: Iterable[tuple[int, str]]) -> None:
+        """Set (applied, event_id): whether the billing fold used each event."""
+        self.executemany("UPDATE events SET applied = ? WHERE event_id = ?", rows)
+
+    def conflict_counts(self, session_ids: Iterable[str]) -> dict[str, int]:
+        """How many conflicts each of these sessions has (sessions with none are left out)."""
+        out: dict[str, int] = {}
+        for part in self._chunks(session_ids):
+            rows = self.query(
+                f"SELECT session_id, count(*) AS n FROM conflicts WHERE session_id IN ({self._in(part)}) "
+                "GROUP BY session_id",
+                part,
+            )
+            out.update((r["session_id"], int(r["n"])) for r in rows)
+        return out
+
+    def upsert_ledger_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """`upsert_ledger` for many rows in one statement."""
+        cols = ", ".join(LEDGER_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in LEDGER_COLUMNS if c not in ("session_id", "first_seen"))
+        self.executemany(
+            f"INSERT INTO ledger ({cols}) VALUES ({self._in(LEDGER_COLUMNS)}) "
+            f"ON CONFLICT (session_id) DO UPDATE SET {updates}",
+            [[row[c] for c in LEDGER_COLUMNS] for row in rows],
+        )
+
+    def save_documents(self, rows: Iterable[tuple[str, bytes, bytes, int]]) -> None:
+        """`save_document` for many (session_id, data, heads_hash, now) in one statement."""
+        self.executemany(
+            "INSERT INTO documents (session_id, data, heads_hash, updated) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (session_id) DO UPDATE SET data = excluded.data, "
+            "heads_hash = excluded.heads_hash, updated = excluded.updated",
+            rows,
         )
 
     # --- conflicts ---------------------------------------------------------------
