@@ -243,9 +243,10 @@ async def test_re_pricing_a_session_that_did_not_change_saves_no_document(tmp_pa
     signer = make_signer("charger-1")
     docs = {}
     for k in range(4):
-        doc = new_doc(f"s-{k}", tariff={})  # no prices: unpriced, no receipt
+        # No site tariff and still charging: unpriced and without a receipt (a completed
+        # session would get its unpriced receipt, and only a tariff change prices it then).
+        doc = new_doc(f"s-{k}", tariff={})
         put(doc, signer, "authorize", f"s-{k}", 10 * k)
-        put(doc, signer, "stop", f"s-{k}", 10 * k + 1)
         docs[f"s-{k}"] = doc
     clock = itertools.count(1_700_000_000)
     async with asgi_cloud(f"sqlite:///{path}", wall_clock=lambda: float(next(clock))) as (_, client):
