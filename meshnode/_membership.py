@@ -90,6 +90,19 @@ R10. No work twice: records are checked once, when built or parsed (our own
     record's setters check only the value they change). Verdicts, the sorted live
     list, the leader and the digest are cached and recomputed only when a record
     changes state or content or a verdict deadline passes (``next_deadline``).
+R11. The SWIM detector (``detector="swim"``; docs/membership.md): no heartbeats
+    (``tick`` raises nothing); a peer is ALIVE until suspected. ``suspect`` (the
+    caller's probe of a direct neighbour failed, or discovery says it left)
+    starts a suspicion, a record with ``status`` 1 at the peer's incarnation;
+    records order by ``(incarnation, status, heartbeat)``, so a suspicion, and a
+    death notice (status 2) above it, beat the node's life at that incarnation,
+    and only its refutation (R5, ``incarnation + 1``) clears them. SUSPECT runs
+    ``suspicion_timeout`` from when we first heard it, then DEAD (the record
+    becomes a death notice), forgotten and dropped as in R3. Everything that
+    changes is news (R9); death notices are gossiped (unlike R4).
+    ``piggyback(repair=True)`` adds slices of the whole view after the news, for
+    a peer whose digest differs. Direct contact with a SUSPECT or DEAD peer
+    re-queues what we believe so that it refutes.
 
 Invariants (numbered; tests check each)
 ---------------------------------------
@@ -103,14 +116,15 @@ Invariants (numbered; tests check each)
 4. With time only moving forward and no new evidence, a peer moves only ALIVE ->
    SUSPECT -> DEAD -> forgotten; only a higher ``(incarnation, heartbeat)`` (or,
    before it is forgotten, a direct exchange) makes it ALIVE again.
-5. ``records_for_gossip`` holds ourselves and ALIVE or SUSPECT peers only (R4).
+5. ``records_for_gossip`` holds ourselves and ALIVE or SUSPECT peers only (R4;
+   the SWIM detector adds death notices, R11).
 6. ``MemberRecord`` cannot hold an out-of-range field; ``from_wire`` either
    returns a valid record or raises ``MembershipError`` and changes nothing.
 7. ``elect_leader`` and ``choose_gossip_targets`` are pure: the same inputs, as
    sets, give the same output (and the same random draws) whatever their order.
 8. ``piggyback`` starts with our current record, returns at most ``limit``
-   records, never a DEAD one, and sends no queued update more than
-   ``retransmit_limit`` times (R9).
+   records, never a DEAD one (SWIM: death notices, R11), and sends no queued
+   update more than ``retransmit_limit`` times (R9).
 9. Every cached verdict (``view``, ``live_peers``, ``records_for_gossip``,
    ``leader``, ``next_deadline``, ``digest``) equals a fresh evaluation of the
    rules at the same ``now``, after any sequence of inputs (R10).
