@@ -13,7 +13,7 @@ fault, not a size), and the chargers are 20 % of the nodes. Larger meshes are
 simulated for less virtual time by default (their cost per simulated second
 grows with the node count); pass --seconds N to simulate every size as long.
 
-    python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--profile]
+    python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--profile] [--detector swim|heartbeat]
 
 With --profile, a cProfile of the 200-node run's top functions goes to stderr,
 and that run's time is reported as "profiled_wall_s" (cProfile slows it down,
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECONDS = {50: 600.0, 200: 600.0, 1000: 30.0}
 
 
-def child(nodes: int, seconds: float, profile: bool) -> None:
+def child(nodes: int, seconds: float, profile: bool, detector: str) -> None:
     sys.path.insert(0, str(ROOT))
     from sim import Simulation, load_scenario
 
@@ -54,6 +54,7 @@ def child(nodes: int, seconds: float, profile: bool) -> None:
         "duration": seconds,
         "drain": 0.0,
         "faults": {},
+        "node.detector": detector,
     }
     scenario = load_scenario(ROOT / "sim" / "scenarios" / "mesh200.toml", overrides)
     started = time.perf_counter()
@@ -79,6 +80,7 @@ def child(nodes: int, seconds: float, profile: bool) -> None:
         json.dumps(
             {
                 "nodes": nodes,
+                "detector": detector,
                 "simulated_s": s["simulated_s"],
                 wall_key: round(wall, 2),
                 ("profiled_" if profile else "") + "wall_s_per_node_hour": round(
@@ -108,15 +110,16 @@ def main() -> int:
     parser.add_argument("--sizes", default="50,200,1000")
     parser.add_argument("--seconds", type=float, default=None, help="simulated seconds for every size")
     parser.add_argument("--profile", action="store_true", help="profile the 200-node run (stderr)")
+    parser.add_argument("--detector", default="swim", choices=("heartbeat", "swim"), help="the nodes' failure detector")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.seconds or DEFAULT_SECONDS.get(args.child, 60.0), args.profile)
+        child(args.child, args.seconds or DEFAULT_SECONDS.get(args.child, 60.0), args.profile, args.detector)
         return 0
     runs = []
     for nodes in [int(n) for n in args.sizes.split(",")]:
         seconds = args.seconds or DEFAULT_SECONDS.get(nodes, 60.0)
-        cmd = [sys.executable, __file__, "--child", str(nodes), "--seconds", str(seconds)]
+        cmd = [sys.executable, __file__, "--child", str(nodes), "--seconds", str(seconds), "--detector", args.detector]
         if args.profile and nodes == 200:
             cmd.append("--profile")
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout

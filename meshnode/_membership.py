@@ -90,6 +90,19 @@ R10. No work twice: records are checked once, when built or parsed (our own
     record's setters check only the value they change). Verdicts, the sorted live
     list, the leader and the digest are cached and recomputed only when a record
     changes state or content or a verdict deadline passes (``next_deadline``).
+R11. The SWIM detector (``detector="swim"``; docs/membership.md): no heartbeats
+    (``tick`` raises nothing); a peer is ALIVE until suspected. ``suspect`` (the
+    caller's probe of a direct neighbour failed, or discovery says it left)
+    starts a suspicion, a record with ``status`` 1 at the peer's incarnation;
+    records order by ``(incarnation, status, heartbeat)``, so a suspicion, and a
+    death notice (status 2) above it, beat the node's life at that incarnation,
+    and only its refutation (R5, ``incarnation + 1``) clears them. SUSPECT runs
+    ``suspicion_timeout`` from when we first heard it, then DEAD (the record
+    becomes a death notice), forgotten and dropped as in R3. Everything that
+    changes is news (R9); death notices are gossiped (unlike R4).
+    ``piggyback(repair=True)`` adds slices of the whole view after the news, for
+    a peer whose digest differs. Direct contact with a SUSPECT or DEAD peer
+    re-queues what we believe so that it refutes.
 
 Invariants (numbered; tests check each)
 ---------------------------------------
@@ -103,14 +116,15 @@ Invariants (numbered; tests check each)
 4. With time only moving forward and no new evidence, a peer moves only ALIVE ->
    SUSPECT -> DEAD -> forgotten; only a higher ``(incarnation, heartbeat)`` (or,
    before it is forgotten, a direct exchange) makes it ALIVE again.
-5. ``records_for_gossip`` holds ourselves and ALIVE or SUSPECT peers only (R4).
+5. ``records_for_gossip`` holds ourselves and ALIVE or SUSPECT peers only (R4;
+   the SWIM detector adds death notices, R11).
 6. ``MemberRecord`` cannot hold an out-of-range field; ``from_wire`` either
    returns a valid record or raises ``MembershipError`` and changes nothing.
 7. ``elect_leader`` and ``choose_gossip_targets`` are pure: the same inputs, as
    sets, give the same output (and the same random draws) whatever their order.
 8. ``piggyback`` starts with our current record, returns at most ``limit``
-   records, never a DEAD one, and sends no queued update more than
-   ``retransmit_limit`` times (R9).
+   records, never a DEAD one (SWIM: death notices, R11), and sends no queued
+   update more than ``retransmit_limit`` times (R9).
 9. Every cached verdict (``view``, ``live_peers``, ``records_for_gossip``,
    ``leader``, ``next_deadline``, ``digest``) equals a fresh evaluation of the
    rules at the same ``now``, after any sequence of inputs (R10).
@@ -173,6 +187,7 @@ __all__ = [
     "DEFAULT_RETRANSMIT_MULT",
     "DEFAULT_SUSPECT_AFTER",
     "DEFAULT_THRESHOLD",
+    "DETECTORS",
     "DIGEST_SIZE",
     "MAX_ADDRESS_LEN",
     "MAX_COUNTER",
@@ -195,6 +210,7 @@ DEFAULT_FORGET_AFTER = 300.0
 DEFAULT_THRESHOLD = 50
 DEFAULT_BUCKET_SIZE = 20
 DEFAULT_RETRANSMIT_MULT = 4
+DETECTORS = ("heartbeat", "swim")
 DIGEST_SIZE = 12
 
 MAX_COUNTER = 2**63 - 1
@@ -216,6 +232,10 @@ _WIRE_KEYS = {
     "version": "ver",
     "leader": "ldr",
 }
+
+ALIVE_ST, SUSPECT_ST, DEAD_ST = 0, 1, 2
+"""``MemberRecord.status`` (wire key ``st``, absent when 0): a record as its node wrote
+it, or (SWIM detector, R11) a suspicion or a death notice about it at that incarnation."""
 
 
 class MembershipError(ValueError):
@@ -329,6 +349,7 @@ class MemberRecord:
     address: str
     version: str
     leader: str | None = None
+    status: int = ALIVE_ST
 
     def __post_init__(self) -> None:
         _check_text("node_id", self.node_id, MAX_NODE_ID_LEN)
@@ -339,16 +360,21 @@ class MemberRecord:
         _check_text("version", self.version, MAX_VERSION_LEN)
         if self.leader is not None:
             _check_text("leader", self.leader, MAX_NODE_ID_LEN)
+        _check_counter("status", self.status, DEAD_ST)
 
     @property
     def key(self) -> tuple[int, int]:
         """``(incarnation, heartbeat)``: the order in which records of one node supersede."""
         return (self.incarnation, self.heartbeat)
 
-    def _order(self) -> tuple[int, int, int, str, str, bool, str]:
+    def _order(self) -> tuple[int, int, int, int, str, str, bool, str]:
         # R1: the key decides; the rest only breaks ties that honest nodes never create.
+        # R11: at one incarnation a death notice beats a suspicion beats the node's own
+        # record (memberlist's order), whatever the heartbeat: only the node's
+        # refutation, a higher incarnation, clears them.
         return (
             self.incarnation,
+            self.status,
             self.heartbeat,
             self.uplink_score,
             self.address,
@@ -378,6 +404,8 @@ class MemberRecord:
         wire = self.__dict__.get("_wire")
         if wire is None:
             wire = self.__dict__["_wire"] = {short: getattr(self, name) for name, short in _WIRE_KEYS.items()}
+            if self.status != ALIVE_ST:
+                wire["st"] = self.status
         return dict(wire)
 
     @classmethod
@@ -405,6 +433,7 @@ class MemberRecord:
             name = next(n for n, short in _WIRE_KEYS.items() if short == missing)
             raise MembershipError(f"member record lacks {missing!r} ({name})") from None
         leader = obj.get("ldr")
+        status = obj.get("st", ALIVE_ST)
         # R10: the text fields of a node's record repeat in every gossip round; one
         # cached check per distinct combination, the counters checked each time.
         if (
@@ -413,6 +442,7 @@ class MemberRecord:
             and type(score) is int and 0 <= score <= 100
             and type(node_id) is str and type(address) is str and type(version) is str
             and (leader is None or type(leader) is str)
+            and type(status) is int and 0 <= status <= DEAD_ST
             # Lengths first: nothing overlong reaches (and stays in) the cache.
             and len(node_id) <= MAX_NODE_ID_LEN and len(address) <= MAX_ADDRESS_LEN
             and len(version) <= MAX_VERSION_LEN and (leader is None or len(leader) <= MAX_NODE_ID_LEN)
@@ -421,11 +451,11 @@ class MemberRecord:
             record = object.__new__(cls)
             record.__dict__.update(
                 node_id=node_id, incarnation=incarnation, heartbeat=heartbeat, uplink_score=score,
-                address=address, version=version, leader=leader,
+                address=address, version=version, leader=leader, status=status,
             )  # fmt: skip
             return record
         # Something is wrong: the constructor's checks say what.
-        return cls(node_id, incarnation, heartbeat, score, address, version, leader)
+        return cls(node_id, incarnation, heartbeat, score, address, version, leader, status)
 
 
 class MemberView(NamedTuple):
@@ -480,6 +510,8 @@ class _Entry:
     """When this entry's heap item is due: at or before its next verdict change."""
     row: int = 0
     """Its term in the digest's sum (0 while it is not ALIVE or SUSPECT)."""
+    suspected_at: float | None = None
+    """SWIM detector (R11): when we began to suspect it (None: not suspected)."""
 
     @property
     def last_seen(self) -> float:
@@ -541,6 +573,8 @@ class Membership:
         bucket_size: int = DEFAULT_BUCKET_SIZE,
         heartbeat_period: float | None = None,
         refresh_sends: int = 1,
+        detector: str = "heartbeat",
+        suspicion_timeout: float | None = None,
     ) -> None:
         if not isinstance(self_record, MemberRecord):
             raise TypeError(f"self_record must be a MemberRecord, got {type(self_record).__name__}")
@@ -555,6 +589,16 @@ class Membership:
         _check_counter("threshold", threshold, 101)
         if heartbeat_period is not None and not (0 < heartbeat_period and math.isfinite(heartbeat_period)):
             raise ValueError(f"heartbeat_period must be a positive number or None, got {heartbeat_period!r}")
+        if detector not in DETECTORS:
+            raise ValueError(f"detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+        self.detector = detector
+        self._swim = detector == "swim"
+        if suspicion_timeout is None:
+            suspicion_timeout = dead_after - suspect_after
+        if not (0 < suspicion_timeout and math.isfinite(suspicion_timeout)):
+            raise ValueError(f"suspicion_timeout must be a positive number, got {suspicion_timeout!r}")
+        self.suspicion_timeout = float(suspicion_timeout)
+        self._cursor = ""  # R11: where the next repair fill goes on in the sorted ids
         self._self = self_record
         self.heartbeat_period = heartbeat_period
         if type(refresh_sends) is not int or refresh_sends < 1:
@@ -614,9 +658,15 @@ class Membership:
         return self._set_self(new)
 
     def tick(self, now: float) -> MemberRecord:
-        """Raise our heartbeat (call once per heartbeat period) and return our new record."""
+        """Raise our heartbeat (call once per heartbeat period) and return our new record.
+
+        The SWIM detector (R11) has no heartbeats: there ``tick`` only brings the
+        verdicts to ``now`` and returns our record unchanged.
+        """
         self._advance(now)
         self._beat_at = now
+        if self._swim:
+            return self._self
         return self._bump()
 
     def set_uplink_score(self, score: int) -> MemberRecord:
@@ -673,6 +723,8 @@ class Membership:
         Returns:
             The sorted ids whose visible record changed; our own id if we refuted.
         """
+        if self._swim:
+            return self._merge_swim(records, now)
         self._advance(now)
         changed: set[str] = set()
         own_id = self._self.node_id
@@ -738,6 +790,100 @@ class Membership:
                 self._live[bisect.bisect_left(self._live_ids, node_id)] = record
         return sorted(changed)
 
+    def _merge_swim(self, records: Iterable[MemberRecord], now: float) -> list[str]:
+        # R11: records order by (incarnation, status, heartbeat); a suspicion starts our
+        # own timer, a death notice makes the peer DEAD at once, and only a higher
+        # incarnation (the node's refutation) brings it back. What changes is news.
+        self._advance(now)
+        changed: set[str] = set()
+        own_id = self._self.node_id
+        peers = self._peers
+        for record in records:
+            if type(record) is not MemberRecord:
+                raise TypeError(f"merge takes MemberRecord, got {type(record).__name__}")
+            node_id = record.node_id
+            if node_id == own_id:
+                if self._refute(record):
+                    changed.add(node_id)
+                continue
+            entry = peers.get(node_id)
+            if entry is None:
+                entry = peers[node_id] = _Entry(record, now, state=None)
+                bisect.insort(self._ids, node_id)
+                if record.status == SUSPECT_ST:
+                    entry.suspected_at = now
+                elif record.status == DEAD_ST:
+                    # Kept, DEAD: a copy of its life at that incarnation, heard later,
+                    # must not make it ALIVE (the merge's order does not matter).
+                    entry.suspected_at = now - self.suspicion_timeout
+                self._reevaluate(entry, now)
+                self._enqueue(node_id)
+                changed.add(node_id)
+                continue
+            old = entry.record
+            if not record.supersedes(old):
+                continue
+            if entry.state is None and record.incarnation <= old.incarnation:
+                continue  # forgotten: only a new life (a higher incarnation) brings it back (R3)
+            entry.record = record
+            if record.status == ALIVE_ST:
+                entry.suspected_at = None
+            elif record.status == SUSPECT_ST:
+                if old.status != SUSPECT_ST or old.incarnation != record.incarnation or entry.suspected_at is None:
+                    entry.suspected_at = now
+            else:
+                dead_at = now - self.suspicion_timeout
+                if entry.suspected_at is None or entry.suspected_at > dead_at:
+                    entry.suspected_at = dead_at
+            if record.key > old.key:
+                entry.last_changed = max(entry.last_changed, now)
+            self._reevaluate(entry, now)
+            changed.add(node_id)
+            if (
+                record.incarnation != old.incarnation
+                or record.status != old.status
+                or record.uplink_score != old.uplink_score
+                or record.leader != old.leader
+                or record.address != old.address
+                or record.version != old.version
+            ):
+                self._enqueue(node_id)
+                if entry.state in _LIVE:
+                    self._set_row(entry)
+            if entry.state in _LIVE:
+                self._live[bisect.bisect_left(self._live_ids, node_id)] = entry.record
+        return sorted(changed)
+
+    def _reevaluate(self, entry: _Entry, now: float) -> None:
+        # R11: the verdict from the suspicion timer, and a heap item due exactly at the next change.
+        self._set_state(entry, self._state_of(entry, now))
+        due = self._transition_after(entry, now)
+        if due != entry.due:
+            entry.due = due
+            if due != math.inf:
+                heapq.heappush(self._heap, (due, entry.record.node_id))
+
+    def suspect(self, node_id: str, now: float) -> bool:
+        """SWIM detector (R11): a probe of ``node_id`` failed (our direct exchanges with
+        it failed in a row); suspect it and spread the suspicion.
+
+        It becomes SUSPECT here, DEAD ``suspicion_timeout`` later unless it refutes (a
+        record of a higher incarnation). Returns whether a new suspicion began (False
+        for the heartbeat detector, an unknown peer, or one already suspected or dead).
+        """
+        if not self._swim:
+            return False
+        self._advance(now)
+        entry = self._peers.get(node_id)
+        if entry is None or entry.state is not PeerState.ALIVE:
+            return False
+        entry.record = entry.record._evolve(status=SUSPECT_ST)
+        entry.suspected_at = now
+        self._reevaluate(entry, now)
+        self._live[bisect.bisect_left(self._live_ids, node_id)] = entry.record
+        self._enqueue(node_id)
+        return True
+
     def _refresh(self, record: MemberRecord) -> None:
         # R9: a heartbeat advance to pass on `refresh_sends` times. Nodes that may lead
         # (eligible, or claiming) go first: the election reads their liveness, and a
@@ -766,8 +912,10 @@ class Membership:
     def _refute(self, record: MemberRecord) -> bool:
         # R5: someone holds a record of us that is at least as new as ours but not ours.
         own = self._self
-        if record == own or record.key < own.key:
+        if record == own or record.incarnation < own.incarnation:
             return False
+        if record.status == ALIVE_ST and record.key < own.key:
+            return False  # an older copy of us; a suspicion or death notice at our incarnation is refuted (R11)
         incarnation = min(record.incarnation + 1, MAX_COUNTER)
         heartbeat = 0 if incarnation > record.incarnation else min(record.heartbeat + 1, MAX_COUNTER)
         self._set_self(own._evolve(incarnation=incarnation, heartbeat=heartbeat))
@@ -787,6 +935,20 @@ class Membership:
         entry = self._peers.get(peer)
         entries = [entry] if entry is not None else [e for e in self._peers.values() if e.record.address == peer]
         refreshed = False
+        if self._swim:
+            # R11: a direct answer is not a refutation (only the node's new incarnation
+            # is), but the node must hear what we believe so that it refutes: queue our
+            # suspicion or death notice again. A tombstone goes, so its records count again.
+            for entry in entries:
+                node_id = entry.record.node_id
+                if entry.state is None:
+                    self._drop(node_id)
+                    continue
+                entry.last_direct = max(entry.last_direct, now)
+                if entry.state is not PeerState.ALIVE and node_id not in self._queue:
+                    self._enqueue(node_id)
+                refreshed = True
+            return refreshed
         for entry in entries:
             if entry.state is not None:
                 if now > entry.last_direct:
@@ -799,6 +961,16 @@ class Membership:
     # -- verdicts ----------------------------------------------------------------
 
     def _state_of(self, entry: _Entry, now: float) -> PeerState | None:
+        if self._swim:
+            # R11: ALIVE until suspected; then SUSPECT, DEAD, forgotten on the suspicion's clock.
+            if entry.suspected_at is None:
+                return PeerState.ALIVE
+            age = now - entry.suspected_at
+            if age < self.suspicion_timeout:
+                return PeerState.SUSPECT
+            if age < self.suspicion_timeout + self.forget_after:
+                return PeerState.DEAD
+            return None
         age = now - entry.last_seen
         if age < self.suspect_after:
             return PeerState.ALIVE
@@ -810,6 +982,14 @@ class Membership:
 
     def _transition_after(self, entry: _Entry, now: float) -> float:
         # The first time after `now` at which this entry's verdict changes (or it is dropped).
+        if self._swim:
+            if entry.suspected_at is None:
+                return math.inf
+            start = entry.suspected_at + self.suspicion_timeout
+            for t in (start, start + self.forget_after, start + 2 * self.forget_after):
+                if t > now:
+                    return t
+            return math.inf
         seen = entry.last_seen
         forget = seen + self.dead_after + self.forget_after
         for t in (seen + self.suspect_after, seen + self.dead_after, forget, forget + self.forget_after):
@@ -869,7 +1049,8 @@ class Membership:
             pos = bisect.bisect_left(self._live_ids, node_id)
             del self._live_ids[pos]
             del self._live[pos]
-            self._queue.pop(node_id, None)  # R4: the dead are not gossiped
+            if not self._swim:  # R4: the dead are not gossiped (R11: their death notices are)
+                self._queue.pop(node_id, None)
             self._fresh.pop(node_id, None)
             self._fresh_first.pop(node_id, None)
         elif is_live and not was_live:
@@ -878,6 +1059,11 @@ class Membership:
             self._live.insert(pos, entry.record)
         if was_live != is_live:
             self._set_row(entry)  # ALIVE <-> SUSPECT leaves the digest as it is (R9)
+        if self._swim:
+            if state is PeerState.DEAD and entry.record.status != DEAD_ST:
+                entry.record = entry.record._evolve(status=DEAD_ST)  # what we tell others now (R11)
+            elif state is None:
+                self._queue.pop(node_id, None)
 
     def _set_row(self, entry: _Entry) -> None:
         # The digest is a sum of one hash per live member, so one member's change
@@ -954,13 +1140,16 @@ class Membership:
             now = self._now
         if now is None:
             return [self._self]
+        if self._swim:
+            # R11: death notices too (within `forget_after`), so a peer that missed one learns it.
+            return [r.record for r in self.view(now)]
         if self._now is not None and now < self._now:
             return [r.record for r in self._view_at(now) if r.state in _LIVE]
         self._advance(now)
         pos = bisect.bisect_left(self._live_ids, self._self.node_id)
         return [*self._live[:pos], self._self, *self._live[pos:]]
 
-    def piggyback(self, now: float, limit: int) -> tuple[MemberRecord, ...]:
+    def piggyback(self, now: float, limit: int, *, repair: bool = False) -> tuple[MemberRecord, ...]:
         """Records to attach to any outgoing message, at most ``limit`` (R9).
 
         First our own record (its heartbeat current), then queued updates (a new
@@ -978,7 +1167,7 @@ class Membership:
         """
         if type(limit) is not int or limit < 1:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
-        if self.heartbeat_period is not None and now >= self._beat_at + self.heartbeat_period:
+        if not self._swim and self.heartbeat_period is not None and now >= self._beat_at + self.heartbeat_period:
             self.tick(now)  # a lazy heartbeat: raised when it is sent, not on a timer (R6)
         self._advance(now)
         out = [self._self]
@@ -1012,7 +1201,28 @@ class Membership:
                     if left > 0:
                         fresh[node_id] = left  # again, after those waiting longer
                     out.append(peers[node_id].record)
+        if repair and self._swim and len(out) < limit:
+            self._fill(out, limit)
         return tuple(out)
+
+    def _fill(self, out: list[MemberRecord], limit: int) -> None:
+        # R11: a peer whose digest differs gets, after the news, the next slice of our
+        # view (death notices included), going round the sorted ids from where the
+        # last slice ended: what a retransmit limit lost is repaired a slice at a time.
+        ids, peers = self._ids, self._peers
+        if not ids:
+            return
+        sent = {r.node_id for r in out}
+        start = bisect.bisect_right(ids, self._cursor)
+        for i in range(len(ids)):
+            node_id = ids[(start + i) % len(ids)]
+            entry = peers[node_id]
+            if entry.state is None or node_id in sent:
+                continue
+            out.append(entry.record)
+            self._cursor = node_id
+            if len(out) >= limit:
+                return
 
     def pending_updates(self) -> int:
         """How many updates wait in the retransmit queue (for status pages and tests)."""

@@ -162,6 +162,9 @@ class NodeConfig:
     fanout: int = 3
     suspect_after: float = 5.0
     dead_after: float = 15.0
+    detector: str = "heartbeat"
+    """The failure detector (docs/membership.md): "heartbeat" (gossip-style) or "swim"
+    (probe neighbours, spread suspicions; its idle cost does not grow with the mesh)."""
     request_timeout: float = 3.0
     """Deadline of one request (each request of an exchange has its own)."""
     max_sync_rounds: int = 12
@@ -381,6 +384,7 @@ class Node:
                 threshold=self.config.leader_threshold,
                 heartbeat_period=self.config.gossip_interval,
                 refresh_sends=6,
+                detector=self.config.detector,
             )
             self.archived = set(store.sync.archived_ids())
             if SITE_CONFIG_ID not in self.replica.docs:
@@ -606,6 +610,8 @@ class Node:
         agreement, and return to `gossip_interval` when something differs (`Cadence`).
         The heartbeat is raised when it is sent (`Membership(heartbeat_period=)`), and the
         election re-runs here too, so a rarer tick delays neither."""
+        if quiet and self.membership is not None and self.membership.detector == "swim":
+            quiet = not self.membership.pending_updates()  # news travels at the busy pace
         interval = self._cadence.quiet() if quiet else self._cadence.busy()
         self.engine.exchange_interval = self.engine.tick_interval = interval
         if self.membership is not None:
@@ -747,6 +753,8 @@ class Node:
             elif isinstance(event, PeerGone):
                 if event.node_id is not None and event.node_id in self.engine.table.peers:
                     log.info("peer %s left (discovery)", event.node_id)
+                    if self.membership is not None:  # SWIM: suspect it (it refutes if alive)
+                        self.membership.suspect(event.node_id, self.now())
                 self.engine.discovery_gone(event.node_id, event.address)
             self._wakeup.set()
 
@@ -915,6 +923,11 @@ class Node:
 
     def _exchange_failed(self, peer: str, address: str, exc: Exception) -> None:
         forgotten = self.engine.exchange_failed(peer, self.now())
+        if self.membership is not None and self.membership.detector == "swim":
+            if forgotten:  # the probe failed `max_failures` times in a row: suspect (SWIM)
+                self.membership.suspect(peer, self.now())
+            else:
+                self.engine.retry_soon(peer)
         level = logging.WARNING if isinstance(exc, RemoteRefused) and exc.code != "5.03" else logging.INFO
         log.log(
             level,
@@ -1175,7 +1188,7 @@ class Node:
             # Views differ: a larger piggyback (queued updates first, then fresh
             # heartbeats), not the whole view: in a 200-node mesh whole views made
             # every exchange parse and merge 200 records (bench/sim.py).
-            records = self.membership.piggyback(now, MAX_VIEW_RECORDS)
+            records = self.membership.piggyback(now, MAX_VIEW_RECORDS, repair=True)
         else:
             records = self._piggyback()
         return StateResponse(self.heads_hash(), digest, records).encode()

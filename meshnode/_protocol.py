@@ -17,7 +17,9 @@ Resources (RFC 7252 section 5.7 for the methods, RFC 6690 for /.well-known/core)
 
 Version 2 replaced version 1's per-change request/response pushes and its
 /m/members exchange of full member lists: membership now travels as records
-piggybacked on pushes and state exchanges (see docs/protocol.md).
+piggybacked on pushes and state exchanges (see docs/protocol.md). Version 3
+adds a member record's status (`st`: a suspicion or a death notice, for the SWIM
+failure detector), which a version 2 node would read as a record of life.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from crdt import DEFAULT_BUCKETS
 from ._membership import DIGEST_SIZE, MemberRecord, MembershipError
 from ._transport import BadRequest
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_ID_LEN = 128
 MAX_DOCS_PER_SYNC = 512
 """Hard limit on documents in one message (parsing); batches are cut by bytes first."""

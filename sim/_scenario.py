@@ -248,8 +248,12 @@ NODE_KEYS = {
     "gossip_interval": float, "fanout": int, "suspect_after": float, "dead_after": float,
     "request_timeout": float, "max_sync_rounds": int, "probe_interval": float, "leader_threshold": int,
     "retention": float, "push_interval": float, "neighbour_ttl": float, "idle_interval": float,
+    "detector": str,
 }  # fmt: skip
 """NodeConfig fields a scenario may set in [node] (everything else the simulator decides)."""
+
+DETECTORS = ("heartbeat", "swim")
+"""`node.detector`: the node's failure detectors (docs/membership.md)."""
 
 TOPOLOGY_KINDS = ("full", "line", "ring", "grid", "star", "geometric", "clusters", "edgelist")
 _TOP_KEYS = {"name", "description", "site", "duration", "drain", "sample_interval", "topology", "network",
@@ -340,6 +344,10 @@ def parse_scenario(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Scenar
         kind_ = NODE_KEYS.get(key)
         if kind_ is None:
             raise ScenarioError(f"node.{key}: not a setting the simulator passes on (allowed: {', '.join(NODE_KEYS)})")
+        if kind_ is str:
+            if value not in DETECTORS:
+                raise ScenarioError(f"node.{key}: one of {', '.join(DETECTORS)}")
+            continue
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)

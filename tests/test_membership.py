@@ -481,7 +481,7 @@ def _peer_view(m: Membership, now: float = 50.0) -> list[tuple[object, ...]]:
     return [(v.record, v.state, v.age) for v in m.view(now) if v.record.node_id != SELF]
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(_records, max_size=20), st.randoms(use_true_random=False))
 def test_merge_is_commutative(records: list[MemberRecord], rnd: random.Random) -> None:
     shuffled = records[:]
@@ -491,7 +491,7 @@ def test_merge_is_commutative(records: list[MemberRecord], rnd: random.Random) -
     assert _peer_view(one_by_one) == _peer_view(_merged([[r] for r in reversed(records)]))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(_records, max_size=8), st.lists(_records, max_size=8), st.lists(_records, max_size=8))
 def test_merge_is_associative(a: list[MemberRecord], b: list[MemberRecord], c: list[MemberRecord]) -> None:
     left = _merged([a + b, c])
@@ -500,7 +500,7 @@ def test_merge_is_associative(a: list[MemberRecord], b: list[MemberRecord], c: l
     assert _peer_view(left) == _peer_view(right) == _peer_view(flat)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(_records, max_size=20))
 def test_merge_is_idempotent(records: list[MemberRecord]) -> None:
     m = _merged([records])
@@ -511,7 +511,7 @@ def test_merge_is_idempotent(records: list[MemberRecord]) -> None:
     assert _peer_view(_merged([records + records])) == _peer_view(m)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(_with_self, max_size=20), st.randoms(use_true_random=False))
 def test_records_about_us_never_leave_us_behind_whatever_the_order(
     records: list[MemberRecord], rnd: random.Random
@@ -528,7 +528,7 @@ def test_records_about_us_never_leave_us_behind_whatever_the_order(
     assert _peer_view(_merged([records])) == _peer_view(_merged([shuffled]))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_records, max_size=12), st.lists(_records, max_size=12))
 def test_two_nodes_that_exchange_gossip_agree_on_their_peers(a: list[MemberRecord], b: list[MemberRecord]) -> None:
     x = Membership(rec("x"))
@@ -597,7 +597,7 @@ def test_bad_election_arguments_are_refused() -> None:
 _candidates = st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 100)), max_size=10)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(_candidates, st.sampled_from([None, "a", "b", "zz"]), st.randoms(use_true_random=False))
 def test_election_is_deterministic_and_independent_of_candidate_order(
     candidates: list[tuple[str, int]], current: str | None, rnd: random.Random
@@ -615,7 +615,7 @@ def test_election_is_deterministic_and_independent_of_candidate_order(
         assert best[result] >= 50
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.integers(50, 100),
     st.lists(st.tuples(st.sampled_from("bcdefg"), st.integers(0, 100)), max_size=8),
@@ -627,7 +627,7 @@ def test_an_incumbent_above_threshold_stays_against_anyone_less_than_a_bucket_be
     assert elect_leader([("a", incumbent_score), *challengers], "a") == "a"
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(st.integers(0, 2**32), st.integers(58, 92), st.integers(-3, 3))
 def test_jittering_scores_never_move_the_role_after_the_first_choice(seed: int, base_a: int, offset: int) -> None:
     # Two healthy uplinks of about equal quality (typical scores at most 3 apart),
@@ -661,7 +661,7 @@ def _mesh(records: list[MemberRecord], now: float = 0.0) -> list[Membership]:
     return nodes
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from("abcdefg"),
@@ -732,7 +732,7 @@ def test_gossip_targets_are_deterministic_for_a_seed() -> None:
     assert len(first) == 3
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.text(alphabet="abcdef", min_size=1, max_size=3), max_size=15),
     st.integers(0, 20),
@@ -864,7 +864,7 @@ def test_cached_verdicts_equal_a_fresh_evaluation_after_any_sequence(ops: list[t
         last_rows, last_digest = shown, digest
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(_ops)
 def test_own_and_peer_keys_never_go_back_and_gossip_holds_only_the_living(ops: list[tuple]) -> None:
     m = membership(incarnation=1)
@@ -895,7 +895,7 @@ def test_own_and_peer_keys_never_go_back_and_gossip_holds_only_the_living(ops: l
         assert m.self_record in gossip
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_records, min_size=1, max_size=10), st.lists(st.floats(0.0, 800.0), min_size=2, max_size=12))
 def test_without_new_evidence_a_peer_only_moves_towards_dead(records: list[MemberRecord], times: list[float]) -> None:
     order = {PeerState.ALIVE: 0, PeerState.SUSPECT: 1, PeerState.DEAD: 2}
@@ -1282,3 +1282,271 @@ def test_a_refresh_is_passed_on_refresh_sends_times_round_robin() -> None:
     assert m.piggyback(1.0, 8) == (m.self_record,)
     with pytest.raises(ValueError, match="refresh_sends"):
         membership(refresh_sends=0)
+
+
+# --- the SWIM detector (R11) ------------------------------------------------------
+
+
+def swim(incarnation: int = 1, score: int = 0, node_id: str = SELF, **kwargs: object) -> Membership:
+    return Membership(rec(node_id, incarnation, 0, score), detector="swim", **kwargs)  # type: ignore[arg-type]
+
+
+def test_swim_a_peer_stays_alive_without_heartbeats_until_someone_suspects_it() -> None:
+    m = swim()
+    m.merge([rec("a", 1, 0)], 0.0)
+    assert m.state("a", 10_000.0) is PeerState.ALIVE
+    assert m.next_deadline() is None
+    before = m.self_record
+    assert m.tick(50.0) == before  # no heartbeats: an idle record never changes
+    assert [r.node_id for r in m.piggyback(60.0, 8)] == [SELF, "a"]  # the news (a new member) ...
+    while m.pending_updates():
+        m.piggyback(60.0, 8)
+    assert m.piggyback(70.0, 8) == (before,)  # ... and then nothing: no refreshes
+    assert [r.node_id for r in m.live_peers(10_000.0)] == ["a"]
+
+
+def test_swim_a_failed_probe_suspects_then_kills_at_exact_times_and_spreads_the_suspicion() -> None:
+    m = swim(suspicion_timeout=10.0, forget_after=300.0)
+    m.merge([rec("a", 1, 4, 70)], 0.0)
+    while m.pending_updates():
+        m.piggyback(0.0, 8)
+    assert m.suspect("a", 5.0)
+    assert not m.suspect("a", 6.0)  # already suspected
+    assert not m.suspect("zz", 6.0)  # unknown
+    assert m.state("a", 5.0) is PeerState.SUSPECT
+    assert [r.node_id for r in m.live_peers(5.0)] == ["a"]  # SUSPECT still counts (R7)
+    sent = m.piggyback(5.0, 8)[1]
+    assert (sent.node_id, sent.incarnation, sent.status) == ("a", 1, 1)
+    assert sent.to_wire()["st"] == 1
+    assert m.next_deadline() == 15.0
+    assert m.state("a", 15.0 - EPS) is PeerState.SUSPECT
+    assert m.state("a", 15.0) is PeerState.DEAD
+    assert m.live_peers(15.0) == [] and m.leader(15.0) is None
+    death = [r for r in m.records_for_gossip(15.0) if r.node_id == "a"]
+    assert [(r.incarnation, r.status) for r in death] == [(1, 2)]  # the death notice is what we tell
+    assert m.next_deadline() == 315.0
+    assert m.state("a", 315.0) is PeerState.DEAD and [v.record.node_id for v in m.view(315.0)] == [SELF]
+    assert m.next_deadline() == 615.0
+    m.view(615.0)
+    assert m.next_deadline() is None and "a" not in m._peers
+
+
+def test_swim_the_heartbeat_detector_ignores_suspect() -> None:
+    m = membership(incarnation=1)
+    m.merge([rec("a", 1, 1)], 0.0)
+    assert not m.suspect("a", 1.0)
+    assert m.state("a", 1.0) is PeerState.ALIVE
+
+
+def test_swim_a_suspected_node_refutes_with_a_new_incarnation_which_clears_the_suspicion() -> None:
+    a, b = swim(node_id="a", score=80), swim(node_id="b")
+    b.merge([a.self_record], 0.0)
+    b.suspect("a", 1.0)
+    (suspicion,) = [r for r in b.piggyback(1.0, 8) if r.node_id == "a"]
+    assert a.merge([suspicion], 2.0) == ["a"]
+    assert (a.self_record.incarnation, a.self_record.heartbeat, a.self_record.status) == (2, 0, 0)
+    assert b.merge([a.piggyback(2.0, 8)[0]], 3.0) == ["a"]
+    assert b.state("a", 3.0) is PeerState.ALIVE
+    assert b.next_deadline() is None
+    assert b.state("a", 100.0) is PeerState.ALIVE
+    # An older suspicion (a past incarnation) changes nothing, on a or on b.
+    assert a.merge([suspicion], 4.0) == [] and a.self_record.incarnation == 2
+    assert b.merge([suspicion], 4.0) == [] and b.state("a", 4.0) is PeerState.ALIVE
+    # A death notice at our incarnation is refuted the same way.
+    a.merge([replace(a.self_record, status=2)], 5.0)
+    assert a.self_record.incarnation == 3
+
+
+def test_swim_a_suspicion_heard_starts_our_own_timer_once_and_the_nodes_own_changes_do_not_clear_it() -> None:
+    m = swim(suspicion_timeout=10.0)
+    m.merge([rec("a", 1, 3, 60)], 0.0)
+    m.merge([rec("a", 1, 3, 60).__class__("a", 1, 3, 60, "10.0.0.1:5683", "0.1.0", None, 1)], 2.0)
+    assert m.state("a", 2.0) is PeerState.SUSPECT
+    m.merge([MemberRecord("a", 1, 2, 60, "10.0.0.1:5683", "0.1.0", None, 1)], 8.0)  # the same suspicion again
+    m.merge([rec("a", 1, 9, 90)], 9.0)  # a's own change at the same incarnation: not a refutation
+    assert m.state("a", 11.9) is PeerState.SUSPECT
+    assert m.state("a", 12.0) is PeerState.DEAD  # 10 s from the first time we heard it
+
+
+def test_swim_a_death_notice_kills_at_once_stale_records_do_not_revive_and_a_new_incarnation_does() -> None:
+    m = swim()
+    m.merge([rec("a", 1, 3, 60)], 0.0)
+    m.merge([MemberRecord("zz", 1, 0, 0, "10.0.0.9:5683", "0.1.0", None, 2)], 0.0)
+    m.merge([rec("zz", 1, 0)], 0.0)  # its life at that incarnation, heard after its death
+    assert m.state("zz", 0.0) is PeerState.DEAD  # a stranger's death is kept: order does not matter
+    m.merge([MemberRecord("a", 1, 0, 60, "10.0.0.1:5683", "0.1.0", None, 2)], 1.0)
+    assert m.state("a", 1.0) is PeerState.DEAD
+    m.merge([rec("a", 1, 50, 60)], 2.0)  # a stale copy of its life at that incarnation
+    assert m.state("a", 2.0) is PeerState.DEAD
+    m.merge([rec("a", 2, 0, 60)], 3.0)
+    assert m.state("a", 3.0) is PeerState.ALIVE
+    assert m.next_deadline() == 300.0  # zz's: forgotten 300 s after its death
+
+
+def test_swim_a_direct_answer_requeues_our_suspicion_so_the_node_hears_it_and_clears_a_tombstone() -> None:
+    m = swim(suspicion_timeout=10.0, forget_after=100.0)
+    m.merge([rec("a", 1, 0), rec("b", 1, 0)], 0.0)
+    m.suspect("a", 1.0)
+    while m.pending_updates():
+        m.piggyback(1.0, 8)
+    assert m.observe_direct("a", 2.0)
+    assert [(r.node_id, r.status) for r in m.piggyback(2.0, 8)[1:]] == [("a", 1)]
+    m.suspect("b", 1.0)
+    m.view(200.0)  # b forgotten (a too)
+    assert m.state("b", 200.0) is PeerState.DEAD and "b" in m._peers  # a tombstone
+    m.merge([rec("b", 1, 0)], 200.0)
+    assert "b" not in {r.node_id for r in m.live_peers(200.0)}  # the tombstone holds ...
+    assert not m.observe_direct("b", 201.0)  # ... until b answers us directly
+    m.merge([rec("b", 1, 0)], 202.0)
+    assert m.state("b", 202.0) is PeerState.ALIVE
+
+
+def test_swim_idle_peers_that_heard_the_same_have_the_same_digest_and_a_repair_goes_round_the_view() -> None:
+    records = [rec(f"p{i:02d}", 1, 0, 10 * i) for i in range(10)]
+    m, n = swim(), swim()
+    m.merge(records, 0.0)
+    n.merge(records, 0.0)
+    assert m.digest(0.0) == n.digest(0.0)
+    while m.pending_updates():
+        m.piggyback(0.0, 32)
+    m.suspect("p03", 1.0)
+    m.view(20.0)  # p03 DEAD here
+    seen: list[str] = []
+    for _ in range(5):
+        seen += [r.node_id for r in m.piggyback(20.0, 4, repair=True)[1:]]
+    assert seen[0] == "p03"  # the news first (its suspicion, now a death notice) ...
+    assert sorted(set(seen)) == [r.node_id for r in records]  # ... then slices of the whole view
+    n.merge(m.records_for_gossip(20.0), 20.0)
+    assert n.state("p03", 20.0) is PeerState.DEAD
+    assert m.digest(20.0) == n.digest(20.0)
+    assert m.digest(1000.0) == n.digest(1000.0)  # no heartbeats, no aging: an idle view stays equal
+
+
+@pytest.mark.parametrize("bad", [3, -1, True, "1", 1.0])
+def test_swim_a_bad_status_on_the_wire_is_refused(bad: object) -> None:
+    with pytest.raises(MembershipError, match="status"):
+        MemberRecord.from_wire(wire(st=bad))
+
+
+def test_swim_the_status_round_trips_and_is_absent_on_the_wire_when_alive() -> None:
+    assert "st" not in rec("a").to_wire()
+    suspicion = MemberRecord("a", 1, 2, 3, "10.0.0.1:5683", "0.1.0", None, 1)
+    assert MemberRecord.from_wire(cbor2.loads(cbor2.dumps(suspicion.to_wire()))) == suspicion
+
+
+def test_swim_a_bad_detector_or_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="detector"):
+        membership(detector="gossip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="suspicion_timeout"):
+        swim(suspicion_timeout=0.0)
+
+
+_status_records = st.builds(
+    MemberRecord,
+    st.sampled_from(["a", "b", "c", SELF]),
+    st.integers(0, 3),
+    st.integers(0, 4),
+    st.integers(0, 100),
+    st.sampled_from(["10.0.0.1:5683", "10.0.0.2:5683"]),
+    st.sampled_from(["0.1.0", "0.2.0"]),
+    st.sampled_from([None, "a", "b"]),
+    st.integers(0, 2),
+)
+
+
+def _table(m: Membership, now: float) -> list[tuple[MemberRecord, PeerState]]:
+    return [(v.record, v.state) for v in m.view(now)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_status_records, max_size=20), st.randoms(use_true_random=False))
+def test_swim_merge_order_does_not_matter(records: list[MemberRecord], rnd: random.Random) -> None:
+    """Invariant 3 with suspicions and death notices: one `now`, any order or grouping."""
+    a, b = swim(incarnation=5), swim(incarnation=5)
+    a.merge(records, 1.0)
+    shuffled = list(records) * 2
+    rnd.shuffle(shuffled)
+    for r in shuffled:
+        b.merge([r], 1.0)
+    assert _table(a, 1.0) == _table(b, 1.0)
+    assert a.digest(1.0) == b.digest(1.0) and a.leader(1.0) == b.leader(1.0)
+    assert _table(a, 30.0) == _table(b, 30.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_meshes(), st.booleans())
+def test_swim_a_connected_mesh_agrees_on_one_leader_within_the_bound_and_keeps_it(
+    setup: tuple[list[MemberRecord], list[tuple[int, int]], list[set[int]]], delta: bool
+) -> None:
+    """R8's bound with the SWIM detector: the same 2d + 2 rounds (no heartbeats needed)."""
+    records, edges, known = setup
+    n = len(records)
+    mesh = []
+    for i, record in enumerate(records):
+        m = Membership(record, detector="swim")
+        m.merge([records[j] for j in sorted(known[i])], 0.0)
+        mesh.append(m)
+    d = _diameter(n, edges)
+    now, _ = _run_rounds(mesh, edges, 2 * d + 2, 0.0, delta)
+    leaders = {m.leader(now) for m in mesh}
+    assert len(leaders) == 1, leaders
+    (leader,) = leaders
+    assert (leader is None) == all(r.uplink_score < 50 for r in records)
+    _, later = _run_rounds(mesh, edges, d + 2, now, delta)
+    assert all(row == [leader] * n for row in later)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_meshes())
+def test_swim_a_dead_leader_is_replaced_everywhere_within_the_suspicion_timeout_and_2d(
+    setup: tuple[list[MemberRecord], list[tuple[int, int]], list[set[int]]],
+) -> None:
+    """The failover bound with SWIM: after a neighbour's probe fails, every survivor follows one
+    leader other than the dead one at most `suspicion_timeout + 2 D` later (rounds of 0.5 s)."""
+    records, edges, _ = setup
+    n = len(records)
+    records = [replace(r, uplink_score=max(r.uplink_score, 60)) if i < 2 else r for i, r in enumerate(records)]
+    mesh = [Membership(r, detector="swim", suspicion_timeout=5.0) for r in records]
+    now, _ = _run_rounds(mesh, edges, 2 * _diameter(n, edges) + 2, 0.0, delta=True)
+    leader = mesh[0].leader(now)
+    assert leader is not None
+    dead = int(leader[1:])
+    survivors = [i for i in range(n) if i != dead]
+    adj = [(u, v) for u, v in edges if dead not in (u, v)]
+    if len(survivors) < 2 or _diameter_of(survivors, adj) is None:
+        return  # the death cut the mesh in two: no bound to check across the halves
+    d = _diameter_of(survivors, adj)
+    assert d is not None
+    for u, v in edges:
+        if dead in (u, v):
+            mesh[v if u == dead else u].suspect(leader, now)  # its neighbours' probes fail
+    rounds = int(5.0 / 0.5) + 2 * d + 2
+    alive = [mesh[i] for i in survivors]
+    remap = {old: new for new, old in enumerate(survivors)}
+    now, _ = _run_rounds(alive, [(remap[u], remap[v]) for u, v in adj], rounds, now, delta=True)
+    leaders = {m.leader(now) for m in alive}
+    assert len(leaders) == 1 and leader not in leaders, leaders
+
+
+def _diameter_of(nodes: list[int], edges: list[tuple[int, int]]) -> int | None:
+    """The diameter of the graph on `nodes`, or None if it is not connected."""
+    adj: dict[int, set[int]] = {i: set() for i in nodes}
+    for u, v in edges:
+        adj[u].add(v)
+        adj[v].add(u)
+    worst = 0
+    for s in nodes:
+        dist = {s: 0}
+        frontier = [s]
+        while frontier:
+            nxt = []
+            for u in frontier:
+                for v in adj[u]:
+                    if v not in dist:
+                        dist[v] = dist[u] + 1
+                        nxt.append(v)
+            frontier = nxt
+        if len(dist) != len(nodes):
+            return None
+        worst = max(worst, max(dist.values()))
+    return worst

@@ -219,3 +219,50 @@ def test_crashed_node_restarts_with_its_store_and_wiped_node_catches_up_from_pee
     assert facts["n04_key_after"] != facts["n04_key"]
     assert facts["n03_caught_up"] and facts["n04_caught_up"]
     assert s["convergence_s"]["not_converged"] == 0 and s["events_lost"] == 0
+
+
+# --- the SWIM failure detector -----------------------------------------------------------------
+
+
+def test_swim_detector_moves_the_leader_off_a_cut_node_takes_it_back_after_the_heal_and_buries_a_crash():
+    """`node.detector = "swim"` on a 3x3 grid (up to 4 hops, 2 % loss): no heartbeats travel,
+    yet a leader cut off by a partition is found by its neighbours' failed probes and declared
+    DEAD everywhere, the rest follow the other uplink; after the heal the cut node refutes and
+    everyone agrees again; a crashed node (discovery says it left) is DEAD on every node."""
+    sc = scenario(
+        duration=300,
+        drain=0,
+        topology={"kind": "grid", "nodes": 9},
+        network={"latency": {"dist": "uniform", "low": 0.005, "high": 0.03}, "loss": 0.02},
+        uplink={"nodes": ["n01", "n09"]},
+        workload={"chargers": [], "sessions_per_hour": 0},
+        node={"detector": "swim"},
+        faults={"partition": [{"at": 100, "heal": 200, "groups": [["n09"], [f"n0{i}" for i in range(1, 9)]]}],
+                "crash": [{"node": "n05", "at": 250, "down_for": 1000}]},
+    )  # fmt: skip
+    seen: dict[float, dict[str, tuple[str | None, set[str]]]] = {}
+
+    def look(sim: Simulation) -> None:
+        now = trio.current_time()
+        seen[now] = {
+            node_id: (
+                slot.node.leader,
+                {v.record.node_id for v in slot.node.membership.view(now) if v.state.name == "DEAD"},
+            )
+            for node_id, slot in sim.slots.items()
+            if slot.running and slot.node is not None
+        }
+
+    sim = Simulation(sc, 1, checks=[(99.0, look), (170.0, look), (240.0, look), (290.0, look)])
+    s = sim.run().summary
+    before, cut, healed, crashed = (seen[t] for t in (99.0, 170.0, 240.0, 290.0))
+    assert {leader for leader, _ in before.values()} == {"n09"}
+    assert all(dead == set() for _, dead in before.values())
+    for node_id, (leader, dead) in cut.items():
+        if node_id != "n09":
+            assert leader == "n01" and "n09" in dead, (node_id, leader, dead)
+    assert {leader for leader, _ in healed.values()} == {"n09"}
+    assert all(dead == set() for _, dead in healed.values()), healed
+    assert set(crashed) == set(before) - {"n05"}
+    assert all(dead == {"n05"} for _, dead in crashed.values()), crashed
+    assert s["partitions"] == 1 and s["crashes"] == 1

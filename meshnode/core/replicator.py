@@ -250,6 +250,12 @@ class Replicator:
         n.exchanging = False
         return self.table.failed(node_id, now)
 
+    def retry_soon(self, node_id: str) -> None:
+        """Exchange with this neighbour again as soon as its backoff allows, not at its
+        turn: the SWIM failure detector confirms a failed probe before it suspects."""
+        if node_id in self.table.peers:
+            self._urgent.add(node_id)
+
     # --- the evaluate step -------------------------------------------------------------
 
     def poll(self, now: float) -> list[Action]:
