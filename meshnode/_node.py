@@ -7,7 +7,7 @@ wall clock for the timestamps written into events. Decisions are made by the
 sans-IO parts: `meshnode.core.Replicator` (whom to greet, push to and check,
 and when), `Membership`, the digest functions of `crdt`. The tasks here read
 the clock, carry out the actions the core returns, and sleep until its next
-deadline (docs/protocol.md describes the wire side, protocol version 2):
+deadline (docs/protocol.md describes the wire side, protocol version 3):
 
 - a change, local or received, is pushed one way (no response) to the verified
   neighbours that may lack it, with the changes they lack; a link carries at
