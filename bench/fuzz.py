@@ -5,7 +5,7 @@ Runs ``tests/fuzz_targets.py`` (atheris on libFuzzer) in a child process for
 target, so coverage feedback spans them all) and prints one JSON object:
 
 - ``inputs``, ``crashes`` (a handler's 5.00, an exception past the dispatcher
-  or the ASGI app, an HTTP 500, no answer within 10 s), ``documents_changed``
+  or the ASGI app, an HTTP 500, no answer within 15 s), ``documents_changed``
   (heads or number of documents changed; for the HTTP API, without a 201),
   ``incarnation_refutations`` (member records about the node that made it
   raise its incarnation, SWIM's refutation: counted, not a failure);
