@@ -94,6 +94,9 @@ class Outcome:
     """A document changed where nothing may change."""
     refuted: bool = False
     """The node raised its incarnation to refute a record about itself."""
+    wrote: bool = False
+    """Documents changed and the target acknowledged a write (a 201, a CALLRESULT): the
+    memory this takes is the node's data growing, not a leak."""
 
 
 @dataclass
@@ -349,6 +352,7 @@ def ocpp_targets(victim: Node, server: Any, loop: Any) -> list[Target]:
             return Outcome(
                 crashed=f"CALLERROR {failed[0][2]}: {failed[0][3]}" if failed else None,
                 changed=snapshot(victim) != before and not accepted,
+                wrote=snapshot(victim) != before and accepted,
             )
 
         targets.append(Target(f"ocpp:{version.removeprefix('ocpp')}", one, _ocpp_seeds(version)))
@@ -487,7 +491,7 @@ def api_target(victim: Node, session_id: str, *, tokens: Any = None, name: str =
                 crashed = f"HTTP {status} to a request without a valid token"
             if role == "read" and method not in READ_METHODS and status != 403:
                 crashed = f"HTTP {status} to a write with the read-only token"
-        return Outcome(crashed=crashed, changed=changed and status != 201)
+        return Outcome(crashed=crashed, changed=changed and status != 201, wrote=changed and status == 201)
 
     seeds = [
         bytes([0, 0, 1]) + json.dumps({"charger": "c9", "connector": 1, "id_token": "T"}).encode(),
@@ -575,7 +579,8 @@ def cloud_target(
         allowed = status == 201
         return Outcome(
             crashed=f"HTTP {status}" if status >= 500 or status == 0 else None,
-            changed=cloud_state(cloud, site_dir) != before and not allowed,
+            changed=(after := cloud_state(cloud, site_dir)) != before and not allowed,
+            wrote=after != before and allowed,
         )
 
     return Target(name, one, list(seeds))
@@ -620,6 +625,7 @@ def victim_state() -> dict[str, dict[str, int]]:
     return {
         name: {
             "documents": len(node.replica.docs),
+            "document_changes": sum(len(doc.get_changes([])) for doc in node.replica.docs.values()),
             "sync_states": len(node.replica.book._states),
             "neighbours": len(node.neighbours),
             "reported": len(node._reported),
@@ -718,6 +724,7 @@ class Tally:
     crashes: int = 0
     changed: int = 0
     refuted: int = 0
+    wrote: int = 0
     by_target: Counter[str] = field(default_factory=Counter)
     crash_kinds: Counter[str] = field(default_factory=Counter)
     examples: list[dict[str, str]] = field(default_factory=list)
@@ -733,6 +740,7 @@ class Tally:
         self.inputs += 1
         self.by_target[target] += 1
         self.refuted += outcome.refuted
+        self.wrote += outcome.wrote
         if outcome.crashed or outcome.changed:
             kind = f"{target}: {'changed a document' if outcome.changed else outcome.crashed}"
             self.crashes += bool(outcome.crashed)
@@ -747,6 +755,7 @@ class Tally:
             "crashes": self.crashes,
             "documents_changed": self.changed,
             "incarnation_refutations": self.refuted,
+            "writes_acknowledged": self.wrote,
             "targets": targets,
             "inputs_by_target": dict(self.by_target),
             "failures": dict(self.crash_kinds.most_common(20)),
@@ -758,7 +767,7 @@ class Tally:
             **({"python_heap": self.heap} if self.heap else {}),
             "victim_state": self.victims,
             "log_lines": sum(LOG_LINES.lines.values()),
-            "log_lines_top": dict(LOG_LINES.lines.most_common(12)),
+            "log_lines_by_template": dict(LOG_LINES.lines.most_common()),
             **({"logged_tracebacks": LOG_LINES.tracebacks} if LOG_LINES.tracebacks else {}),
             "seconds": round(time.monotonic() - self.started, 1),
         }
@@ -854,7 +863,8 @@ class CountingHandler(logging.Handler):
         """The last lines of the first few tracebacks logged (an exception of ours)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        key = f"{record.levelname} {record.name}: {str(record.msg)[:80]}"
+        # The template's start: a line that says how many like it were held back keeps it.
+        key = f"{record.levelname} {record.name}: {str(record.msg)[:40]}"
         self.lines[key] += 1
         if record.exc_info and record.exc_info[1] is not None and len(self.tracebacks) < 10:
             text = "".join(traceback.format_exception(record.exc_info[1]))
@@ -915,6 +925,7 @@ def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int, trace:
             finish()
         elif json_path and tally.inputs % 20_000 == 0:  # a long run reports as it goes
             tally.rss_end = rss_bytes()
+            tally.victims = victim_state()
             partial = tally.report([t.name for t in targets]) | {"partial": True}
             Path(json_path).write_text(json.dumps(partial, indent=2))
 

@@ -61,8 +61,11 @@ def test_short_fuzz_run_finds_no_crash_no_change_and_flat_memory(tmp_path: Path)
     growth_per_input = (report["rss_end_mb"] - report["rss_after_warmup_mb"]) * 2**20 / (INPUTS * 0.9)
     assert growth_per_input < 1024, report
     # Bad input is logged at a bounded rate (a line per kind of refusal per 10 s), not a line
-    # per input: the field saw 21,653 WARNING lines for 24,000 fuzzed datagrams.
-    assert report["log_lines"] < INPUTS / 10, json.dumps(report["log_lines_top"], indent=2)
+    # per input: the field saw 21,653 WARNING lines for 24,000 fuzzed datagrams. A template may
+    # stand for a few kinds (the transport's are per code and resource): at most 32 each.
+    windows = report["seconds"] / 10 + 1
+    too_many = {k: n for k, n in report["log_lines_by_template"].items() if n > 32 * windows}
+    assert not too_many, (windows, too_many)
 
 
 def _routes(app: Any) -> set[tuple[str, str]]:

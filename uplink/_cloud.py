@@ -144,8 +144,11 @@ class _RefusalBudget(logging.Filter):
             del self._open_at[oldest]
             self._held.pop(oldest, None)
         if held := self._held.pop(key, 0):
-            record.msg = f"{record.getMessage()} (and {held} more like it in the last {self.interval:.0f} s)"
-            record.args = None
+            suffix = f" (and {held} more like it in the last {self.interval:.0f} s)"
+            if isinstance(record.args, tuple):  # the template stays as it is, for whoever reads logs by it
+                record.msg, record.args = f"{record.msg}%s", (*record.args, suffix)
+            else:
+                record.msg, record.args = record.getMessage() + suffix, None
         return True
 
 
