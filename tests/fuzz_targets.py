@@ -1,13 +1,27 @@
-"""Fuzz targets: every CoAP resource of a node, the node's HTTP API, the cloud's endpoints.
+"""Fuzz targets: every CoAP resource of a node, the node's HTTP API, OCPP frames, the cloud's endpoints.
 
-Each target takes one input (bytes) and checks three things:
+Each target takes one input (bytes) and checks:
 
 - no unexpected exception: a CoAP handler that crashes (the dispatcher's
-  5.00) or raises past the dispatcher, an ASGI app that raises or answers 500;
+  5.00) or raises past the dispatcher, an ASGI app that raises or answers 5xx,
+  an OCPP frame that raises out of `route_message` (which ends the charger's
+  connection) or makes a handler fail (InternalError "An unexpected error
+  occurred."); a guarded API must refuse a request without a valid token;
 - no document changed: every document's heads, the number of documents and
-  the node's incarnation are compared before and after; the HTTP API may
-  change documents only when it answers 201 (it acknowledged a write);
-- bounded memory: the runner samples RSS and reports start and end.
+  the node's incarnation are compared before and after (at the cloud: its
+  documents, ledger counters, review decisions and site entries); the HTTP APIs
+  may change them only when they answer 201, an OCPP handler only when it
+  answers a CALLRESULT (a write was acknowledged);
+- bounded memory: the runner samples RSS and reports start and end;
+- bounded logging: WARNING and ERROR lines are counted per template.
+
+Targets: ``coap:`` and ``coap-sealed:`` (below), ``http:node-api`` (an insecure
+node's API), ``http:node-api-guarded`` (an enrolled node's API behind its token
+guard, with no token, the operator's, the read-only one or an unknown one),
+``ocpp:1.6`` and ``ocpp:2.0.1`` (frames from a charger connected to the node),
+``http:cloud`` (an open cloud) and ``http:cloud-site`` (a cloud that trusts a
+site: signed sync requests only, ``POST /v1/site/entries``). The HTTP targets'
+route lists are checked against the applications by ``tests/test_fuzz.py``.
 
 The CoAP targets are built from the node's route table (``Router.routes()``),
 so a resource added to the node is fuzzed without touching this file. They

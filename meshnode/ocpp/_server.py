@@ -211,6 +211,25 @@ def _refused(logger: logging.Logger, level: int, msg: str, *args: Any, **kwargs:
     logger.log(level, msg, *args, **kwargs)
 
 
+class _BridgeLog(logging.Filter):
+    """The bridge's warnings are about a charger's messages that passed the schema but cannot
+    be recorded (meter values or a stop for an unknown transaction, a session not on this
+    node): a charger can send them at will too, so they share `BAD_FRAMES`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        held = BAD_FRAMES.allow((record.name, str(record.msg)), time.monotonic())
+        if held is None:
+            return False
+        if held and isinstance(record.args, tuple):
+            record.msg, record.args = f"{record.msg}%s", (*record.args, held_back(held, BAD_FRAMES.interval))
+        return True
+
+
+logging.getLogger("meshnode.ocpp.bridge").addFilter(_BridgeLog())
+
+
 class _FrameLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """The library logs every frame at INFO; here that is DEBUG (a meter value a minute per
     connector would fill the node's log). Its warnings and errors (a handler's refusal, a
