@@ -956,6 +956,7 @@ def fuzz(inputs: int, only: str | None, json_path: str | None, seed: int, trace:
         "-rss_limit_mb=4096",
         "-print_final_stats=0",
         "-close_fd_mask=0",
+        f"-artifact_prefix={workdir}/",  # slow-unit-*, crash-*: beside the corpus, not in the repository
         str(corpus),
     ]
     atheris.Setup(argv, test_one_input)
