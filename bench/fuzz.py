@@ -1,14 +1,23 @@
-"""Benchmark: coverage-guided fuzzing of every CoAP resource, the node's HTTP API and the cloud.
+"""Benchmark: coverage-guided fuzzing of every CoAP resource, the node's HTTP API, OCPP frames and the cloud.
 
 Runs ``tests/fuzz_targets.py`` (atheris on libFuzzer) in a child process for
 ``--inputs`` inputs across all targets (the first byte of each input picks the
-target, so coverage feedback spans them all) and prints one JSON object:
+target, so coverage feedback spans them all; ``--target NAME`` fuzzes one,
+``python -m tests.fuzz_targets --list`` names them) and prints one JSON object:
 
-- ``inputs``, ``crashes`` (a handler's 5.00, an exception past the dispatcher
-  or the ASGI app, an HTTP 500, no answer within 10 s), ``documents_changed``
-  (heads or number of documents changed; for the HTTP API, without a 201),
-  ``incarnation_refutations`` (member records about the node that made it
-  raise its incarnation, SWIM's refutation: counted, not a failure);
+- ``inputs``, ``crashes`` (a handler's 5.00, an exception past the dispatcher,
+  the ASGI app or an OCPP handler's `route_message`, an HTTP 5xx, an OCPP
+  InternalError "An unexpected error occurred.", no answer within 15 s, a
+  guarded /v1 route answering without a valid token), ``documents_changed``
+  (heads or number of documents changed, the cloud's ledger, reviews or site
+  entries changed, where the target did not acknowledge a write: a 201, an
+  OCPP CALLRESULT), ``writes_acknowledged`` (those that did: data that grows
+  by design), ``incarnation_refutations`` (member records about the node that
+  made it raise its incarnation, SWIM's refutation: counted, not a failure);
+- ``log_lines`` and ``log_lines_by_template``: the WARNING and ERROR lines the
+  fuzzed code wrote (bad input is logged at a bounded rate, not per input);
+- ``victim_state``: what each node and the OCPP server keep (documents and
+  their changes, sync states, neighbours, chargers and connectors);
 - ``rss_start_mb``, ``rss_after_warmup_mb`` (after the first tenth of the
   inputs), ``rss_end_mb`` of the fuzzing process and ``rss_series`` (50 samples);
 - ``libfuzzer``: libFuzzer's last status line (corpus entries and bytes it

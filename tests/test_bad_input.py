@@ -19,6 +19,8 @@ one node, and failures are collected so that one run reports all of them.
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -673,3 +675,96 @@ async def test_sync_requests_from_unverified_senders_leave_no_sync_state(tmp_pat
             await rig.request("/m/sync", request.encode())
         assert len(rig.node.replica.book._states) == before
         await rig.hello()
+
+
+# --- log rate of bad input beyond CoAP (issue 10 item 5) ------------------------------------
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(prefix)]
+
+
+async def test_a_chargers_bad_frames_are_answered_each_and_logged_at_a_bounded_rate(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connected charger can send refusable frames as fast as its rate limit lets it (50 a
+    second). Each gets its CALLERROR and changes nothing, but the node logs one line per kind
+    of refusal per 10 s, not one per frame (the fuzz run saw 1,342 WARNING lines for 1,500
+    frames): 300 frames of 7 kinds here make at most 7 lines."""
+    from meshnode._transport import LogBudget
+    from meshnode.ocpp import VERSIONS, ChargerContext, OcppServer
+    from meshnode.ocpp import _server
+
+    # A fresh budget whose window outlasts the test however slow the machine is.
+    monkeypatch.setattr(_server, "BAD_FRAMES", LogBudget(interval=3600))
+
+    from .fuzz_targets import FrameSink
+    from .test_ocpp_bridge import Rig
+
+    rig = Rig()
+    server = OcppServer(rig.bridge, rig.site_config)
+    sink = FrameSink()
+    handler = VERSIONS["ocpp1.6"]("CP-BAD", sink, ChargerContext(rig.bridge, server, "10.9.9.9"))
+    kinds: list[str | bytes] = [
+        "not json",  # FormationViolation
+        b'[2, "b", "Heartbeat", {}]',  # a binary frame
+        json.dumps([2, "u", "MakeCoffee", {}]),  # NotImplemented
+        json.dumps([2, "u", "StartTransaction", {"connectorId": "one"}]),  # schema violation
+        json.dumps([3, "r", {}]),  # a result nobody waits for (not answered)
+        json.dumps([2, "u", "Authorize", {"idTag": "A\u0000B"}]),  # refused by the handler
+        json.dumps([2, "u", "MeterValues", {"connectorId": 1, "transactionId": 0, "meterValue": [
+            {"timestamp": "2026-11-27T12:00:00Z", "sampledValue": [{"value": "15"}]}]}]),  # no such transaction
+    ]  # fmt: skip
+    caplog.set_level(logging.WARNING)
+    async with trio_asyncio.open_loop():
+        for i in range(300):
+            await trio_asyncio.aio_as_trio(handler.route_message)(kinds[i % len(kinds)])
+    answers = [json.loads(s) for s in sink.sent]
+    refused, results = [a for a in answers if a[0] == 4], [a for a in answers if a[0] == 3]
+    assert (len(refused), len(results)) == (215, 42)  # every bad frame and CALL answered
+    assert no_sessions(rig)
+    lines = _warnings(caplog, "meshnode.ocpp")
+    assert 1 <= len(lines) <= len(kinds), "\n".join(lines)
+
+
+async def test_refused_cloud_requests_are_answered_each_and_logged_at_a_bounded_rate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cloud faces the Internet: anyone can send it sync requests that are refused, or OCPI
+    requests with a wrong token, request after request. Each gets its 4xx; the log gets one
+    line per kind per 10 s (the fuzz run saw a WARNING for every refused sync request)."""
+    import nacl.signing
+
+    from uplink import OperatorConfig
+    from uplink._cloud import REFUSAL_LOG, open_cloud
+    from uplink._wire import CONTENT_ENCODING, SYNC_PATH
+
+    from .fuzz_targets import asgi_call
+
+    # A fresh window that outlasts the test however slow the machine is.
+    monkeypatch.setattr(REFUSAL_LOG, "interval", 3600.0)
+    monkeypatch.setattr(REFUSAL_LOG, "_open_at", {})
+
+    caplog.set_level(logging.WARNING)
+    statuses = []
+    async with open_cloud(
+        f"sqlite:///{tmp_path / 'cloud.db'}",
+        signing_key=nacl.signing.SigningKey(bytes(32)),
+        operator=OperatorConfig(ocpi_token="right"),
+    ) as cloud:
+        for i in range(100):
+            headers = [(b"content-encoding", CONTENT_ENCODING.encode())]
+            statuses.append(await asgi_call(cloud.app, "POST", SYNC_PATH, headers, rng_bytes(i)))
+            wrong = [(b"authorization", b"Token d3Jvbmc=")]
+            statuses.append(await asgi_call(cloud.app, "GET", "/ocpi/versions", wrong, b""))
+    assert statuses == [400, 401] * 100
+    lines = _warnings(caplog, "uplink")
+    assert len(lines) == 2, "\n".join(lines)
+
+
+def rng_bytes(seed: int) -> bytes:
+    return random.Random(seed).randbytes(40)
+
+
+def no_sessions(rig: Any) -> bool:
+    return rig.session_docs() == [] and rig.commits == []

@@ -127,6 +127,45 @@ from ._wire import (
 
 log = logging.getLogger("uplink.cloud")
 
+
+class _RefusalBudget(logging.Filter):
+    """Anyone can send the cloud refusable requests as fast as the network carries them; a
+    WARNING for each would fill its log first. At most one line per logger and message
+    template per `interval` seconds, saying how many like it were held back (at most
+    `max_keys` templates remembered); ERROR and above, and INFO, pass unchanged."""
+
+    def __init__(self, interval: float = 10.0, max_keys: int = 256) -> None:
+        super().__init__()
+        self.interval, self.max_keys = interval, max_keys
+        self._open_at: dict[tuple[str, str], float] = {}
+        self._held: Counter[tuple[str, str]] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key, now = (record.name, str(record.msg)), time.monotonic()
+        if now < self._open_at.get(key, -1.0):
+            self._held[key] += 1
+            return False
+        self._open_at.pop(key, None)
+        self._open_at[key] = now + self.interval
+        if len(self._open_at) > self.max_keys:
+            oldest = next(iter(self._open_at))
+            del self._open_at[oldest]
+            self._held.pop(oldest, None)
+        if held := self._held.pop(key, 0):
+            suffix = f" (and {held} more like it in the last {self.interval:.0f} s)"
+            if isinstance(record.args, tuple):  # the template stays as it is, for whoever reads logs by it
+                record.msg, record.args = f"{record.msg}%s", (*record.args, suffix)
+            else:
+                record.msg, record.args = record.getMessage() + suffix, None
+        return True
+
+
+REFUSAL_LOG = _RefusalBudget()
+log.addFilter(REFUSAL_LOG)
+logging.getLogger("uplink.ocpi").addFilter(REFUSAL_LOG)  # a wrong OCPI token, request after request
+
 DEFAULT_PORT = 8700
 BACKLOG = 2048
 """Listen backlog (Hypercorn's default, 100, resets connections under a burst)."""

@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import ssl
+import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
@@ -76,6 +77,7 @@ from ocpp.exceptions import (
 from ocpp.exceptions import NotImplementedError as OcppNotImplemented
 from ocpp.messages import Call, CallError, MessageType, get_validator, unpack
 
+from .._transport import LogBudget, held_back
 from ..services import SiteConfigService
 from ._bridge import AuthStatus, OcppBridge
 
@@ -193,12 +195,54 @@ class ChargerContext:
 # --- CALLERROR handling common to every version -------------------------------------------
 
 
+BAD_FRAMES = LogBudget()
+"""A charger can send refusable frames as fast as its rate limit lets it: each is
+answered, counted here, and logged at most once per message template per 10 s."""
+
+
+def _refused(logger: logging.Logger, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+    """Log a complaint about a charger's frame at a bounded rate (`BAD_FRAMES`): one line per
+    logger and message template per interval, saying how many like it were held back."""
+    held = BAD_FRAMES.allow((logger.name, msg), time.monotonic())
+    if held is None:
+        return
+    if held:
+        msg, args = msg + "%s", (*args, held_back(held, BAD_FRAMES.interval))
+    logger.log(level, msg, *args, **kwargs)
+
+
+class _BridgeLog(logging.Filter):
+    """The bridge's warnings are about a charger's messages that passed the schema but cannot
+    be recorded (meter values or a stop for an unknown transaction, a session not on this
+    node): a charger can send them at will too, so they share `BAD_FRAMES`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        held = BAD_FRAMES.allow((record.name, str(record.msg)), time.monotonic())
+        if held is None:
+            return False
+        if held and isinstance(record.args, tuple):
+            record.msg, record.args = f"{record.msg}%s", (*record.args, held_back(held, BAD_FRAMES.interval))
+        return True
+
+
+logging.getLogger("meshnode.ocpp.bridge").addFilter(_BridgeLog())
+
+
 class _FrameLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """The library logs every frame at INFO; here that is DEBUG (a meter value a minute per
-    connector would fill the node's log). Its warnings and errors stay as they are."""
+    connector would fill the node's log). Its warnings and errors (a handler's refusal, a
+    result nobody waits for: things a charger causes at will) are rate-limited."""
 
     def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
         self.debug(msg, *args, **kwargs)
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.WARNING and self.isEnabledFor(level):
+            _refused(self.logger, level, str(msg), *args, **kwargs)
+        else:
+            super().log(level, msg, *args, **kwargs)
 
 
 FRAME_LOG = _FrameLog(logging.getLogger("meshnode.ocpp.frames"), {})
@@ -296,13 +340,13 @@ class OcppHandler(ChargePoint):
         """
         self.bridge.seen(self.id)
         if not isinstance(raw_msg, str):
-            log.warning("charger %s: binary frame (OCPP-J uses text frames)", self.id)
+            _refused(log, logging.WARNING, "charger %s: binary frame (OCPP-J uses text frames)", self.id)
             await self._send_error("-1", FormatViolationError(description="OCPP-J messages are text frames"))
             return
         try:
             msg = unpack(raw_msg)
         except OCPPError as exc:
-            log.warning("charger %s: bad frame: %s", self.id, exc)
+            _refused(log, logging.WARNING, "charger %s: bad frame: %s", self.id, exc)
             unique_id = _message_id(raw_msg)
             if isinstance(exc, FormatViolationError) or exc.code in ("ProtocolError", "PropertyConstraintViolation"):
                 exc = FormatViolationError(description=str(exc.details.get("cause", "not an OCPP message"))[:200])
@@ -312,7 +356,7 @@ class OcppHandler(ChargePoint):
             await self._route_call(msg)
         elif msg.message_type_id in (MessageType.CallResult, MessageType.CallError):
             if not self._call_lock.locked():
-                log.warning("charger %s: unsolicited %s dropped", self.id, type(msg).__name__)
+                _refused(log, logging.WARNING, "charger %s: unsolicited %s dropped", self.id, type(msg).__name__)
                 return
             self._response_queue.put_nowait(msg)
 
@@ -328,18 +372,21 @@ class OcppHandler(ChargePoint):
                 exc: OCPPError = NotSupportedError(description=f"{msg.action} is not supported by this node")
             else:
                 exc = OcppNotImplemented(description=f"{msg.action} is not an action of this OCPP version")
-            log.warning("charger %s: %s", self.id, exc.description)
+            _refused(log, logging.WARNING, "charger %s: %s", self.id, exc.description)
             await self._send_error(msg.unique_id, exc)
             return
         violation = self.schema_violation(msg)
         if violation is not None:
-            log.warning("charger %s: %s refused: %s %s", self.id, msg.action, violation.code, violation.description)
+            _refused(
+                log, logging.WARNING, "charger %s: %s refused: %s %s",
+                self.id, msg.action, violation.code, violation.description,
+            )  # fmt: skip
             await self._send_error(msg.unique_id, violation)
             return
         try:
             await self._handle_call(msg)
         except OCPPError as exc:
-            log.warning("charger %s: %s refused: %s %s", self.id, msg.action, exc.code, exc.details)
+            _refused(log, logging.WARNING, "charger %s: %s refused: %s %s", self.id, msg.action, exc.code, exc.details)
             await self._send_error(msg.unique_id, exc)
 
     def schema_violation(self, msg: Call) -> OCPPError | None:
