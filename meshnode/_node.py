@@ -109,10 +109,12 @@ from .services import API_EVENT_TYPES, SessionService, SiteConfigService
 from ._transport import (
     BadRequest,
     Forbidden,
+    LogBudget,
     RemoteRefused,
     RequestRefused,
     Transport,
     TransportError,
+    held_back,
     split_address,
 )
 
@@ -299,6 +301,8 @@ class Node:
         """XOR of a hash of (document, heads hash) over every active document: the heads-hash."""
         self._started = trio.Event()
         self.counters = {"sync_requests_refused": 0, "peer_errors": 0, "changes_received": 0}
+        self._refusal_log = LogBudget()
+        """One "refused sync message" line per 10 s (a peer can send them as fast as it likes)."""
         self._receive_lock = trio.Lock()
         self.change_listeners: list[Callable[[str], None]] = []
         # Uplink: probe score, election, forwarder (only with a cloud).
@@ -1003,6 +1007,14 @@ class Node:
         if session.unsettled:
             log.info("sync with %s not finished after %d rounds", peer, self.config.max_sync_rounds)
 
+    def _log_refused_sync(self, source: str, doc_id: str, error: object) -> None:
+        held = self._refusal_log.allow("refused sync message", self.now())
+        if held is not None:
+            log.warning(
+                "refused sync message from %s for %s: %s%s",
+                source, doc_id, error, held_back(held, self._refusal_log.interval),
+            )  # fmt: skip
+
     async def _store_applied(
         self, applied: Applied, *, source: str, refused_by_peer: Mapping[str, str] | None = None
     ) -> None:
@@ -1010,7 +1022,7 @@ class Node:
         for d, error in applied.errors.items():
             if refused_by_peer is None or d not in refused_by_peer:
                 self.counters["sync_requests_refused"] += 1
-                log.warning("refused sync message from %s for %s: %s", source, d, error)
+                self._log_refused_sync(source, d, error)
         if applied.changes:
             assert self.store is not None
             await self.store.write_many(applied.changes)
@@ -1053,7 +1065,7 @@ class Node:
             except InvalidSyncMessage as exc:
                 errors[d] = str(exc)
                 self.counters["sync_requests_refused"] += 1
-                log.warning("refused sync message from %s for %s: %s", source, d, exc)
+                self._log_refused_sync(source, d, exc)
                 continue
             finally:
                 if one_shot:

@@ -540,6 +540,27 @@ async def test_invalid_sync_messages_are_refused_whole_and_counted(tmp_path: Pat
         ).entries
 
 
+async def test_refused_sync_messages_are_logged_at_a_bounded_rate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every refused sync message is counted, but a peer sending them as fast as it
+    likes gets one WARNING line per 10 s window with how many were held back (the
+    fuzz run logged one line for each)."""
+    caplog.set_level(logging.WARNING, logger="meshnode.node")
+    _, history = foreign_sync_messages()  # decodes; refused when applied (another document's root)
+    n = 60
+    async with open_rig(tmp_path) as rig:
+        started = trio.current_time()
+        refused = rig.node.counters["sync_requests_refused"]
+        for _ in range(n):
+            request = SyncRequest(PEER_ID, {rig.session_id: history}, reset=(rig.session_id,))
+            await rig.refusal("/m/sync", request.encode())
+        assert rig.node.counters["sync_requests_refused"] == refused + n
+        windows = int((trio.current_time() - started) / rig.node._refusal_log.interval) + 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused sync message")]
+    assert 1 <= len(lines) <= windows < n, lines
+
+
 @pytest.mark.parametrize(
     "message",
     [EMPTY_BLOOM_SYNC_MESSAGE, HUGE_PROBES_SYNC_MESSAGE],
