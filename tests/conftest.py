@@ -36,6 +36,7 @@ SLOW_MODULES = {
     "test_cli", "test_demo", "test_e2e_mesh", "test_e2e_uplink", "test_imports",  # real processes
     "test_sim", "test_sweep",  # whole simulated runs, several minutes
     "test_bad_input",  # a node behind a real CoAP socket
+    "test_coap_field",  # real CoAP sockets, loss and floods, meshnode processes on the default port
 }  # fmt: skip
 SLOW_FIXTURES = {"coap_rig", "loopback_multicast", "pg_server", "pg_url"}
 SLOW_PARAMS = ("coap", "mdns", "postgresql")
@@ -45,6 +46,7 @@ SLOW_TESTS = {
     "test_sim_parts.py::test_cli_reports_a_bad_scenario",
     "test_uplink_probe.py::test_cloud_client_over_real_http",
     "test_discovery.py::test_mdns_on_an_address_we_do_not_have_fails_cleanly",
+    "test_fuzz.py::test_short_fuzz_run_finds_no_crash_no_change_and_flat_memory",  # atheris in a child process
 }
 
 
