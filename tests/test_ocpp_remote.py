@@ -156,8 +156,13 @@ def test_remote_start_and_stop_from_another_nodes_api(two: list[OcppNode]):
             await st.settle()
             await cp.settle()
             assert tx201.stop_acked and tx16.stop_acked
+            # Both stops replicate to both nodes (each travels on its own; under load
+            # one may arrive a push later than the other).
+            await eventually(
+                lambda: all(n.sessions(c)[0]["state"] == "completed" for n in two for c in ("CS-R201", "CP-R16")),
+                what="the stops to replicate",
+            )
             # Stopping again: the charger refuses (no such running transaction) -> 409.
-            await eventually(lambda: n2.sessions("CS-R201")[0]["state"] == "completed", what="the stop to replicate")
             [s] = await in_thread(n2.sessions, "CS-R201")
             r = await in_thread(_post, n2, f"/v1/sessions/{s['session_id']}/stop", {})
             assert r.status_code == 409, r.text
