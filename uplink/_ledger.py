@@ -59,6 +59,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+SQLITE_OPEN_WAIT_S = 120.0
+"""How long opening a SQLite ledger waits for another process's lock (its migration)."""
+
+
 class LedgerError(Exception):
     """The database failed or is unreachable: our failure, never the client's."""
 
@@ -129,10 +133,14 @@ class Ledger:
             try:
                 if target != ":memory:":
                     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-                self._conn: Any = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+                # While it opens and migrates, a ledger waits for the file's lock as long as a
+                # PostgreSQL instance waits for the migration lock: another process may hold
+                # it for the whole upgrade (WAL conversion included); then 5 s per statement.
+                self._conn: Any = sqlite3.connect(
+                    target, check_same_thread=False, isolation_level=None, timeout=SQLITE_OPEN_WAIT_S
+                )
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=FULL")
-                self._conn.execute("PRAGMA busy_timeout=5000")
             except (sqlite3.Error, OSError) as exc:
                 raise LedgerError(f"cannot open SQLite database {target!r}: {exc}") from exc
         else:
@@ -148,6 +156,8 @@ class Ledger:
                 raise LedgerError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
             self.schema: Migrated = self._migrate(target, migrate)
+            if backend == "sqlite":
+                self._conn.execute("PRAGMA busy_timeout=5000")
         except BaseException:
             self._conn.close()
             raise
