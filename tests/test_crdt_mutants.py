@@ -30,6 +30,7 @@ from crdt import (
     UnknownKey,
     add_event,
     add_note,
+    bucket_entries,
     bucket_of,
     check_link,
     decode_event,
@@ -48,7 +49,7 @@ from crdt import (
     verify_event,
 )
 from crdt._events import _content_id
-from crdt._sync import check_sync_message
+from crdt._sync import _is_engine_error, check_sync_message
 from crdt._fold import (
     BROKEN_CHAIN,
     FORK,
@@ -692,3 +693,89 @@ def test_an_interrupt_is_not_mistaken_for_a_bad_message():
     with pytest.raises(KeyboardInterrupt):
         replica.generate("p", "s")
     assert replica.book.state("p", "s") is state  # nothing reset: it was not the peer's doing
+
+
+# --------------------------------------------------------------------------
+# crdt/_sync.py, second mutation run (28 November 2026): the survivors that were behaviour.
+
+
+def test_bucket_entries_pick_by_the_bucket_count_they_are_given():
+    heads = {f"s-{i}": bytes([i]) * 8 for i in range(40)}
+    for buckets in (7, 1000):
+        wanted = {bucket_of("s-3", buckets), bucket_of("s-11", buckets)}
+        picked = bucket_entries(heads, wanted, buckets)
+        assert picked == {d: hh for d, hh in heads.items() if bucket_of(d, buckets) in wanted}
+        assert {"s-3", "s-11"} <= picked.keys() and len(picked) < len(heads)
+
+
+def test_heads_hashes_of_the_given_documents_only():
+    replica = Replica({"a": _session("a"), "b": _session("b")})
+    assert replica.heads_hashes(["a"]).keys() == {"a"}
+    assert replica.heads_hashes([]) == {}
+    assert replica.heads_hashes().keys() == {"a", "b"}
+
+
+def test_a_holder_without_change_bytes_gets_each_new_changes_hash_with_empty_bytes():
+    source = _session("s")
+    lean = Replica(change_bytes=False)
+    stored = lean.receive("holder", "s", _carrying(*(c.bytes for c in source.get_changes([]))))
+    assert stored == [(c.hash, b"") for c in source.get_changes([])]
+    before = source.get_heads()
+    add_event(source, A.sign("authorize", "s", 1))
+    (new,) = source.get_changes(before)
+    assert lean.receive("holder", "s", _carrying(new.bytes)) == [(new.hash, b"")]  # only the new one
+
+
+def test_a_replaced_poisoned_state_is_the_peers_from_then_on():
+    replica = Replica()
+    replica.add("s", _session("s"))
+    state = replica.book.state("p", "s")
+    replica.docs["s"].receive_sync_message(state, Message.decode(bytes.fromhex("42000001000301000100")))
+    assert replica.generate("p", "s") is not None
+    # The fresh state recorded what went out: nothing new to say until the peer answers.
+    assert replica.generate("p", "s") is None
+    assert replica.book.peers() == {"p"}
+
+
+def test_a_change_that_does_not_apply_to_a_held_document_is_refused_and_changes_nothing():
+    held = _session("s")
+    mine, theirs = held.fork(), held.fork()
+    theirs.set_actor(mine.get_actor())  # one actor, two different changes with the same seq
+    for doc, value in ((mine, "mine"), (theirs, "theirs")):
+        with doc.transaction() as tx:
+            tx.put(ROOT, "note", ScalarType.Str, value)
+    (clash,) = theirs.get_changes(held.get_heads())
+    replica = Replica({"s": mine})
+    heads = mine.get_heads()
+    kept = {key: replica.book.state(*key) for key in [("q", "s"), ("p", "other")]}
+    state = replica.book.state("p", "s")
+    with pytest.raises(InvalidSyncMessage, match="^sync message for 's' does not apply: duplicate seq 1 found"):
+        replica.receive("p", "s", _carrying(clash.bytes))
+    assert replica.docs["s"].get_heads() == heads
+    assert replica.book.state("p", "s") is not state
+    assert all(replica.book.state(*key) is s for key, s in kept.items())
+
+
+def test_a_second_history_for_a_held_document_is_refused_and_resets_that_peers_state_only():
+    replica = Replica({"s": _session("s")})
+    heads = replica.docs["s"].get_heads()
+    kept = {key: replica.book.state(*key) for key in [("q", "s"), ("p", "other")]}
+    state = replica.book.state("p", "s")
+    (root,) = _session("s").get_changes([])  # created again elsewhere: another root change
+    with pytest.raises(InvalidSyncMessage, match="^sync message for 's' brings a second, unrelated history$"):
+        replica.receive("p", "s", _carrying(root.bytes))
+    assert replica.docs["s"].get_heads() == heads
+    assert replica.book.state("p", "s") is not state
+    assert all(replica.book.state(*key) is s for key, s in kept.items())
+
+
+def test_only_pyo3s_own_panic_is_taken_for_an_engine_error():
+    def named(name: str, module: str) -> BaseException:
+        kind = type(name, (BaseException,), {"__module__": module})
+        return kind()
+
+    assert _is_engine_error(named("PanicException", "pyo3_runtime"))
+    assert _is_engine_error(ValueError("bad bytes"))
+    assert not _is_engine_error(named("PanicException", "somewhere_else"))
+    assert not _is_engine_error(named("OtherError", "pyo3_runtime"))
+    assert not _is_engine_error(KeyboardInterrupt())
