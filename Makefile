@@ -61,8 +61,10 @@ test: lint $(STAMP) $(SYSTEM_STAMP)
 
 # The fast tier: in one process, on in-memory seams and MockClock, no PostgreSQL,
 # no subprocesses, no real sockets (what is `slow` is decided in tests/conftest.py).
+# Bytecode is kept even where PYTHONDONTWRITEBYTECODE is set: without it every run compiles
+# the tree and pytest rewrites the asserts of every test module again (about 7 s of CPU).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -m "not slow"
 
 # Mutation testing (mutmut) over crdt/, the forwarder's planner and more: see docs/testing.md.
 mutation: $(STAMP)

@@ -37,6 +37,7 @@ SLOW_MODULES = {
     "test_sim", "test_sweep",  # whole simulated runs, several minutes
     "test_bad_input",  # a node behind a real CoAP socket
     "test_coap_field",  # real CoAP sockets, loss and floods, meshnode processes on the default port
+    "test_field_transport",  # real CoAP sockets on the real clock; blocks the loop for a second on purpose
 }  # fmt: skip
 SLOW_FIXTURES = {"coap_rig", "loopback_multicast", "pg_server", "pg_url"}
 SLOW_PARAMS = ("coap", "mdns", "postgresql")
@@ -47,6 +48,12 @@ SLOW_TESTS = {
     "test_uplink_probe.py::test_cloud_client_over_real_http",
     "test_discovery.py::test_mdns_on_an_address_we_do_not_have_fails_cleanly",
     "test_fuzz.py::test_short_fuzz_run_finds_no_crash_no_change_and_flat_memory",  # atheris in a child process
+    # `meshnode` / `python -m` in child processes: each pays a full interpreter and import start-up
+    "test_metrics.py::test_log_format_json_writes_one_object_per_line",
+    "test_service.py::test_the_cli_prints_each_file",
+    "test_service.py::test_the_packaged_unit_passes_systemd_analyze_verify",  # systemd-analyze
+    "test_service.py::test_verify_reports_a_bad_setting",  # systemd-analyze
+    "test_tariffs.py::test_meshnode_site_tariff_signs_an_entry_the_site_key_verifies",
 }
 
 
