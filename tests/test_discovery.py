@@ -30,7 +30,7 @@ import pytest
 import trio
 import trio.testing
 import trio_asyncio
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
@@ -255,7 +255,9 @@ def test_parse_fields_on_adverts_mostly_valid():
     property checks parsing and not just the refusal of noise."""
     outcomes: list[bool] = []
 
-    @settings(max_examples=300, database=None, derandomize=True)
+    @settings(
+        max_examples=300, database=None, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     @given(adverts())
     def check(advert):
         raw, expected = advert
