@@ -16,8 +16,10 @@ Real `meshnode run --insecure --no-mdns` processes on loopback (addresses from
    other as `--peer`): once every node sees all others as live direct peers, user +
    system CPU time of each process (/proc/PID/stat) over `--idle-seconds`, as a
    percentage of one core; the mean, max and each node.
-4. **Import cost** (`imports`): a fresh interpreter imports the node's modules one by
-   one and records the RSS each adds — what the resident memory of an idle node is made of.
+4. **Import cost** (`imports_mb`): a fresh interpreter imports the node's modules one by
+   one and records the RSS each adds — what the resident memory of an idle node is made of
+   (`total`) — then, under `on_demand`, what a node imports only when it is used (httpx for
+   an uplink, the `ocpp` library for a charger).
 
 Each measurement comes `--settle` seconds (default 20) after its node(s) are ready: an idle
 node's anti-entropy backs off from 1 s to 8 s over its first quiet exchanges, about 15 s;
@@ -204,25 +206,30 @@ IMPORTS = [
     "trio_asyncio",
     "aiocoap",
     "zeroconf",
-    "httpx",
     "starlette.applications",
     "hypercorn.trio",
     "prometheus_client",
     "jsonschema",
     "websockets.asyncio.server",
-    "ocpp.v16",
-    "ocpp.v201",
     "meshnode",
     "meshnode._coap",
     "meshnode._mdns",
     "meshnode._security",
     "meshnode._api",
     "meshnode.ocpp",
+    "meshnode.ocpp._server",
     "meshnode.cli",
 ]
+"""What an idle node imports (`meshnode run` with OCPP and mDNS on, as by default; the nodes measured
+above run with `--no-mdns`, without zeroconf), in that order."""
+
+ON_DEMAND = ["httpx", "ocpp.v16", "ocpp.v201"]
+"""Imported only when used, after `IMPORTS` here: httpx with an uplink (`--cloud`; it loads
+click, rich and pygments too when they are installed), the `ocpp` library with a version's
+first charger (`meshnode.ocpp._server.register_version`)."""
 
 
-def import_costs() -> dict[str, float]:
+def import_costs() -> dict[str, Any]:
     code = f"""
 import importlib, json
 def rss():
@@ -233,6 +240,11 @@ for name in {IMPORTS!r}:
     importlib.import_module(name)
     out[name] = round(rss() - before, 1)
 out["total"] = round(rss(), 1)
+out["on_demand"] = {{}}
+for name in {ON_DEMAND!r}:
+    before = rss()
+    importlib.import_module(name)
+    out["on_demand"][name] = round(rss() - before, 1)
 print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

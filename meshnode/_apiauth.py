@@ -14,7 +14,7 @@ ready line and ``/v1/status``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uplink import (
     API_READ_TOKEN,
@@ -26,11 +26,23 @@ from uplink import (
     ApiGuard,
     ApiTokens,
     BodyTooLarge,
-    DataDirTokens,
     TokenFileError,
     json_depth_ok,
     read_token_file,
 )
+
+if TYPE_CHECKING:
+    from uplink import DataDirTokens
+
+
+def __getattr__(name: str) -> Any:
+    # `DataDirTokens` (for tools: the demo, tests) brings httpx, which a node does not need.
+    if name == "DataDirTokens":
+        import uplink
+
+        return uplink.DataDirTokens
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "API_READ_TOKEN", "API_TOKEN", "MAX_JSON_DEPTH", "READ", "READ_METHODS", "WRITE", "ApiGuard", "ApiTokens",

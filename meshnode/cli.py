@@ -54,6 +54,19 @@ RUN_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _arguments_when_parsed(parser: argparse.ArgumentParser, module: str) -> None:
+    """Have `module`'s ``add_arguments(parser)`` add a subcommand's flags just before `parser`
+    parses (argparse gives a subcommand's arguments to its parser's ``parse_known_args``)."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        del parser.parse_known_args  # once: the flags are there from now on
+        importlib.import_module(module, __package__).add_arguments(parser)
+        return parse(args, namespace)
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshnode",
@@ -337,9 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the other uplink node takes over. Ends with a report (sessions, ledger, duplicates, lost, conflicts, "
         "stop-to-receipt time, bytes, leader changes). Exit status 0 only when nothing was lost or duplicated.",
     )
-    from ._demo import add_arguments as add_demo_arguments
-
-    add_demo_arguments(demo)
+    # The demo's module imports httpx (and the tools httpx brings: ~7 MB a node would hold for
+    # nothing): its flags are added when `meshnode demo` is parsed, not for every command.
+    _arguments_when_parsed(demo, "._demo")
 
     replica = sub.add_parser("replica-demo", help="three in-process replicas record sessions and converge by sync")
     replica.add_argument("--replicas", type=int, default=3, help="number of replicas (default 3)")

@@ -27,7 +27,10 @@ from meshnode._security import Identity, SealedTransport, Sealer
 """
 
 NOT_FOR_A_NODE = (
-    "uplink._cloud", "uplink._ledger", "psycopg", "sqlalchemy", "alembic", "matplotlib", "numpy", "networkx", "sim"
+    "uplink._cloud", "uplink._ledger", "psycopg", "sqlalchemy", "alembic", "matplotlib", "numpy", "networkx", "sim",
+    # An HTTP client only with an uplink (`uplink.CloudClient`) or in tools (`uplink.DataDirTokens`):
+    # httpx loads the command-line tools it brings when they are installed (rich, click, pygments).
+    "httpx", "uplink._tokenauth", "rich", "click", "pygments",
 )  # fmt: skip
 
 
@@ -51,8 +54,8 @@ print(json.dumps(sorted(m for m in sys.modules if m in {NOT_FOR_A_NODE!r} or m.s
 
 
 # What `meshnode run` does before it serves: it builds the whole command line (every
-# subcommand's flags, the demo's among them), then imports the node, its transport, its API and
-# (on by default) the OCPP central system.
+# subcommand's flags but the demo's, added when `meshnode demo` is parsed), then imports the
+# node, its transport, its API and (on by default) the OCPP central system.
 NODE_STARTUP = (
     NODE_IMPORTS
     + """
@@ -61,13 +64,19 @@ import meshnode.ocpp
 """
 )
 
-# What a node never runs: besides the cloud and the simulator, the demo's simulated chargers
-# (an OCPP client on websockets) and the in-process replica demo.
+# What a node never runs: besides the cloud and the simulator, the demo (its module and its
+# simulated chargers, an OCPP client on websockets) and the in-process replica demo; and what it
+# loads only when a charger connects: the `ocpp` library and a version's handler.
 NOT_AT_NODE_STARTUP = (
     *NOT_FOR_A_NODE,
+    "meshnode._demo",
     "meshnode._chargepoints",
     "meshnode._replica_demo",
     "websockets.asyncio.client",
+    "ocpp",
+    "meshnode.ocpp._handler",
+    "meshnode.ocpp._v16",
+    "meshnode.ocpp._v201",
 )
 
 
@@ -81,6 +90,17 @@ print(json.dumps(sorted(m for m in sys.modules if m in {NOT_AT_NODE_STARTUP!r} o
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+def test_the_demos_flags_are_there_when_meshnode_demo_is_parsed() -> None:
+    proc = run_python("""
+import sys
+from meshnode.cli import build_parser
+args = build_parser().parse_args(["demo", "--nodes", "3", "--no-cut"])
+print(args.nodes, args.no_cut, args.duration > 0, "meshnode._demo" in sys.modules)
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "True", "True", "True"]
 
 
 def test_a_node_without_ocpp_loads_no_ocpp_library_nor_websocket_server() -> None:
@@ -99,17 +119,50 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("ocpp", "w
     assert json.loads(proc.stdout) == []
 
 
-def test_the_ocpp_central_system_is_loaded_whole_when_it_is_used() -> None:
+def test_the_ocpp_central_system_loads_a_version_and_the_ocpp_library_only_for_a_charger_of_that_version() -> None:
+    # An idle node serving OCPP holds the WebSocket server, not the `ocpp` library (~4 MB of
+    # message classes and schemas): a version's handler is imported when one of its chargers
+    # connects, and only that version's.
     proc = run_python("""
 import sys
+import trio, trio_asyncio
 import meshnode.ocpp as ocpp
-assert "meshnode.ocpp._server" not in sys.modules
-print(sorted(ocpp.VERSIONS), ocpp.OcppServer.__module__, ocpp.V16Commands.__module__, ocpp.V201Commands.__module__)
+from meshnode.ocpp import VERSIONS, ChargerContext, OcppServer
+from tests.test_ocpp_bridge import Rig
+from tests.fuzz_targets import FrameSink
+
+def loaded():
+    return sorted({m.split(".")[0] if m.split(".")[0] == "ocpp" else m for m in sys.modules
+                   if m.split(".")[0] == "ocpp" or m.startswith("meshnode.ocpp._")})
+
+rig = Rig()
+server = OcppServer(rig.bridge, rig.site_config)
+async def serve():
+    async with trio_asyncio.open_loop():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, "127.0.0.1", 0)
+            print(sorted(VERSIONS), loaded())
+            VERSIONS["ocpp1.6"]("CP-1", FrameSink(), ChargerContext(rig.bridge, server, None))
+            print(loaded())
+            nursery.cancel_scope.cancel()
+trio.run(serve)
+print(ocpp.OcppServer.__module__, ocpp.OcppHandler.__module__, ocpp.V16Commands.__module__, ocpp.V201Commands.__module__)
 """)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [
-        "['ocpp1.6',", "'ocpp2.0.1']", "meshnode.ocpp._server", "meshnode.ocpp._v16", "meshnode.ocpp._v201"
-    ]  # fmt: skip
+    served, connected, names = proc.stdout.splitlines()
+    assert (
+        served == "['ocpp1.6', 'ocpp2.0.1'] ['meshnode.ocpp._bridge', 'meshnode.ocpp._remote', 'meshnode.ocpp._server']"
+    )
+    assert connected == (
+        "['meshnode.ocpp._bridge', 'meshnode.ocpp._handler', 'meshnode.ocpp._remote', 'meshnode.ocpp._server', "
+        "'meshnode.ocpp._v16', 'ocpp']"
+    )
+    assert names.split() == [
+        "meshnode.ocpp._server",
+        "meshnode.ocpp._handler",
+        "meshnode.ocpp._v16",
+        "meshnode.ocpp._v201",
+    ]
 
 
 def test_the_cloud_names_are_still_exported_by_uplink() -> None:

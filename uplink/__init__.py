@@ -15,7 +15,6 @@ from ._apiauth import (
     ApiGuard,
     ApiTokens,
     BodyTooLarge,
-    DataDirTokens,
     TokenFileError,
     json_depth_ok,
     read_token_file,
@@ -89,6 +88,7 @@ if TYPE_CHECKING:
         verify_receipt,
     )
     from ._ledger import Ledger, LedgerError, LedgerUrlError
+    from ._tokenauth import DataDirTokens
 
 # The reference cloud service and its ledger are imported on first use: a node
 # (which only forwards) never loads the service, its ledger or a database driver.
@@ -103,6 +103,7 @@ _LAZY = {
         "._cloud",
     ),
     **dict.fromkeys(("Ledger", "LedgerError", "LedgerUrlError"), "._ledger"),
+    "DataDirTokens": "._tokenauth",  # httpx: not for a node without an uplink
 }  # fmt: skip
 
 

@@ -36,13 +36,12 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import httpx
 from starlette.exceptions import HTTPException
 
 API_TOKEN = "api.token"
@@ -282,27 +281,3 @@ class ApiGuard:
 async def _send(send: Any, start: dict[str, Any], body: bytes) -> None:
     await send(start)
     await send({"type": "http.response.body", "body": body})
-
-
-class DataDirTokens(httpx.Auth):
-    """An httpx auth for tools that drive several services of this host (the demo, tests): the
-    operator token of the node or cloud a request goes to, read from its folder on first use.
-
-    Args:
-        data_dirs: the service's address (host, or host:port) -> the folder of its api.token.
-    """
-
-    def __init__(self, data_dirs: dict[str, Path]) -> None:
-        self._dirs = dict(data_dirs)
-        self._tokens: dict[str, str] = {}
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        host = request.url.host
-        key = f"{host}:{request.url.port}" if f"{host}:{request.url.port}" in self._dirs else host
-        if key not in self._tokens and key in self._dirs:
-            token = read_token_file(self._dirs[key])
-            if token:
-                self._tokens[key] = token
-        if key in self._tokens:
-            request.headers["Authorization"] = f"Bearer {self._tokens[key]}"
-        yield request

@@ -63,8 +63,8 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from ._wire import (
@@ -78,6 +78,12 @@ from ._wire import (
     compress,
     decompress,
 )
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported when a `CloudClient` is made: a node without an uplink never loads it (with
+# the command-line tools httpx brings when they are installed, rich and click, ~7 MB of memory).
 
 log = logging.getLogger("uplink.probe")
 
@@ -241,6 +247,8 @@ class CloudClient:
         max_response: int = MAX_INFLATED,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
+        import httpx
+
         self.base_url = base_url.rstrip("/")
         self._owned = client is None
         self._client = client if client is not None else httpx.AsyncClient(transport=transport)
@@ -305,6 +313,8 @@ class CloudClient:
         phase separately, so a server that trickles bytes could otherwise hold us).
         The body is read raw: we decompress it ourselves, with a bound (`_wire`).
         """
+        import httpx
+
         url = self.base_url + path
         try:
             with trio.fail_after(timeout):

@@ -2,7 +2,10 @@
 
 - `_server.py`: the WebSocket server (``/ocpp/{charge_point_id}``, subprotocols
   ``ocpp1.6`` / ``ocpp2.0.1``), HTTP Basic authentication at the upgrade, frame and
-  rate limits, the CALLERROR rules, and `OcppServer.call` for commands to a charger.
+  rate limits, and `OcppServer.call` for commands to a charger. It does not import the
+  `ocpp` library.
+- `_handler.py`: `OcppHandler`, the base of the version handlers (the library's
+  ChargePoint): the CALLERROR rules, the local list sync.
 - `_bridge.py`: `OcppBridge`, the one path from any OCPP version into the session
   documents (through `meshnode.services.SessionService`): authorisation, start /
   meter / stop exactly once under offline replay, mesh-unique transaction ids,
@@ -19,10 +22,12 @@ starts (`tls_context` for `--ocpp-certfile/--ocpp-keyfile`, Security Profile 2);
 remote commands use (`OcppServer.call`, `V16Commands`, `V201Commands`). docs/ocpp.md tells how to
 point a charger at its node and what is stored.
 
-A new version plugs in with one line in its module, ``register_version("ocpp2.0.1",
-V201Handler)``, where the handler subclasses `OcppHandler` (CALLERROR rules, schema
-codes) and the library's ChargePoint of that version, and translates into `OcppBridge`
-calls (`transaction_ref=` for a charger-chosen transaction id).
+A new version plugs in with one line in `_server.py`, ``register_version("ocpp2.0.1",
+"._v201:V201Handler")``: the handler by name, so its module and the library's classes for
+that version are imported when the first charger of that version connects (an idle node
+holds none of them). The handler subclasses `OcppHandler` (CALLERROR rules, schema codes)
+and the library's ChargePoint of that version, implements its two local list calls, and
+translates into `OcppBridge` calls (`transaction_ref=` for a charger-chosen transaction id).
 """
 
 from __future__ import annotations
@@ -43,16 +48,17 @@ from ._bridge import (
     derive_transaction_id,
 )
 
-# The central system itself (the WebSocket server, the `ocpp` library's message classes and
-# schema validation, a module per version) is imported on first use: by `open_server`, or when
-# one of its names is read from this package. A node run with `--ocpp-port 0` never loads it.
+# The central system itself (the WebSocket server) is imported on first use: by `open_server`,
+# or when one of its names is read from this package. A node run with `--ocpp-port 0` never
+# loads it. A version's handler, and with it the `ocpp` library's message classes and schema
+# validation, is imported when the first charger of that version connects (`VERSIONS`).
 if TYPE_CHECKING:
+    from ._handler import OcppHandler
     from ._server import (
         DEFAULT_PORT,
         VERSIONS,
         ChargerContext,
         ChargerNotConnected,
-        OcppHandler,
         OcppServer,
         RateLimit,
         register_version,
@@ -67,7 +73,6 @@ _SERVER_NAMES = frozenset(
         "VERSIONS",
         "ChargerContext",
         "ChargerNotConnected",
-        "OcppHandler",
         "OcppServer",
         "RateLimit",
         "register_version",
@@ -76,13 +81,17 @@ _SERVER_NAMES = frozenset(
 )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SERVER_NAMES or name in ("V16Commands", "V201Commands"):
-        # Each version module registers itself with `register_version` when imported.
-        from . import _server, _v16, _v201
+_LAZY = {**dict.fromkeys(_SERVER_NAMES, "._server"), "OcppHandler": "._handler", "V16Commands": "._v16"}
+_LAZY["V201Commands"] = "._v201"
 
-        return getattr(_v16 if name == "V16Commands" else _v201 if name == "V201Commands" else _server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module, __name__), name)
 
 
 # Remote start/stop wherever in the mesh a charger is connected: the node installs the
@@ -94,7 +103,6 @@ from ._remote import install as install_remote_commands  # noqa: E402
 
 def open_server(node: Any, *, ssl_context: ssl.SSLContext | None = None) -> OcppServer:
     """An `OcppServer` wired to a node's session and site-config services (not serving yet)."""
-    from . import _v16, _v201  # noqa: F401  (each registers its version)
     from ._server import OcppServer
 
     bridge = OcppBridge(node.sessions, wall_clock=lambda: node.wall_clock())

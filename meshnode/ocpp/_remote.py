@@ -399,17 +399,20 @@ class ConnectionExecutor:
         self._server = server
 
     async def __call__(self, command: Command) -> CommandReply | None:
-        from ocpp.exceptions import OCPPError
-
-        from ._server import ChargerNotConnected
-        from ._v16 import V16Commands
-        from ._v201 import V201Commands, remote_start_id
-
         server = self._server()
         handler = server.handlers.get(command.charger) if server is not None else None
         if handler is None:
             return None
+        # A charger is connected here: its version's module is loaded already (not the other's).
+        from ocpp.exceptions import OCPPError
+
+        from ._server import ChargerNotConnected
+
         v201 = getattr(handler, "_ocpp_version", "") == "2.0.1"
+        if v201:
+            from ._v201 import V201Commands, remote_start_id
+        else:
+            from ._v16 import V16Commands
         try:
             with trio.fail_after(CHARGER_TIMEOUT + 0.5):
                 if command.kind == "start":

@@ -5,8 +5,9 @@ A charge point connects to ``ws://BIND:PORT/ocpp/{charge_point_id}`` (`meshnode 
 ``ocpp2.0.1``. The server:
 
 - **negotiates the version** from `VERSIONS`, a registry ``subprotocol -> handler
-  factory``: `_v16.py` registers ``ocpp1.6``, `_v201.py` registers ``ocpp2.0.1`` with one
-  `register_version` line each. Of several offered, the newest we speak wins; none in
+  factory``, filled here by name (``ocpp1.6`` -> `_v16.py`, ``ocpp2.0.1`` -> `_v201.py`):
+  a version's module, and the `ocpp` library with it, is imported when the first charger
+  of that version connects. Of several offered, the newest we speak wins; none in
   common is refused at the upgrade (400);
 - **authenticates at the upgrade** (OCPP Security Profile 1: HTTP Basic, user = the
   charge point id, which must equal the id in the path). On an enrolled node the
@@ -21,7 +22,7 @@ A charge point connects to ``ws://BIND:PORT/ocpp/{charge_point_id}`` (`meshnode 
   connections, at most `upgrades` logins a second (503 beyond); a second connection
   with the same charge point id replaces the first;
 - **answers bad frames with the right CALLERROR** and keeps the connection
-  (`OcppHandler.route_message`): not JSON / not an OCPP array -> FormationViolation
+  (`_handler.OcppHandler.route_message`): not JSON / not an OCPP array -> FormationViolation
   (1.6; FormatViolation in 2.0.1), an action the version does not know ->
   NotImplemented, one it knows but we do not handle -> NotSupported, schema
   violations -> the library's TypeConstraint/PropertyConstraint/Occurrence/
@@ -49,7 +50,7 @@ import binascii
 import contextlib
 import datetime
 import hashlib
-import json
+import importlib
 import logging
 import math
 import os
@@ -60,26 +61,17 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 import trio_asyncio
-from ocpp.charge_point import ChargePoint
-from jsonschema.exceptions import ValidationError as SchemaError
-from ocpp.exceptions import (
-    FormatViolationError,
-    NotSupportedError,
-    OccurrenceConstraintViolationError,
-    OCPPError,
-    PropertyConstraintViolationError,
-    TypeConstraintViolationError,
-)
-from ocpp.exceptions import NotImplementedError as OcppNotImplemented
-from ocpp.messages import Call, CallError, MessageType, get_validator, unpack
 
 from .._transport import LogBudget, held_back
 from ..services import SiteConfigService
-from ._bridge import AuthStatus, OcppBridge
+from ._bridge import OcppBridge
+
+if TYPE_CHECKING:
+    from ._handler import OcppHandler
 
 log = logging.getLogger("meshnode.ocpp")
 
@@ -110,12 +102,44 @@ class HandlerFactory(Protocol):
 
 
 VERSIONS: dict[str, HandlerFactory] = {}
-"""subprotocol -> handler factory. Filled by `register_version` at import of each version module."""
+"""subprotocol -> handler factory (`register_version`)."""
 
 
-def register_version(subprotocol: str, factory: HandlerFactory) -> None:
-    """Make the server speak one OCPP version (``ocpp1.6``, ``ocpp2.0.1``)."""
-    VERSIONS[subprotocol] = factory
+class _ByName:
+    """A version's handler factory given by name (``"._v16:V16Handler"``): its module, and with it
+    the `ocpp` library's message classes and schemas for that version, is imported when the
+    first charger of that version connects. An idle node, or one whose chargers all speak 1.6,
+    does not hold the others (the `ocpp` library with both versions is ~4 MB of a node's memory).
+    """
+
+    def __init__(self, where: str) -> None:
+        self.module, _, self.name = where.partition(":")
+
+    def load(self) -> HandlerFactory:
+        """Import the version's module; its handler class."""
+        factory: HandlerFactory = getattr(importlib.import_module(self.module, __package__), self.name)
+        return factory
+
+    def __call__(self, charger_id: str, connection: Any, context: ChargerContext) -> OcppHandler:
+        return self.load()(charger_id, connection, context)
+
+    def __repr__(self) -> str:
+        return f"<handler {self.module}:{self.name}, imported at first use>"
+
+
+def register_version(subprotocol: str, factory: HandlerFactory | str) -> None:
+    """Make the server speak one OCPP version (``ocpp1.6``, ``ocpp2.0.1``).
+
+    `factory` is the handler class (or any `HandlerFactory`), or its name, ``"module:attr"``
+    (module relative to this package), imported when a charger of that version first connects.
+    """
+    VERSIONS[subprotocol] = _ByName(factory) if isinstance(factory, str) else factory
+
+
+# The versions a node speaks, by name: nothing of a version is imported before one of its
+# chargers connects. Each version module registers its handler class itself when imported.
+register_version("ocpp1.6", "._v16:V16Handler")
+register_version("ocpp2.0.1", "._v201:V201Handler")
 
 
 def _subprotocol_order(name: str) -> tuple[int, ...]:
@@ -248,196 +272,6 @@ class _FrameLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 FRAME_LOG = _FrameLog(logging.getLogger("meshnode.ocpp.frames"), {})
 
 
-class OcppHandler(ChargePoint):
-    """Base of the version handlers: the `ocpp` ChargePoint plus the node's bad-input rules.
-
-    A subclass (`_v16.V16Handler`, `_v201.V201Handler`) adds ``@on(Action)`` methods that
-    translate into bridge calls, nothing else, and sets `ERROR_CODES` for its version's
-    spelling of the CALLERROR codes.
-    """
-
-    ERROR_CODES: dict[str, str] = {}
-    """The library's code -> this version's code (1.6 spells FormationViolation and
-    OccurenceConstraintViolation; the library uses the 2.0.1 names)."""
-    KNOWN_ACTIONS: frozenset[str] = frozenset()
-    """Every action of this version (from the library's enums): routed -> handled; known
-    but not routed -> NotSupported; unknown -> NotImplemented."""
-
-    def __init__(self, charger_id: str, connection: Any, context: ChargerContext) -> None:
-        super().__init__(charger_id, connection, response_timeout=CALL_TIMEOUT, logger=FRAME_LOG)
-        self.context = context
-        self.bridge = context.bridge
-        self.errors_sent = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.list_version_sent: int | None = None
-        self._list_sync: asyncio.Task[None] | None = None
-
-    def _now(self) -> str:
-        return format_time(self.bridge._now_ms())
-
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        """Run a call to the charger beside the reader (a remote stop, a local list sync); it
-        ends with the connection (`cancel_tasks`), not after its answer timeout."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def cancel_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-
-    # --- local list (both versions; the subclass spells the two calls) -------------------
-
-    async def _local_list_version(self) -> int:
-        """Ask the charger for its local list's version (GetLocalListVersion)."""
-        raise NotImplementedError
-
-    async def _send_local_list(self, version: int, entries: list[tuple[str, AuthStatus]]) -> str:
-        """Send a full SendLocalList; return the charger's status."""
-        raise NotImplementedError
-
-    def _sync_local_list_soon(self) -> None:
-        version, _ = self.bridge.local_list()
-        if version == self.list_version_sent or (self._list_sync is not None and not self._list_sync.done()):
-            return
-        self._list_sync = self.spawn(self._sync_local_list())
-
-    async def _sync_local_list(self) -> None:
-        """Send the site's lists when the charger's local list differs (errors are logged).
-
-        A refusal is logged and not retried at every heartbeat: the next change of the
-        site's lists (a new version) is tried again.
-        """
-        try:
-            version, entries = self.bridge.local_list()
-            if await self._local_list_version() != version:
-                status = await self._send_local_list(version, entries)
-                if status != "Accepted":
-                    log.info("charger %s: SendLocalList %s", self.id, status)
-            self.list_version_sent = version
-        except Exception as exc:  # a charger without the feature answers NotSupported; or it left
-            log.info("charger %s: local list not updated: %s", self.id, exc)
-            self.list_version_sent = self.bridge.local_list()[0]
-
-    def _code(self, exc: OCPPError) -> str:
-        return self.ERROR_CODES.get(exc.code, exc.code)
-
-    async def _send_error(self, unique_id: str, exc: OCPPError) -> None:
-        self.errors_sent += 1
-        description = exc.description if isinstance(exc.description, str) else ""
-        details = exc.details if isinstance(exc.details, dict) else {}
-        details = {k: v for k, v in details.items() if k != "ocpp_message"}
-        error = CallError(unique_id, self._code(exc), description[:255], json.loads(json.dumps(details, default=str)))
-        await self._send(error.to_json())
-
-    async def route_message(self, raw_msg: Any) -> None:
-        """Parse one frame; CALL -> handler, CALLRESULT/CALLERROR -> the waiting `call`.
-
-        Unlike the library (which only logs), a frame that is not an OCPP message gets a
-        CALLERROR, with the message id when one can be read, else "-1" (OCPP 2.0.1
-        section 4.2.3; 1.6 has no rule, the same is done).
-        """
-        self.bridge.seen(self.id)
-        if not isinstance(raw_msg, str):
-            _refused(log, logging.WARNING, "charger %s: binary frame (OCPP-J uses text frames)", self.id)
-            await self._send_error("-1", FormatViolationError(description="OCPP-J messages are text frames"))
-            return
-        try:
-            msg = unpack(raw_msg)
-        except OCPPError as exc:
-            _refused(log, logging.WARNING, "charger %s: bad frame: %s", self.id, exc)
-            unique_id = _message_id(raw_msg)
-            if isinstance(exc, FormatViolationError) or exc.code in ("ProtocolError", "PropertyConstraintViolation"):
-                exc = FormatViolationError(description=str(exc.details.get("cause", "not an OCPP message"))[:200])
-            await self._send_error(unique_id, exc)
-            return
-        if msg.message_type_id == MessageType.Call:
-            await self._route_call(msg)
-        elif msg.message_type_id in (MessageType.CallResult, MessageType.CallError):
-            if not self._call_lock.locked():
-                _refused(log, logging.WARNING, "charger %s: unsolicited %s dropped", self.id, type(msg).__name__)
-                return
-            self._response_queue.put_nowait(msg)
-
-    async def _route_call(self, msg: Call) -> None:
-        if not isinstance(msg.action, str) or not isinstance(msg.unique_id, str) or not isinstance(msg.payload, dict):
-            await self._send_error(
-                str(msg.unique_id) if isinstance(msg.unique_id, str | int) else "-1",
-                FormatViolationError(description="a CALL is [2, id (string), action (string), payload (object)]"),
-            )
-            return
-        if msg.action not in self.route_map:
-            if msg.action in self.KNOWN_ACTIONS:
-                exc: OCPPError = NotSupportedError(description=f"{msg.action} is not supported by this node")
-            else:
-                exc = OcppNotImplemented(description=f"{msg.action} is not an action of this OCPP version")
-            _refused(log, logging.WARNING, "charger %s: %s", self.id, exc.description)
-            await self._send_error(msg.unique_id, exc)
-            return
-        violation = self.schema_violation(msg)
-        if violation is not None:
-            _refused(
-                log, logging.WARNING, "charger %s: %s refused: %s %s",
-                self.id, msg.action, violation.code, violation.description,
-            )  # fmt: skip
-            await self._send_error(msg.unique_id, violation)
-            return
-        try:
-            await self._handle_call(msg)
-        except OCPPError as exc:
-            _refused(log, logging.WARNING, "charger %s: %s refused: %s %s", self.id, msg.action, exc.code, exc.details)
-            await self._send_error(msg.unique_id, exc)
-
-    def schema_violation(self, msg: Call) -> OCPPError | None:
-        """The CALLERROR a CALL's payload deserves under its action's JSON schema, or None.
-
-        The library validates too, but names every violation but a wrong type a
-        "FormatViolation"; OCPP distinguishes (1.6 section 4.2.3, 2.0.1 part 4 section 4.3):
-        a field of the wrong type or length -> TypeConstraintViolation, a required field
-        missing -> OccurrenceConstraintViolation, a value outside its enumeration or range ->
-        PropertyConstraintViolation, an unknown field or anything else -> FormatViolation.
-        """
-        try:
-            validator = get_validator(MessageType.Call, msg.action, self._ocpp_version)
-        except (OSError, ValueError):
-            return None  # no schema: the library's own answer stands
-        error = next(iter(sorted(validator.iter_errors(msg.payload), key=lambda e: list(map(str, e.path)))), None)
-        if error is None:
-            return None
-        return _violation(error)
-
-    async def _send(self, message: str) -> None:
-        # The library answers a handler's exception itself, as InternalError or with the
-        # OCPPError's code: rewrite the code to this version's spelling.
-        if self.ERROR_CODES and message.startswith(f"[{MessageType.CallError},"):
-            try:
-                frame = json.loads(message)
-                frame[2] = self.ERROR_CODES.get(frame[2], frame[2])
-                message = json.dumps(frame, separators=(",", ":"))
-            except (ValueError, IndexError, TypeError):
-                pass
-        await self._connection.send(message)
-
-
-MAX_WH = 2**53
-"""Largest meter register accepted (Wh), as in the HTTP API."""
-
-
-def check_wh(value: int, field: str) -> int:
-    """A meter register (Wh) from a message: 0 .. 2^53, else PropertyConstraintViolation."""
-    if not 0 <= value <= MAX_WH:
-        raise PropertyConstraintViolationError(description=f"{field} must be a register reading from 0 to 2^53 Wh")
-    return value
-
-
-def check_token(value: str, field: str) -> str:
-    """An id token from a message: printable, else PropertyConstraintViolation (it is stored)."""
-    if not value or not value.isprintable():
-        raise PropertyConstraintViolationError(description=f"{field} must be printable")
-    return value
-
-
 def parse_time(text: Any) -> int | None:
     """An OCPP timestamp (RFC 3339, e.g. ``2026-11-27T21:00:00Z``) in ms since the epoch; None if unreadable."""
     if not isinstance(text, str) or len(text) > 40:
@@ -455,38 +289,6 @@ def format_time(ms: float) -> str:
     """ms since the epoch as an OCPP timestamp (UTC, ms precision, ``Z``)."""
     moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-_VIOLATIONS: dict[str, type[OCPPError]] = {
-    "type": TypeConstraintViolationError,
-    "maxLength": TypeConstraintViolationError,
-    "minLength": TypeConstraintViolationError,
-    "required": OccurrenceConstraintViolationError,
-    "minItems": OccurrenceConstraintViolationError,
-    "maxItems": OccurrenceConstraintViolationError,
-    "enum": PropertyConstraintViolationError,
-    "minimum": PropertyConstraintViolationError,
-    "maximum": PropertyConstraintViolationError,
-    "multipleOf": PropertyConstraintViolationError,
-    "format": PropertyConstraintViolationError,
-    "pattern": PropertyConstraintViolationError,
-}
-
-
-def _violation(error: SchemaError) -> OCPPError:
-    where = "/".join(str(p) for p in error.absolute_path) or "payload"
-    cls = _VIOLATIONS.get(str(error.validator), FormatViolationError)
-    return cls(description=f"{where}: {error.message}"[:255])
-
-
-def _message_id(raw: Any) -> str:
-    try:
-        frame = json.loads(raw)
-    except (ValueError, TypeError):
-        return "-1"
-    if isinstance(frame, list) and len(frame) > 1 and isinstance(frame[1], str) and len(frame[1]) <= 36:
-        return frame[1]
-    return "-1"
 
 
 # --- authentication ------------------------------------------------------------------------
@@ -710,6 +512,10 @@ class OcppServer:
         if charger_id is None or factory is None:
             await ws.close(1002, "no OCPP subprotocol negotiated")
             return
+        if isinstance(factory, _ByName):
+            # The first charger of its version: the import (0.2-0.8 s on a small machine) runs
+            # in a worker thread, so the node's loop keeps serving meanwhile.
+            factory = await asyncio.get_running_loop().run_in_executor(None, factory.load)
         previous = self.handlers.get(charger_id)
         if previous is not None:
             log.info("charger %s connected again: closing its previous connection", charger_id)
@@ -762,19 +568,18 @@ def _peer(connection: Any) -> str | None:
 
 __all__ = [
     "DEFAULT_PORT",
+    "BAD_FRAMES",
+    "FRAME_LOG",
     "MAX_FRAME",
     "VERSIONS",
     "Authenticator",
     "ChargerContext",
     "ChargerNotConnected",
     "HandlerFactory",
-    "OcppHandler",
     "OcppServer",
     "RateLimit",
     "RateLimitedConnection",
     "charger_id_from_path",
-    "check_token",
-    "check_wh",
     "format_time",
     "parse_time",
     "parse_basic",

@@ -34,15 +34,8 @@ from ocpp.v16.datatypes import AuthorizationData, IdTagInfo
 from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus, UpdateType
 
 from ._bridge import AuthStatus, Reading
-from ._server import (
-    ChargerContext,
-    OcppHandler,
-    OcppServer,
-    check_token,
-    check_wh,
-    parse_time,
-    register_version,
-)
+from ._handler import OcppHandler, check_token, check_wh
+from ._server import ChargerContext, OcppServer, parse_time, register_version
 
 log = logging.getLogger("meshnode.ocpp.v16")
 

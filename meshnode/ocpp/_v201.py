@@ -65,15 +65,8 @@ from ocpp.v201 import call, call_result
 from ocpp.v201.enums import Action
 
 from ._bridge import AuthStatus, Reading
-from ._server import (
-    ChargerContext,
-    OcppHandler,
-    OcppServer,
-    check_token,
-    check_wh,
-    parse_time,
-    register_version,
-)
+from ._handler import OcppHandler, check_token, check_wh
+from ._server import ChargerContext, OcppServer, parse_time, register_version
 
 log = logging.getLogger("meshnode.ocpp.v201")
 
