@@ -8,10 +8,12 @@ to every message it sends, feeds the records it receives to ``merge(records,
 now)``, compares ``digest(now)`` with a peer's and sends ``records_for_gossip(now)``
 only when they differ, asks ``choose_gossip_targets`` whom to talk to, asks
 ``leader(now)`` who forwards to the cloud, and sleeps until ``next_deadline()``
-or its next tick. The scheme is the gossip-style failure detector of van
-Renesse, Minsky and Hayden ("A Gossip-Style Failure Detection Service",
-Middleware 1998) with SWIM's incarnation numbers for refutation (Das, Gupta and
-Motivala, DSN 2002, section 4.2).
+or its next tick. The default scheme (the node's) is SWIM (Das, Gupta
+and Motivala, DSN 2002) as hashicorp/memberlist runs it, with link-state
+reachability for a multi-hop mesh (R11, R12); the other is the gossip-style
+failure detector of van Renesse, Minsky and Hayden ("A Gossip-Style Failure
+Detection Service", Middleware 1998) with SWIM's incarnation numbers for
+refutation (section 4.2).
 
 Rules
 -----
@@ -103,6 +105,21 @@ R11. The SWIM detector (``detector="swim"``; docs/membership.md): no heartbeats
     ``piggyback(repair=True)`` adds slices of the whole view after the news, for
     a peer whose digest differs. Direct contact with a SUSPECT or DEAD peer
     re-queues what we believe so that it refutes.
+R12. Reachability (SWIM detector, once the caller reports links with
+    ``set_neighbours``): every record lists its node's direct neighbours
+    (``neighbours``, 8-byte id hashes; a change is news and moves the digest). A
+    link between two peers counts when both ends' records list it; our own links
+    are the ones we report. A member that no path of counted links reaches from us,
+    through members whose own record stands (a suspected or dead member relays
+    nothing), is SUSPECT from that moment and DEAD ``suspicion_timeout`` later,
+    on the suspicion's clock; a path back before then makes it ALIVE again.
+    This is our own inference from records everyone on our side holds, so it is
+    not gossiped: no death notice, no record of a member only it holds DEAD, no
+    tombstone (dropped ``forget_after`` after DEAD); a path back revives it
+    without a refutation. Why: a SWIM node probes only its neighbours, so across
+    a multi-hop cut the far nodes were never suspected and kept their claims;
+    the near end of every cut link drops it from its record, which reaches our
+    whole side, while the far end's stale record cannot keep the link alone.
 
 Invariants (numbered; tests check each)
 ---------------------------------------
@@ -117,7 +134,8 @@ Invariants (numbered; tests check each)
    SUSPECT -> DEAD -> forgotten; only a higher ``(incarnation, heartbeat)`` (or,
    before it is forgotten, a direct exchange) makes it ALIVE again.
 5. ``records_for_gossip`` holds ourselves and ALIVE or SUSPECT peers only (R4;
-   the SWIM detector adds death notices, R11).
+   the SWIM detector adds death notices, R11, never a member that only our
+   reachability holds DEAD, R12).
 6. ``MemberRecord`` cannot hold an out-of-range field; ``from_wire`` either
    returns a valid record or raises ``MembershipError`` and changes nothing.
 7. ``elect_leader`` and ``choose_gossip_targets`` are pure: the same inputs, as
