@@ -15,7 +15,8 @@ N peers (default 200 and 1,000), the cost of what a node does with membership:
 - ``node_second``: one simulated second of a node's life: six exchanges
   (decode and merge 32 records), a tick, an election, two ``live_peers`` and
   one ``records_for_gossip``;
-- ``piggyback`` (8 records) and ``digest``: new in this tree, no baseline.
+- ``piggyback`` (8 records) and ``digest``: new in this tree, no baseline;
+- ``swim_links``: the SWIM detector's reachability (R12), this tree only (``measure_reach``).
 
 The baseline module is read with ``git show REV:meshnode/_membership.py`` (default
 6754965, the ``main`` the issue measured) and imported under another name, so both
@@ -68,16 +69,17 @@ def load_baseline(rev: str) -> types.ModuleType | None:
 
 def timed(op: Callable[[], object], prepare: Callable[[], object], seconds: float, repeat: int,
           ops_per_call: int = 1) -> float:  # fmt: skip
-    """Best microseconds per operation: `prepare()` untimed, then `op()` timed, for about `seconds` of wall time."""
+    """Best microseconds of CPU per operation: `prepare()` untimed, then `op()` timed (process
+    time, so that other work on a shared machine does not count), for about `seconds` of wall time."""
     best = float("inf")
     for _ in range(repeat):
         spent, calls = 0.0, 0
         wall = time.perf_counter() + seconds
         while calls < 20 or time.perf_counter() < wall:
             prepare()
-            start = time.perf_counter()
+            start = time.process_time()
             op()
-            spent += time.perf_counter() - start
+            spent += time.process_time() - start
             calls += 1
         best = min(best, spent / (calls * ops_per_call))
     return round(best * 1e6, 3)
@@ -152,6 +154,69 @@ def measure(mod: types.ModuleType, n: int, seconds: float, repeat: int) -> dict[
     return out
 
 
+def measure_reach(mod: types.ModuleType, n: int, seconds: float, repeat: int) -> dict[str, Any]:
+    """The SWIM detector with links (R12, this tree only): a view of `n` peers in a random
+    geometric mesh of about ten neighbours each, every link reported by both ends.
+
+    - ``reach_link_change``: a neighbour's record that drops and regains one link, merged,
+      then ``leader`` (reachability is recomputed: O(links) once per change);
+    - ``idle_exchange``: what an idle exchange costs the detector: decode and merge the
+      peer's own (unchanged) record, ``digest``, ``piggyback(32)``, ``leader``.
+    """
+    rng = random.Random(n)
+    rec = mod.MemberRecord
+    ids = [f"node-{i:04d}" for i in range(n)]
+    pos = {nid: (rng.random(), rng.random()) for nid in ["self-node", *ids]}
+    radius = 0.13 * (200 / n) ** 0.5
+    adj: dict[str, list[str]] = {nid: [] for nid in pos}
+    names = sorted(pos)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if (pos[a][0] - pos[b][0]) ** 2 + (pos[a][1] - pos[b][1]) ** 2 < radius**2:
+                adj[a].append(b)
+                adj[b].append(a)
+
+    def links(nid: str, drop: str | None = None) -> bytes:
+        return b"".join(sorted(mod.neighbour_hash(p) for p in adj[nid] if p != drop))
+
+    def record(nid: str, hb: int, drop: str | None = None) -> Any:
+        host = int(nid[-4:])
+        return rec(nid, 1, hb, 0, f"10.0.{host // 250}.{host % 250 + 1}:5683", "4", None, 0, links(nid, drop))
+
+    m = mod.Membership(rec("self-node", 1, 0, 70, "10.9.9.9:5683", "4"), detector="swim")
+    m.set_neighbours(adj["self-node"])
+    m.merge([record(nid, 1) for nid in ids], 0.0)
+    while m.pending_updates():  # the start-up news is out: an idle view
+        m.piggyback(0.5, 64)
+    first = adj["self-node"][0] if adj["self-node"] else ids[0]
+    hb = [1]
+    now = [1.0]
+
+    def change() -> None:
+        hb[0] += 1
+        now[0] += 0.001
+        m.merge([record(first, hb[0], adj[first][-1] if hb[0] % 2 else None)], now[0])
+        m.leader(now[0])
+
+    wire = [record(first, hb[0]).to_wire()]
+    return {
+        "reach_link_change": timed(change, lambda: None, seconds, repeat),
+        "idle_exchange": timed(
+            lambda: (
+                m.merge([rec.from_wire(o) for o in wire], now[0]),
+                m.digest(now[0]),
+                m.piggyback(now[0], 32),
+                m.leader(now[0]),
+            ),
+            lambda: None,
+            seconds,
+            repeat,
+        ),
+        "live_peers_count": len(m.live_peers(now[0])),
+        "mean_neighbours": round(sum(len(v) for v in adj.values()) / len(adj), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000])
@@ -163,6 +228,7 @@ def main() -> None:
     result: dict[str, Any] = {"unit": "microseconds per operation", "baseline": args.baseline, "sizes": {}}
     for n in args.sizes:
         row: dict[str, Any] = {"after": measure(current, n, args.seconds, args.repeat)}
+        row["swim_links"] = measure_reach(current, n, args.seconds, args.repeat)
         if baseline is not None:
             row["before"] = measure(baseline, n, args.seconds, args.repeat)
             row["speedup"] = {

@@ -8,10 +8,12 @@ to every message it sends, feeds the records it receives to ``merge(records,
 now)``, compares ``digest(now)`` with a peer's and sends ``records_for_gossip(now)``
 only when they differ, asks ``choose_gossip_targets`` whom to talk to, asks
 ``leader(now)`` who forwards to the cloud, and sleeps until ``next_deadline()``
-or its next tick. The scheme is the gossip-style failure detector of van
-Renesse, Minsky and Hayden ("A Gossip-Style Failure Detection Service",
-Middleware 1998) with SWIM's incarnation numbers for refutation (Das, Gupta and
-Motivala, DSN 2002, section 4.2).
+or its next tick. The default scheme (the node's) is SWIM (Das, Gupta
+and Motivala, DSN 2002) as hashicorp/memberlist runs it, with link-state
+reachability for a multi-hop mesh (R11, R12); the other is the gossip-style
+failure detector of van Renesse, Minsky and Hayden ("A Gossip-Style Failure
+Detection Service", Middleware 1998) with SWIM's incarnation numbers for
+refutation (section 4.2).
 
 Rules
 -----
@@ -103,6 +105,21 @@ R11. The SWIM detector (``detector="swim"``; docs/membership.md): no heartbeats
     ``piggyback(repair=True)`` adds slices of the whole view after the news, for
     a peer whose digest differs. Direct contact with a SUSPECT or DEAD peer
     re-queues what we believe so that it refutes.
+R12. Reachability (SWIM detector, once the caller reports links with
+    ``set_neighbours``): every record lists its node's direct neighbours
+    (``neighbours``, 8-byte id hashes; a change is news and moves the digest). A
+    link between two peers counts when both ends' records list it; our own links
+    are the ones we report. A member that no path of counted links reaches from us,
+    through members whose own record stands (a suspected or dead member relays
+    nothing), is SUSPECT from that moment and DEAD ``suspicion_timeout`` later,
+    on the suspicion's clock; a path back before then makes it ALIVE again.
+    This is our own inference from records everyone on our side holds, so it is
+    not gossiped: no death notice, no record of a member only it holds DEAD, no
+    tombstone (dropped ``forget_after`` after DEAD); a path back revives it
+    without a refutation. Why: a SWIM node probes only its neighbours, so across
+    a multi-hop cut the far nodes were never suspected and kept their claims;
+    the near end of every cut link drops it from its record, which reaches our
+    whole side, while the far end's stale record cannot keep the link alone.
 
 Invariants (numbered; tests check each)
 ---------------------------------------
@@ -117,7 +134,8 @@ Invariants (numbered; tests check each)
    SUSPECT -> DEAD -> forgotten; only a higher ``(incarnation, heartbeat)`` (or,
    before it is forgotten, a direct exchange) makes it ALIVE again.
 5. ``records_for_gossip`` holds ourselves and ALIVE or SUSPECT peers only (R4;
-   the SWIM detector adds death notices, R11).
+   the SWIM detector adds death notices, R11, never a member that only our
+   reachability holds DEAD, R12).
 6. ``MemberRecord`` cannot hold an out-of-range field; ``from_wire`` either
    returns a valid record or raises ``MembershipError`` and changes nothing.
 7. ``elect_leader`` and ``choose_gossip_targets`` are pure: the same inputs, as
@@ -176,7 +194,7 @@ import itertools
 import math
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -191,16 +209,19 @@ __all__ = [
     "DIGEST_SIZE",
     "MAX_ADDRESS_LEN",
     "MAX_COUNTER",
+    "MAX_NEIGHBOURS",
     "MAX_NODE_ID_LEN",
     "MAX_VERSION_LEN",
     "MemberRecord",
     "MemberView",
     "Membership",
     "MembershipError",
+    "NEIGHBOUR_HASH_LEN",
     "PeerState",
     "choose_gossip_targets",
     "choose_leader",
     "elect_leader",
+    "neighbour_hash",
     "retransmit_limit",
 ]
 
@@ -222,6 +243,11 @@ MAX_ADDRESS_LEN = 300
 MAX_VERSION_LEN = 64
 MAX_WIRE_KEYS = 16
 """A record map may carry fields a newer version adds (they are ignored), but not many."""
+NEIGHBOUR_HASH_LEN = 8
+"""Bytes of one neighbour's id hash in ``MemberRecord.neighbours`` (BLAKE2b, R12)."""
+MAX_NEIGHBOURS = 128
+"""Most neighbours one record lists (R12): a radio mesh has about ten; a node with more
+lists the ``MAX_NEIGHBOURS`` links of smallest pair hash, a choice both ends agree on."""
 
 _WIRE_KEYS = {
     "node_id": "id",
@@ -324,6 +350,29 @@ def _check_address(value: object) -> str:
     return address
 
 
+def _check_neighbours(value: object) -> bytes:
+    if type(value) is not bytes:
+        raise MembershipError(f"neighbours must be bytes, got {type(value).__name__}")
+    if len(value) % NEIGHBOUR_HASH_LEN:
+        raise MembershipError(f"neighbours must be {NEIGHBOUR_HASH_LEN}-byte hashes, got {len(value)} bytes")
+    if len(value) > NEIGHBOUR_HASH_LEN * MAX_NEIGHBOURS:
+        raise MembershipError(f"neighbours lists {len(value) // NEIGHBOUR_HASH_LEN}, at most {MAX_NEIGHBOURS} allowed")
+    return value
+
+
+@functools.lru_cache(maxsize=16384)
+def neighbour_hash(node_id: str) -> bytes:
+    """The 8-byte hash by which records list a neighbour (R12): BLAKE2b of the id."""
+    return hashlib.blake2b(node_id.encode(), digest_size=NEIGHBOUR_HASH_LEN, person=b"meshnode-nb").digest()
+
+
+def _pair_rank(a: str, b: str) -> bytes:
+    # The same for both ends of a link: a node with too many neighbours lists the links
+    # of smallest rank, and its neighbour does the same, so both keep the same links.
+    lo, hi = sorted((a, b))
+    return hashlib.blake2b(f"{lo}\0{hi}".encode(), digest_size=8).digest()
+
+
 @dataclass(frozen=True)
 class MemberRecord:
     """One node's self-description, as gossiped (R1).
@@ -350,6 +399,9 @@ class MemberRecord:
     version: str
     leader: str | None = None
     status: int = ALIVE_ST
+    neighbours: bytes = b""
+    """R12: the node's direct neighbours as it reports them, concatenated 8-byte id hashes
+    (``neighbour_hash``), sorted; empty for the heartbeat detector (wire ``nb``, absent when empty)."""
 
     def __post_init__(self) -> None:
         _check_text("node_id", self.node_id, MAX_NODE_ID_LEN)
@@ -361,13 +413,22 @@ class MemberRecord:
         if self.leader is not None:
             _check_text("leader", self.leader, MAX_NODE_ID_LEN)
         _check_counter("status", self.status, DEAD_ST)
+        _check_neighbours(self.neighbours)
+
+    def neighbour_set(self) -> frozenset[bytes]:
+        """The hashes in ``neighbours``, as a set (built once per record, R10)."""
+        found = self.__dict__.get("_nbset")
+        if found is None:
+            nb, n = self.neighbours, NEIGHBOUR_HASH_LEN
+            found = self.__dict__["_nbset"] = frozenset(nb[i : i + n] for i in range(0, len(nb), n))
+        return found
 
     @property
     def key(self) -> tuple[int, int]:
         """``(incarnation, heartbeat)``: the order in which records of one node supersede."""
         return (self.incarnation, self.heartbeat)
 
-    def _order(self) -> tuple[int, int, int, int, str, str, bool, str]:
+    def _order(self) -> tuple[int, int, int, int, str, str, bool, str, bytes]:
         # R1: the key decides; the rest only breaks ties that honest nodes never create.
         # R11: at one incarnation a death notice beats a suspicion beats the node's own
         # record (memberlist's order), whatever the heartbeat: only the node's
@@ -381,6 +442,7 @@ class MemberRecord:
             self.version,
             self.leader is not None,
             self.leader or "",
+            self.neighbours,
         )
 
     def _evolve(self, **changes: Any) -> MemberRecord:
@@ -389,7 +451,8 @@ class MemberRecord:
         new = object.__new__(MemberRecord)
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
-        new.__dict__.pop("_wire", None)  # the cached map is the old record's
+        new.__dict__.pop("_wire", None)  # the cached map and set are the old record's
+        new.__dict__.pop("_nbset", None)
         return new
 
     def supersedes(self, other: MemberRecord) -> bool:
@@ -406,6 +469,8 @@ class MemberRecord:
             wire = self.__dict__["_wire"] = {short: getattr(self, name) for name, short in _WIRE_KEYS.items()}
             if self.status != ALIVE_ST:
                 wire["st"] = self.status
+            if self.neighbours:
+                wire["nb"] = self.neighbours
         return dict(wire)
 
     @classmethod
@@ -434,6 +499,7 @@ class MemberRecord:
             raise MembershipError(f"member record lacks {missing!r} ({name})") from None
         leader = obj.get("ldr")
         status = obj.get("st", ALIVE_ST)
+        neighbours = obj.get("nb", b"")
         # R10: the text fields of a node's record repeat in every gossip round; one
         # cached check per distinct combination, the counters checked each time.
         if (
@@ -443,6 +509,8 @@ class MemberRecord:
             and type(node_id) is str and type(address) is str and type(version) is str
             and (leader is None or type(leader) is str)
             and type(status) is int and 0 <= status <= DEAD_ST
+            and type(neighbours) is bytes and len(neighbours) % NEIGHBOUR_HASH_LEN == 0
+            and len(neighbours) <= NEIGHBOUR_HASH_LEN * MAX_NEIGHBOURS
             # Lengths first: nothing overlong reaches (and stays in) the cache.
             and len(node_id) <= MAX_NODE_ID_LEN and len(address) <= MAX_ADDRESS_LEN
             and len(version) <= MAX_VERSION_LEN and (leader is None or len(leader) <= MAX_NODE_ID_LEN)
@@ -451,11 +519,11 @@ class MemberRecord:
             record = object.__new__(cls)
             record.__dict__.update(
                 node_id=node_id, incarnation=incarnation, heartbeat=heartbeat, uplink_score=score,
-                address=address, version=version, leader=leader, status=status,
+                address=address, version=version, leader=leader, status=status, neighbours=neighbours,
             )  # fmt: skip
             return record
         # Something is wrong: the constructor's checks say what.
-        return cls(node_id, incarnation, heartbeat, score, address, version, leader, status)
+        return cls(node_id, incarnation, heartbeat, score, address, version, leader, status, neighbours)
 
 
 class MemberView(NamedTuple):
@@ -470,6 +538,7 @@ class MemberView(NamedTuple):
 
 
 _LIVE = (PeerState.ALIVE, PeerState.SUSPECT)
+_BY_RANK = (PeerState.ALIVE, PeerState.SUSPECT, PeerState.DEAD)
 
 
 _DIGEST_MOD = 2**128
@@ -485,7 +554,20 @@ def _digest_row(record: MemberRecord, threshold: int, bucket_size: int) -> int:
     h.update(b"L" if record.leader == record.node_id else b"-")
     h.update(b"E" if record.uplink_score >= threshold else b"-")
     h.update((record.uplink_score // bucket_size).to_bytes(1, "big"))
+    h.update(record.neighbours)  # R12: links decide reachability (empty for the heartbeat detector)
     return int.from_bytes(h.digest(), "big")
+
+
+def _news(record: MemberRecord, old: MemberRecord) -> bool:
+    # R9: what is news about a node (queued, retransmitted), beyond a heartbeat advance.
+    return (
+        record.incarnation != old.incarnation
+        or record.uplink_score != old.uplink_score
+        or record.leader != old.leader
+        or record.address != old.address
+        or record.version != old.version
+        or record.neighbours != old.neighbours
+    )
 
 
 def retransmit_limit(retransmit_mult: int, members: int) -> int:
@@ -512,6 +594,8 @@ class _Entry:
     """Its term in the digest's sum (0 while it is not ALIVE or SUSPECT)."""
     suspected_at: float | None = None
     """SWIM detector (R11): when we began to suspect it (None: not suspected)."""
+    unreachable_since: float | None = None
+    """SWIM detector (R12): since when no path of reported links leads to it from us."""
 
     @property
     def last_seen(self) -> float:
@@ -599,6 +683,12 @@ class Membership:
             raise ValueError(f"suspicion_timeout must be a positive number, got {suspicion_timeout!r}")
         self.suspicion_timeout = float(suspicion_timeout)
         self._cursor = ""  # R11: where the next repair fill goes on in the sorted ids
+        # R12: our direct neighbours (None: the caller reports none, reachability is off),
+        # every entry by the hash its neighbours list it under, and whether a link or a
+        # relay changed since reachability was last computed.
+        self._direct: frozenset[str] | None = None
+        self._by_hash: dict[bytes, str] = {}
+        self._reach_dirty = False
         self._self = self_record
         self.heartbeat_period = heartbeat_period
         if type(refresh_sends) is not int or refresh_sends < 1:
@@ -691,6 +781,34 @@ class Membership:
             return self._self
         return self._bump(leader=leader)
 
+    def set_neighbours(self, node_ids: Iterable[str]) -> MemberRecord:
+        """Publish our direct neighbours (the verified peers we exchange with), R12.
+
+        SWIM detector only (the heartbeat detector ignores it and returns our record):
+        the record lists their hashes, so every node can tell which members a path of
+        live links still reaches; a change raises the heartbeat and spreads as news.
+        Calling it turns reachability on: from then on a member no path reaches is
+        SUSPECT, and DEAD ``suspicion_timeout`` later. Cheap when nothing changed
+        (the node calls it after every input).
+        """
+        if not self._swim:
+            return self._self
+        own = self._self.node_id
+        ids = frozenset(node_ids)
+        if own in ids:
+            ids -= {own}
+        if ids == self._direct:
+            return self._self
+        self._direct = ids
+        self._reach_dirty = True
+        chosen: Iterable[str] = ids
+        if len(ids) > MAX_NEIGHBOURS:
+            chosen = sorted(ids, key=lambda peer: _pair_rank(own, peer))[:MAX_NEIGHBOURS]
+        packed = b"".join(sorted(neighbour_hash(peer) for peer in chosen))
+        if packed == self._self.neighbours:
+            return self._self
+        return self._bump(neighbours=packed)
+
     def restart(self, incarnation: int | None = None) -> MemberRecord:
         """Start a new life of this node: a higher incarnation, heartbeat 0.
 
@@ -723,27 +841,44 @@ class Membership:
         Returns:
             The sorted ids whose visible record changed; our own id if we refuted.
         """
-        if self._swim:
-            return self._merge_swim(records, now)
         self._advance(now)
         changed: set[str] = set()
+        if self._swim:
+            self._merge_swim(records, now, changed)
+        else:
+            self._merge_heartbeat(records, now, changed)
+        return sorted(changed)
+
+    def _incoming(
+        self, records: Iterable[MemberRecord], changed: set[str]
+    ) -> Iterator[tuple[MemberRecord, _Entry | None]]:
+        # What both detectors' merges share: type check, refutation (R5), the entry if any.
         own_id = self._self.node_id
         peers = self._peers
         for record in records:
             if type(record) is not MemberRecord:
                 raise TypeError(f"merge takes MemberRecord, got {type(record).__name__}")
-            node_id = record.node_id
-            if node_id == own_id:
+            if record.node_id == own_id:
                 if self._refute(record):
-                    changed.add(node_id)
+                    changed.add(own_id)
                 continue
-            entry = peers.get(node_id)
+            yield record, peers.get(record.node_id)
+
+    def _new_entry(self, record: MemberRecord, now: float, changed: set[str]) -> _Entry:
+        node_id = record.node_id
+        entry = self._peers[node_id] = _Entry(record, now, state=None)
+        bisect.insort(self._ids, node_id)
+        self._by_hash[neighbour_hash(node_id)] = node_id
+        changed.add(node_id)
+        return entry
+
+    def _merge_heartbeat(self, records: Iterable[MemberRecord], now: float, changed: set[str]) -> None:
+        for record, entry in self._incoming(records, changed):
+            node_id = record.node_id
             if entry is None:
-                entry = peers[node_id] = _Entry(record, now, state=None)
-                bisect.insort(self._ids, node_id)
+                entry = self._new_entry(record, now, changed)
                 self._seen(entry, now)
                 self._enqueue(node_id)
-                changed.add(node_id)
                 continue
             old = entry.record
             if record.incarnation == old.incarnation:
@@ -774,13 +909,7 @@ class Membership:
                         # took 12-16 sends of every holder, crowded the heartbeats out
                         # and caused more flips (bench/sim.py, 50 nodes).
                         self._refresh(record)
-            if (
-                record.incarnation != old.incarnation
-                or record.uplink_score != old.uplink_score
-                or record.leader != old.leader
-                or record.address != old.address
-                or record.version != old.version
-            ):
+            if _news(record, old):
                 if entry.state in _LIVE:  # R4: a DEAD record is neither gossiped nor hashed
                     self._enqueue(node_id)
                     self._set_row(entry)
@@ -788,28 +917,16 @@ class Membership:
                 self._refresh(record)
             if entry.state in _LIVE:
                 self._live[bisect.bisect_left(self._live_ids, node_id)] = record
-        return sorted(changed)
 
-    def _merge_swim(self, records: Iterable[MemberRecord], now: float) -> list[str]:
+    def _merge_swim(self, records: Iterable[MemberRecord], now: float, changed: set[str]) -> None:
         # R11: records order by (incarnation, status, heartbeat); a suspicion starts our
         # own timer, a death notice makes the peer DEAD at once, and only a higher
         # incarnation (the node's refutation) brings it back. What changes is news.
-        self._advance(now)
-        changed: set[str] = set()
-        own_id = self._self.node_id
-        peers = self._peers
-        for record in records:
-            if type(record) is not MemberRecord:
-                raise TypeError(f"merge takes MemberRecord, got {type(record).__name__}")
+        # R12: a new member, or a change of links or status, moves reachability.
+        for record, entry in self._incoming(records, changed):
             node_id = record.node_id
-            if node_id == own_id:
-                if self._refute(record):
-                    changed.add(node_id)
-                continue
-            entry = peers.get(node_id)
             if entry is None:
-                entry = peers[node_id] = _Entry(record, now, state=None)
-                bisect.insort(self._ids, node_id)
+                entry = self._new_entry(record, now, changed)
                 if record.status == SUSPECT_ST:
                     entry.suspected_at = now
                 elif record.status == DEAD_ST:
@@ -818,7 +935,7 @@ class Membership:
                     entry.suspected_at = now - self.suspicion_timeout
                 self._reevaluate(entry, now)
                 self._enqueue(node_id)
-                changed.add(node_id)
+                self._reach_dirty = True
                 continue
             old = entry.record
             if not record.supersedes(old):
@@ -837,26 +954,28 @@ class Membership:
                     entry.suspected_at = dead_at
             if record.key > old.key:
                 entry.last_changed = max(entry.last_changed, now)
+            if record.status != old.status or record.neighbours != old.neighbours:
+                self._reach_dirty = True
             self._reevaluate(entry, now)
             changed.add(node_id)
-            if (
-                record.incarnation != old.incarnation
-                or record.status != old.status
-                or record.uplink_score != old.uplink_score
-                or record.leader != old.leader
-                or record.address != old.address
-                or record.version != old.version
-            ):
-                self._enqueue(node_id)
+            if record.status != old.status or _news(record, old):
+                if self._gossipable(entry):
+                    self._enqueue(node_id)
                 if entry.state in _LIVE:
                     self._set_row(entry)
             if entry.state in _LIVE:
                 self._live[bisect.bisect_left(self._live_ids, node_id)] = entry.record
-        return sorted(changed)
+
+    def _gossipable(self, entry: _Entry) -> bool:
+        # R11/R12: a live member, or a suspicion or death notice; not a member that only
+        # our own reachability holds DEAD (its record still reads as life).
+        state = entry.state
+        return state in _LIVE or (state is PeerState.DEAD and entry.record.status != ALIVE_ST)
 
     def _reevaluate(self, entry: _Entry, now: float) -> None:
         # R11: the verdict from the suspicion timer, and a heap item due exactly at the next change.
         self._set_state(entry, self._state_of(entry, now))
+        self._bury(entry, now)
         due = self._transition_after(entry, now)
         if due != entry.due:
             entry.due = due
@@ -875,12 +994,14 @@ class Membership:
             return False
         self._advance(now)
         entry = self._peers.get(node_id)
-        if entry is None or entry.state is not PeerState.ALIVE:
+        if entry is None or entry.state is None or entry.record.status != ALIVE_ST:
             return False
         entry.record = entry.record._evolve(status=SUSPECT_ST)
         entry.suspected_at = now
+        self._reach_dirty = True  # R12: a suspected node relays no reachability
         self._reevaluate(entry, now)
-        self._live[bisect.bisect_left(self._live_ids, node_id)] = entry.record
+        if entry.state in _LIVE:
+            self._live[bisect.bisect_left(self._live_ids, node_id)] = entry.record
         self._enqueue(node_id)
         return True
 
@@ -945,7 +1066,7 @@ class Membership:
                     self._drop(node_id)
                     continue
                 entry.last_direct = max(entry.last_direct, now)
-                if entry.state is not PeerState.ALIVE and node_id not in self._queue:
+                if entry.record.status != ALIVE_ST and node_id not in self._queue:
                     self._enqueue(node_id)
                 refreshed = True
             return refreshed
@@ -963,14 +1084,15 @@ class Membership:
     def _state_of(self, entry: _Entry, now: float) -> PeerState | None:
         if self._swim:
             # R11: ALIVE until suspected; then SUSPECT, DEAD, forgotten on the suspicion's clock.
-            if entry.suspected_at is None:
-                return PeerState.ALIVE
-            age = now - entry.suspected_at
-            if age < self.suspicion_timeout:
-                return PeerState.SUSPECT
-            if age < self.suspicion_timeout + self.forget_after:
-                return PeerState.DEAD
-            return None
+            # R12: the same clock runs from when no path reached it; the worse verdict holds.
+            rank = 0
+            for since in (entry.suspected_at, entry.unreachable_since):
+                if since is not None:
+                    age = now - since
+                    if age >= self.suspicion_timeout + self.forget_after:
+                        return None
+                    rank = max(rank, 2 if age >= self.suspicion_timeout else 1)
+            return _BY_RANK[rank]
         age = now - entry.last_seen
         if age < self.suspect_after:
             return PeerState.ALIVE
@@ -983,13 +1105,21 @@ class Membership:
     def _transition_after(self, entry: _Entry, now: float) -> float:
         # The first time after `now` at which this entry's verdict changes (or it is dropped).
         if self._swim:
-            if entry.suspected_at is None:
-                return math.inf
-            start = entry.suspected_at + self.suspicion_timeout
-            for t in (start, start + self.forget_after, start + 2 * self.forget_after):
-                if t > now:
-                    return t
-            return math.inf
+            due = math.inf
+            if entry.suspected_at is not None:
+                start = entry.suspected_at + self.suspicion_timeout
+                for t in (start, start + self.forget_after, start + 2 * self.forget_after):
+                    if t > now:
+                        due = t
+                        break
+            if entry.unreachable_since is not None:
+                # R12: no tombstone for what only our reachability buried: dropped at once.
+                start = entry.unreachable_since + self.suspicion_timeout
+                for t in (start, start + self.forget_after):
+                    if now < t < due:
+                        due = t
+                        break
+            return due
         seen = entry.last_seen
         forget = seen + self.dead_after + self.forget_after
         for t in (seen + self.suspect_after, seen + self.dead_after, forget, forget + self.forget_after):
@@ -1021,12 +1151,63 @@ class Membership:
             if entry is None or entry.due != due:
                 continue  # superseded by an earlier item (the entry came back)
             self._set_state(entry, self._state_of(entry, now))
+            if self._swim:
+                self._bury(entry, now)
             nxt = self._transition_after(entry, now)
             if nxt == math.inf:
                 self._drop(node_id)
             else:
                 entry.due = nxt
                 heapq.heappush(heap, (nxt, node_id))
+
+    def _settle(self, now: float) -> None:
+        """``_advance``, after bringing reachability up to date (R12) as of the last input."""
+        if self._reach_dirty and self._now is not None:
+            self._reach(self._now)
+        self._advance(now)
+
+    def _reach(self, now: float) -> None:
+        """R12: which members a path of reported links reaches from us; start or stop their clocks.
+
+        A link between two peers counts when each one's record lists the other (a record
+        that has not heard of a link's loss, the far end's across a cut, cannot keep it);
+        our own links are our neighbour table. Paths run through members whose own
+        record stands (a suspected or dead member relays nothing). O(links), run only
+        after a link, a status or the member set has changed.
+        """
+        self._reach_dirty = False
+        direct = self._direct
+        if direct is None:
+            return
+        peers, by_hash = self._peers, self._by_hash
+        reached: set[str] = set()
+        stack: list[_Entry] = []
+        for node_id in direct:
+            entry = peers.get(node_id)
+            if entry is not None and entry.state is not None:
+                reached.add(node_id)
+                stack.append(entry)
+        while stack:
+            record = stack.pop().record
+            if record.status != ALIVE_ST:
+                continue
+            mine = neighbour_hash(record.node_id)
+            for h in record.neighbour_set():
+                other = by_hash.get(h)
+                if other is None or other in reached:
+                    continue
+                entry = peers[other]
+                if entry.state is not None and mine in entry.record.neighbour_set():
+                    reached.add(other)
+                    stack.append(entry)
+        for node_id, entry in peers.items():
+            if node_id in reached:
+                if entry.unreachable_since is not None:
+                    entry.unreachable_since = None
+                    self._reevaluate(entry, now)
+            elif entry.unreachable_since is None and entry.state is not None:
+                entry.unreachable_since = now
+                self._reevaluate(entry, now)
 
     def _seen(self, entry: _Entry, now: float) -> None:
         # The entry was just seen (first record, newer record, direct exchange): ALIVE,
@@ -1059,11 +1240,15 @@ class Membership:
             self._live.insert(pos, entry.record)
         if was_live != is_live:
             self._set_row(entry)  # ALIVE <-> SUSPECT leaves the digest as it is (R9)
-        if self._swim:
-            if state is PeerState.DEAD and entry.record.status != DEAD_ST:
-                entry.record = entry.record._evolve(status=DEAD_ST)  # what we tell others now (R11)
-            elif state is None:
-                self._queue.pop(node_id, None)
+        if self._swim and not self._gossipable(entry):
+            self._queue.pop(node_id, None)  # forgotten, or DEAD by our reachability alone (R12)
+
+    def _bury(self, entry: _Entry, now: float) -> None:
+        # R11: once a suspicion has run its time the record becomes a death notice, what we
+        # tell others now (unreachability alone makes none, R12: it is our own inference).
+        since = entry.suspected_at
+        if since is not None and entry.record.status != DEAD_ST and now >= since + self.suspicion_timeout:
+            entry.record = entry.record._evolve(status=DEAD_ST)
 
     def _set_row(self, entry: _Entry) -> None:
         # The digest is a sum of one hash per live member, so one member's change
@@ -1074,6 +1259,8 @@ class Membership:
 
     def _drop(self, node_id: str) -> None:
         entry = self._peers.pop(node_id)
+        if self._by_hash.get(neighbour_hash(node_id)) == node_id:
+            del self._by_hash[neighbour_hash(node_id)]
         self._digest_sum = (self._digest_sum - entry.row) % _DIGEST_MOD
         self._rows_stale.discard(node_id)
         del self._ids[bisect.bisect_left(self._ids, node_id)]
@@ -1086,6 +1273,8 @@ class Membership:
         """
         if node_id == self._self.node_id:
             return PeerState.ALIVE
+        if self._reach_dirty and self._now is not None and now >= self._now:
+            self._settle(now)
         entry = self._peers.get(node_id)
         if entry is None:
             return PeerState.DEAD
@@ -1098,7 +1287,7 @@ class Membership:
         """
         if self._now is not None and now < self._now:
             return self._view_at(now)  # a question about the past: answer it exactly, uncached
-        self._advance(now)
+        self._settle(now)
         peers = self._peers
         make = MemberView._make
         rows = []
@@ -1126,7 +1315,7 @@ class Membership:
         """ALIVE and SUSPECT peers, ourselves excluded, sorted by node id."""
         if self._now is not None and now < self._now:
             return [r.record for r in self._view_at(now) if r.record is not self._self and r.state in _LIVE]
-        self._advance(now)
+        self._settle(now)
         return list(self._live)
 
     def records_for_gossip(self, now: float | None = None) -> list[MemberRecord]:
@@ -1141,8 +1330,9 @@ class Membership:
         if now is None:
             return [self._self]
         if self._swim:
-            # R11: death notices too (within `forget_after`), so a peer that missed one learns it.
-            return [r.record for r in self.view(now)]
+            # R11: death notices too (within `forget_after`), so a peer that missed one learns it;
+            # not the records of members only our reachability holds DEAD (R12).
+            return [r.record for r in self.view(now) if r.state is not PeerState.DEAD or r.record.status != ALIVE_ST]
         if self._now is not None and now < self._now:
             return [r.record for r in self._view_at(now) if r.state in _LIVE]
         self._advance(now)
@@ -1169,7 +1359,7 @@ class Membership:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         if not self._swim and self.heartbeat_period is not None and now >= self._beat_at + self.heartbeat_period:
             self.tick(now)  # a lazy heartbeat: raised when it is sent, not on a timer (R6)
-        self._advance(now)
+        self._settle(now)
         out = [self._self]
         if limit == 1:
             return tuple(out)
@@ -1217,7 +1407,7 @@ class Membership:
         for i in range(len(ids)):
             node_id = ids[(start + i) % len(ids)]
             entry = peers[node_id]
-            if entry.state is None or node_id in sent:
+            if node_id in sent or not self._gossipable(entry):
                 continue
             out.append(entry.record)
             self._cursor = node_id
@@ -1238,7 +1428,7 @@ class Membership:
         with the same live members and claims have the same digest and need
         exchange nothing more; when digests differ, a larger piggyback settles it.
         """
-        self._advance(now)
+        self._settle(now)
         total = self._digest_sum
         for node_id in self._rows_stale:
             entry = self._peers[node_id]
@@ -1261,6 +1451,8 @@ class Membership:
         if self._now is None:
             return None
         now = self._now
+        if self._reach_dirty:
+            self._reach(now)
         heap = self._heap
         while heap:
             due, node_id = heap[0]
@@ -1297,7 +1489,7 @@ class Membership:
         bucket_size = self.bucket_size if bucket_size is None else bucket_size
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
-        self._advance(now)
+        self._settle(now)
         own = self._self
         key = (self._version, own.uplink_score, own.leader, threshold, bucket_size)
         if self._leader_cache is not None and self._leader_cache[0] == key:

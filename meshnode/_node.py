@@ -164,9 +164,10 @@ class NodeConfig:
     fanout: int = 3
     suspect_after: float = 5.0
     dead_after: float = 15.0
-    detector: str = "heartbeat"
-    """The failure detector (docs/membership.md): "heartbeat" (gossip-style) or "swim"
-    (probe neighbours, spread suspicions; its idle cost does not grow with the mesh)."""
+    detector: str = "swim"
+    """The failure detector (docs/membership.md): "swim" (probe neighbours, spread
+    suspicions, links in the records for reachability; its idle cost does not grow with
+    the mesh) or "heartbeat" (gossip-style)."""
     request_timeout: float = 3.0
     """Deadline of one request (each request of an exchange has its own)."""
     max_sync_rounds: int = 12
@@ -767,7 +768,10 @@ class Node:
     async def _engine_loop(self, nursery: trio.Nursery) -> None:
         while True:
             now = self.now()
-            for action in self.engine.poll(now):
+            actions = self.engine.poll(now)
+            if self.membership is not None:  # links for reachability (SWIM, R12); cheap if unchanged
+                self.membership.set_neighbours(self.engine.table.peers)
+            for action in actions:
                 self._act(action, nursery)
             deadline = self.engine.next_deadline()
             if deadline is not None:

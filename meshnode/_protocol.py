@@ -19,7 +19,9 @@ Version 2 replaced version 1's per-change request/response pushes and its
 /m/members exchange of full member lists: membership now travels as records
 piggybacked on pushes and state exchanges (see docs/protocol.md). Version 3
 adds a member record's status (`st`: a suspicion or a death notice, for the SWIM
-failure detector), which a version 2 node would read as a record of life.
+failure detector), which a version 2 node would read as a record of life. Version 4
+makes SWIM the default detector and adds the record's links (`nb`, docs/membership.md
+R12), without which a version 4 node holds a version 3 one unreachable.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from crdt import DEFAULT_BUCKETS
 from ._membership import DIGEST_SIZE, MemberRecord, MembershipError
 from ._transport import BadRequest
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_ID_LEN = 128
 MAX_DOCS_PER_SYNC = 512
 """Hard limit on documents in one message (parsing); batches are cut by bytes first."""

@@ -197,13 +197,31 @@ def test_a_slow_but_live_peer_is_backed_off_not_forgotten():
     assert "a" not in e.table.peers
 
 
-def test_silent_peers_are_forgotten_after_the_ttl():
+def test_silent_peers_are_forgotten_after_the_ttl_once_an_exchange_since_has_failed():
     e = with_peers("a", now=0.0)
     e.heard("a", 30.0)
-    e.poll(89.0)
-    assert "a" in e.table.peers
+    assert StartExchange("a", "10.0.0.1:5683") in e.poll(89.0)
     e.poll(90.0)
+    assert "a" in e.table.peers  # silent for the TTL, but our question is in flight (N2)
+    assert not e.exchange_failed("a", 91.0)
+    assert e.table.next_expiry() == 90.0
+    e.poll(91.0)
     assert "a" not in e.table.peers
+
+
+def test_a_live_neighbour_is_not_forgotten_while_it_waits_for_its_turn():
+    """N2: ten neighbours at the 8 s idle interval are each asked every ~80 s; silence
+    until our turn is not evidence (before, half of such pairs were forgotten each cycle)."""
+    ids = [f"p{i}" for i in range(10)]
+    e = with_peers(*ids, now=0.0)
+    e.exchange_interval = 8.0
+    now = 0.0
+    while now < 600.0:
+        now += 0.5
+        for action in e.poll(now):
+            if isinstance(action, StartExchange):
+                e.exchange_done(action.peer, now + 0.05, in_sync=True)
+        assert sorted(e.table.peers) == ids, now
 
 
 def test_a_restarted_peer_loses_what_we_believed_it_holds():

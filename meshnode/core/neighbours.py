@@ -9,8 +9,16 @@ N1. A peer exists only after a verified hello: our POST /m/hello to its address
     sender says creates an entry here (issue 10 item 5: 31 unverified ids once
     became permanent peers). An unverified sender may at most put its address on
     the bounded list of addresses to greet (`Hellos`), which expires.
-N2. A peer is forgotten `ttl` seconds after we last heard from it (any message),
-    after `max_failures` exchanges in a row failed, or when discovery says it left.
+N2. A peer is forgotten after `max_failures` exchanges in a row failed, when
+    discovery says it left, or when we have not heard from it (any message) for
+    `ttl` seconds *and* have asked it since (an exchange started after we last
+    heard it). Silence alone is not evidence: anti-entropy asks one neighbour per
+    interval, so with ten neighbours and the 8 s idle interval our turn to ask a
+    live one comes every 64-96 s, and two idle neighbours' exchanges (ours and
+    theirs) left gaps above the 60 s TTL for about half the pairs: live neighbours
+    were forgotten, greeted again and caught up, every cycle. An exchange in
+    flight is waited for. A neighbour that has gone fails the exchange we start,
+    and is forgotten then if it has been silent for the TTL (else by its failures).
     To come back it needs a new verified hello.
 N3. A peer that fails (timeout, refusal) or answers slowly is backed off: the
     next exchange with it waits `base * 2**failures` seconds (up to `max_backoff`),
@@ -148,8 +156,8 @@ class NeighbourTable:
         return self.peers.pop(node_id, None) is not None
 
     def expire(self, now: float) -> list[str]:
-        """Forget peers silent for longer than the TTL (N2)."""
-        gone = sorted(nid for nid, n in self.peers.items() if now - n.last_heard >= self.ttl)
+        """Forget peers silent for the TTL that we have asked since they were last heard (N2)."""
+        gone = sorted(nid for nid, n in self.peers.items() if self._stale(n, now))
         for nid in gone:
             del self.peers[nid]
         return gone
@@ -158,8 +166,18 @@ class NeighbourTable:
         """Every current peer, sorted by id (entries expire, so present means live)."""
         return [self.peers[nid] for nid in sorted(self.peers)]
 
+    def _stale(self, n: Neighbour, now: float) -> bool:
+        # N2: silent for the TTL, and an exchange we started since it was heard has ended
+        # without an answer (one in flight is waited for: its answer would be news).
+        return now - n.last_heard >= self.ttl and n.last_exchange > n.last_heard and not n.exchanging
+
     def next_expiry(self) -> float | None:
-        return min((n.last_heard + self.ttl for n in self.peers.values()), default=None)
+        """When `expire` forgets someone next, if no input comes first (starting or ending
+        an exchange is an input: a peer not asked since it was heard has no expiry yet)."""
+        times = (
+            n.last_heard + self.ttl for n in self.peers.values() if n.last_exchange > n.last_heard and not n.exchanging
+        )
+        return min(times, default=None)
 
 
 class Cadence:
