@@ -13,12 +13,17 @@ fault, not a size), and the chargers are 20 % of the nodes. Larger meshes are
 simulated for less virtual time by default (their cost per simulated second
 grows with the node count); pass --seconds N to simulate every size as long.
 
-    python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--profile] [--detector swim|heartbeat]
+    python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--warmup S] [--profile] [--detector swim|heartbeat]
 
 With --profile, a cProfile of the 200-node run's top functions goes to stderr,
 and that run's time is reported as "profiled_wall_s" (cProfile slows it down,
 so it is not the figure to compare with the 60 s goal; run without --profile
 for that).
+
+``after_warmup`` gives the CPU seconds per node-hour, messages and bytes per node and
+second from ``--warmup`` simulated seconds (120 by default) to the end: the idle mesh's
+cost without its start-up (hellos, the first claims, the cloud's ledger migration and
+the imports), which dominates runs of a few minutes.
 
 Besides wall time, each run reports its CPU time (``cpu_s``, and per simulated
 node-hour): on a machine shared with other work the wall time includes waiting
