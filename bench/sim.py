@@ -13,12 +13,17 @@ fault, not a size), and the chargers are 20 % of the nodes. Larger meshes are
 simulated for less virtual time by default (their cost per simulated second
 grows with the node count); pass --seconds N to simulate every size as long.
 
-    python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--profile] [--detector swim|heartbeat]
+    python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--warmup S] [--profile] [--detector swim|heartbeat]
 
 With --profile, a cProfile of the 200-node run's top functions goes to stderr,
 and that run's time is reported as "profiled_wall_s" (cProfile slows it down,
 so it is not the figure to compare with the 60 s goal; run without --profile
 for that).
+
+``after_warmup`` gives the CPU seconds per node-hour, messages and bytes per node and
+second from ``--warmup`` simulated seconds (120 by default) to the end: the idle mesh's
+cost without its start-up (hellos, the first claims, the cloud's ledger migration and
+the imports), which dominates runs of a few minutes.
 
 Besides wall time, each run reports its CPU time (``cpu_s``, and per simulated
 node-hour): on a machine shared with other work the wall time includes waiting
@@ -43,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECONDS = {50: 600.0, 200: 600.0, 1000: 30.0}
 
 
-def child(nodes: int, seconds: float, profile: bool, detector: str) -> None:
+def child(nodes: int, seconds: float, profile: bool, detector: str, warmup: float) -> None:
     sys.path.insert(0, str(ROOT))
     from sim import Simulation, load_scenario
 
@@ -65,7 +70,13 @@ def child(nodes: int, seconds: float, profile: bool, detector: str) -> None:
 
         prof = cProfile.Profile()
         prof.enable()
-    result = Simulation(scenario, 1).run()
+    steady: dict[str, float] = {}
+
+    def settled(sim: Simulation) -> None:
+        assert sim.net is not None
+        steady.update(cpu=time.process_time(), t=warmup, messages=sim.net.total.messages, bytes=sim.net.total.bytes)
+
+    result = Simulation(scenario, 1, checks=[(warmup, settled)] if 0 < warmup < seconds else ()).run()
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
     if profile:
@@ -76,6 +87,20 @@ def child(nodes: int, seconds: float, profile: bool, detector: str) -> None:
     s = result.summary
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     wall_key = "profiled_wall_s" if profile else "wall_s"
+    after: dict[str, object] = {}
+    if steady:
+        span = s["simulated_s"] - steady["t"]
+        node_hours = nodes * span / 3600.0
+        after = {
+            "after_warmup": {
+                "from_s": steady["t"],
+                ("profiled_" if profile else "") + "cpu_s_per_node_hour": round(
+                    (time.process_time() - steady["cpu"]) / node_hours, 3
+                ),
+                "messages_per_node_per_s": round((s["messages"] - steady["messages"]) / nodes / span, 3),
+                "bytes_per_node_per_s": round((s["bytes"] - steady["bytes"]) / nodes / span, 1),
+            }
+        }
     print(
         json.dumps(
             {
@@ -100,6 +125,7 @@ def child(nodes: int, seconds: float, profile: bool, detector: str) -> None:
                 "membership": s["membership"],
                 "leaders_at_once_max": s["leaders_at_once_max"],
                 "leader_split_samples": s["leader_split_samples"],
+                **after,
             }
         )
     )
@@ -111,15 +137,21 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None, help="simulated seconds for every size")
     parser.add_argument("--profile", action="store_true", help="profile the 200-node run (stderr)")
     parser.add_argument("--detector", default="swim", choices=("heartbeat", "swim"), help="the nodes' failure detector")
+    parser.add_argument(
+        "--warmup", type=float, default=120.0, help="simulated seconds of start-up left out of the after_warmup figures"
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.seconds or DEFAULT_SECONDS.get(args.child, 60.0), args.profile, args.detector)
+        child(
+            args.child, args.seconds or DEFAULT_SECONDS.get(args.child, 60.0), args.profile, args.detector, args.warmup
+        )
         return 0
     runs = []
     for nodes in [int(n) for n in args.sizes.split(",")]:
         seconds = args.seconds or DEFAULT_SECONDS.get(nodes, 60.0)
         cmd = [sys.executable, __file__, "--child", str(nodes), "--seconds", str(seconds), "--detector", args.detector]
+        cmd += ["--warmup", str(args.warmup)]
         if args.profile and nodes == 200:
             cmd.append("--profile")
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout

@@ -1,7 +1,7 @@
 """Deterministic simulator that runs the node's real code on a simulated network.
 
 `Simulation(scenario, seed).run()` runs many real `meshnode.Node`s in one trio
-run under `MockClock`, on a `SimNetwork` shaped by a networkx topology, with an
+run under a virtual clock (`VirtualClock`: trio's autojumping `MockClock`, cheaper), on a `SimNetwork` shaped by a networkx topology, with an
 in-process reference cloud behind simulated uplinks, and returns a `RunResult`
 whose `summary` is byte-for-byte the same for the same scenario and seed.
 The command line is `meshsim` (`sim.cli`); the scenario format and the metrics

@@ -12,7 +12,8 @@ Two things keep a run reproducible, both through `uplink.open_cloud`'s seams
 
 - **Blocking work runs inline** (`run_sync=`). The service does its database
   work through `run_sync`, a worker thread by default. Under
-  `MockClock(autojump_threshold=0)` virtual time jumps to the next timer as soon
+  the simulator's `VirtualClock` (as under `MockClock(autojump_threshold=0)`)
+  virtual time jumps to the next timer as soon
   as every task is blocked, and a task waiting for a thread counts as blocked:
   the answer would come back at a virtual time that depends on how fast the
   thread ran. Run inline in the trio thread, a request is served in zero

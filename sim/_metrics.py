@@ -40,6 +40,10 @@ from automerge.core import ROOT, ScalarType
 
 from meshnode import PeerState
 
+MEMBERSHIP_OBSERVERS = 32
+"""At most this many running nodes report their membership view at one sample (see
+`Metrics.sample_membership`)."""
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default), or None for no values."""
@@ -268,25 +272,37 @@ class Metrics:
         """Feed what every running node believes to ``self.leaders``; the distinct leaders."""
         return self.leaders.observe({n: getattr(node, "leader", None) for n, node in self.running.items()}, now)
 
-    def sample_membership(self, now: float) -> tuple[float, float]:
-        """How well the failure detector keeps up: over every running node, the share of the
-        other running nodes it holds live (ALIVE or SUSPECT) and the share it holds ALIVE.
-        A share below 1 is a false verdict (the peer runs): DEAD drops it from the election."""
+    def sample_membership(self, now: float, sample: int = 0) -> tuple[float, float]:
+        """How well the failure detector keeps up: over the running nodes that observe at this
+        sample, the share of the other running nodes each holds live (ALIVE or SUSPECT) and the
+        share it holds ALIVE. A share below 1 is a false verdict (the peer runs): DEAD drops it
+        from the election.
+
+        Every running node observes while there are at most `MEMBERSHIP_OBSERVERS`; in a larger
+        mesh that many do, a different slice of the sorted running nodes at each sample
+        (``sample`` is the sample's number), so that a sample costs O(N), not O(N^2): the
+        shares are then an estimate from those observers' views of every running peer.
+        """
         running = set(self.running)
         others = len(running) - 1
         if others <= 0:
             return (1.0, 1.0)
+        ids = sorted(self.running)
+        if len(ids) > MEMBERSHIP_OBSERVERS:
+            start = (sample * MEMBERSHIP_OBSERVERS) % len(ids)
+            ids = (ids[start:] + ids[:start])[:MEMBERSHIP_OBSERVERS]
         live = alive = 0
-        for node_id, node in sorted(self.running.items()):
-            membership = getattr(node, "membership", None)
+        for node_id in ids:
+            membership = getattr(self.running[node_id], "membership", None)
             if membership is None:
                 continue
             for record in membership.live_peers(now):
-                if record.node_id in running and record.node_id != node_id:
+                peer = record.node_id
+                if peer in running and peer != node_id:
                     live += 1
-                    if membership.state(record.node_id, now) is PeerState.ALIVE:
+                    if membership.state(peer, now) is PeerState.ALIVE:
                         alive += 1
-        pairs = len(running) * others
+        pairs = len(ids) * others
         return (live / pairs, alive / pairs)
 
     # --- results -------------------------------------------------------------------

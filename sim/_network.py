@@ -34,6 +34,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -103,6 +104,9 @@ class SimNetwork(MemoryNetwork):
         self.by_resource: Counter[str] = Counter()
         self.bytes_by_resource: Counter[str] = Counter()
         self.sent_by_node: Counter[str] = Counter()
+        self._routes: dict[tuple[str, str], tuple[str, str, Link, Any] | None] = {}
+        """(src address, dst address) -> (src id, dst id, link, hash of the fate's prefix),
+        or None where no edge is: filled as messages go (see `_route`)."""
         self.trace: list[tuple[float, str, str, str, bool, int, str]] | None = None
         """Set to a list to record every message (time, src, dst, resource, response,
         size, digest of the payload): for hunting down a loss of reproducibility."""
@@ -129,57 +133,83 @@ class SimNetwork(MemoryNetwork):
         """Whether nodes a and b can hear each other now (an edge, not cut)."""
         if frozenset((a, b)) not in self._edges:
             return False
-        if self._group is not None and self._group.get(a, 0) != self._group.get(b, 0):
-            return False
-        return True
+        return self._uncut(a, b)
+
+    def _uncut(self, a: str, b: str) -> bool:
+        group = self._group
+        return group is None or group.get(a, 0) == group.get(b, 0)
 
     def link_up(self, a: str, b: str) -> bool:
-        ia, ib = self._ids.get(a), self._ids.get(b)
-        if ia is None or ib is None:
+        route = self._route(a, b)
+        if route is None:
+            if a in self._ids and b in self._ids:
+                return False  # no edge between two nodes
             return super().link_up(a, b)
-        return self.connected(ia, ib) and super().link_up(a, b)
+        return self._uncut(route[0], route[1]) and super().link_up(a, b)
+
+    def _route(self, src: str, dst: str) -> tuple[str, str, Link, Any] | None:
+        """The edge between two addresses, if their nodes have one (cached: the topology is fixed)."""
+        key = (src, dst)
+        try:
+            return self._routes[key]
+        except KeyError:
+            pass
+        ia, ib = self._ids.get(src), self._ids.get(dst)
+        route = None
+        if ia is not None and ib is not None and frozenset((ia, ib)) in self._edges:
+            prefix = hashlib.sha256(b"%s|%s|%s|" % (self._seed, src.encode(), dst.encode()))
+            route = (ia, ib, self.link(ia, ib), prefix)
+        self._routes[key] = route
+        return route
 
     # --- time on the wire ----------------------------------------------------------------
 
     def _fate(self, src: str, dst: str, resource: str, payload: bytes, response: bool) -> tuple[float, float]:
         """Two uniform numbers in [0, 1) that only this message can draw."""
-        now = trio.current_time()
+        prefix = hashlib.sha256(b"%s|%s|%s|" % (self._seed, src.encode(), dst.encode()))
+        return self._draw(prefix, resource, payload, response, trio.current_time())
+
+    def _draw(self, prefix: Any, resource: str, payload: bytes, response: bool, now: float) -> tuple[float, float]:
+        """`_fate` with the hash of its prefix (seed, source, destination) taken in
+        already (`_route` keeps one per route): one hash over all of it, in two parts."""
         if now != self._instant:
             self._instant = now
             self._seen.clear()
-        h = hashlib.sha256()
-        h.update(b"%s|%s|%s|%s|%d|%r|" % (self._seed, src.encode(), dst.encode(), resource.encode(), response, now))
+        h = prefix.copy()
+        h.update(b"%s|%d|%r|" % (resource.encode(), response, now))
         h.update(payload)
         digest = h.digest()
-        n = self._seen[digest]
-        self._seen[digest] += 1
+        seen = self._seen
+        n = seen[digest]
+        seen[digest] = n + 1
         if n:
             digest = hashlib.sha256(digest + n.to_bytes(8, "big")).digest()
         return int.from_bytes(digest[:8], "big") / 2.0**64, int.from_bytes(digest[8:16], "big") / 2.0**64
 
     async def carry(self, src: str, dst: str, resource: str, payload: bytes, *, response: bool) -> bool:
         size = len(payload)
+        now = trio.current_time()
         if self.trace is not None:
             digest = hashlib.sha256(payload).hexdigest()[:12]
-            self.trace.append((trio.current_time(), src, dst, resource, response, size, digest))
-        self.total.messages += 1
-        self.total.bytes += size
+            self.trace.append((now, src, dst, resource, response, size, digest))
+        total = self.total
+        total.messages += 1
+        total.bytes += size
         self.by_resource[resource] += 1
         self.bytes_by_resource[resource] += size
-        sender = self._ids.get(src, src)
-        self.sent_by_node[sender] += 1
-        ia, ib = self._ids.get(src), self._ids.get(dst)
-        if ia is None or ib is None or frozenset((ia, ib)) not in self._edges:
+        self.sent_by_node[self._ids.get(src, src)] += 1
+        route = self._route(src, dst)
+        if route is None:
             # Out of range: nobody hears it (counted as sent: the radio sent it).
-            self.total.undeliverable += 1
+            total.undeliverable += 1
             return False
-        link = self.link(ia, ib)
-        u_loss, u_delay = self._fate(src, dst, resource, payload, response)
+        ia, ib, link, prefix = route
+        u_loss, u_delay = self._draw(prefix, resource, payload, response, now)
         if u_loss < link.loss:
-            self.total.lost += 1
+            total.lost += 1
             return False
-        await trio.sleep(link.latency.sample(u_delay) + size * 8.0 / link.bandwidth_bps)
-        if not self.connected(ia, ib):
-            self.total.undeliverable += 1
+        await trio.sleep_until(now + (link.latency.sample(u_delay) + size * 8.0 / link.bandwidth_bps))
+        if not self._uncut(ia, ib):
+            total.undeliverable += 1
             return False
         return True

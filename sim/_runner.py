@@ -6,7 +6,8 @@ What the simulator swaps, and nothing else (DESIGN.md, "Seams"):
 - discovery: one `MemoryDiscoveryHub` whose neighbour relation is the topology;
 - uplink: a `CloudClient` per uplink node over a simulated path to the
   in-process reference cloud (`sim._cloud`);
-- clock: `trio.current_time()` is virtual (`MockClock(autojump_threshold=0)`),
+- clock: `trio.current_time()` is virtual (`VirtualClock`, which jumps to the
+  next deadline as soon as no task can run, as `MockClock(autojump_threshold=0)`),
   and the wall clock handed to nodes and cloud is ``EPOCH + virtual time``;
 - store: each node's `DocStore` on a `MemoryAdapter` over a dict that outlives
   the node (its "disk"), handed in through `Node(store=...)`; the adapter does
@@ -34,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import random
 import tempfile
@@ -48,7 +50,6 @@ from typing import Any
 import nacl.signing
 import networkx as nx
 import trio
-import trio.testing
 
 from crdt import AsyncDocStore, DocStore, MemoryAdapter, StorageKey, open_doc_store
 from meshnode import MemoryDiscoveryHub
@@ -121,6 +122,35 @@ class RunResult:
     events_log: list[tuple[float, str]] = field(default_factory=list)
 
 
+class VirtualClock(trio.abc.Clock):
+    """Virtual time that jumps to the next deadline as soon as no task can run.
+
+    What `trio.testing.MockClock(autojump_threshold=0)` does, for less: MockClock
+    reads the real clock on every `current_time()` (to scale it by its rate) and
+    jumps in a pass of trio's loop of its own (an idle pass, then the jump, then a
+    pass that fires the deadline); this clock is a number, and it jumps inside
+    `deadline_to_sleep_time`, which trio calls only when no task is runnable, so the
+    deadline fires in the same pass. Nothing in the simulator waits for
+    `wait_all_tasks_blocked` (which MockClock would let go first).
+    """
+
+    def __init__(self) -> None:
+        self._now = 0.0
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        return self._now
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        if deadline > self._now:
+            if deadline == math.inf:
+                return math.inf  # nothing will ever wake: wait for I/O (trio caps the wait)
+            self._now = deadline
+        return 0.0
+
+
 def address_of(index: int) -> str:
     return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}:5683"
 
@@ -190,7 +220,7 @@ class Simulation:
         self.hub: MemoryDiscoveryHub | None = None
         self.cloud: SimCloud | None = None
         self.site = SimSite(seed, scenario.site, EPOCH) if scenario.sealed else None
-        self.clock: trio.testing.MockClock | None = None
+        self.clock: VirtualClock | None = None
         self._nursery: trio.Nursery | None = None
         self._open_sessions = 0
         self._leader_seen: str | None = None
@@ -231,9 +261,9 @@ class Simulation:
     # --- running -----------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Run the scenario to its end (blocking; one trio run with a MockClock)."""
+        """Run the scenario to its end (blocking; one trio run with a `VirtualClock`)."""
         started = time.perf_counter()
-        clock = trio.testing.MockClock(autojump_threshold=0)
+        clock = VirtualClock()
         self.clock = clock
         if self._workdir is not None:
             self._workdir.mkdir(parents=True, exist_ok=True)
@@ -661,7 +691,7 @@ class Simulation:
             self._leader_seen = leader
         # What the nodes believed, node by node (a majority's leader hid splits and flips).
         distinct = self.metrics.sample_leaders(now)
-        live_share, alive_share = self.metrics.sample_membership(trio.current_time())
+        live_share, alive_share = self.metrics.sample_membership(trio.current_time(), len(self.samples))
         self.leader_changes = self.metrics.leaders.changes
         self.leaders_max = self.metrics.leaders.distinct_max
         cloud = self.cloud.counters if self.cloud is not None else None
