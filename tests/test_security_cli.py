@@ -117,6 +117,8 @@ def all_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
+                if "parse_known_args" in vars(sub):  # flags added when parsed (meshnode demo): add them
+                    sub.parse_known_args([])
                 yield from all_parsers(sub, (*path, name))
 
 
