@@ -65,6 +65,7 @@ import errno
 import inspect
 import itertools
 import logging
+import random
 import socket
 import time
 import weakref
@@ -82,7 +83,7 @@ import trio
 import trio_asyncio
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import COAP_PORT, TransportTuning
-from aiocoap.numbers.types import CON
+from aiocoap.numbers.types import CON, NON
 from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from ._transport import (
@@ -132,6 +133,16 @@ NO_RESPONSE_ALL = 26
 """RFC 7967 No-Response value: suppress 2.xx, 4.xx and 5.xx answers."""
 NON_MAX_PAYLOAD = 1024
 """Largest one-way payload sent as a single NON datagram (one block)."""
+NON_COPIES = 2
+"""Copies of a one-way NON datagram sent after it, the same message (same
+message id), after ACK_TIMEOUT and then twice that (each times 1 to
+ACK_RANDOM_FACTOR), as a confirmable message would be retransmitted, but
+without waiting for an ACK that No-Response suppresses. The receiver drops a
+copy whose message id it has seen (RFC 7252 s4.5), before any decoding of the
+body; a copy saves a push that a lossy link lost: at 30 % loss one datagram in
+0.3 is lost, with two copies one in 0.027 (a receipt pushed to five peers
+then reaches them all 87 % of the time, not 17 %; the rest wait for
+anti-entropy)."""
 """application/cbor (RFC 8949 s9.5, CoAP Content-Formats registry)."""
 
 UNREACHABLE_ERRNOS = frozenset(
@@ -222,14 +233,17 @@ def _code_from_dotted(dotted: str) -> Code:
 
 class _QuietContinue(logging.Filter):
     """aiocoap logs every intermediate 2.31 Continue of a block-wise upload at
-    INFO (300 lines for a 300 KB request). Those are normal operation, DEBUG
-    in our scheme; other records pass unchanged."""
+    INFO (300 lines for a 300 KB request), and every duplicate NON it drops
+    (the copies of our one-way pushes, `NON_COPIES`). Those are normal
+    operation, DEBUG in our scheme; other records pass unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (
-            record.levelno == logging.INFO
-            and str(record.msg).startswith("Render request raised a renderable error")
-            and "ContinueException" in str(record.args)
+        if record.levelno == logging.INFO and (
+            (
+                str(record.msg).startswith("Render request raised a renderable error")
+                and "ContinueException" in str(record.args)
+            )
+            or str(record.msg).startswith("Duplicate NON")  # the copies of one-way pushes (NON_COPIES)
         ):
             record.levelno = logging.DEBUG
             record.levelname = "DEBUG"
@@ -697,7 +711,7 @@ class CoapTransport:
             (interface,) = self._context.request_interfaces
             self._recent = _bound_deduplication(interface.token_interface)
             _stop_sending_abandoned(interface.token_interface)
-            _note_transmissions(interface.token_interface, self._sent)
+            _note_transmissions(interface.token_interface, self._sent, lambda: self._closed)
             self._watch = _Watch(self._loop, interface.token_interface, self)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -975,21 +989,40 @@ def _stop_sending_abandoned(manager: Any) -> None:
     manager.send_message = send_message
 
 
-def _note_transmissions(manager: Any, sent: Callable[[aiocoap.Message], None]) -> None:
+def _note_transmissions(
+    manager: Any, sent: Callable[[aiocoap.Message], None], closed: Callable[[], bool], copies: int = NON_COPIES
+) -> None:
     """Call `sent` with every confirmable request aiocoap's MessageManager puts on
     the wire, first sends and retransmissions alike (both go through
-    ``_send_via_transport``; 0.4.17's shape, checked here)."""
+    ``_send_via_transport``; 0.4.17's shape, checked here); and send each
+    one-way NON request (No-Response 26) `copies` more times (`NON_COPIES`)."""
     send = getattr(manager, "_send_via_transport", None)
-    if not callable(send):
+    if not callable(send) or getattr(manager, "message_interface", None) is None:
         raise RuntimeError("aiocoap's MessageManager changed shape; review _coap.py")
+
+    def again(message: aiocoap.Message) -> None:
+        if closed() or manager._active_exchanges is None:  # shut down meanwhile
+            return
+        try:
+            manager.message_interface.send(message)
+        except Exception:  # noqa: BLE001 - a copy is best effort
+            log.debug("sending a copy of a one-way message failed", exc_info=True)
 
     def _send_via_transport(message: aiocoap.Message) -> None:
         send(message)
-        if message.mtype is CON and message.code.is_request():
+        if not message.code.is_request():
+            return
+        if message.mtype is CON:
             try:
                 sent(message)
             except Exception:  # noqa: BLE001 - bookkeeping must not fail a send
                 log.debug("noting a transmission failed", exc_info=True)
+        elif message.mtype is NON and message.opt.no_response == NO_RESPONSE_ALL:
+            tuning = message.transport_tuning
+            delay = 0.0
+            for n in range(copies):
+                delay += tuning.ACK_TIMEOUT * (2**n) * random.uniform(1.0, tuning.ACK_RANDOM_FACTOR)
+                manager.loop.call_later(delay, again, message)
 
     manager._send_via_transport = _send_via_transport
 

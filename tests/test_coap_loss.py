@@ -11,6 +11,7 @@ up before it (the field's receipts under loss were that slow because of it).
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 import trio
@@ -32,24 +33,25 @@ async def _relay(
     target: tuple[str, int],
     drop_first: int,
     *,
+    mtype: int = 0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Forward datagrams between a requester (talking to `front`) and `target` (from
-    `back`); of the requester's confirmable messages, drop the first `drop_first`
-    copies of each message id."""
+    `back`); of the requester's messages of type `mtype` (0 CON, 1 NON), drop the
+    first `drop_first` copies of each message id."""
     copies: collections.Counter[bytes] = collections.Counter()
     f = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
     b = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
     with f, b:
         await f.bind(front)
         await b.bind(back)
-        client: list[object] = []
+        client: list[tuple[str, int]] = []
 
         async def forth() -> None:
             while True:
                 data, addr = await f.recvfrom(65536)
                 client[:] = [addr]
-                if len(data) >= 4 and (data[0] >> 4) & 0x3 == 0:  # CON
+                if len(data) >= 4 and (data[0] >> 4) & 0x3 == mtype:
                     copies[data[2:4]] += 1
                     if copies[data[2:4]] <= drop_first:
                         continue
@@ -118,4 +120,38 @@ async def test_a_silent_peer_fails_timeout_after_the_last_try_and_says_so() -> N
             last_try_min = tuning.ACK_TIMEOUT * (2**tuning.MAX_RETRANSMIT - 1)
             assert last_try_min + NODE_TIMEOUT <= took <= last_try_max + NODE_TIMEOUT + 1.0, took
             assert "of its last try" in str(raised.value), raised.value
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("dropped", [0, 1, 2])
+async def test_a_one_way_push_survives_two_lost_copies_and_arrives_once(dropped: int) -> None:
+    """A one-way push (NON, No-Response) goes out with `NON_COPIES` copies of the
+    same message: the receiver runs the handler once whichever copy arrives first,
+    and drops the others as duplicates."""
+    from meshnode._coap import NON_COPIES
+
+    assert NON_COPIES >= 2
+    port = free_port(A)
+    async with trio_asyncio.open_loop():  # noqa: SIM117
+        async with (
+            open_coap_transport(A, port) as a,
+            open_coap_transport(B, port) as b,
+            trio.open_nursery() as nursery,
+        ):
+            got: list[bytes] = []
+
+            async def push(payload: bytes, remote: str) -> bytes:
+                got.append(payload)
+                return b""
+
+            b.route("/m/push", push)
+            await nursery.start(
+                functools.partial(_relay, mtype=1), (RELAY, port), (RELAY, port + 1), (B, port), dropped
+            )
+            await a.send(f"{RELAY}:{port}", "/m/push", b"receipt")
+            with trio.fail_after(10):
+                while not got:
+                    await trio.sleep(0.05)
+            await trio.sleep(3 * MeshTuning.ACK_TIMEOUT * MeshTuning.ACK_RANDOM_FACTOR + 0.5)  # every copy is out
+            assert got == [b"receipt"]
             nursery.cancel_scope.cancel()
