@@ -3,8 +3,8 @@
 Three nodes on a MemoryNetwork (delivery is instant): what a change costs in
 virtual time is only what the core makes it wait. A change made just after
 another on the same node reaches every neighbour at once; with a plain push
-slot it waited for the slot (0.4 s), which is what made the p95 of 10 real
-nodes on loopback 0.3 s (bench/mesh.py --sim).
+slot it waited for the slot (0.4 s). A third within the interval still waits:
+the bucket is bounded.
 """
 
 from __future__ import annotations

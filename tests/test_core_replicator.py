@@ -72,8 +72,7 @@ def test_a_quiet_node_pushes_at_once_and_a_busy_one_batches():
     e.changed("d1", H1, 10.0)
     assert pushes(e.poll(10.0)) == {"b": ("d1",)}
     # A change just after another goes at once too: the bucket holds two flushes
-    # (with a plain slot it waited for 10.3; 10 real nodes, one event at a time:
-    # p95 0.3 s, nearly all of it this wait).
+    # (with a plain slot it waited for 10.3).
     e.changed("d2", H1, 10.1)
     assert pushes(e.poll(10.1)) == {"b": ("d2",)}
     # Now the bucket is empty until 10.3 (one flush per push_interval from 10.0).
