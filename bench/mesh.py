@@ -269,8 +269,17 @@ def summary_ms(values: list[float]) -> dict[str, float | None]:
     }
 
 
+async def get(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    try:
+        return await client.get(url)
+    except httpx.RemoteProtocolError:
+        # The server closed a kept-alive connection as we sent on it (seen on a
+        # loaded machine, where its keep-alive timeout expires between polls): once more.
+        return await client.get(url)
+
+
 async def get_json(client: httpx.AsyncClient, url: str) -> Any:
-    response = await client.get(url)
+    response = await get(client, url)
     response.raise_for_status()
     return response.json()
 
@@ -323,7 +332,7 @@ async def wait_for_session(client: httpx.AsyncClient, nodes: list[NodeProc], ses
         while missing:
             check_alive(nodes)
             for i in sorted(missing):
-                r = await client.get(f"{nodes[i].http}/v1/sessions/{session_id}")
+                r = await get(client, f"{nodes[i].http}/v1/sessions/{session_id}")
                 if r.status_code == 200:
                     missing.discard(i)
             if missing:
@@ -366,7 +375,7 @@ async def one_event(
     async def poll(i: int) -> None:
         while True:
             sent = time.perf_counter()
-            resp = await client.get(f"{nodes[i].http}/v1/sessions/{session_id}")
+            resp = await get(client, f"{nodes[i].http}/v1/sessions/{session_id}")
             now = time.perf_counter()
             rtts.append(now - sent)
             if resp.status_code == 200:
