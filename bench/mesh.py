@@ -269,13 +269,18 @@ def summary_ms(values: list[float]) -> dict[str, float | None]:
     }
 
 
-async def get(client: httpx.AsyncClient, url: str) -> httpx.Response:
-    try:
-        return await client.get(url)
-    except httpx.RemoteProtocolError:
-        # The server closed a kept-alive connection as we sent on it (seen on a
-        # loaded machine, where its keep-alive timeout expires between polls): once more.
-        return await client.get(url)
+async def get(client: httpx.AsyncClient, url: str, attempts: int = 3) -> httpx.Response:
+    """A GET, sent again (up to `attempts` in all) when its connection breaks: on a
+    loaded machine a node closes or resets kept-alive connections between polls
+    (RemoteProtocolError, ReadError); a node that died is caught by `check_alive`."""
+    for attempt in range(attempts):
+        try:
+            return await client.get(url)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            if attempt == attempts - 1:
+                raise
+            await trio.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 async def get_json(client: httpx.AsyncClient, url: str) -> Any:
