@@ -28,6 +28,24 @@ included; a figure net of the idle rate is reported beside it.
 
 All node processes are stopped at the end, also on error or Ctrl-C. Prints one
 JSON object on stdout; progress on stderr.
+
+Wall-clock latency on loopback is mostly CPU: ten nodes, the benchmark and its
+polling share the machine's cores with whatever else runs. Every result carries
+`host` (cores, load average before and after, the CPU pressure over the measured
+phase, the autogroup and nice the run had) so that a figure is read with the
+load it was taken under. The nodes run in the benchmark's session (a process
+group of their own, so Ctrl-C reaches only the benchmark), hence in its
+autogroup: with the kernel's autogroup scheduling
+(`/proc/sys/kernel/sched_autogroup_enabled`) the whole run is one scheduling
+group that competes with other sessions as one, whatever `nice` says inside it.
+`--autogroup-nice N` makes the run a session of its own (or fails if it cannot:
+then start it with `setsid`) and sets that group's nice (as bench/field.py).
+
+`--sim` runs the same workload in the simulator instead (`sim.Simulation`: the
+node's real code, `MockClock`, a full mesh with `--sim-latency` one way, no
+loss): virtual time, so the figures are what the protocol makes an event wait,
+with no CPU in them; messages are counted as in bench/glomers.py (requests and
+responses; a one-way push counts once).
 """
 
 from __future__ import annotations
@@ -140,7 +158,9 @@ def start_nodes(n: int, args: argparse.Namespace, directory: str) -> list[NodePr
                     stdout=subprocess.PIPE,
                     stderr=err,
                     cwd=directory,
-                    start_new_session=True,  # Ctrl-C reaches only us; we stop the nodes ourselves
+                    # A process group of its own: Ctrl-C reaches only us (we stop the nodes
+                    # ourselves). The same session: the nodes share our autogroup (see above).
+                    process_group=0,
                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 )
             nodes.append(NodeProc(i, node_id, host, f"http://{host}:{args.http_port}", log_path, proc))
@@ -249,8 +269,22 @@ def summary_ms(values: list[float]) -> dict[str, float | None]:
     }
 
 
+async def get(client: httpx.AsyncClient, url: str, attempts: int = 3) -> httpx.Response:
+    """A GET, sent again (up to `attempts` in all) when its connection breaks: on a
+    loaded machine a node closes or resets kept-alive connections between polls
+    (RemoteProtocolError, ReadError); a node that died is caught by `check_alive`."""
+    for attempt in range(attempts):
+        try:
+            return await client.get(url)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            if attempt == attempts - 1:
+                raise
+            await trio.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 async def get_json(client: httpx.AsyncClient, url: str) -> Any:
-    response = await client.get(url)
+    response = await get(client, url)
     response.raise_for_status()
     return response.json()
 
@@ -303,7 +337,7 @@ async def wait_for_session(client: httpx.AsyncClient, nodes: list[NodeProc], ses
         while missing:
             check_alive(nodes)
             for i in sorted(missing):
-                r = await client.get(f"{nodes[i].http}/v1/sessions/{session_id}")
+                r = await get(client, f"{nodes[i].http}/v1/sessions/{session_id}")
                 if r.status_code == 200:
                     missing.discard(i)
             if missing:
@@ -346,7 +380,7 @@ async def one_event(
     async def poll(i: int) -> None:
         while True:
             sent = time.perf_counter()
-            resp = await client.get(f"{nodes[i].http}/v1/sessions/{session_id}")
+            resp = await get(client, f"{nodes[i].http}/v1/sessions/{session_id}")
             now = time.perf_counter()
             rtts.append(now - sent)
             if resp.status_code == 200:
@@ -408,6 +442,7 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         results: list[EventResult] = []
         before, p0 = transport_sum(await statuses(client, nodes)), time.perf_counter()
         cpu0, own0 = nodes_cpu(nodes), own_cpu()
+        host0 = host_snapshot()
         consecutive_missing = 0
         for k in range(args.events):
             check_alive(nodes)
@@ -433,6 +468,7 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         await trio.sleep(args.settle)  # let the trailing sync rounds of the last event finish
         cpu, own = nodes_cpu(nodes) - cpu0, own_cpu() - own0
         after, p1 = transport_sum(await statuses(client, nodes)), time.perf_counter()
+        host = host_report(host0, host_snapshot(), p1 - p0)
         final = await statuses(client, nodes)
 
     phase = delta(before, after)
@@ -476,9 +512,198 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
         "events_seen_as_conflict": sum(1 for x in results if x.conflicts_on),
         "mesh_formed_s": round(formed_s, 2),
         "session_everywhere_ms": round(session_s * 1000, 1),
+        "host": host,
         "final_sync_state": {s["node_id"]: s["sync_state"] for s in final},
         "final_counters": {s["node_id"]: s["counters"] for s in final},
     }
+
+
+# --- the machine it ran on -------------------------------------------------------------
+
+
+def _cpu_pressure_total() -> int | None:
+    """Microseconds some runnable task waited for a CPU, since boot (PSI), or None."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline()
+    except OSError:
+        return None
+    return int(some.rpartition("total=")[2])
+
+
+def host_snapshot() -> dict[str, Any]:
+    return {"load_average": [round(x, 2) for x in os.getloadavg()], "cpu_pressure_us": _cpu_pressure_total()}
+
+
+def host_report(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """What the measured phase competed with: cores, load, CPU pressure, our autogroup and nice."""
+    out: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "load_average_before": before["load_average"],
+        "load_average_after": after["load_average"],
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+    }
+    if before["cpu_pressure_us"] is not None and after["cpu_pressure_us"] is not None and seconds > 0:
+        waited = (after["cpu_pressure_us"] - before["cpu_pressure_us"]) / 1e6
+        out["cpu_pressure_some_pct"] = round(100 * waited / seconds, 1)
+    try:
+        with open("/proc/self/autogroup") as f:
+            out["autogroup"] = f.read().strip()
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            out["autogroup_enabled"] = f.read().strip() == "1"
+    except OSError:
+        pass
+    return out
+
+
+def own_autogroup(nice: int) -> None:
+    """Make this process a session (hence an autogroup) of its own and set the group's nice."""
+    if os.getsid(0) != os.getpid():
+        try:
+            os.setsid()
+        except PermissionError:
+            raise SystemExit(
+                "--autogroup-nice: this process leads a process group and cannot start a session; "
+                "start it with setsid (setsid python bench/mesh.py ...)"
+            ) from None
+    with open("/proc/self/autogroup", "w") as f:
+        f.write(f"{nice}\n")
+
+
+# --- the same workload in the simulator (virtual time) -------------------------------------
+
+
+def _holds(node: Any, session_id: str, event_id: str) -> bool:
+    from automerge.core import ROOT
+
+    doc = node.replica.docs.get(session_id)
+    if doc is None:
+        return False
+    events = doc.get(ROOT, "events")
+    return events is not None and doc.get(events[1], event_id) is not None
+
+
+def run_size_sim(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    """The measurement above on `n` simulated nodes: real `Node` code, virtual time.
+
+    The simulator's nodes boot within the first second; once each holds every
+    other as a verified neighbour, node 0 creates the session, then idle, then
+    the events one at a time (a writer, the event, every other node polled every
+    `--sim-poll` of virtual time until it holds the event)."""
+    sys.path.insert(0, ROOT)
+    from sim import Simulation, parse_scenario
+
+    per_event = max(1.0, args.event_timeout / 10) + args.sim_think
+    duration = 5.0 + 3 * args.settle + args.idle_seconds + args.events * per_event
+    raw: dict[str, Any] = {
+        "name": f"mesh{n}",
+        "description": "bench/mesh.py --sim",
+        "duration": duration,
+        "drain": 0,
+        "sample_interval": duration,
+        "topology": {"kind": "full", "nodes": n},
+        "network": {"latency": args.sim_latency, "loss": 0.0, "bandwidth_kbps": 1_000_000},
+    }
+    for item in args.sim_set:
+        key, _, value = item.partition("=")
+        section, _, name = key.rpartition(".")
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        (raw.setdefault(section, {}) if section else raw)[name] = parsed
+    scenario = parse_scenario(raw)
+    out: dict[str, Any] = {}
+
+    async def workload(sim: Simulation) -> None:
+        assert sim.net is not None
+        slots = [sim.slots[i] for i in sim.ids]
+        while not all(s.node is not None and len(s.node.neighbours) == n - 1 for s in slots):
+            await trio.sleep(0.01)
+        formed = trio.current_time()
+        nodes = [s.node for s in slots]
+        created = await nodes[0].create_session("bench-charger", 1, "bench-token", meter_wh=0)
+        sid = created["session_id"]
+        t0 = trio.current_time()
+        while not all(sid in node.replica.docs for node in nodes):
+            await trio.sleep(args.sim_poll)
+        session_s = trio.current_time() - t0
+        await trio.sleep(args.settle)
+        m0 = sim.net.total.messages
+        await trio.sleep(args.idle_seconds)
+        idle_messages = sim.net.total.messages - m0
+        before, by_resource = sim.net.total.messages, dict(sim.net.by_resource)
+        p0 = trio.current_time()
+        latencies: list[float] = []
+        per_node: list[float] = []
+        slowest: list[tuple[float, int, int, float | None]] = []
+        last_write: dict[int, float] = {}
+        for k in range(args.events):
+            writer = rng.randrange(n) if args.writer == "random" else 0
+            got = await nodes[writer].record_event(sid, "meter", 1000 + 10 * (k + 1))
+            acked = trio.current_time()
+            since = acked - last_write[writer] if writer in last_write else None
+            last_write[writer] = acked
+            missing = {i for i in range(n) if i != writer}
+            with trio.move_on_after(args.event_timeout):
+                while missing:
+                    for i in sorted(missing):
+                        if _holds(nodes[i], sid, got["event_id"]):
+                            missing.discard(i)
+                            per_node.append(trio.current_time() - acked)
+                    if missing:
+                        await trio.sleep(args.sim_poll)
+            if missing:
+                log(f"  event {k}: written on node {writer}, NOT everywhere after {args.event_timeout} s")
+            else:
+                latencies.append(trio.current_time() - acked)
+                slowest.append((latencies[-1], k, writer, since))
+            await trio.sleep(args.sim_think)
+        await trio.sleep(args.settle)
+        phase_s = trio.current_time() - p0
+        messages = sim.net.total.messages - before
+        idle_rate = idle_messages / args.idle_seconds
+        out.update(
+            {
+                "nodes": n,
+                "virtual_time": True,
+                "latency_one_way_s": args.sim_latency,
+                "think_s": args.sim_think,
+                "events": args.events,
+                "events_everywhere": len(latencies),
+                "writer": args.writer,
+                "latency_ms": summary_ms(latencies),
+                "per_node_arrival_ms": summary_ms(per_node),
+                "events_over_100_ms": sum(1 for x in latencies if x > 0.1),
+                "slowest_events": [
+                    {
+                        "event": k,
+                        "writer": w,
+                        "latency_ms": round(x * 1000, 1),
+                        "since_writers_previous_ms": None if since is None else round(since * 1000, 1),
+                    }
+                    for x, k, w, since in sorted(slowest, reverse=True)[:8]
+                ],
+                "messages_per_event": round(messages / args.events, 2),
+                "messages_per_event_net_of_idle": round((messages - idle_rate * phase_s) / args.events, 2),
+                "messages_by_resource_per_event": {
+                    r: round((c - by_resource.get(r, 0)) / args.events, 2)
+                    for r, c in sorted(sim.net.by_resource.items())
+                    if c != by_resource.get(r, 0)
+                },
+                "idle_messages_per_node_per_s": round(idle_rate / n, 2),
+                "mesh_formed_s": round(formed, 3),
+                "session_everywhere_ms": round(session_s * 1000, 1),
+                "phase_seconds": round(phase_s, 3),
+            }
+        )
+
+    started = time.perf_counter()
+    Simulation(scenario, args.seed, checks=[(0.0, workload)]).run()
+    if not out:
+        raise RuntimeError(f"the simulated workload did not finish within {duration:g} virtual s")
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    return out
 
 
 def run_size(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
@@ -563,6 +788,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--log-level of the nodes (their stderr goes to a log file in the temp dir)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data dirs, node logs) after a success")
+    p.add_argument(
+        "--autogroup-nice",
+        type=int,
+        default=None,
+        help="run as a session (autogroup) of its own with this nice, e.g. 0 (see the module docstring)",
+    )
+    p.add_argument("--sim", action="store_true", help="run the workload in the simulator (virtual time) instead")
+    p.add_argument(
+        "--sim-latency", type=float, default=0.0005, help="--sim: one-way link latency in seconds (default 0.0005)"
+    )
+    p.add_argument(
+        "--sim-think",
+        type=float,
+        default=0.03,
+        help="--sim: virtual seconds from an event being everywhere to the next write, the real run's HTTP "
+        "round trips and polling (default 0.03; 0 writes back to back, far faster than any real client)",
+    )
+    p.add_argument("--sim-poll", type=float, default=0.001, help="--sim: virtual seconds between polls (default 0.001)")
+    p.add_argument(
+        "--sim-set",
+        action="append",
+        default=[],
+        help="--sim: scenario override, e.g. node.push_interval=0.2 (dotted key, JSON value)",
+    )
     args = p.parse_args(argv)
     try:
         args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
@@ -575,17 +824,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+SIM_NOTES = [
+    "--sim: the workload of the real run in the simulator (sim.Simulation: the node's real code under "
+    "trio's MockClock, a full mesh, every link the given one-way latency, no loss, in-memory stores). "
+    "Virtual time: handling a message costs no time, so latency_ms is what the protocol makes an event "
+    "wait (links, push bucket, timers) and nothing of the CPU the real run spends.",
+    "latency_ms: from the return of record_event on the writer until the last other node holds the "
+    "event (polled every --sim-poll virtual seconds); the next event is written --sim-think seconds "
+    "later (the real run spends that on its POST and its polls: phase_seconds / events there is the "
+    "cycle of one event, latency included). messages_per_event: simulated network messages "
+    "over the measured phase (requests and responses; a one-way push counts once, as bench/glomers.py), "
+    "divided by the events; the background exchanges of the phase are included, *_net_of_idle subtracts "
+    "the idle rate.",
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.autogroup_nice is not None:
+        own_autogroup(args.autogroup_nice)
     rng = random.Random(args.seed)
     results = []
     for n in args.sizes:
-        results.append(run_size(n, args, rng))
+        results.append(run_size_sim(n, args, rng) if args.sim else run_size(n, args, rng))
         r = results[-1]
-        log(
-            f"{n} nodes: latency p50 {r['latency_ms']['p50']} ms, p95 {r['latency_ms']['p95']} ms; "
-            f"{r['coap_requests_per_event']} CoAP requests and {r['coap_bytes_per_event']} B per event"
+        traffic = (
+            f"{r['messages_per_event']} messages per event (virtual time)"
+            if args.sim
+            else f"{r['coap_requests_per_event']} CoAP requests and {r['coap_bytes_per_event']} B per event"
         )
+        log(f"{n} nodes: latency p50 {r['latency_ms']['p50']} ms, p95 {r['latency_ms']['p95']} ms; {traffic}")
+    if args.sim:
+        print(json.dumps({"benchmark": "mesh", "mode": "sim", "results": results, "notes": SIM_NOTES}, indent=2))
+        return 0
     writer = (
         "each event is POSTed to a node chosen at random (seeded) among all nodes; every node holds the session by then"
         if args.writer == "random"
@@ -620,6 +891,10 @@ def main(argv: list[str] | None = None) -> int:
         "nothing written and nothing polled, divided by nodes and seconds (protocol v2: one /m/state "
         "heads-hash exchange per node per second with piggybacked membership records).",
         "The *_transport_delta fields hold the raw summed deltas of all five transport counters.",
+        "host: what the measured phase competed with (cores, load average before and after it, the share of "
+        "its wall time some runnable task waited for a CPU, the benchmark's nice and autogroup; the nodes "
+        "share the benchmark's session, hence its autogroup). Read latencies with it: on a loaded machine "
+        "they are mostly waiting for a CPU; --sim gives the protocol's own share.",
         "node_cpu_s_per_event: user + system CPU seconds of all node processes (/proc/PID/stat) over the "
         "measured phase, divided by the events written; it includes answering the benchmark's polls (each "
         "folds and serialises the session) and the background of the phase (*_net_of_idle subtracts the idle "

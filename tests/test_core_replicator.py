@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
 from automerge.core import ROOT, Document, ScalarType
 
 from crdt import Replica
@@ -21,6 +24,7 @@ H2 = (b"\x02" * 32,)
 
 
 def engine(**kw: float) -> Replicator:
+    """push_interval 0.3, and the default push bucket (two flushes)."""
     return Replicator("me", push_interval=0.3, exchange_interval=1.0, tick_interval=1.0, ttl=60.0, salt="t", **kw)
 
 
@@ -28,8 +32,8 @@ def pushes(actions: list) -> dict[str, tuple[str, ...]]:
     return {a.peer: a.docs for a in actions if isinstance(a, SendPush)}
 
 
-def with_peers(*ids: str, now: float = 0.0) -> Replicator:
-    e = engine()
+def with_peers(*ids: str, now: float = 0.0, **kw: float) -> Replicator:
+    e = engine(**kw)
     for nid in ids:
         e.hello_ok(nid, f"10.0.0.{len(e.table.peers) + 1}:5683", 1, now)
     e.poll(now)  # ticks and the first (urgent) exchanges
@@ -63,38 +67,121 @@ def test_only_settled_documents_are_left_to_anti_entropy():
     assert e.settled("never-changed-here", 0.0)
 
 
-def test_a_quiet_link_pushes_at_once_and_a_busy_one_batches():
+def test_a_quiet_node_pushes_at_once_and_a_busy_one_batches():
     e = with_peers("b")
     e.changed("d1", H1, 10.0)
     assert pushes(e.poll(10.0)) == {"b": ("d1",)}
+    # A change just after another goes at once too: the bucket holds two flushes
+    # (with a plain slot it waited for 10.3).
     e.changed("d2", H1, 10.1)
-    e.changed("d3", H1, 10.2)
+    assert pushes(e.poll(10.1)) == {"b": ("d2",)}
+    # Now the bucket is empty until 10.3 (one flush per push_interval from 10.0).
+    e.changed("d3", H1, 10.15)
+    e.changed("d4", H1, 10.2)
     assert pushes(e.poll(10.2)) == {}
-    assert e.next_deadline() == 10.3  # invariant 4: the deadline is when the batch goes
-    assert pushes(e.poll(10.3)) == {"b": ("d2", "d3")}
+    assert e.next_deadline() == pytest.approx(10.3)  # invariant 4: the deadline is when the batch goes
+    assert pushes(e.poll(e.next_deadline())) == {"b": ("d3", "d4")}
+    # Under load the bucket stays empty: one flush per push_interval, batching.
+    e.changed("d5", H1, 10.35)
+    assert pushes(e.poll(10.35)) == {}
+    assert e.next_deadline() == pytest.approx(10.6)
+    e.changed("d6", H1, 10.5)
+    assert pushes(e.poll(e.next_deadline())) == {"b": ("d5", "d6")}
+    # A quiet spell of two intervals fills it again: two flushes at once.
+    e.changed("d7", H1, 11.3)
+    assert pushes(e.poll(11.3)) == {"b": ("d7",)}
+    e.changed("d8", H1, 11.31)
+    assert pushes(e.poll(11.31)) == {"b": ("d8",)}
+    e.changed("d9", H1, 11.32)
+    assert pushes(e.poll(11.32)) == {}
+    assert e.next_deadline() == pytest.approx(11.6)
 
 
-def test_a_new_neighbour_gets_a_catch_up_push_at_once_even_mid_slot():
-    e = with_peers("a")
+def test_a_bucket_of_one_is_a_plain_slot():
+    e = with_peers("b", push_burst=1)
     e.changed("d1", H1, 10.0)
-    assert pushes(e.poll(10.0)) == {"a": ("d1",)}  # the slot is taken until 10.3
+    assert pushes(e.poll(10.0)) == {"b": ("d1",)}
+    e.changed("d2", H1, 10.1)
+    assert pushes(e.poll(10.1)) == {}
+    assert e.next_deadline() == 10.3
+    assert pushes(e.poll(10.3)) == {"b": ("d2",)}
+
+
+@pytest.mark.parametrize("kw", [{"push_burst": 0}, {"push_interval": 0.0}])
+def test_a_bucket_that_never_refills_is_refused(kw):
+    with pytest.raises(ValueError, match="push_burst"):
+        Replicator("me", **kw)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pushes_follow_the_bucket_and_the_deadline_whatever_the_changes(seed):
+    """Invariants 2 and 4 over a random run: per neighbour, at most `push_burst +
+    span / push_interval` pushes in any span; nothing due before `next_deadline()`
+    and something due at it; nothing left pending at the end."""
+    rng = random.Random(seed)
+    e = with_peers("a", "b", "c", now=10.0)
+    sent: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+
+    def carry_out(actions: list, now: float) -> None:
+        for a in actions:
+            if isinstance(a, SendPush):
+                sent[a.peer].append(now)
+            elif isinstance(a, StartExchange):
+                e.exchange_done(a.peer, now, in_sync=True)
+
+    t = 10.0
+    for step in range(600):
+        deadline = e.next_deadline()
+        assert deadline is not None
+        later = round(t + rng.choice([0.0, 0.0, 0.01, 0.05, 0.1, 0.3, 0.9]), 6)
+        if t < deadline <= later:
+            t = deadline
+            actions = e.poll(t)
+            assert actions  # something is due at the deadline
+            carry_out(actions, t)
+            continue
+        if deadline > later:
+            assert e.poll(later) == []  # and nothing before it
+        t = later
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            heads = (step.to_bytes(2, "big") * 16,)
+            e.changed(f"d{rng.randrange(6)}", heads, t, source=rng.choice([None, None, "a", "b"]))
+        carry_out(e.poll(t), t)
+    while any(n.pending for n in e.table.peers.values()):
+        t = max(t, e.next_deadline())
+        carry_out(e.poll(t), t)
+    assert all(len(times) > 20 for times in sent.values())
+    for times in sent.values():
+        for i, first in enumerate(times):
+            for j in range(i, len(times)):
+                assert j - i + 1 <= 2 + (times[j] - first) / 0.3 + 1e-9, (first, times[i : j + 1])
+    # The burst is used: somewhere two pushes to one peer go closer than an interval.
+    assert any(b - a < 0.3 - 1e-9 for times in sent.values() for a, b in zip(times, times[1:]))
+
+
+def test_a_new_neighbour_gets_a_catch_up_push_at_once_even_with_the_bucket_empty():
+    e = with_peers("a")
+    e.changed("d0", H1, 10.0)
+    assert pushes(e.poll(10.0)) == {"a": ("d0",)}
+    e.changed("d1", H1, 10.0)
+    assert pushes(e.poll(10.0)) == {"a": ("d1",)}  # the bucket is empty until 10.3
     e.changed("d2", H1, 10.05)
     e.hello_ok("b", "10.0.0.9:5683", 1, 10.1)  # a node that just booted
     assert e.next_deadline() <= 10.1  # invariant 4: due now
     actions = e.poll(10.1)
-    assert pushes(actions) == {"b": ("d1", "d2")}  # at once, not at 10.3; a waits for the slot
+    assert pushes(actions) == {"b": ("d0", "d1", "d2")}  # at once, not at 10.3; a waits for the bucket
     assert StartExchange("b", "10.0.0.9:5683") in actions
     e.changed("d3", H2, 10.2)
     assert pushes(e.poll(10.2)) == {}
-    assert e.next_deadline() == 10.3
-    assert pushes(e.poll(10.3)) == {"a": ("d2", "d3"), "b": ("d3",)}  # then the slot, as everyone
+    assert e.next_deadline() == pytest.approx(10.3)
+    assert pushes(e.poll(10.3)) == {"a": ("d2", "d3"), "b": ("d3",)}  # then the bucket, as everyone
     # Only once: a hello from a peer we know (same incarnation) is no catch-up.
     e.changed("d4", H1, 10.4)
     e.hello_ok("b", "10.0.0.9:5683", 1, 10.4)
     assert pushes(e.poll(10.4)) == {}
     # A restarted peer (new incarnation) is fresh again.
     e.hello_ok("a", "10.0.0.1:5683", 2, 10.5)
-    assert pushes(e.poll(10.5)) == {"a": ("d1", "d2", "d3", "d4")}
+    assert pushes(e.poll(10.5)) == {"a": ("d0", "d1", "d2", "d3", "d4")}
 
 
 def test_a_gap_left_by_a_lost_push_is_synced_with_that_peer_soon():
