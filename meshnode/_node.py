@@ -7,11 +7,12 @@ wall clock for the timestamps written into events. Decisions are made by the
 sans-IO parts: `meshnode.core.Replicator` (whom to greet, push to and check,
 and when), `Membership`, the digest functions of `crdt`. The tasks here read
 the clock, carry out the actions the core returns, and sleep until its next
-deadline (docs/protocol.md describes the wire side, protocol version 3):
+deadline (docs/protocol.md describes the wire side, protocol version 4):
 
 - a change, local or received, is pushed one way (no response) to the verified
-  neighbours that may lack it, with the changes they lack; a link carries at
-  most one push per `push_interval`, so under load changes travel in batches;
+  neighbours that may lack it, with the changes they lack; pushes leave through
+  a token bucket (two flushes at once, then one per `push_interval`), so under
+  load changes travel in batches;
 - one neighbour at a time gets an anti-entropy exchange every
   `gossip_interval`: a heads-hash and membership digest, and the digest and
   Automerge sync only when the hashes differ;

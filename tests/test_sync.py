@@ -363,7 +363,7 @@ async def test_a_lost_push_is_repaired_by_the_next_push_not_by_the_next_exchange
         syncs = net.syncs
         net.drop_next_push = True
         lost = (await a.record_event(sid, "meter", 100))["event_id"]
-        await trio.sleep(1.0)  # a's push slot is free again
+        await trio.sleep(1.0)  # a's push bucket has refilled
 
         def held():
             return {e["event_id"] for e in b.session_json(sid)["events"]}

@@ -68,7 +68,7 @@ class Neighbour:
     known: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     """Per document, heads we believe it holds (it told us, or we pushed them)."""
     pending: set[str] = field(default_factory=set)
-    """Documents to push to it at its next push slot."""
+    """Documents to push to it at its next flush."""
     last_push: float = -math.inf
     unsynced: set[str] = field(default_factory=set)
     """Documents it may lack or hold in another version (for status)."""
