@@ -94,6 +94,44 @@ def test_every_v1_route_refuses_a_client_without_a_token(enrolled: NodeProcess) 
         }
 
 
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length; status 0 if the server closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0, {}, data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(rest) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest
+
+
+def test_a_refused_request_leaves_the_connection_ready_for_the_next(enrolled: NodeProcess) -> None:
+    """A client on keep-alive sends its next request on the same connection. The guard refused
+    before the body arrived and the server then dropped the connection, so the next request got
+    no answer at all (seen as "Server disconnected without sending a response")."""
+    host, port = enrolled.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"charger": "c"}).encode()
+    head = f"GET /v1/sessions/x HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(0.3)  # the body comes later, as over a slow link
+        sock.sendall(body)
+        status, headers, answer = _read_response(sock)
+        assert status == 401 and "token" in json.loads(answer)["error"]
+        assert headers.get("connection", "").lower() != "close"
+        sock.sendall(f"{head}Content-Length: 0\r\n\r\n".encode())
+        status, _, answer = _read_response(sock)
+        assert status == 401, answer
+
+
 def test_read_token_reads_write_token_writes(enrolled: NodeProcess) -> None:
     write, read = tokens(enrolled)
     start = {"charger": "bay-1", "connector": 1, "id_token": "DRIVER-1", "meter_wh": 0}

@@ -241,7 +241,8 @@ class ApiGuard:
         if self.tokens is not None and self.protected(scope.get("path", "")):
             role = self.tokens.role_of(_bearer(scope) or _query_token(scope))
             if role is None:
-                await _send(
+                await _refuse(
+                    receive,
                     send,
                     *_json_error(
                         401,
@@ -251,14 +252,18 @@ class ApiGuard:
                 )
                 return
             if role != WRITE and scope.get("method") not in READ_METHODS:
-                await _send(send, *_json_error(403, f"a read-only token cannot change anything; use {self.where}"))
+                await _refuse(
+                    receive, send, *_json_error(403, f"a read-only token cannot change anything; use {self.where}")
+                )
                 return
         if self.max_body is None:
             await self.app(scope, receive, send)
             return
         length = _header(scope, b"content-length")
         if length.isdigit() and int(length) > self.max_body:
-            await _send(send, *_json_error(413, f"request body is larger than {self.max_body} bytes"))
+            await _refuse(
+                receive, send, *_json_error(413, f"request body is larger than {self.max_body} bytes"), drain=False
+            )
             return
         await self.app(scope, self._limited(receive), send)
 
@@ -278,6 +283,25 @@ class ApiGuard:
         return limited_receive
 
 
-async def _send(send: Any, start: dict[str, Any], body: bytes) -> None:
+DRAIN_MAX = 64 * 1024
+"""A refused request's body is read (and dropped) up to this many bytes before the answer."""
+
+
+async def _refuse(receive: Any, send: Any, start: dict[str, Any], body: bytes, drain: bool = True) -> None:
+    """Answer without the app. The request's body is read first (at most `DRAIN_MAX` bytes), so
+    the connection is in step to carry the client's next request: answered before its body was
+    read, the server closed the connection, and a client that had sent its next request on it
+    (keep-alive) got no answer at all. A body that is longer (or not read: `drain` False) gets
+    ``Connection: close``, so the client does not reuse the connection."""
+    more = drain
+    seen = 0
+    while more and seen <= DRAIN_MAX:
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client went away
+        seen += len(message.get("body", b""))
+        more = bool(message.get("more_body", False))
+    if more or not drain:
+        start = {**start, "headers": [*start["headers"], (b"connection", b"close")]}
     await send(start)
     await send({"type": "http.response.body", "body": body})
