@@ -11,13 +11,16 @@ up before it (the field's receipts under loss were that slow because of it).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 import trio_asyncio
 
-from meshnode._coap import MeshTuning, open_coap_transport
+from meshnode._coap import CoapTransport, MeshTuning, open_coap_transport
 from meshnode._transport import RequestTimeout
 
 from .procs import free_port
@@ -69,10 +72,10 @@ async def _relay(
             task_status.started()
 
 
-@pytest.mark.parametrize("size", [100, 2500], ids=["one block", "three blocks"])
-async def test_the_last_retransmission_is_answered_within_the_nodes_timeout(size: int) -> None:
-    drop = 3  # the fourth transmission of every message gets through
-    assert MeshTuning.MAX_RETRANSMIT >= drop
+@contextlib.asynccontextmanager
+async def _echo_through_relay(drop: int) -> AsyncIterator[tuple[CoapTransport, str]]:
+    """Transport a, and the relay's address in front of transport b's `/m/echo`; the relay
+    drops the first `drop` copies of every confirmable message."""
     port = free_port(A)
     async with trio_asyncio.open_loop():  # noqa: SIM117 (the loop must be open before the transports)
         async with (
@@ -86,41 +89,36 @@ async def test_the_last_retransmission_is_answered_within_the_nodes_timeout(size
 
             b.route("/m/echo", echo)
             await nursery.start(_relay, (RELAY, port), (RELAY, port + 1), (B, port), drop)
-            start = trio.current_time()
-            got = await a.request(f"{RELAY}:{port}", "/m/echo", bytes(size), timeout=NODE_TIMEOUT)
-            took = trio.current_time() - start
-            assert got == bytes(size)
-            # The answer came to a try made after the first `timeout` seconds.
-            assert took > MeshTuning.ACK_TIMEOUT * 7, took
+            yield a, f"{RELAY}:{port}"
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("size", [100, 2500], ids=["one block", "three blocks"])
+async def test_the_last_retransmission_is_answered_within_the_nodes_timeout(size: int) -> None:
+    drop = 3  # the fourth transmission of every message gets through
+    assert MeshTuning.MAX_RETRANSMIT >= drop
+    async with _echo_through_relay(drop) as (a, peer):
+        start = trio.current_time()
+        got = await a.request(peer, "/m/echo", bytes(size), timeout=NODE_TIMEOUT)
+        took = trio.current_time() - start
+        assert got == bytes(size)
+        # The answer came to a try made after the first `timeout` seconds.
+        assert took > MeshTuning.ACK_TIMEOUT * 7, took
 
 
 async def test_a_silent_peer_fails_timeout_after_the_last_try_and_says_so() -> None:
     """Every transmission is dropped: the request ends `timeout` after aiocoap's
     last try (not at aiocoap's own, longer, give-up), and says so."""
-    port = free_port(A)
     tuning = MeshTuning
     last_try_max = tuning.ACK_TIMEOUT * tuning.ACK_RANDOM_FACTOR * (2**tuning.MAX_RETRANSMIT - 1)
-    async with trio_asyncio.open_loop():  # noqa: SIM117
-        async with (
-            open_coap_transport(A, port) as a,
-            open_coap_transport(B, port) as b,
-            trio.open_nursery() as nursery,
-        ):
-
-            async def echo(payload: bytes, remote: str) -> bytes:
-                return payload
-
-            b.route("/m/echo", echo)
-            await nursery.start(_relay, (RELAY, port), (RELAY, port + 1), (B, port), 1000)
-            start = trio.current_time()
-            with pytest.raises(RequestTimeout) as raised:
-                await a.request(f"{RELAY}:{port}", "/m/echo", b"x", timeout=NODE_TIMEOUT)
-            took = trio.current_time() - start
-            last_try_min = tuning.ACK_TIMEOUT * (2**tuning.MAX_RETRANSMIT - 1)
-            assert last_try_min + NODE_TIMEOUT <= took <= last_try_max + NODE_TIMEOUT + 1.0, took
-            assert "of its last try" in str(raised.value), raised.value
-            nursery.cancel_scope.cancel()
+    async with _echo_through_relay(1000) as (a, peer):
+        start = trio.current_time()
+        with pytest.raises(RequestTimeout) as raised:
+            await a.request(peer, "/m/echo", b"x", timeout=NODE_TIMEOUT)
+        took = trio.current_time() - start
+        last_try_min = tuning.ACK_TIMEOUT * (2**tuning.MAX_RETRANSMIT - 1)
+        assert last_try_min + NODE_TIMEOUT <= took <= last_try_max + NODE_TIMEOUT + 1.0, took
+        assert "of its last try" in str(raised.value), raised.value
 
 
 @pytest.mark.parametrize("dropped", [0, 1, 2])
@@ -162,26 +160,13 @@ async def test_a_request_queued_behind_an_exchange_still_being_tried_is_not_time
     request to the same peer waits in its backlog until the first is answered. Its
     clock must not run out while the exchange ahead of it is still being tried: the
     field runs lost ~30 % of their failed requests that way (never sent at all)."""
-    port = free_port(A)
-    async with trio_asyncio.open_loop():  # noqa: SIM117
-        async with (
-            open_coap_transport(A, port) as a,
-            open_coap_transport(B, port) as b,
-            trio.open_nursery() as nursery,
-        ):
+    async with _echo_through_relay(3) as (a, peer):
+        answers: dict[int, bytes] = {}
 
-            async def echo(payload: bytes, remote: str) -> bytes:
-                return payload
+        async def ask(i: int) -> None:
+            answers[i] = await a.request(peer, "/m/echo", bytes([i]), timeout=NODE_TIMEOUT)
 
-            b.route("/m/echo", echo)
-            await nursery.start(_relay, (RELAY, port), (RELAY, port + 1), (B, port), 3)
-            answers: dict[int, bytes] = {}
-
-            async def ask(i: int) -> None:
-                answers[i] = await a.request(f"{RELAY}:{port}", "/m/echo", bytes([i]), timeout=NODE_TIMEOUT)
-
-            async with trio.open_nursery() as both:  # whichever goes first, the other queues behind it
-                both.start_soon(ask, 1)
-                both.start_soon(ask, 2)
-            assert answers == {1: b"\x01", 2: b"\x02"}
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as both:  # whichever goes first, the other queues behind it
+            both.start_soon(ask, 1)
+            both.start_soon(ask, 2)
+        assert answers == {1: b"\x01", 2: b"\x02"}
