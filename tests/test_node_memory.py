@@ -28,6 +28,7 @@ class Mesh:
         self.net = MemoryNetwork()
         self.nodes: dict[str, Node] = {}
         self.scopes: dict[str, trio.CancelScope] = {}
+        self.stopped: dict[str, trio.Event] = {}
 
     def address(self, name: str) -> str:
         return f"10.0.0.{int(name[1:])}:5683"
@@ -35,7 +36,15 @@ class Mesh:
     async def start(self, name: str, peers: list[str]) -> Node:
         holder: dict[str, Node] = {}
 
+        stopped = self.stopped[name] = trio.Event()
+
         async def run(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await serve(task_status)
+            finally:
+                stopped.set()
+
+        async def serve(task_status):
             with trio.CancelScope() as scope:
                 self.scopes[name] = scope
                 async with self.net.transport(self.address(name)) as transport:
@@ -58,9 +67,11 @@ class Mesh:
         self.nodes[name] = holder["node"]
         return holder["node"]
 
-    def stop(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
+        """Cancel the node and wait until its address is free again."""
         self.scopes.pop(name).cancel()
         self.nodes.pop(name)
+        await self.stopped.pop(name).wait()
 
 
 async def wait_for(predicate, timeout=120.0, step=0.25):
@@ -82,7 +93,7 @@ def same_everywhere(nodes, session_id, state, energy):
 
 async def test_three_nodes_replicate_a_session(tmp_path, autojump_clock):
     async with trio.open_nursery() as nursery:
-        mesh = Mesh(tmp_path, nursery)
+        mesh = Mesh(tmp_path, nursery, memory_store=True)
         a = await mesh.start("n1", ["n2", "n3"])
         b = await mesh.start("n2", ["n1"])
         c = await mesh.start("n3", ["n1"])
@@ -125,13 +136,13 @@ async def test_line_of_four_converges_end_to_end(tmp_path, autojump_clock):
 
 async def test_restarted_node_catches_up_and_keeps_its_data(tmp_path, autojump_clock):
     async with trio.open_nursery() as nursery:
-        mesh = Mesh(tmp_path, nursery)
+        mesh = Mesh(tmp_path, nursery, memory_store=True)
         a = await mesh.start("n1", ["n2"])
         b = await mesh.start("n2", ["n1"])
         own = (await b.create_session("cb", 1, "B"))["session_id"]
         await wait_for(lambda: own in a.replica.docs)
         incarnation = b.status_json()["incarnation"]
-        mesh.stop("n2")
+        await mesh.stop("n2")
         sid = (await a.create_session("ca", 1, "A"))["session_id"]
         for wh in (100, 200, 300):
             await a.record_event(sid, "meter", wh)
@@ -147,7 +158,7 @@ async def test_restarted_node_catches_up_and_keeps_its_data(tmp_path, autojump_c
 
 async def test_local_requests_are_checked(tmp_path, autojump_clock):
     async with trio.open_nursery() as nursery:
-        mesh = Mesh(tmp_path, nursery)
+        mesh = Mesh(tmp_path, nursery, memory_store=True)
         a = await mesh.start("n1", [])
         sid = (await a.create_session("c", 1, "T"))["session_id"]
         with pytest.raises(NotFound):
@@ -192,7 +203,7 @@ async def test_unverified_senders_create_no_peers(tmp_path, autojump_clock):
     from meshnode._membership import DIGEST_SIZE
 
     async with trio.open_nursery() as nursery:
-        mesh = Mesh(tmp_path, nursery)
+        mesh = Mesh(tmp_path, nursery, memory_store=True)
         a = await mesh.start("n1", [])
         async with mesh.net.transport("10.0.0.9:5683") as stranger:
             for i in range(40):
