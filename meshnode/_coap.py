@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import errno
 import inspect
 import itertools
@@ -520,6 +521,10 @@ class CoapTransport:
         self._bind = (bind, port)
         self._loop = loop
         self._tuning = tuning if tuning is not None else MeshTuning()
+        # The same parameters for one-way pushes, sent NON (aiocoap picks the type from
+        # `reliability`; an mtype on the message is deprecated).
+        self._one_way_tuning = copy.copy(self._tuning)
+        self._one_way_tuning.reliability = False
         self._router = Router()
         self._dispatcher = Dispatcher(
             self._router, self.stats, max_payload, handler_timeout=handler_timeout, max_in_flight=max_in_flight
@@ -664,11 +669,10 @@ class CoapTransport:
         self.stats.bytes_sent += len(body)
         big = len(body) > NON_MAX_PAYLOAD
         message = aiocoap.Message(
-            mtype=aiocoap.CON if big else aiocoap.NON,
             code=Code.POST,
             payload=body,
             uri=f"coap://{peer}{resource}",
-            transport_tuning=self._tuning,
+            transport_tuning=self._tuning if big else self._one_way_tuning,
         )
         message.opt.content_format = CBOR_CONTENT_FORMAT
         message.opt.no_response = NO_RESPONSE_ALL
