@@ -38,6 +38,7 @@ SLOW_MODULES = {
     "test_bad_input",  # a node behind a real CoAP socket
     "test_coap_field",  # real CoAP sockets, loss and floods, meshnode processes on the default port
     "test_field_transport",  # real CoAP sockets on the real clock; blocks the loop for a second on purpose
+    "test_coap_loss",  # real CoAP over a lossy UDP relay, aiocoap's retransmission timers on the real clock
 }  # fmt: skip
 SLOW_FIXTURES = {"coap_rig", "loopback_multicast", "pg_server", "pg_url"}
 SLOW_PARAMS = ("coap", "mdns", "postgresql")

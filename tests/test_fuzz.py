@@ -81,7 +81,7 @@ def _routes(app: Any) -> set[tuple[str, str]]:
     return out
 
 
-async def test_the_http_targets_cover_every_route_of_the_node_and_the_cloud(tmp_path: Path) -> None:
+async def test_the_http_targets_cover_every_route_of_the_node_and_the_cloud(tmp_path: Path, autojump_clock) -> None:
     """The HTTP targets list their routes (a route is picked by an input byte): a route added to
     the node's API or to the cloud fails this test until it is added to the target's list."""
     from meshnode._api import build_app
@@ -104,7 +104,7 @@ async def test_the_http_targets_cover_every_route_of_the_node_and_the_cloud(tmp_
         assert _routes(cloud.app) == {(m, spelled(p)) for m, p in CLOUD_API}
 
 
-async def test_a_new_route_is_a_target_and_a_crash_in_it_is_reported(tmp_path: Path) -> None:
+async def test_a_new_route_is_a_target_and_a_crash_in_it_is_reported(tmp_path: Path, autojump_clock) -> None:
     """The harness can fail: targets come from the route table, so a route
     added to the node is fuzzed, and a handler that crashes (5.00) counts."""
     from tests.fuzz_targets import coap_targets, open_victim
