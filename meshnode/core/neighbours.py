@@ -94,21 +94,38 @@ class NeighbourTable:
         self.max_slow_backoff = max_slow_backoff
         self.salt = salt
         self.peers: dict[str, Neighbour] = {}
+        """Every verified peer by id. Add and remove entries through the methods
+        below only: `live()`, `addresses()` and the expiry are kept from them."""
+        self._live: list[Neighbour] | None = None
+        self._addresses: set[str] | None = None
+        self._failing: set[str] = set()
+        """Peers whose last exchange failed: the only ones that can expire (N2: a
+        peer expires only once an exchange we started after we last heard it has
+        ended without an answer, which is a failure)."""
+
+    def _changed(self) -> None:
+        """The set of peers or an address changed: drop the cached views."""
+        self._live = None
+        self._addresses = None
 
     def verified(self, node_id: str, address: str, incarnation: int | None, now: float) -> tuple[Neighbour, bool]:
         """Record a verified hello (N1). Returns the entry and whether it is new (or restarted)."""
         n = self.peers.get(node_id)
         if n is None:
             n = self.peers[node_id] = Neighbour(node_id, address, incarnation, now, now)
+            self._changed()
             return n, True
         fresh = incarnation is not None and n.incarnation is not None and incarnation != n.incarnation
         if fresh:
             n.known.clear()  # N4
         if incarnation is not None:
             n.incarnation = incarnation
-        n.address = address
+        if n.address != address:
+            n.address = address
+            self._changed()
         n.last_heard = max(n.last_heard, now)
         n.failures = 0
+        self._failing.discard(node_id)
         n.slow = 0
         n.retry_at = -math.inf
         return n, fresh
@@ -124,6 +141,7 @@ class NeighbourTable:
         if n is None:
             return
         n.failures = 0  # it answered: not dead (N2)
+        self._failing.discard(node_id)
         if slow:
             # N3: an overloaded peer answers, but late: give it room before the next one.
             n.slow = min(n.slow + 1, 10)
@@ -141,8 +159,9 @@ class NeighbourTable:
             return False
         n.failures += 1
         if n.failures >= self.max_failures:
-            del self.peers[node_id]
+            self.forget(node_id)
             return True
+        self._failing.add(node_id)
         n.retry_at = now + self._backoff(n)
         return False
 
@@ -153,18 +172,33 @@ class NeighbourTable:
         return 0.5 + 0.5 * unit(f"{self.salt}:{n.node_id}:{what}{count}")
 
     def forget(self, node_id: str) -> bool:
-        return self.peers.pop(node_id, None) is not None
+        self._failing.discard(node_id)
+        if self.peers.pop(node_id, None) is None:
+            return False
+        self._changed()
+        return True
 
     def expire(self, now: float) -> list[str]:
         """Forget peers silent for the TTL that we have asked since they were last heard (N2)."""
-        gone = sorted(nid for nid, n in self.peers.items() if self._stale(n, now))
+        if not self._failing:
+            return []
+        gone = sorted(nid for nid in self._failing if nid in self.peers and self._stale(self.peers[nid], now))
         for nid in gone:
-            del self.peers[nid]
+            self.forget(nid)
         return gone
 
     def live(self) -> list[Neighbour]:
-        """Every current peer, sorted by id (entries expire, so present means live)."""
-        return [self.peers[nid] for nid in sorted(self.peers)]
+        """Every current peer, sorted by id (entries expire, so present means live).
+        Kept between changes of the table (the engine asks at every wake-up)."""
+        if self._live is None:
+            self._live = [self.peers[nid] for nid in sorted(self.peers)]
+        return self._live
+
+    def addresses(self) -> set[str]:
+        """The addresses of every current peer (do not modify; kept like `live`)."""
+        if self._addresses is None:
+            self._addresses = {n.address for n in self.peers.values()}
+        return self._addresses
 
     def _stale(self, n: Neighbour, now: float) -> bool:
         # N2: silent for the TTL, and an exchange we started since it was heard has ended
@@ -175,7 +209,9 @@ class NeighbourTable:
         """When `expire` forgets someone next, if no input comes first (starting or ending
         an exchange is an input: a peer not asked since it was heard has no expiry yet)."""
         times = (
-            n.last_heard + self.ttl for n in self.peers.values() if n.last_exchange > n.last_heard and not n.exchanging
+            n.last_heard + self.ttl
+            for nid in self._failing
+            if (n := self.peers.get(nid)) is not None and n.last_exchange > n.last_heard and not n.exchanging
         )
         return min(times, default=None)
 
