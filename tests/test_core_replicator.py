@@ -68,12 +68,12 @@ def test_only_settled_documents_are_left_to_anti_entropy():
     assert e.settled("never-changed-here", 0.0)
 
 
-def test_with_fewer_neighbours_than_credits_every_change_goes_at_once_whatever_the_rate():
+def test_with_fewer_neighbours_than_credits_every_change_goes_at_once_at_a_sustained_rate():
     # bench/mesh.py --sim: 9 neighbours, a change every ~80 ms from a random node;
     # the token bucket it replaces (two flushes, one per interval) made them wait.
     e = with_peers("b", "c")
     for k in range(20):
-        t = 10.0 + 0.01 * k
+        t = 10.0 + 0.05 * k  # 20 a second: below the ceiling (flush_gap)
         e.changed(f"d{k}", H1, t)
         assert pushes(e.poll(t)) == {"b": (f"d{k}",), "c": (f"d{k}",)}
         assert e.credits == 28.0  # earns 15, spends 2, saves up to the cap (30)
@@ -119,6 +119,32 @@ def test_with_more_neighbours_than_credits_changes_batch_and_none_waits_past_the
     assert e.credits == -10.0
 
 
+def test_paid_flushes_have_a_ceiling_so_a_flood_of_changes_batches():
+    e = with_peers("a", "b")
+    sent: list[tuple[float, int]] = []
+    t = 10.0
+    for k in range(40):  # a change every 5 ms (a relay of a busy mesh), each paid for
+        change_at = round(10.0 + 0.005 * k, 6)
+        while (deadline := e.next_deadline()) is not None and deadline < change_at:  # flushes due between changes
+            t = max(t, deadline)
+            out = pushes(e.poll(t))
+            if out:
+                sent.append((t, len(out["a"])))
+        t = change_at
+        e.changed(f"d{k}", H1, t)
+        out = pushes(e.poll(t))
+        if out:
+            assert sorted(out) == ["a", "b"] and out["a"] == out["b"]
+            sent.append((t, len(out["a"])))
+    # Four at once (flush_burst), each a change of its own; then one per flush_gap
+    # (50 ms), each a batch of the changes made meanwhile.
+    assert [n for _, n in sent[:4]] == [1, 1, 1, 1] and sent[3][0] == 10.015
+    gaps = [b - a for (a, _), (b, _) in zip(sent[3:], sent[4:])]
+    assert gaps and all(g == pytest.approx(0.05) for g in gaps[1:])
+    assert all(n == 10 for _, n in sent[5:])
+    assert len(sent) < 10
+
+
 def test_a_change_that_only_others_carry_earns_nothing():
     e = with_peers("a", "b", push_credits=1.0, push_credit_cap=2.0)
     e.changed("d0", H1, 1.0)
@@ -131,7 +157,14 @@ def test_a_change_that_only_others_carry_earns_nothing():
 
 
 @pytest.mark.parametrize(
-    "kw", [{"push_interval": 0.0}, {"push_credits": 0.5}, {"push_credits": 15.0, "push_credit_cap": 10.0}]
+    "kw",
+    [
+        {"push_interval": 0.0},
+        {"push_credits": 0.5},
+        {"push_credits": 15.0, "push_credit_cap": 10.0},
+        {"flush_gap": 0.0},
+        {"flush_burst": 0},
+    ],
 )
 def test_a_budget_that_never_pays_for_a_push_is_refused(kw):
     with pytest.raises(ValueError, match="push budget"):
@@ -196,10 +229,15 @@ def test_pushes_are_paid_for_and_the_deadline_holds_whatever_the_changes(seed, b
             span = sent[j] - first
             c = bisect.bisect_right(changes, sent[j]) - bisect.bisect_left(changes, first)
             assert j - i + 1 <= 2 * cap + c * credits + len(ids) * (1 + span / interval) + 1e-9
+    flushes = sorted(set(sent))  # one flush per instant here (no catch-ups)
+    for i, first in enumerate(flushes):
+        for j in range(i, len(flushes)):
+            span = flushes[j] - first
+            assert j - i + 1 <= e.flush_burst + span / e.flush_gap + 1 + span / interval + 1e-9
     if budget:  # a budget short of the degree: changes batch, some wait for the timer
         assert any(w > 0 for w in waits)
-    else:  # 3 neighbours, 15 credits a change: nothing ever waits
-        assert max(waits) == 0
+    else:  # 3 neighbours, 15 credits a change: nothing waits past the ceiling's gap
+        assert max(waits) <= e.flush_gap + 1e-9
 
 
 def test_a_new_neighbour_gets_a_catch_up_push_at_once_even_when_the_budget_is_short():

@@ -25,9 +25,12 @@ How a change travels (docs/protocol.md, protocol version 3)
   bursts but not a rate); a node with more batches about
   `degree / push_credits` changes per flush, so a change costs about
   `push_credits` pushes however large the mesh (bench/glomers.py, 24
-  neighbours, 4 changes/s a node: a flush every ~1.6 changes). A push is
-  one-way (no response): the changes the peer lacks, computed from the heads
-  we believe it holds.
+  neighbours, 4 changes/s a node: a flush every ~1.6 changes). Paid flushes
+  have a ceiling, `flush_burst` (4) at once and then one per `flush_gap` (50
+  ms): a node that relays a flood of changes to a few neighbours batches them
+  instead of sending a push per change (STYLE 17: overload sheds work). A push
+  is one-way (no response): the changes the peer lacks, computed from the
+  heads we believe it holds.
 - A neighbour verified just now (new, or restarted) gets what changed lately in
   a catch-up push at once, outside the budget: it is a push target from its first
   hello, and a node that boots into a busy mesh does not wait for a flush
@@ -53,9 +56,10 @@ Invariants (checked by tests/test_core_replicator.py)
    for: over any span of `L` seconds in which `C` changes earned credits, a node
    with `D` neighbours sends at most `2 * push_credit_cap + C * push_credits +
    D * (1 + L / push_interval)` of them (what the budget held and earned, plus
-   timer flushes, at least `push_interval` apart); a pending change waits at
-   most `push_interval`; at most one exchange per neighbour at a time; none
-   while it is backed off.
+   timer flushes, at least `push_interval` apart), and at most `flush_burst + L
+   / flush_gap + 1 + L / push_interval` flushes whatever the changes (the
+   ceiling); a pending change waits at most `push_interval`; at most one
+   exchange per neighbour at a time; none while it is backed off.
 3. A document is never pending for the peer it came from, nor for a peer whose
    known heads equal our heads.
 4. `next_deadline()` is the earliest time at which `poll` would return something
@@ -83,6 +87,9 @@ class Replicator:
             pending adds to the push budget.
         push_credit_cap: the most the budget saves (default: two changes' worth);
             also the deepest debt a timer flush may run it into.
+        flush_gap, flush_burst: flushes the budget pays for go at most one per
+            `flush_gap` seconds on average, `flush_burst` at once (a ceiling
+            under overload: a relay of a busy mesh batches again).
         exchange_interval: time between two anti-entropy exchanges (with one peer each).
         tick_interval: housekeeping period (membership heartbeat, election).
         ttl: a neighbour not heard from for this long is forgotten.
@@ -96,6 +103,8 @@ class Replicator:
         push_interval: float = 0.4,
         push_credits: float = 15.0,
         push_credit_cap: float | None = None,
+        flush_gap: float = 0.05,
+        flush_burst: int = 4,
         exchange_interval: float = 1.0,
         tick_interval: float = 1.0,
         ttl: float = 60.0,
@@ -105,11 +114,18 @@ class Replicator:
         gap_wait: float = 0.2,
     ) -> None:
         cap = 2.0 * push_credits if push_credit_cap is None else push_credit_cap
-        if not (push_interval > 0 and push_credits >= 1 and cap >= push_credits):
+        if not (push_interval > 0 and push_credits >= 1 and cap >= push_credits and flush_gap > 0 and flush_burst >= 1):
             raise ValueError(
-                "push budget: need push_interval > 0, push_credits >= 1 and push_credit_cap >= push_credits,"
-                f" got {push_interval}, {push_credits}, {cap}"
+                "push budget: need push_interval > 0, push_credits >= 1, push_credit_cap >= push_credits,"
+                f" flush_gap > 0 and flush_burst >= 1, got {push_interval}, {push_credits}, {cap}, {flush_gap},"
+                f" {flush_burst}"
             )
+        self.flush_gap = flush_gap
+        self.flush_burst = flush_burst
+        self._flush_tat = -math.inf
+        """The ceiling on paid flushes as a GCRA (ITU-T I.371; a token bucket in one
+        number): a paid flush may go once `now >= _flush_tat - (flush_burst - 1) *
+        flush_gap`, and moves it to `max(_flush_tat, now) + flush_gap`."""
         self.node_id = node_id
         self.push_interval = push_interval
         self.push_credits = push_credits
@@ -330,7 +346,8 @@ class Replicator:
             if fresh is not None and fresh.pending:
                 actions.append(self._push(fresh, now))
         flush = self._pending()
-        if flush and (self.credits >= len(flush) or self._timer_flush_at() <= now):
+        paid = bool(flush) and self.credits >= len(flush) and now >= self._flush_slot()
+        if flush and (paid or self._timer_flush_at() <= now):
             # One flush for the node, not one per link: every neighbour that lacks
             # something gets it in the same instant, so a change reaches all of
             # them together (per-link slots drifted apart, and a change waited for
@@ -338,6 +355,8 @@ class Replicator:
             self.credits = max(-self.push_credit_cap, self.credits - len(flush))
             self._pending_since = None
             self._last_flush = now
+            if paid:
+                self._flush_tat = max(self._flush_tat, now) + self.flush_gap
             for n in flush:
                 actions.append(self._push(n, now))
         for nid in sorted(self._gaps):
@@ -389,6 +408,10 @@ class Replicator:
             self._pending_since = self._last_flush
         return out
 
+    def _flush_slot(self) -> float:
+        """From when the ceiling lets a paid flush go."""
+        return self._flush_tat - (self.flush_burst - 1) * self.flush_gap
+
     def _timer_flush_at(self) -> float:
         """When the pending changes go whatever the budget holds."""
         return math.inf if self._pending_since is None else self._pending_since + self.push_interval
@@ -419,7 +442,9 @@ class Replicator:
             # Covered by the budget: due now (a flush the last poll could not make
             # yet because the change came after it), else at the timer.
             at = self._timer_flush_at()
-            times.append(at - self.push_interval if self.credits >= len(due) else at)
+            if self.credits >= len(due):  # paid: due now, or when the ceiling allows
+                at = min(at, max(at - self.push_interval, self._flush_slot()))
+            times.append(at)
         # Only the few neighbours owed something are looked at, not the whole table.
         for nid in self._urgent:
             n = peers.get(nid)
