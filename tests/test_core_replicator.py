@@ -390,6 +390,31 @@ def test_a_live_neighbour_is_not_forgotten_while_it_waits_for_its_turn():
         assert sorted(e.table.peers) == ids, now
 
 
+def test_one_lost_idle_exchange_does_not_forget_a_live_neighbour_but_a_dead_one_goes():
+    """N2: ten neighbours at the 8 s idle interval are asked every 64-96 s; with the
+    60 s TTL a single lost exchange then forgot a live one (greeted again in the
+    idle simulated mesh). The TTL is three rounds here (240 s); a dead neighbour is
+    still forgotten, by its failures in a row."""
+    ids = [f"p{i}" for i in range(10)]
+    e = with_peers(*ids, now=0.0)
+    e.exchange_interval = 8.0
+    asked = {nid: 0 for nid in ids}
+    now = 0.0
+    while now < 900.0:
+        now += 0.5
+        for action in e.poll(now):
+            if isinstance(action, StartExchange):
+                asked[action.peer] += 1
+                if (action.peer == "p3" and asked["p3"] == 2) or (action.peer == "p7" and now > 300.0):
+                    e.exchange_failed(action.peer, now + 3.0)  # p3: one lost message; p7: gone
+                else:
+                    e.exchange_done(action.peer, now + 0.05, in_sync=True)
+        if now < 300.0:
+            assert sorted(e.table.peers) == ids, now
+    assert "p3" in e.table.peers and asked["p3"] > 3
+    assert "p7" not in e.table.peers
+
+
 def test_a_restarted_peer_loses_what_we_believed_it_holds():
     e = with_peers("a")
     e.peer_has("a", "doc", H1)

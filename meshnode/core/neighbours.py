@@ -11,14 +11,21 @@ N1. A peer exists only after a verified hello: our POST /m/hello to its address
     the bounded list of addresses to greet (`Hellos`), which expires.
 N2. A peer is forgotten after `max_failures` exchanges in a row failed, when
     discovery says it left, or when we have not heard from it (any message) for
-    `ttl` seconds *and* have asked it since (an exchange started after we last
-    heard it). Silence alone is not evidence: anti-entropy asks one neighbour per
+    the TTL *and* have asked it since (an exchange started after we last heard
+    it). Silence alone is not evidence: anti-entropy asks one neighbour per
     interval, so with ten neighbours and the 8 s idle interval our turn to ask a
     live one comes every 64-96 s, and two idle neighbours' exchanges (ours and
     theirs) left gaps above the 60 s TTL for about half the pairs: live neighbours
     were forgotten, greeted again and caught up, every cycle. An exchange in
     flight is waited for. A neighbour that has gone fails the exchange we start,
     and is forgotten then if it has been silent for the TTL (else by its failures).
+    The TTL is `ttl` or three rounds of our exchanges (`round_s`: the interval
+    times the number of neighbours), whichever is longer: with a 60 s TTL and
+    such gaps, one lost message of an idle exchange (2 % loss, mesh200) forgot a
+    live neighbour, which was greeted again (docs/sim.md, the idle mesh's hellos).
+    Three rounds: a live peer is asked (oldest first) at least once a round, so
+    only a run of lost exchanges in both directions stays silent that long; a
+    dead one is still forgotten after `max_failures` exchanges, one a round.
     To come back it needs a new verified hello.
 N3. A peer that fails (timeout, refusal) or answers slowly is backed off: the
     next exchange with it waits `base * 2**failures` seconds (up to `max_backoff`),
@@ -178,11 +185,17 @@ class NeighbourTable:
         self._changed()
         return True
 
-    def expire(self, now: float) -> list[str]:
+    def ttl_for(self, round_s: float) -> float:
+        """The silence that may forget a peer (N2), given how long one round of our
+        exchanges takes (exchange interval x neighbours)."""
+        return max(self.ttl, 3.0 * round_s)
+
+    def expire(self, now: float, round_s: float = 0.0) -> list[str]:
         """Forget peers silent for the TTL that we have asked since they were last heard (N2)."""
         if not self._failing:
             return []
-        gone = sorted(nid for nid in self._failing if nid in self.peers and self._stale(self.peers[nid], now))
+        ttl = self.ttl_for(round_s)
+        gone = sorted(nid for nid in self._failing if nid in self.peers and self._stale(self.peers[nid], now, ttl))
         for nid in gone:
             self.forget(nid)
         return gone
@@ -200,16 +213,17 @@ class NeighbourTable:
             self._addresses = {n.address for n in self.peers.values()}
         return self._addresses
 
-    def _stale(self, n: Neighbour, now: float) -> bool:
+    def _stale(self, n: Neighbour, now: float, ttl: float) -> bool:
         # N2: silent for the TTL, and an exchange we started since it was heard has ended
         # without an answer (one in flight is waited for: its answer would be news).
-        return now - n.last_heard >= self.ttl and n.last_exchange > n.last_heard and not n.exchanging
+        return now - n.last_heard >= ttl and n.last_exchange > n.last_heard and not n.exchanging
 
-    def next_expiry(self) -> float | None:
+    def next_expiry(self, round_s: float = 0.0) -> float | None:
         """When `expire` forgets someone next, if no input comes first (starting or ending
         an exchange is an input: a peer not asked since it was heard has no expiry yet)."""
+        ttl = self.ttl_for(round_s)
         times = (
-            n.last_heard + self.ttl
+            n.last_heard + ttl
             for nid in self._failing
             if (n := self.peers.get(nid)) is not None and n.last_exchange > n.last_heard and not n.exchanging
         )

@@ -335,7 +335,7 @@ class Replicator:
     def poll(self, now: float) -> list[Action]:
         """Everything due at `now`, after all inputs so far (STYLE rule 4)."""
         actions: list[Action] = []
-        self.table.expire(now)
+        self.table.expire(now, self._round())
         if now >= self._next_tick:
             self._next_tick = now + self._jittered(self.tick_interval, "tick")
             actions.append(Tick())
@@ -385,6 +385,10 @@ class Replicator:
                 n = min(ready, key=lambda p: (p.last_exchange, p.node_id))
                 actions.append(self._exchange(n, now))
         return actions
+
+    def _round(self) -> float:
+        """How long one round of anti-entropy takes: every neighbour asked once (N2)."""
+        return self.exchange_interval * len(self.table.peers)
 
     def _jittered(self, interval: float, what: str) -> float:
         """`interval` +-20 %, from a sequence fixed by the node (`salt`): periodic work
@@ -459,7 +463,7 @@ class Replicator:
             if n is not None and nid not in self._repairing and gaps:
                 first = min(since for _, since in gaps.values()) + self.gap_wait
                 times.append(max(n.retry_at, first))
-        expiry = self.table.next_expiry()
+        expiry = self.table.next_expiry(self._round())
         if expiry is not None:
             times.append(expiry)
         hello = self.hellos.next_deadline(self.table.addresses())
