@@ -25,7 +25,7 @@ H2 = (b"\x02" * 32,)
 
 
 def engine(**kw: float) -> Replicator:
-    """push_interval 0.3, and the default push budget (15 credits a change, up to 30)."""
+    """push_interval 0.3, and the default push budget (14 credits a change, up to 56)."""
     return Replicator("me", push_interval=0.3, exchange_interval=1.0, tick_interval=1.0, ttl=60.0, salt="t", **kw)
 
 
@@ -76,14 +76,14 @@ def test_with_fewer_neighbours_than_credits_every_change_goes_at_once_at_a_susta
         t = 10.0 + 0.05 * k  # 20 a second: below the ceiling (flush_gap)
         e.changed(f"d{k}", H1, t)
         assert pushes(e.poll(t)) == {"b": (f"d{k}",), "c": (f"d{k}",)}
-        assert e.credits == 28.0  # earns 15, spends 2, saves up to the cap (30)
+        assert e.credits == 54.0  # earns 14, spends 2, saves up to the cap (56)
     assert e.next_deadline() > 10.5  # nothing pending
 
 
 def test_with_more_neighbours_than_credits_changes_batch_and_none_waits_past_the_interval():
     ids = [f"p{i:02}" for i in range(20)]
-    e = with_peers(*ids)
-    assert e.credits == 30.0  # a full budget: two changes' worth
+    e = with_peers(*ids, push_credits=15.0, push_credit_cap=30.0)
+    assert e.credits == 30.0  # a full budget: two changes' worth here
 
     def flush(t: float) -> set[tuple[str, ...]]:
         out = pushes(e.poll(t))
@@ -236,7 +236,7 @@ def test_pushes_are_paid_for_and_the_deadline_holds_whatever_the_changes(seed, b
             assert j - i + 1 <= e.flush_burst + span / e.flush_gap + 1 + span / interval + 1e-9
     if budget:  # a budget short of the degree: changes batch, some wait for the timer
         assert any(w > 0 for w in waits)
-    else:  # 3 neighbours, 15 credits a change: nothing waits past the ceiling's gap
+    else:  # 3 neighbours, 14 credits a change: nothing waits past the ceiling's gap
         assert max(waits) <= e.flush_gap + 1e-9
 
 

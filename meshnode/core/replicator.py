@@ -13,24 +13,27 @@ How a change travels (docs/protocol.md, protocol version 3)
   told us it pushes to itself (they get it from the source), not a peer whose
   known heads already equal ours.
 - The node has one push *budget* in messages, not a timer: every change that
-  leaves something pending earns `push_credits` (15) credits (saved up to
-  `push_credit_cap`), and a flush costs one credit per push it sends. A flush
-  pushes, in the same instant, to every neighbour with something pending; it
-  goes at once when the budget covers it, else when its oldest pending change
-  has waited `push_interval` (a *timer flush*, which may run the budget into
-  debt, down to minus the cap). So a node with fewer neighbours than
-  `push_credits` pushes every change at once, whatever its write rate (bench/
-  mesh.py --sim, 10 nodes, one event every ~80 ms from a random node: p95 0.31
-  s with the token bucket of two flushes per 0.4 s it replaces, which absorbed
-  bursts but not a rate); a node with more batches about
-  `degree / push_credits` changes per flush, so a change costs about
-  `push_credits` pushes however large the mesh (bench/glomers.py, 24
-  neighbours, 4 changes/s a node: a flush every ~1.6 changes). Paid flushes
-  have a ceiling, `flush_burst` (4) at once and then one per `flush_gap` (50
-  ms): a node that relays a flood of changes to a few neighbours batches them
-  instead of sending a push per change (STYLE 17: overload sheds work). A push
-  is one-way (no response): the changes the peer lacks, computed from the
-  heads we believe it holds.
+  leaves something pending earns `push_credits` (14) credits (saved up to
+  `push_credit_cap`, 56), and a flush costs one credit per push it sends. A
+  flush pushes, in the same instant, to every neighbour with something
+  pending; it goes at once when the budget covers it, else when its oldest
+  pending change has waited `push_interval` (a *timer flush*, which may run
+  the budget into debt, down to minus the cap). So a node with fewer
+  neighbours than `push_credits` pushes every change at once, whatever its
+  write rate (bench/mesh.py --sim, 10 nodes, one event every ~80 ms from a
+  random node: p95 1 ms; 310 ms with the token bucket of two flushes per 0.4 s
+  this replaces, which absorbed bursts but not a rate); a node with more
+  batches about `degree / push_credits` changes per flush, so a change costs
+  about `push_credits` pushes however large the mesh. bench/glomers.py (24
+  neighbours, 4 changes/s a node): a change waits for the next one about
+  `1 - 14/24` of the time (0.25 s), so the median is one link (0.1 s);
+  fewer credits than half the degree would put the median at the wait, more
+  cost messages (15 credits and a cap of 60: 18.6 messages per event against
+  the bucket's 17.5). Paid flushes have a ceiling, `flush_burst` (4) at once
+  and then one per `flush_gap` (50 ms): a node that relays a flood of changes
+  to a few neighbours batches them instead of sending a push per change
+  (STYLE 17: overload sheds work). A push is one-way (no response): the
+  changes the peer lacks, computed from the heads we believe it holds.
 - A neighbour verified just now (new, or restarted) gets what changed lately in
   a catch-up push at once, outside the budget: it is a push target from its first
   hello, and a node that boots into a busy mesh does not wait for a flush
@@ -85,8 +88,10 @@ class Replicator:
             timer flushes).
         push_credits: pushes (messages) each change that leaves something
             pending adds to the push budget.
-        push_credit_cap: the most the budget saves (default: two changes' worth);
-            also the deepest debt a timer flush may run it into.
+        push_credit_cap: the most the budget saves (default: four changes'
+            worth, so that with up to 45 neighbours a change never loses
+            credits to the cap that the flush it waits for needs); also the
+            deepest debt a timer flush may run it into.
         flush_gap, flush_burst: flushes the budget pays for go at most one per
             `flush_gap` seconds on average, `flush_burst` at once (a ceiling
             under overload: a relay of a busy mesh batches again).
@@ -101,7 +106,7 @@ class Replicator:
         node_id: str,
         *,
         push_interval: float = 0.4,
-        push_credits: float = 15.0,
+        push_credits: float = 14.0,
         push_credit_cap: float | None = None,
         flush_gap: float = 0.05,
         flush_burst: int = 4,
@@ -113,7 +118,7 @@ class Replicator:
         recent: float = 30.0,
         gap_wait: float = 0.2,
     ) -> None:
-        cap = 2.0 * push_credits if push_credit_cap is None else push_credit_cap
+        cap = 4.0 * push_credits if push_credit_cap is None else push_credit_cap
         if not (push_interval > 0 and push_credits >= 1 and cap >= push_credits and flush_gap > 0 and flush_burst >= 1):
             raise ValueError(
                 "push budget: need push_interval > 0, push_credits >= 1, push_credit_cap >= push_credits,"
