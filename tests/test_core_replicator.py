@@ -25,7 +25,7 @@ H2 = (b"\x02" * 32,)
 
 
 def engine(**kw: float) -> Replicator:
-    """push_interval 0.3, and the default push budget (14 credits a change, up to 56)."""
+    """push_interval 0.3, and the default push budget (13.5 credits a change, up to 54)."""
     return Replicator("me", push_interval=0.3, exchange_interval=1.0, tick_interval=1.0, ttl=60.0, salt="t", **kw)
 
 
@@ -76,7 +76,7 @@ def test_with_fewer_neighbours_than_credits_every_change_goes_at_once_at_a_susta
         t = 10.0 + 0.05 * k  # 20 a second: below the ceiling (flush_gap)
         e.changed(f"d{k}", H1, t)
         assert pushes(e.poll(t)) == {"b": (f"d{k}",), "c": (f"d{k}",)}
-        assert e.credits == 54.0  # earns 14, spends 2, saves up to the cap (56)
+        assert e.credits == 52.0  # earns 13.5, spends 2, saves up to the cap (54)
     assert e.next_deadline() > 10.5  # nothing pending
 
 
@@ -236,7 +236,7 @@ def test_pushes_are_paid_for_and_the_deadline_holds_whatever_the_changes(seed, b
             assert j - i + 1 <= e.flush_burst + span / e.flush_gap + 1 + span / interval + 1e-9
     if budget:  # a budget short of the degree: changes batch, some wait for the timer
         assert any(w > 0 for w in waits)
-    else:  # 3 neighbours, 14 credits a change: nothing waits past the ceiling's gap
+    else:  # 3 neighbours, 13.5 credits a change: nothing waits past the ceiling's gap
         assert max(waits) <= e.flush_gap + 1e-9
 
 

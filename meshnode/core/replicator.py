@@ -13,8 +13,8 @@ How a change travels (docs/protocol.md, protocol version 3)
   told us it pushes to itself (they get it from the source), not a peer whose
   known heads already equal ours.
 - The node has one push *budget* in messages, not a timer: every change that
-  leaves something pending earns `push_credits` (14) credits (saved up to
-  `push_credit_cap`, 56), and a flush costs one credit per push it sends. A
+  leaves something pending earns `push_credits` (13.5) credits (saved up to
+  `push_credit_cap`, 54), and a flush costs one credit per push it sends. A
   flush pushes, in the same instant, to every neighbour with something
   pending; it goes at once when the budget covers it, else when its oldest
   pending change has waited `push_interval` (a *timer flush*, which may run
@@ -26,10 +26,11 @@ How a change travels (docs/protocol.md, protocol version 3)
   batches about `degree / push_credits` changes per flush, so a change costs
   about `push_credits` pushes however large the mesh. bench/glomers.py (24
   neighbours, 4 changes/s a node): a change waits for the next one about
-  `1 - 14/24` of the time (0.25 s), so the median is one link (0.1 s);
+  `1 - 13.5/24` of the time (0.25 s), so the median is one link (0.1 s);
   fewer credits than half the degree would put the median at the wait, more
-  cost messages (15 credits and a cap of 60: 18.6 messages per event against
-  the bucket's 17.5). Paid flushes have a ceiling, `flush_burst` (4) at once
+  cost messages (per event, with the bucket's 17.5: 15 credits 18.6, 14
+  credits 17.6, 13.5 credits 17.2; with a cap of two changes' worth instead of
+  four, credits were clipped and half the changes waited: median 0.35 s). Paid flushes have a ceiling, `flush_burst` (4) at once
   and then one per `flush_gap` (50 ms): a node that relays a flood of changes
   to a few neighbours batches them instead of sending a push per change
   (STYLE 17: overload sheds work). A push is one-way (no response): the
@@ -89,7 +90,7 @@ class Replicator:
         push_credits: pushes (messages) each change that leaves something
             pending adds to the push budget.
         push_credit_cap: the most the budget saves (default: four changes'
-            worth, so that with up to 45 neighbours a change never loses
+            worth, so that with up to 40 neighbours a change never loses
             credits to the cap that the flush it waits for needs); also the
             deepest debt a timer flush may run it into.
         flush_gap, flush_burst: flushes the budget pays for go at most one per
@@ -106,7 +107,7 @@ class Replicator:
         node_id: str,
         *,
         push_interval: float = 0.4,
-        push_credits: float = 14.0,
+        push_credits: float = 13.5,
         push_credit_cap: float | None = None,
         flush_gap: float = 0.05,
         flush_burst: int = 4,
