@@ -20,6 +20,16 @@ holds it at the earliest its boot + one hello round trip (0.2 s) + one push
 (0.1 s) later, so a change made at 0.0 s counted against a node booting at 0.95 s
 takes 1.25 s whatever the protocol does once the node runs.
 
+Which max is the Glomers figure: the headline `convergence_s` and `goal_met` count
+every node for every change, booted or not, and keep that floor (so they say
+`goal_met: false` whatever the protocol does). `running_at_change` counts, for
+each change, the nodes that had booted when it was made (Gossip Glomers' own
+terms: its nodes are all up before the workload starts, and a node cannot hold
+what was made before it existed), with `goal_met` on those figures; the changes
+a node booted after are measured from its boot in `before_mesh_formed`. Boot
+times are sampled every 10 ms, so a node that booted within 10 ms before a
+change may be left out of that change's count.
+
     python bench/glomers.py [--seed N] [--set key=value ...]
 """
 
@@ -59,6 +69,34 @@ def _after(sim: Any, formed: float | None) -> dict[str, Any]:
         "mesh_formed_s": formed,
         "convergence_s": conv,
         "goal_met": bool(times and not late and conv["p50"] < 0.4 and conv["max"] < 0.6),
+    }
+
+
+def _running(sim: Any, booted: dict[str, float], mpe: float | None, lost: int) -> dict[str, Any]:
+    """Convergence of every change over the nodes that had booted when it was made."""
+    from sim import percentile
+
+    times: list[float] = []
+    late = 0
+    for c in sim.metrics.changes:
+        up = [n for n, at in booted.items() if at <= c.t0 and n != c.origin]
+        if all(n in c.first_held for n in up):
+            times.append(max((c.first_held[n] for n in up), default=c.t0) - c.t0)
+        else:
+            late += 1
+    conv = {
+        "p50": round(percentile(times, 0.5) or 0.0, 6),
+        "p95": round(percentile(times, 0.95) or 0.0, 6),
+        "max": round(max(times, default=0.0), 6),
+        "changes": len(times),
+        "not_converged": late,
+    }
+    return {
+        "convergence_s": conv,
+        "goal_met": bool(
+            times and not late and conv["p50"] < 0.4 and conv["max"] < 0.6 and mpe is not None and mpe < 20 and not lost
+        ),
+        "counts": "per change, the nodes booted when it was made (Gossip Glomers starts its load once all are up)",
     }
 
 
@@ -153,6 +191,7 @@ def main() -> int:
             and mpe < 20
             and s["events_lost"] == 0
         ),
+        "running_at_change": _running(sim, booted, mpe, s["events_lost"]),
         "after_mesh_formed": _after(sim, formed[0] if formed else None),
         "before_mesh_formed": _before(sim, formed[0] if formed else None, booted),
         "wall_s": round(wall, 1),

@@ -828,7 +828,7 @@ SIM_NOTES = [
     "--sim: the workload of the real run in the simulator (sim.Simulation: the node's real code under "
     "trio's MockClock, a full mesh, every link the given one-way latency, no loss, in-memory stores). "
     "Virtual time: handling a message costs no time, so latency_ms is what the protocol makes an event "
-    "wait (links, push bucket, timers) and nothing of the CPU the real run spends.",
+    "wait (links, push budget, timers) and nothing of the CPU the real run spends.",
     "latency_ms: from the return of record_event on the writer until the last other node holds the "
     "event (polled every --sim-poll virtual seconds); the next event is written --sim-think seconds "
     "later (the real run spends that on its POST and its polls: phase_seconds / events there is the "

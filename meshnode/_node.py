@@ -10,9 +10,9 @@ the clock, carry out the actions the core returns, and sleep until its next
 deadline (docs/protocol.md describes the wire side, protocol version 4):
 
 - a change, local or received, is pushed one way (no response) to the verified
-  neighbours that may lack it, with the changes they lack; pushes leave through
-  a token bucket (two flushes at once, then one per `push_interval`), so under
-  load changes travel in batches;
+  neighbours that may lack it, with the changes they lack; pushes are paid from
+  a budget of messages per change (`Replicator.push_credits`), so with many
+  neighbours or under load changes travel in batches;
 - one neighbour at a time gets an anti-entropy exchange every
   `gossip_interval`: a heads-hash and membership digest, and the digest and
   Automerge sync only when the hashes differ;
@@ -173,8 +173,8 @@ class NodeConfig:
     """Deadline of one request (each request of an exchange has its own)."""
     max_sync_rounds: int = 12
     push_interval: float = 0.4
-    """Least time between two pushes to one neighbour: a quiet link pushes at once,
-    a busy one batches (Gossip Glomers 3d/3e: latency and messages per event)."""
+    """The longest a change waits for a push the budget cannot pay for yet
+    (`Replicator`: Gossip Glomers 3d/3e, latency and messages per event)."""
     neighbour_ttl: float = 60.0
     """A neighbour not heard from for this long is forgotten (it must hello again)."""
     seed: int | None = None

@@ -174,6 +174,43 @@ class _RecordingNetwork:
         return Net()
 
 
+def address(name):
+    """The MemoryNetwork address of node `n<k>`."""
+    return f"10.0.0.{int(name[1:])}:5683"
+
+
+async def start_memory_node(nursery, net, tmp_path, name, peers=(), **config):
+    """A real `Node` named `name` (`n<k>`) on the MemoryNetwork `net`, with an
+    in-memory store, the wall clock tied to trio's (MockClock) and `peers` (names)
+    as its static discovery; it serves until `nursery` is cancelled. `config`:
+    further `NodeConfig` fields. Shared with tests/test_core_push_budget.py."""
+    import trio
+
+    from crdt import MemoryAdapter, open_doc_store
+    from meshnode._discovery import StaticDiscovery
+    from meshnode._node import Node, NodeConfig
+
+    holder = {}
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        async with net.transport(address(name)) as transport:
+            node = Node(
+                NodeConfig(node_id=name, data_dir=tmp_path / name, seed=7, **config),
+                transport=transport,
+                discovery=StaticDiscovery([address(p) for p in peers]),
+                wall_clock=lambda: 1_800_000_000 + trio.current_time(),
+                store=functools.partial(open_doc_store, adapter=MemoryAdapter({})),
+            )
+            holder["node"] = node
+            async with trio.open_nursery() as inner:
+                await inner.start(node.serve)
+                task_status.started()
+                await trio.sleep_forever()
+
+    await nursery.start(run)
+    return holder["node"]
+
+
 class _Pair:
     """Two nodes on a MemoryNetwork that know nothing of each other (no gossip, no
     anti-entropy): the test runs the sync exchange itself."""
@@ -183,37 +220,12 @@ class _Pair:
         self.net = _RecordingNetwork.make()
         self.nodes = {}
 
-    @staticmethod
-    def address(name):
-        return f"10.0.0.{int(name[1:])}:5683"
+    address = staticmethod(address)
 
     async def start(self, name):
-        import trio
-
-        from crdt import MemoryAdapter, open_doc_store
-        from meshnode._discovery import StaticDiscovery
-        from meshnode._node import Node, NodeConfig
-
-        holder = {}
-
-        async def run(task_status=trio.TASK_STATUS_IGNORED):
-            async with self.net.transport(self.address(name)) as transport:
-                node = Node(
-                    NodeConfig(node_id=name, data_dir=self.tmp_path / name, seed=7, request_timeout=2.0),
-                    transport=transport,
-                    discovery=StaticDiscovery([]),
-                    wall_clock=lambda: 1_800_000_000 + trio.current_time(),
-                    store=functools.partial(open_doc_store, adapter=MemoryAdapter({})),
-                )
-                holder["node"] = node
-                async with trio.open_nursery() as inner:
-                    await inner.start(node.serve)
-                    task_status.started()
-                    await trio.sleep_forever()
-
-        await self.nursery.start(run)
-        self.nodes[name] = holder["node"]
-        return holder["node"]
+        node = await start_memory_node(self.nursery, self.net, self.tmp_path, name, request_timeout=2.0)
+        self.nodes[name] = node
+        return node
 
 
 async def _sessions(node, n, readings=6):
@@ -309,9 +321,6 @@ async def test_a_lost_push_is_repaired_by_the_next_push_not_by_the_next_exchange
     that document with a at once (gap repair) instead of waiting for anti-entropy."""
     import trio
 
-    from crdt import MemoryAdapter, open_doc_store
-    from meshnode._discovery import StaticDiscovery
-    from meshnode._node import Node, NodeConfig
     from meshnode._transport import MemoryNetwork
 
     class Lossy(MemoryNetwork):
@@ -329,29 +338,10 @@ async def test_a_lost_push_is_repaired_by_the_next_push_not_by_the_next_exchange
             return True
 
     net = Lossy()
-    addr = {"n1": "10.0.0.1:5683", "n2": "10.0.0.2:5683"}
-    nodes = {}
-
-    async def run(name, other, task_status=trio.TASK_STATUS_IGNORED):
-        async with net.transport(addr[name]) as transport:
-            node = Node(
-                # Anti-entropy far apart: only the gap repair can bring the change in time.
-                NodeConfig(node_id=name, data_dir=tmp_path / name, seed=7, gossip_interval=60.0),
-                transport=transport,
-                discovery=StaticDiscovery([addr[other]]),
-                wall_clock=lambda: 1_800_000_000 + trio.current_time(),
-                store=functools.partial(open_doc_store, adapter=MemoryAdapter({})),
-            )
-            nodes[name] = node
-            async with trio.open_nursery() as inner:
-                await inner.start(node.serve)
-                task_status.started()
-                await trio.sleep_forever()
-
     async with trio.open_nursery() as nursery:
-        await nursery.start(run, "n1", "n2")
-        await nursery.start(run, "n2", "n1")
-        a, b = nodes["n1"], nodes["n2"]
+        # Anti-entropy far apart: only the gap repair can bring the change in time.
+        a = await start_memory_node(nursery, net, tmp_path, "n1", ["n2"], gossip_interval=60.0)
+        b = await start_memory_node(nursery, net, tmp_path, "n2", ["n1"], gossip_interval=60.0)
         with trio.fail_after(30):
             while "n2" not in a.neighbours or "n1" not in b.neighbours:
                 await trio.sleep(0.05)
@@ -363,7 +353,7 @@ async def test_a_lost_push_is_repaired_by_the_next_push_not_by_the_next_exchange
         syncs = net.syncs
         net.drop_next_push = True
         lost = (await a.record_event(sid, "meter", 100))["event_id"]
-        await trio.sleep(1.0)  # a's push bucket has refilled
+        await trio.sleep(1.0)  # a's pushes of the session are over
 
         def held():
             return {e["event_id"] for e in b.session_json(sid)["events"]}

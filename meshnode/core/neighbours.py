@@ -11,14 +11,21 @@ N1. A peer exists only after a verified hello: our POST /m/hello to its address
     the bounded list of addresses to greet (`Hellos`), which expires.
 N2. A peer is forgotten after `max_failures` exchanges in a row failed, when
     discovery says it left, or when we have not heard from it (any message) for
-    `ttl` seconds *and* have asked it since (an exchange started after we last
-    heard it). Silence alone is not evidence: anti-entropy asks one neighbour per
+    the TTL *and* have asked it since (an exchange started after we last heard
+    it). Silence alone is not evidence: anti-entropy asks one neighbour per
     interval, so with ten neighbours and the 8 s idle interval our turn to ask a
     live one comes every 64-96 s, and two idle neighbours' exchanges (ours and
     theirs) left gaps above the 60 s TTL for about half the pairs: live neighbours
     were forgotten, greeted again and caught up, every cycle. An exchange in
     flight is waited for. A neighbour that has gone fails the exchange we start,
     and is forgotten then if it has been silent for the TTL (else by its failures).
+    The TTL is `ttl` or three rounds of our exchanges (`round_s`: the interval
+    times the number of neighbours), whichever is longer: with a 60 s TTL and
+    such gaps, one lost message of an idle exchange (2 % loss, mesh200) forgot a
+    live neighbour, which was greeted again (docs/sim.md, the idle mesh's hellos).
+    Three rounds: a live peer is asked (oldest first) at least once a round, so
+    only a run of lost exchanges in both directions stays silent that long; a
+    dead one is still forgotten after `max_failures` exchanges, one a round.
     To come back it needs a new verified hello.
 N3. A peer that fails (timeout, refusal) or answers slowly is backed off: the
     next exchange with it waits `base * 2**failures` seconds (up to `max_backoff`),
@@ -94,21 +101,38 @@ class NeighbourTable:
         self.max_slow_backoff = max_slow_backoff
         self.salt = salt
         self.peers: dict[str, Neighbour] = {}
+        """Every verified peer by id. Add and remove entries through the methods
+        below only: `live()`, `addresses()` and the expiry are kept from them."""
+        self._live: list[Neighbour] | None = None
+        self._addresses: set[str] | None = None
+        self._failing: set[str] = set()
+        """Peers whose last exchange failed: the only ones that can expire (N2: a
+        peer expires only once an exchange we started after we last heard it has
+        ended without an answer, which is a failure)."""
+
+    def _changed(self) -> None:
+        """The set of peers or an address changed: drop the cached views."""
+        self._live = None
+        self._addresses = None
 
     def verified(self, node_id: str, address: str, incarnation: int | None, now: float) -> tuple[Neighbour, bool]:
         """Record a verified hello (N1). Returns the entry and whether it is new (or restarted)."""
         n = self.peers.get(node_id)
         if n is None:
             n = self.peers[node_id] = Neighbour(node_id, address, incarnation, now, now)
+            self._changed()
             return n, True
         fresh = incarnation is not None and n.incarnation is not None and incarnation != n.incarnation
         if fresh:
             n.known.clear()  # N4
         if incarnation is not None:
             n.incarnation = incarnation
-        n.address = address
+        if n.address != address:
+            n.address = address
+            self._changed()
         n.last_heard = max(n.last_heard, now)
         n.failures = 0
+        self._failing.discard(node_id)
         n.slow = 0
         n.retry_at = -math.inf
         return n, fresh
@@ -124,6 +148,7 @@ class NeighbourTable:
         if n is None:
             return
         n.failures = 0  # it answered: not dead (N2)
+        self._failing.discard(node_id)
         if slow:
             # N3: an overloaded peer answers, but late: give it room before the next one.
             n.slow = min(n.slow + 1, 10)
@@ -141,8 +166,9 @@ class NeighbourTable:
             return False
         n.failures += 1
         if n.failures >= self.max_failures:
-            del self.peers[node_id]
+            self.forget(node_id)
             return True
+        self._failing.add(node_id)
         n.retry_at = now + self._backoff(n)
         return False
 
@@ -153,29 +179,53 @@ class NeighbourTable:
         return 0.5 + 0.5 * unit(f"{self.salt}:{n.node_id}:{what}{count}")
 
     def forget(self, node_id: str) -> bool:
-        return self.peers.pop(node_id, None) is not None
+        self._failing.discard(node_id)
+        if self.peers.pop(node_id, None) is None:
+            return False
+        self._changed()
+        return True
 
-    def expire(self, now: float) -> list[str]:
+    def ttl_for(self, round_s: float) -> float:
+        """The silence that may forget a peer (N2), given how long one round of our
+        exchanges takes (exchange interval x neighbours)."""
+        return max(self.ttl, 3.0 * round_s)
+
+    def expire(self, now: float, round_s: float = 0.0) -> list[str]:
         """Forget peers silent for the TTL that we have asked since they were last heard (N2)."""
-        gone = sorted(nid for nid, n in self.peers.items() if self._stale(n, now))
+        if not self._failing:
+            return []
+        ttl = self.ttl_for(round_s)
+        gone = sorted(nid for nid in self._failing if nid in self.peers and self._stale(self.peers[nid], now, ttl))
         for nid in gone:
-            del self.peers[nid]
+            self.forget(nid)
         return gone
 
     def live(self) -> list[Neighbour]:
-        """Every current peer, sorted by id (entries expire, so present means live)."""
-        return [self.peers[nid] for nid in sorted(self.peers)]
+        """Every current peer, sorted by id (entries expire, so present means live).
+        Kept between changes of the table (the engine asks at every wake-up)."""
+        if self._live is None:
+            self._live = [self.peers[nid] for nid in sorted(self.peers)]
+        return self._live
 
-    def _stale(self, n: Neighbour, now: float) -> bool:
+    def addresses(self) -> set[str]:
+        """The addresses of every current peer (do not modify; kept like `live`)."""
+        if self._addresses is None:
+            self._addresses = {n.address for n in self.peers.values()}
+        return self._addresses
+
+    def _stale(self, n: Neighbour, now: float, ttl: float) -> bool:
         # N2: silent for the TTL, and an exchange we started since it was heard has ended
         # without an answer (one in flight is waited for: its answer would be news).
-        return now - n.last_heard >= self.ttl and n.last_exchange > n.last_heard and not n.exchanging
+        return now - n.last_heard >= ttl and n.last_exchange > n.last_heard and not n.exchanging
 
-    def next_expiry(self) -> float | None:
+    def next_expiry(self, round_s: float = 0.0) -> float | None:
         """When `expire` forgets someone next, if no input comes first (starting or ending
         an exchange is an input: a peer not asked since it was heard has no expiry yet)."""
+        ttl = self.ttl_for(round_s)
         times = (
-            n.last_heard + self.ttl for n in self.peers.values() if n.last_exchange > n.last_heard and not n.exchanging
+            n.last_heard + ttl
+            for nid in self._failing
+            if (n := self.peers.get(nid)) is not None and n.last_exchange > n.last_heard and not n.exchanging
         )
         return min(times, default=None)
 
