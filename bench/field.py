@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _host import host_report, host_snapshot  # bench/_host.py
 
 from tests.field.harness import (
     FieldFailure,
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.autogroup_nice is not None:
         Path("/proc/self/autogroup").write_text(f"{args.autogroup_nice}\n")
-    pressure_before = _cpu_pressure_total()
+    host_before = host_snapshot()
     problem = missing_requirements()
     if problem:
         print(f"bench/field.py: {problem}", file=sys.stderr)
@@ -105,37 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     for e in report["exits"]:
         print(f"==== {e['process']} exited by itself (code {e['code']}):\n{e.pop('log_tail')}", file=sys.stderr)
     report["duration_s"] = args.duration
-    report["host"] = _host(pressure_before, report.get("wall_s"))
+    report["host"] = host_report(host_before, host_snapshot(), report.get("wall_s") or 0.0)
     print(json.dumps(report, indent=1))
     if report["passed"] and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"logs and data dirs kept in {workdir}", file=sys.stderr)
     return 0 if report["passed"] else 1
-
-
-def _cpu_pressure_total() -> int | None:
-    """Microseconds some runnable task waited for a CPU, since boot (PSI), or None."""
-    try:
-        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except OSError:
-        return None
-    return int(some.rpartition("total=")[2])
-
-
-def _host(pressure_before: int | None, wall_s: float | None) -> dict[str, object]:
-    """What the run competed with: cores, the autogroup and its nice, the CPU pressure."""
-    out: dict[str, object] = {"cpus": os.cpu_count()}
-    try:
-        out["autogroup"] = Path("/proc/self/autogroup").read_text().strip()
-        out["autogroup_enabled"] = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
-    except OSError:
-        pass
-    after = _cpu_pressure_total()
-    if pressure_before is not None and after is not None and wall_s:
-        out["cpu_pressure_some_pct"] = round(100 * (after - pressure_before) / 1e6 / wall_s, 1)
-    out["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
-    return out
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from typing import Any
 
 import httpx
 import trio
+from _host import host_report, host_snapshot, own_autogroup  # bench/_host.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTERS = ("requests_sent", "requests_received", "bytes_sent", "bytes_received", "errors")
@@ -518,58 +519,6 @@ async def measure(nodes: list[NodeProc], args: argparse.Namespace, rng: random.R
     }
 
 
-# --- the machine it ran on -------------------------------------------------------------
-
-
-def _cpu_pressure_total() -> int | None:
-    """Microseconds some runnable task waited for a CPU, since boot (PSI), or None."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            some = f.readline()
-    except OSError:
-        return None
-    return int(some.rpartition("total=")[2])
-
-
-def host_snapshot() -> dict[str, Any]:
-    return {"load_average": [round(x, 2) for x in os.getloadavg()], "cpu_pressure_us": _cpu_pressure_total()}
-
-
-def host_report(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """What the measured phase competed with: cores, load, CPU pressure, our autogroup and nice."""
-    out: dict[str, Any] = {
-        "cpus": os.cpu_count(),
-        "load_average_before": before["load_average"],
-        "load_average_after": after["load_average"],
-        "nice": os.getpriority(os.PRIO_PROCESS, 0),
-    }
-    if before["cpu_pressure_us"] is not None and after["cpu_pressure_us"] is not None and seconds > 0:
-        waited = (after["cpu_pressure_us"] - before["cpu_pressure_us"]) / 1e6
-        out["cpu_pressure_some_pct"] = round(100 * waited / seconds, 1)
-    try:
-        with open("/proc/self/autogroup") as f:
-            out["autogroup"] = f.read().strip()
-        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
-            out["autogroup_enabled"] = f.read().strip() == "1"
-    except OSError:
-        pass
-    return out
-
-
-def own_autogroup(nice: int) -> None:
-    """Make this process a session (hence an autogroup) of its own and set the group's nice."""
-    if os.getsid(0) != os.getpid():
-        try:
-            os.setsid()
-        except PermissionError:
-            raise SystemExit(
-                "--autogroup-nice: this process leads a process group and cannot start a session; "
-                "start it with setsid (setsid python bench/mesh.py ...)"
-            ) from None
-    with open("/proc/self/autogroup", "w") as f:
-        f.write(f"{nice}\n")
-
-
 # --- the same workload in the simulator (virtual time) -------------------------------------
 
 
@@ -842,7 +791,7 @@ SIM_NOTES = [
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.autogroup_nice is not None:
-        own_autogroup(args.autogroup_nice)
+        own_autogroup(args.autogroup_nice, "bench/mesh.py")
     rng = random.Random(args.seed)
     results = []
     for n in args.sizes:
