@@ -214,7 +214,6 @@ IMPORTS = [
     "starlette.applications",
     "hypercorn.trio",
     "prometheus_client",
-    "jsonschema",
     "websockets.asyncio.server",
     "meshnode",
     "meshnode._coap",
@@ -231,7 +230,8 @@ above run with `--no-mdns`, without zeroconf), in that order."""
 ON_DEMAND = ["httpx", "ocpp.v16", "ocpp.v201"]
 """Imported only when used, after `IMPORTS` here: httpx with an uplink (`--cloud`; it loads
 click, rich and pygments too when they are installed), the `ocpp` library with a version's
-first charger (`meshnode.ocpp._server.register_version`)."""
+first charger (`meshnode.ocpp._server.register_version`), and with it jsonschema (the library
+validates messages with it; the node's settings no longer need it, `meshnode/_config.py`)."""
 
 
 def compile_node_packages() -> list[str]:
