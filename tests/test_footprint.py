@@ -130,3 +130,30 @@ async def test_closed_sessions_are_held_as_bytes_and_still_sync_to_a_new_peer_an
         assert len(loaded_sessions(n1)) <= CAPACITY
         assert len(loaded_sessions(n2)) <= CAPACITY
         nursery.cancel_scope.cancel()
+
+
+async def test_start_up_loads_each_stored_document_once_and_keeps_few_loaded(
+    tmp_path, autojump_clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up folds every stored session (the forwarder and retention need their state) and
+    resumes the node's event chain from those folds: one load per document, not one per pass."""
+    monkeypatch.setattr(meshnode._node, "LOADED_DOCUMENTS", CAPACITY)
+    net = MemoryNetwork()
+    disk: dict = {}
+    async with trio.open_nursery() as nursery:
+        n1, scope = await start(nursery, net, tmp_path, "n1", [], disk)
+        sids = [(await n1.create_session(f"cp-{i}", 1, f"tag-{i}", meter_wh=0))["session_id"] for i in range(SESSIONS)]
+        await n1.record_event(sids[0], "meter", 500)
+        scope.cancel()
+        await trio.sleep(1)
+        n1, _ = await start(nursery, net, tmp_path, "n1", [], disk)
+        assert n1.documents.loads == len(n1.documents) == SESSIONS + 1
+        assert len(loaded_sessions(n1)) <= CAPACITY
+        # Reading every session through the API loads none of them again (cached folds, known heads).
+        states = [s["state"] for s in n1.sessions_json()]
+        assert states == ["charging"] * SESSIONS
+        assert n1.documents.loads == SESSIONS + 1
+        # The chain resumed after the last stored event: the next one links to it.
+        await n1.record_event(sids[0], "meter", 600)
+        assert n1.session_json(sids[0])["conflicts"] == []
+        nursery.cancel_scope.cancel()
