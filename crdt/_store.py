@@ -409,6 +409,16 @@ class Documents(MutableMapping[str, Document]):
         del self._held[doc_id]
         self._lru.pop(doc_id, None)
 
+    def get(self, doc_id: str, default: Document | None = None) -> Document | None:  # type: ignore[override]
+        # As Mapping.get, without its try/except around __getitem__ (the engine's hot path).
+        held = self._held.get(doc_id)
+        if held is None:
+            return default
+        if held.doc is not None:
+            self._lru.move_to_end(doc_id)
+            return held.doc
+        return self[doc_id]
+
     def __contains__(self, doc_id: object) -> bool:
         return doc_id in self._held
 

@@ -40,6 +40,12 @@ def test_reading_loads_and_only_the_most_recently_used_stay_loaded() -> None:
     assert [d for d in docs if docs.is_loaded(d)] == ["d3", "d4"]
     docs["d0"]  # noqa: B018 - reading d0 makes it the most recent; d3 goes
     assert [d for d in docs if docs.is_loaded(d)] == ["d0", "d4"]
+    d1 = docs.get("d1")  # get() loads, and makes it the most recent, as [] does
+    assert d1 is not None and extract(d1)["x"] == 1
+    assert [d for d in docs if docs.is_loaded(d)] == ["d0", "d1"]
+    assert docs.get("d0") is docs["d0"]
+    default = Document()
+    assert docs.get("nope") is None and docs.get("nope", default) is default
 
 
 def test_ids_membership_heads_and_saved_bytes_load_nothing() -> None:
