@@ -47,7 +47,7 @@ from ._events import (
 )
 from ._fold import EVENT_TYPES, STATES, TRANSITIONS, Conflict, SessionFold, SessionView, fold, summarize_event
 from ._fold import DEFAULT_MAX_POWER_W, IMPLAUSIBLE_METER, meter_plausibility, session_max_power_w
-from ._store import AsyncDocStore, DocStore, StoreOpener, open_doc_store
+from ._store import AsyncDocStore, DocStore, Documents, StoreOpener, open_doc_store
 from ._sync_session import Applied, SyncRound, SyncSession
 from ._sync import (
     DEFAULT_BUCKETS,

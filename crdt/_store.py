@@ -27,6 +27,11 @@ same way, so the file alone (and its WAL) reveals no session id, id token or
 meter value. A store remembers whether it was created with a key, and refuses to
 open with a wrong or missing one instead of mixing plain and sealed rows.
 
+In memory, a node holds its documents in `Documents`: a dict of Automerge documents
+that keeps only the recently used ones loaded and the others as their saved bytes
+(a session of a few events: ~1 KB saved, ~15 KB loaded), so what a node costs grows
+with the sessions it works on, not with every session it holds.
+
 Throughput: an fsync costs milliseconds, so `open_doc_store` runs one writer task
 that takes *every* write waiting at that moment into one batch (group commit).
 A caller's `await store.write(...)` returns only after the commit that holds its
@@ -40,9 +45,11 @@ import functools
 import hashlib
 import math
 import os
+import sys
 import threading
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -245,6 +252,12 @@ class DocStore:
 
     def load_all(self, *, include_archived: bool = False) -> dict[str, Document]:
         """Every document in the store (archived ones only when asked), in one pass over it."""
+        return {
+            d: self._document(d, data) for d, data in self.load_all_bytes(include_archived=include_archived).items()
+        }
+
+    def load_all_bytes(self, *, include_archived: bool = False) -> dict[str, bytes]:
+        """As `load_all`, each document as its stored bytes (for `Document.load`, or `Documents.put_saved`)."""
         names = {key[1]: self._codec.open(v).decode() for key, v in self.adapter.load_range(("name",))}
         skip = set() if include_archived else {key[1] for key, _ in self.adapter.load_range(("archived",))}
         by_row: dict[str, list[tuple[StorageKey, bytes]]] = {}
@@ -257,7 +270,7 @@ class DocStore:
         for row, entries in by_row.items():
             data = self._chunks(entries)
             if data is not None and row in names:
-                out[names[row]] = self._document(names[row], data)
+                out[names[row]] = data
         return dict(sorted(out.items()))
 
     def compact(self, doc_id: str, doc: Document, *, archive: bool = False) -> None:
@@ -309,6 +322,174 @@ class DocStore:
             raise StoreError(f"cannot write meta {key!r}: {exc}") from exc
 
 
+class _Held:
+    """One document of `Documents`: loaded, as bytes, or both."""
+
+    __slots__ = ("doc", "saved", "heads")
+
+    def __init__(self, doc: Document | None, saved: bytes | None = None) -> None:
+        self.doc = doc
+        self.saved = saved
+        """Bytes that load as the document at `heads` (None: only `doc` has it): the store's
+        snapshot and change chunks, or `Document.save()`."""
+        self.heads: list[bytes] | None = None
+        """Heads of `saved`; None until the document was loaded once."""
+
+
+def _refs(held: _Held) -> int:
+    return sys.getrefcount(held.doc)
+
+
+_UNREFERENCED = _refs(_Held(Document()))
+"""`_refs` of a loaded document that nothing but its `_Held` refers to."""
+
+
+class Documents(MutableMapping[str, Document]):
+    """A node's documents by id, as a dict of Automerge documents, with at most `capacity`
+    of them loaded: the others are held as their saved bytes (a session of a few events
+    is ~1 KB saved and ~15 KB loaded) and loaded again when read.
+
+    - Reading one (``docs[d]``, ``get``, ``values()``, ``items()``) loads it if need be
+      and makes it the most recently used; past `capacity`, the least recently used go
+      back to bytes. ``d in docs``, ``len``, iterating ids and `heads` load nothing.
+    - One that changed since it was loaded is saved (`Document.save`) when it goes; one
+      that did not keeps the bytes it was loaded from. (Saving each at start-up to compact
+      the store's chunks, ~1.5 KB, to ~1.1 KB cost more than it saved: each new long-lived
+      bytes object, made between the loads' short-lived allocations, kept heap pages from
+      being returned, ~9 MB for 1,000 sessions.)
+    - Never unloaded: the `pinned` ids, and a document something else still refers to (a
+      caller holding it across an await, a sync in progress, a test): unloading it would
+      leave the holder changing a copy nobody reads. Those stay loaded, past `capacity`
+      if need be, until they are let go.
+    - What a loaded document holds beyond its history goes with it: Automerge's queue of
+      received changes that wait for a dependency (applied to nothing, stored nowhere).
+      Sync asks for them again as after a lost push: the sender's heads stay ahead of ours.
+    """
+
+    def __init__(self, *, capacity: int = 128, pinned: Iterable[str] = ()) -> None:
+        if capacity < 1:
+            raise LocalError("Documents needs a capacity of at least 1")
+        self.capacity = capacity
+        self.pinned = frozenset(pinned)
+        self._held: dict[str, _Held] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()
+        """The loaded documents, least recently used first."""
+        self.loads = 0
+        """Documents loaded from bytes (counted for tests and benchmarks)."""
+        self.unloads = 0
+
+    # --- the mapping ----------------------------------------------------------------------
+
+    def __getitem__(self, doc_id: str) -> Document:
+        held = self._held[doc_id]
+        doc = held.doc
+        if doc is not None:
+            self._lru.move_to_end(doc_id)
+            return doc
+        assert held.saved is not None
+        try:
+            doc = Document.load(held.saved)
+        except Exception as exc:
+            raise DocumentError(f"stored document {doc_id!r} does not load: {exc}") from exc
+        self.loads += 1
+        if held.heads is None:
+            held.heads = doc.get_heads()
+        held.doc = doc
+        self._lru[doc_id] = None
+        self._shrink()
+        return doc
+
+    def __setitem__(self, doc_id: str, doc: Document) -> None:
+        self._held[doc_id] = _Held(doc)
+        self._lru[doc_id] = None
+        self._lru.move_to_end(doc_id)
+        self._shrink()
+
+    def __delitem__(self, doc_id: str) -> None:
+        del self._held[doc_id]
+        self._lru.pop(doc_id, None)
+
+    def get(self, doc_id: str, default: Document | None = None) -> Document | None:  # type: ignore[override]
+        # As Mapping.get, without its try/except around __getitem__ (the engine's hot path).
+        held = self._held.get(doc_id)
+        if held is None:
+            return default
+        if held.doc is not None:
+            self._lru.move_to_end(doc_id)
+            return held.doc
+        return self[doc_id]
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._held
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._held)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def clear(self) -> None:
+        self._held.clear()
+        self._lru.clear()
+
+    def __repr__(self) -> str:
+        return f"<Documents {len(self._held)} held, {len(self._lru)} loaded>"
+
+    # --- without loading ------------------------------------------------------------------
+
+    def put_saved(self, doc_id: str, data: bytes) -> None:
+        """Hold a document as bytes (a stored one: the store's snapshot and change chunks)."""
+        self._lru.pop(doc_id, None)
+        self._held[doc_id] = _Held(None, data)
+
+    def heads(self, doc_id: str) -> list[bytes]:
+        """The document's heads (as `Document.get_heads`), loading it only if it never was."""
+        held = self._held[doc_id]
+        if held.doc is not None:
+            return held.doc.get_heads()
+        if held.heads is None:
+            return self[doc_id].get_heads()
+        return list(held.heads)
+
+    def held_bytes(self, doc_id: str) -> bytes | None:
+        """The bytes the document is held as (None for one added loaded and not unloaded since);
+        a loaded document may have changed since."""
+        return self._held[doc_id].saved
+
+    @property
+    def loaded(self) -> int:
+        """How many documents are loaded now."""
+        return len(self._lru)
+
+    def is_loaded(self, doc_id: str) -> bool:
+        return doc_id in self._lru
+
+    # --- unloading ------------------------------------------------------------------------
+
+    def _shrink(self) -> None:
+        """Unload the least recently used documents past `capacity` that may go."""
+        if len(self._lru) <= self.capacity:
+            return
+        for doc_id in list(self._lru):
+            if len(self._lru) <= self.capacity:
+                return
+            held = self._held[doc_id]
+            if doc_id in self.pinned or _refs(held) > _UNREFERENCED:
+                continue
+            self._unload(doc_id, held)
+
+    def _unload(self, doc_id: str, held: _Held) -> None:
+        doc = held.doc
+        assert doc is not None
+        heads = doc.get_heads()
+        if held.saved is None or held.heads != heads:
+            held.saved, held.heads = doc.save(), heads
+        held.doc = None
+        del doc
+        del self._lru[doc_id]
+        self.unloads += 1
+
+
 @dataclass
 class _Pending:
     items: list[tuple[str, Sequence[Change]]]
@@ -346,6 +527,9 @@ class AsyncDocStore:
 
     async def load_all(self, *, include_archived: bool = False) -> dict[str, Document]:
         return await self._run(self.sync.load_all, include_archived=include_archived)
+
+    async def load_all_bytes(self, *, include_archived: bool = False) -> dict[str, bytes]:
+        return await self._run(self.sync.load_all_bytes, include_archived=include_archived)
 
     async def compact(self, doc_id: str, doc: Document, *, archive: bool = False) -> None:
         await self._run(self.sync.compact, doc_id, doc, archive=archive)

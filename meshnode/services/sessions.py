@@ -33,6 +33,7 @@ from crdt import (
     DEFAULT_MAX_POWER_W,
     SITE_CONFIG_ID,
     TRANSITIONS,
+    Documents,
     EventSigner,
     Keyring,
     Replica,
@@ -294,15 +295,17 @@ class SessionService:
     def fold(self, session_id: str) -> tuple[SessionData, SessionView]:
         """A session's content and folded state (cached per version of the document).
 
+        The document is loaded only when it changed since the last read (`crdt.Documents`
+        knows its heads without loading it).
+
         Raises:
             KeyError: no such document. DocumentError: it is not a session.
         """
-        doc = self.replica.docs[session_id]
-        hh = heads_hash(doc.get_heads())
+        hh = heads_hash(_heads(self.replica.docs, session_id))
         cached = self.fold_cache.get(session_id)
         if cached is not None and cached[0] == hh:
             return cached[1], cached[2]
-        data = read_session(doc)
+        data = read_session(self.replica.docs[session_id])
         if self.identity is None:
             keyring = session_keyring(data, self.keyring, trust_document_keys=True)
         else:
@@ -362,7 +365,7 @@ class SessionService:
             "events": [summarize_event(e) for e in view.applied],
             "conflicts": [c.to_json() for c in view.conflicts],
             "receipt": receipt,
-            "heads": sorted(h.hex() for h in self.replica.docs[session_id].get_heads()),
+            "heads": sorted(h.hex() for h in _heads(self.replica.docs, session_id)),
         }
 
     def sessions_json(self) -> list[dict[str, Any]]:
@@ -383,6 +386,11 @@ class SessionService:
         if doc is None or session_id == SITE_CONFIG_ID:
             raise NotFound(f"no session {session_id!r} on this node")
         return doc.save()
+
+
+def _heads(docs: Mapping[str, Document], doc_id: str) -> list[bytes]:
+    """A document's heads; from `crdt.Documents` without loading it. Raises KeyError."""
+    return docs.heads(doc_id) if isinstance(docs, Documents) else docs[doc_id].get_heads()
 
 
 def limit_reached(view: SessionView, type: str, meter_wh: int | None, now_ms: int) -> str | None:
