@@ -42,7 +42,6 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -208,6 +207,8 @@ def build_app(node: Node) -> Starlette:
     metrics = NodeMetrics(node)
 
     async def get_metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # at the first scrape
+
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def on_service_error(request: Request, exc: Exception) -> Response:

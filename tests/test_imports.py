@@ -66,7 +66,9 @@ import meshnode.ocpp
 
 # What a node never runs: besides the cloud and the simulator, the demo (its module and its
 # simulated chargers, an OCPP client on websockets) and the in-process replica demo; and what it
-# loads only when a charger connects: the `ocpp` library and a version's handler.
+# loads only when a charger connects: the `ocpp` library and a version's handler (and the
+# jsonschema it validates with; the node's settings are checked without it); and what it loads
+# only at the first scrape of /metrics: prometheus_client.
 NOT_AT_NODE_STARTUP = (
     *NOT_FOR_A_NODE,
     "meshnode._demo",
@@ -77,6 +79,8 @@ NOT_AT_NODE_STARTUP = (
     "meshnode.ocpp._handler",
     "meshnode.ocpp._v16",
     "meshnode.ocpp._v201",
+    "jsonschema",
+    "prometheus_client",
 )
 
 

@@ -208,3 +208,25 @@ def test_log_format_comes_from_the_flag_or_the_config_file(tmp_path: Path):
     config.write_text('log_format = "yaml"\n')
     with pytest.raises(ConfigError, match="log_format = .yaml. is not valid: it must be text or json"):
         resolve_run_settings(parse(["run", "--config", str(config)]))
+
+
+def test_the_stop_to_receipt_histogram_counts_each_time_under_its_bound_before_any_scrape() -> None:
+    """The histogram counts in plain numbers (prometheus_client loads at the first scrape);
+    a time equal to a bound is in that bound's bucket, as Prometheus' `le` says."""
+    from types import SimpleNamespace
+
+    from meshnode._metrics import NodeMetrics, _ReconcileCollector
+
+    metrics = NodeMetrics(SimpleNamespace(change_listeners=[]))  # type: ignore[arg-type]
+    for seconds in (0.5, 1, 1.5, 3600, 100_000):
+        metrics.observe(seconds)
+    (family,) = _ReconcileCollector(metrics).collect()
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples[("meshnode_reconcile_seconds_bucket", "1.0")] == 2
+    assert samples[("meshnode_reconcile_seconds_bucket", "2.0")] == 3
+    assert samples[("meshnode_reconcile_seconds_bucket", "1800.0")] == 3
+    assert samples[("meshnode_reconcile_seconds_bucket", "3600.0")] == 4
+    assert samples[("meshnode_reconcile_seconds_bucket", "86400.0")] == 4
+    assert samples[("meshnode_reconcile_seconds_bucket", "+Inf")] == 5
+    assert samples[("meshnode_reconcile_seconds_count", None)] == 5
+    assert samples[("meshnode_reconcile_seconds_sum", None)] == 103_603
