@@ -120,6 +120,9 @@ R12. Reachability (SWIM detector, once the caller reports links with
     a multi-hop cut the far nodes were never suspected and kept their claims;
     the near end of every cut link drops it from its record, which reaches our
     whole side, while the far end's stale record cannot keep the link alone.
+    The counted links and a tree of the reached members are kept up to date as
+    records change (R10): a change re-derives only the part of the tree it moved,
+    with the full walk's answer (``_reach``, ``_reachable``).
 
 Invariants (numbered; tests check each)
 ---------------------------------------
