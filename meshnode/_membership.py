@@ -698,6 +698,7 @@ class Membership:
         # `_reach`: peers whose own standing changed (re-derived with all that hangs from them)
         # and peers a new link, a new entry or a new direct neighbour may have made reachable.
         self._adj: dict[str, set[str]] = {}
+        self._lists: dict[str, frozenset[bytes]] = {}  # each peer's listed hashes, as last linked
         self._parent: dict[str, str] = {}
         self._children: dict[str, set[str]] = {}
         self._orphans: set[str] = set()
@@ -1328,12 +1329,13 @@ class Membership:
 
     def _relink(self, node_id: str) -> None:
         # R12: the peer's record (new, or with other neighbours): its counted links now.
-        peers, by_hash, adj = self._peers, self._by_hash, self._adj
+        by_hash, adj, lists = self._by_hash, self._adj, self._lists
         mine = neighbour_hash(node_id)
+        listed = lists[node_id] = self._peers[node_id].record.neighbour_set()
         now_linked = set()
-        for h in peers[node_id].record.neighbour_set():
+        for h in listed:
             other = by_hash.get(h)
-            if other is not None and other != node_id and mine in peers[other].record.neighbour_set():
+            if other is not None and other != node_id and mine in lists[other]:
                 now_linked.add(other)
         was = adj[node_id]
         for other in was - now_linked:
@@ -1415,6 +1417,7 @@ class Membership:
         if self._by_hash.get(neighbour_hash(node_id)) == node_id:
             del self._by_hash[neighbour_hash(node_id)]
         if self._swim:
+            self._lists.pop(node_id, None)
             for other in self._adj.pop(node_id, ()):
                 self._adj[other].discard(node_id)
                 self._cut(node_id, other)
