@@ -16,7 +16,10 @@ N peers (default 200 and 1,000), the cost of what a node does with membership:
   (decode and merge 32 records), a tick, an election, two ``live_peers`` and
   one ``records_for_gossip``;
 - ``piggyback`` (8 records) and ``digest``: new in this tree, no baseline;
-- ``swim_links``: the SWIM detector's reachability (R12), this tree only (``measure_reach``).
+- ``swim_links``: the SWIM detector's reachability (R12), ``measure_reach``: this tree
+  (``after``) and, as ``before``, ``--reach-baseline`` (default 7c3434e, reachability
+  recomputed in full on every change), each in a random geometric mesh of about ten
+  neighbours per node.
 
 The baseline module is read with ``git show REV:meshnode/_membership.py`` (default
 6754965, the ``main`` the issue measured) and imported under another name, so both
@@ -24,7 +27,7 @@ run in the same process on the same data. Figures are microseconds per operation
 (best of ``--repeat`` runs of ``--seconds`` of timed calls; what each call needs, such
 as a fresh batch of records with newer heartbeats, is prepared untimed); JSON on stdout.
 
-    python bench/membership.py [--sizes 200 1000] [--baseline 6754965]
+    python bench/membership.py [--sizes 200 1000] [--baseline 6754965] [--reach-baseline 7c3434e]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from meshnode import _membership as current
 
 
-def load_baseline(rev: str) -> types.ModuleType | None:
+def load_baseline(rev: str, name: str = "_membership_baseline") -> types.ModuleType | None:
     try:
         source = subprocess.run(
             ["git", "-C", str(ROOT), "show", f"{rev}:meshnode/_membership.py"],
@@ -58,10 +61,10 @@ def load_baseline(rev: str) -> types.ModuleType | None:
     except (OSError, subprocess.CalledProcessError) as exc:
         print(f"no baseline {rev}: {exc}", file=sys.stderr)
         return None
-    spec = importlib.util.spec_from_loader("_membership_baseline", loader=None)
+    spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["_membership_baseline"] = module
+    sys.modules[name] = module
     # Our own repository's source at a named revision, run to compare costs.
     exec(compile(source, f"{rev}:meshnode/_membership.py", "exec"), module.__dict__)  # noqa: S102
     return module
@@ -159,7 +162,12 @@ def measure_reach(mod: types.ModuleType, n: int, seconds: float, repeat: int) ->
     geometric mesh of about ten neighbours each, every link reported by both ends.
 
     - ``reach_link_change``: a neighbour's record that drops and regains one link, merged,
-      then ``leader`` (reachability is recomputed: O(links) once per change);
+      then ``next_deadline`` (which brings reachability up to date, and nothing else);
+    - ``reach_far_link_change``: the same for a member drawn at random (most are far away);
+    - ``reach_suspect_refute``: a member drawn at random suspected (it stops relaying: what
+      only it reached is cut off), ``next_deadline``, then its refutation merged, ``next_deadline``;
+    - ``link_change_and_leader``: ``reach_far_link_change`` followed by ``leader`` (the node
+      elects after every exchange; a changed record invalidates the cached election);
     - ``idle_exchange``: what an idle exchange costs the detector: decode and merge the
       peer's own (unchanged) record, ``digest``, ``piggyback(32)``, ``leader``.
     """
@@ -179,9 +187,9 @@ def measure_reach(mod: types.ModuleType, n: int, seconds: float, repeat: int) ->
     def links(nid: str, drop: str | None = None) -> bytes:
         return b"".join(sorted(mod.neighbour_hash(p) for p in adj[nid] if p != drop))
 
-    def record(nid: str, hb: int, drop: str | None = None) -> Any:
+    def record(nid: str, hb: int, drop: str | None = None, inc: int = 1) -> Any:
         host = int(nid[-4:])
-        return rec(nid, 1, hb, 0, f"10.0.{host // 250}.{host % 250 + 1}:5683", "4", None, 0, links(nid, drop))
+        return rec(nid, inc, hb, 0, f"10.0.{host // 250}.{host % 250 + 1}:5683", "4", None, 0, links(nid, drop))
 
     m = mod.Membership(rec("self-node", 1, 0, 70, "10.9.9.9:5683", "4"), detector="swim")
     m.set_neighbours(adj["self-node"])
@@ -196,11 +204,41 @@ def measure_reach(mod: types.ModuleType, n: int, seconds: float, repeat: int) ->
         hb[0] += 1
         now[0] += 0.001
         m.merge([record(first, hb[0], adj[first][-1] if hb[0] % 2 else None)], now[0])
+        m.next_deadline()
+
+    hbs = dict.fromkeys(ids, 1)
+    incs = dict.fromkeys(ids, 1)
+
+    def far_change() -> None:
+        nid = rng.choice(ids)
+        if not adj[nid]:
+            return
+        hbs[nid] += 1
+        now[0] += 0.001
+        drop = None if hbs[nid] % 2 else adj[nid][hbs[nid] % len(adj[nid])]  # first pick: a link goes
+        m.merge([record(nid, hbs[nid], drop, incs[nid])], now[0])
+        m.next_deadline()
+
+    def suspect_refute() -> None:
+        nid = rng.choice(ids)
+        now[0] += 0.001
+        m.suspect(nid, now[0])
+        m.next_deadline()
+        incs[nid] += 1
+        hbs[nid] += 1
+        m.merge([record(nid, hbs[nid], inc=incs[nid])], now[0])
+        m.next_deadline()
+
+    def change_and_leader() -> None:
+        far_change()
         m.leader(now[0])
 
     wire = [record(first, hb[0]).to_wire()]
     return {
         "reach_link_change": timed(change, lambda: None, seconds, repeat),
+        "reach_far_link_change": timed(far_change, lambda: None, seconds, repeat),
+        "reach_suspect_refute": timed(suspect_refute, lambda: None, seconds, repeat),
+        "link_change_and_leader": timed(change_and_leader, lambda: None, seconds, repeat),
         "idle_exchange": timed(
             lambda: (
                 m.merge([rec.from_wire(o) for o in wire], now[0]),
@@ -221,14 +259,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--baseline", default="6754965")
+    parser.add_argument("--reach-baseline", default="7c3434e")
     parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     baseline = load_baseline(args.baseline)
+    reach_baseline = load_baseline(args.reach_baseline, "_membership_reach_baseline")
     result: dict[str, Any] = {"unit": "microseconds per operation", "baseline": args.baseline, "sizes": {}}
     for n in args.sizes:
         row: dict[str, Any] = {"after": measure(current, n, args.seconds, args.repeat)}
-        row["swim_links"] = measure_reach(current, n, args.seconds, args.repeat)
+        row["swim_links"] = {"after": measure_reach(current, n, args.seconds, args.repeat)}
+        if reach_baseline is not None:
+            before = row["swim_links"]["before"] = measure_reach(reach_baseline, n, args.seconds, args.repeat)
+            after = row["swim_links"]["after"]
+            row["swim_links"]["speedup"] = {
+                key: round(before[key] / after[key], 1) for key in before if key.startswith(("reach", "idle", "link"))
+            }
         if baseline is not None:
             row["before"] = measure(baseline, n, args.seconds, args.repeat)
             row["speedup"] = {

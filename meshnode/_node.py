@@ -89,6 +89,7 @@ from ._protocol import (
     MAX_BATCH_BYTES,
     PROTOCOL_VERSION,
     DigestRequest,
+    DetectorMismatch,
     DigestResponse,
     Hello,
     ProtocolError,
@@ -843,6 +844,7 @@ class Node:
             self.membership.self_record.incarnation,
             self.signer.public_key,
             self.config.site,
+            detector=self.membership.detector,
         )
 
     async def _hello(self, address: str, payload: bytes) -> None:
@@ -850,11 +852,20 @@ class Node:
         try:
             reply = await self.transport.request(address, "/m/hello", payload, timeout=self.config.request_timeout)
             hello = Hello.decode(reply)
+            assert self.membership is not None
+            hello.check_detector(self.node_id, self.membership.detector)
             if hello.node_id != self.node_id and hello.version == PROTOCOL_VERSION:
                 ok = True
                 # Verified: that address answered as that node (N1). Reach it where we reached it.
                 self.engine.hello_ok(hello.node_id, address, hello.incarnation, self.now())
                 self._observed(hello.node_id)
+        except DetectorMismatch as exc:
+            log.warning("hello to %s: not a neighbour: %s", address, exc.message)
+        except RemoteRefused as exc:
+            if exc.code == DetectorMismatch.code:
+                log.warning("hello to %s refused: %s", address, exc)
+            else:
+                log.debug("hello to %s failed: %s", address, exc)
         except (TransportError, ProtocolError, ValueError) as exc:
             log.debug("hello to %s failed: %s", address, exc)
         finally:
@@ -1126,6 +1137,8 @@ class Node:
         hello = Hello.decode(payload)
         if hello.node_id == self.node_id:
             raise BadRequest("hello claims to come from this node's own id")
+        assert self.membership is not None
+        hello.check_detector(self.node_id, self.membership.detector)  # 4.09, before anything changes
         self._sender(hello.node_id, hello.address, incarnation=hello.incarnation)
         return self._hello_message().encode()
 

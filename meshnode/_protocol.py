@@ -21,7 +21,10 @@ piggybacked on pushes and state exchanges (see docs/protocol.md). Version 3
 adds a member record's status (`st`: a suspicion or a death notice, for the SWIM
 failure detector), which a version 2 node would read as a record of life. Version 4
 makes SWIM the default detector and adds the record's links (`nb`, docs/membership.md
-R12), without which a version 4 node holds a version 3 one unreachable.
+R12), without which a version 4 node holds a version 3 one unreachable. A hello
+names its sender's failure detector (`det`); a node refuses, with 4.09, the hello of
+a node that runs another (`DetectorMismatch`): the two detectors read each other's
+records wrongly, so a mixed mesh must not form.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import cbor2
 from crdt import DEFAULT_BUCKETS
 
 from ._membership import DIGEST_SIZE, MemberRecord, MembershipError
-from ._transport import BadRequest
+from ._transport import BadRequest, RequestRefused
 
 PROTOCOL_VERSION = 4
 MAX_ID_LEN = 128
+MAX_DETECTOR_LEN = 32
 MAX_DOCS_PER_SYNC = 512
 """Hard limit on documents in one message (parsing); batches are cut by bytes first."""
 MAX_BATCH_BYTES = 256 * 1024
@@ -51,6 +55,18 @@ MAX_SYNC_MESSAGE = 2 * 1024 * 1024
 
 class ProtocolError(BadRequest):
     """A peer's payload is not a valid protocol message (answered with 4.00)."""
+
+
+class DetectorMismatch(RequestRefused):
+    """4.09 Conflict: the hello's sender runs another failure detector than we do.
+
+    The heartbeat detector reads a SWIM node's record (no heartbeats) as a node that
+    stopped beating, and SWIM reads a heartbeat node's record (no links) as a member
+    no path reaches: each side would hold the other dead and elect its own leader.
+    The message names both nodes and their detectors, for the operator."""
+
+    code = "4.09"
+    message = "mixed failure detectors"
 
 
 def encode(obj: Mapping[str, Any]) -> bytes:
@@ -95,18 +111,34 @@ class Hello:
     public_key: bytes
     site: str
     version: int = PROTOCOL_VERSION
+    detector: str | None = None
+    """The sender's failure detector ("swim", "heartbeat"; wire `det`); None when it does
+    not say (an older version 4 node), which no check refuses."""
 
     def encode(self) -> bytes:
-        return encode(
-            {
-                "id": self.node_id,
-                "v": self.version,
-                "addr": self.address,
-                "inc": self.incarnation,
-                "key": self.public_key,
-                "site": self.site,
-            }
-        )
+        obj: dict[str, Any] = {
+            "id": self.node_id,
+            "v": self.version,
+            "addr": self.address,
+            "inc": self.incarnation,
+            "key": self.public_key,
+            "site": self.site,
+        }
+        if self.detector is not None:
+            obj["det"] = self.detector
+        return encode(obj)
+
+    def check_detector(self, node_id: str, detector: str) -> None:
+        """Refuse a node that runs another failure detector than ``detector`` (ours).
+
+        Raises:
+            DetectorMismatch: it says it runs another one; the message names both nodes.
+        """
+        if self.detector is not None and self.detector != detector:
+            raise DetectorMismatch(
+                f"mixed failure detectors: node {self.node_id!r} runs {self.detector!r}, node {node_id!r} runs"
+                f" {detector!r}; every node of a site must run the same one (the node's `detector` setting)"
+            )
 
     @classmethod
     def decode(cls, payload: bytes) -> Hello:
@@ -118,6 +150,13 @@ class Hello:
             raise ProtocolError("hello: v and inc must be non-negative integers")
         if not isinstance(key, bytes) or len(key) != 32:
             raise ProtocolError("hello: key must be 32 bytes")
+        detector = obj.get("det")
+        if detector is not None and (
+            not isinstance(detector, str)
+            or not 0 < len(detector) <= MAX_DETECTOR_LEN
+            or not (detector.isascii() and detector.isidentifier())
+        ):
+            raise ProtocolError(f"hello: det must be a detector name of 1 to {MAX_DETECTOR_LEN} letters")
         return cls(
             node_id=_id(_field(obj, "id", "hello"), "hello id"),
             address=_id(_field(obj, "addr", "hello"), "hello addr"),
@@ -125,6 +164,7 @@ class Hello:
             public_key=key,
             site=_id(_field(obj, "site", "hello"), "hello site"),
             version=version,
+            detector=detector,
         )
 
 

@@ -260,3 +260,145 @@ def test_merge_order_does_not_matter_with_links(records: list[MemberRecord], rnd
     for t in (1.0, 30.0):
         assert [(v.record, v.state) for v in a.view(t)] == [(v.record, v.state) for v in b.view(t)]
         assert a.digest(t) == b.digest(t) and a.leader(t) == b.leader(t)
+
+
+# --- the incremental reachability against the full recomputation ---------------------------------
+
+
+class FullReach(Membership):
+    """The reference: reachability walked from scratch over the records at every recomputation
+    (what `_reach` did before it kept its links and tree up to date)."""
+
+    def _reach(self, now: float) -> None:
+        self._reach_dirty = False
+        if self._direct is not None:
+            self._set_reached(self._reachable(), list(self._peers), now)
+
+
+PEERS = [f"p{i}" for i in range(8)]
+
+
+def _apply(ms: list[Membership], op: tuple, clock: list[float], lives: dict[str, list[int]]) -> None:
+    """One change, made the same way to every membership in `ms`. `lives[peer]` is
+    [incarnation, heartbeat] of the peer's latest record, so each record it sends is newer."""
+    kind = op[0]
+    if kind == "wait":
+        clock[0] += op[1]
+        return
+    now = clock[0]
+    if kind == "direct":
+        for m in ms:
+            m.set_neighbours(op[1])
+    elif kind == "suspect":
+        for m in ms:
+            m.suspect(op[1], now)
+    elif kind == "observe":
+        for m in ms:
+            m.observe_direct(op[1], now)
+    else:  # "links", "status" or "refute": a record from (or about) a peer
+        peer, nb, status = op[1], op[2], op[3] if kind == "status" else 0
+        life = lives.setdefault(peer, [1, 0])
+        if kind == "refute":
+            life[0] += 1
+        life[1] += 1
+        record = MemberRecord(peer, life[0], life[1], 0, "10.0.0.1:5683", "4", None, status, links(*nb))
+        for m in ms:
+            m.merge([record], now)
+
+
+def _check_same(inc: Membership, full: Membership, now: float) -> None:
+    view = [(v.record, v.state, v.age) for v in inc.view(now)]
+    assert view == [(v.record, v.state, v.age) for v in full.view(now)]
+    assert inc.next_deadline() == full.next_deadline()
+    assert inc.digest(now) == full.digest(now) and inc.leader(now) == full.leader(now)
+    assert {p: e.unreachable_since for p, e in inc._peers.items()} == {
+        p: e.unreachable_since for p, e in full._peers.items()
+    }
+    if inc._direct is not None:
+        # The tree's answer is the walk's: every member we hold reachable has a path, and back.
+        reached = inc._reachable()
+        assert set(inc._parent) == reached  # the tree holds what the walk reaches, nothing else
+        for node_id, entry in inc._peers.items():
+            if entry.state is not None:
+                assert (entry.unreachable_since is None) == (node_id in reached), node_id
+                assert (node_id in inc._parent) == (node_id in reached), node_id
+
+
+_nb = st.sets(st.sampled_from([*PEERS, "self"]), max_size=5)
+_reach_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("links"), st.sampled_from(PEERS), _nb),
+        st.tuples(st.just("links"), st.sampled_from(PEERS), _nb),
+        st.tuples(st.just("status"), st.sampled_from(PEERS), _nb, st.integers(1, 2)),
+        st.tuples(st.just("refute"), st.sampled_from(PEERS), _nb),
+        st.tuples(st.just("suspect"), st.sampled_from(PEERS)),
+        st.tuples(st.just("direct"), st.sets(st.sampled_from(PEERS), max_size=3)),
+        st.tuples(st.just("observe"), st.sampled_from(PEERS)),
+        st.tuples(st.just("wait"), st.sampled_from([0.0, 1.0, 5.0, 10.0, 300.0, 310.0, 700.0])),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_reach_ops)
+def test_incremental_reachability_equals_the_full_recomputation_after_any_changes(ops: list[tuple]) -> None:
+    """R12, R10: links that come and go, members suspected, dead, refuted, forgotten and dropped,
+    direct neighbours that change, time that passes: after every change the incremental answer
+    (verdicts, deadlines, clocks, the digest, the leader) is the full walk's."""
+    inc = Membership(rec("self", 1), detector="swim", suspicion_timeout=10.0, forget_after=300.0)
+    full = FullReach(rec("self", 1), detector="swim", suspicion_timeout=10.0, forget_after=300.0)
+    clock, lives = [0.0], {}
+    for op in ops:
+        _apply([inc, full], op, clock, lives)
+        _check_same(inc, full, clock[0])
+
+
+def test_incremental_reachability_equals_the_full_recomputation_in_a_large_flapping_mesh() -> None:
+    """The same at the scale where the tree is deep: 150 members in a random geometric mesh
+    (about eight neighbours each), whose links fail and return, members suspected and refuted,
+    our own neighbours changing, for 1,500 changes."""
+    rnd = random.Random(12)
+    ids = ["self", *(f"m{i:03d}" for i in range(150))]
+    pos = {n: (rnd.random(), rnd.random()) for n in ids}
+    adj: dict[str, set[str]] = {n: set() for n in ids}
+    for i, a in enumerate(ids):
+        for b in ids[i + 1 :]:
+            if (pos[a][0] - pos[b][0]) ** 2 + (pos[a][1] - pos[b][1]) ** 2 < 0.13**2:
+                adj[a].add(b)
+                adj[b].add(a)
+    inc = Membership(rec("self", 1), detector="swim", suspicion_timeout=10.0, forget_after=300.0)
+    full = FullReach(rec("self", 1), detector="swim", suspicion_timeout=10.0, forget_after=300.0)
+    clock, lives = [0.0], {}
+    _apply([inc, full], ("direct", adj["self"]), clock, lives)
+    for peer in ids[1:]:
+        _apply([inc, full], ("links", peer, adj[peer]), clock, lives)
+    _check_same(inc, full, clock[0])
+    down: set[tuple[str, str]] = set()
+    for step in range(1500):
+        roll = rnd.random()
+        if roll < 0.5:  # a link fails or comes back; one end (or both) says so
+            a = rnd.choice(ids[1:])
+            if not adj[a]:
+                continue
+            b = rnd.choice(sorted(adj[a]))
+            key = (min(a, b), max(a, b))
+            down ^= {key}
+            for end in (a, b) if rnd.random() < 0.7 else (a,):
+                if end != "self":
+                    up = {p for p in adj[end] if (min(end, p), max(end, p)) not in down}
+                    _apply([inc, full], ("links", end, up), clock, lives)
+        elif roll < 0.6:
+            _apply([inc, full], ("suspect", rnd.choice(ids[1:])), clock, lives)
+        elif roll < 0.7:
+            peer = rnd.choice(ids[1:])
+            up = {p for p in adj[peer] if (min(peer, p), max(peer, p)) not in down}
+            _apply([inc, full], ("refute", peer, up), clock, lives)
+        elif roll < 0.75:
+            mine = {p for p in adj["self"] if (min("self", p), max("self", p)) not in down}
+            _apply([inc, full], ("direct", mine), clock, lives)
+        else:
+            _apply([inc, full], ("wait", rnd.choice([0.5, 2.0, 11.0])), clock, lives)
+        if step % 10 == 0 or step > 1400:
+            _check_same(inc, full, clock[0])
+    assert 0 < len(inc._parent) < 150  # the run reached a mixed state, neither empty nor whole
