@@ -20,7 +20,7 @@ Real `meshnode run --insecure --no-mdns` processes on loopback (addresses from
 4. **Import cost** (`imports_mb`): a fresh interpreter imports the node's modules one by
    one and records the RSS each adds — what the resident memory of an idle node is made of
    (`total`) — then, under `on_demand`, what a node imports only when it is used (httpx for
-   an uplink, the `ocpp` library for a charger).
+   an uplink, the `ocpp` library for a charger, prometheus_client at the first scrape).
 
 The node's own packages (crdt, uplink, meshnode) are byte-compiled first where they are
 imported from, as `pip install` does (`--no-compile`: not): a tree run with
@@ -217,7 +217,6 @@ IMPORTS = [
     "zeroconf",
     "starlette.applications",
     "hypercorn.trio",
-    "prometheus_client",
     "websockets.asyncio.server",
     "meshnode",
     "meshnode._coap",
@@ -231,11 +230,12 @@ IMPORTS = [
 """What an idle node imports (`meshnode run` with OCPP and mDNS on, as by default; the nodes measured
 above run with `--no-mdns`, without zeroconf), in that order."""
 
-ON_DEMAND = ["httpx", "ocpp.v16", "ocpp.v201"]
+ON_DEMAND = ["httpx", "ocpp.v16", "ocpp.v201", "prometheus_client"]
 """Imported only when used, after `IMPORTS` here: httpx with an uplink (`--cloud`; it loads
 click, rich and pygments too when they are installed), the `ocpp` library with a version's
 first charger (`meshnode.ocpp._server.register_version`), and with it jsonschema (the library
-validates messages with it; the node's settings no longer need it, `meshnode/_config.py`)."""
+validates messages with it; the node's settings no longer need it, `meshnode/_config.py`), and
+prometheus_client at the first scrape of `/metrics` (`meshnode/_metrics.py`)."""
 
 
 def compile_node_packages() -> list[str]:
