@@ -373,15 +373,15 @@ async def test_a_stream_pushes_a_change_at_once_bursts_once_per_interval_and_ref
 def test_session_rows_fold_a_document_again_only_when_its_heads_change() -> None:
     from types import SimpleNamespace
 
-    from crdt import SITE_CONFIG_ID, add_event, new_session_doc
+    from crdt import SITE_CONFIG_ID, Documents, add_event, new_session_doc
 
     from .conftest import make_signer
 
     signer = make_signer("charger-1")
-    docs = {
-        sid: new_session_doc(sid, site="f", charger="c", connector=1, id_token="t", tariff={}, created_by="n1")
-        for sid in ("s1", "s2")
-    }
+    # One document loaded at a time: the rows read every session's heads without loading it.
+    docs = Documents(capacity=1, pinned=(SITE_CONFIG_ID,))
+    for sid in ("s1", "s2"):
+        docs[sid] = new_session_doc(sid, site="f", charger="c", connector=1, id_token="t", tariff={}, created_by="n1")
     docs[SITE_CONFIG_ID] = new_session_doc(
         "x", site="f", charger="c", connector=1, id_token="t", tariff={}, created_by="n1"
     )
@@ -393,10 +393,12 @@ def test_session_rows_fold_a_document_again_only_when_its_heads_change() -> None
         view = SimpleNamespace(state=f"v{len(folded)}", energy_wh=0, started_ts=None, stopped_ts=None, conflicts=())
         return data, view
 
-    node = SimpleNamespace(replica=SimpleNamespace(docs=docs), fold=fold)
+    node = SimpleNamespace(replica=SimpleNamespace(docs=docs), documents=docs, fold=fold)
     rows = SessionRows()
+    loads = docs.loads
     assert [r[0] for r in rows.read(node)] == ["s1", "s2"] and folded == ["s1", "s2"]  # the site config is no session
     assert [r[2]["state"] for r in rows.read(node)] == ["v1", "v2"] and folded == ["s1", "s2"]  # nothing changed
+    assert docs.loads == loads and not docs.is_loaded("s1")
     add_event(docs["s2"], signer.sign("authorize", "s2", 1), public_key=signer.public_key)
     assert [r[2]["state"] for r in rows.read(node)] == ["v1", "v3"] and folded == ["s1", "s2", "s2"]
     del docs["s1"]  # archived: forgotten

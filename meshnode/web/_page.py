@@ -141,10 +141,10 @@ class SessionRows:
         for doc_id in list(self._rows):
             if doc_id not in docs:  # archived or dropped
                 del self._rows[doc_id]
-        for doc_id, doc in docs.items():
+        for doc_id in list(docs):
             if doc_id == SITE_CONFIG_ID:
                 continue
-            heads = frozenset(doc.get_heads())
+            heads = frozenset(node.documents.heads(doc_id))  # without loading an unloaded document
             cached = self._rows.get(doc_id)
             if cached is None or cached[0] != heads:
                 try:
