@@ -723,9 +723,17 @@ class ScopeSet:
             try:
                 yield scope
             finally:
-                self._scopes.discard(scope)
-                if not self._scopes:
-                    self._lot.unpark_all()
+                self.discard(scope)
+
+    def add(self, scope: trio.CancelScope) -> None:
+        """Track a scope the caller enters itself (`track` without a generator and
+        a scope of its own: the in-memory transport's hot path); `discard` it after."""
+        self._scopes.add(scope)
+
+    def discard(self, scope: trio.CancelScope) -> None:
+        self._scopes.discard(scope)
+        if not self._scopes and self._lot:
+            self._lot.unpark_all()
 
     def cancel_all(self) -> None:
         for scope in list(self._scopes):
@@ -863,6 +871,42 @@ class MemoryNetwork:
         return response
 
 
+class _Answer:
+    """A one-slot rendezvous: the handler task delivers one response, the requester
+    waits for it (a memory channel's work, without its objects, per request)."""
+
+    __slots__ = ("response", "waiter", "gone")
+
+    def __init__(self) -> None:
+        self.response: Response | None = None
+        self.waiter: trio.lowlevel.Task | None = None
+        self.gone = False
+
+    def deliver(self, response: Response, src: str, resource: str) -> None:
+        if self.gone:
+            log.debug("response to %s for %s dropped: requester gone", src, resource)
+            return
+        self.response = response
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
+
+    async def wait(self) -> Response:
+        if self.response is None:
+            self.waiter = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self.waiter = None
+                self.gone = True
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        assert self.response is not None
+        return self.response
+
+
 class MemoryTransport:
     """In-memory :class:`Transport`; create with :meth:`MemoryNetwork.transport`.
 
@@ -919,15 +963,20 @@ class MemoryTransport:
         self.stats.requests_sent += 1
         self.stats.bytes_sent += len(body)
         response: Response | None = None
+        # One scope is both the timeout and what `_close` cancels (tracked).
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        requests = self._requests
+        requests.add(scope)
         try:
-            with self._requests.track(), trio.fail_after(timeout):
+            with scope:
                 response = await self._network._exchange(self.address, peer, resource, method, body)
-        except trio.TooSlowError as exc:
-            self.stats.errors += 1
-            raise RequestTimeout(f"{method} {peer}{resource}: no answer within {timeout} s") from exc
+        finally:
+            requests.discard(scope)
         if response is None:
             self.stats.errors += 1
-            raise TransportClosed(f"transport {self.address} closed during {method} {peer}{resource}")
+            if self.closed:
+                raise TransportClosed(f"transport {self.address} closed during {method} {peer}{resource}")
+            raise RequestTimeout(f"{method} {peer}{resource}: no answer within {timeout} s")
         self.stats.bytes_received += len(response.payload)
         if not response.ok:
             self.stats.errors += 1
@@ -947,45 +996,36 @@ class MemoryTransport:
         """Carries one one-way message (a system task: must not raise)."""
         if self.closed:
             return
-        with self._requests.track():
-            await self._network._one_way(self.address, peer, resource, body)
+        scope = trio.CancelScope()
+        self._requests.add(scope)
+        try:
+            with scope:
+                await self._network._one_way(self.address, peer, resource, body)
+        finally:
+            self._requests.discard(scope)
 
     async def _serve(self, src: str, resource: str, method: str, payload: bytes) -> Response:
         """Run the request in a task of its own and wait for its response."""
-        send, receive = trio.open_memory_channel[Response](1)
-        trio.lowlevel.spawn_system_task(self._handle, send, src, resource, method, payload, context=self._context)
-        with receive:
-            try:
-                return await receive.receive()
-            except trio.EndOfChannel:
-                # The run is ending under the handler: nothing will answer.
-                await trio.sleep_forever()
-                raise AssertionError("unreachable") from None
+        answer = _Answer()
+        trio.lowlevel.spawn_system_task(self._handle, answer, src, resource, method, payload, context=self._context)
+        # If the handler ends without an answer (the run is ending under it), this waits
+        # until the requester's own timeout or cancellation, as for a lost datagram.
+        return await answer.wait()
 
-    async def _handle(
-        self,
-        send: trio.MemorySendChannel[Response],
-        src: str,
-        resource: str,
-        method: str,
-        payload: bytes,
-    ) -> None:
+    async def _handle(self, answer: _Answer, src: str, resource: str, method: str, payload: bytes) -> None:
         """A handler task. Must not raise: it is a system task."""
-        with send:
-            if not self.closed:
-                with self._handlers.track():
-                    response = await self._dispatcher.dispatch(resource, method, payload, src)
-                    self._reply(send, src, resource, response)
+        if not self.closed:
+            scope = trio.CancelScope()
+            handlers = self._handlers
+            handlers.add(scope)
+            try:
+                with scope:
+                    answer.deliver(await self._dispatcher.dispatch(resource, method, payload, src), src, resource)
                     return
-            # Closing under a handler answers 5.03, as the CoAP transport does.
-            self._reply(send, src, resource, SHUTTING_DOWN)
-
-    @staticmethod
-    def _reply(send: trio.MemorySendChannel[Response], src: str, resource: str, response: Response) -> None:
-        try:
-            send.send_nowait(response)
-        except (trio.BrokenResourceError, trio.WouldBlock):
-            log.debug("response to %s for %s dropped: requester gone", src, resource)
+            finally:
+                handlers.discard(scope)
+        # Closing under a handler answers 5.03, as the CoAP transport does.
+        answer.deliver(SHUTTING_DOWN, src, resource)
 
     async def _close(self) -> None:
         self.closed = True
