@@ -781,7 +781,9 @@ class Node:
                         self._act(action, nursery)
                     deadline = self.engine.next_deadline()
                     # never spin on a deadline already due
-                    waiting.deadline = max(deadline, now + 1e-3) if deadline is not None else math.inf
+                    deadline = max(deadline, now + 1e-3) if deadline is not None else math.inf
+                    if deadline != waiting.deadline:  # the setter costs as much as a new scope
+                        waiting.deadline = deadline
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
 

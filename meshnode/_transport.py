@@ -630,6 +630,14 @@ class Dispatcher:
 
     async def dispatch(self, resource: str, method: str, payload: bytes, remote: str) -> Response:
         """Answer one request. Never raises except for trio cancellation."""
+        with trio.move_on_after(self.handler_timeout):
+            return await self.dispatch_unbounded(resource, method, payload, remote)
+        return self.abandon(resource, method, remote)
+
+    async def dispatch_unbounded(self, resource: str, method: str, payload: bytes, remote: str) -> Response:
+        """`dispatch` without its ``handler_timeout``: for a caller that bounds the
+        handler in a cancel scope of its own, and calls `abandon` when that scope's
+        deadline cancelled it."""
         refused = self.check(resource, method, len(payload))
         if refused is not None:
             return self.refuse(resource, remote, refused)
@@ -651,9 +659,8 @@ class Dispatcher:
             return self._failed(BUSY)
         self.in_flight += 1
         try:
-            with trio.move_on_after(self.handler_timeout):
-                result = await handler(payload, remote)
-                return self._answer(method, resource, remote, payload, result)
+            result = await handler(payload, remote)
+            return self._answer(method, resource, remote, payload, result)
         except Exception as exc:
             refused = refusal_in(exc)
             if refused is not None:
@@ -662,6 +669,9 @@ class Dispatcher:
             return self._failed(INTERNAL_ERROR)
         finally:
             self.in_flight -= 1
+
+    def abandon(self, resource: str, method: str, remote: str) -> Response:
+        """Count, log and answer (5.03) a handler cancelled at ``handler_timeout``."""
         self.abandoned += 1
         held = self.refusals.allow(("5.03", resource), self.clock())
         if held is not None:
@@ -938,6 +948,7 @@ class MemoryTransport:
         )
         self._handlers = ScopeSet()
         self._requests = ScopeSet()
+        self._checked: set[tuple[str, str, str]] = set()
         self.closed = False
 
     def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
@@ -956,7 +967,7 @@ class MemoryTransport:
         method: str = "POST",
         timeout: float = DEFAULT_TIMEOUT,
     ) -> bytes:
-        check_request(peer, resource, method)
+        self._check(peer, resource, method)
         if self.closed:
             raise TransportClosed(f"transport {self.address} is closed")
         body = bytes(payload)
@@ -984,13 +995,22 @@ class MemoryTransport:
         return response.payload
 
     async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
-        check_request(peer, resource, "POST")
+        self._check(peer, resource, "POST")
         if self.closed:
             raise TransportClosed(f"transport {self.address} is closed")
         body = bytes(payload)
         self.stats.requests_sent += 1
         self.stats.bytes_sent += len(body)
         trio.lowlevel.spawn_system_task(self._send_task, peer, resource, body, context=self._context)
+
+    def _check(self, peer: str, resource: str, method: str) -> None:
+        """`check_request`, remembered for the (peer, resource, method) it passed."""
+        key = (peer, resource, method)
+        if key not in self._checked:
+            check_request(peer, resource, method)
+            if len(self._checked) >= 4096:
+                self._checked.clear()
+            self._checked.add(key)
 
     async def _send_task(self, peer: str, resource: str, body: bytes) -> None:
         """Carries one one-way message (a system task: must not raise)."""
@@ -1015,15 +1035,20 @@ class MemoryTransport:
     async def _handle(self, answer: _Answer, src: str, resource: str, method: str, payload: bytes) -> None:
         """A handler task. Must not raise: it is a system task."""
         if not self.closed:
-            scope = trio.CancelScope()
+            # One scope is both the handler's deadline and what `_close` cancels (tracked).
+            dispatcher = self._dispatcher
+            scope = trio.CancelScope(deadline=trio.current_time() + dispatcher.handler_timeout)
             handlers = self._handlers
             handlers.add(scope)
             try:
                 with scope:
-                    answer.deliver(await self._dispatcher.dispatch(resource, method, payload, src), src, resource)
+                    answer.deliver(await dispatcher.dispatch_unbounded(resource, method, payload, src), src, resource)
                     return
             finally:
                 handlers.discard(scope)
+            if not self.closed:
+                answer.deliver(dispatcher.abandon(resource, method, src), src, resource)
+                return
         # Closing under a handler answers 5.03, as the CoAP transport does.
         answer.deliver(SHUTTING_DOWN, src, resource)
 
