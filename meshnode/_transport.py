@@ -849,16 +849,16 @@ class MemoryNetwork:
         """
         return True
 
-    async def _one_way(self, src: str, dst: str, resource: str, payload: bytes) -> None:
-        """Carry one one-way message; its handler's answer goes nowhere."""
+    async def _one_way(self, src: str, dst: str, resource: str, payload: bytes) -> MemoryTransport | None:
+        """Carry one one-way message; the transport it reached (whose handler runs it,
+        its answer going nowhere), or None."""
         if not await self.carry(src, dst, resource, payload, response=False):
             log.debug("message %s %s -> %s lost in flight", resource, src, dst)
-            return
+            return None
         target = self.deliverable(src, dst)
         if target is None:
             log.debug("message %s %s -> %s dropped", resource, src, dst)
-            return
-        await target._serve(src, resource, "POST", payload)
+        return target
 
     async def _exchange(self, src: str, dst: str, resource: str, method: str, payload: bytes) -> Response:
         """Carry one request and its response; waits forever where UDP would
@@ -1018,11 +1018,17 @@ class MemoryTransport:
             return
         scope = trio.CancelScope()
         self._requests.add(scope)
+        target = None
         try:
             with scope:
-                await self._network._one_way(self.address, peer, resource, body)
+                target = await self._network._one_way(self.address, peer, resource, body)
         finally:
             self._requests.discard(scope)
+        if target is not None:
+            # Delivered: the message is the receiver's now (our close no longer cancels it).
+            # Its handler runs here, in this task, tracked by the receiver: nobody waits for
+            # its answer, so it needs no task of its own (and no rendezvous).
+            await target._handle(None, self.address, resource, "POST", body)
 
     async def _serve(self, src: str, resource: str, method: str, payload: bytes) -> Response:
         """Run the request in a task of its own and wait for its response."""
@@ -1032,8 +1038,10 @@ class MemoryTransport:
         # until the requester's own timeout or cancellation, as for a lost datagram.
         return await answer.wait()
 
-    async def _handle(self, answer: _Answer, src: str, resource: str, method: str, payload: bytes) -> None:
-        """A handler task. Must not raise: it is a system task."""
+    async def _handle(self, answer: _Answer | None, src: str, resource: str, method: str, payload: bytes) -> None:
+        """A handler task (or a one-way message's, ``answer`` None). Must not raise: it
+        runs in a system task."""
+        response = SHUTTING_DOWN  # closing under a handler answers 5.03, as the CoAP transport does
         if not self.closed:
             # One scope is both the handler's deadline and what `_close` cancels (tracked).
             dispatcher = self._dispatcher
@@ -1042,15 +1050,13 @@ class MemoryTransport:
             handlers.add(scope)
             try:
                 with scope:
-                    answer.deliver(await dispatcher.dispatch_unbounded(resource, method, payload, src), src, resource)
-                    return
+                    response = await dispatcher.dispatch_unbounded(resource, method, payload, src)
             finally:
                 handlers.discard(scope)
-            if not self.closed:
-                answer.deliver(dispatcher.abandon(resource, method, src), src, resource)
-                return
-        # Closing under a handler answers 5.03, as the CoAP transport does.
-        answer.deliver(SHUTTING_DOWN, src, resource)
+            if scope.cancelled_caught and not self.closed:
+                response = dispatcher.abandon(resource, method, src)
+        if answer is not None:
+            answer.deliver(response, src, resource)
 
     async def _close(self) -> None:
         self.closed = True
