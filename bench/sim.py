@@ -14,6 +14,7 @@ simulated for less virtual time by default (their cost per simulated second
 grows with the node count); pass --seconds N to simulate every size as long.
 
     python bench/sim.py [--sizes 50,200,1000] [--seconds N] [--warmup S] [--profile] [--detector swim|heartbeat]
+                        [--set node.idle_interval=16 ...]
 
 With --profile, a cProfile of the 200-node run's top functions goes to stderr,
 and that run's time is reported as "profiled_wall_s" (cProfile slows it down,
@@ -42,13 +43,14 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECONDS = {50: 600.0, 200: 600.0, 1000: 30.0}
 
 
-def child(nodes: int, seconds: float, profile: bool, detector: str, warmup: float) -> None:
+def child(nodes: int, seconds: float, profile: bool, detector: str, warmup: float, sets: Sequence[str] = ()) -> None:
     sys.path.insert(0, str(ROOT))
     from sim import Simulation, load_scenario
 
@@ -61,6 +63,9 @@ def child(nodes: int, seconds: float, profile: bool, detector: str, warmup: floa
         "faults": {},
         "node.detector": detector,
     }
+    for item in sets:  # --set node.idle_interval=16
+        key, _, value = item.partition("=")
+        overrides[key] = float(value)
     scenario = load_scenario(ROOT / "sim" / "scenarios" / "mesh200.toml", overrides)
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -106,6 +111,7 @@ def child(nodes: int, seconds: float, profile: bool, detector: str, warmup: floa
             {
                 "nodes": nodes,
                 "detector": detector,
+                "set": list(sets),
                 "simulated_s": s["simulated_s"],
                 wall_key: round(wall, 2),
                 ("profiled_" if profile else "") + "wall_s_per_node_hour": round(
@@ -140,18 +146,30 @@ def main() -> int:
     parser.add_argument(
         "--warmup", type=float, default=120.0, help="simulated seconds of start-up left out of the after_warmup figures"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=NUMBER",
+        help="a scenario override, e.g. node.idle_interval=16",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(
-            args.child, args.seconds or DEFAULT_SECONDS.get(args.child, 60.0), args.profile, args.detector, args.warmup
+            args.child,
+            args.seconds or DEFAULT_SECONDS.get(args.child, 60.0),
+            args.profile,
+            args.detector,
+            args.warmup,
+            args.set,
         )
         return 0
     runs = []
     for nodes in [int(n) for n in args.sizes.split(",")]:
         seconds = args.seconds or DEFAULT_SECONDS.get(nodes, 60.0)
         cmd = [sys.executable, __file__, "--child", str(nodes), "--seconds", str(seconds), "--detector", args.detector]
-        cmd += ["--warmup", str(args.warmup)]
+        cmd += ["--warmup", str(args.warmup)] + [f"--set={item}" for item in args.set]
         if args.profile and nodes == 200:
             cmd.append("--profile")
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout

@@ -792,19 +792,25 @@ class Node:
     # --- the engine: carry out what the core decides, sleep until its deadline ------------
 
     async def _engine_loop(self, nursery: trio.Nursery) -> None:
+        # One cancel scope serves every pass woken by `_wakeup` (its deadline moved to the
+        # core's next one); only a pass woken by that deadline needs a new scope (a cancelled
+        # scope stays cancelled). The Event is replaced only once it has been set.
         while True:
-            now = self.now()
-            actions = self.engine.poll(now)
-            if self.membership is not None:  # links for reachability (SWIM, R12); cheap if unchanged
-                self.membership.set_neighbours(self.engine.table.peers)
-            for action in actions:
-                self._act(action, nursery)
-            deadline = self.engine.next_deadline()
-            if deadline is not None:
-                deadline = max(deadline, now + 1e-3)  # never spin on a deadline already due
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await self._wakeup.wait()
-            self._wakeup = trio.Event()
+            with trio.CancelScope() as waiting:
+                while True:
+                    now = self.now()
+                    actions = self.engine.poll(now)
+                    if self.membership is not None:  # links for reachability (SWIM, R12); cheap if unchanged
+                        self.membership.set_neighbours(self.engine.table.peers)
+                    for action in actions:
+                        self._act(action, nursery)
+                    deadline = self.engine.next_deadline()
+                    # never spin on a deadline already due
+                    deadline = max(deadline, now + 1e-3) if deadline is not None else math.inf
+                    if deadline != waiting.deadline:  # the setter costs as much as a new scope
+                        waiting.deadline = deadline
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
 
     def _act(self, action: Action, nursery: trio.Nursery) -> None:
         """Carry out one action. Everything that reads or changes state happens here,

@@ -630,6 +630,14 @@ class Dispatcher:
 
     async def dispatch(self, resource: str, method: str, payload: bytes, remote: str) -> Response:
         """Answer one request. Never raises except for trio cancellation."""
+        with trio.move_on_after(self.handler_timeout):
+            return await self.dispatch_unbounded(resource, method, payload, remote)
+        return self.abandon(resource, method, remote)
+
+    async def dispatch_unbounded(self, resource: str, method: str, payload: bytes, remote: str) -> Response:
+        """`dispatch` without its ``handler_timeout``: for a caller that bounds the
+        handler in a cancel scope of its own, and calls `abandon` when that scope's
+        deadline cancelled it."""
         refused = self.check(resource, method, len(payload))
         if refused is not None:
             return self.refuse(resource, remote, refused)
@@ -651,9 +659,8 @@ class Dispatcher:
             return self._failed(BUSY)
         self.in_flight += 1
         try:
-            with trio.move_on_after(self.handler_timeout):
-                result = await handler(payload, remote)
-                return self._answer(method, resource, remote, payload, result)
+            result = await handler(payload, remote)
+            return self._answer(method, resource, remote, payload, result)
         except Exception as exc:
             refused = refusal_in(exc)
             if refused is not None:
@@ -662,6 +669,9 @@ class Dispatcher:
             return self._failed(INTERNAL_ERROR)
         finally:
             self.in_flight -= 1
+
+    def abandon(self, resource: str, method: str, remote: str) -> Response:
+        """Count, log and answer (5.03) a handler cancelled at ``handler_timeout``."""
         self.abandoned += 1
         held = self.refusals.allow(("5.03", resource), self.clock())
         if held is not None:
@@ -723,9 +733,17 @@ class ScopeSet:
             try:
                 yield scope
             finally:
-                self._scopes.discard(scope)
-                if not self._scopes:
-                    self._lot.unpark_all()
+                self.discard(scope)
+
+    def add(self, scope: trio.CancelScope) -> None:
+        """Track a scope the caller enters itself (`track` without a generator and
+        a scope of its own: the in-memory transport's hot path); `discard` it after."""
+        self._scopes.add(scope)
+
+    def discard(self, scope: trio.CancelScope) -> None:
+        self._scopes.discard(scope)
+        if not self._scopes and self._lot:
+            self._lot.unpark_all()
 
     def cancel_all(self) -> None:
         for scope in list(self._scopes):
@@ -831,16 +849,16 @@ class MemoryNetwork:
         """
         return True
 
-    async def _one_way(self, src: str, dst: str, resource: str, payload: bytes) -> None:
-        """Carry one one-way message; its handler's answer goes nowhere."""
+    async def _one_way(self, src: str, dst: str, resource: str, payload: bytes) -> MemoryTransport | None:
+        """Carry one one-way message; the transport it reached (whose handler runs it,
+        its answer going nowhere), or None."""
         if not await self.carry(src, dst, resource, payload, response=False):
             log.debug("message %s %s -> %s lost in flight", resource, src, dst)
-            return
+            return None
         target = self.deliverable(src, dst)
         if target is None:
             log.debug("message %s %s -> %s dropped", resource, src, dst)
-            return
-        await target._serve(src, resource, "POST", payload)
+        return target
 
     async def _exchange(self, src: str, dst: str, resource: str, method: str, payload: bytes) -> Response:
         """Carry one request and its response; waits forever where UDP would
@@ -861,6 +879,42 @@ class MemoryNetwork:
             log.debug("response %s %s -> %s dropped", resource, dst, src)
             await trio.sleep_forever()
         return response
+
+
+class _Answer:
+    """A one-slot rendezvous: the handler task delivers one response, the requester
+    waits for it (a memory channel's work, without its objects, per request)."""
+
+    __slots__ = ("response", "waiter", "gone")
+
+    def __init__(self) -> None:
+        self.response: Response | None = None
+        self.waiter: trio.lowlevel.Task | None = None
+        self.gone = False
+
+    def deliver(self, response: Response, src: str, resource: str) -> None:
+        if self.gone:
+            log.debug("response to %s for %s dropped: requester gone", src, resource)
+            return
+        self.response = response
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
+
+    async def wait(self) -> Response:
+        if self.response is None:
+            self.waiter = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self.waiter = None
+                self.gone = True
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        assert self.response is not None
+        return self.response
 
 
 class MemoryTransport:
@@ -894,6 +948,7 @@ class MemoryTransport:
         )
         self._handlers = ScopeSet()
         self._requests = ScopeSet()
+        self._checked: set[tuple[str, str, str]] = set()
         self.closed = False
 
     def route(self, resource: str, handler: Handler, *, method: str = "POST") -> None:
@@ -912,22 +967,27 @@ class MemoryTransport:
         method: str = "POST",
         timeout: float = DEFAULT_TIMEOUT,
     ) -> bytes:
-        check_request(peer, resource, method)
+        self._check(peer, resource, method)
         if self.closed:
             raise TransportClosed(f"transport {self.address} is closed")
         body = bytes(payload)
         self.stats.requests_sent += 1
         self.stats.bytes_sent += len(body)
         response: Response | None = None
+        # One scope is both the timeout and what `_close` cancels (tracked).
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        requests = self._requests
+        requests.add(scope)
         try:
-            with self._requests.track(), trio.fail_after(timeout):
+            with scope:
                 response = await self._network._exchange(self.address, peer, resource, method, body)
-        except trio.TooSlowError as exc:
-            self.stats.errors += 1
-            raise RequestTimeout(f"{method} {peer}{resource}: no answer within {timeout} s") from exc
+        finally:
+            requests.discard(scope)
         if response is None:
             self.stats.errors += 1
-            raise TransportClosed(f"transport {self.address} closed during {method} {peer}{resource}")
+            if self.closed:
+                raise TransportClosed(f"transport {self.address} closed during {method} {peer}{resource}")
+            raise RequestTimeout(f"{method} {peer}{resource}: no answer within {timeout} s")
         self.stats.bytes_received += len(response.payload)
         if not response.ok:
             self.stats.errors += 1
@@ -935,7 +995,7 @@ class MemoryTransport:
         return response.payload
 
     async def send(self, peer: str, resource: str, payload: bytes = b"") -> None:
-        check_request(peer, resource, "POST")
+        self._check(peer, resource, "POST")
         if self.closed:
             raise TransportClosed(f"transport {self.address} is closed")
         body = bytes(payload)
@@ -943,49 +1003,60 @@ class MemoryTransport:
         self.stats.bytes_sent += len(body)
         trio.lowlevel.spawn_system_task(self._send_task, peer, resource, body, context=self._context)
 
+    def _check(self, peer: str, resource: str, method: str) -> None:
+        """`check_request`, remembered for the (peer, resource, method) it passed."""
+        key = (peer, resource, method)
+        if key not in self._checked:
+            check_request(peer, resource, method)
+            if len(self._checked) >= 4096:
+                self._checked.clear()
+            self._checked.add(key)
+
     async def _send_task(self, peer: str, resource: str, body: bytes) -> None:
         """Carries one one-way message (a system task: must not raise)."""
         if self.closed:
             return
-        with self._requests.track():
-            await self._network._one_way(self.address, peer, resource, body)
+        scope = trio.CancelScope()
+        self._requests.add(scope)
+        target = None
+        try:
+            with scope:
+                target = await self._network._one_way(self.address, peer, resource, body)
+        finally:
+            self._requests.discard(scope)
+        if target is not None:
+            # Delivered: the message is the receiver's now (our close no longer cancels it).
+            # Its handler runs here, in this task, tracked by the receiver: nobody waits for
+            # its answer, so it needs no task of its own (and no rendezvous).
+            await target._handle(None, self.address, resource, "POST", body)
 
     async def _serve(self, src: str, resource: str, method: str, payload: bytes) -> Response:
         """Run the request in a task of its own and wait for its response."""
-        send, receive = trio.open_memory_channel[Response](1)
-        trio.lowlevel.spawn_system_task(self._handle, send, src, resource, method, payload, context=self._context)
-        with receive:
+        answer = _Answer()
+        trio.lowlevel.spawn_system_task(self._handle, answer, src, resource, method, payload, context=self._context)
+        # If the handler ends without an answer (the run is ending under it), this waits
+        # until the requester's own timeout or cancellation, as for a lost datagram.
+        return await answer.wait()
+
+    async def _handle(self, answer: _Answer | None, src: str, resource: str, method: str, payload: bytes) -> None:
+        """A handler task (or a one-way message's, ``answer`` None). Must not raise: it
+        runs in a system task."""
+        response = SHUTTING_DOWN  # closing under a handler answers 5.03, as the CoAP transport does
+        if not self.closed:
+            # One scope is both the handler's deadline and what `_close` cancels (tracked).
+            dispatcher = self._dispatcher
+            scope = trio.CancelScope(deadline=trio.current_time() + dispatcher.handler_timeout)
+            handlers = self._handlers
+            handlers.add(scope)
             try:
-                return await receive.receive()
-            except trio.EndOfChannel:
-                # The run is ending under the handler: nothing will answer.
-                await trio.sleep_forever()
-                raise AssertionError("unreachable") from None
-
-    async def _handle(
-        self,
-        send: trio.MemorySendChannel[Response],
-        src: str,
-        resource: str,
-        method: str,
-        payload: bytes,
-    ) -> None:
-        """A handler task. Must not raise: it is a system task."""
-        with send:
-            if not self.closed:
-                with self._handlers.track():
-                    response = await self._dispatcher.dispatch(resource, method, payload, src)
-                    self._reply(send, src, resource, response)
-                    return
-            # Closing under a handler answers 5.03, as the CoAP transport does.
-            self._reply(send, src, resource, SHUTTING_DOWN)
-
-    @staticmethod
-    def _reply(send: trio.MemorySendChannel[Response], src: str, resource: str, response: Response) -> None:
-        try:
-            send.send_nowait(response)
-        except (trio.BrokenResourceError, trio.WouldBlock):
-            log.debug("response to %s for %s dropped: requester gone", src, resource)
+                with scope:
+                    response = await dispatcher.dispatch_unbounded(resource, method, payload, src)
+            finally:
+                handlers.discard(scope)
+            if scope.cancelled_caught and not self.closed:
+                response = dispatcher.abandon(resource, method, src)
+        if answer is not None:
+            answer.deliver(response, src, resource)
 
     async def _close(self) -> None:
         self.closed = True

@@ -662,6 +662,34 @@ async def test_memory_response_lost_when_link_cut_during_handler(autojump_clock:
         assert handled == [b"x"]  # the handler ran; only the answer was lost
 
 
+async def test_memory_answer_after_the_requester_gave_up_goes_nowhere(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that answers after its requester timed out: the answer is dropped (not
+    handed to the requester's next request), the handler's task ends cleanly and both
+    transports keep serving."""
+    net = MemoryNetwork()
+    async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683", handler_timeout=20) as b:
+        answered: list[bytes] = []
+
+        async def slow(payload: bytes, remote: str) -> bytes:
+            await trio.sleep(5)
+            answered.append(payload)
+            return b"late " + payload
+
+        b.route("/m/slow", slow)
+        b.route("/m/echo", echo_handler())
+        with caplog.at_level(logging.DEBUG, logger="meshnode.transport"):
+            with pytest.raises(RequestTimeout):
+                await a.request(b.address, "/m/slow", b"first", timeout=1.0)
+            assert await a.request(b.address, "/m/echo", b"next") == b"next"
+            await trio.sleep(10)
+        assert answered == [b"first"]
+        assert "dropped: requester gone" in caplog.text
+        assert await a.request(b.address, "/m/slow", b"second", timeout=6.0) == b"late second"
+        assert b._dispatcher.abandoned == 0 and len(b._handlers) == 0
+
+
 async def test_memory_carries_copies_not_objects() -> None:
     net = MemoryNetwork()
     async with net.transport("10.0.0.1:5683") as a, net.transport("10.0.0.2:5683") as b:
