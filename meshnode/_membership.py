@@ -1114,20 +1114,23 @@ class Membership:
         if self._swim:
             # R11: ALIVE until suspected; then SUSPECT, DEAD, forgotten on the suspicion's clock.
             # R12: the same clock runs from when no path reached it; the worse verdict holds.
+            # Each bound is written as `_transition_after` computes it (a sum, in the same
+            # order), never as an age: `now - since >= T` and `since + T <= now` disagree by
+            # a rounding for some floats, and the cached verdict would then miss its change.
             rank = 0
             for since in (entry.suspected_at, entry.unreachable_since):
                 if since is not None:
-                    age = now - since
-                    if age >= self.suspicion_timeout + self.forget_after:
+                    dead_at = since + self.suspicion_timeout
+                    if now >= dead_at + self.forget_after:
                         return None
-                    rank = max(rank, 2 if age >= self.suspicion_timeout else 1)
+                    rank = max(rank, 2 if now >= dead_at else 1)
             return _BY_RANK[rank]
-        age = now - entry.last_seen
-        if age < self.suspect_after:
+        seen = entry.last_seen
+        if now < seen + self.suspect_after:
             return PeerState.ALIVE
-        if age < self.dead_after:
+        if now < seen + self.dead_after:
             return PeerState.SUSPECT
-        if age < self.dead_after + self.forget_after:
+        if now < seen + self.dead_after + self.forget_after:
             return PeerState.DEAD
         return None
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import cbor2
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshnode._membership import (
@@ -805,6 +805,9 @@ def _first_transition(last_seen: float, now: float) -> float:
 
 @settings(max_examples=400, deadline=None)
 @given(_ops_long)
+# Seen at 4.9 s, asked at 19.9 s: 19.9 - 4.9 < 15 but 4.9 + 15 == 19.9 in floats, so the verdict
+# (an age) and its cached change (a sum) disagreed and the view stayed SUSPECT past DEAD.
+@example([("wait", 4.9), ("merge", [rec("a", 0, 0, 0, address="10.0.0.1:5683")]), ("wait", 15.0), ("wait", 1.0)])
 def test_cached_verdicts_equal_a_fresh_evaluation_after_any_sequence(ops: list[tuple]) -> None:
     """R10: the caches (verdicts, live list, deadline, leader, digest) never go stale."""
     m = membership(incarnation=1)
