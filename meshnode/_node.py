@@ -644,7 +644,8 @@ class Node:
         if quiet and self.membership is not None and self.membership.detector == "swim":
             quiet = not self.membership.pending_updates()  # news travels at the busy pace
         interval = self._cadence.quiet() if quiet else self._cadence.busy()
-        self.engine.exchange_interval = self.engine.tick_interval = interval
+        if self.engine.set_pace(interval, self.now()):
+            self._wakeup.set()  # the next exchange may come sooner than the loop sleeps for
         if self.membership is not None:
             self._elect()
 

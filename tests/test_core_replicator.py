@@ -476,3 +476,27 @@ def test_build_push_sends_only_what_the_peer_lacks_within_the_byte_cap():
     peer.receive("x", "a", build_push(r, ["a"], lambda d: (), 1 << 20)[0]["a"][1])
     assert peer.docs["a"].get_heads() == r.docs["a"].get_heads()
     assert len(msg) < len(build_push(r, ["a"], lambda d: (), 1 << 20)[0]["a"][1])
+
+
+def test_a_shorter_pace_pulls_in_the_exchange_scheduled_at_the_idle_one():
+    """N5: news that makes a node busy goes out within the busy period, not after the idle
+    exchange already scheduled (the uplink leader's failover waited for it)."""
+    e = with_peers("a", "b")
+    assert not e.set_pace(8.0, 0.0)  # quiet: a longer period moves nothing already scheduled
+    t = 0.0
+    for _ in range(4):  # the exchange and the tick scheduled at the busy period fire once more
+        deadline = e.next_deadline()
+        assert deadline is not None
+        if deadline >= t + 8.0 * 0.8 - 1.2:
+            break
+        t = deadline
+        for a in e.poll(t):
+            if isinstance(a, StartExchange):
+                e.exchange_done(a.peer, t, in_sync=True)
+    idle_next = e.next_deadline()
+    assert idle_next is not None and idle_next >= t + 8.0 * 0.8 - 1.2  # now at the idle period
+    assert e.set_pace(1.0, t + 0.5)  # busy: a suspicion to spread
+    busy_next = e.next_deadline()
+    assert busy_next is not None and busy_next <= t + 0.5 + 1.0 * 1.2
+    assert any(isinstance(a, StartExchange) for a in e.poll(t + 0.5 + 1.2))  # long before t + 6.4
+    assert not e.set_pace(1.0, t + 1.7)  # the same pace again pulls nothing in

@@ -392,6 +392,21 @@ class Replicator:
                 actions.append(self._exchange(n, now))
         return actions
 
+    def set_pace(self, interval: float, now: float) -> bool:
+        """The anti-entropy and housekeeping period from now on (`Cadence`, N5).
+
+        A shorter one also pulls in the exchange and the tick already scheduled at the
+        longer one: news that made the node busy (a suspicion to spread, a difference
+        found) goes out within the new period, not after the idle one. A longer one
+        leaves them where they are. Returns whether `next_deadline` may have moved earlier.
+        """
+        shorter = interval < self.exchange_interval
+        self.exchange_interval = self.tick_interval = interval
+        if shorter:
+            self._next_exchange = min(self._next_exchange, now + self._jittered(interval, "exchange"))
+            self._next_tick = min(self._next_tick, now + self._jittered(interval, "tick"))
+        return shorter
+
     def _round(self) -> float:
         """How long one round of anti-entropy takes: every neighbour asked once (N2)."""
         return self.exchange_interval * len(self.table.peers)
