@@ -1281,15 +1281,8 @@ class Membership:
         # 4. Verdicts of the peers whose standing may have changed.
         for x in itertools.chain(moved, grown):
             entry = peers.get(x)
-            if entry is None:
-                continue
-            if x in parent:
-                if entry.unreachable_since is not None:
-                    entry.unreachable_since = None
-                    self._reevaluate(entry, now)
-            elif entry.unreachable_since is None and entry.state is not None:
-                entry.unreachable_since = now
-                self._reevaluate(entry, now)
+            if entry is not None:
+                self._mark_reached(entry, x in parent, now)
 
     def _reachable(self) -> set[str]:
         """R12 in full, for reference (tests) and for the ambiguous case: the members a
@@ -1321,14 +1314,17 @@ class Membership:
     def _set_reached(self, reached: set[str], among: Iterable[str], now: float) -> None:
         peers = self._peers
         for node_id in among:
-            entry = peers[node_id]
-            if node_id in reached:
-                if entry.unreachable_since is not None:
-                    entry.unreachable_since = None
-                    self._reevaluate(entry, now)
-            elif entry.unreachable_since is None and entry.state is not None:
-                entry.unreachable_since = now
+            self._mark_reached(peers[node_id], node_id in reached, now)
+
+    def _mark_reached(self, entry: _Entry, reached: bool, now: float) -> None:
+        """R12: a path reaches the member again (its clock stops), or none does since `now`."""
+        if reached:
+            if entry.unreachable_since is not None:
+                entry.unreachable_since = None
                 self._reevaluate(entry, now)
+        elif entry.unreachable_since is None and entry.state is not None:
+            entry.unreachable_since = now
+            self._reevaluate(entry, now)
 
     def _relink(self, node_id: str) -> None:
         # R12: the peer's record (new, or with other neighbours): its counted links now.
