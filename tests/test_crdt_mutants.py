@@ -600,16 +600,28 @@ def test_changes_that_arrive_before_their_dependencies_wait_for_them():
     assert replica.docs["s"].get_heads() == source.get_heads()
 
 
+def _refused_from_p_resets_only_ps_state_for_s(replica: Replica, message: bytes, match: str) -> None:
+    """`replica` refuses `message` from peer p for document s: s is as it was (or still
+    absent), p's sync state for s starts afresh, and every other state is kept."""
+    heads = replica.docs["s"].get_heads() if "s" in replica.docs else None
+    kept = {key: replica.book.state(*key) for key in [("p", "other"), ("q", "s")]}
+    state = replica.book.state("p", "s")
+    with pytest.raises(InvalidSyncMessage, match=match):
+        replica.receive("p", "s", message)
+    if heads is None:
+        assert "s" not in replica.docs
+    else:
+        assert replica.docs["s"].get_heads() == heads
+    assert replica.book.state("p", "s") is not state
+    assert all(replica.book.state(*key) is s for key, s in kept.items())
+
+
 def test_a_refused_new_document_resets_that_peers_state_for_it_only():
     replica = Replica()
     replica.add("other", _session("other"))
-    kept = {key: replica.book.state(*key) for key in [("p", "other"), ("q", "s")]}
-    poisoned = replica.book.state("p", "s")
-    with pytest.raises(InvalidSyncMessage, match="^sync message for 's' does not apply: .+"):
-        replica.receive("p", "s", _carrying(b"\x01\x02\x03"))
-    assert "s" not in replica.docs
-    assert replica.book.state("p", "s") is not poisoned
-    assert all(replica.book.state(*key) is state for key, state in kept.items())
+    _refused_from_p_resets_only_ps_state_for_s(
+        replica, _carrying(b"\x01\x02\x03"), "^sync message for 's' does not apply: .+"
+    )
 
 
 def test_a_new_document_with_two_roots_is_refused_and_the_sync_starts_afresh():
@@ -745,28 +757,18 @@ def test_a_change_that_does_not_apply_to_a_held_document_is_refused_and_changes_
         with doc.transaction() as tx:
             tx.put(ROOT, "note", ScalarType.Str, value)
     (clash,) = theirs.get_changes(held.get_heads())
-    replica = Replica({"s": mine})
-    heads = mine.get_heads()
-    kept = {key: replica.book.state(*key) for key in [("q", "s"), ("p", "other")]}
-    state = replica.book.state("p", "s")
-    with pytest.raises(InvalidSyncMessage, match="^sync message for 's' does not apply: duplicate seq 1 found"):
-        replica.receive("p", "s", _carrying(clash.bytes))
-    assert replica.docs["s"].get_heads() == heads
-    assert replica.book.state("p", "s") is not state
-    assert all(replica.book.state(*key) is s for key, s in kept.items())
+    _refused_from_p_resets_only_ps_state_for_s(
+        Replica({"s": mine}), _carrying(clash.bytes), "^sync message for 's' does not apply: duplicate seq 1 found"
+    )
 
 
 def test_a_second_history_for_a_held_document_is_refused_and_resets_that_peers_state_only():
-    replica = Replica({"s": _session("s")})
-    heads = replica.docs["s"].get_heads()
-    kept = {key: replica.book.state(*key) for key in [("q", "s"), ("p", "other")]}
-    state = replica.book.state("p", "s")
     (root,) = _session("s").get_changes([])  # created again elsewhere: another root change
-    with pytest.raises(InvalidSyncMessage, match="^sync message for 's' brings a second, unrelated history$"):
-        replica.receive("p", "s", _carrying(root.bytes))
-    assert replica.docs["s"].get_heads() == heads
-    assert replica.book.state("p", "s") is not state
-    assert all(replica.book.state(*key) is s for key, s in kept.items())
+    _refused_from_p_resets_only_ps_state_for_s(
+        Replica({"s": _session("s")}),
+        _carrying(root.bytes),
+        "^sync message for 's' brings a second, unrelated history$",
+    )
 
 
 def test_only_pyo3s_own_panic_is_taken_for_an_engine_error():

@@ -9,60 +9,21 @@ cloud. In process, on in-memory seams, under virtual time.
 
 from __future__ import annotations
 
-import functools
-
 import httpx
 import pytest
 import trio
 
 import meshnode._node
-from crdt import SITE_CONFIG_ID, MemoryAdapter, open_doc_store
-from meshnode._discovery import StaticDiscovery
-from meshnode._node import Node, NodeConfig
+from crdt import SITE_CONFIG_ID
+from meshnode._node import Node
 from meshnode._transport import MemoryNetwork
 from uplink import CloudClient
 
 from .test_forwarder import FakeCloud
+from .test_sync import start_memory_node
 
 CAPACITY = 4
 SESSIONS = 12
-NOW = 1_800_000_000
-
-
-def address(name: str) -> str:
-    return f"10.0.0.{int(name[1:])}:5683"
-
-
-async def start(
-    nursery: trio.Nursery, net: MemoryNetwork, tmp_path, name: str, peers: list[str], disk: dict, cloud=None
-) -> tuple[Node, trio.CancelScope]:
-    holder: dict[str, object] = {}
-
-    async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as scope:
-            holder["scope"] = scope
-            async with net.transport(address(name)) as transport:
-                node = Node(
-                    NodeConfig(
-                        node_id=name,
-                        data_dir=tmp_path / name,
-                        seed=7,
-                        cloud_url="http://cloud.invalid" if cloud else None,
-                    ),
-                    transport=transport,
-                    discovery=StaticDiscovery([address(p) for p in peers]),
-                    wall_clock=lambda: NOW + trio.current_time(),
-                    store=functools.partial(open_doc_store, adapter=MemoryAdapter(disk)),
-                    cloud=cloud,
-                )
-                holder["node"] = node
-                async with trio.open_nursery() as inner:
-                    await inner.start(node.serve)
-                    task_status.started()
-                    await trio.sleep_forever()
-
-    await nursery.start(run)
-    return holder["node"], holder["scope"]  # type: ignore[return-value]
 
 
 async def wait_for(predicate, timeout: float = 600.0) -> None:
@@ -93,9 +54,9 @@ async def test_closed_sessions_are_held_as_bytes_and_still_sync_to_a_new_peer_an
     monkeypatch.setattr(meshnode._node, "LOADED_DOCUMENTS", CAPACITY)
     net = MemoryNetwork()
     disk: dict = {}
-    async with trio.open_nursery() as nursery:
-        # A node alone runs and closes SESSIONS sessions, then stops.
-        n1, scope = await start(nursery, net, tmp_path, "n1", [], disk)
+    # A node alone runs and closes SESSIONS sessions, then stops.
+    async with trio.open_nursery() as first:
+        n1 = await start_memory_node(first, net, tmp_path, "n1", disk=disk)
         sids = []
         for i in range(SESSIONS):
             sid = (await n1.create_session(f"cp-{i}", 1, f"tag-{i}", meter_wh=0))["session_id"]
@@ -103,17 +64,17 @@ async def test_closed_sessions_are_held_as_bytes_and_still_sync_to_a_new_peer_an
             await n1.record_event(sid, "stop", 2000 + i)
             sids.append(sid)
         assert len(loaded_sessions(n1)) <= CAPACITY  # while it wrote them, too
-        scope.cancel()
-        await trio.sleep(1)
+        first.cancel_scope.cancel()
 
+    async with trio.open_nursery() as nursery:
         # Restarted with an uplink, beside a new, empty peer.
         cloud, client = fake_cloud()
-        n1, _ = await start(nursery, net, tmp_path, "n1", ["n2"], disk, cloud=client)
+        n1 = await start_memory_node(nursery, net, tmp_path, "n1", ["n2"], disk=disk, cloud=client)
         assert len(n1.documents) == SESSIONS + 1
         assert len(loaded_sessions(n1)) <= CAPACITY, "a restarted node loads every session it holds"
         heads = {sid: n1.documents.heads(sid) for sid in sids}
         assert all(n1.session_json(sid)["state"] == "completed" for sid in sids)
-        n2, _ = await start(nursery, net, tmp_path, "n2", ["n1"], {})
+        n2 = await start_memory_node(nursery, net, tmp_path, "n2", ["n1"])
 
         # The new peer gets every session at the same heads; the heads-hashes agree.
         await wait_for(lambda: all(sid in n2.replica.docs for sid in sids))
@@ -140,13 +101,13 @@ async def test_start_up_loads_each_stored_document_once_and_keeps_few_loaded(
     monkeypatch.setattr(meshnode._node, "LOADED_DOCUMENTS", CAPACITY)
     net = MemoryNetwork()
     disk: dict = {}
-    async with trio.open_nursery() as nursery:
-        n1, scope = await start(nursery, net, tmp_path, "n1", [], disk)
+    async with trio.open_nursery() as first:
+        n1 = await start_memory_node(first, net, tmp_path, "n1", disk=disk)
         sids = [(await n1.create_session(f"cp-{i}", 1, f"tag-{i}", meter_wh=0))["session_id"] for i in range(SESSIONS)]
         await n1.record_event(sids[0], "meter", 500)
-        scope.cancel()
-        await trio.sleep(1)
-        n1, _ = await start(nursery, net, tmp_path, "n1", [], disk)
+        first.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        n1 = await start_memory_node(nursery, net, tmp_path, "n1", disk=disk)
         assert n1.documents.loads == len(n1.documents) == SESSIONS + 1
         assert len(loaded_sessions(n1)) <= CAPACITY
         # Reading every session through the API loads none of them again (cached folds, known heads).

@@ -179,11 +179,13 @@ def address(name):
     return f"10.0.0.{int(name[1:])}:5683"
 
 
-async def start_memory_node(nursery, net, tmp_path, name, peers=(), **config):
+async def start_memory_node(nursery, net, tmp_path, name, peers=(), *, disk=None, cloud=None, **config):
     """A real `Node` named `name` (`n<k>`) on the MemoryNetwork `net`, with an
     in-memory store, the wall clock tied to trio's (MockClock) and `peers` (names)
-    as its static discovery; it serves until `nursery` is cancelled. `config`:
-    further `NodeConfig` fields. Shared with tests/test_core_push_budget.py."""
+    as its static discovery; it serves until `nursery` is cancelled. `disk`: the
+    store's dict (pass the same one to restart a node on its data); `cloud`: an
+    uplink client (the node then forwards to it); `config`: further `NodeConfig`
+    fields. Shared with tests/test_core_push_budget.py and tests/test_footprint.py."""
     import trio
 
     from crdt import MemoryAdapter, open_doc_store
@@ -195,11 +197,18 @@ async def start_memory_node(nursery, net, tmp_path, name, peers=(), **config):
     async def run(task_status=trio.TASK_STATUS_IGNORED):
         async with net.transport(address(name)) as transport:
             node = Node(
-                NodeConfig(node_id=name, data_dir=tmp_path / name, seed=7, **config),
+                NodeConfig(
+                    node_id=name,
+                    data_dir=tmp_path / name,
+                    seed=7,
+                    cloud_url="http://cloud.invalid" if cloud is not None else None,
+                    **config,
+                ),
                 transport=transport,
                 discovery=StaticDiscovery([address(p) for p in peers]),
                 wall_clock=lambda: 1_800_000_000 + trio.current_time(),
-                store=functools.partial(open_doc_store, adapter=MemoryAdapter({})),
+                store=functools.partial(open_doc_store, adapter=MemoryAdapter({} if disk is None else disk)),
+                cloud=cloud,
             )
             holder["node"] = node
             async with trio.open_nursery() as inner:
