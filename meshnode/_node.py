@@ -592,8 +592,9 @@ class Node:
         return self._heads_acc.to_bytes(8, "big")
 
     def _heads_hashes(self) -> dict[str, bytes]:
-        """`Replica.heads_hashes` of every active document, without loading one."""
-        return {d: heads_hash(self.documents.heads(d)) for d in self.documents}
+        """`Replica.heads_hashes` of every active document: the ones `_note_heads` keeps
+        current for `heads_hash`, not hashed again (nor loaded) per digest."""
+        return dict(self._doc_hh)
 
     def _track(self, doc_id: str, before: SessionView | None, size: int) -> None:
         """Tell the forwarder about a change, and note receipts for retention."""

@@ -111,6 +111,8 @@ async def test_three_nodes_replicate_a_session(tmp_path, autojump_clock):
         status = b.status_json()
         assert {p["node_id"] for p in status["peers"]} == {"n1", "n3"}
         assert status["documents"] == 1 and status["documents_not_everywhere"] == 0
+        for node in mesh.nodes.values():  # the digests' per-document hashes, kept at each change
+            assert node._heads_hashes() == node.replica.heads_hashes()
         nursery.cancel_scope.cancel()
 
 
