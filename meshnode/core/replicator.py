@@ -5,7 +5,7 @@ once at the edge, then calls `poll(now)` and carries out the actions it returns
 (`meshnode.core.messages`), and sleeps until `next_deadline()` or the next input.
 Nothing here opens a socket, calls trio or reads a clock (STYLE rules 1, 2, 4).
 
-How a change travels (docs/protocol.md, protocol version 3)
+How a change travels (docs/protocol.md, protocol version 4)
 -----------------------------------------------------------
 
 - A change, local or received, marks the document *pending* for every verified
